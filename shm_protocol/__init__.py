@@ -1,0 +1,29 @@
+"""shm-embed's shared-memory protocol: layout, segments and the worker client.
+
+Importing this package never imports torch or falcon.
+"""
+
+from .client import EmbeddingClient, EmbedResult
+from .config import Settings
+from .errors import (
+    ConfigError,
+    InvalidInput,
+    LayoutMismatch,
+    ModelFailed,
+    NamespaceInUse,
+    NoRingAvailable,
+    RequestTooLarge,
+    RingFull,
+    ShmEmbedError,
+    SidecarTimeout,
+    SidecarUnavailable,
+    SlotRejected,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EmbeddingClient", "EmbedResult", "Settings", "ConfigError", "InvalidInput", "LayoutMismatch",
+    "ModelFailed", "NamespaceInUse", "NoRingAvailable", "RequestTooLarge", "RingFull", "ShmEmbedError",
+    "SidecarTimeout", "SidecarUnavailable", "SlotRejected", "__version__",
+]

@@ -1,0 +1,506 @@
+"""The worker-side client: tokenize, write into this process's ring, wait,
+copy the vectors out.
+
+Workers never import torch: the client needs numpy, posix_ipc and tokenizers.
+One :class:`EmbeddingClient` per process is enough; it is thread-safe (each
+thread's request takes its own slots of the process's ring). A process that
+forks gets a ring of its own on its first call in the child.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+import posix_ipc
+from loguru import logger
+
+from .config import Settings
+from .errors import (
+    InvalidInput,
+    ModelFailed,
+    NoRingAvailable,
+    RequestTooLarge,
+    RingFull,
+    SidecarTimeout,
+    SidecarUnavailable,
+    SlotRejected,
+)
+from .layout import SLOT_CLAIMED, SLOT_DONE, SLOT_ERROR, SLOT_FREE, SLOT_READY, SlotError
+from .region import Region
+from .segments import Names, drain, open_semaphore, pid_alive, ring_table_lock
+
+
+@dataclass
+class EmbedResult:
+    """Vectors of one request with what it cost."""
+
+    vectors: np.ndarray  # float32 (n_texts, dim), in input order
+    token_counts: np.ndarray  # int (n_texts,): tokens each text used after truncation
+    queue_ns: int  # longest time a part of the request waited in the sidecar's queue
+    compute_ns: int  # sidecar time of the batches that served it (max over parts)
+    slots_used: int
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.token_counts.sum())
+
+
+class _Tokenizer:
+    """The model's own fast tokenizer, set to truncate at the model's limit."""
+
+    def __init__(self, path: str, max_seq_length: int):
+        from tokenizers import Tokenizer
+
+        self.path = path
+        self.max_seq_length = max_seq_length
+        self._tok = Tokenizer.from_file(path)
+        self._tok.no_padding()
+        self._tok.enable_truncation(max_length=max_seq_length)
+
+    def encode(self, texts: Sequence[str]):
+        if len(texts) == 1:
+            return [self._tok.encode(texts[0])]
+        return self._tok.encode_batch(texts)
+
+
+class _Session:
+    """This process's lease on one ring of one sidecar epoch."""
+
+    def __init__(self, region: Region, ring: int, settings: Settings):
+        self.region = region
+        self.ring = ring
+        self.pid = os.getpid()
+        self.epoch = region.epoch
+        names = region.names
+        p = region.params
+        self.params = p
+        self.bell = open_semaphore(names.bell)
+        self.sems = [open_semaphore(names.slot(ring, s)) for s in range(p.slots_per_ring)]
+        slots = region.slots[ring]
+        # Per-field views of this ring, built once.
+        self.state = slots["state"]
+        self.error = slots["error"]
+        self.n_texts = slots["n_texts"]
+        self.n_tokens = slots["n_tokens"]
+        self.seq = slots["seq"]
+        self.submit_ns = slots["submit_ns"]
+        self.queue_ns = slots["queue_ns"]
+        self.compute_ns = slots["compute_ns"]
+        self.offsets = slots["offsets"]
+        self.tokens = slots["tokens"]
+        self.out = slots["out"]
+        self.free: queue.Queue[int] = queue.Queue()
+        for s in range(p.slots_per_ring):
+            self.free.put(s)
+        self._seq = itertools.count(int(time.monotonic_ns()))
+        self._quarantine: set[int] = set()
+        self._q_lock = threading.Lock()
+
+    # -- slots --------------------------------------------------------------------
+    def take_slot(self, timeout: float | None) -> int | None:
+        self._recover_quarantined()
+        try:
+            if timeout is None or timeout <= 0:
+                return self.free.get_nowait()
+            return self.free.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def give_back(self, s: int) -> None:
+        self.state[s] = SLOT_FREE
+        self.free.put(s)
+
+    def quarantine(self, s: int) -> None:
+        """An abandoned slot stays out of use until the sidecar has finished with it."""
+        with self._q_lock:
+            self._quarantine.add(s)
+
+    def _recover_quarantined(self) -> None:
+        if not self._quarantine:
+            return
+        with self._q_lock:
+            for s in list(self._quarantine):
+                if int(self.state[s]) in (SLOT_DONE, SLOT_ERROR):
+                    drain(self.sems[s])
+                    self._quarantine.discard(s)
+                    self.give_back(s)
+
+    def submit(self, s: int, ids: np.ndarray, lengths: np.ndarray) -> int:
+        """Write one part of a request into slot ``s`` and ring the doorbell."""
+        n = len(lengths)
+        ntok = len(ids)
+        drain(self.sems[s])  # a post left by an earlier, abandoned request
+        self.state[s] = SLOT_CLAIMED
+        self.tokens[s, :ntok] = ids
+        offs = self.offsets[s]
+        offs[0] = 0
+        if n == 1:
+            offs[1] = ntok
+        else:
+            offs[1 : n + 1] = np.cumsum(lengths)
+        self.n_texts[s] = n
+        self.n_tokens[s] = ntok
+        seq = next(self._seq)
+        self.seq[s] = seq
+        self.error[s] = SlotError.NONE
+        self.submit_ns[s] = time.monotonic_ns()
+        # NOTE: state after payload, doorbell after state (see layout's docstring).
+        self.state[s] = SLOT_READY
+        self.bell.release()
+        return seq
+
+    def release_lease(self) -> None:
+        if self.region.rings is None:
+            return
+        try:
+            with ring_table_lock(self.region.names):
+                if int(self.region.rings[self.ring]["owner_pid"]) == self.pid:
+                    self.region.rings[self.ring]["owner_pid"] = 0
+        except SidecarUnavailable:
+            pass
+
+    def close(self) -> None:
+        for sem in [self.bell, *self.sems]:
+            try:
+                sem.close()
+            except posix_ipc.Error:
+                pass
+        self.region.close()
+
+
+class EmbeddingClient:
+    """Get sentence embeddings from the namespace's sidecar through shared memory.
+
+    >>> client = EmbeddingClient.connect()
+    >>> vectors = client.embed(["hello world", "shared memory"])   # (2, dim) float32
+    """
+
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings or Settings.from_env()
+        self.names = Names(self.settings.namespace)
+        self._session: _Session | None = None
+        self._lock = threading.Lock()
+        self._tokenizer: _Tokenizer | None = None
+        self._closed = False
+
+    @classmethod
+    def connect(cls, settings: Settings | None = None, *, lazy: bool = False) -> "EmbeddingClient":
+        """A client for the namespace in ``settings`` (default: from the
+        environment). Unless ``lazy``, attach now and raise SidecarUnavailable
+        when no sidecar serves; a lazy client attaches on its first call."""
+        client = cls(settings)
+        if not lazy:
+            client._get_session()
+        return client
+
+    # -- attachment ---------------------------------------------------------------
+    def _get_session(self) -> _Session:
+        """The live session, attaching or re-attaching as needed (new process
+        after fork, sidecar restarted with a new epoch)."""
+        if self._closed:
+            raise SidecarUnavailable("client is closed", reason="closed")
+        sess = self._session
+        stale = self.settings.stale_after_s
+        if sess is not None and sess.pid == os.getpid():
+            reason = sess.region.unavailable_reason(stale)
+            if reason is None:
+                return sess
+        with self._lock:
+            sess = self._session
+            if sess is not None and sess.pid == os.getpid() and sess.region.unavailable_reason(stale) is None:
+                return sess
+            if sess is not None and sess.pid == os.getpid():
+                # Our sidecar is gone or unhealthy; a new one may already serve.
+                self._session = None
+                self._drop(sess)
+            elif sess is not None:
+                # Forked child: the parent's lease and semaphores are the parent's.
+                self._session = None
+            self._session = self._attach()
+            return self._session
+
+    @staticmethod
+    def _drop(sess: _Session) -> None:
+        # Other threads may still wait on this session's semaphores; they notice
+        # the dead sidecar and fail. Drop references and let GC close them.
+        pass
+
+    def _attach(self) -> _Session:
+        region = Region.attach(self.names)
+        try:
+            region.check_available(self.settings.stale_after_s, thorough=True)
+            ring = self._claim_ring(region)
+            sess = _Session(region, ring, self.settings)
+        except BaseException:
+            region.close()
+            raise
+        path = region.tokenizer_path
+        if self._tokenizer is None or self._tokenizer.path != path or (
+            self._tokenizer.max_seq_length != region.params.max_seq_length
+        ):
+            self._tokenizer = _Tokenizer(path, region.params.max_seq_length)
+        logger.debug(
+            "attached to {} epoch {:x}, ring {} (pid {})", self.names.namespace, region.epoch, ring, os.getpid()
+        )
+        return sess
+
+    def _claim_ring(self, region: Region) -> int:
+        """Lease a free ring. A dead owner's ring is freed by the sidecar's
+        reaper (which also resets its slots), so only owner 0 is taken here.
+        Each client object leases its own ring, even two in one process."""
+        pid = os.getpid()
+        deadline = time.monotonic() + max(0.5, 5 * self.settings.heartbeat_s)
+        while True:
+            with ring_table_lock(region.names):
+                owners = region.rings["owner_pid"]
+                free = np.flatnonzero(owners == 0)
+                if len(free):
+                    r = int(free[0])
+                    region.rings[r]["owner_pid"] = pid
+                    region.rings[r]["leases"] += 1
+                    region.rings[r]["claimed_ns"] = time.time_ns()
+                    return r
+                dead = [int(o) for o in owners if not pid_alive(int(o))]
+            if time.monotonic() > deadline:
+                raise NoRingAvailable(
+                    f"all {region.params.n_rings} rings of {self.names.namespace} are leased "
+                    f"({len(dead)} to dead processes not yet reaped); raise SHM_EMBED_RINGS"
+                )
+            time.sleep(self.settings.heartbeat_s / 2)
+
+    def close(self) -> None:
+        """Release this process's ring and unmap. The client cannot be used after."""
+        with self._lock:
+            self._closed = True
+            sess, self._session = self._session, None
+        if sess is not None and sess.pid == os.getpid():
+            sess.release_lease()
+            sess.close()
+
+    def __enter__(self) -> "EmbeddingClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- information ------------------------------------------------------------------
+    def info(self) -> dict:
+        sess = self._get_session()
+        r, p = sess.region, sess.params
+        return {
+            "model": r.model_name,
+            "dimension": p.dim,
+            "max_seq_length": p.max_seq_length,
+            "vocab_size": p.vocab_size,
+            "device": r.device,
+            "epoch": f"{r.epoch:016x}",
+            "sidecar_pid": r.sidecar_pid,
+            "ring": sess.ring,
+            "slots_per_ring": p.slots_per_ring,
+            "slot_texts": p.max_texts,
+            "slot_tokens": p.max_tokens,
+        }
+
+    @property
+    def dimension(self) -> int:
+        return self._get_session().params.dim
+
+    def tokenize(self, texts: Sequence[str]) -> list:
+        self._get_session()
+        return self._tokenizer.encode(list(texts))
+
+    # -- embedding --------------------------------------------------------------------
+    def embed(self, texts: Sequence[str], *, truncate: bool = True, normalize: bool = False) -> np.ndarray:
+        """Vectors of ``texts`` (float32, one row per text, in order)."""
+        return self.embed_detailed(texts, truncate=truncate, normalize=normalize).vectors
+
+    def embed_detailed(
+        self, texts: Sequence[str], *, truncate: bool = True, normalize: bool = False
+    ) -> EmbedResult:
+        texts = _check_texts(texts)
+        sess = self._get_session()
+        p = sess.params
+        if not texts:
+            return EmbedResult(np.empty((0, p.dim), np.float32), np.empty(0, np.int64), 0, 0, 0)
+        encs = self._tokenizer.encode(texts)
+        if not truncate:
+            for i, e in enumerate(encs):
+                if e.overflowing:
+                    full = len(e.ids) + sum(len(o.ids) for o in e.overflowing) - 2 * len(e.overflowing)
+                    raise RequestTooLarge(
+                        f"input {i} has about {full} tokens; the model's limit is {p.max_seq_length} "
+                        "(send truncate=true to cut it)",
+                        limit=p.max_seq_length, actual=full, what="tokens",
+                    )
+        lengths = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
+        out = np.empty((len(texts), p.dim), dtype=np.float32)
+        queue_ns, compute_ns, used = self._run(sess, encs, lengths, out)
+        if normalize:
+            norms = np.linalg.norm(out, axis=1, keepdims=True)
+            np.divide(out, norms, out=out, where=norms > 0)
+        return EmbedResult(out, lengths, queue_ns, compute_ns, used)
+
+    def _chunks(self, lengths: np.ndarray, p) -> list[tuple[int, int]]:
+        """Split texts into runs that fit one slot (texts and tokens)."""
+        chunks, start, toks = [], 0, 0
+        for i, n in enumerate(lengths.tolist()):
+            if i > start and (i - start >= p.max_texts or toks + n > p.max_tokens):
+                chunks.append((start, i))
+                start, toks = i, 0
+            toks += n
+        chunks.append((start, len(lengths)))
+        return chunks
+
+    def _run(self, sess: _Session, encs, lengths: np.ndarray, out: np.ndarray) -> tuple[int, int, int]:
+        chunks = self._chunks(lengths, sess.params)
+        pending: list[tuple[int, int, int, int]] = []  # (slot, seq, start, end)
+        failure: BaseException | None = None
+        queue_ns = compute_ns = 0
+        ci = 0
+        try:
+            while ci < len(chunks) or pending:
+                if ci < len(chunks) and failure is None:
+                    # Take a slot without waiting while we hold parts in flight;
+                    # otherwise wait (bounded) for one.
+                    s = sess.take_slot(None if pending else self.settings.ring_wait_s)
+                    if s is not None:
+                        a, b = chunks[ci]
+                        ids = np.fromiter(
+                            itertools.chain.from_iterable(e.ids for e in encs[a:b]),
+                            dtype=np.int32, count=int(lengths[a:b].sum()),
+                        )
+                        seq = sess.submit(s, ids, lengths[a:b])
+                        pending.append((s, seq, a, b))
+                        ci += 1
+                        continue
+                    if not pending:
+                        raise RingFull(
+                            f"all {sess.params.slots_per_ring} slots of this worker's ring stayed busy "
+                            f"for {self.settings.ring_wait_s}s",
+                            retry_after_s=1.0,
+                        )
+                if not pending:
+                    break
+                s, seq, a, b = pending.pop(0)
+                try:
+                    q, c = self._wait(sess, s, seq, out[a:b])
+                    queue_ns, compute_ns = max(queue_ns, q), max(compute_ns, c)
+                except (SlotRejected, SidecarUnavailable) as exc:
+                    failure = failure or exc
+                    if isinstance(exc, SidecarUnavailable):
+                        # Nothing more will come from this sidecar.
+                        for s2, *_ in pending:
+                            sess.quarantine(s2)
+                        pending.clear()
+        except BaseException:
+            for s2, *_ in pending:
+                sess.quarantine(s2)
+            raise
+        if failure is not None:
+            raise failure
+        return queue_ns, compute_ns, len(chunks)
+
+    def _wait(self, sess: _Session, s: int, seq: int, dest: np.ndarray) -> tuple[int, int]:
+        """Wait for slot ``s`` to be answered, copy its vectors into ``dest``."""
+        sem = sess.sems[s]
+        settings = self.settings
+        poll = min(0.05, settings.stale_after_s / 4)
+        deadline = time.monotonic() + settings.timeout_s
+        while True:
+            try:
+                sem.acquire(poll)
+            except posix_ipc.BusyError:
+                reason = sess.region.unavailable_reason(settings.stale_after_s, thorough=True)
+                if reason is not None:
+                    sess.quarantine(s)
+                    raise SidecarUnavailable(f"while waiting for a result: {reason}", reason=reason) from None
+                if time.monotonic() > deadline:
+                    sess.quarantine(s)
+                    raise SidecarTimeout(f"no answer from the sidecar within {settings.timeout_s}s") from None
+                continue
+            state = int(sess.state[s])
+            if state in (SLOT_DONE, SLOT_ERROR) and int(sess.seq[s]) == seq:
+                break
+            # A stale post from an abandoned request: keep waiting for ours.
+        queue_ns, compute_ns = int(sess.queue_ns[s]), int(sess.compute_ns[s])
+        if state == SLOT_ERROR:
+            code = int(sess.error[s])
+            sess.give_back(s)
+            raise _slot_error(code)
+        dest[:] = sess.out[s, : len(dest)]
+        sess.give_back(s)
+        return queue_ns, compute_ns
+
+    # -- sentence-transformers compatibility -------------------------------------------
+    def encode(
+        self,
+        sentences: str | Sequence[str],
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+        output_value: str | None = "sentence_embedding",
+        precision: str = "float32",
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        device: str | None = None,
+        normalize_embeddings: bool = False,
+        **kwargs,
+    ):
+        """Drop-in for ``SentenceTransformer.encode``: a string gives one
+        vector, a list gives a matrix. ``batch_size`` and ``show_progress_bar``
+        are accepted and ignored (the sidecar batches across workers)."""
+        if output_value not in (None, "sentence_embedding"):
+            raise InvalidInput(f"output_value={output_value!r} is not served by the sidecar")
+        if precision != "float32":
+            raise InvalidInput(f"precision={precision!r}: only float32 is served")
+        single = isinstance(sentences, str)
+        texts = [sentences] if single else list(sentences)
+        vecs = self.embed(texts, normalize=normalize_embeddings)
+        if convert_to_tensor:
+            import torch  # only when the caller asked for tensors
+
+            t = torch.from_numpy(vecs)
+            if device is not None:
+                t = t.to(device)
+            return t[0] if single else t
+        if not convert_to_numpy:
+            import torch
+
+            rows = [torch.from_numpy(v) for v in vecs]
+            return rows[0] if single else rows
+        return vecs[0] if single else vecs
+
+    def get_sentence_embedding_dimension(self) -> int:
+        return self.dimension
+
+    get_embedding_dimension = get_sentence_embedding_dimension
+
+
+def _check_texts(texts) -> list[str]:
+    if isinstance(texts, str):
+        raise InvalidInput("texts must be a list of strings, not one string (wrap it in a list)")
+    if not isinstance(texts, Iterable):
+        raise InvalidInput(f"texts must be a list of strings, not {type(texts).__name__}")
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise InvalidInput(f"texts[{i}] is {type(t).__name__}, not str")
+    return texts
+
+
+def _slot_error(code: int) -> Exception:
+    try:
+        err = SlotError(code)
+    except ValueError:
+        return SlotRejected(f"sidecar failed the request with unknown code {code}", code=code)
+    if err == SlotError.MODEL_FAILED:
+        return ModelFailed("the model failed on this batch (see the sidecar's log)", code=code)
+    if err == SlotError.SHUTDOWN:
+        return SidecarUnavailable("the sidecar stopped before serving this request", reason="shutdown")
+    return SlotRejected(f"sidecar rejected the request: {err.name}", code=code)

@@ -1,0 +1,189 @@
+"""All of shm-embed's configuration, in one table.
+
+Every setting is a field of :class:`Settings`, declared once with its
+environment variable, default and meaning. Entry points call
+``Settings.from_env(os.environ)`` once at start-up; nothing reads the
+environment at import time. ``python -m shm_protocol.config`` prints the
+table (the README's configuration section is made from it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+_BOOL_TRUE = {"1", "true", "yes", "on"}
+_BOOL_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _setting(env: str, default: Any, doc: str, *, choices: tuple = (), minimum: float | None = None):
+    return field(default=default, metadata={"env": env, "doc": doc, "choices": choices, "minimum": minimum})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    # --- deployment and access -------------------------------------------------
+    namespace: str = _setting(
+        "SHM_EMBED_NAMESPACE", "shm-embed",
+        "Prefix of every shared-memory segment and semaphore; two deployments on one host need two namespaces.",
+    )
+    group: str = _setting(
+        "SHM_EMBED_GROUP", "",
+        "When set, segments and semaphores are created mode 0660 and owned by this group; otherwise 0600 (owner only).",
+    )
+    # --- layout (fixed by the sidecar at start; workers read it from the header) --
+    rings: int = _setting(
+        "SHM_EMBED_RINGS", 16, "Rings in the data segment: the most worker processes attached at once.", minimum=1
+    )
+    slots_per_ring: int = _setting(
+        "SHM_EMBED_SLOTS_PER_RING", 4,
+        "Slots per ring: the most requests (or request parts) one worker has in flight.", minimum=1,
+    )
+    slot_texts: int = _setting("SHM_EMBED_SLOT_TEXTS", 64, "Texts one slot holds; larger requests span slots.", minimum=1)
+    slot_tokens: int = _setting(
+        "SHM_EMBED_SLOT_TOKENS", 4096,
+        "Token ids one slot holds (ragged, no padding); at least the model's max sequence length.", minimum=8,
+    )
+    # --- sidecar ---------------------------------------------------------------
+    model: str = _setting(
+        "SHM_EMBED_MODEL", "",
+        "Path of a sentence-transformers model folder; empty means the bundled all-MiniLM-L6-v2.",
+    )
+    device: str = _setting(
+        "SHM_EMBED_DEVICE", "auto", "auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
+    )
+    dtype: str = _setting(
+        "SHM_EMBED_DTYPE", "float32", "Model weights on the device: float32, or float16/bfloat16 (CUDA only).",
+        choices=("float32", "float16", "bfloat16"),
+    )
+    torch_threads: int = _setting(
+        "SHM_EMBED_TORCH_THREADS", 0, "torch intra-op threads in the sidecar; 0 means one per CPU core.", minimum=0
+    )
+    max_batch_tokens: int = _setting(
+        "SHM_EMBED_MAX_BATCH_TOKENS", 16384,
+        "Token budget of one model call, padding included (texts x longest text).", minimum=1,
+    )
+    max_batch_texts: int = _setting("SHM_EMBED_MAX_BATCH_TEXTS", 256, "Texts in one model call at most.", minimum=1)
+    max_wait_us: int = _setting(
+        "SHM_EMBED_MAX_WAIT_US", 0,
+        "How long the sidecar may wait for more work before a batch that is not full; 0 never waits "
+        "(work that arrives while the model runs forms the next batch).", minimum=0,
+    )
+    heartbeat_s: float = _setting(
+        "SHM_EMBED_HEARTBEAT_S", 0.1, "Interval of the sidecar's heartbeat and ring reaper.", minimum=0.01
+    )
+    # --- worker client -----------------------------------------------------------
+    timeout_s: float = _setting(
+        "SHM_EMBED_TIMEOUT_S", 30.0, "Longest a request waits for its vectors from a live sidecar.", minimum=0.001
+    )
+    ring_wait_s: float = _setting(
+        "SHM_EMBED_RING_WAIT_S", 1.0,
+        "Longest a request waits for a free slot in its worker's ring before RingFull (HTTP 429).", minimum=0.0,
+    )
+    stale_after_s: float = _setting(
+        "SHM_EMBED_STALE_AFTER_S", 1.0,
+        "Heartbeat age after which a sidecar counts as hung and requests fail fast.", minimum=0.05,
+    )
+    use_ipc: bool = _setting(
+        "USE_IPC_EMBEDDING", True, "false: every worker embeds with its own local model (no sidecar)."
+    )
+    fallback: str = _setting(
+        "SHM_EMBED_FALLBACK", "none",
+        "local: a worker whose sidecar is unavailable embeds with a local model until it is back; none: raise.",
+        choices=("none", "local"),
+    )
+    # --- web service -------------------------------------------------------------
+    bind: str = _setting("SHM_EMBED_BIND", "127.0.0.1:8000", "Address Gunicorn listens on.")
+    api_key: str = _setting(
+        "SHM_EMBED_API_KEY", "", "When set, every endpoint but /health needs 'Authorization: Bearer <key>'."
+    )
+    max_inputs: int = _setting("SHM_EMBED_MAX_INPUTS", 2048, "Texts in one HTTP request at most (413 above).", minimum=1)
+    max_input_chars: int = _setting(
+        "SHM_EMBED_MAX_INPUT_CHARS", 100_000, "Characters in one text at most (413 above).", minimum=1
+    )
+    max_body_bytes: int = _setting(
+        "SHM_EMBED_MAX_BODY_BYTES", 16 * 1024 * 1024, "HTTP request body size at most (413 above).", minimum=1
+    )
+    data_dir: str = _setting(
+        "SHM_EMBED_DATA_DIR", "./.data", "Where vector collections are stored."
+    )
+    # --- logging -------------------------------------------------------------------
+    log_level: str = _setting("SHM_EMBED_LOG_LEVEL", "INFO", "loguru level: DEBUG, INFO, WARNING, ERROR.")
+    log_json: bool = _setting("SHM_EMBED_LOG_JSON", False, "true: one JSON object per log line.")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Read every setting from ``env`` (default ``os.environ``); keyword
+        arguments override. Raises ConfigError naming the variable at fault."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            var = f.metadata["env"]
+            if f.name in overrides:
+                values[f.name] = overrides.pop(f.name)
+            elif var in env:
+                values[f.name] = _parse(var, env[var], type(f.default))
+        if overrides:
+            raise ConfigError(f"unknown settings: {', '.join(sorted(overrides))}")
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def replace(self, **changes: Any) -> "Settings":
+        new = dataclasses.replace(self, **changes)
+        new.validate()
+        return new
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            var = f.metadata["env"]
+            if f.metadata["choices"] and value not in f.metadata["choices"]:
+                raise ConfigError(f"{var}={value!r}: must be one of {', '.join(f.metadata['choices'])}")
+            if f.metadata["minimum"] is not None and value < f.metadata["minimum"]:
+                raise ConfigError(f"{var}={value!r}: must be at least {f.metadata['minimum']}")
+        if not self.namespace or "/" in self.namespace or len(self.namespace) > 200:
+            raise ConfigError(f"SHM_EMBED_NAMESPACE={self.namespace!r}: must be non-empty, without '/'")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"SHM_EMBED_DEVICE={self.device!r}: must be auto, cpu, cuda or cuda:N")
+
+    @property
+    def ipc_mode(self) -> int:
+        """File mode of every shared-memory object this deployment creates."""
+        return 0o660 if self.group else 0o600
+
+
+def _parse(var: str, raw: str, kind: type) -> Any:
+    raw = raw.strip()
+    try:
+        if kind is bool:
+            low = raw.lower()
+            if low in _BOOL_TRUE:
+                return True
+            if low in _BOOL_FALSE:
+                return False
+            raise ValueError(raw)
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        return raw
+    except ValueError:
+        raise ConfigError(f"{var}={raw!r}: not a valid {kind.__name__}") from None
+
+
+def markdown_table() -> str:
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(Settings):
+        default = f.default if f.default != "" else "(empty)"
+        rows.append(f"| `{f.metadata['env']}` | `{default}` | {f.metadata['doc']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.stdout.write(markdown_table() + "\n")

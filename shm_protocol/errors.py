@@ -1,0 +1,82 @@
+"""Typed errors of the shm-embed protocol and worker client.
+
+Every error a caller can see derives from :class:`ShmEmbedError`, so
+``except ShmEmbedError`` catches all of them. The web layer maps them to HTTP
+statuses; nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+
+class ShmEmbedError(Exception):
+    """Base class of every shm-embed error."""
+
+
+class ConfigError(ShmEmbedError, ValueError):
+    """A setting is missing, malformed or out of range."""
+
+
+class LayoutMismatch(ShmEmbedError):
+    """The segment has another magic, protocol version or layout than this code."""
+
+    def __init__(self, message: str, *, found: int | None = None, expected: int | None = None):
+        super().__init__(message)
+        self.found = found
+        self.expected = expected
+
+
+class SidecarUnavailable(ShmEmbedError):
+    """No live sidecar serves this namespace (absent, dead, stopped, restarted or hung)."""
+
+    def __init__(self, message: str, *, reason: str = "unavailable"):
+        super().__init__(message)
+        self.reason = reason
+
+
+class SidecarTimeout(SidecarUnavailable):
+    """The sidecar is alive but did not answer within the request timeout."""
+
+    def __init__(self, message: str):
+        super().__init__(message, reason="timeout")
+
+
+class NamespaceInUse(ShmEmbedError):
+    """Another live sidecar already serves this namespace."""
+
+
+class NoRingAvailable(ShmEmbedError):
+    """Every ring of the namespace is leased to a live process."""
+
+
+class RingFull(ShmEmbedError):
+    """Every slot of this process's ring stayed busy for the whole admission wait."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTooLarge(ShmEmbedError, ValueError):
+    """The request exceeds a configured limit (texts per request, tokens per text)."""
+
+    def __init__(self, message: str, *, limit: int, actual: int, what: str):
+        super().__init__(message)
+        self.limit = limit
+        self.actual = actual
+        self.what = what
+
+
+class InvalidInput(ShmEmbedError, TypeError):
+    """The call's arguments are of the wrong type (e.g. a non-string text)."""
+
+
+class SlotRejected(ShmEmbedError):
+    """The sidecar refused this request's slot (the code says why)."""
+
+    def __init__(self, message: str, *, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+class ModelFailed(SlotRejected):
+    """The model raised while embedding this batch (e.g. out of memory)."""

@@ -1,0 +1,296 @@
+"""The binary layout of shm-embed's shared memory. This docstring is the spec.
+
+Every offset and size used by the worker client, the sidecar and the stats
+reader is derived from the numpy structured dtypes below; nobody retypes a
+constant. All integers are little-endian.
+
+Objects of one deployment (``NS`` is the namespace, default ``shm-embed``)::
+
+    /NS-ctl              control segment  (header + ring table)
+    /NS-data             data segment     (rings of slots)
+    /NS-bell             doorbell semaphore: counting, posted once per READY slot
+    /NS-s<RING>-<SLOT>   one semaphore per slot: posted by the sidecar when done
+
+Control segment::
+
+    +--------------------------------------------------------------+  0
+    | HEADER_DTYPE                                                 |
+    |   magic[8] "SHMEMBED" | version u32 | header_bytes u32       |
+    |   layout: n_rings, slots_per_ring, max_texts, max_tokens,    |
+    |           dim, max_seq_length, vocab_size, slot_bytes (u32)  |
+    |   model identity: model_name[128], tokenizer_path[512],      |
+    |           device[32]                                         |
+    |   liveness: sidecar_pid i32, state u32, epoch u64,           |
+    |           heartbeat_ns u64 (CLOCK_MONOTONIC), started_ns u64 |
+    |           (wall clock), max_batch_tokens, max_batch_texts    |
+    |   stats: STATS_DTYPE (counters and histograms, sidecar-only) |
+    +--------------------------------------------------------------+  CTL header itemsize
+    | RING_DTYPE x n_rings: owner_pid i32, leases u64,             |
+    |                       claimed_ns u64                         |
+    +--------------------------------------------------------------+
+
+Data segment: ``n_rings x slots_per_ring`` slots of ``slot_dtype(...)``,
+each padded to a multiple of 64 bytes (a cache line)::
+
+    +------ slot ----------------------------------------------------------+
+    | state u32 | error u32 | n_texts u32 | n_tokens u32 | seq u64        |
+    | submit_ns u64 | queue_ns u64 | compute_ns u64 | batch_texts u32     |
+    | offsets u32[max_texts + 1]   text i is tokens[offsets[i]:offsets[i+1]]
+    | tokens  i32[max_tokens]      ragged token ids, no padding            |
+    | out     f32[max_texts, dim]  one vector per text, written back       |
+    +----------------------------------------------------------------------+
+
+Slot states (``SlotState``) and who may write each transition::
+
+    FREE --worker--> CLAIMED --worker--> READY --sidecar--> BUSY
+    BUSY --sidecar--> DONE | ERROR --worker--> FREE
+
+Each transition has exactly one writer, so no compare-and-swap is needed.
+The reaper (sidecar, between batches) and Gunicorn's ``child_exit`` reset the
+slots of a ring whose owner died, under the ring-table lock.
+
+Order of writes and reads. NOTE: the order is important here; the semaphore
+post/wait is the memory barrier that publishes everything written before it.
+
+* Worker submit: write ``tokens``, ``offsets``, ``n_texts``, ``n_tokens``,
+  ``seq``, ``submit_ns``; then ``state = READY``; then post the doorbell.
+* Sidecar: drain the doorbell, *then* scan states (a post that comes after
+  the drain wakes the next scan, so no READY slot is missed); set BUSY;
+  validate; run the model; write ``out``, ``error``, timings; then
+  ``state = DONE`` (or ``ERROR``); then post the slot's semaphore.
+* Worker wait: wait on the slot semaphore with a timeout; check ``state`` is
+  DONE/ERROR and ``seq`` is its own (a stale post from an abandoned request is
+  drained and ignored); copy ``out`` rows; then ``state = FREE``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import LayoutMismatch
+
+MAGIC = b"SHMEMBED"
+PROTOCOL_VERSION = 1
+
+#: Alignment of every slot, in bytes.
+SLOT_ALIGN = 64
+
+
+class SlotState(enum.IntEnum):
+    FREE = 0
+    CLAIMED = 1
+    READY = 2
+    BUSY = 3
+    DONE = 4
+    ERROR = 5
+
+
+# Plain-int aliases for the hot paths: numpy compares an IntEnum member about
+# 50 times slower than an int (it takes a generic-object path).
+SLOT_FREE, SLOT_CLAIMED, SLOT_READY, SLOT_BUSY, SLOT_DONE, SLOT_ERROR = (int(s) for s in SlotState)
+
+
+class SidecarState(enum.IntEnum):
+    STARTING = 0
+    READY = 1
+    DRAINING = 2
+    STOPPED = 3
+
+
+class SlotError(enum.IntEnum):
+    """Why the sidecar failed a slot. Stored in the slot's ``error`` field."""
+
+    NONE = 0
+    BAD_COUNT = 1  # n_texts or n_tokens out of range
+    BAD_OFFSETS = 2  # offsets not 0..n_tokens, not increasing, or an empty text
+    BAD_TOKEN = 3  # a token id below 0 or at/above the vocabulary size
+    TOO_LONG = 4  # a text longer than the model's max sequence length
+    MODEL_FAILED = 5  # the model raised (e.g. out of memory)
+    SHUTDOWN = 6  # the sidecar stopped before it could serve the slot
+    REAPED = 7  # the slot's owner died; counted, never seen by a live worker
+
+
+# Histogram bucket upper bounds. The last bucket is "above the last bound".
+BATCH_TEXTS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+LATENCY_BUCKETS_S = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+
+STATS_DTYPE = np.dtype(
+    [
+        ("requests", "<u8"),  # slots served (DONE)
+        ("texts", "<u8"),
+        ("tokens", "<u8"),  # real tokens embedded
+        ("padded_tokens", "<u8"),  # tokens the model ran, padding included
+        ("batches", "<u8"),
+        ("errors", "<u8", (len(SlotError),)),  # by SlotError code
+        ("queue_ns_sum", "<u8"),
+        ("compute_ns_sum", "<u8"),
+        ("batch_texts_hist", "<u8", (len(BATCH_TEXTS_BUCKETS) + 1,)),
+        ("queue_hist", "<u8", (len(LATENCY_BUCKETS_S) + 1,)),
+        ("compute_hist", "<u8", (len(LATENCY_BUCKETS_S) + 1,)),
+        ("ready_slots", "<u4"),  # READY slots seen at the last scan (queue depth)
+        ("busy_slots", "<u4"),  # slots in the batch being computed
+        ("rings_reaped", "<u8"),
+    ],
+    align=True,
+)
+
+# Only these two fields are read before the version is known.
+PREFIX_DTYPE = np.dtype([("magic", "S8"), ("version", "<u4")], align=True)
+
+HEADER_DTYPE = np.dtype(
+    [
+        ("magic", "S8"),
+        ("version", "<u4"),
+        ("header_bytes", "<u4"),
+        ("n_rings", "<u4"),
+        ("slots_per_ring", "<u4"),
+        ("max_texts", "<u4"),
+        ("max_tokens", "<u4"),
+        ("dim", "<u4"),
+        ("max_seq_length", "<u4"),
+        ("vocab_size", "<u4"),
+        ("slot_bytes", "<u4"),
+        ("model_name", "S128"),
+        ("tokenizer_path", "S512"),
+        ("device", "S32"),
+        ("sidecar_pid", "<i4"),
+        ("state", "<u4"),
+        ("epoch", "<u8"),
+        ("heartbeat_ns", "<u8"),
+        ("started_ns", "<u8"),
+        ("max_batch_tokens", "<u4"),
+        ("max_batch_texts", "<u4"),
+        ("stats", STATS_DTYPE),
+    ],
+    align=True,
+)
+
+RING_DTYPE = np.dtype(
+    [("owner_pid", "<i4"), ("leases", "<u8"), ("claimed_ns", "<u8")],
+    align=True,
+)
+
+
+def _round_up(n: int, align: int) -> int:
+    return (n + align - 1) // align * align
+
+
+def slot_dtype(max_texts: int, max_tokens: int, dim: int) -> np.dtype:
+    """The dtype of one slot for these layout parameters, padded to SLOT_ALIGN."""
+    packed = np.dtype(
+        [
+            ("state", "<u4"),
+            ("error", "<u4"),
+            ("n_texts", "<u4"),
+            ("n_tokens", "<u4"),
+            ("seq", "<u8"),
+            ("submit_ns", "<u8"),
+            ("queue_ns", "<u8"),
+            ("compute_ns", "<u8"),
+            ("batch_texts", "<u4"),
+            ("offsets", "<u4", (max_texts + 1,)),
+            ("tokens", "<i4", (max_tokens,)),
+            ("out", "<f4", (max_texts, dim)),
+        ],
+        align=True,
+    )
+    fields = packed.fields
+    return np.dtype(
+        {
+            "names": list(packed.names),
+            "formats": [fields[n][0] for n in packed.names],
+            "offsets": [fields[n][1] for n in packed.names],
+            "itemsize": _round_up(packed.itemsize, SLOT_ALIGN),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class LayoutParams:
+    """The parameters that fix every size in both segments."""
+
+    n_rings: int
+    slots_per_ring: int
+    max_texts: int
+    max_tokens: int
+    dim: int
+    max_seq_length: int
+    vocab_size: int
+
+    @property
+    def slot_dtype(self) -> np.dtype:
+        return slot_dtype(self.max_texts, self.max_tokens, self.dim)
+
+    @property
+    def ctl_bytes(self) -> int:
+        return HEADER_DTYPE.itemsize + RING_DTYPE.itemsize * self.n_rings
+
+    @property
+    def data_bytes(self) -> int:
+        return self.slot_dtype.itemsize * self.n_rings * self.slots_per_ring
+
+    @classmethod
+    def from_header(cls, header: np.ndarray) -> "LayoutParams":
+        return cls(**{f: int(header[f]) for f in cls.__dataclass_fields__})
+
+    def write_header(self, header: np.ndarray) -> None:
+        for f in self.__dataclass_fields__:
+            header[f] = getattr(self, f)
+        header["slot_bytes"] = self.slot_dtype.itemsize
+
+
+def check_prefix(buf, name: str) -> None:
+    """Raise LayoutMismatch unless ``buf`` starts with our magic and version."""
+    if len(buf) < HEADER_DTYPE.itemsize:
+        raise LayoutMismatch(f"{name}: segment is {len(buf)} bytes, smaller than a header")
+    prefix = np.frombuffer(buf, dtype=PREFIX_DTYPE, count=1)[0]
+    if bytes(prefix["magic"]) != MAGIC:
+        raise LayoutMismatch(f"{name}: bad magic {bytes(prefix['magic'])!r}, not an shm-embed segment")
+    if int(prefix["version"]) != PROTOCOL_VERSION:
+        raise LayoutMismatch(
+            f"{name}: protocol version {int(prefix['version'])}, this client speaks {PROTOCOL_VERSION}; "
+            "upgrade the sidecar and the workers together",
+            found=int(prefix["version"]),
+            expected=PROTOCOL_VERSION,
+        )
+
+
+def header_view(buf) -> np.ndarray:
+    """A writable (or read-only, as ``buf`` is) 0-d view of the header."""
+    return np.frombuffer(buf, dtype=HEADER_DTYPE, count=1).reshape(())
+
+
+def ring_table_view(buf, n_rings: int) -> np.ndarray:
+    return np.frombuffer(buf, dtype=RING_DTYPE, count=n_rings, offset=HEADER_DTYPE.itemsize)
+
+
+def slots_view(buf, params: LayoutParams) -> np.ndarray:
+    """The data segment as an (n_rings, slots_per_ring) array of slots."""
+    return np.frombuffer(
+        buf, dtype=params.slot_dtype, count=params.n_rings * params.slots_per_ring
+    ).reshape(params.n_rings, params.slots_per_ring)
+
+
+def bucket_index(value: float, bounds: tuple) -> int:
+    """Index of the histogram bucket for ``value`` (le semantics, last is +Inf)."""
+    for i, b in enumerate(bounds):
+        if value <= b:
+            return i
+    return len(bounds)
+
+
+def hist_quantile(counts, bounds: tuple, q: float) -> float | None:
+    """Estimate a quantile from bucket counts: the upper bound of the bucket
+    that holds it (the last bound for the overflow bucket). None when empty."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum()
+    if total <= 0:
+        return None
+    idx = int(np.searchsorted(np.cumsum(counts), q * total))
+    return float(bounds[min(idx, len(bounds) - 1)])

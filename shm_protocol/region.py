@@ -1,0 +1,163 @@
+"""A namespace's two segments mapped together, with numpy views built from
+the layout. The sidecar creates a Region; workers and the stats reader attach
+to one."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from .errors import LayoutMismatch, SidecarUnavailable
+from .layout import (
+    HEADER_DTYPE,
+    MAGIC,
+    PROTOCOL_VERSION,
+    LayoutParams,
+    SidecarState,
+    check_prefix,
+    header_view,
+    ring_table_view,
+    slots_view,
+)
+from .segments import Names, Segment, pid_alive
+
+
+class Region:
+    """Mapped control and data segments of one namespace."""
+
+    def __init__(self, names: Names, ctl: Segment, data: Segment | None):
+        self.names = names
+        self._ctl = ctl
+        self._data = data
+        self.header = header_view(ctl.mm)
+        self.params = LayoutParams.from_header(self.header)
+        self.rings = ring_table_view(ctl.mm, self.params.n_rings)
+        self.slots = slots_view(data.mm, self.params) if data is not None else None
+        self.epoch = int(self.header["epoch"])
+
+    # -- construction -------------------------------------------------------------
+    @classmethod
+    def create(cls, names: Names, params: LayoutParams, *, mode: int, group: str = "") -> "Region":
+        """Create both segments (zero-filled) and write the layout header.
+        The caller has already unlinked any stale objects of the namespace."""
+        ctl = Segment.create(names.ctl, params.ctl_bytes, mode=mode, group=group)
+        try:
+            data = Segment.create(names.data, params.data_bytes, mode=mode, group=group)
+        except BaseException:
+            ctl.close()
+            raise
+        header = header_view(ctl.mm)
+        header["magic"] = MAGIC
+        header["version"] = PROTOCOL_VERSION
+        header["header_bytes"] = HEADER_DTYPE.itemsize
+        params.write_header(header)
+        header["state"] = SidecarState.STARTING
+        return cls(names, ctl, data)
+
+    @classmethod
+    def attach(cls, names: Names, *, readonly: bool = False, with_data: bool = True) -> "Region":
+        """Map an existing namespace, checking magic, version and sizes."""
+        ctl = Segment.attach(names.ctl, readonly=readonly)
+        data = None
+        try:
+            check_prefix(ctl.mm, names.ctl)
+            header = header_view(ctl.mm)
+            if int(header["header_bytes"]) != HEADER_DTYPE.itemsize:
+                raise LayoutMismatch(
+                    f"{names.ctl}: header is {int(header['header_bytes'])} bytes, expected {HEADER_DTYPE.itemsize}"
+                )
+            params = LayoutParams.from_header(header)
+            if len(ctl.mm) < params.ctl_bytes:
+                raise LayoutMismatch(f"{names.ctl}: {len(ctl.mm)} bytes, the layout needs {params.ctl_bytes}")
+            if with_data:
+                if int(header["slot_bytes"]) != params.slot_dtype.itemsize:
+                    raise LayoutMismatch(
+                        f"{names.data}: slot is {int(header['slot_bytes'])} bytes, "
+                        f"this code computes {params.slot_dtype.itemsize}"
+                    )
+                data = Segment.attach(names.data, readonly=readonly)
+                if len(data.mm) < params.data_bytes:
+                    raise LayoutMismatch(f"{names.data}: {len(data.mm)} bytes, the layout needs {params.data_bytes}")
+            del header
+            return cls(names, ctl, data)
+        except BaseException:
+            ctl.close()
+            if data is not None:
+                data.close()
+            raise
+
+    def close(self) -> None:
+        # Drop our views first so the mappings can actually be unmapped.
+        self.header = self.rings = self.slots = None
+        self._ctl.close()
+        if self._data is not None:
+            self._data.close()
+
+    # -- identity ---------------------------------------------------------------------
+    def text_field(self, name: str) -> str:
+        return bytes(self.header[name]).rstrip(b"\0").decode("utf-8", "replace")
+
+    @property
+    def model_name(self) -> str:
+        return self.text_field("model_name")
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.text_field("tokenizer_path")
+
+    @property
+    def device(self) -> str:
+        return self.text_field("device")
+
+    @property
+    def sidecar_pid(self) -> int:
+        return int(self.header["sidecar_pid"])
+
+    @property
+    def state(self) -> SidecarState:
+        return SidecarState(int(self.header["state"]))
+
+    def heartbeat_age_s(self) -> float:
+        return (time.monotonic_ns() - int(self.header["heartbeat_ns"])) / 1e9
+
+    # -- liveness -----------------------------------------------------------------------
+    def unavailable_reason(self, stale_after_s: float, *, thorough: bool = False) -> str | None:
+        """Why this sidecar cannot serve now, or None if it can. The quick
+        check (state, heartbeat, pid by signal 0) costs about a microsecond;
+        ``thorough`` also tells a zombie from a live process."""
+        state = int(self.header["state"])
+        if state != SidecarState.READY:
+            return f"sidecar is {SidecarState(state).name.lower()}"
+        pid = int(self.header["sidecar_pid"])
+        if thorough:
+            if not pid_alive(pid):
+                return f"sidecar pid {pid} is dead"
+        else:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return f"sidecar pid {pid} is dead"
+            except PermissionError:
+                pass
+        age = self.heartbeat_age_s()
+        if age > stale_after_s:
+            return f"sidecar heartbeat is {age:.1f}s old (hung or stopped)"
+        return None
+
+    def check_available(self, stale_after_s: float, *, thorough: bool = False) -> None:
+        reason = self.unavailable_reason(stale_after_s, thorough=thorough)
+        if reason is not None:
+            raise SidecarUnavailable(f"namespace {self.names.namespace}: {reason}", reason=reason)
+
+    def set_text_field(self, name: str, value: str) -> None:
+        raw = value.encode("utf-8")
+        size = self.header.dtype[name].itemsize
+        if len(raw) > size:
+            raise LayoutMismatch(f"{name} is {len(raw)} bytes, the header holds {size}")
+        self.header[name] = raw
+
+    def occupancy(self) -> np.ndarray:
+        """Slot states as an (n_rings, slots_per_ring) array (a copy)."""
+        return np.array(self.slots["state"], copy=True)

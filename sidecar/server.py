@@ -1,0 +1,400 @@
+"""The sidecar: owns the namespace's objects and runs the batching loop.
+
+One thread runs the loop (scan, validate, batch, embed, answer, reap); a
+second one only writes the heartbeat, so a long batch never looks like a hung
+sidecar while a stopped process (SIGSTOP) does.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import posix_ipc
+from loguru import logger
+
+from shm_protocol.config import Settings
+from shm_protocol.errors import LayoutMismatch, NamespaceInUse, SidecarUnavailable
+from shm_protocol.layout import (
+    BATCH_TEXTS_BUCKETS,
+    LATENCY_BUCKETS_S,
+    LayoutParams,
+    SidecarState,
+    SlotError,
+    SLOT_BUSY,
+    SLOT_CLAIMED,
+    SLOT_DONE,
+    SLOT_ERROR,
+    SLOT_FREE,
+    SLOT_READY,
+    bucket_index,
+)
+from shm_protocol.region import Region
+from shm_protocol.segments import (
+    Names,
+    create_semaphore,
+    drain,
+    pid_alive,
+    ring_table_lock,
+    unlink_namespace,
+)
+
+from .model import Embedder
+
+
+def validate_slot(n_texts: int, n_tokens: int, offsets: np.ndarray, tokens: np.ndarray, p: LayoutParams):
+    """Check what a worker wrote. Returns (SlotError, lengths, private copy of
+    the ids). The ids are copied out of shared memory *before* they are
+    checked, so a writer cannot change them between check and use."""
+    if not (1 <= n_texts <= p.max_texts) or not (1 <= n_tokens <= p.max_tokens):
+        return SlotError.BAD_COUNT, None, None
+    offs = offsets[: n_texts + 1].astype(np.int64)
+    ids = np.array(tokens[:n_tokens], dtype=np.int32, copy=True)
+    if offs[0] != 0 or offs[-1] != n_tokens:
+        return SlotError.BAD_OFFSETS, None, None
+    lengths = np.diff(offs)
+    if (lengths <= 0).any():
+        return SlotError.BAD_OFFSETS, None, None
+    if (lengths > p.max_seq_length).any():
+        return SlotError.TOO_LONG, None, None
+    if int(ids.min()) < 0 or int(ids.max()) >= p.vocab_size:
+        return SlotError.BAD_TOKEN, None, None
+    return SlotError.NONE, offs, ids
+
+
+@dataclass
+class _Work:
+    """One valid slot taken into the current batch."""
+
+    flat: int
+    offsets: np.ndarray
+    ids: np.ndarray
+    remaining: int
+    queue_ns: int
+    texts: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.texts = self.remaining
+
+
+class Sidecar:
+    """Creates the namespace, serves it until stopped, then removes it."""
+
+    def __init__(self, settings: Settings, embedder: Embedder, *, notify: Callable[[str], None] | None = None):
+        self.settings = settings
+        self.embedder = embedder
+        self.names = Names(settings.namespace)
+        self.notify = notify or (lambda msg: None)
+        self._stop = threading.Event()
+        self.region: Region | None = None
+        self.epoch = 0
+
+    # -- lifecycle --------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Safe from a signal handler: sets a flag, nothing else."""
+        self._stop.set()
+
+    def reap_stale_namespace(self) -> None:
+        """Remove objects of a crashed earlier sidecar of this namespace;
+        refuse to start if a live one still serves it."""
+        try:
+            old = Region.attach(self.names, readonly=True, with_data=False)
+        except SidecarUnavailable:
+            old = None
+        except LayoutMismatch as exc:
+            logger.warning("replacing objects of another layout in {}: {}", self.names.namespace, exc)
+            old = None
+        if old is not None:
+            pid, state = old.sidecar_pid, old.state
+            old.close()
+            if pid != os.getpid() and state != SidecarState.STOPPED and pid_alive(pid):
+                raise NamespaceInUse(
+                    f"sidecar pid {pid} already serves namespace {self.names.namespace!r}; "
+                    "stop it or set another SHM_EMBED_NAMESPACE"
+                )
+        removed = unlink_namespace(self.names)
+        if removed:
+            logger.warning("reaped {} stale objects of namespace {}", len(removed), self.names.namespace)
+
+    def create(self) -> None:
+        s, info = self.settings, self.embedder.info
+        params = LayoutParams(
+            n_rings=s.rings,
+            slots_per_ring=s.slots_per_ring,
+            max_texts=s.slot_texts,
+            max_tokens=max(s.slot_tokens, info.max_seq_length),
+            dim=info.dim,
+            max_seq_length=info.max_seq_length,
+            vocab_size=info.vocab_size,
+        )
+        self.reap_stale_namespace()
+        region = Region.create(self.names, params, mode=s.ipc_mode, group=s.group)
+        self.region = region
+        try:
+            self.bell = create_semaphore(self.names.bell, 0, mode=s.ipc_mode, group=s.group)
+            self.sems = [
+                [create_semaphore(self.names.slot(r, k), 0, mode=s.ipc_mode, group=s.group)
+                 for k in range(params.slots_per_ring)]
+                for r in range(params.n_rings)
+            ]
+        except BaseException:
+            self.destroy()
+            raise
+        self.flat_sems = [sem for ring in self.sems for sem in ring]
+        self.params = params
+        h = region.header
+        region.set_text_field("model_name", info.name)
+        region.set_text_field("tokenizer_path", info.tokenizer_path)
+        region.set_text_field("device", info.device)
+        h["max_batch_tokens"] = s.max_batch_tokens
+        h["max_batch_texts"] = s.max_batch_texts
+        h["sidecar_pid"] = os.getpid()
+        self.epoch = int.from_bytes(os.urandom(8), "little") >> 1 | 1
+        h["epoch"] = self.epoch
+        region.epoch = self.epoch
+        h["started_ns"] = time.time_ns()
+        h["heartbeat_ns"] = time.monotonic_ns()
+        # Flat views over all slots, built once for the loop.
+        sl = region.slots.reshape(-1)
+        self.v_state = sl["state"]
+        self.v_error = sl["error"]
+        self.v_ntexts = sl["n_texts"]
+        self.v_ntokens = sl["n_tokens"]
+        self.v_submit = sl["submit_ns"]
+        self.v_queue = sl["queue_ns"]
+        self.v_compute = sl["compute_ns"]
+        self.v_batch = sl["batch_texts"]
+        self.v_offsets = sl["offsets"]
+        self.v_tokens = sl["tokens"]
+        self.v_out = sl["out"]
+        self.stats = h["stats"]
+        h["state"] = SidecarState.READY  # last: workers may attach from here on
+        mb = (params.ctl_bytes + params.data_bytes) / 2**20
+        logger.info(
+            "serving namespace {} epoch {:x}: {} rings x {} slots ({} texts / {} tokens each), {:.1f} MiB",
+            self.names.namespace, self.epoch, params.n_rings, params.slots_per_ring,
+            params.max_texts, params.max_tokens, mb,
+        )
+
+    def destroy(self) -> None:
+        """Unlink everything this sidecar created and unmap."""
+        for sem in getattr(self, "flat_sems", []):
+            sem.close()
+        if getattr(self, "bell", None) is not None:
+            self.bell.close()
+        unlink_namespace(self.names)
+        if self.region is not None:
+            self.v_state = self.v_error = self.v_ntexts = self.v_ntokens = None
+            self.v_submit = self.v_queue = self.v_compute = self.v_batch = None
+            self.v_offsets = self.v_tokens = self.v_out = self.stats = None
+            self.region.close()
+            self.region = None
+
+    def serve(self) -> None:
+        """Create the namespace, run until stopped, drain, remove everything."""
+        self.create()
+        hb = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        hb.start()
+        self.notify("READY=1")
+        try:
+            self._loop()
+            self._drain()
+        finally:
+            self._stop.set()
+            hb.join(timeout=2)
+            if self.region is not None:
+                self.region.header["state"] = SidecarState.STOPPED
+            self.destroy()
+            logger.info("stopped; namespace {} removed", self.names.namespace)
+
+    def _heartbeat_loop(self) -> None:
+        header = self.region.header
+        interval = self.settings.heartbeat_s
+        while not self._stop.wait(interval):
+            header["heartbeat_ns"] = time.monotonic_ns()
+            self.notify("WATCHDOG=1")
+
+    # -- the loop ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        interval = self.settings.heartbeat_s
+        next_reap = 0.0
+        idle = True
+        while not self._stop.is_set():
+            if idle:
+                try:
+                    self.bell.acquire(interval)
+                except posix_ipc.BusyError:
+                    pass
+                except posix_ipc.SignalError:
+                    continue
+            now = time.monotonic()
+            if now >= next_reap:
+                self.reap_dead_rings()
+                next_reap = now + interval
+            idle = not self.step()
+
+    def step(self) -> bool:
+        """Serve one batch of READY slots. Returns False if there was none."""
+        drain(self.bell)  # before the scan: a later post wakes the next scan
+        ready = np.flatnonzero(self.v_state == SLOT_READY)
+        self.stats["ready_slots"] = len(ready)
+        if len(ready) == 0:
+            return False
+        wait_us = self.settings.max_wait_us
+        if wait_us and len(ready) < self.settings.max_batch_texts:
+            deadline = time.monotonic() + wait_us / 1e6
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    self.bell.acquire(left)
+                except posix_ipc.BusyError:
+                    break
+                except posix_ipc.SignalError:
+                    break
+            drain(self.bell)
+            ready = np.flatnonzero(self.v_state == SLOT_READY)
+        ready = ready[np.argsort(self.v_submit[ready], kind="stable")]  # oldest first
+        self._serve_batch(ready)
+        return True
+
+    def _take(self, ready: np.ndarray, t0: int) -> list[_Work]:
+        """Mark slots BUSY within the batch budget, validate each; a bad slot
+        is answered with its error at once and never joins the batch."""
+        s, p = self.settings, self.params
+        works: list[_Work] = []
+        texts = tokens = 0
+        for flat in ready.tolist():
+            n_texts, n_tokens = int(self.v_ntexts[flat]), int(self.v_ntokens[flat])
+            if works and (texts + n_texts > s.max_batch_texts or tokens + n_tokens > s.max_batch_tokens):
+                break
+            self.v_state[flat] = SLOT_BUSY
+            code, offs, ids = validate_slot(n_texts, n_tokens, self.v_offsets[flat], self.v_tokens[flat], p)
+            if code != SlotError.NONE:
+                self._finish(flat, code, 0, 0)
+                logger.warning("rejected slot {} (ring {}): {}", flat % p.slots_per_ring,
+                               flat // p.slots_per_ring, code.name)
+                continue
+            queue_ns = max(0, t0 - int(self.v_submit[flat]))
+            works.append(_Work(flat, offs, ids, n_texts, queue_ns))
+            texts += n_texts
+            tokens += n_tokens
+        return works
+
+    def _serve_batch(self, ready: np.ndarray) -> None:
+        t0 = time.monotonic_ns()
+        works = self._take(ready, t0)
+        if not works:
+            return
+        self.stats["busy_slots"] = len(works)
+        # Every text of the batch, longest first, cut into model calls that fit
+        # the padded-token budget: sorting by length keeps padding small.
+        items = [(int(w.offsets[i + 1] - w.offsets[i]), wi, i) for wi, w in enumerate(works) for i in range(w.texts)]
+        items.sort(key=lambda t: -t[0])
+        budget = min(self.settings.max_batch_tokens, self.embedder.capacity_tokens)
+        budget = max(budget, items[0][0])
+        max_texts = self.settings.max_batch_texts
+        start = 0
+        st = self.stats
+        while start < len(items):
+            width = items[start][0]
+            end = start + max(1, min(max_texts, budget // width))
+            chunk = items[start:end]
+            seqs = [works[wi].ids[works[wi].offsets[i]: works[wi].offsets[i + 1]] for _, wi, i in chunk]
+            c0 = time.monotonic_ns()
+            try:
+                vecs = self.embedder.embed(seqs)
+            except Exception as exc:  # a model failure fails these slots, not the sidecar
+                logger.exception("model failed on a batch of {} texts: {}", len(chunk), exc)
+                for w in {works[wi].flat: works[wi] for _, wi, _ in chunk}.values():
+                    if w.remaining > 0:
+                        w.remaining = -1
+                        self._finish(w.flat, SlotError.MODEL_FAILED, w.queue_ns, time.monotonic_ns() - t0)
+                start = end
+                continue
+            c1 = time.monotonic_ns()
+            flats = np.fromiter((works[wi].flat for _, wi, _ in chunk), dtype=np.int64, count=len(chunk))
+            rows = np.fromiter((i for _, _, i in chunk), dtype=np.int64, count=len(chunk))
+            self.v_out[flats, rows] = vecs
+            st["batches"] += 1
+            st["padded_tokens"] += len(chunk) * width
+            st["batch_texts_hist"][bucket_index(len(chunk), BATCH_TEXTS_BUCKETS)] += 1
+            st["compute_hist"][bucket_index((c1 - c0) / 1e9, LATENCY_BUCKETS_S)] += 1
+            st["compute_ns_sum"] += c1 - c0
+            done_at = time.monotonic_ns()
+            for _, wi, _ in chunk:
+                w = works[wi]
+                if w.remaining > 0:
+                    w.remaining -= 1
+                    if w.remaining == 0:
+                        self._finish(w.flat, SlotError.NONE, w.queue_ns, done_at - t0, batch_texts=len(items))
+            start = end
+        self.stats["busy_slots"] = 0
+
+    def _finish(self, flat: int, code: SlotError, queue_ns: int, compute_ns: int, *, batch_texts: int = 0) -> None:
+        """Publish a slot's outcome. NOTE: fields, then state, then post."""
+        st = self.stats
+        self.v_error[flat] = code
+        self.v_queue[flat] = queue_ns
+        self.v_compute[flat] = compute_ns
+        self.v_batch[flat] = batch_texts
+        if code == SlotError.NONE:
+            n_texts = int(self.v_ntexts[flat])
+            st["requests"] += 1
+            st["texts"] += n_texts
+            st["tokens"] += int(self.v_ntokens[flat])
+            st["queue_ns_sum"] += queue_ns
+            st["queue_hist"][bucket_index(queue_ns / 1e9, LATENCY_BUCKETS_S)] += 1
+            self.v_state[flat] = SLOT_DONE
+        else:
+            st["errors"][int(code)] += 1
+            self.v_state[flat] = SLOT_ERROR
+        self.flat_sems[flat].release()
+
+    # -- rings of dead workers ----------------------------------------------------------
+    def reap_dead_rings(self) -> int:
+        """Free rings whose owner died (or was marked orphaned by Gunicorn's
+        child_exit). Runs in the loop thread between batches, so none of the
+        ring's slots is BUSY while it is reset."""
+        rings = self.region.rings
+        owners = rings["owner_pid"]
+        suspects = [r for r in np.flatnonzero(owners != 0).tolist()
+                    if int(owners[r]) < 0 or not pid_alive(int(owners[r]))]
+        if not suspects:
+            return 0
+        spr = self.params.slots_per_ring
+        with ring_table_lock(self.names):
+            for r in suspects:
+                owner = int(owners[r])
+                if owner > 0 and pid_alive(owner):
+                    continue
+                for k in range(spr):
+                    flat = r * spr + k
+                    if int(self.v_state[flat]) in (SLOT_READY, SLOT_CLAIMED):
+                        self.stats["errors"][SlotError.REAPED] += 1
+                    self.v_state[flat] = SLOT_FREE
+                    drain(self.sems[r][k])
+                rings[r]["owner_pid"] = 0
+                self.stats["rings_reaped"] += 1
+                logger.info("reaped ring {} of dead worker pid {}", r, abs(owner))
+        return len(suspects)
+
+    # -- clean stop ---------------------------------------------------------------------
+    def _drain(self) -> None:
+        """Answer what is in flight, refuse what comes after."""
+        header = self.region.header
+        header["state"] = SidecarState.DRAINING
+        deadline = time.monotonic() + 0.25
+        while True:
+            served = self.step()
+            claimed = bool((self.v_state == SLOT_CLAIMED).any())
+            if not served and (not claimed or time.monotonic() > deadline):
+                break
+            if not served:
+                time.sleep(0.001)
+        header["state"] = SidecarState.STOPPED
+        for flat in np.flatnonzero(self.v_state == SLOT_READY).tolist():
+            self.v_state[flat] = SLOT_BUSY
+            self._finish(flat, SlotError.SHUTDOWN, 0, 0)

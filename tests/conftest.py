@@ -1,0 +1,75 @@
+"""Fixtures: real sidecar processes (tiny or real model) on unique namespaces."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import SidecarProc, start_sidecar, stop_and_check
+from shm_protocol.segments import unlink_namespace
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from sidecar.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def real_model_path() -> Path:
+    from sidecar.model import bundled_model_path
+
+    return bundled_model_path()
+
+
+@pytest.fixture(scope="session")
+def real_model(real_model_path):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(real_model_path), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_st(tiny_model):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(tiny_model), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_sidecar(tiny_model, tmp_path_factory):
+    """A sidecar serving the tiny model, shared by a test module."""
+    sc = start_sidecar(tmp_path_factory.mktemp("sc"), str(tiny_model), SHM_EMBED_TORCH_THREADS="1")
+    yield sc
+    stop_and_check(sc)
+
+
+@pytest.fixture
+def fresh_tiny_sidecar(tiny_model, tmp_path):
+    """A sidecar of the test's own (for tests that kill or stop it)."""
+    started: list[SidecarProc] = []
+
+    def make(**extra) -> SidecarProc:
+        ns = extra.pop("namespace", None)
+        sc = start_sidecar(tmp_path, str(tiny_model), ns, SHM_EMBED_TORCH_THREADS="1", **extra)
+        started.append(sc)
+        return sc
+
+    yield make
+    for sc in started:
+        if sc.proc.poll() is None:
+            stop_and_check(sc)
+        else:
+            unlink_namespace(sc.names)
+
+
+@pytest.fixture(scope="module")
+def real_sidecar(tmp_path_factory):
+    """A sidecar serving the bundled all-MiniLM-L6-v2."""
+    sc = start_sidecar(tmp_path_factory.mktemp("sc-real"), None)
+    yield sc
+    stop_and_check(sc)
+
+

@@ -1,0 +1,128 @@
+"""Helpers that start real sidecar processes on unique namespaces.
+
+Every namespace a test makes starts with ``shm-embed-test-`` and is checked
+empty in /dev/shm when its sidecar has stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from shm_protocol.config import Settings  # noqa: E402
+from shm_protocol.errors import ShmEmbedError  # noqa: E402
+from shm_protocol.layout import SidecarState  # noqa: E402
+from shm_protocol.region import Region  # noqa: E402
+from shm_protocol.segments import Names, unlink_namespace  # noqa: E402
+
+
+def new_namespace() -> str:
+    return f"shm-embed-test-{uuid.uuid4().hex[:10]}"
+
+
+@dataclass
+class SidecarProc:
+    proc: subprocess.Popen
+    settings: Settings
+    env: dict
+    log: Path
+
+    @property
+    def names(self) -> Names:
+        return Names(self.settings.namespace)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def sidecar_env(namespace: str, model: str | None = None, **extra: str) -> dict:
+    env = dict(os.environ)
+    env.update(
+        SHM_EMBED_NAMESPACE=namespace,
+        SHM_EMBED_LOG_LEVEL="INFO",
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+        PYTHONUNBUFFERED="1",
+    )
+    if model:
+        env["SHM_EMBED_MODEL"] = str(model)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def wait_ready(names: Names, proc: subprocess.Popen | None = None, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"sidecar exited with {proc.returncode} before it was ready")
+        try:
+            region = Region.attach(names, readonly=True, with_data=False)
+        except ShmEmbedError:
+            time.sleep(0.05)
+            continue
+        ready = region.state == SidecarState.READY and (proc is None or region.sidecar_pid == proc.pid)
+        region.close()
+        if ready:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"sidecar of {names.namespace} not ready after {timeout}s")
+
+
+def start_sidecar(tmp_path: Path, model: str | None, namespace: str | None = None, **extra) -> SidecarProc:
+    namespace = namespace or new_namespace()
+    env = sidecar_env(namespace, model, **extra)
+    log = tmp_path / f"sidecar-{namespace}-{uuid.uuid4().hex[:4]}.log"
+    proc = subprocess.Popen([sys.executable, "-m", "sidecar"], env=env, cwd=REPO,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        wait_ready(Names(namespace), proc)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"sidecar failed to start:\n{log.read_text(errors='replace')}")
+    settings = Settings.from_env(env)
+    return SidecarProc(proc, settings, env, log)
+
+
+def client_for(sc: SidecarProc, **overrides):
+    from shm_protocol.client import EmbeddingClient
+
+    return EmbeddingClient.connect(sc.settings.replace(**overrides) if overrides else sc.settings)
+
+
+def cosine_rows(a, b):
+    import numpy as np
+
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    num = (a * b).sum(axis=1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return num / np.where(den == 0, 1, den)
+
+
+def stop_and_check(sc: SidecarProc) -> None:
+    """Stop a sidecar and assert it left nothing in /dev/shm."""
+    code = sc.stop()
+    left = sc.names.dev_shm_entries()
+    if left:
+        unlink_namespace(sc.names)
+    assert left == [], f"objects left in /dev/shm after the sidecar stopped: {left}"
+    assert code in (0, -signal.SIGKILL), f"sidecar exit code {code}\n{sc.log_text()[-3000:]}"

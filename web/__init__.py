@@ -1,0 +1,1 @@
+"""The Falcon web service on top of the shm-embed client."""
