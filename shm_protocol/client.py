@@ -93,6 +93,7 @@ class _Session:
         self.submit_ns = slots["submit_ns"]
         self.queue_ns = slots["queue_ns"]
         self.compute_ns = slots["compute_ns"]
+        self.eta_ns = slots["eta_ns"]
         self.offsets = slots["offsets"]
         self.tokens = slots["tokens"]
         self.out = slots["out"]
@@ -150,6 +151,7 @@ class _Session:
         seq = next(self._seq)
         self.seq[s] = seq
         self.error[s] = SlotError.NONE
+        self.eta_ns[s] = 0
         self.submit_ns[s] = time.monotonic_ns()
         # NOTE: state after payload, doorbell after state (see layout's docstring).
         self.state[s] = SLOT_READY
@@ -408,16 +410,37 @@ class EmbeddingClient:
         return queue_ns, compute_ns, len(chunks)
 
     def _wait(self, sess: _Session, s: int, seq: int, dest: np.ndarray) -> tuple[int, int]:
-        """Wait for slot ``s`` to be answered, copy its vectors into ``dest``."""
+        """Wait for slot ``s`` to be answered, copy its vectors into ``dest``.
+
+        Spin, then park: block on the semaphore until shortly before the
+        sidecar's ETA for the slot, then poll its state for a bounded time;
+        if the answer is late, block again. The timer wake-up happens while
+        the model still runs, so its cost is hidden."""
         sem = sess.sems[s]
         settings = self.settings
         poll = min(0.05, settings.stale_after_s / 4)
+        spin_ns = settings.spin_us * 1000
         deadline = time.monotonic() + settings.timeout_s
         while True:
+            timeout = poll
+            if spin_ns:
+                eta = int(sess.eta_ns[s])
+                if eta == 0:  # not picked up yet: look again soon for its ETA
+                    timeout = 0.002
+                else:
+                    now = time.monotonic_ns()
+                    wake_at = eta - spin_ns
+                    if now >= wake_at:
+                        if _spin_until_done(sess, s, seq, eta + 2 * spin_ns):
+                            state = int(sess.state[s])
+                            break
+                        spin_ns = 0  # late: park until the post
+                        continue
+                    timeout = min(poll, (wake_at - now) / 1e9)
             try:
-                sem.acquire(poll)
+                sem.acquire(timeout)
             except posix_ipc.BusyError:
-                reason = sess.region.unavailable_reason(settings.stale_after_s, thorough=True)
+                reason = sess.region.unavailable_reason(settings.stale_after_s, thorough=timeout == poll)
                 if reason is not None:
                     sess.quarantine(s)
                     raise SidecarUnavailable(f"while waiting for a result: {reason}", reason=reason) from None
@@ -480,6 +503,18 @@ class EmbeddingClient:
         return self.dimension
 
     get_embedding_dimension = get_sentence_embedding_dimension
+
+
+def _spin_until_done(sess: _Session, s: int, seq: int, until_ns: int) -> bool:
+    """Poll slot ``s`` until it is answered or ``until_ns`` passes. The
+    semaphore's post is left pending; the next submit on the slot drains it."""
+    state, seqs = sess.state, sess.seq
+    while True:
+        if int(state[s]) in (SLOT_DONE, SLOT_ERROR) and int(seqs[s]) == seq:
+            return True
+        if time.monotonic_ns() > until_ns:
+            return False
+        os.sched_yield()
 
 
 def _check_texts(texts) -> list[str]:

@@ -74,6 +74,12 @@ class Settings:
         "How long the sidecar may wait for more work before a batch that is not full; 0 never waits "
         "(work that arrives while the model runs forms the next batch).", minimum=0,
     )
+    spin_us: int = _setting(
+        "SHM_EMBED_SPIN_US", 300,
+        "Busy-poll window, in microseconds, before parking on a semaphore: the sidecar polls the doorbell this "
+        "long after a batch, a worker polls its slot this long around the expected answer. 0 always parks.",
+        minimum=0,
+    )
     heartbeat_s: float = _setting(
         "SHM_EMBED_HEARTBEAT_S", 0.1, "Interval of the sidecar's heartbeat and ring reaper.", minimum=0.01
     )

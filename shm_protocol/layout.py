@@ -34,7 +34,8 @@ each padded to a multiple of 64 bytes (a cache line)::
 
     +------ slot ----------------------------------------------------------+
     | state u32 | error u32 | n_texts u32 | n_tokens u32 | seq u64        |
-    | submit_ns u64 | queue_ns u64 | compute_ns u64 | batch_texts u32     |
+    | submit_ns u64 | queue_ns u64 | compute_ns u64 | eta_ns u64         |
+    | batch_texts u32                                                      |
     | offsets u32[max_texts + 1]   text i is tokens[offsets[i]:offsets[i+1]]
     | tokens  i32[max_tokens]      ragged token ids, no padding            |
     | out     f32[max_texts, dim]  one vector per text, written back       |
@@ -58,6 +59,12 @@ post/wait is the memory barrier that publishes everything written before it.
   the drain wakes the next scan, so no READY slot is missed); set BUSY;
   validate; run the model; write ``out``, ``error``, timings; then
   ``state = DONE`` (or ``ERROR``); then post the slot's semaphore.
+* Sidecar, on taking a slot: ``eta_ns`` = when it expects the batch done
+  (from its running estimate of compute time per padded token).
+* Worker wait (spin, then park): block on the slot semaphore until shortly
+  before ``eta_ns``, then poll ``state`` for a bounded time, then block
+  again. Waking a long-idle core costs 100-250 us on virtual machines; waking
+  early on a timer hides that cost behind the model's compute.
 * Worker wait: wait on the slot semaphore with a timeout; check ``state`` is
   DONE/ERROR and ``seq`` is its own (a stale post from an abandoned request is
   drained and ignored); copy ``out`` rows; then ``state = FREE``.
@@ -193,6 +200,7 @@ def slot_dtype(max_texts: int, max_tokens: int, dim: int) -> np.dtype:
             ("submit_ns", "<u8"),
             ("queue_ns", "<u8"),
             ("compute_ns", "<u8"),
+            ("eta_ns", "<u8"),  # when the sidecar expects to answer (monotonic); 0 until picked up
             ("batch_texts", "<u4"),
             ("offsets", "<u4", (max_texts + 1,)),
             ("tokens", "<i4", (max_tokens,)),

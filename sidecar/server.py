@@ -90,6 +90,10 @@ class Sidecar:
         self.names = Names(settings.namespace)
         self.notify = notify or (lambda msg: None)
         self._stop = threading.Event()
+        # Running estimate of one model call's time, by power-of-two bucket of
+        # padded tokens: it gives each slot an ETA that workers time their
+        # spin-polling by.
+        self._call_ns: dict[int, float] = {}
         self.region: Region | None = None
         self.epoch = 0
 
@@ -167,6 +171,7 @@ class Sidecar:
         self.v_submit = sl["submit_ns"]
         self.v_queue = sl["queue_ns"]
         self.v_compute = sl["compute_ns"]
+        self.v_eta = sl["eta_ns"]
         self.v_batch = sl["batch_texts"]
         self.v_offsets = sl["offsets"]
         self.v_tokens = sl["tokens"]
@@ -189,7 +194,7 @@ class Sidecar:
         unlink_namespace(self.names)
         if self.region is not None:
             self.v_state = self.v_error = self.v_ntexts = self.v_ntokens = None
-            self.v_submit = self.v_queue = self.v_compute = self.v_batch = None
+            self.v_submit = self.v_queue = self.v_compute = self.v_eta = self.v_batch = None
             self.v_offsets = self.v_tokens = self.v_out = self.stats = None
             self.region.close()
             self.region = None
@@ -221,10 +226,12 @@ class Sidecar:
     # -- the loop ---------------------------------------------------------------------
     def _loop(self) -> None:
         interval = self.settings.heartbeat_s
+        spin_ns = self.settings.spin_us * 1000
         next_reap = 0.0
         idle = True
+        last_work_ns = 0
         while not self._stop.is_set():
-            if idle:
+            if idle and not self._spin_for_bell(last_work_ns + spin_ns):
                 try:
                     self.bell.acquire(interval)
                 except posix_ipc.BusyError:
@@ -236,6 +243,21 @@ class Sidecar:
                 self.reap_dead_rings()
                 next_reap = now + interval
             idle = not self.step()
+            if not idle:
+                last_work_ns = time.monotonic_ns()
+
+    def _spin_for_bell(self, until_ns: int) -> bool:
+        """Poll the doorbell until ``until_ns``: right after a batch the next
+        request usually comes within microseconds, and parking would add a
+        wake-up of 100 us or more on a virtual machine."""
+        bell = self.bell
+        while time.monotonic_ns() < until_ns:
+            try:
+                bell.acquire(0)
+                return True
+            except posix_ipc.BusyError:
+                os.sched_yield()
+        return False
 
     def step(self) -> bool:
         """Serve one batch of READY slots. Returns False if there was none."""
@@ -296,11 +318,24 @@ class Sidecar:
         budget = min(self.settings.max_batch_tokens, self.embedder.capacity_tokens)
         budget = max(budget, items[0][0])
         max_texts = self.settings.max_batch_texts
-        start = 0
-        st = self.stats
+        calls, start = [], 0
         while start < len(items):
             width = items[start][0]
             end = start + max(1, min(max_texts, budget // width))
+            calls.append((start, min(end, len(items)), width))
+            start = end
+        est = [self._call_ns.get(((b - a) * w).bit_length()) for a, b, w in calls]
+        if all(e is not None for e in est):
+            # A slot is answered after the call that holds its last text.
+            ends = np.cumsum(est)
+            last_call = {}
+            for ci, (a, b, _) in enumerate(calls):
+                for _, wi, _ in items[a:b]:
+                    last_call[wi] = ci
+            for wi, ci in last_call.items():
+                self.v_eta[works[wi].flat] = t0 + int(ends[ci])
+        st = self.stats
+        for start, end, width in calls:
             chunk = items[start:end]
             seqs = [works[wi].ids[works[wi].offsets[i]: works[wi].offsets[i + 1]] for _, wi, i in chunk]
             c0 = time.monotonic_ns()
@@ -312,9 +347,11 @@ class Sidecar:
                     if w.remaining > 0:
                         w.remaining = -1
                         self._finish(w.flat, SlotError.MODEL_FAILED, w.queue_ns, time.monotonic_ns() - t0)
-                start = end
                 continue
             c1 = time.monotonic_ns()
+            key = (len(chunk) * width).bit_length()
+            prev = self._call_ns.get(key)
+            self._call_ns[key] = (c1 - c0) if prev is None else 0.8 * prev + 0.2 * (c1 - c0)
             flats = np.fromiter((works[wi].flat for _, wi, _ in chunk), dtype=np.int64, count=len(chunk))
             rows = np.fromiter((i for _, _, i in chunk), dtype=np.int64, count=len(chunk))
             self.v_out[flats, rows] = vecs
@@ -324,34 +361,43 @@ class Sidecar:
             st["compute_hist"][bucket_index((c1 - c0) / 1e9, LATENCY_BUCKETS_S)] += 1
             st["compute_ns_sum"] += c1 - c0
             done_at = time.monotonic_ns()
+            finished = []
             for _, wi, _ in chunk:
                 w = works[wi]
                 if w.remaining > 0:
                     w.remaining -= 1
                     if w.remaining == 0:
-                        self._finish(w.flat, SlotError.NONE, w.queue_ns, done_at - t0, batch_texts=len(items))
-            start = end
+                        finished.append(w)
+            # Answer first, count after: the waiters should not wait on our bookkeeping.
+            for w in finished:
+                self._publish(w.flat, SlotError.NONE, w.queue_ns, done_at - t0, len(items))
+            for w in finished:
+                self._count(w.flat, SlotError.NONE, w.queue_ns)
         self.stats["busy_slots"] = 0
 
-    def _finish(self, flat: int, code: SlotError, queue_ns: int, compute_ns: int, *, batch_texts: int = 0) -> None:
+    def _finish(self, flat: int, code: SlotError, queue_ns: int, compute_ns: int) -> None:
+        self._publish(flat, code, queue_ns, compute_ns, 0)
+        self._count(flat, code, queue_ns)
+
+    def _publish(self, flat: int, code: SlotError, queue_ns: int, compute_ns: int, batch_texts: int) -> None:
         """Publish a slot's outcome. NOTE: fields, then state, then post."""
-        st = self.stats
         self.v_error[flat] = code
         self.v_queue[flat] = queue_ns
         self.v_compute[flat] = compute_ns
         self.v_batch[flat] = batch_texts
+        self.v_state[flat] = SLOT_DONE if code == SlotError.NONE else SLOT_ERROR
+        self.flat_sems[flat].release()
+
+    def _count(self, flat: int, code: SlotError, queue_ns: int) -> None:
+        st = self.stats
         if code == SlotError.NONE:
-            n_texts = int(self.v_ntexts[flat])
             st["requests"] += 1
-            st["texts"] += n_texts
+            st["texts"] += int(self.v_ntexts[flat])
             st["tokens"] += int(self.v_ntokens[flat])
             st["queue_ns_sum"] += queue_ns
             st["queue_hist"][bucket_index(queue_ns / 1e9, LATENCY_BUCKETS_S)] += 1
-            self.v_state[flat] = SLOT_DONE
         else:
             st["errors"][int(code)] += 1
-            self.v_state[flat] = SLOT_ERROR
-        self.flat_sems[flat].release()
 
     # -- rings of dead workers ----------------------------------------------------------
     def reap_dead_rings(self) -> int:

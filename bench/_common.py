@@ -1,0 +1,103 @@
+"""Shared helpers of the benchmarks: start a sidecar on a private namespace,
+texts of known shape, percentiles, process memory."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from shm_protocol.config import Settings  # noqa: E402
+from shm_protocol.errors import ShmEmbedError  # noqa: E402
+from shm_protocol.layout import SidecarState  # noqa: E402
+from shm_protocol.region import Region  # noqa: E402
+from shm_protocol.segments import Names, unlink_namespace  # noqa: E402
+
+WORDS = ("how what where why best cheap fast python rust shared memory ring buffer embedding model search "
+         "query vector index server worker latency throughput gpu cpu batch token cache async thread "
+         "process kernel socket database table join order price review weather recipe bread travel").split()
+
+
+def short_queries(n: int, seed: int = 0) -> list[str]:
+    """Search-query-like texts of 4 to 12 words."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) for _ in range(n)]
+
+
+def passages(n: int, seed: int = 1, lo: int = 8, hi: int = 60) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))) + "." for _ in range(n)]
+
+
+def pct(values, q) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process in MiB (from /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@contextlib.contextmanager
+def running_sidecar(model: str | None = None, **env_extra):
+    """Start a sidecar on a fresh namespace; yield its Settings; stop it."""
+    ns = f"shm-embed-bench-{uuid.uuid4().hex[:8]}"
+    env = dict(os.environ, SHM_EMBED_NAMESPACE=ns, SHM_EMBED_LOG_LEVEL="WARNING",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if model:
+        env["SHM_EMBED_MODEL"] = model
+    env.update({k: str(v) for k, v in env_extra.items()})
+    proc = subprocess.Popen([sys.executable, "-m", "sidecar"], env=env, cwd=REPO)
+    names = Names(ns)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"sidecar exited with {proc.returncode}")
+            try:
+                r = Region.attach(names, readonly=True, with_data=False)
+                ok = r.state == SidecarState.READY and r.sidecar_pid == proc.pid
+                r.close()
+                if ok:
+                    break
+            except ShmEmbedError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("sidecar did not start")
+            time.sleep(0.1)
+        settings = Settings.from_env(env)
+        yield settings, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        unlink_namespace(names)
+
+
+def table(rows: list[list], header: list[str]) -> str:
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

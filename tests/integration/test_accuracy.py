@@ -1,0 +1,56 @@
+"""Vectors through the real sidecar equal SentenceTransformer.encode on the
+bundled all-MiniLM-L6-v2."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+from tests.helpers import client_for, cosine_rows
+
+VARIED = [
+    "",
+    "word",
+    "Ünïcödé straße, café, naïve résumé",
+    "東京は日本の首都です",
+    "Привет, как дела?",
+    "emoji only 🎉🚀🔥",
+    "mixed ASCII and 😀 emoji with numbers 12345",
+    "   leading and trailing spaces   ",
+    "tabs\tand\nnewlines",
+    "a " * 600,  # longer than the max sequence length
+    "The quick brown fox jumps over the lazy dog. " * 40,
+]
+
+
+def mixed_batch(n: int, seed: int = 7) -> list[str]:
+    rng = random.Random(seed)
+    vocab = ("shared memory ring buffer semaphore sidecar worker batch token vector search query "
+             "embedding model latency throughput gunicorn falcon request response cache").split()
+    out = []
+    for i in range(n):
+        k = rng.choice([0, 1, 3, 8, 20, 60, 150, 400])
+        out.append(" ".join(rng.choice(vocab) for _ in range(k)) + (f" #{i}" if k else ""))
+    return out
+
+
+def test_varied_texts_match_sentence_transformers(real_sidecar, real_model):
+    with client_for(real_sidecar) as c:
+        got = c.embed(VARIED)
+        info = c.info()
+    ref = real_model.encode(VARIED)
+    assert info["model"] == "all-MiniLM-L6-v2" and info["dimension"] == 384 and info["max_seq_length"] == 256
+    cos = cosine_rows(got, ref)
+    assert cos.min() >= 0.99999, dict(zip(VARIED, cos.round(6)))
+
+
+def test_batch_of_1000_mixed_lengths_matches(real_sidecar, real_model):
+    texts = mixed_batch(1000)
+    with client_for(real_sidecar) as c:
+        got = c.embed(texts)
+    ref = real_model.encode(texts, batch_size=64)
+    cos = cosine_rows(got, ref)
+    assert got.shape == (1000, 384)
+    assert cos.min() >= 0.99999, float(cos.min())
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-4)  # the model's own Normalize module
