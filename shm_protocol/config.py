@@ -70,9 +70,10 @@ class Settings:
     )
     max_batch_texts: int = _setting("SHM_EMBED_MAX_BATCH_TEXTS", 256, "Texts in one model call at most.", minimum=1)
     max_wait_us: int = _setting(
-        "SHM_EMBED_MAX_WAIT_US", 0,
-        "How long the sidecar may wait for more work before a batch that is not full; 0 never waits "
-        "(work that arrives while the model runs forms the next batch).", minimum=0,
+        "SHM_EMBED_MAX_WAIT_US", 4000,
+        "Longest the sidecar lingers for more work when fewer slots are ready than its last batch held "
+        "(a lone client never waits); 0 never waits: work that arrives while the model runs forms the next batch.",
+        minimum=0,
     )
     spin_us: int = _setting(
         "SHM_EMBED_SPIN_US", 300,

@@ -8,7 +8,7 @@ def test_defaults_without_environment():
     s = Settings.from_env({})
     assert s.namespace == "shm-embed"
     assert s.ipc_mode == 0o600
-    assert s.max_wait_us == 0
+    assert s.max_wait_us == 4000
     assert s.use_ipc is True
 
 
