@@ -310,6 +310,12 @@ class EmbeddingClient:
             "slot_tokens": p.max_tokens,
         }
 
+    def stats(self):
+        """The sidecar's own counters (a :class:`shm_protocol.stats.Snapshot`)."""
+        from .stats import snapshot
+
+        return snapshot(self._get_session().region)
+
     @property
     def dimension(self) -> int:
         return self._get_session().params.dim

@@ -21,7 +21,7 @@ from .layout import (
     ring_table_view,
     slots_view,
 )
-from .segments import Names, Segment, pid_alive
+from .segments import ORPHANED, Names, Segment, pid_alive, ring_table_lock
 
 
 class Region:
@@ -161,3 +161,25 @@ class Region:
     def occupancy(self) -> np.ndarray:
         """Slot states as an (n_rings, slots_per_ring) array (a copy)."""
         return np.array(self.slots["state"], copy=True)
+
+
+def release_rings_of(names: Names, pid: int) -> int:
+    """Mark the rings leased by ``pid`` (a dead process) orphaned, so the
+    sidecar's reaper resets them at once and a reused pid cannot hold them.
+    Maps the control segment only for the call. Returns how many."""
+    from .errors import ShmEmbedError
+
+    try:
+        region = Region.attach(names, with_data=False)
+    except ShmEmbedError:
+        return 0
+    try:
+        with ring_table_lock(names):
+            owners = region.rings["owner_pid"]
+            mine = owners == pid
+            count = int(mine.sum())
+            owners[mine] = ORPHANED
+            del owners
+        return count
+    finally:
+        region.close()

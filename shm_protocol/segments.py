@@ -209,3 +209,9 @@ __all__ = [
     "DEV_SHM", "Names", "Segment", "ShmEmbedError", "create_semaphore", "open_semaphore", "drain",
     "unlink_namespace", "ring_table_lock", "pid_alive",
 ]
+
+
+
+#: owner_pid of a ring whose owner is known dead but whose slots the sidecar
+#: has not reset yet (set from outside the sidecar, e.g. Gunicorn's child_exit).
+ORPHANED = -1

@@ -1,0 +1,59 @@
+"""Gunicorn settings for the shm-embed web service.
+
+Flat settings read from the environment, then hooks. The app is built in
+each worker after the fork (no preload): the master never maps a segment,
+starts a thread or touches CUDA.
+"""
+
+import multiprocessing
+import os
+
+# The WSGI target: one Falcon app per worker, built by a factory.
+wsgi_app = "web.wsgi:application()"
+# Where to listen (SHM_EMBED_BIND, default 127.0.0.1:8000).
+bind = os.environ.get("SHM_EMBED_BIND", "127.0.0.1:8000")
+# Worker processes; each leases one ring of the sidecar (SHM_EMBED_RINGS caps them).
+workers = int(os.environ.get("WEB_CONCURRENCY", min(4, 2 * multiprocessing.cpu_count() + 1)))
+# Threads per worker: requests of one worker use different slots of its ring.
+worker_class = os.environ.get("WEB_WORKER_CLASS", "gthread")
+threads = int(os.environ.get("WEB_THREADS", "4"))
+# Never preload: the app and its client belong to the worker.
+preload_app = False
+# A request waits at most the client's timeout; give the worker room beyond it.
+timeout = int(os.environ.get("WEB_TIMEOUT", "60"))
+graceful_timeout = int(os.environ.get("WEB_GRACEFUL_TIMEOUT", "30"))
+keepalive = 5
+accesslog = None  # the app logs one line per request with its request id
+errorlog = "-"
+loglevel = os.environ.get("SHM_EMBED_LOG_LEVEL", "info").lower()
+proc_name = "shm-embed-web"
+# No control socket: several deployments (and tests) share a host, and nothing here uses it.
+control_socket_disable = True
+
+
+def post_worker_init(worker):
+    """Attach this worker to the sidecar (lease a ring) before its first request."""
+    from web.wsgi import attach
+
+    attach()
+
+
+def worker_exit(server, worker):
+    """Release the worker's ring on a clean exit."""
+    from web.wsgi import shutdown
+
+    shutdown()
+
+
+def child_exit(server, worker):
+    """In the master: a worker died (maybe killed); mark its ring orphaned so
+    the sidecar reclaims it now, even if the pid is reused. Maps the control
+    segment only for this call."""
+    from shm_protocol.config import Settings
+    from shm_protocol.region import release_rings_of
+    from shm_protocol.segments import Names
+
+    settings = Settings.from_env(os.environ)
+    released = release_rings_of(Names(settings.namespace), worker.pid)
+    if released:
+        server.log.info("released %d ring(s) of dead worker %s", released, worker.pid)

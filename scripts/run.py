@@ -1,0 +1,73 @@
+"""`make run`: start the sidecar, wait until it is ready, start Gunicorn;
+stop both cleanly on Ctrl-C (or SIGTERM), and stop the other if one dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from shm_protocol.config import Settings  # noqa: E402
+from shm_protocol.errors import ShmEmbedError  # noqa: E402
+from shm_protocol.layout import SidecarState  # noqa: E402
+from shm_protocol.region import Region  # noqa: E402
+from shm_protocol.segments import Names  # noqa: E402
+
+
+def wait_ready(names: Names, proc: subprocess.Popen, timeout: float = 300) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            r = Region.attach(names, readonly=True, with_data=False)
+            ok = r.state == SidecarState.READY and r.sidecar_pid == proc.pid
+            r.close()
+            if ok:
+                return True
+        except ShmEmbedError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
+def main() -> int:
+    settings = Settings.from_env(os.environ)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    stop = {"flag": False}
+
+    def on_signal(signum, frame):
+        stop["flag"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    print(f"shm-embed: starting the sidecar (namespace {settings.namespace})", flush=True)
+    sidecar = subprocess.Popen([sys.executable, "-m", "sidecar"], env=env, cwd=REPO, start_new_session=True)
+    if not wait_ready(Names(settings.namespace), sidecar):
+        print("shm-embed: the sidecar did not become ready", file=sys.stderr)
+        sidecar.terminate()
+        return sidecar.wait() or 1
+    print(f"shm-embed: sidecar ready; starting Gunicorn on http://{settings.bind}", flush=True)
+    web = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(REPO / "gunicorn.conf.py")],
+                           env=env, cwd=REPO, start_new_session=True)
+    while not stop["flag"] and sidecar.poll() is None and web.poll() is None:
+        time.sleep(0.2)
+    # Web first (it drains requests), then the sidecar (it drains slots and unlinks).
+    for proc in (web, sidecar):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    print("shm-embed: stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

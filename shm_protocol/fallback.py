@@ -1,0 +1,124 @@
+"""The original system's fallback, kept: embed with a local model in the
+worker when IPC is off (USE_IPC_EMBEDDING=false), or while the sidecar is
+unavailable (SHM_EMBED_FALLBACK=local).
+
+Only this module imports torch in a worker, and only when it must.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+from loguru import logger
+
+from .client import EmbeddingClient, EmbedResult, _check_texts
+from .config import Settings
+from .errors import NoRingAvailable, RequestTooLarge, SidecarUnavailable
+
+
+class LocalEmbedder:
+    """A SentenceTransformer in this process, with the client's interface."""
+
+    def __init__(self, settings: Settings):
+        import os
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        from sidecar.model import resolve_model_path, _model_name
+
+        torch.set_num_threads(1)  # a worker shares the cores with its siblings
+        path = resolve_model_path(settings)
+        self.model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+        self.name = _model_name(path)
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        self.tok.no_padding()
+        self.tok.enable_truncation(max_length=int(self.model.max_seq_length))
+        self.lock = threading.Lock()
+        logger.info("local model {} loaded in the worker", self.name)
+
+    def info(self) -> dict:
+        return {"model": self.name, "dimension": int(self.model.get_embedding_dimension()),
+                "max_seq_length": int(self.model.max_seq_length), "device": "cpu (local)"}
+
+    def embed_detailed(self, texts, *, truncate: bool = True, normalize: bool = False) -> EmbedResult:
+        texts = _check_texts(texts)
+        encs = self.tok.encode_batch(texts) if texts else []
+        limit = int(self.model.max_seq_length)
+        if not truncate:
+            for i, e in enumerate(encs):
+                if e.overflowing:
+                    raise RequestTooLarge(f"input {i} is over the model's limit of {limit} tokens",
+                                          limit=limit, actual=limit + 1, what="tokens")
+        lengths = np.array([len(e.ids) for e in encs], dtype=np.int64)
+        t0 = time.perf_counter_ns()
+        with self.lock:
+            vecs = (self.model.encode(texts, normalize_embeddings=normalize, convert_to_numpy=True)
+                    if texts else np.empty((0, self.info()["dimension"]), np.float32))
+        return EmbedResult(np.asarray(vecs, dtype=np.float32), lengths, 0, time.perf_counter_ns() - t0, 0)
+
+
+class FallbackClient:
+    """EmbeddingClient's interface, served by the sidecar or a local model.
+
+    ``mode`` says which served the last call: "ipc" or "local"."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.ipc = EmbeddingClient.connect(settings, lazy=True) if settings.use_ipc else None
+        self._local: LocalEmbedder | None = None
+        self._lock = threading.Lock()
+        self.mode = "ipc" if self.ipc is not None else "local"
+
+    @property
+    def local(self) -> LocalEmbedder:
+        with self._lock:
+            if self._local is None:
+                self._local = LocalEmbedder(self.settings)
+            return self._local
+
+    def _use_local(self, exc: Exception | None) -> bool:
+        if self.ipc is None:
+            return True
+        if exc is not None and self.settings.fallback == "local":
+            if self.mode != "local":
+                logger.warning("sidecar unavailable ({}); embedding with a local model until it is back", exc)
+            self.mode = "local"
+            return True
+        return False
+
+    def _call(self, name: str, *args, **kwargs):
+        if self.ipc is not None:
+            try:
+                out = getattr(self.ipc, name)(*args, **kwargs)
+                if self.mode != "ipc":
+                    logger.info("sidecar is back; embedding through it again")
+                self.mode = "ipc"
+                return out
+            except (SidecarUnavailable, NoRingAvailable) as exc:
+                if not self._use_local(exc):
+                    raise
+        return getattr(self.local, name)(*args, **kwargs)
+
+    def embed_detailed(self, texts, *, truncate: bool = True, normalize: bool = False) -> EmbedResult:
+        return self._call("embed_detailed", texts, truncate=truncate, normalize=normalize)
+
+    def embed(self, texts, *, truncate: bool = True, normalize: bool = False) -> np.ndarray:
+        return self.embed_detailed(texts, truncate=truncate, normalize=normalize).vectors
+
+    def info(self) -> dict:
+        return self._call("info")
+
+    def stats(self):
+        if self.ipc is None:
+            raise SidecarUnavailable("IPC is off (USE_IPC_EMBEDDING=false)", reason="disabled")
+        return self.ipc.stats()
+
+    def close(self) -> None:
+        if self.ipc is not None:
+            self.ipc.close()

@@ -1,0 +1,108 @@
+"""A snapshot of the sidecar's counters from the control segment.
+
+The web service (/embedding/stats, /metrics) and the stats CLI read the same
+snapshot, so every worker of the host reports the same numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .layout import (
+    BATCH_TEXTS_BUCKETS,
+    LATENCY_BUCKETS_S,
+    SlotError,
+    SlotState,
+    hist_quantile,
+)
+from .region import Region
+from .segments import pid_alive
+
+
+@dataclass
+class Snapshot:
+    namespace: str
+    model: str
+    device: str
+    dim: int
+    max_seq_length: int
+    sidecar_pid: int
+    sidecar_alive: bool
+    state: str
+    epoch: str
+    uptime_s: float
+    heartbeat_age_s: float
+    counters: dict
+    errors: dict
+    batch_texts_hist: list
+    queue_hist: list
+    compute_hist: list
+    queue_ns_sum: int
+    compute_ns_sum: int
+    queue_depth: int
+    busy_slots: int
+    rings: list = field(default_factory=list)
+
+    def percentiles(self) -> dict:
+        def q(counts, bounds, p):
+            v = hist_quantile(counts, bounds, p)
+            return None if v is None else v
+
+        return {
+            "queue_seconds": {f"p{int(p * 100)}": q(self.queue_hist, LATENCY_BUCKETS_S, p) for p in (0.5, 0.9, 0.99)},
+            "compute_seconds": {f"p{int(p * 100)}": q(self.compute_hist, LATENCY_BUCKETS_S, p)
+                                for p in (0.5, 0.9, 0.99)},
+            "batch_texts": {f"p{int(p * 100)}": q(self.batch_texts_hist, BATCH_TEXTS_BUCKETS, p)
+                            for p in (0.5, 0.9, 0.99)},
+        }
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items()}
+        d["percentiles"] = self.percentiles()
+        batches = self.counters["batches"]
+        d["mean_batch_texts"] = (self.counters["texts"] / batches) if batches else None
+        return d
+
+
+def snapshot(region: Region) -> Snapshot:
+    """Copy the counters out of a mapped control segment (read-only is enough)."""
+    h = region.header
+    st = np.array(h["stats"], copy=True)
+    rings = []
+    occupancy = region.occupancy() if region.slots is not None else None
+    for r in range(region.params.n_rings):
+        owner = int(region.rings[r]["owner_pid"])
+        row = {"ring": r, "owner_pid": owner, "owner_alive": owner > 0 and pid_alive(owner),
+               "leases": int(region.rings[r]["leases"])}
+        if occupancy is not None:
+            states = occupancy[r]
+            row["slots"] = {s.name.lower(): int((states == int(s)).sum()) for s in SlotState}
+        rings.append(row)
+    started = int(h["started_ns"])
+    return Snapshot(
+        namespace=region.names.namespace,
+        model=region.model_name,
+        device=region.device,
+        dim=region.params.dim,
+        max_seq_length=region.params.max_seq_length,
+        sidecar_pid=region.sidecar_pid,
+        sidecar_alive=pid_alive(region.sidecar_pid),
+        state=region.state.name.lower(),
+        epoch=f"{region.epoch:016x}",
+        uptime_s=max(0.0, (time.time_ns() - started) / 1e9) if started else 0.0,
+        heartbeat_age_s=region.heartbeat_age_s(),
+        counters={k: int(st[k]) for k in ("requests", "texts", "tokens", "padded_tokens", "batches",
+                                          "rings_reaped")},
+        errors={e.name.lower(): int(st["errors"][int(e)]) for e in SlotError if e != SlotError.NONE},
+        batch_texts_hist=[int(x) for x in st["batch_texts_hist"]],
+        queue_hist=[int(x) for x in st["queue_hist"]],
+        compute_hist=[int(x) for x in st["compute_hist"]],
+        queue_ns_sum=int(st["queue_ns_sum"]),
+        compute_ns_sum=int(st["compute_ns_sum"]),
+        queue_depth=int(st["ready_slots"]),
+        busy_slots=int(st["busy_slots"]),
+        rings=rings,
+    )

@@ -1,0 +1,320 @@
+"""The Falcon app: request parsing and validation, endpoints, errors.
+
+Built by :func:`create_app` from its dependencies (a client and the
+settings), so tests build it with what they need and Gunicorn builds it once
+per worker after the fork.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import time
+import uuid
+
+import falcon
+from loguru import logger
+
+from shm_protocol import __version__
+from shm_protocol.config import Settings
+from shm_protocol.errors import ShmEmbedError
+
+from . import errors
+from .errors import bad_request, too_large, unavailable, unprocessable
+from .metrics import make_registry, render
+
+JSON_TYPES = ("application/json",)
+OPEN_PATHS = {"/health"}
+
+
+class Context:
+    """What every resource shares: the client, the settings, per-worker counts."""
+
+    def __init__(self, client, settings: Settings):
+        self.client = client
+        self.settings = settings
+        self.started = time.time()
+        self.counts = {"total_requests": 0, "successful_requests": 0, "failed_requests": 0}
+
+    def read_json(self, req: falcon.Request) -> dict:
+        """The request body as a JSON object, with the limits and errors of the API."""
+        ctype = (req.content_type or "").split(";")[0].strip().lower()
+        if ctype not in JSON_TYPES:
+            raise errors.APIError(falcon.HTTP_415, "unsupported_media_type",
+                                  f"Content-Type must be application/json, not {ctype or 'missing'}")
+        limit = self.settings.max_body_bytes
+        if req.content_length is not None and req.content_length > limit:
+            raise too_large(f"body of {req.content_length} bytes is over the limit of {limit} bytes "
+                            "(SHM_EMBED_MAX_BODY_BYTES)")
+        raw = req.bounded_stream.read(limit + 1)
+        if len(raw) > limit:
+            raise too_large(f"body is over the limit of {limit} bytes (SHM_EMBED_MAX_BODY_BYTES)")
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise bad_request(f"body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise bad_request("body is nested too deeply") from None
+        if not isinstance(doc, dict):
+            raise unprocessable("body must be a JSON object")
+        return doc
+
+    def texts(self, value, field: str) -> tuple[list[str], bool]:
+        """Validate a string-or-list-of-strings field; returns (texts, was_single)."""
+        if isinstance(value, str):
+            texts, single = [value], True
+        elif isinstance(value, list):
+            if not value:
+                raise unprocessable(f"'{field}' must not be an empty list")
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in value) or any(
+                isinstance(v, list) for v in value
+            ):
+                raise unprocessable(f"'{field}' as token arrays is not supported; send strings")
+            bad = next((i for i, v in enumerate(value) if not isinstance(v, str)), None)
+            if bad is not None:
+                raise unprocessable(f"'{field}[{bad}]' must be a string, not {type(value[bad]).__name__}")
+            texts, single = value, False
+        else:
+            raise unprocessable(f"'{field}' must be a string or a list of strings")
+        s = self.settings
+        if len(texts) > s.max_inputs:
+            raise too_large(f"{len(texts)} inputs is over the limit of {s.max_inputs} (SHM_EMBED_MAX_INPUTS)")
+        for i, t in enumerate(texts):
+            if len(t) > s.max_input_chars:
+                raise too_large(f"input {i} has {len(t)} characters, over the limit of {s.max_input_chars} "
+                                "(SHM_EMBED_MAX_INPUT_CHARS)")
+            if "\x00" in t:
+                raise unprocessable(f"input {i} contains a NUL character")
+        return texts, single
+
+    def embed(self, texts: list[str], *, truncate: bool = True, normalize: bool = False):
+        self.counts["total_requests"] += 1
+        try:
+            res = self.client.embed_detailed(texts, truncate=truncate, normalize=normalize)
+        except ShmEmbedError:
+            self.counts["failed_requests"] += 1
+            raise
+        self.counts["successful_requests"] += 1
+        return res
+
+
+def _bool(doc: dict, key: str, default: bool) -> bool:
+    value = doc.get(key, default)
+    if not isinstance(value, bool):
+        raise unprocessable(f"'{key}' must be true or false")
+    return value
+
+
+class OpenAIEmbeddings:
+    """POST /v1/embeddings, as the OpenAI API and its clients speak it."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+
+    def on_post(self, req, resp):
+        doc = self.ctx.read_json(req)
+        if "input" not in doc:
+            raise unprocessable("'input' is required")
+        texts, _ = self.ctx.texts(doc["input"], "input")
+        fmt = doc.get("encoding_format", "float")
+        if fmt not in ("float", "base64"):
+            raise unprocessable("'encoding_format' must be 'float' or 'base64'")
+        model = doc.get("model")
+        if model is not None and not isinstance(model, str):
+            raise unprocessable("'model' must be a string")
+        dims = doc.get("dimensions")
+        info = self.ctx.client.info()
+        if dims is not None:
+            if not isinstance(dims, int) or isinstance(dims, bool):
+                raise unprocessable("'dimensions' must be an integer")
+            if dims != info["dimension"]:
+                raise unprocessable(
+                    f"'dimensions'={dims} cannot be honoured: {info['model']} gives {info['dimension']} "
+                    "dimensions and is not trained for truncation")
+        res = self.ctx.embed(texts)
+        data = []
+        for i, vec in enumerate(res.vectors):
+            if fmt == "base64":
+                emb = base64.b64encode(vec.astype("<f4").tobytes()).decode("ascii")
+            else:
+                emb = vec.tolist()
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        n = res.total_tokens
+        resp.media = {"object": "list", "data": data, "model": info["model"],
+                      "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+
+class Embed:
+    """POST /embed: {"inputs": str | [str], "normalize": bool, "truncate": bool} -> [[float]]."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+
+    def on_post(self, req, resp):
+        doc = self.ctx.read_json(req)
+        if "inputs" not in doc:
+            raise unprocessable("'inputs' is required")
+        texts, _ = self.ctx.texts(doc["inputs"], "inputs")
+        normalize = _bool(doc, "normalize", True)
+        truncate = _bool(doc, "truncate", True)
+        res = self.ctx.embed(texts, truncate=truncate, normalize=normalize)
+        resp.media = res.vectors.tolist()
+
+
+class Health:
+    def on_get(self, req, resp):
+        resp.media = {"status": "ok"}
+
+
+class Ready:
+    """200 only when the sidecar is alive and its model loaded."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+
+    def on_get(self, req, resp):
+        try:
+            info = self.ctx.client.info()
+        except ShmEmbedError as exc:
+            raise unavailable(f"not ready: {exc}")
+        resp.media = {"status": "ready", "model": info["model"], "device": info["device"]}
+
+
+class Info:
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+
+    def on_get(self, req, resp):
+        info = self.ctx.client.info()
+        s = self.ctx.settings
+        resp.media = {
+            "model": info["model"], "dimension": info["dimension"], "max_tokens": info["max_seq_length"],
+            "device": info["device"], "version": __version__, "mode": getattr(self.ctx.client, "mode", "ipc"),
+            "limits": {"max_inputs": s.max_inputs, "max_input_chars": s.max_input_chars,
+                       "max_body_bytes": s.max_body_bytes},
+        }
+
+
+class EmbeddingHealth:
+    """Kept from the original system: sidecar connectivity."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+
+    def on_get(self, req, resp):
+        mode = getattr(self.ctx.client, "mode", "ipc")
+        try:
+            snap = self.ctx.client.stats()
+        except ShmEmbedError as exc:
+            resp.status = falcon.HTTP_503
+            resp.media = {"status": "degraded", "embedding_server": "disconnected", "error": str(exc),
+                          "ipc_enabled": self.ctx.settings.use_ipc, "mode": mode}
+            return
+        resp.media = {"status": "ok", "embedding_server": "connected",
+                      "active_operations": snap.busy_slots + snap.queue_depth,
+                      "ipc_enabled": self.ctx.settings.use_ipc, "mode": mode,
+                      "sidecar_pid": snap.sidecar_pid, "epoch": snap.epoch}
+
+
+class EmbeddingStats:
+    """Kept from the original system, now the sidecar's own counters (the same from every worker)."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+
+    def on_get(self, req, resp):
+        try:
+            snap = self.ctx.client.stats()
+        except ShmEmbedError as exc:
+            raise unavailable(f"sidecar stats unavailable: {exc}")
+        d = snap.as_dict()
+        c = snap.counters
+        d.update({
+            "status": "ok",
+            "ipc_mode": getattr(self.ctx.client, "mode", "ipc") == "ipc",
+            "mode": getattr(self.ctx.client, "mode", "ipc"),
+            "server_address": f"shm:/{snap.namespace}",
+            "active_operations": snap.busy_slots + snap.queue_depth,
+            "total_requests": c["requests"] + sum(snap.errors.values()),
+            "successful_requests": c["requests"],
+            "failed_requests": sum(snap.errors.values()),
+            "uptime": snap.uptime_s,
+            "worker": dict(self.ctx.counts),
+        })
+        resp.media = d
+
+
+class Metrics:
+    def __init__(self, ctx: Context):
+        self.registry = make_registry(ctx.client.stats, __version__)
+
+    def on_get(self, req, resp):
+        resp.data = render(self.registry)
+        resp.content_type = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class AuthMiddleware:
+    """Bearer-token check when SHM_EMBED_API_KEY is set."""
+
+    def __init__(self, api_key: str):
+        self.key = api_key.encode()
+
+    def process_request(self, req, resp):
+        if not self.key or req.path in OPEN_PATHS:
+            return
+        header = req.get_header("Authorization") or ""
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.key):
+            raise errors.APIError(falcon.HTTP_401, "authentication_error", "missing or wrong API key",
+                                  headers={"WWW-Authenticate": "Bearer"})
+
+
+def create_app(client, settings: Settings) -> falcon.App:
+    """The WSGI app for ``client`` (an EmbeddingClient or anything with its
+    embed_detailed/info/stats methods)."""
+    ctx = Context(client, settings)
+    app = falcon.App(middleware=[AuthMiddleware(settings.api_key)])
+    app.req_options.strip_url_path_trailing_slash = True
+    errors.install(app)
+    app.add_route("/v1/embeddings", OpenAIEmbeddings(ctx))
+    app.add_route("/embed", Embed(ctx))
+    app.add_route("/health", Health())
+    app.add_route("/ready", Ready(ctx))
+    app.add_route("/info", Info(ctx))
+    app.add_route("/embedding/health", EmbeddingHealth(ctx))
+    app.add_route("/embedding/stats", EmbeddingStats(ctx))
+    app.add_route("/metrics", Metrics(ctx))
+    wrapped = RequestIdMiddleware(app)
+    wrapped.ctx = ctx
+    return wrapped
+
+
+class RequestIdMiddleware:
+    """WSGI wrapper: an X-Request-ID in and out, bound to every log line of
+    the request, and one access-log line per request."""
+
+    def __init__(self, app: falcon.App):
+        self.app = app
+        self.ctx: Context | None = None
+
+    def __call__(self, environ, start_response):
+        rid = environ.get("HTTP_X_REQUEST_ID", "")
+        if not rid or len(rid) > 128 or not rid.isprintable():
+            rid = uuid.uuid4().hex
+        status_box = []
+
+        def start(status, headers, exc_info=None):
+            status_box.append(status)
+            headers.append(("X-Request-ID", rid))
+            return start_response(status, headers, exc_info)
+
+        t0 = time.perf_counter()
+        with logger.contextualize(request_id=rid):
+            result = self.app(environ, start)
+            logger.info("{} {} {} {:.1f}ms", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"),
+                        status_box[0].split()[0] if status_box else "-", (time.perf_counter() - t0) * 1e3)
+        return result
+
+
+__all__ = ["create_app"]

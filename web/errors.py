@@ -1,0 +1,90 @@
+"""Errors of the HTTP layer and the mapping of client errors to HTTP.
+
+Every error answers ``{"error": {"type": ..., "message": ...}}``; the mapping
+from shm_protocol's typed errors lives here alone.
+"""
+
+from __future__ import annotations
+
+import falcon
+from loguru import logger
+
+from shm_protocol.errors import (
+    ConfigError,
+    InvalidInput,
+    ModelFailed,
+    NoRingAvailable,
+    RequestTooLarge,
+    RingFull,
+    ShmEmbedError,
+    SidecarUnavailable,
+    SlotRejected,
+)
+
+
+class APIError(falcon.HTTPError):
+    """An HTTP error with a machine-readable type."""
+
+    def __init__(self, status, error_type: str, message: str, *, headers: dict | None = None):
+        super().__init__(status, title=error_type, description=message, headers=headers)
+        self.error_type = error_type
+
+    def to_dict(self, obj_type=dict):
+        return {"error": {"type": self.error_type, "message": self.description}}
+
+
+def bad_request(message: str) -> APIError:
+    return APIError(falcon.HTTP_400, "invalid_request_error", message)
+
+
+def unprocessable(message: str) -> APIError:
+    return APIError(falcon.HTTP_422, "invalid_request_error", message)
+
+
+def too_large(message: str) -> APIError:
+    return APIError(falcon.HTTP_413, "request_too_large", message)
+
+
+def unavailable(message: str, retry_after: int = 1) -> APIError:
+    return APIError(falcon.HTTP_503, "service_unavailable", message, headers={"Retry-After": str(retry_after)})
+
+
+def _serialize(req, resp, exc: falcon.HTTPError) -> None:
+    """Every HTTPError, ours or Falcon's own (404, 405...), in one JSON shape."""
+    if isinstance(exc, APIError):
+        body = exc.to_dict()
+    else:
+        kind = exc.title.lower().replace(" ", "_") if exc.title else "error"
+        body = {"error": {"type": kind, "message": exc.description or exc.title or str(exc.status)}}
+    resp.media = body
+    resp.content_type = falcon.MEDIA_JSON
+
+
+def _handle_shm_error(req, resp, exc: ShmEmbedError, params) -> None:
+    if isinstance(exc, RingFull):
+        raise APIError(falcon.HTTP_429, "rate_limited", str(exc),
+                       headers={"Retry-After": str(max(1, round(exc.retry_after_s)))})
+    if isinstance(exc, (SidecarUnavailable, NoRingAvailable)):
+        raise unavailable(f"embedding sidecar unavailable: {exc}")
+    if isinstance(exc, RequestTooLarge):
+        raise too_large(str(exc))
+    if isinstance(exc, InvalidInput):
+        raise unprocessable(str(exc))
+    if isinstance(exc, (ModelFailed, SlotRejected, ConfigError)):
+        logger.error("embedding failed: {}", exc)
+        raise APIError(falcon.HTTP_500, "internal_error", f"embedding failed: {exc}")
+    logger.exception("unexpected shm-embed error")
+    raise APIError(falcon.HTTP_500, "internal_error", str(exc))
+
+
+def _handle_unexpected(req, resp, exc: Exception, params) -> None:
+    if isinstance(exc, falcon.HTTPError):
+        raise exc
+    logger.exception("unhandled error on {} {}", req.method, req.path)
+    raise APIError(falcon.HTTP_500, "internal_error", "internal error (see the server log)")
+
+
+def install(app: falcon.App) -> None:
+    app.set_error_serializer(_serialize)
+    app.add_error_handler(Exception, _handle_unexpected)
+    app.add_error_handler(ShmEmbedError, _handle_shm_error)

@@ -1,0 +1,94 @@
+"""Prometheus exposition of the whole host, read from the control segment.
+
+Every worker renders the same numbers from shared memory, so no multiprocess
+directory is needed and any worker can answer a scrape.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from shm_protocol.layout import BATCH_TEXTS_BUCKETS, LATENCY_BUCKETS_S
+
+PREFIX = "shm_embed"
+
+
+def _buckets(bounds, counts) -> list[tuple[str, float]]:
+    out, acc = [], 0
+    for b, c in zip(bounds, counts):
+        acc += c
+        out.append((repr(float(b)), acc))
+    acc += counts[len(bounds)]
+    out.append(("+Inf", acc))
+    return out
+
+
+class SidecarCollector:
+    """Turns one stats snapshot into metric families at scrape time."""
+
+    def __init__(self, snapshot_fn, version: str):
+        self._snapshot = snapshot_fn
+        self._version = version
+
+    def collect(self):
+        up = GaugeMetricFamily(f"{PREFIX}_sidecar_up", "1 when the sidecar is alive and serving.")
+        snap = None
+        try:
+            snap = self._snapshot()
+        except Exception:
+            snap = None
+        serving = snap is not None and snap.sidecar_alive and snap.state == "ready"
+        up.add_metric([], 1.0 if serving else 0.0)
+        yield up
+        if snap is None:
+            return
+        info = GaugeMetricFamily(f"{PREFIX}_info", "Model served by the sidecar.",
+                                 labels=["model", "device", "version", "epoch"])
+        info.add_metric([snap.model, snap.device, self._version, snap.epoch], 1.0)
+        yield info
+        c = snap.counters
+        for name, key, doc in (
+            ("requests", "requests", "Slots (requests or request parts) answered by the sidecar."),
+            ("texts", "texts", "Texts embedded."),
+            ("tokens", "tokens", "Tokens embedded (after truncation, without padding)."),
+            ("padded_tokens", "padded_tokens", "Tokens the model ran, padding included."),
+            ("batches", "batches", "Model calls."),
+            ("rings_reaped", "rings_reaped", "Rings of dead workers reclaimed."),
+        ):
+            m = CounterMetricFamily(f"{PREFIX}_{name}", doc)
+            m.add_metric([], c[key])
+            yield m
+        errs = CounterMetricFamily(f"{PREFIX}_errors", "Slots failed by the sidecar, by kind.", labels=["kind"])
+        for kind, n in snap.errors.items():
+            errs.add_metric([kind], n)
+        yield errs
+        for name, value, doc in (
+            ("queue_depth", snap.queue_depth, "Slots ready and waiting at the sidecar's last scan."),
+            ("busy_slots", snap.busy_slots, "Slots in the batch being computed."),
+            ("uptime_seconds", snap.uptime_s, "Seconds since the sidecar started."),
+            ("heartbeat_age_seconds", snap.heartbeat_age_s, "Age of the sidecar's heartbeat."),
+            ("rings_leased", sum(1 for r in snap.rings if r["owner_pid"] > 0), "Rings leased to workers."),
+        ):
+            g = GaugeMetricFamily(f"{PREFIX}_{name}", doc)
+            g.add_metric([], value)
+            yield g
+        yield HistogramMetricFamily(
+            f"{PREFIX}_batch_size", "Texts per model call.",
+            buckets=_buckets(BATCH_TEXTS_BUCKETS, snap.batch_texts_hist), sum_value=c["texts"])
+        yield HistogramMetricFamily(
+            f"{PREFIX}_queue_duration_seconds", "Time a slot waited before its batch started.",
+            buckets=_buckets(LATENCY_BUCKETS_S, snap.queue_hist), sum_value=snap.queue_ns_sum / 1e9)
+        yield HistogramMetricFamily(
+            f"{PREFIX}_compute_duration_seconds", "Time of one model call.",
+            buckets=_buckets(LATENCY_BUCKETS_S, snap.compute_hist), sum_value=snap.compute_ns_sum / 1e9)
+
+
+def make_registry(snapshot_fn, version: str) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SidecarCollector(snapshot_fn, version))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
