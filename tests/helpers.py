@@ -126,3 +126,52 @@ def stop_and_check(sc: SidecarProc) -> None:
         unlink_namespace(sc.names)
     assert left == [], f"objects left in /dev/shm after the sidecar stopped: {left}"
     assert code in (0, -signal.SIGKILL), f"sidecar exit code {code}\n{sc.log_text()[-3000:]}"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class WebProc:
+    proc: subprocess.Popen
+    base: str
+    log: Path
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def start_web(tmp_path: Path, env: dict, workers: int = 2, **extra) -> WebProc:
+    """Gunicorn with the project's gunicorn.conf.py on a free loopback port."""
+    import urllib.request
+
+    port = free_port()
+    env = dict(env, SHM_EMBED_BIND=f"127.0.0.1:{port}", WEB_CONCURRENCY=str(workers))
+    env.update({k: str(v) for k, v in extra.items()})
+    log = tmp_path / f"web-{port}.log"
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(REPO / "gunicorn.conf.py")],
+                            env=env, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return WebProc(proc, base, log)
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"gunicorn did not answer:\n{log.read_text(errors='replace')}")
