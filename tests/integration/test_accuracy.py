@@ -54,3 +54,33 @@ def test_batch_of_1000_mixed_lengths_matches(real_sidecar, real_model):
     assert got.shape == (1000, 384)
     assert cos.min() >= 0.99999, float(cos.min())
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-4)  # the model's own Normalize module
+
+
+def test_official_openai_client_gets_the_same_vectors(real_sidecar, real_model, tmp_path):
+    """The openai package, pointed at the service with base_url, both encodings."""
+    from openai import OpenAI
+
+    from tests.helpers import start_web
+
+    w = start_web(tmp_path, real_sidecar.env, workers=2)
+    try:
+        client = OpenAI(base_url=w.base + "/v1", api_key="unused", max_retries=0)
+        texts = VARIED[:6] + mixed_batch(20)
+        ref = real_model.encode(texts)
+        import base64
+
+        # None: the client's default, which asks for base64 and decodes it itself.
+        for fmt in (None, "float", "base64"):
+            kw = {} if fmt is None else {"encoding_format": fmt}
+            resp = client.embeddings.create(model="all-MiniLM-L6-v2", input=texts, **kw)
+            if fmt == "base64":  # asked for explicitly, the client hands the string over as is
+                got = np.array([np.frombuffer(base64.b64decode(d.embedding), "<f4") for d in resp.data])
+            else:
+                got = np.array([d.embedding for d in resp.data], dtype=np.float32)
+            assert got.shape == ref.shape
+            assert cosine_rows(got, ref).min() >= 0.99999, fmt
+            assert resp.usage.prompt_tokens > len(texts)
+        one = client.embeddings.create(model="all-MiniLM-L6-v2", input="just one")
+        assert cosine_rows([one.data[0].embedding], real_model.encode(["just one"]))[0] >= 0.99999
+    finally:
+        w.stop()
