@@ -81,6 +81,15 @@ class _Work:
         self.texts = self.remaining
 
 
+def _watchdog_seconds() -> float:
+    """systemd's watchdog interval for this process, or 0 when none is set."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or (pid and pid != str(os.getpid())):
+        return 0.0
+    return int(usec) / 1e6
+
+
 class Sidecar:
     """Creates the namespace, serves it until stopped, then removes it."""
 
@@ -95,6 +104,7 @@ class Sidecar:
         # spin-polling by.
         self._call_ns: dict[int, float] = {}
         self._last_batch_slots = 0
+        self._tick = time.monotonic()  # last sign of life of the batching loop
         self.region: Region | None = None
         self.epoch = 0
 
@@ -218,11 +228,18 @@ class Sidecar:
             logger.info("stopped; namespace {} removed", self.names.namespace)
 
     def _heartbeat_loop(self) -> None:
+        """Publish the heartbeat; feed systemd's watchdog only while the
+        batching loop makes progress (a wedged loop then gets restarted)."""
         header = self.region.header
         interval = self.settings.heartbeat_s
+        wd_s = _watchdog_seconds()
+        next_wd = 0.0
         while not self._stop.wait(interval):
             header["heartbeat_ns"] = time.monotonic_ns()
-            self.notify("WATCHDOG=1")
+            now = time.monotonic()
+            if wd_s and now >= next_wd and now - self._tick < wd_s / 2:
+                self.notify("WATCHDOG=1")
+                next_wd = now + wd_s / 4
 
     # -- the loop ---------------------------------------------------------------------
     def _loop(self) -> None:
@@ -232,6 +249,7 @@ class Sidecar:
         idle = True
         last_work_ns = 0
         while not self._stop.is_set():
+            self._tick = time.monotonic()
             if idle and not self._spin_for_bell(last_work_ns + spin_ns):
                 try:
                     self.bell.acquire(interval)
@@ -343,6 +361,7 @@ class Sidecar:
             chunk = items[start:end]
             seqs = [works[wi].ids[works[wi].offsets[i]: works[wi].offsets[i + 1]] for _, wi, i in chunk]
             c0 = time.monotonic_ns()
+            self._tick = c0 / 1e9
             try:
                 vecs = self.embedder.embed(seqs)
             except Exception as exc:  # a model failure fails these slots, not the sidecar
