@@ -446,7 +446,7 @@ class EmbeddingClient:
             try:
                 sem.acquire(timeout)
             except posix_ipc.BusyError:
-                reason = sess.region.unavailable_reason(settings.stale_after_s, thorough=timeout == poll)
+                reason = sess.region.unavailable_reason(settings.stale_after_s, thorough=True)
                 if reason is not None:
                     sess.quarantine(s)
                     raise SidecarUnavailable(f"while waiting for a result: {reason}", reason=reason) from None
