@@ -65,9 +65,17 @@ class _Tokenizer:
         self._tok.enable_truncation(max_length=max_seq_length)
 
     def encode(self, texts: Sequence[str]):
-        if len(texts) == 1:
-            return [self._tok.encode(texts[0])]
-        return self._tok.encode_batch(texts)
+        try:
+            if len(texts) == 1:
+                return [self._tok.encode(texts[0])]
+            return self._tok.encode_batch(texts)
+        except (TypeError, ValueError) as exc:
+            for i, t in enumerate(texts):  # name the culprit (a lone surrogate, typically)
+                try:
+                    t.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise InvalidInput(f"texts[{i}] is not valid Unicode (it has a lone surrogate)") from None
+            raise InvalidInput(f"the tokenizer refused the input: {exc}") from exc
 
 
 class _Session:

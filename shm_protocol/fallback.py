@@ -13,7 +13,7 @@ import time
 import numpy as np
 from loguru import logger
 
-from .client import EmbeddingClient, EmbedResult, _check_texts
+from .client import EmbeddingClient, EmbedResult, _check_texts, _Tokenizer
 from .config import Settings
 from .errors import NoRingAvailable, RequestTooLarge, SidecarUnavailable
 
@@ -34,11 +34,7 @@ class LocalEmbedder:
         path = resolve_model_path(settings)
         self.model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
         self.name = _model_name(path)
-        from tokenizers import Tokenizer
-
-        self.tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-        self.tok.no_padding()
-        self.tok.enable_truncation(max_length=int(self.model.max_seq_length))
+        self.tok = _Tokenizer(str(path / "tokenizer.json"), int(self.model.max_seq_length))
         self.lock = threading.Lock()
         logger.info("local model {} loaded in the worker", self.name)
 
@@ -48,7 +44,7 @@ class LocalEmbedder:
 
     def embed_detailed(self, texts, *, truncate: bool = True, normalize: bool = False) -> EmbedResult:
         texts = _check_texts(texts)
-        encs = self.tok.encode_batch(texts) if texts else []
+        encs = self.tok.encode(texts) if texts else []
         limit = int(self.model.max_seq_length)
         if not truncate:
             for i, e in enumerate(encs):
