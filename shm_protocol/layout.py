@@ -77,7 +77,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import LayoutMismatch
+from .errors import LayoutMismatch, SidecarUnavailable
 
 MAGIC = b"SHMEMBED"
 PROTOCOL_VERSION = 1
@@ -258,6 +258,9 @@ def check_prefix(buf, name: str) -> None:
     if len(buf) < HEADER_DTYPE.itemsize:
         raise LayoutMismatch(f"{name}: segment is {len(buf)} bytes, smaller than a header")
     prefix = np.frombuffer(buf, dtype=PREFIX_DTYPE, count=1)[0]
+    if bytes(prefix["magic"]).strip(b"\0") == b"":
+        # Created but not yet written: a sidecar is starting right now.
+        raise SidecarUnavailable(f"{name}: the sidecar is still creating its segments", reason="starting")
     if bytes(prefix["magic"]) != MAGIC:
         raise LayoutMismatch(f"{name}: bad magic {bytes(prefix['magic'])!r}, not an shm-embed segment")
     if int(prefix["version"]) != PROTOCOL_VERSION:

@@ -12,6 +12,7 @@ from loguru import logger
 from shm_protocol.errors import (
     ConfigError,
     InvalidInput,
+    LayoutMismatch,
     ModelFailed,
     NoRingAvailable,
     RequestTooLarge,
@@ -66,6 +67,9 @@ def _handle_shm_error(req, resp, exc: ShmEmbedError, params) -> None:
                        headers={"Retry-After": str(max(1, round(exc.retry_after_s)))})
     if isinstance(exc, (SidecarUnavailable, NoRingAvailable)):
         raise unavailable(f"embedding sidecar unavailable: {exc}")
+    if isinstance(exc, LayoutMismatch):
+        logger.error("sidecar and workers speak different layouts: {}", exc)
+        raise unavailable(f"embedding sidecar unavailable: {exc}", retry_after=5)
     if isinstance(exc, RequestTooLarge):
         raise too_large(str(exc))
     if isinstance(exc, InvalidInput):
