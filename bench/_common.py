@@ -21,9 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from shm_protocol.config import Settings  # noqa: E402
-from shm_protocol.errors import ShmEmbedError  # noqa: E402
-from shm_protocol.layout import SidecarState  # noqa: E402
-from shm_protocol.region import Region  # noqa: E402
+from shm_protocol.region import wait_until_ready  # noqa: E402
 from shm_protocol.segments import Names, unlink_namespace  # noqa: E402
 
 WORDS = ("how what where why best cheap fast python rust shared memory ring buffer embedding model search "
@@ -67,21 +65,8 @@ def running_sidecar(model: str | None = None, **env_extra):
     proc = subprocess.Popen([sys.executable, "-m", "sidecar"], env=env, cwd=REPO)
     names = Names(ns)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"sidecar exited with {proc.returncode}")
-            try:
-                r = Region.attach(names, readonly=True, with_data=False)
-                ok = r.state == SidecarState.READY and r.sidecar_pid == proc.pid
-                r.close()
-                if ok:
-                    break
-            except ShmEmbedError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("sidecar did not start")
-            time.sleep(0.1)
+        if not wait_until_ready(names, proc.pid, 180, alive=lambda: proc.poll() is None):
+            raise RuntimeError(f"sidecar did not start (exit code {proc.poll()})")
         settings = Settings.from_env(env)
         yield settings, proc
     finally:
@@ -101,3 +86,17 @@ def table(rows: list[list], header: list[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def child_pids(parent: int) -> list[int]:
+    """Pids of the direct children of ``parent`` (from /proc)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+                if int(stat[stat.rindex(")") + 2:].split()[1]) == parent:
+                    out.append(int(d))
+            except (OSError, ValueError):
+                pass
+    return out

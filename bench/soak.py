@@ -27,13 +27,11 @@ import urllib.request
 
 import numpy as np
 
-from _common import REPO, passages, short_queries
+from _common import REPO, child_pids, passages, short_queries
 
 sys.path.insert(0, str(REPO))
 
-from shm_protocol.layout import SidecarState  # noqa: E402
-from shm_protocol.region import Region  # noqa: E402
-from shm_protocol.errors import ShmEmbedError  # noqa: E402
+from shm_protocol.region import wait_until_ready  # noqa: E402
 from shm_protocol.segments import Names, unlink_namespace  # noqa: E402
 
 HUNG_AFTER_S = 30.0
@@ -54,18 +52,7 @@ class Chaos:
     def start_sidecar(self) -> None:
         proc = subprocess.Popen([sys.executable, "-m", "sidecar"], env=self.env, cwd=REPO,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                r = Region.attach(self.names, readonly=True, with_data=False)
-                ok = r.state == SidecarState.READY and r.sidecar_pid == proc.pid
-                r.close()
-                if ok:
-                    break
-            except ShmEmbedError:
-                pass
-            time.sleep(0.02)
-        else:
+        if not wait_until_ready(self.names, proc.pid, 180, alive=lambda: proc.poll() is None):
             raise TimeoutError("sidecar did not start")
         with self.lock:
             self.proc = proc
@@ -94,19 +81,6 @@ class Chaos:
             if self.up_since is None and t1 >= getattr(self, "_down_at", 0):
                 return False
         return True
-
-
-def worker_pids(master: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = open(f"/proc/{d}/stat").read()
-                if int(stat[stat.rindex(")") + 2:].split()[1]) == master:
-                    out.append(int(d))
-            except (OSError, ValueError):
-                pass
-    return out
 
 
 def run_soak(seconds: float, model: str | None, clients: int = 6, workers: int = 3, seed: int = 0,
@@ -153,18 +127,24 @@ def run_soak(seconds: float, model: str | None, clients: int = 6, workers: int =
             req = urllib.request.Request(base + "/embed", data=body, headers={"content-type": "application/json"})
             t0 = time.monotonic()
             outcome = None
-            try:
-                with urllib.request.urlopen(req, timeout=HUNG_AFTER_S) as resp:
-                    got = np.asarray(json.loads(resp.read()), dtype=np.float32)
-                want = ref[idx]
-                cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1) + 1e-12)
-                outcome = "correct" if got.shape == want.shape and cos.min() >= 0.9999 else "wrong"
-            except urllib.error.HTTPError as exc:
-                outcome = f"http_{exc.code}"
-            except TimeoutError:
-                outcome = "hung"
-            except (OSError, ValueError) as exc:
-                outcome = "hung" if "timed out" in str(exc) else "connection_error"
+            for attempt in (1, 2):  # embedding is idempotent: one retry on a reset connection
+                try:
+                    with urllib.request.urlopen(req, timeout=HUNG_AFTER_S) as resp:
+                        got = np.asarray(json.loads(resp.read()), dtype=np.float32)
+                    want = ref[idx]
+                    cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1)
+                                                 + 1e-12)
+                    outcome = "correct" if got.shape == want.shape and cos.min() >= 0.9999 else "wrong"
+                except urllib.error.HTTPError as exc:
+                    outcome = f"http_{exc.code}"
+                except TimeoutError:
+                    outcome = "hung"
+                except (OSError, ValueError) as exc:
+                    outcome = "hung" if "timed out" in str(exc) else "connection_error"
+                if outcome != "connection_error":
+                    break
+                with lock:
+                    stats["retried_after_reset"] += 1
             t1 = time.monotonic()
             with lock:
                 stats["sent"] += 1
@@ -172,6 +152,8 @@ def run_soak(seconds: float, model: str | None, clients: int = 6, workers: int =
                 if chaos.was_up(t0, t1):
                     stats["sent_while_up"] += 1
                     stats["correct_while_up"] += outcome == "correct"
+            if outcome in ("http_503", "http_429"):
+                time.sleep(0.1)  # a polite client backs off (Retry-After says 1 s; tests want speed)
 
     threads = [threading.Thread(target=client, args=(seed * 100 + i,)) for i in range(clients)]
     for t in threads:
@@ -188,7 +170,7 @@ def run_soak(seconds: float, model: str | None, clients: int = 6, workers: int =
             chaos.start_sidecar()
             chaos.restarted()
         else:
-            pids = worker_pids(web.pid)
+            pids = child_pids(web.pid)
             if pids:
                 os.kill(rng.choice(pids), signal.SIGKILL)
                 chaos.events["worker_kills"] += 1
@@ -210,7 +192,8 @@ def run_soak(seconds: float, model: str | None, clients: int = 6, workers: int =
     if not quiet:
         print(f"\nsoak, {seconds:.0f}s, {clients} clients, {workers} workers, model "
               f"{os.path.basename(model) if model else 'all-MiniLM-L6-v2'}")
-        for k in ("sent", "correct", "wrong", "hung", "connection_error", "sidecar_kills", "worker_kills",
+        for k in ("sent", "correct", "wrong", "hung", "connection_error", "retried_after_reset",
+                  "sidecar_kills", "worker_kills",
                   "sent_while_up", "correct_while_up", "leaked_objects"):
             print(f"  {k:18} {result.get(k, 0)}")
         for k in sorted(x for x in result if x.startswith("http_")):

@@ -22,24 +22,27 @@ def _texts(kind: str, n: int, seed: int) -> list[str]:
     return short_queries(n, seed) if kind == "queries" else passages(n, seed)
 
 
+def _closed_loop(embed, kind, seed, start_at, seconds, q) -> None:
+    """One requester: one text at a time, from start_at for seconds."""
+    texts = _texts(kind, 2000, seed)
+    embed(texts[:2])
+    while time.time() < start_at:
+        time.sleep(0.001)
+    n, stop, lat = 0, start_at + seconds, []
+    while time.time() < stop:
+        t0 = time.perf_counter()
+        embed([texts[n % len(texts)]])
+        lat.append(time.perf_counter() - t0)
+        n += 1
+    q.put((n, lat))
+
+
 def shm_requester(settings, kind, seed, start_at, seconds, q):
     from shm_protocol import EmbeddingClient
 
-    texts = _texts(kind, 2000, seed)
     client = EmbeddingClient.connect(settings)
-    client.embed(texts[:2])
-    while time.time() < start_at:
-        time.sleep(0.001)
-    n, i, stop = 0, 0, start_at + seconds
-    lat = []
-    while time.time() < stop:
-        t0 = time.perf_counter()
-        client.embed([texts[i % len(texts)]])
-        lat.append(time.perf_counter() - t0)
-        n += 1
-        i += 1
+    _closed_loop(client.embed, kind, seed, start_at, seconds, q)
     client.close()
-    q.put((n, lat))
 
 
 def local_requester(model_path, kind, seed, start_at, seconds, q):
@@ -48,19 +51,7 @@ def local_requester(model_path, kind, seed, start_at, seconds, q):
 
     torch.set_num_threads(1)
     model = SentenceTransformer(model_path, device="cpu")
-    texts = _texts(kind, 2000, seed)
-    model.encode(texts[:2])
-    while time.time() < start_at:
-        time.sleep(0.001)
-    n, i, stop = 0, 0, start_at + seconds
-    lat = []
-    while time.time() < stop:
-        t0 = time.perf_counter()
-        model.encode([texts[i % len(texts)]])
-        lat.append(time.perf_counter() - t0)
-        n += 1
-        i += 1
-    q.put((n, lat))
+    _closed_loop(model.encode, kind, seed, start_at, seconds, q)
 
 
 def run_procs(target, first_arg, kind, procs, seconds) -> tuple[float, list[float]]:

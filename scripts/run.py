@@ -14,25 +14,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from shm_protocol.config import Settings  # noqa: E402
-from shm_protocol.errors import ShmEmbedError  # noqa: E402
-from shm_protocol.layout import SidecarState  # noqa: E402
-from shm_protocol.region import Region  # noqa: E402
+from shm_protocol.region import wait_until_ready  # noqa: E402
 from shm_protocol.segments import Names  # noqa: E402
-
-
-def wait_ready(names: Names, proc: subprocess.Popen, timeout: float = 300) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            r = Region.attach(names, readonly=True, with_data=False)
-            ok = r.state == SidecarState.READY and r.sidecar_pid == proc.pid
-            r.close()
-            if ok:
-                return True
-        except ShmEmbedError:
-            pass
-        time.sleep(0.1)
-    return False
 
 
 def main() -> int:
@@ -48,7 +31,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_signal)
     print(f"shm-embed: starting the sidecar (namespace {settings.namespace})", flush=True)
     sidecar = subprocess.Popen([sys.executable, "-m", "sidecar"], env=env, cwd=REPO, start_new_session=True)
-    if not wait_ready(Names(settings.namespace), sidecar):
+    if not wait_until_ready(Names(settings.namespace), sidecar.pid, 300, alive=lambda: sidecar.poll() is None):
         print("shm-embed: the sidecar did not become ready", file=sys.stderr)
         sidecar.terminate()
         return sidecar.wait() or 1

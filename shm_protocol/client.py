@@ -46,6 +46,7 @@ class EmbedResult:
     queue_ns: int  # longest time a part of the request waited in the sidecar's queue
     compute_ns: int  # sidecar time of the batches that served it (max over parts)
     slots_used: int
+    tokenize_ns: int = 0  # time this process spent tokenizing
 
     @property
     def total_tokens(self) -> int:
@@ -345,7 +346,9 @@ class EmbeddingClient:
         p = sess.params
         if not texts:
             return EmbedResult(np.empty((0, p.dim), np.float32), np.empty(0, np.int64), 0, 0, 0)
+        t_tok = time.perf_counter_ns()
         encs = self._tokenizer.encode(texts)
+        tokenize_ns = time.perf_counter_ns() - t_tok
         if not truncate:
             for i, e in enumerate(encs):
                 if e.overflowing:
@@ -361,7 +364,7 @@ class EmbeddingClient:
         if normalize:
             norms = np.linalg.norm(out, axis=1, keepdims=True)
             np.divide(out, norms, out=out, where=norms > 0)
-        return EmbedResult(out, lengths, queue_ns, compute_ns, used)
+        return EmbedResult(out, lengths, queue_ns, compute_ns, used, tokenize_ns)
 
     def _chunks(self, lengths: np.ndarray, p) -> list[tuple[int, int]]:
         """Split texts into runs that fit one slot (texts and tokens)."""

@@ -183,3 +183,24 @@ def release_rings_of(names: Names, pid: int) -> int:
         return count
     finally:
         region.close()
+
+
+def wait_until_ready(names: Names, pid: int | None = None, timeout: float = 180.0,
+                     alive=lambda: True) -> bool:
+    """Wait until the namespace's sidecar (``pid``, when given) is READY.
+    ``alive()`` returning False (the process exited) stops the wait early."""
+    from .errors import ShmEmbedError
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        try:
+            region = Region.attach(names, readonly=True, with_data=False)
+        except ShmEmbedError:
+            time.sleep(0.02)
+            continue
+        ready = region.state == SidecarState.READY and (pid is None or region.sidecar_pid == pid)
+        region.close()
+        if ready:
+            return True
+        time.sleep(0.02)
+    return False

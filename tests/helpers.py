@@ -16,13 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))  # the benchmarks' helpers (soak, child_pids)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from shm_protocol.config import Settings  # noqa: E402
-from shm_protocol.errors import ShmEmbedError  # noqa: E402
-from shm_protocol.layout import SidecarState  # noqa: E402
-from shm_protocol.region import Region  # noqa: E402
 from shm_protocol.segments import Names, unlink_namespace  # noqa: E402
 
 
@@ -69,21 +67,13 @@ def sidecar_env(namespace: str, model: str | None = None, **extra: str) -> dict:
 
 
 def wait_ready(names: Names, proc: subprocess.Popen | None = None, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    from shm_protocol.region import wait_until_ready
+
+    pid = proc.pid if proc is not None else None
+    if not wait_until_ready(names, pid, timeout, alive=lambda: proc is None or proc.poll() is None):
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"sidecar exited with {proc.returncode} before it was ready")
-        try:
-            region = Region.attach(names, readonly=True, with_data=False)
-        except ShmEmbedError:
-            time.sleep(0.05)
-            continue
-        ready = region.state == SidecarState.READY and (proc is None or region.sidecar_pid == proc.pid)
-        region.close()
-        if ready:
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"sidecar of {names.namespace} not ready after {timeout}s")
+        raise TimeoutError(f"sidecar of {names.namespace} not ready after {timeout}s")
 
 
 def start_sidecar(tmp_path: Path, model: str | None, namespace: str | None = None, **extra) -> SidecarProc:
