@@ -388,7 +388,7 @@ class EmbeddingClient:
                 if ci < len(chunks) and failure is None:
                     # Take a slot without waiting while we hold parts in flight;
                     # otherwise wait (bounded) for one.
-                    s = sess.take_slot(None if pending else self.settings.ring_wait_s)
+                    s = sess.take_slot(None) if pending else self._wait_for_slot(sess)
                     if s is not None:
                         a, b = chunks[ci]
                         ids = np.fromiter(
@@ -425,6 +425,19 @@ class EmbeddingClient:
         if failure is not None:
             raise failure
         return queue_ns, compute_ns, len(chunks)
+
+    def _wait_for_slot(self, sess: _Session) -> int | None:
+        """A free slot within the admission wait, or None (RingFull). Checks
+        the sidecar while waiting: slots held by a dead sidecar never free up,
+        and that is SidecarUnavailable, not RingFull."""
+        deadline = time.monotonic() + self.settings.ring_wait_s
+        while True:
+            s = sess.take_slot(min(0.05, max(0.0, deadline - time.monotonic())))
+            if s is not None:
+                return s
+            sess.region.check_available(self.settings.stale_after_s, thorough=True)
+            if time.monotonic() >= deadline:
+                return None
 
     def _wait(self, sess: _Session, s: int, seq: int, dest: np.ndarray) -> tuple[int, int]:
         """Wait for slot ``s`` to be answered, copy its vectors into ``dest``.
