@@ -82,7 +82,7 @@ class _Tokenizer:
 class _Session:
     """This process's lease on one ring of one sidecar epoch."""
 
-    def __init__(self, region: Region, ring: int, settings: Settings):
+    def __init__(self, region: Region, ring: int):
         self.region = region
         self.ring = ring
         self.pid = os.getpid()
@@ -227,28 +227,20 @@ class EmbeddingClient:
             sess = self._session
             if sess is not None and sess.pid == os.getpid() and sess.region.unavailable_reason(stale) is None:
                 return sess
-            if sess is not None and sess.pid == os.getpid():
-                # Our sidecar is gone or unhealthy; a new one may already serve.
-                self._session = None
-                self._drop(sess)
-            elif sess is not None:
-                # Forked child: the parent's lease and semaphores are the parent's.
-                self._session = None
+            # Our sidecar is gone or unhealthy (a new one may already serve), or
+            # this is a forked child (the parent's lease is the parent's). Other
+            # threads may still wait on the old session's semaphores: they notice
+            # the dead sidecar and fail; garbage collection closes it after them.
+            self._session = None
             self._session = self._attach()
             return self._session
-
-    @staticmethod
-    def _drop(sess: _Session) -> None:
-        # Other threads may still wait on this session's semaphores; they notice
-        # the dead sidecar and fail. Drop references and let GC close them.
-        pass
 
     def _attach(self) -> _Session:
         region = Region.attach(self.names)
         try:
             region.check_available(self.settings.stale_after_s, thorough=True)
             ring = self._claim_ring(region)
-            sess = _Session(region, ring, self.settings)
+            sess = _Session(region, ring)
         except BaseException:
             region.close()
             raise
