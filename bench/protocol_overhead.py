@@ -15,7 +15,7 @@ import multiprocessing as mp
 import os
 import time
 
-from _common import passages, pct, running_sidecar, short_queries, table  # noqa: F401
+from _common import pct, running_sidecar, short_queries, table
 
 AUTHKEY = b"embedding_secret"
 

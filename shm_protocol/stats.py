@@ -47,17 +47,14 @@ class Snapshot:
     rings: list = field(default_factory=list)
 
     def percentiles(self) -> dict:
-        def q(counts, bounds, p):
-            v = hist_quantile(counts, bounds, p)
-            return None if v is None else v
-
-        return {
-            "queue_seconds": {f"p{int(p * 100)}": q(self.queue_hist, LATENCY_BUCKETS_S, p) for p in (0.5, 0.9, 0.99)},
-            "compute_seconds": {f"p{int(p * 100)}": q(self.compute_hist, LATENCY_BUCKETS_S, p)
-                                for p in (0.5, 0.9, 0.99)},
-            "batch_texts": {f"p{int(p * 100)}": q(self.batch_texts_hist, BATCH_TEXTS_BUCKETS, p)
-                            for p in (0.5, 0.9, 0.99)},
+        """p50/p90/p99 of each histogram (bucket upper bounds; None when empty)."""
+        hists = {
+            "queue_seconds": (self.queue_hist, LATENCY_BUCKETS_S),
+            "compute_seconds": (self.compute_hist, LATENCY_BUCKETS_S),
+            "batch_texts": (self.batch_texts_hist, BATCH_TEXTS_BUCKETS),
         }
+        return {name: {f"p{int(p * 100)}": hist_quantile(counts, bounds, p) for p in (0.5, 0.9, 0.99)}
+                for name, (counts, bounds) in hists.items()}
 
     def as_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items()}

@@ -9,8 +9,6 @@ import random
 import threading
 import time
 
-import numpy as np
-
 from tests.helpers import cosine_rows
 
 DURATION_S = float(os.environ.get("SHM_EMBED_TEST_SOAK_S", "20"))

@@ -26,7 +26,7 @@ from shm_protocol.config import Settings
 from shm_protocol.layout import HEADER_DTYPE, SLOT_READY, SlotError
 from shm_protocol.region import Region
 from shm_protocol.segments import DEV_SHM, Names, Segment
-from tests.helpers import REPO, client_for, cosine_rows, new_namespace, sidecar_env, start_sidecar
+from tests.helpers import REPO, client_for, cosine_rows, new_namespace
 
 TEXTS = ["", "hello", "Ünïcödé straße 東京", "emoji 🎉🚀 party", "word " * 400,
          "The quick brown fox jumps over the lazy dog."]

@@ -5,16 +5,15 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from shm_protocol import EmbeddingClient, SidecarUnavailable
+from shm_protocol import SidecarUnavailable
 from shm_protocol.errors import ShmEmbedError
-from tests.helpers import REPO, client_for, cosine_rows
+from tests.helpers import client_for, cosine_rows
 
 
 def _hammer(client, stop, outcomes, texts):

@@ -34,7 +34,6 @@ bodies = st.one_of(
 
 @pytest.fixture(scope="module")
 def app_client(tiny_sidecar):
-    from shm_protocol.config import Settings
     from web.app import create_app
 
     settings = tiny_sidecar.settings.replace(max_inputs=16, max_input_chars=2000, max_body_bytes=20000)
