@@ -116,8 +116,49 @@ class Settings:
     max_body_bytes: int = _setting(
         "SHM_EMBED_MAX_BODY_BYTES", 16 * 1024 * 1024, "HTTP request body size at most (413 above).", minimum=1
     )
+    # --- collections and web search ---------------------------------------------
     data_dir: str = _setting(
-        "SHM_EMBED_DATA_DIR", "./.data", "Where vector collections are stored."
+        "SHM_EMBED_DATA_DIR", "./.data",
+        "Where vector collections are stored (one SQLite file; every worker of the host shares it).",
+    )
+    search_nprobe: int = _setting(
+        "SHM_EMBED_SEARCH_NPROBE", 32,
+        "Inverted lists an IVF collection scans per query: higher is more exact and slower.", minimum=1,
+    )
+    ivf_min_vectors: int = _setting(
+        "SHM_EMBED_IVF_MIN_VECTORS", 50_000,
+        "Passages at which an index 'auto' collection trains its IVF quantizer and stops searching exhaustively.",
+        minimum=1000,
+    )
+    search_url: str = _setting(
+        "SHM_EMBED_SEARCH_URL", "",
+        "A SearxNG-compatible JSON search endpoint (e.g. http://127.0.0.1:8888/search) for POST /search/web "
+        "without urls; empty: urls are required.",
+    )
+    fetch_allow: str = _setting(
+        "SHM_EMBED_FETCH_ALLOW", "",
+        "Comma-separated addresses or networks (127.0.0.1, 10.0.0.0/8) the page fetcher may reach although they "
+        "are not public; everything loopback, private, link-local or reserved is refused otherwise.",
+    )
+    fetch_timeout_s: float = _setting(
+        "SHM_EMBED_FETCH_TIMEOUT_S", 10.0, "Connect and read timeout of one page fetch.", minimum=0.1
+    )
+    fetch_total_s: float = _setting(
+        "SHM_EMBED_FETCH_TOTAL_S", 30.0, "Longest all the fetches of one web search take together.", minimum=0.1
+    )
+    fetch_max_bytes: int = _setting(
+        "SHM_EMBED_FETCH_MAX_BYTES", 2 * 1024 * 1024, "Bytes of one page read at most; the rest is cut off.",
+        minimum=1024,
+    )
+    fetch_max_redirects: int = _setting(
+        "SHM_EMBED_FETCH_MAX_REDIRECTS", 5, "Redirects one fetch follows at most (each hop is checked again).",
+        minimum=0,
+    )
+    fetch_concurrency: int = _setting(
+        "SHM_EMBED_FETCH_CONCURRENCY", 5, "Pages one web search fetches at once.", minimum=1
+    )
+    search_max_pages: int = _setting(
+        "SHM_EMBED_SEARCH_MAX_PAGES", 8, "Pages one web search fetches at most (urls given or found).", minimum=1
     )
     # --- logging -------------------------------------------------------------------
     log_level: str = _setting("SHM_EMBED_LOG_LEVEL", "INFO", "loguru level: DEBUG, INFO, WARNING, ERROR.")

@@ -80,3 +80,27 @@ class SlotRejected(ShmEmbedError):
 
 class ModelFailed(SlotRejected):
     """The model raised while embedding this batch (e.g. out of memory)."""
+
+
+class CollectionNotFound(ShmEmbedError, LookupError):
+    """No collection (or no document of a collection) has that name or id."""
+
+
+class CollectionConflict(ShmEmbedError):
+    """The collection exists with another model, dimension or options than asked."""
+
+
+class FetchRefused(ShmEmbedError):
+    """The page fetcher will not reach that address (not public, not allowed by configuration)."""
+
+
+class FetchFailed(ShmEmbedError):
+    """A page could not be fetched or read (the message says why)."""
+
+
+class SearchBackendFailed(ShmEmbedError):
+    """The configured search endpoint failed or answered something unreadable."""
+
+
+class StorageBusy(ShmEmbedError):
+    """The collection store stayed locked by other writers past its timeout."""

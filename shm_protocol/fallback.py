@@ -1,6 +1,9 @@
 """The original system's fallback, kept: embed with a local model in the
 worker when IPC is off (USE_IPC_EMBEDDING=false), or while the sidecar is
-unavailable (SHM_EMBED_FALLBACK=local).
+unavailable (SHM_EMBED_FALLBACK=local). Also the original module-level API:
+``get_embedding_client()``, ``get_embedding_model()``,
+``is_using_ipc_embedding()``, ``generate_embeddings()``,
+``get_active_operations_count()``.
 
 Only this module imports torch in a worker, and only when it must.
 """
@@ -13,7 +16,7 @@ import time
 import numpy as np
 from loguru import logger
 
-from .client import EmbeddingClient, EmbedResult, _check_texts, _Tokenizer
+from .client import EmbeddingClient, EmbedResult, SentenceTransformerAPI, _check_texts, _Tokenizer
 from .config import Settings
 from .errors import NoRingAvailable, RequestTooLarge, SidecarUnavailable
 
@@ -59,7 +62,7 @@ class LocalEmbedder:
         return EmbedResult(np.asarray(vecs, dtype=np.float32), lengths, 0, time.perf_counter_ns() - t0, 0)
 
 
-class FallbackClient:
+class FallbackClient(SentenceTransformerAPI):
     """EmbeddingClient's interface, served by the sidecar or a local model.
 
     ``mode`` says which served the last call: "ipc" or "local"."""
@@ -110,6 +113,10 @@ class FallbackClient:
     def info(self) -> dict:
         return self._call("info")
 
+    @property
+    def dimension(self) -> int:
+        return int(self.info()["dimension"])
+
     def stats(self):
         if self.ipc is None:
             raise SidecarUnavailable("IPC is off (USE_IPC_EMBEDDING=false)", reason="disabled")
@@ -118,3 +125,66 @@ class FallbackClient:
     def close(self) -> None:
         if self.ipc is not None:
             self.ipc.close()
+
+
+def make_client(settings: Settings):
+    """The embedding client the settings ask for: the sidecar's, or one that
+    falls back to a local model (USE_IPC_EMBEDDING=false or SHM_EMBED_FALLBACK=local)."""
+    if not settings.use_ipc or settings.fallback == "local":
+        return FallbackClient(settings)
+    return EmbeddingClient.connect(settings, lazy=True)
+
+
+_default: dict = {}
+_default_lock = threading.Lock()
+
+
+def get_embedding_client():
+    """This process's shared client, made from the environment on first use."""
+    with _default_lock:
+        client = _default.get("client")
+        if client is None:
+            client = _default["client"] = make_client(Settings.from_env())
+        return client
+
+
+def get_embedding_model():
+    """The original entry point: something with ``encode`` to embed with. The
+    sidecar's client when it answers; otherwise (as the original did when it
+    could not connect) a client that embeds with a local model until the
+    sidecar is back, instead of failing every later call."""
+    with _default_lock:
+        model = _default.get("model")
+        if model is not None:
+            return model
+        settings = Settings.from_env()
+        model = make_client(settings)
+        if isinstance(model, EmbeddingClient):
+            try:
+                model.info()
+            except (SidecarUnavailable, NoRingAvailable) as exc:
+                logger.warning("embedding sidecar unavailable ({}); using a local model meanwhile", exc)
+                model.close()
+                model = FallbackClient(settings.replace(fallback="local"))
+        _default["model"] = model
+        return model
+
+
+def is_using_ipc_embedding() -> bool:
+    """Whether the model of ``get_embedding_model()`` embeds through the sidecar now."""
+    model = get_embedding_model()
+    return isinstance(model, EmbeddingClient) or getattr(model, "mode", "local") == "ipc"
+
+
+def generate_embeddings(texts, batch_size: int = 32) -> np.ndarray:
+    """The original call: one float32 row per text, through the shared client."""
+    return get_embedding_model().generate_embeddings(texts, batch_size)
+
+
+def get_active_operations_count() -> int:
+    """Requests the sidecar holds right now, host-wide (slots submitted or being embedded)."""
+    client = get_embedding_client()
+    ipc = client.ipc if isinstance(client, FallbackClient) else client
+    if ipc is None:
+        return 0
+    return int(ipc.stats().busy_slots)

@@ -12,21 +12,10 @@ from loguru import logger
 
 from shm_protocol.config import Settings
 from shm_protocol.errors import ShmEmbedError
+from shm_protocol.fallback import make_client
 from shm_protocol.logs import configure_logging
 
 _state: dict = {}
-
-
-def make_client(settings: Settings):
-    """The embedding client of this worker, as the settings ask (IPC, or a
-    local model when USE_IPC_EMBEDDING=false or SHM_EMBED_FALLBACK=local)."""
-    from shm_protocol.client import EmbeddingClient
-
-    if not settings.use_ipc or settings.fallback == "local":
-        from shm_protocol.fallback import FallbackClient
-
-        return FallbackClient(settings)
-    return EmbeddingClient.connect(settings, lazy=True)
 
 
 def application():

@@ -1,0 +1,96 @@
+"""The FAISS side of a collection: passage vectors by passage id.
+
+Vectors are L2-normalised and searched by inner product, so a score is the
+cosine similarity (1 is identical, higher is closer). Two kinds:
+
+- ``flat``: exhaustive and exact (``IndexIDMap2(IndexFlatIP)``). A query costs
+  one pass over every vector: about a millisecond per 10k vectors here.
+- ``ivf``: ``IndexIVFFlat`` over a k-means quantizer of ``nlist`` centroids;
+  a query scans the ``nprobe`` lists closest to it, so a million passages
+  answer in milliseconds at a small loss of recall (``bench/search.py``
+  measures both). Vectors stay uncompressed, so scores are exact cosines.
+
+The centroids are trained once per collection and stored with it, so every
+worker builds the same index and answers the same results.
+"""
+
+from __future__ import annotations
+
+import math
+
+import faiss
+import numpy as np
+
+
+def nlist_for(n: int) -> int:
+    """Inverted lists for a collection trained at ``n`` vectors: about 4 sqrt(n)."""
+    return int(min(16384, max(16, 4 * math.sqrt(n))))
+
+
+def train_centroids(vectors: np.ndarray, nlist: int, *, seed: int = 1234, max_points: int = 64) -> np.ndarray:
+    """Spherical k-means centroids of (a sample of) ``vectors``; at most
+    ``max_points`` points per centroid are used, which is plenty for IVF."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, dim = vectors.shape
+    nlist = min(nlist, n)
+    take = min(n, nlist * max_points)
+    if take < n:
+        rng = np.random.default_rng(seed)
+        vectors = vectors[np.sort(rng.choice(n, take, replace=False))]
+    km = faiss.Kmeans(dim, nlist, niter=12, spherical=True, seed=seed, max_points_per_centroid=max_points)
+    km.train(vectors)
+    return np.ascontiguousarray(km.centroids, dtype=np.float32)
+
+
+class PassageIndex:
+    """A FAISS index of passage ids, ``flat`` or ``ivf`` (from given centroids)."""
+
+    def __init__(self, dim: int, centroids: np.ndarray | None = None, *, nprobe: int = 32):
+        self.dim = dim
+        self.nprobe = nprobe
+        if centroids is None:
+            self.kind = "flat"
+            self.nlist = 0
+            self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        else:
+            self.kind = "ivf"
+            centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+            self.nlist = int(centroids.shape[0])
+            self.quantizer = faiss.IndexFlatIP(dim)
+            self.quantizer.add(centroids)
+            self.index = faiss.IndexIVFFlat(self.quantizer, dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
+            self.index.is_trained = True
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if len(ids):
+            self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
+                                    np.ascontiguousarray(ids, dtype=np.int64))
+
+    def remove(self, ids: np.ndarray) -> None:
+        if len(ids):
+            self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
+
+    def search(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and ids of the ``k`` passages nearest to one query, best
+        first; ``allowed`` restricts the search to those ids. No ``-1`` id
+        (FAISS's filler when fewer than ``k`` exist) ever comes back."""
+        if self.ntotal == 0 or (allowed is not None and len(allowed) == 0):
+            return np.empty(0, np.float32), np.empty(0, np.int64)
+        query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dim)
+        k = max(1, min(k, self.ntotal))
+        params = None
+        sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64)) if allowed is not None else None
+        if self.kind == "ivf":
+            nprobe = self.nprobe
+            if allowed is not None and len(allowed) * 10 < self.ntotal:
+                nprobe = self.nlist  # a narrow filter: scan every list; only allowed ids cost a distance
+            params = faiss.SearchParametersIVF(nprobe=min(nprobe, self.nlist), sel=sel)
+        elif sel is not None:
+            params = faiss.SearchParameters(sel=sel)
+        scores, ids = self.index.search(query, k, params=params)
+        keep = ids[0] >= 0
+        return scores[0][keep], ids[0][keep]

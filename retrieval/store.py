@@ -1,0 +1,551 @@
+"""Vector collections on disk, shared by every worker of the host.
+
+Storage is one SQLite database under ``SHM_EMBED_DATA_DIR`` in WAL mode with
+``synchronous=FULL``: every write (a batch of documents, a delete) is one
+transaction, so it is durable when it returns and a writer killed half-way
+leaves the previous state; concurrent writers from many worker processes
+queue on SQLite's lock. The database holds everything, vectors included (as
+little-endian float32 blobs), in plain tables that any later vector store can
+read: ``collections``, ``documents``, ``passages``, ``centroids`` and
+``changes``.
+
+Each worker keeps a FAISS index per collection in memory (see
+:mod:`retrieval.faiss_index`) and brings it up to date before every search by
+replaying the ``changes`` log past the last sequence number it has applied, so
+a write by any worker is visible to the next search in every worker. Passage
+ids are never reused (``AUTOINCREMENT``), which makes replay order-free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from loguru import logger
+
+from shm_protocol.errors import CollectionConflict, CollectionNotFound, InvalidInput, StorageBusy
+
+from .faiss_index import PassageIndex, nlist_for, train_centroids
+from .passages import OVERLAP_WORDS, PASSAGE_WORDS, split_passages
+
+DB_FILE = "collections.sqlite3"
+SCHEMA_VERSION = 1
+OP_ADD, OP_DEL = 1, 2
+#: Passages of an index "ivf" collection before its quantizer is trained (exhaustive until then).
+IVF_EXPLICIT_MIN = 1000
+MAX_TOP_K = 1000
+_REPLAY_CHUNK = 8192
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_FILTER_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_ -]{0,127}$")
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS collections (
+    cid INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    model TEXT NOT NULL,
+    dim INTEGER NOT NULL,
+    options TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS documents (
+    cid INTEGER NOT NULL REFERENCES collections(cid) ON DELETE CASCADE,
+    id TEXT NOT NULL,
+    url TEXT,
+    metadata TEXT NOT NULL,
+    text TEXT NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (cid, id)
+);
+CREATE TABLE IF NOT EXISTS passages (
+    pid INTEGER PRIMARY KEY AUTOINCREMENT,
+    cid INTEGER NOT NULL,
+    doc_id TEXT NOT NULL,
+    ord INTEGER NOT NULL,
+    start INTEGER NOT NULL,
+    stop INTEGER NOT NULL,
+    vector BLOB NOT NULL,
+    FOREIGN KEY (cid, doc_id) REFERENCES documents(cid, id) ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS passages_by_doc ON passages(cid, doc_id);
+CREATE TABLE IF NOT EXISTS centroids (
+    cid INTEGER PRIMARY KEY REFERENCES collections(cid) ON DELETE CASCADE,
+    nlist INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    trained_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    cid INTEGER NOT NULL,
+    op INTEGER NOT NULL,
+    pid INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS changes_by_collection ON changes(cid, seq);
+PRAGMA user_version = {SCHEMA_VERSION};
+"""
+
+
+@dataclass(frozen=True)
+class CollectionOptions:
+    """Per-collection options, fixed when it is created (``PUT /collections/{name}``)."""
+
+    passage_words: int = PASSAGE_WORDS
+    overlap_words: int = OVERLAP_WORDS
+    index: str = "auto"  # auto: exact until SHM_EMBED_IVF_MIN_VECTORS passages, then IVF; flat; ivf
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> "CollectionOptions":
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict):
+            raise InvalidInput("options must be an object")
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise InvalidInput(f"unknown collection options: {', '.join(sorted(unknown))}")
+        opts = cls(**raw)
+        for key in ("passage_words", "overlap_words"):
+            value = getattr(opts, key)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise InvalidInput(f"'{key}' must be an integer")
+        if not 8 <= opts.passage_words <= 2000:
+            raise InvalidInput("'passage_words' must be between 8 and 2000")
+        if not 0 <= opts.overlap_words < opts.passage_words // 2 + 1:
+            raise InvalidInput("'overlap_words' must be at least 0 and at most half of 'passage_words'")
+        if opts.index not in ("auto", "flat", "ivf"):
+            raise InvalidInput("'index' must be auto, flat or ivf")
+        return opts
+
+
+@dataclass
+class Document:
+    id: str
+    text: str
+    url: str | None
+    metadata: dict
+    spans: list[tuple[int, int]]
+
+    @property
+    def passages(self) -> list[str]:
+        return [self.text[a:b] for a, b in self.spans]
+
+
+class _Loaded:
+    """One collection's FAISS index in this process and how far it has replayed."""
+
+    def __init__(self, cid: int, dim: int, nprobe: int):
+        self.cid = cid
+        self.dim = dim
+        self.seq = 0
+        self.index = PassageIndex(dim, nprobe=nprobe)
+        self.lock = threading.Lock()
+
+
+class CollectionStore:
+    """Collections of documents, embedded through ``client`` and searched with FAISS."""
+
+    def __init__(self, data_dir: str | os.PathLike, client, *, nprobe: int = 32,
+                 ivf_min_vectors: int = 50_000, busy_timeout_s: float = 30.0):
+        self.dir = Path(data_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / DB_FILE
+        self.client = client
+        self.nprobe = nprobe
+        self.ivf_min_vectors = ivf_min_vectors
+        self.busy_timeout_s = busy_timeout_s
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._loaded: dict[str, _Loaded] = {}
+        self._model: tuple[str, int] | None = None
+        self._conns: list[sqlite3.Connection] = []
+        self._conn().executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+
+    @classmethod
+    def from_settings(cls, settings, client) -> "CollectionStore":
+        return cls(settings.data_dir, client, nprobe=settings.search_nprobe,
+                   ivf_min_vectors=settings.ivf_min_vectors)
+
+    # --- connections and transactions ------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None,
+                                   check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            self._local.conn = conn
+            with self._lock:
+                self._conns.append(conn)
+        return conn
+
+    @contextmanager
+    def _write(self):
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise StorageBusy(f"collection store is busy: {exc}") from None
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._conns:
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    pass
+            self._conns.clear()
+            self._loaded.clear()
+        self._local = threading.local()
+
+    # --- model identity -----------------------------------------------------------
+    def model(self) -> tuple[str, int]:
+        """(name, dimension) of the model this service embeds with."""
+        if self._model is None:
+            info = self.client.info()
+            self._model = (str(info["model"]), int(info["dimension"]))
+        return self._model
+
+    def _row(self, conn: sqlite3.Connection, name: str, *, check_model: bool = True) -> sqlite3.Row:
+        check_name(name)
+        row = conn.execute("SELECT * FROM collections WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise CollectionNotFound(f"no collection named {name!r}")
+        if check_model:
+            model, dim = self.model()
+            if row["model"] != model or row["dim"] != dim:
+                raise CollectionConflict(
+                    f"collection {name!r} was made with {row['model']} ({row['dim']} dimensions); "
+                    f"this service embeds with {model} ({dim} dimensions)")
+        return row
+
+    # --- collections --------------------------------------------------------------
+    def create(self, name: str, options: dict | None = None) -> tuple[dict, bool]:
+        """Create a collection; returns (its info, whether it was created now).
+        An existing one with the same model (and the same options, when
+        given) is returned as it is; otherwise CollectionConflict."""
+        check_name(name)
+        opts = CollectionOptions.from_dict(options)
+        model, dim = self.model()
+        with self._write() as conn:
+            row = conn.execute("SELECT * FROM collections WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                conn.execute("INSERT INTO collections (name, model, dim, options, created) VALUES (?, ?, ?, ?, ?)",
+                             (name, model, dim, json.dumps(asdict(opts)), time.time()))
+                created = True
+            else:
+                created = False
+        if not created:
+            self._row(self._conn(), name)  # refuses another model
+            if options is not None and json.loads(row["options"]) != asdict(opts):
+                raise CollectionConflict(f"collection {name!r} exists with other options: {row['options']}")
+        else:
+            logger.info("collection {} created ({}, {} dimensions, {})", name, model, dim, asdict(opts))
+        return self.info(name), created
+
+    def info(self, name: str) -> dict:
+        conn = self._conn()
+        row = self._row(conn, name, check_model=False)
+        cid = row["cid"]
+        docs = conn.execute("SELECT count(*) FROM documents WHERE cid = ?", (cid,)).fetchone()[0]
+        passages = conn.execute("SELECT count(*) FROM passages WHERE cid = ?", (cid,)).fetchone()[0]
+        cent = conn.execute("SELECT nlist FROM centroids WHERE cid = ?", (cid,)).fetchone()
+        return {
+            "name": row["name"], "model": row["model"], "dimension": row["dim"],
+            "documents": docs, "passages": passages, "options": json.loads(row["options"]),
+            "index": {"kind": "ivf" if cent else "flat", "nlist": cent[0] if cent else 0,
+                      "nprobe": self.nprobe if cent else 0},
+            "created": row["created"],
+        }
+
+    def list(self) -> list[dict]:
+        names = [r[0] for r in self._conn().execute("SELECT name FROM collections ORDER BY name")]
+        out = []
+        for name in names:
+            try:
+                out.append(self.info(name))
+            except CollectionNotFound:  # deleted meanwhile
+                pass
+        return out
+
+    def delete(self, name: str) -> None:
+        check_name(name)
+        with self._write() as conn:
+            row = conn.execute("SELECT cid FROM collections WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise CollectionNotFound(f"no collection named {name!r}")
+            conn.execute("DELETE FROM changes WHERE cid = ?", (row[0],))
+            conn.execute("DELETE FROM collections WHERE cid = ?", (row[0],))
+        with self._lock:
+            self._loaded.pop(name, None)
+        logger.info("collection {} deleted", name)
+
+    # --- documents ------------------------------------------------------------------
+    def prepare(self, name: str, documents: Any) -> list[Document]:
+        """Validate documents and split them into passages (no embedding yet)."""
+        row = self._row(self._conn(), name)
+        opts = CollectionOptions.from_dict(json.loads(row["options"]))
+        return parse_documents(documents, opts)
+
+    def upsert(self, name: str, documents: Any) -> dict:
+        """Add or replace documents by id; returns ``{"ids": [...], "passages": n}``.
+
+        Every passage is embedded (through the sidecar, in one batched call)
+        before the write begins, so the store is locked only for the insert."""
+        docs = self.prepare(name, documents)
+        texts = [p for d in docs for p in d.passages]
+        vectors = self.client.embed(texts, normalize=True) if texts else np.empty((0, self.model()[1]), np.float32)
+        return self.write_embedded(name, docs, vectors)
+
+    def write_embedded(self, name: str, docs: list[Document], vectors: np.ndarray) -> dict:
+        """Store already-embedded documents (rows of ``vectors`` in passage order)."""
+        model, dim = self.model()
+        vectors = np.ascontiguousarray(vectors, dtype="<f4")
+        if vectors.shape != (sum(len(d.spans) for d in docs), dim):
+            raise InvalidInput(f"expected {sum(len(d.spans) for d in docs)} vectors of {dim}, got {vectors.shape}")
+        now = time.time()
+        with self._write() as conn:
+            row = self._row(conn, name)
+            cid = row["cid"]
+            i = 0
+            for d in docs:
+                old = [r[0] for r in conn.execute("SELECT pid FROM passages WHERE cid = ? AND doc_id = ?", (cid, d.id))]
+                conn.executemany("INSERT INTO changes (cid, op, pid) VALUES (?, ?, ?)", [(cid, OP_DEL, p) for p in old])
+                conn.execute("DELETE FROM documents WHERE cid = ? AND id = ?", (cid, d.id))
+                conn.execute("INSERT INTO documents (cid, id, url, metadata, text, updated) VALUES (?, ?, ?, ?, ?, ?)",
+                             (cid, d.id, d.url, json.dumps(d.metadata), d.text, now))
+                for ordinal, (a, b) in enumerate(d.spans):
+                    cur = conn.execute(
+                        "INSERT INTO passages (cid, doc_id, ord, start, stop, vector) VALUES (?, ?, ?, ?, ?, ?)",
+                        (cid, d.id, ordinal, a, b, vectors[i].tobytes()))
+                    conn.execute("INSERT INTO changes (cid, op, pid) VALUES (?, ?, ?)", (cid, OP_ADD, cur.lastrowid))
+                    i += 1
+            total = conn.execute("SELECT count(*) FROM passages WHERE cid = ?", (cid,)).fetchone()[0]
+            trained = conn.execute("SELECT 1 FROM centroids WHERE cid = ?", (cid,)).fetchone() is not None
+        if not trained:
+            self._maybe_train(row, total)
+        return {"ids": [d.id for d in docs], "passages": len(vectors)}
+
+    def delete_document(self, name: str, doc_id: str) -> None:
+        with self._write() as conn:
+            cid = self._row(conn, name, check_model=False)["cid"]
+            old = [r[0] for r in conn.execute("SELECT pid FROM passages WHERE cid = ? AND doc_id = ?", (cid, doc_id))]
+            gone = conn.execute("DELETE FROM documents WHERE cid = ? AND id = ?", (cid, doc_id)).rowcount
+            if not gone:
+                raise CollectionNotFound(f"collection {name!r} has no document {doc_id!r}")
+            conn.executemany("INSERT INTO changes (cid, op, pid) VALUES (?, ?, ?)", [(cid, OP_DEL, p) for p in old])
+
+    def get_document(self, name: str, doc_id: str) -> dict:
+        conn = self._conn()
+        cid = self._row(conn, name, check_model=False)["cid"]
+        row = conn.execute("SELECT id, url, metadata, text FROM documents WHERE cid = ? AND id = ?",
+                           (cid, doc_id)).fetchone()
+        if row is None:
+            raise CollectionNotFound(f"collection {name!r} has no document {doc_id!r}")
+        n = conn.execute("SELECT count(*) FROM passages WHERE cid = ? AND doc_id = ?", (cid, doc_id)).fetchone()[0]
+        return {"id": row["id"], "url": row["url"], "metadata": json.loads(row["metadata"]), "text": row["text"],
+                "passages": n}
+
+    # --- the IVF quantizer -------------------------------------------------------------
+    def _maybe_train(self, row: sqlite3.Row, total: int) -> None:
+        kind = json.loads(row["options"])["index"]
+        need = {"auto": self.ivf_min_vectors, "ivf": IVF_EXPLICIT_MIN}.get(kind)
+        if need is None or total < need:
+            return
+        conn = self._conn()
+        nlist = nlist_for(total)
+        take = min(total, nlist * 64)
+        blobs = conn.execute("SELECT vector FROM passages WHERE cid = ? ORDER BY random() LIMIT ?",
+                             (row["cid"], take)).fetchall()
+        sample = np.frombuffer(b"".join(b[0] for b in blobs), dtype="<f4").reshape(-1, row["dim"])
+        t0 = time.perf_counter()
+        centroids = train_centroids(sample, nlist)
+        with self._write() as conn:
+            conn.execute("INSERT OR IGNORE INTO centroids (cid, nlist, data, trained_at) VALUES (?, ?, ?, ?)",
+                         (row["cid"], len(centroids), centroids.astype("<f4").tobytes(), total))
+        logger.info("collection {}: IVF quantizer of {} lists trained on {} passages in {:.1f} s",
+                    row["name"], len(centroids), len(sample), time.perf_counter() - t0)
+
+    # --- searching ---------------------------------------------------------------------
+    def _sync(self, conn: sqlite3.Connection, row: sqlite3.Row) -> _Loaded:
+        """This process's index of the collection, brought up to the last committed write."""
+        name, cid, dim = row["name"], row["cid"], row["dim"]
+        with self._lock:
+            lo = self._loaded.get(name)
+            if lo is None or lo.cid != cid:
+                lo = self._loaded[name] = _Loaded(cid, dim, self.nprobe)
+        with lo.lock:
+            if lo.index.kind == "flat":
+                cent = conn.execute("SELECT data FROM centroids WHERE cid = ?", (cid,)).fetchone()
+                if cent is not None:
+                    lo.index = PassageIndex(dim, np.frombuffer(cent[0], dtype="<f4").reshape(-1, dim),
+                                            nprobe=self.nprobe)
+                    lo.seq = 0
+            last = conn.execute("SELECT coalesce(max(seq), 0) FROM changes WHERE cid = ?", (cid,)).fetchone()[0]
+            if last > lo.seq:
+                self._replay(conn, lo, last)
+        return lo
+
+    def _replay(self, conn: sqlite3.Connection, lo: _Loaded, last: int) -> None:
+        cur = conn.execute(
+            "SELECT c.op, c.pid, p.vector FROM changes c LEFT JOIN passages p ON c.op = ? AND p.pid = c.pid "
+            "WHERE c.cid = ? AND c.seq > ? AND c.seq <= ? ORDER BY c.seq", (OP_ADD, lo.cid, lo.seq, last))
+        while True:
+            rows = cur.fetchmany(_REPLAY_CHUNK)
+            if not rows:
+                break
+            gone = np.array([r[1] for r in rows if r[0] == OP_DEL], dtype=np.int64)
+            added = [r for r in rows if r[0] == OP_ADD and r[2] is not None]
+            lo.index.remove(gone)
+            if added:
+                vecs = np.frombuffer(b"".join(r[2] for r in added), dtype="<f4").reshape(len(added), lo.dim)
+                lo.index.add(np.array([r[1] for r in added], dtype=np.int64), vecs)
+        lo.seq = last
+
+    def search(self, name: str, query: str, top_k: int = 10, filter: dict | None = None) -> list[dict]:
+        """The ``top_k`` documents best matching ``query``, best first, each
+        with its best passage: ``{"id", "score", "passage", "url", "metadata"}``.
+        ``score`` is the cosine similarity of query and passage."""
+        if not isinstance(query, str):
+            raise InvalidInput("'query' must be a string")
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= MAX_TOP_K:
+            raise InvalidInput(f"'top_k' must be an integer from 1 to {MAX_TOP_K}")
+        conn = self._conn()
+        row = self._row(conn, name)
+        qv = self.client.embed([query], normalize=True)[0]
+        return self.search_vector(name, qv, top_k, filter, row=row)
+
+    def search_vector(self, name: str, qv: np.ndarray, top_k: int = 10, filter: dict | None = None, *,
+                      row: sqlite3.Row | None = None) -> list[dict]:
+        conn = self._conn()
+        row = row if row is not None else self._row(conn, name)
+        lo = self._sync(conn, row)
+        allowed = self._filtered(conn, row["cid"], filter) if filter else None
+        limit = lo.index.ntotal if allowed is None else len(allowed)
+        k = min(limit, top_k * 4 + 8)
+        best: dict[str, tuple[float, int, int]] = {}
+        while k > 0:
+            with lo.lock:
+                scores, ids = lo.index.search(qv, k, allowed)
+            where = _by_pid(conn, ids)
+            best.clear()
+            for score, pid in zip(scores.tolist(), ids.tolist()):
+                hit = where.get(pid)
+                if hit is not None and hit[0] not in best:
+                    best[hit[0]] = (score, hit[1], hit[2])
+            if len(best) >= top_k or k >= limit:
+                break
+            k = min(limit, k * 4)
+        chosen = sorted(best.items(), key=lambda kv: -kv[1][0])[:top_k]
+        docs = {r["id"]: r for r in conn.execute(
+            "SELECT id, url, metadata, text FROM documents WHERE cid = ? AND id IN (SELECT value FROM json_each(?))",
+            (row["cid"], json.dumps([c[0] for c in chosen])))}
+        out = []
+        for doc_id, (score, a, b) in chosen:
+            d = docs.get(doc_id)
+            if d is None:  # deleted between the index search and this read
+                continue
+            out.append({"id": doc_id, "score": float(score), "passage": d["text"][a:b], "url": d["url"],
+                        "metadata": json.loads(d["metadata"])})
+        return out
+
+    def _filtered(self, conn: sqlite3.Connection, cid: int, filter: Any) -> np.ndarray:
+        """Passage ids of the documents whose metadata matches every key of
+        ``filter`` (a value, or a list of accepted values)."""
+        if not isinstance(filter, dict):
+            raise InvalidInput("'filter' must be an object of metadata keys and values")
+        clauses, params = [], [cid]
+        for key, want in filter.items():
+            if not _FILTER_KEY.match(key):
+                raise InvalidInput(f"filter key {key!r}: letters, digits, '_', '-' and spaces only")
+            path = f'$."{key}"'
+            values = want if isinstance(want, list) else [want]
+            if not values or not all(v is None or isinstance(v, (str, int, float, bool)) for v in values):
+                raise InvalidInput(f"filter {key!r}: a string, number, boolean, null or a non-empty list of them")
+            alts = []
+            for v in values:
+                if v is None:
+                    alts.append("json_extract(d.metadata, ?) IS NULL")
+                    params.append(path)
+                else:
+                    alts.append("json_extract(d.metadata, ?) = ?")
+                    params.extend([path, v])
+            clauses.append("(" + " OR ".join(alts) + ")")
+        sql = ("SELECT p.pid FROM passages p JOIN documents d ON d.cid = p.cid AND d.id = p.doc_id "
+               "WHERE p.cid = ? AND " + " AND ".join(clauses))
+        return np.array([r[0] for r in conn.execute(sql, params)], dtype=np.int64)
+
+
+def _by_pid(conn: sqlite3.Connection, ids: np.ndarray) -> dict[int, tuple[str, int, int]]:
+    if not len(ids):
+        return {}
+    rows = conn.execute("SELECT pid, doc_id, start, stop FROM passages WHERE pid IN (SELECT value FROM json_each(?))",
+                        (json.dumps(ids.tolist()),))
+    return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+
+def check_name(name: Any) -> None:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise InvalidInput(f"collection name {name!r}: 1 to 128 letters, digits, '_', '-' or '.', "
+                           "starting with a letter or digit")
+
+
+def parse_documents(documents: Any, opts: CollectionOptions) -> list[Document]:
+    """Check the documents of a write and split each into passages."""
+    if not isinstance(documents, list) or not documents:
+        raise InvalidInput("'documents' must be a non-empty list")
+    out, seen = [], set()
+    for i, raw in enumerate(documents):
+        if isinstance(raw, str):
+            raw = {"text": raw}
+        if not isinstance(raw, dict):
+            raise InvalidInput(f"documents[{i}] must be an object")
+        unknown = set(raw) - {"id", "text", "url", "metadata"}
+        if unknown:
+            raise InvalidInput(f"documents[{i}]: unknown fields {', '.join(sorted(unknown))}")
+        doc_id = raw.get("id")
+        if doc_id is None:
+            doc_id = uuid.uuid4().hex
+        elif isinstance(doc_id, int) and not isinstance(doc_id, bool):
+            doc_id = str(doc_id)
+        elif not isinstance(doc_id, str) or not doc_id or len(doc_id) > 512:
+            raise InvalidInput(f"documents[{i}].id must be a string of 1 to 512 characters or an integer")
+        if doc_id in seen:
+            raise InvalidInput(f"documents[{i}]: id {doc_id!r} appears twice in this request")
+        seen.add(doc_id)
+        text = raw.get("text")
+        if not isinstance(text, str):
+            raise InvalidInput(f"documents[{i}].text must be a string")
+        spans = split_passages(text, opts.passage_words, opts.overlap_words)
+        if not spans:
+            raise InvalidInput(f"documents[{i}].text is empty")
+        url = raw.get("url")
+        if url is not None and not isinstance(url, str):
+            raise InvalidInput(f"documents[{i}].url must be a string")
+        metadata = raw.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise InvalidInput(f"documents[{i}].metadata must be an object")
+        try:
+            json.dumps(metadata)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"documents[{i}].metadata is not JSON: {exc}") from None
+        out.append(Document(doc_id, text, url, metadata, spans))
+    return out
+

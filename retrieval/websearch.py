@@ -1,0 +1,151 @@
+"""Web search ranked by embeddings: fetch pages, extract their main text,
+split it into passages, embed the query and every passage in one batch, and
+return the best passages.
+
+Pages are fetched concurrently by a pool private to each call (the original's
+nested global semaphore deadlocked two concurrent searches); the whole search
+has one deadline (``SHM_EMBED_FETCH_TOTAL_S``). Every page that yields nothing
+is reported in ``failed`` with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from urllib.parse import urlencode, urlsplit
+
+import httpcore
+import numpy as np
+from loguru import logger
+
+from shm_protocol.config import Settings
+from shm_protocol.errors import FetchFailed, FetchRefused, InvalidInput, SearchBackendFailed
+
+from .extract import extract
+from .fetch import USER_AGENT, Fetcher
+from .passages import split_passages
+
+#: Words per passage of a fetched page, and the overlap of neighbours.
+PAGE_PASSAGE_WORDS, PAGE_OVERLAP_WORDS = 120, 20
+#: Characters of a page's text that are embedded (about 25 passages).
+MAX_PAGE_CHARS = 20_000
+SNIPPET_CHARS = 240
+MAX_TOP_K = 50
+
+
+@dataclass
+class WebSearchResult:
+    query: str
+    results: list[dict] = field(default_factory=list)   # url, title, score, snippet, passage; best first
+    pages: list[dict] = field(default_factory=list)     # url, final_url, title, passages, truncated
+    failed: list[dict] = field(default_factory=list)    # url, reason
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def search_backend(settings: Settings, query: str) -> list[str]:
+    """Result URLs of the configured SearxNG-compatible endpoint, best first."""
+    sep = "&" if urlsplit(settings.search_url).query else "?"
+    url = f"{settings.search_url}{sep}{urlencode({'q': query, 'format': 'json'})}"
+    t = settings.fetch_timeout_s
+    try:
+        with httpcore.ConnectionPool(retries=0) as pool:
+            resp = pool.request("GET", url, headers=[(b"User-Agent", USER_AGENT.encode()),
+                                                     (b"Accept", b"application/json")],
+                                extensions={"timeout": {"connect": t, "read": t, "write": t, "pool": t}})
+    except Exception as exc:  # any transport failure of the operator's endpoint
+        raise SearchBackendFailed(f"search endpoint failed: {exc or type(exc).__name__}") from None
+    if resp.status != 200:
+        raise SearchBackendFailed(f"search endpoint answered HTTP {resp.status}")
+    try:
+        doc = json.loads(resp.content)
+        urls = [r["url"] for r in doc["results"] if isinstance(r, dict) and isinstance(r.get("url"), str)]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SearchBackendFailed(f"search endpoint answered no SearxNG JSON results: {exc}") from None
+    return urls
+
+
+def _snippet(text: str) -> str:
+    if len(text) <= SNIPPET_CHARS:
+        return text
+    cut = text.rfind(" ", 0, SNIPPET_CHARS)
+    return text[: cut if cut > 0 else SNIPPET_CHARS] + "…"
+
+
+def web_search_with_embeddings(query: str, urls: list[str] | None = None, *, top_k: int = 5, client=None,
+                               settings: Settings | None = None, fetcher: Fetcher | None = None) -> WebSearchResult:
+    """Rank the passages of ``urls`` (or of the configured search endpoint's
+    results for ``query``) by cosine similarity to ``query``."""
+    settings = settings or Settings.from_env()
+    if not isinstance(query, str) or not query.strip():
+        raise InvalidInput("'query' must be a non-empty string")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= MAX_TOP_K:
+        raise InvalidInput(f"'top_k' must be an integer from 1 to {MAX_TOP_K}")
+    if urls is None:
+        if not settings.search_url:
+            raise InvalidInput("give 'urls', or configure a search endpoint (SHM_EMBED_SEARCH_URL)")
+        urls = search_backend(settings, query)
+    elif not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+        raise InvalidInput("'urls' must be a list of strings")
+    out = WebSearchResult(query)
+    urls = list(dict.fromkeys(urls))
+    for u in urls[settings.search_max_pages:]:
+        out.failed.append({"url": u, "reason": f"over the limit of {settings.search_max_pages} pages "
+                                               "(SHM_EMBED_SEARCH_MAX_PAGES)"})
+    urls = urls[: settings.search_max_pages]
+    if not urls:
+        return out
+
+    own = fetcher is None
+    fetcher = fetcher or Fetcher(settings)
+    deadline = time.monotonic() + settings.fetch_total_s
+    pool = ThreadPoolExecutor(max_workers=min(settings.fetch_concurrency, len(urls)),
+                              thread_name_prefix="shm-embed-fetch")
+    try:
+        futures = {pool.submit(fetcher.fetch, u, deadline): u for u in urls}
+        wait(futures, timeout=settings.fetch_total_s)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    passages: list[tuple[int, str]] = []   # (page number, passage)
+    for fut, u in futures.items():
+        if not fut.done():
+            out.failed.append({"url": u, "reason": f"not fetched within {settings.fetch_total_s:g} s"})
+            continue
+        try:
+            page = fut.result()
+        except (FetchRefused, FetchFailed) as exc:
+            out.failed.append({"url": u, "reason": str(exc)})
+            continue
+        except Exception as exc:  # a fetch must never sink the whole search
+            logger.exception("fetching {} failed", u)
+            out.failed.append({"url": u, "reason": f"{type(exc).__name__}: {exc}"})
+            continue
+        title, text = extract(page.body, page.content_type, page.charset)
+        text = text[:MAX_PAGE_CHARS]
+        spans = split_passages(text, PAGE_PASSAGE_WORDS, PAGE_OVERLAP_WORDS)
+        if not spans:
+            out.failed.append({"url": u, "reason": "no text found on the page"})
+            continue
+        passages.extend((len(out.pages), text[a:b]) for a, b in spans)
+        out.pages.append({"url": u, "final_url": page.final_url, "title": title or u, "passages": len(spans),
+                          "truncated": page.truncated})
+    if own:
+        fetcher.close()
+    if not passages:
+        return out
+
+    if client is None:
+        from shm_protocol.fallback import get_embedding_model
+
+        client = get_embedding_model()
+    vecs = client.embed([query] + [p for _, p in passages], normalize=True)
+    scores = vecs[1:] @ vecs[0]
+    for i in np.argsort(-scores, kind="stable")[:top_k].tolist():
+        page_no, text = passages[i]
+        page = out.pages[page_no]
+        out.results.append({"url": page["url"], "title": page["title"], "score": float(scores[i]),
+                            "snippet": _snippet(text), "passage": text})
+    return out
