@@ -4,6 +4,7 @@ item, cell), whitespace collapsed."""
 
 from __future__ import annotations
 
+import codecs
 import re
 
 import lxml.etree
@@ -19,6 +20,8 @@ _BOILERPLATE = re.compile(
     r"subscribe|newsletter|skip-link)([\s_-]|$)")
 #: A block whose text is mostly link text is a menu or a link list.
 LINK_DENSITY = 0.6
+#: Marks block boundaries while the text is gathered (a private-use character, not whitespace).
+_BREAK = "\ue000"
 
 
 def extract(body: bytes, content_type: str = "text/html", charset: str | None = None) -> tuple[str, str]:
@@ -26,6 +29,10 @@ def extract(body: bytes, content_type: str = "text/html", charset: str | None = 
     if content_type == "text/plain":
         text = body.decode(charset or "utf-8", errors="replace")
         return "", _lines(text)
+    try:
+        charset = codecs.lookup(charset).name if charset else None
+    except LookupError:
+        charset = None  # an unknown label: let the parser sniff the page
     parser = lxml.html.HTMLParser(encoding=charset, remove_comments=True, remove_pis=True)
     try:
         root = lxml.html.document_fromstring(body, parser=parser)
@@ -51,12 +58,12 @@ def extract(body: bytes, content_type: str = "text/html", charset: str | None = 
         if text and links / len(text) >= LINK_DENSITY:
             _drop(el)
     for el in main.iter(*BLOCK_TAGS):
-        el.tail = "\n" + (el.tail or "")
-        el.text = "\n" + (el.text or "")
+        el.tail = _BREAK + (el.tail or "")
+        el.text = _BREAK + (el.text or "")
     if not title:
         h1 = main.find(".//h1")
         title = " ".join(h1.text_content().split()) if h1 is not None else ""
-    return title, _lines(main.text_content())
+    return title, _lines(main.text_content(), _BREAK)
 
 
 def _drop(el) -> None:
@@ -64,5 +71,7 @@ def _drop(el) -> None:
         el.drop_tree()  # keeps the tail text, which belongs to the parent
 
 
-def _lines(text: str) -> str:
-    return "\n".join(line for line in (" ".join(raw.split()) for raw in text.splitlines()) if line)
+def _lines(text: str, sep: str | None = None) -> str:
+    """One line per block (split at ``sep``, or at newlines), whitespace collapsed, blank ones dropped."""
+    blocks = text.split(sep) if sep else text.splitlines()
+    return "\n".join(line for line in (" ".join(raw.split()) for raw in blocks) if line)

@@ -43,19 +43,19 @@ class AddressPolicy:
                 raise FetchRefused(f"SHM_EMBED_FETCH_ALLOW: {item!r} is not an address or network") from None
 
     def refusal(self, address: str) -> str | None:
-        """Why ``address`` is refused, or None when it may be reached."""
+        """Why ``address`` is refused ('a private address'...), or None when it may be reached."""
         ip = ipaddress.ip_address(address.split("%")[0])
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
         if any(ip in net for net in self.allow):
             return None
-        for attr, what in (("is_loopback", "a loopback"), ("is_link_local", "a link-local"),
+        for attr, what in (("is_unspecified", "an unspecified"), ("is_loopback", "a loopback"), ("is_link_local", "a link-local"),
                            ("is_private", "a private"), ("is_multicast", "a multicast"),
-                           ("is_reserved", "a reserved"), ("is_unspecified", "an unspecified")):
+                           ("is_reserved", "a reserved")):
             if getattr(ip, attr):
-                return f"{ip} is {what} address"
+                return f"{what} address"
         if not ip.is_global:
-            return f"{ip} is not a public address"
+            return "not a public address"
         return None
 
     def resolve(self, host: str, port: int) -> list[str]:
@@ -65,13 +65,16 @@ class AddressPolicy:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError) as exc:
             raise FetchFailed(f"cannot resolve {host}: {exc}") from None
-        allowed, reasons = [], []
+        allowed, refused = [], []
         for info in infos:
             addr = info[4][0]
             why = self.refusal(addr)
-            (reasons if why else allowed).append(why or addr)
+            if why:
+                refused.append(f"{addr} is {why}" if addr == host else f"{host} resolves to {addr}, {why}")
+            else:
+                allowed.append(addr)
         if not allowed:
-            raise FetchRefused(f"refused: {host} resolves to {reasons[0]} (SHM_EMBED_FETCH_ALLOW can allow it)")
+            raise FetchRefused(f"refused: {refused[0]} (SHM_EMBED_FETCH_ALLOW can allow it)")
         return list(dict.fromkeys(allowed))
 
 

@@ -539,7 +539,8 @@ def parse_documents(documents: Any, opts: CollectionOptions) -> list[Document]:
         url = raw.get("url")
         if url is not None and not isinstance(url, str):
             raise InvalidInput(f"documents[{i}].url must be a string")
-        metadata = raw.get("metadata") or {}
+        metadata = raw.get("metadata")
+        metadata = {} if metadata is None else metadata
         if not isinstance(metadata, dict):
             raise InvalidInput(f"documents[{i}].metadata must be an object")
         try:

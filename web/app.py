@@ -23,6 +23,7 @@ from shm_protocol.errors import ShmEmbedError
 from . import errors
 from .errors import bad_request, too_large, unavailable, unprocessable
 from .metrics import make_registry, render
+from .retrieval import add_routes
 
 JSON_TYPES = ("application/json",)
 OPEN_PATHS = {"/health"}
@@ -285,6 +286,7 @@ def create_app(client, settings: Settings) -> falcon.App:
     app.add_route("/embedding/health", EmbeddingHealth(ctx))
     app.add_route("/embedding/stats", EmbeddingStats(ctx))
     app.add_route("/metrics", Metrics(ctx))
+    ctx.retrieval = add_routes(app, ctx)
     wrapped = RequestIdMiddleware(app)
     wrapped.ctx = ctx
     return wrapped

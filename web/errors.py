@@ -10,6 +10,8 @@ import falcon
 from loguru import logger
 
 from shm_protocol.errors import (
+    CollectionConflict,
+    CollectionNotFound,
     ConfigError,
     InvalidInput,
     LayoutMismatch,
@@ -19,7 +21,9 @@ from shm_protocol.errors import (
     RingFull,
     ShmEmbedError,
     SidecarUnavailable,
+    SearchBackendFailed,
     SlotRejected,
+    StorageBusy,
 )
 
 
@@ -70,6 +74,14 @@ def _handle_shm_error(req, resp, exc: ShmEmbedError, params) -> None:
     if isinstance(exc, LayoutMismatch):
         logger.error("sidecar and workers speak different layouts: {}", exc)
         raise unavailable(f"embedding sidecar unavailable: {exc}", retry_after=5)
+    if isinstance(exc, CollectionNotFound):
+        raise APIError(falcon.HTTP_404, "not_found", str(exc))
+    if isinstance(exc, CollectionConflict):
+        raise APIError(falcon.HTTP_409, "conflict", str(exc))
+    if isinstance(exc, StorageBusy):
+        raise unavailable(str(exc))
+    if isinstance(exc, SearchBackendFailed):
+        raise APIError(falcon.HTTP_502, "bad_gateway", str(exc))
     if isinstance(exc, RequestTooLarge):
         raise too_large(str(exc))
     if isinstance(exc, InvalidInput):

@@ -1,0 +1,142 @@
+"""Passages, HTML extraction, the address policy, options and the FAISS index."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrieval.extract import extract
+from retrieval.faiss_index import PassageIndex, nlist_for, train_centroids
+from retrieval.fetch import AddressPolicy
+from retrieval.passages import split_passages
+from retrieval.store import CollectionOptions, parse_documents
+from shm_protocol.errors import FetchRefused, InvalidInput
+
+
+def test_passages_cover_the_text_with_overlap():
+    text = " ".join(f"w{i}" for i in range(250))
+    spans = split_passages(text, words=100, overlap=20)
+    words = [text[a:b].split() for a, b in spans]
+    assert [len(w) for w in words] == [100, 100, 90]
+    assert words[0][-20:] == words[1][:20] and words[1][-20:] == words[2][:20]
+    assert words[-1][-1] == "w249" and words[0][0] == "w0"
+    assert split_passages("  \n ") == []
+    assert split_passages("one two", words=100, overlap=20) == [(0, 7)]
+    with pytest.raises(ValueError):
+        split_passages("x", words=10, overlap=10)
+
+
+PAGE = b"""<!doctype html><html><head><title> The Title </title>
+<style>body { color: red }</style><script>var secret = "script words";</script></head>
+<body><nav><a href="/">Home</a> <a href="/a">About</a></nav>
+<header>Site banner words</header>
+<div class="sidebar">Sidebar words</div>
+<main><h1>Main heading</h1><p>First   paragraph
+of the article.</p><ul><li>item one</li><li>item two</li></ul>
+<div><a href="/x">link</a> <a href="/y">list</a> <a href="/z">only</a></div>
+<p>Second paragraph with a <a href="/l">link</a> inside.</p></main>
+<footer>Footer words</footer></body></html>"""
+
+
+def test_extract_keeps_the_main_text_and_drops_boilerplate():
+    title, text = extract(PAGE)
+    assert title == "The Title"
+    assert text.splitlines() == ["Main heading", "First paragraph of the article.", "item one", "item two",
+                                 "Second paragraph with a link inside."]
+    for junk in ("script words", "color", "Home", "banner", "Sidebar", "Footer", "only"):
+        assert junk not in text
+
+
+def test_extract_plain_text_charsets_and_garbage():
+    assert extract(b"a  b\n\n c", "text/plain") == ("", "a b\nc")
+    title, text = extract("<p>caf\u00e9 na\u00efve</p>".encode("latin-1"), charset="latin-1")
+    assert text == "caf\u00e9 na\u00efve"
+    assert extract(b"") == ("", "")
+    assert isinstance(extract(b"\x00\xff\xfe garbage")[1], str)
+
+
+@pytest.mark.parametrize("addr,why", [
+    ("127.0.0.1", "loopback"), ("::1", "loopback"), ("10.1.2.3", "private"), ("192.168.0.1", "private"),
+    ("172.16.5.5", "private"), ("169.254.169.254", "link-local"), ("fe80::1", "link-local"),
+    ("0.0.0.0", "unspecified"), ("224.0.0.1", "multicast"), ("100.64.0.1", "not a public"),
+    ("::ffff:127.0.0.1", "loopback"), ("fc00::1", "private"),
+])
+def test_policy_refuses_what_is_not_public(addr, why):
+    assert why in AddressPolicy().refusal(addr)
+
+
+def test_policy_allows_public_and_configured_addresses():
+    assert AddressPolicy().refusal("93.184.216.34") is None
+    assert AddressPolicy().refusal("2606:2800:220:1:248:1893:25c8:1946") is None
+    policy = AddressPolicy("127.0.0.1, 10.0.0.0/8")
+    assert policy.refusal("127.0.0.1") is None and policy.refusal("10.9.9.9") is None
+    assert "loopback" in policy.refusal("127.0.0.2") and "private" in policy.refusal("192.168.1.1")
+    assert policy.resolve("127.0.0.1", 80) == ["127.0.0.1"]
+    with pytest.raises(FetchRefused, match="169.254.169.254 is a link-local address"):
+        AddressPolicy().resolve("169.254.169.254", 80)
+    with pytest.raises(FetchRefused, match="localhost resolves to"):
+        AddressPolicy().resolve("localhost", 80)
+    with pytest.raises(FetchRefused):
+        AddressPolicy("not-an-address")
+
+
+def test_collection_options_are_checked():
+    assert CollectionOptions.from_dict(None) == CollectionOptions()
+    assert CollectionOptions.from_dict({"passage_words": 50, "overlap_words": 10, "index": "ivf"}).index == "ivf"
+    for bad in ({"passage_words": 2}, {"overlap_words": 100}, {"index": "hnsw"}, {"colour": 1},
+                {"passage_words": "50"}, [1]):
+        with pytest.raises(InvalidInput):
+            CollectionOptions.from_dict(bad)
+
+
+def test_documents_are_checked_and_split():
+    docs = parse_documents([{"id": 7, "text": "a b c", "metadata": {"k": 1}}, "plain text",
+                            {"text": "x", "url": "http://e/"}], CollectionOptions())
+    assert docs[0].id == "7" and docs[0].passages == ["a b c"] and docs[0].metadata == {"k": 1}
+    assert len(docs[1].id) == 32 and docs[2].url == "http://e/"
+    for bad in ([], "x", [{"text": ""}], [{"text": 5}], [{"id": "a", "text": "x"}, {"id": "a", "text": "y"}],
+                [{"text": "x", "metadata": []}], [{"text": "x", "extra": 1}], [{"text": "x", "id": 1.5}]):
+        with pytest.raises(InvalidInput):
+            parse_documents(bad, CollectionOptions())
+
+
+def _unit(rng, n, d=16):
+    v = rng.standard_normal((n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_flat_index_never_returns_filler_ids_and_honours_filters_and_removal():
+    rng = np.random.default_rng(0)
+    vecs = _unit(rng, 5)
+    idx = PassageIndex(16)
+    idx.add(np.arange(10, 15), vecs)
+    scores, ids = idx.search(vecs[2], 50)
+    assert sorted(ids.tolist()) == [10, 11, 12, 13, 14] and ids[0] == 12
+    assert scores[0] == pytest.approx(1.0, abs=1e-5) and np.all(np.diff(scores) <= 1e-6)
+    scores, ids = idx.search(vecs[2], 3, allowed=np.array([10, 14]))
+    assert sorted(ids.tolist()) == [10, 14]
+    idx.remove(np.array([12]))
+    assert 12 not in idx.search(vecs[2], 10)[1].tolist() and idx.ntotal == 4
+    assert len(idx.search(vecs[0], 3, allowed=np.array([], dtype=np.int64))[1]) == 0
+
+
+def test_ivf_index_finds_exact_matches_and_agrees_with_flat():
+    rng = np.random.default_rng(1)
+    centres = _unit(rng, 20)
+    vecs = centres[rng.integers(0, 20, 3000)] + 0.1 * rng.standard_normal((3000, 16)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    cents = train_centroids(vecs, nlist_for(3000))
+    ivf, flat = PassageIndex(16, cents, nprobe=8), PassageIndex(16)
+    ids = np.arange(3000)
+    ivf.add(ids, vecs)
+    flat.add(ids, vecs)
+    assert ivf.kind == "ivf" and ivf.nlist == cents.shape[0]
+    hits = 0
+    for q in range(0, 3000, 100):
+        _, got = ivf.search(vecs[q], 10)
+        _, want = flat.search(vecs[q], 10)
+        assert got[0] == q
+        hits += len(set(got.tolist()) & set(want.tolist()))
+    assert hits / (30 * 10) >= 0.9
+    _, got = ivf.search(vecs[5], 10, allowed=np.array([5, 6, 7]))
+    assert sorted(got.tolist()) == [5, 6, 7]

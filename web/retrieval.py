@@ -1,0 +1,161 @@
+"""HTTP resources of collections and web search (see the README's HTTP API).
+
+The collection store is opened on first use in each worker: every worker
+opens the same database under SHM_EMBED_DATA_DIR, so all of them see the same
+collections and every write.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import falcon
+
+from retrieval.fetch import Fetcher
+from retrieval.store import CollectionStore
+from retrieval.websearch import web_search_with_embeddings
+
+from .errors import too_large, unprocessable
+
+
+class Retrieval:
+    """What the resources share: the store and the fetcher, made lazily."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self._lock = threading.Lock()
+        self._store: CollectionStore | None = None
+        self._fetcher: Fetcher | None = None
+
+    @property
+    def store(self) -> CollectionStore:
+        with self._lock:
+            if self._store is None:
+                self._store = CollectionStore.from_settings(self.ctx.settings, self.ctx.client)
+            return self._store
+
+    @property
+    def fetcher(self) -> Fetcher:
+        with self._lock:
+            if self._fetcher is None:
+                self._fetcher = Fetcher(self.ctx.settings)
+            return self._fetcher
+
+    def body(self, req, *, optional: bool = False) -> dict:
+        if optional and not req.content_length and req.content_type is None:
+            return {}
+        return self.ctx.read_json(req)
+
+
+def _int(doc: dict, key: str, default: int) -> int:
+    value = doc.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise unprocessable(f"'{key}' must be an integer")
+    return value
+
+
+class Collections:
+    """GET /collections."""
+
+    def __init__(self, r: Retrieval):
+        self.r = r
+
+    def on_get(self, req, resp):
+        resp.media = {"collections": self.r.store.list()}
+
+
+class Collection:
+    """PUT, GET and DELETE /collections/{name}."""
+
+    def __init__(self, r: Retrieval):
+        self.r = r
+
+    def on_put(self, req, resp, name):
+        doc = self.r.body(req, optional=True)
+        options = doc["options"] if "options" in doc else (doc or None)  # {"options": {...}} or the options
+        info, created = self.r.store.create(name, options)
+        resp.status = falcon.HTTP_201 if created else falcon.HTTP_200
+        resp.media = info
+
+    def on_get(self, req, resp, name):
+        resp.media = self.r.store.info(name)
+
+    def on_delete(self, req, resp, name):
+        self.r.store.delete(name)
+        resp.media = {"name": name, "deleted": True}
+
+
+class Documents:
+    """POST /collections/{name}/documents: add or replace documents by id."""
+
+    def __init__(self, r: Retrieval):
+        self.r = r
+
+    def on_post(self, req, resp, name):
+        doc = self.r.body(req)
+        if "documents" not in doc:
+            raise unprocessable("'documents' is required")
+        docs = doc["documents"]
+        limit = self.r.ctx.settings.max_inputs
+        if isinstance(docs, list) and len(docs) > limit:
+            raise too_large(f"{len(docs)} documents is over the limit of {limit} (SHM_EMBED_MAX_INPUTS)")
+        resp.media = self.r.store.upsert(name, docs)
+
+
+class Document:
+    """GET and DELETE /collections/{name}/documents/{doc_id}."""
+
+    def __init__(self, r: Retrieval):
+        self.r = r
+
+    def on_get(self, req, resp, name, doc_id):
+        resp.media = self.r.store.get_document(name, doc_id)
+
+    def on_delete(self, req, resp, name, doc_id):
+        self.r.store.delete_document(name, doc_id)
+        resp.media = {"id": doc_id, "deleted": True}
+
+
+class Search:
+    """POST /collections/{name}/search: {"query", "top_k", "filter"} -> {"results": [...]}."""
+
+    def __init__(self, r: Retrieval):
+        self.r = r
+
+    def on_post(self, req, resp, name):
+        doc = self.r.body(req)
+        query = doc.get("query")
+        if not isinstance(query, str):
+            raise unprocessable("'query' must be a string")
+        self.r.ctx.texts(query, "query")  # the same length limits as any input
+        results = self.r.store.search(name, query, _int(doc, "top_k", 10), doc.get("filter"))
+        resp.media = {"results": results}
+
+
+class WebSearch:
+    """POST /search/web: {"query", "urls"?, "top_k"?} -> {"results", "pages", "failed"}."""
+
+    def __init__(self, r: Retrieval):
+        self.r = r
+
+    def on_post(self, req, resp):
+        doc = self.r.body(req)
+        query = doc.get("query")
+        if not isinstance(query, str):
+            raise unprocessable("'query' must be a string")
+        self.r.ctx.texts(query, "query")
+        result = web_search_with_embeddings(query, doc.get("urls"), top_k=_int(doc, "top_k", 5),
+                                            client=self.r.ctx.client, settings=self.r.ctx.settings,
+                                            fetcher=self.r.fetcher)
+        resp.media = result.to_dict()
+
+
+def add_routes(app: falcon.App, ctx) -> Retrieval:
+    r = Retrieval(ctx)
+    app.add_route("/collections", Collections(r))
+    app.add_route("/collections/{name}", Collection(r))
+    app.add_route("/collections/{name}/documents", Documents(r))
+    app.add_route("/collections/{name}/documents/{doc_id}", Document(r))
+    app.add_route("/collections/{name}/search", Search(r))
+    app.add_route("/search/web", WebSearch(r))
+    return r
