@@ -437,7 +437,7 @@ class CollectionStore:
         conn = self._conn()
         row = row if row is not None else self._row(conn, name)
         lo = self._sync(conn, row)
-        allowed = self._filtered(conn, row["cid"], filter) if filter else None
+        allowed = self._filtered(conn, row["cid"], filter) if filter is not None else None
         limit = lo.index.ntotal if allowed is None else len(allowed)
         k = min(limit, top_k * 4 + 8)
         best: dict[str, tuple[float, int, int]] = {}
@@ -466,7 +466,7 @@ class CollectionStore:
                         "metadata": json.loads(d["metadata"])})
         return out
 
-    def _filtered(self, conn: sqlite3.Connection, cid: int, filter: Any) -> np.ndarray:
+    def _filtered(self, conn: sqlite3.Connection, cid: int, filter: Any) -> np.ndarray | None:
         """Passage ids of the documents whose metadata matches every key of
         ``filter`` (a value, or a list of accepted values)."""
         if not isinstance(filter, dict):
@@ -488,6 +488,8 @@ class CollectionStore:
                     alts.append("json_extract(d.metadata, ?) = ?")
                     params.extend([path, v])
             clauses.append("(" + " OR ".join(alts) + ")")
+        if not clauses:
+            return None  # {}: no restriction
         sql = ("SELECT p.pid FROM passages p JOIN documents d ON d.cid = p.cid AND d.id = p.doc_id "
                "WHERE p.cid = ? AND " + " AND ".join(clauses))
         return np.array([r[0] for r in conn.execute(sql, params)], dtype=np.int64)
