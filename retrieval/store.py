@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 from loguru import logger
 
@@ -154,7 +155,7 @@ class CollectionStore:
     """Collections of documents, embedded through ``client`` and searched with FAISS."""
 
     def __init__(self, data_dir: str | os.PathLike, client, *, nprobe: int = 32,
-                 ivf_min_vectors: int = 50_000, busy_timeout_s: float = 30.0):
+                 ivf_min_vectors: int = 50_000, search_threads: int = 1, busy_timeout_s: float = 30.0):
         self.dir = Path(data_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / DB_FILE
@@ -162,6 +163,9 @@ class CollectionStore:
         self.nprobe = nprobe
         self.ivf_min_vectors = ivf_min_vectors
         self.busy_timeout_s = busy_timeout_s
+        # FAISS's OpenMP threads are process-wide. A worker searching with every core would
+        # take them from the sidecar's model (and OpenMP's spinning threads from each other).
+        faiss.omp_set_num_threads(search_threads)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._loaded: dict[str, _Loaded] = {}
@@ -172,7 +176,7 @@ class CollectionStore:
     @classmethod
     def from_settings(cls, settings, client) -> "CollectionStore":
         return cls(settings.data_dir, client, nprobe=settings.search_nprobe,
-                   ivf_min_vectors=settings.ivf_min_vectors)
+                   ivf_min_vectors=settings.ivf_min_vectors, search_threads=settings.search_threads)
 
     # --- connections and transactions ------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -227,6 +231,8 @@ class CollectionStore:
         check_name(name)
         row = conn.execute("SELECT * FROM collections WHERE name = ?", (name,)).fetchone()
         if row is None:
+            with self._lock:
+                self._loaded.pop(name, None)  # deleted by another worker: free its index here too
             raise CollectionNotFound(f"no collection named {name!r}")
         if check_model:
             model, dim = self.model()
@@ -384,6 +390,19 @@ class CollectionStore:
                     row["name"], len(centroids), len(sample), time.perf_counter() - t0)
 
     # --- searching ---------------------------------------------------------------------
+    def warm(self) -> int:
+        """Load the index of every collection of this model now (a worker
+        calls it at start, so its first search of a big collection is not the
+        one that waits for the load). Returns the passages loaded."""
+        conn = self._conn()
+        total = 0
+        for (name,) in conn.execute("SELECT name FROM collections ORDER BY name").fetchall():
+            try:
+                total += self._sync(conn, self._row(conn, name)).index.ntotal
+            except (CollectionNotFound, CollectionConflict):
+                pass
+        return total
+
     def _sync(self, conn: sqlite3.Connection, row: sqlite3.Row) -> _Loaded:
         """This process's index of the collection, brought up to the last committed write."""
         name, cid, dim = row["name"], row["cid"], row["dim"]

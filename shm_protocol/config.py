@@ -125,6 +125,11 @@ class Settings:
         "SHM_EMBED_SEARCH_NPROBE", 32,
         "Inverted lists an IVF collection scans per query: higher is more exact and slower.", minimum=1,
     )
+    search_threads: int = _setting(
+        "SHM_EMBED_SEARCH_THREADS", 1,
+        "FAISS threads of a worker's collection searches; more only helps where cores are spare (the sidecar "
+        "needs them for the model).", minimum=1,
+    )
     ivf_min_vectors: int = _setting(
         "SHM_EMBED_IVF_MIN_VECTORS", 50_000,
         "Passages at which an index 'auto' collection trains its IVF quantizer and stops searching exhaustively.",

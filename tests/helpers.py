@@ -147,7 +147,8 @@ def start_web(tmp_path: Path, env: dict, workers: int = 2, **extra) -> WebProc:
     import urllib.request
 
     port = free_port()
-    env = dict(env, SHM_EMBED_BIND=f"127.0.0.1:{port}", WEB_CONCURRENCY=str(workers))
+    env = dict({"SHM_EMBED_DATA_DIR": str(tmp_path / "data")}, **env)
+    env.update(SHM_EMBED_BIND=f"127.0.0.1:{port}", WEB_CONCURRENCY=str(workers))
     env.update({k: str(v) for k, v in extra.items()})
     log = tmp_path / f"web-{port}.log"
     proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(REPO / "gunicorn.conf.py")],

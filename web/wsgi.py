@@ -7,6 +7,8 @@ does not preload it, so the master never maps a segment or imports torch.
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 from loguru import logger
 
@@ -26,7 +28,9 @@ def application():
     configure_logging(settings, component="web")
     client = make_client(settings)
     _state["client"] = client
-    return create_app(client, settings)
+    app = create_app(client, settings)
+    _state["ctx"] = app.ctx
+    return app
 
 
 def attach() -> None:
@@ -40,6 +44,22 @@ def attach() -> None:
     except ShmEmbedError as exc:
         logger.warning("worker {} starts without a sidecar ({}); it will attach on a later request",
                        os.getpid(), exc)
+        return
+    ctx = _state.get("ctx")
+    if ctx is not None:
+        threading.Thread(target=_warm, args=(ctx,), name="shm-embed-warm", daemon=True).start()
+
+
+def _warm(ctx) -> None:
+    """Load every collection's index in the background, before the first search needs it."""
+    try:
+        t0 = time.perf_counter()
+        n = ctx.retrieval.store.warm()
+        if n:
+            logger.info("worker {} loaded {} passages of collections in {:.1f} s", os.getpid(), n,
+                        time.perf_counter() - t0)
+    except Exception as exc:  # a warm-up that fails only means the first search loads
+        logger.warning("loading collections at start failed: {}", exc)
 
 
 def shutdown() -> None:
