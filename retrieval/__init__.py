@@ -1,21 +1,24 @@
 """Retrieval on top of the sidecar: in-memory indexes in a worker, vector
 collections shared by every worker of the host, and web search ranked by
-embeddings. Importing it does not import torch."""
+embeddings. Importing it does not import torch; FAISS and lxml are imported
+when a name that needs them is first used."""
 
-from shm_protocol.fallback import (
-    generate_embeddings,
-    get_active_operations_count,
-    get_embedding_client,
-    get_embedding_model,
-    is_using_ipc_embedding,
-)
+from importlib import import_module
 
-from .index import VectorIndex, build_vector_index, search_index
-from .store import CollectionOptions, CollectionStore
-from .websearch import WebSearchResult, web_search_with_embeddings
+_WHERE = {
+    "generate_embeddings": "shm_protocol.fallback", "get_active_operations_count": "shm_protocol.fallback",
+    "get_embedding_client": "shm_protocol.fallback", "get_embedding_model": "shm_protocol.fallback",
+    "is_using_ipc_embedding": "shm_protocol.fallback",
+    "VectorIndex": ".index", "build_vector_index": ".index", "search_index": ".index",
+    "CollectionOptions": ".store", "CollectionStore": ".store",
+    "WebSearchResult": ".websearch", "fast_web_search_with_embeddings": ".websearch",
+    "web_search_with_embeddings": ".websearch",
+}
 
-__all__ = [
-    "CollectionOptions", "CollectionStore", "VectorIndex", "WebSearchResult", "build_vector_index",
-    "generate_embeddings", "get_active_operations_count", "get_embedding_client", "get_embedding_model",
-    "is_using_ipc_embedding", "search_index", "web_search_with_embeddings",
-]
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'retrieval' has no attribute {name!r}")
+    return getattr(import_module(_WHERE[name], __name__), name)

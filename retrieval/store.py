@@ -34,12 +34,13 @@ import faiss
 import numpy as np
 from loguru import logger
 
+from shm_protocol.config import COLLECTIONS_DB
 from shm_protocol.errors import CollectionConflict, CollectionNotFound, InvalidInput, StorageBusy
 
 from .faiss_index import PassageIndex, nlist_for, train_centroids
 from .passages import OVERLAP_WORDS, PASSAGE_WORDS, split_passages
 
-DB_FILE = "collections.sqlite3"
+DB_FILE = COLLECTIONS_DB
 SCHEMA_VERSION = 1
 OP_ADD, OP_DEL = 1, 2
 #: Passages of an index "ivf" collection before its quantizer is trained (exhaustive until then).

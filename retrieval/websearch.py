@@ -45,6 +45,15 @@ class WebSearchResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def as_text(self) -> str:
+        """The original's text block: source, content and score of each result."""
+        return "\n\n".join(f"Source: {r['url']}\nContent: {r['passage']}\nRelevance: {r['score']:.3f}"
+                             for r in self.results)
+
+    def __iter__(self):
+        """Unpacks as the original's ``(text, urls)``."""
+        return iter((self.as_text(), list(dict.fromkeys(r["url"] for r in self.results))))
+
 
 def search_backend(settings: Settings, query: str) -> list[str]:
     """Result URLs of the configured SearxNG-compatible endpoint, best first."""
@@ -76,10 +85,16 @@ def _snippet(text: str) -> str:
 
 
 def web_search_with_embeddings(query: str, urls: list[str] | None = None, *, top_k: int = 5, client=None,
-                               settings: Settings | None = None, fetcher: Fetcher | None = None) -> WebSearchResult:
+                               settings: Settings | None = None, fetcher: Fetcher | None = None,
+                               max_concurrent: int | None = None,
+                               max_chars: int = MAX_PAGE_CHARS) -> WebSearchResult:
     """Rank the passages of ``urls`` (or of the configured search endpoint's
-    results for ``query``) by cosine similarity to ``query``."""
+    results for ``query``) by cosine similarity to ``query``.
+    ``max_concurrent`` and ``max_chars`` (characters of a page embedded) keep
+    the original's keywords; the result unpacks as its ``(text, urls)``."""
     settings = settings or Settings.from_env()
+    if max_concurrent is not None:
+        settings = settings.replace(fetch_concurrency=max_concurrent)
     if not isinstance(query, str) or not query.strip():
         raise InvalidInput("'query' must be a non-empty string")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= MAX_TOP_K:
@@ -124,7 +139,7 @@ def web_search_with_embeddings(query: str, urls: list[str] | None = None, *, top
             out.failed.append({"url": u, "reason": f"{type(exc).__name__}: {exc}"})
             continue
         title, text = extract(page.body, page.content_type, page.charset)
-        text = text[:MAX_PAGE_CHARS]
+        text = text[:max_chars]
         spans = split_passages(text, PAGE_PASSAGE_WORDS, PAGE_OVERLAP_WORDS)
         if not spans:
             out.failed.append({"url": u, "reason": "no text found on the page"})
@@ -149,3 +164,10 @@ def web_search_with_embeddings(query: str, urls: list[str] | None = None, *, top
         out.results.append({"url": page["url"], "title": page["title"], "score": float(scores[i]),
                             "snippet": _snippet(text), "passage": text})
     return out
+
+
+def fast_web_search_with_embeddings(search_query: str, model=None, max_concurrent: int = 5,
+                                    max_chars: int = MAX_PAGE_CHARS) -> WebSearchResult:
+    """The original's variant that was handed a model: the same search,
+    embedding with ``model`` (a client, or anything with ``embed``)."""
+    return web_search_with_embeddings(search_query, client=model, max_concurrent=max_concurrent, max_chars=max_chars)

@@ -17,6 +17,9 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
+#: The file under SHM_EMBED_DATA_DIR that holds every collection.
+COLLECTIONS_DB = "collections.sqlite3"
+
 _BOOL_TRUE = {"1", "true", "yes", "on"}
 _BOOL_FALSE = {"0", "false", "no", "off", ""}
 

@@ -2,18 +2,18 @@
 
 The collection store is opened on first use in each worker: every worker
 opens the same database under SHM_EMBED_DATA_DIR, so all of them see the same
-collections and every write.
+collections and every write. FAISS, lxml and the fetcher are imported on first
+use, so a worker that serves only embeddings does not carry them.
 """
 
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import falcon
 
-from retrieval.fetch import Fetcher
-from retrieval.store import CollectionStore
-from retrieval.websearch import web_search_with_embeddings
+from shm_protocol.config import COLLECTIONS_DB
 
 from .errors import too_large, unprocessable
 
@@ -24,22 +24,34 @@ class Retrieval:
     def __init__(self, ctx):
         self.ctx = ctx
         self._lock = threading.Lock()
-        self._store: CollectionStore | None = None
-        self._fetcher: Fetcher | None = None
+        self._store = None
+        self._fetcher = None
 
     @property
-    def store(self) -> CollectionStore:
+    def store(self):
+        """This worker's CollectionStore."""
         with self._lock:
             if self._store is None:
+                from retrieval.store import CollectionStore
+
                 self._store = CollectionStore.from_settings(self.ctx.settings, self.ctx.client)
             return self._store
 
     @property
-    def fetcher(self) -> Fetcher:
+    def fetcher(self):
+        """This worker's page Fetcher."""
         with self._lock:
             if self._fetcher is None:
+                from retrieval.fetch import Fetcher
+
                 self._fetcher = Fetcher(self.ctx.settings)
             return self._fetcher
+
+    def warm(self) -> int:
+        """Load every stored collection now; nothing (and no import) when none was ever made."""
+        if self._store is None and not (Path(self.ctx.settings.data_dir) / COLLECTIONS_DB).exists():
+            return 0
+        return self.store.warm()
 
     def body(self, req, *, optional: bool = False) -> dict:
         if optional and not req.content_length and req.content_type is None:
@@ -144,6 +156,8 @@ class WebSearch:
         if not isinstance(query, str):
             raise unprocessable("'query' must be a string")
         self.r.ctx.texts(query, "query")
+        from retrieval.websearch import web_search_with_embeddings
+
         result = web_search_with_embeddings(query, doc.get("urls"), top_k=_int(doc, "top_k", 5),
                                             client=self.r.ctx.client, settings=self.r.ctx.settings,
                                             fetcher=self.r.fetcher)

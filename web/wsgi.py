@@ -54,7 +54,7 @@ def _warm(ctx) -> None:
     """Load every collection's index in the background, before the first search needs it."""
     try:
         t0 = time.perf_counter()
-        n = ctx.retrieval.store.warm()
+        n = ctx.retrieval.warm()
         if n:
             logger.info("worker {} loaded {} passages of collections in {:.1f} s", os.getpid(), n,
                         time.perf_counter() - t0)

@@ -204,8 +204,12 @@ def test_web_search_refuses_private_addresses_by_default(service, pages):
         assert out.results == [] and out.pages == []
         assert all("refused" in f["reason"] for f in out.failed) and len(out.failed) == 2
         allowed = Settings.from_env({}, fetch_allow="127.0.0.1")
-        out = web_search_with_embeddings("magma", [f"{pages}/pages/volcano"], client=client, settings=allowed)
+        out = web_search_with_embeddings("magma", [f"{pages}/pages/volcano", f"{pages}/pages/bread"],
+                                         client=client, settings=allowed, max_concurrent=1, max_chars=300)
         assert out.results[0]["url"] == f"{pages}/pages/volcano" and out.failed == []
+        assert all(p["passages"] == 1 for p in out.pages)  # max_chars cut each page to one passage
+        text, urls = out  # the original's (text, urls)
+        assert text.startswith(f"Source: {pages}/pages/volcano\nContent: ") and urls[0] == f"{pages}/pages/volcano"
     finally:
         client.close()
 
