@@ -84,3 +84,25 @@ def test_official_openai_client_gets_the_same_vectors(real_sidecar, real_model, 
         assert cosine_rows([one.data[0].embedding], real_model.encode(["just one"]))[0] >= 0.99999
     finally:
         w.stop()
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def test_sidecar_gives_back_the_memory_of_a_large_batch(real_sidecar):
+    import time
+
+    rng = random.Random(4)
+    words = "shared memory ring buffer model worker vector search index latency".split()
+    texts = [" ".join(rng.choice(words) for _ in range(150)) for _ in range(256)]
+    pid = real_sidecar.proc.pid
+    with client_for(real_sidecar) as c:
+        c.embed(["warm"])
+        time.sleep(0.5)
+        before = _rss_mb(pid)
+        c.embed(texts)  # model calls of 64 texts x 200 tokens: hundreds of MB of activations
+        time.sleep(0.5)  # idle: the loop trims the heap after 50 ms
+        after = _rss_mb(pid)
+    assert after - before < 80, f"sidecar RSS {before:.0f} -> {after:.0f} MiB after a large batch"
