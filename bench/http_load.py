@@ -204,6 +204,7 @@ def main() -> None:
             for set_name, texts in sets.items():
                 for clients, per in cells:
                     results[(setup, set_name, clients, per)] = load(base, texts, clients, per, args.seconds)
+            time.sleep(1.0)  # measured at rest after the load, the same for every setup
             memory[setup] = tree_memory_mb([proc.pid] + extra_pids)
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -223,7 +224,7 @@ def main() -> None:
     for name in sets:
         rate, bs = ceil[name]
         print(f"  {name}: {rate:.1f} texts/s at batch {bs}; one text alone {ceil[name + '_single_ms']:.1f} ms")
-    print(f"\ntotal memory with {WORKERS} workers (every process of the setup):")
+    print(f"\ntotal memory with {WORKERS} workers (every process of the setup, 1 s after the load):")
     for setup, (rss, pss) in memory.items():
         print(f"  {setup}: PSS {pss:.0f} MiB (RSS summed {rss:.0f} MiB)")
 
