@@ -59,6 +59,13 @@ class Retrieval:
         return self.ctx.read_json(req)
 
 
+class _Resource:
+    """A resource over the shared Retrieval."""
+
+    def __init__(self, r: Retrieval):
+        self.r = r
+
+
 def _int(doc: dict, key: str, default: int) -> int:
     value = doc.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool):
@@ -66,21 +73,15 @@ def _int(doc: dict, key: str, default: int) -> int:
     return value
 
 
-class Collections:
+class Collections(_Resource):
     """GET /collections."""
-
-    def __init__(self, r: Retrieval):
-        self.r = r
 
     def on_get(self, req, resp):
         resp.media = {"collections": self.r.store.list()}
 
 
-class Collection:
+class Collection(_Resource):
     """PUT, GET and DELETE /collections/{name}."""
-
-    def __init__(self, r: Retrieval):
-        self.r = r
 
     def on_put(self, req, resp, name):
         doc = self.r.body(req, optional=True)
@@ -97,11 +98,8 @@ class Collection:
         resp.media = {"name": name, "deleted": True}
 
 
-class Documents:
+class Documents(_Resource):
     """POST /collections/{name}/documents: add or replace documents by id."""
-
-    def __init__(self, r: Retrieval):
-        self.r = r
 
     def on_post(self, req, resp, name):
         doc = self.r.body(req)
@@ -114,11 +112,8 @@ class Documents:
         resp.media = self.r.store.upsert(name, docs)
 
 
-class Document:
+class Document(_Resource):
     """GET and DELETE /collections/{name}/documents/{doc_id}."""
-
-    def __init__(self, r: Retrieval):
-        self.r = r
 
     def on_get(self, req, resp, name, doc_id):
         resp.media = self.r.store.get_document(name, doc_id)
@@ -128,11 +123,8 @@ class Document:
         resp.media = {"id": doc_id, "deleted": True}
 
 
-class Search:
+class Search(_Resource):
     """POST /collections/{name}/search: {"query", "top_k", "filter"} -> {"results": [...]}."""
-
-    def __init__(self, r: Retrieval):
-        self.r = r
 
     def on_post(self, req, resp, name):
         doc = self.r.body(req)
@@ -144,11 +136,8 @@ class Search:
         resp.media = {"results": results}
 
 
-class WebSearch:
+class WebSearch(_Resource):
     """POST /search/web: {"query", "urls"?, "top_k"?} -> {"results", "pages", "failed"}."""
-
-    def __init__(self, r: Retrieval):
-        self.r = r
 
     def on_post(self, req, resp):
         doc = self.r.body(req)
