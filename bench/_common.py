@@ -52,6 +52,18 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+    """Send ``sig`` to ``proc`` if it still runs, wait up to ``timeout``
+    seconds, then kill it; returns its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
 @contextlib.contextmanager
 def running_sidecar(model: str | None = None, **env_extra):
     """Start a sidecar on a fresh namespace; yield its Settings; stop it."""
@@ -69,13 +81,7 @@ def running_sidecar(model: str | None = None, **env_extra):
         settings = Settings.from_env(env)
         yield settings, proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
         unlink_namespace(names)
 
 

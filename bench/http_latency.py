@@ -16,10 +16,9 @@ import argparse
 import http.client
 import json
 import os
-import signal
 import sys
 
-from _common import REPO, pct, running_sidecar, short_queries, table
+from _common import REPO, pct, running_sidecar, short_queries, stop_process, table
 from http_load import start_gunicorn
 
 
@@ -62,8 +61,7 @@ def main() -> None:
                     diff_ms.append(http_ms[-1] - local_ms[-1])
             conn.close()
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+            stop_process(proc, timeout=60)
     rows = [[name, f"{pct(v, 50):.2f}", f"{pct(v, 99):.2f}"] for name, v in
             (("HTTP /embed through shm-embed", http_ms), ("encode in this process", local_ms),
              ("difference, pair by pair", diff_ms))]

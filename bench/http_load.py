@@ -20,14 +20,13 @@ import argparse
 import http.client
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
 
-from _common import REPO, passages, pct, running_sidecar, short_queries, table
+from _common import REPO, passages, pct, running_sidecar, short_queries, stop_process, table
 
 WORKERS = 4
 
@@ -207,11 +206,7 @@ def main() -> None:
             time.sleep(1.0)  # measured at rest after the load, the same for every setup
             memory[setup] = tree_memory_mb([proc.pid] + extra_pids)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc, timeout=60)
             if sidecar_ctx is not None:
                 sidecar_ctx.__exit__(None, None, None)
     rows = []

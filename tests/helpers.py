@@ -20,6 +20,7 @@ sys.path.insert(0, str(REPO / "bench"))  # the benchmarks' helpers (soak, child_
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from _common import stop_process  # noqa: E402  (bench/_common.py)
 from shm_protocol.config import Settings  # noqa: E402
 from shm_protocol.segments import Names, unlink_namespace  # noqa: E402
 
@@ -40,13 +41,7 @@ class SidecarProc:
         return Names(self.settings.namespace)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        return stop_process(self.proc, sig, timeout)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -133,13 +128,7 @@ class WebProc:
     log: Path
 
     def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        return stop_process(self.proc, timeout=timeout)
 
 
 def start_web(tmp_path: Path, env: dict, workers: int = 2, **extra) -> WebProc:
