@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import passages, pct, running_sidecar, short_queries, table  # noqa: E402
 
 from retrieval.faiss_index import PassageIndex  # noqa: E402
-from retrieval.store import CollectionOptions, CollectionStore, Document  # noqa: E402
+from retrieval.store import CollectionStore, Document  # noqa: E402
 from shm_protocol.client import EmbeddingClient  # noqa: E402
 
 PER_DOC = 4

@@ -22,12 +22,17 @@ import faiss
 import numpy as np
 
 
+#: Training points per centroid: plenty for IVF, and what bounds the k-means sample.
+POINTS_PER_CENTROID = 64
+
+
 def nlist_for(n: int) -> int:
     """Inverted lists for a collection trained at ``n`` vectors: about 4 sqrt(n)."""
     return int(min(16384, max(16, 4 * math.sqrt(n))))
 
 
-def train_centroids(vectors: np.ndarray, nlist: int, *, seed: int = 1234, max_points: int = 64) -> np.ndarray:
+def train_centroids(vectors: np.ndarray, nlist: int, *, seed: int = 1234,
+                    max_points: int = POINTS_PER_CENTROID) -> np.ndarray:
     """Spherical k-means centroids of (a sample of) ``vectors``; at most
     ``max_points`` points per centroid are used, which is plenty for IVF."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)

@@ -126,8 +126,6 @@ class Fetcher:
                 raise FetchRefused(f"refused: {url!r} is not an http or https URL")
             try:
                 page = self._get(url, deadline)
-            except (FetchRefused, FetchFailed):
-                raise
             except httpcore.TimeoutException:
                 raise FetchFailed(f"timed out after {s.fetch_timeout_s:g} s") from None
             except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol, OSError) as exc:

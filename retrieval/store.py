@@ -37,7 +37,7 @@ from loguru import logger
 from shm_protocol.config import COLLECTIONS_DB
 from shm_protocol.errors import CollectionConflict, CollectionNotFound, InvalidInput, StorageBusy
 
-from .faiss_index import PassageIndex, nlist_for, train_centroids
+from .faiss_index import POINTS_PER_CENTROID, PassageIndex, nlist_for, train_centroids
 from .passages import OVERLAP_WORDS, PASSAGE_WORDS, split_passages
 
 DB_FILE = COLLECTIONS_DB
@@ -47,6 +47,7 @@ OP_ADD, OP_DEL = 1, 2
 IVF_EXPLICIT_MIN = 1000
 MAX_TOP_K = 1000
 _REPLAY_CHUNK = 8192
+_LOG_CHANGE = "INSERT INTO changes (cid, op, pid) VALUES (?, ?, ?)"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _FILTER_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_ -]{0,127}$")
@@ -236,12 +237,16 @@ class CollectionStore:
                 self._loaded.pop(name, None)  # deleted by another worker: free its index here too
             raise CollectionNotFound(f"no collection named {name!r}")
         if check_model:
-            model, dim = self.model()
-            if row["model"] != model or row["dim"] != dim:
-                raise CollectionConflict(
-                    f"collection {name!r} was made with {row['model']} ({row['dim']} dimensions); "
-                    f"this service embeds with {model} ({dim} dimensions)")
+            self._check_model(row)
         return row
+
+    def _check_model(self, row: sqlite3.Row) -> None:
+        """CollectionConflict unless the collection was made with this service's model."""
+        model, dim = self.model()
+        if row["model"] != model or row["dim"] != dim:
+            raise CollectionConflict(
+                f"collection {row['name']!r} was made with {row['model']} ({row['dim']} dimensions); "
+                f"this service embeds with {model} ({dim} dimensions)")
 
     # --- collections --------------------------------------------------------------
     def create(self, name: str, options: dict | None = None) -> tuple[dict, bool]:
@@ -260,7 +265,7 @@ class CollectionStore:
             else:
                 created = False
         if not created:
-            self._row(self._conn(), name)  # refuses another model
+            self._check_model(row)
             if options is not None and json.loads(row["options"]) != asdict(opts):
                 raise CollectionConflict(f"collection {name!r} exists with other options: {row['options']}")
         else:
@@ -293,13 +298,10 @@ class CollectionStore:
         return out
 
     def delete(self, name: str) -> None:
-        check_name(name)
         with self._write() as conn:
-            row = conn.execute("SELECT cid FROM collections WHERE name = ?", (name,)).fetchone()
-            if row is None:
-                raise CollectionNotFound(f"no collection named {name!r}")
-            conn.execute("DELETE FROM changes WHERE cid = ?", (row[0],))
-            conn.execute("DELETE FROM collections WHERE cid = ?", (row[0],))
+            cid = self._row(conn, name, check_model=False)["cid"]
+            conn.execute("DELETE FROM changes WHERE cid = ?", (cid,))
+            conn.execute("DELETE FROM collections WHERE cid = ?", (cid,))
         with self._lock:
             self._loaded.pop(name, None)
         logger.info("collection {} deleted", name)
@@ -316,33 +318,31 @@ class CollectionStore:
 
         Every passage is embedded (through the sidecar, in one batched call)
         before the write begins, so the store is locked only for the insert."""
-        docs = self.prepare(name, documents)
-        texts = [p for d in docs for p in d.passages]
-        vectors = self.client.embed(texts, normalize=True) if texts else np.empty((0, self.model()[1]), np.float32)
+        docs = self.prepare(name, documents)  # at least one document, each of at least one passage
+        vectors = self.client.embed([p for d in docs for p in d.passages], normalize=True)
         return self.write_embedded(name, docs, vectors)
 
     def write_embedded(self, name: str, docs: list[Document], vectors: np.ndarray) -> dict:
         """Store already-embedded documents (rows of ``vectors`` in passage order)."""
         model, dim = self.model()
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
-        if vectors.shape != (sum(len(d.spans) for d in docs), dim):
-            raise InvalidInput(f"expected {sum(len(d.spans) for d in docs)} vectors of {dim}, got {vectors.shape}")
+        expected = (sum(len(d.spans) for d in docs), dim)
+        if vectors.shape != expected:
+            raise InvalidInput(f"expected {expected[0]} vectors of {dim}, got {vectors.shape}")
         now = time.time()
         with self._write() as conn:
             row = self._row(conn, name)
             cid = row["cid"]
             i = 0
             for d in docs:
-                old = [r[0] for r in conn.execute("SELECT pid FROM passages WHERE cid = ? AND doc_id = ?", (cid, d.id))]
-                conn.executemany("INSERT INTO changes (cid, op, pid) VALUES (?, ?, ?)", [(cid, OP_DEL, p) for p in old])
-                conn.execute("DELETE FROM documents WHERE cid = ? AND id = ?", (cid, d.id))
+                _remove_document(conn, cid, d.id)
                 conn.execute("INSERT INTO documents (cid, id, url, metadata, text, updated) VALUES (?, ?, ?, ?, ?, ?)",
                              (cid, d.id, d.url, json.dumps(d.metadata), d.text, now))
                 for ordinal, (a, b) in enumerate(d.spans):
                     cur = conn.execute(
                         "INSERT INTO passages (cid, doc_id, ord, start, stop, vector) VALUES (?, ?, ?, ?, ?, ?)",
                         (cid, d.id, ordinal, a, b, vectors[i].tobytes()))
-                    conn.execute("INSERT INTO changes (cid, op, pid) VALUES (?, ?, ?)", (cid, OP_ADD, cur.lastrowid))
+                    conn.execute(_LOG_CHANGE, (cid, OP_ADD, cur.lastrowid))
                     i += 1
             total = conn.execute("SELECT count(*) FROM passages WHERE cid = ?", (cid,)).fetchone()[0]
             trained = conn.execute("SELECT 1 FROM centroids WHERE cid = ?", (cid,)).fetchone() is not None
@@ -353,11 +353,8 @@ class CollectionStore:
     def delete_document(self, name: str, doc_id: str) -> None:
         with self._write() as conn:
             cid = self._row(conn, name, check_model=False)["cid"]
-            old = [r[0] for r in conn.execute("SELECT pid FROM passages WHERE cid = ? AND doc_id = ?", (cid, doc_id))]
-            gone = conn.execute("DELETE FROM documents WHERE cid = ? AND id = ?", (cid, doc_id)).rowcount
-            if not gone:
+            if not _remove_document(conn, cid, doc_id):
                 raise CollectionNotFound(f"collection {name!r} has no document {doc_id!r}")
-            conn.executemany("INSERT INTO changes (cid, op, pid) VALUES (?, ?, ?)", [(cid, OP_DEL, p) for p in old])
 
     def get_document(self, name: str, doc_id: str) -> dict:
         conn = self._conn()
@@ -378,7 +375,7 @@ class CollectionStore:
             return
         conn = self._conn()
         nlist = nlist_for(total)
-        take = min(total, nlist * 64)
+        take = min(total, nlist * POINTS_PER_CENTROID)
         blobs = conn.execute("SELECT vector FROM passages WHERE cid = ? ORDER BY random() LIMIT ?",
                              (row["cid"], take)).fetchall()
         sample = np.frombuffer(b"".join(b[0] for b in blobs), dtype="<f4").reshape(-1, row["dim"])
@@ -513,6 +510,14 @@ class CollectionStore:
         sql = ("SELECT p.pid FROM passages p JOIN documents d ON d.cid = p.cid AND d.id = p.doc_id "
                "WHERE p.cid = ? AND " + " AND ".join(clauses))
         return np.array([r[0] for r in conn.execute(sql, params)], dtype=np.int64)
+
+
+def _remove_document(conn: sqlite3.Connection, cid: int, doc_id: str) -> bool:
+    """Delete a document (its passages cascade) and log their removal; False if it was not there."""
+    old = [(cid, OP_DEL, r[0]) for r in conn.execute("SELECT pid FROM passages WHERE cid = ? AND doc_id = ?",
+                                                      (cid, doc_id))]
+    conn.executemany(_LOG_CHANGE, old)
+    return conn.execute("DELETE FROM documents WHERE cid = ? AND id = ?", (cid, doc_id)).rowcount > 0
 
 
 def _by_pid(conn: sqlite3.Connection, ids: np.ndarray) -> dict[int, tuple[str, int, int]]:

@@ -123,7 +123,9 @@ def web_search_with_embeddings(query: str, urls: list[str] | None = None, *, top
         futures = {pool.submit(fetcher.fetch, u, deadline): u for u in urls}
         wait(futures, timeout=settings.fetch_total_s)
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=False, cancel_futures=True)  # fetches still running are abandoned
+        if own:
+            fetcher.close()
     passages: list[tuple[int, str]] = []   # (page number, passage)
     for fut, u in futures.items():
         if not fut.done():
@@ -147,8 +149,6 @@ def web_search_with_embeddings(query: str, urls: list[str] | None = None, *, top
         passages.extend((len(out.pages), text[a:b]) for a, b in spans)
         out.pages.append({"url": u, "final_url": page.final_url, "title": title or u, "passages": len(spans),
                           "truncated": page.truncated})
-    if own:
-        fetcher.close()
     if not passages:
         return out
 

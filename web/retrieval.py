@@ -65,6 +65,14 @@ class _Resource:
     def __init__(self, r: Retrieval):
         self.r = r
 
+    def query(self, doc: dict) -> str:
+        """The body's 'query': a string, within the same limits as any input."""
+        query = doc.get("query")
+        if not isinstance(query, str):
+            raise unprocessable("'query' must be a string")
+        self.r.ctx.texts(query, "query")
+        return query
+
 
 def _int(doc: dict, key: str, default: int) -> int:
     value = doc.get(key, default)
@@ -128,10 +136,7 @@ class Search(_Resource):
 
     def on_post(self, req, resp, name):
         doc = self.r.body(req)
-        query = doc.get("query")
-        if not isinstance(query, str):
-            raise unprocessable("'query' must be a string")
-        self.r.ctx.texts(query, "query")  # the same length limits as any input
+        query = self.query(doc)
         results = self.r.store.search(name, query, _int(doc, "top_k", 10), doc.get("filter"))
         resp.media = {"results": results}
 
@@ -141,10 +146,7 @@ class WebSearch(_Resource):
 
     def on_post(self, req, resp):
         doc = self.r.body(req)
-        query = doc.get("query")
-        if not isinstance(query, str):
-            raise unprocessable("'query' must be a string")
-        self.r.ctx.texts(query, "query")
+        query = self.query(doc)
         from retrieval.websearch import web_search_with_embeddings
 
         result = web_search_with_embeddings(query, doc.get("urls"), top_k=_int(doc, "top_k", 5),
