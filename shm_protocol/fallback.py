@@ -136,7 +136,7 @@ def make_client(settings: Settings):
 
 
 _default: dict = {}
-_default_lock = threading.Lock()
+_default_lock = threading.RLock()
 
 
 def get_embedding_client():
@@ -150,22 +150,21 @@ def get_embedding_client():
 
 def get_embedding_model():
     """The original entry point: something with ``encode`` to embed with. The
-    sidecar's client when it answers; otherwise (as the original did when it
-    could not connect) a client that embeds with a local model until the
-    sidecar is back, instead of failing every later call."""
+    shared client when the sidecar answers; otherwise (as the original did
+    when it could not connect) a client that embeds with a local model until
+    the sidecar is back, instead of failing every later call."""
     with _default_lock:
         model = _default.get("model")
         if model is not None:
             return model
-        settings = Settings.from_env()
-        model = make_client(settings)
+        model = get_embedding_client()  # one client, one ring, for both entry points
         if isinstance(model, EmbeddingClient):
             try:
                 model.info()
             except (SidecarUnavailable, NoRingAvailable) as exc:
                 logger.warning("embedding sidecar unavailable ({}); using a local model meanwhile", exc)
-                model.close()
-                model = FallbackClient(settings.replace(fallback="local"))
+                model = FallbackClient(model.settings.replace(fallback="local"))
+                model.mode = "local"  # until a call finds the sidecar back
         _default["model"] = model
         return model
 

@@ -15,7 +15,7 @@ import pytest
 from retrieval import CollectionStore, build_vector_index, search_index
 from retrieval.store import DB_FILE
 from shm_protocol.errors import CollectionConflict, CollectionNotFound, InvalidInput
-from tests.helpers import REPO, client_for, start_sidecar, stop_and_check
+from tests.helpers import REPO, client_for, cosine_rows, start_sidecar, stop_and_check
 
 DOCS = ["The cat sat on the warm mat.", "Paris is the capital of France.",
         "Python is a programming language.", "Bananas are a yellow fruit."]
@@ -182,3 +182,26 @@ def test_a_writer_killed_mid_write_leaves_a_readable_collection(tiny_sidecar, cl
         res = store.search("crash", "w1 w2 w3", top_k=5)
         assert len(res) == 5 and store.info("crash")["documents"] == ndocs
     store.close()
+
+
+def test_the_original_module_level_api(tiny_sidecar, tiny_st, monkeypatch):
+    from shm_protocol import fallback
+    from tests.helpers import new_namespace
+
+    for key in ("SHM_EMBED_NAMESPACE", "SHM_EMBED_MODEL"):
+        monkeypatch.setenv(key, tiny_sidecar.env[key])
+    monkeypatch.setattr(fallback, "_default", {})
+    model = fallback.get_embedding_model()
+    assert model is fallback.get_embedding_client()  # one client (one ring) for both
+    assert fallback.is_using_ipc_embedding() and fallback.get_active_operations_count() == 0
+    vecs = fallback.generate_embeddings(DOCS, batch_size=2)
+    assert vecs.shape == (4, tiny_st.get_embedding_dimension())
+    assert min(cosine_rows(vecs, tiny_st.encode(DOCS))) >= 0.99999
+    model.close()
+
+    # no sidecar on the namespace: a local model, as the original fell back at connect time
+    monkeypatch.setenv("SHM_EMBED_NAMESPACE", new_namespace())
+    monkeypatch.setattr(fallback, "_default", {})
+    local = fallback.get_embedding_model()
+    assert not fallback.is_using_ipc_embedding()
+    assert min(cosine_rows(local.generate_embeddings(DOCS), tiny_st.encode(DOCS))) >= 0.99999
