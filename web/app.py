@@ -27,6 +27,14 @@ from .retrieval import add_routes
 
 JSON_TYPES = ("application/json",)
 OPEN_PATHS = {"/health"}
+# A body the app refused unread (413, 415, 401, 404...) is read and dropped
+# before the answer goes out, up to this many bytes, so the connection stays
+# usable. Gunicorn drains only 64 KiB itself and then closes with bytes
+# unread, and the kernel's reset can take the 413 with it before the client
+# reads it. Beyond this the connection closes: a client sending that much
+# after a refusal gets no better.
+DRAIN_MAX_BYTES = 16 * 1024 * 1024
+DRAIN_CHUNK = 64 * 1024
 
 
 class Context:
@@ -314,9 +322,27 @@ class RequestIdMiddleware:
         t0 = time.perf_counter()
         with logger.contextualize(request_id=rid):
             result = self.app(environ, start)
+            _drain_body(environ)
             logger.info("{} {} {} {:.1f}ms", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"),
                         status_box[0].split()[0] if status_box else "-", (time.perf_counter() - t0) * 1e3)
         return result
+
+
+def _drain_body(environ) -> None:
+    """Read and drop what is left of the request body (see DRAIN_MAX_BYTES)."""
+    stream = environ.get("wsgi.input")
+    declared = environ.get("CONTENT_LENGTH") or ""
+    if stream is None or (declared.isdigit() and int(declared) > DRAIN_MAX_BYTES):
+        return
+    drained = 0
+    try:
+        while drained < DRAIN_MAX_BYTES:
+            chunk = stream.read(DRAIN_CHUNK)
+            if not chunk:
+                return
+            drained += len(chunk)
+    except (OSError, ValueError) as exc:  # the client went away, or sent a malformed chunk
+        logger.debug("request body not drained: {}", exc)
 
 
 __all__ = ["create_app"]

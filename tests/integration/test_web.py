@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures as cf
 import json
+import socket
 
 import httpx
 import numpy as np
@@ -107,6 +108,37 @@ def test_bad_requests_get_json_errors(web, path, body, ctype, status, contains):
     http, _ = web
     r = http.post(path, content=body, headers={"content-type": ctype})
     assert_error(r, status, contains=contains)
+
+
+@pytest.mark.parametrize("path,ctype,status", [
+    ("/embed", "application/json", 413),  # over SHM_EMBED_MAX_BODY_BYTES, refused before reading
+    ("/embed", "text/plain", 415),
+    ("/nope", "application/json", 404),
+])
+def test_refused_large_body_is_answered_and_the_connection_kept(web, path, ctype, status):
+    """A body refused unread still gets its JSON error, and the same
+    connection serves the next request (the body was read and dropped
+    instead of the connection being reset under the answer)."""
+    _, w = web
+    host, port = w.base.removeprefix("http://").split(":")
+    body = b"x" * (3 * 1024 * 1024)
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head + body)
+        reader = sock.makefile("rb")
+        for expect in (status, 200):
+            status_line = reader.readline().decode()
+            assert status_line.split()[1] == str(expect), status_line
+            length = None
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode().partition(":")
+                if name.lower() == "content-length":
+                    length = int(value)
+            payload = json.loads(reader.read(length))
+            if expect == status:
+                assert payload["error"]["type"]
+                sock.sendall(f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
 
 
 def test_unknown_path_and_method_are_json(web):
