@@ -32,9 +32,13 @@ from .errors import (
     SidecarUnavailable,
     SlotRejected,
 )
-from .layout import SLOT_CLAIMED, SLOT_DONE, SLOT_ERROR, SLOT_FREE, SLOT_READY, SlotError
+from .layout import ETA_NONE, ETA_PARK, SLOT_CLAIMED, SLOT_DONE, SLOT_ERROR, SLOT_FREE, SLOT_READY, SlotError
 from .region import Region
 from .segments import Names, drain, open_semaphore, pid_alive, ring_table_lock
+
+# First look for a slot's ETA after submitting it; an idle sidecar has picked
+# it up by then. Doubles with each look that finds none.
+PICKUP_LOOK_S = 0.002
 
 
 @dataclass
@@ -160,7 +164,7 @@ class _Session:
         seq = next(self._seq)
         self.seq[s] = seq
         self.error[s] = SlotError.NONE
-        self.eta_ns[s] = 0
+        self.eta_ns[s] = ETA_NONE
         self.submit_ns[s] = time.monotonic_ns()
         # NOTE: state after payload, doorbell after state (see layout's docstring).
         self.state[s] = SLOT_READY
@@ -502,13 +506,18 @@ class EmbeddingClient(SentenceTransformerAPI):
         settings = self.settings
         poll = min(0.05, settings.stale_after_s / 4)
         spin_ns = settings.spin_us * 1000
+        look = PICKUP_LOOK_S
         deadline = time.monotonic() + settings.timeout_s
         while True:
             timeout = poll
             if spin_ns:
                 eta = int(sess.eta_ns[s])
-                if eta == 0:  # not picked up yet: look again soon for its ETA
-                    timeout = 0.002
+                if eta == ETA_NONE:
+                    # Not picked up yet: look again for its ETA, less often the
+                    # longer the queue (under load each look is a wasted wake-up).
+                    timeout, look = look, min(poll, 2 * look)
+                elif eta == ETA_PARK:  # a large batch: its waiters park
+                    spin_ns = 0
                 else:
                     now = time.monotonic_ns()
                     wake_at = eta - spin_ns

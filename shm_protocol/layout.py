@@ -60,7 +60,9 @@ post/wait is the memory barrier that publishes everything written before it.
   validate; run the model; write ``out``, ``error``, timings; then
   ``state = DONE`` (or ``ERROR``); then post the slot's semaphore.
 * Sidecar, on taking a slot: ``eta_ns`` = when it expects the batch done
-  (from its running estimate of compute time per padded token).
+  (from its running estimate of compute time per padded token), or
+  ``ETA_PARK`` when the batch holds more slots than there are spare cores
+  for their waiters to spin on.
 * Worker wait (spin, then park): block on the slot semaphore until shortly
   before ``eta_ns``, then poll ``state`` for a bounded time, then block
   again. Waking a long-idle core costs 100-250 us on virtual machines; waking
@@ -98,6 +100,12 @@ class SlotState(enum.IntEnum):
 # Plain-int aliases for the hot paths: numpy compares an IntEnum member about
 # 50 times slower than an int (it takes a generic-object path).
 SLOT_FREE, SLOT_CLAIMED, SLOT_READY, SLOT_BUSY, SLOT_DONE, SLOT_ERROR = (int(s) for s in SlotState)
+
+# Special values of a slot's ``eta_ns`` (real ETAs are monotonic clock
+# readings, far above both): not picked up yet; picked up in a batch whose
+# waiters should block on the semaphore rather than spin.
+ETA_NONE = 0
+ETA_PARK = 1
 
 
 class SidecarState(enum.IntEnum):
@@ -200,7 +208,7 @@ def slot_dtype(max_texts: int, max_tokens: int, dim: int) -> np.dtype:
             ("submit_ns", "<u8"),
             ("queue_ns", "<u8"),
             ("compute_ns", "<u8"),
-            ("eta_ns", "<u8"),  # when the sidecar expects to answer (monotonic); 0 until picked up
+            ("eta_ns", "<u8"),  # when the sidecar expects to answer (monotonic); ETA_NONE, ETA_PARK
             ("batch_texts", "<u4"),
             ("offsets", "<u4", (max_texts + 1,)),
             ("tokens", "<i4", (max_tokens,)),

@@ -20,6 +20,7 @@ from loguru import logger
 from shm_protocol.config import Settings
 from shm_protocol.errors import LayoutMismatch, NamespaceInUse, SidecarUnavailable
 from shm_protocol.layout import (
+    ETA_PARK,
     BATCH_TEXTS_BUCKETS,
     LATENCY_BUCKETS_S,
     LayoutParams,
@@ -125,6 +126,11 @@ class Sidecar:
         # spin-polling by.
         self._call_ns: dict[int, float] = {}
         self._last_batch_slots = 0
+        # How many slots of one batch may have their waiters spin: the cores
+        # the model leaves free (a GPU model leaves all but this process's).
+        cores = os.cpu_count() or 1
+        model_cores = 1 if getattr(embedder, "is_cuda", False) else (settings.torch_threads or cores)
+        self._spin_slots = max(1, cores - model_cores)
         self._trim_pending = False  # a large model call ran since the heap was last trimmed
         self._tick = time.monotonic()  # last sign of life of the batching loop
         self.region: Region | None = None
@@ -372,7 +378,11 @@ class Sidecar:
             calls.append((start, min(end, len(items)), width))
             start = end
         est = [self._call_ns.get(((b - a) * w).bit_length()) for a, b, w in calls]
-        if all(e is not None for e in est):
+        if len(works) > self._spin_slots:
+            # More waiters than spare cores: spinning ones would take the
+            # model's cores, so they park until the post.
+            self.v_eta[[w.flat for w in works]] = ETA_PARK
+        elif all(e is not None for e in est):
             # A slot is answered after the call that holds its last text.
             ends = np.cumsum(est)
             last_call = {}
