@@ -11,7 +11,7 @@ p99; total resident memory of the setup. Also the in-process ceiling
 (SentenceTransformer.encode of the same texts at its best batch size).
 The load generator is bounded in time and only talks to 127.0.0.1.
 
-    python bench/http_load.py [--seconds 6] [--setups shm-embed,per-worker,dirty-workers]
+    python bench/http_load.py [--seconds 6] [--setups shm-embed,per-worker,dirty-workers] [--rounds 1]
 """
 
 from __future__ import annotations
@@ -173,55 +173,78 @@ def ceiling(texts_by_set: dict, seconds: float) -> dict:
     return out
 
 
+def run_setup(setup: str, sets: dict, cells: list, seconds: float, env: dict) -> tuple[dict, tuple[float, float]]:
+    """Start one setup, run every cell against it, measure its memory, stop it."""
+    print(f"... {setup}", file=sys.stderr, flush=True)
+    sidecar_ctx = running_sidecar() if setup == "shm-embed" else None
+    extra_pids = []
+    if sidecar_ctx is not None:
+        settings, sproc = sidecar_ctx.__enter__()
+        extra_pids = [sproc.pid]
+        proc, base = start_gunicorn(str(REPO / "gunicorn.conf.py"), dict(env, SHM_EMBED_NAMESPACE=settings.namespace))
+    elif setup == "per-worker":
+        proc, base = start_gunicorn(str(REPO / "gunicorn.conf.py"), dict(env, USE_IPC_EMBEDDING="false"))
+    else:
+        proc, base = start_gunicorn(str(REPO / "bench" / "gunicorn_dirty.conf.py"), env)
+    try:
+        results = {(set_name, clients, per): load(base, texts, clients, per, seconds)
+                   for set_name, texts in sets.items() for clients, per in cells}
+        time.sleep(1.0)  # measured at rest after the load, the same for every setup
+        return results, tree_memory_mb([proc.pid] + extra_pids)
+    finally:
+        stop_process(proc, timeout=60)
+        if sidecar_ctx is not None:
+            sidecar_ctx.__exit__(None, None, None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=6)
     ap.add_argument("--setups", default="shm-embed,per-worker,dirty-workers")
     ap.add_argument("--cells", default="1x1,16x1,1x32,16x32", help="clients x texts per request")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every setup this many times, alternating, and report each round's ratios")
     args = ap.parse_args()
     sets = {"queries": short_queries(2000, seed=11), "passages": passages(2000, seed=12)}
     cells = [tuple(int(x) for x in c.split("x")) for c in args.cells.split(",")]
-    ceil = ceiling(sets, args.seconds)
+    setups = args.setups.split(",")
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    results: dict[str, dict] = {}
-    memory: dict[str, tuple[float, float]] = {}
-    for setup in args.setups.split(","):
-        print(f"... {setup}", file=sys.stderr, flush=True)
-        sidecar_ctx = running_sidecar() if setup == "shm-embed" else None
-        extra_pids = []
-        if sidecar_ctx is not None:
-            settings, sproc = sidecar_ctx.__enter__()
-            env_s = dict(env, SHM_EMBED_NAMESPACE=settings.namespace)
-            extra_pids = [sproc.pid]
-            proc, base = start_gunicorn(str(REPO / "gunicorn.conf.py"), env_s)
-        elif setup == "per-worker":
-            proc, base = start_gunicorn(str(REPO / "gunicorn.conf.py"), dict(env, USE_IPC_EMBEDDING="false"))
-        else:
-            proc, base = start_gunicorn(str(REPO / "bench" / "gunicorn_dirty.conf.py"), env)
-        try:
-            for set_name, texts in sets.items():
-                for clients, per in cells:
-                    results[(setup, set_name, clients, per)] = load(base, texts, clients, per, args.seconds)
-            time.sleep(1.0)  # measured at rest after the load, the same for every setup
-            memory[setup] = tree_memory_mb([proc.pid] + extra_pids)
-        finally:
-            stop_process(proc, timeout=60)
-            if sidecar_ctx is not None:
-                sidecar_ctx.__exit__(None, None, None)
+    results: dict[tuple, dict] = {}
+    memory: dict[tuple, tuple[float, float]] = {}
+    ceilings: list[dict] = []
+    for rnd in range(1, args.rounds + 1):
+        ceilings.append(ceiling(sets, args.seconds))
+        for setup in setups:
+            res, memory[(rnd, setup)] = run_setup(setup, sets, cells, args.seconds, env)
+            results.update({(rnd, setup) + key: r for key, r in res.items()})
     rows = []
-    for (setup, set_name, clients, per), r in results.items():
-        rows.append([setup, set_name, clients, per, f"{r['rps']:.1f}", f"{r['tps']:.1f}", f"{r['p50']:.1f}",
+    for (rnd, setup, set_name, clients, per), r in results.items():
+        rows.append([rnd, setup, set_name, clients, per, f"{r['rps']:.1f}", f"{r['tps']:.1f}", f"{r['p50']:.1f}",
                      f"{r['p99']:.1f}", r["errors"]])
     print(f"\nHTTP load, {WORKERS} Gunicorn workers per setup, {args.seconds:.0f}s per cell, {os.cpu_count()} cores")
-    print(table(rows, ["setup", "texts", "clients", "texts/req", "req/s", "texts/s", "p50 ms", "p99 ms", "errors"]))
-    print("\nin-process ceiling (SentenceTransformer.encode, best batch size):")
-    for name in sets:
-        rate, bs = ceil[name]
-        print(f"  {name}: {rate:.1f} texts/s at batch {bs}; one text alone {ceil[name + '_single_ms']:.1f} ms")
+    print(table(rows, ["round", "setup", "texts", "clients", "texts/req", "req/s", "texts/s", "p50 ms", "p99 ms",
+                       "errors"]))
+    print("\nin-process ceiling (SentenceTransformer.encode, best batch size), measured before each round:")
+    for rnd, ceil in enumerate(ceilings, 1):
+        for name in sets:
+            rate, bs = ceil[name]
+            print(f"  round {rnd} {name}: {rate:.1f} texts/s at batch {bs}; one text alone "
+                  f"{ceil[name + '_single_ms']:.1f} ms")
     print(f"\ntotal memory with {WORKERS} workers (every process of the setup, 1 s after the load):")
-    for setup, (rss, pss) in memory.items():
-        print(f"  {setup}: PSS {pss:.0f} MiB (RSS summed {rss:.0f} MiB)")
+    for (rnd, setup), (rss, pss) in memory.items():
+        print(f"  round {rnd} {setup}: PSS {pss:.0f} MiB (RSS summed {rss:.0f} MiB)")
+    if "shm-embed" in setups and (16, 1) in cells:
+        print("\nshm-embed, 16 single-text clients, per round:")
+        for rnd, ceil in enumerate(ceilings, 1):
+            parts = []
+            for set_name in sets:
+                ours = results[(rnd, "shm-embed", set_name, 16, 1)]["tps"]
+                vs = [f"{ours / results[(rnd, other, set_name, 16, 1)]['tps']:.2f}x {other}"
+                      for other in setups if other != "shm-embed"]
+                parts.append(f"{set_name} {ours:.1f} texts/s = {ours / ceil[set_name][0]:.2f} of ceiling"
+                             + (", " + ", ".join(vs) if vs else ""))
+            print(f"  round {rnd}: " + "; ".join(parts))
 
 
 if __name__ == "__main__":

@@ -57,6 +57,19 @@ class EmbedResult:
         return int(self.token_counts.sum())
 
 
+# Tokenizers loaded before a fork (by the Gunicorn master), by file path: the
+# first client of each forked worker takes the loaded one instead of reading
+# the file again, so the workers share its pages copy-on-write.
+_preloaded: dict = {}
+
+
+def preload_tokenizer(path: str) -> None:
+    """Load the tokenizer at ``path`` now, for the processes this one forks."""
+    from tokenizers import Tokenizer
+
+    _preloaded[path] = Tokenizer.from_file(path)
+
+
 class _Tokenizer:
     """The model's own fast tokenizer, set to truncate at the model's limit."""
 
@@ -65,7 +78,7 @@ class _Tokenizer:
 
         self.path = path
         self.max_seq_length = max_seq_length
-        self._tok = Tokenizer.from_file(path)
+        self._tok = _preloaded.pop(path, None) or Tokenizer.from_file(path)
         self._tok.no_padding()
         self._tok.enable_truncation(max_length=max_seq_length)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures as cf
 import json
+import os
 import socket
 
 import httpx
@@ -139,6 +140,21 @@ def test_refused_large_body_is_answered_and_the_connection_kept(web, path, ctype
             if expect == status:
                 assert payload["error"]["type"]
                 sock.sendall(f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+
+
+def test_master_holds_no_segment_no_torch_no_thread(web):
+    """The master only imports the web code and loads the tokenizer before
+    forking: it maps no shared-memory segment, loads no torch and runs one
+    thread, while its workers have the rings mapped."""
+    http, w = web
+    assert post(http, "/embed", {"inputs": "warm"}).status_code == 200
+    maps = open(f"/proc/{w.proc.pid}/maps").read()
+    assert "/dev/shm/" not in maps
+    assert "libtorch" not in maps
+    assert os.listdir(f"/proc/{w.proc.pid}/task") == [str(w.proc.pid)]
+    from _common import child_pids
+
+    assert any("/dev/shm/" in open(f"/proc/{pid}/maps").read() for pid in child_pids(w.proc.pid))
 
 
 def test_unknown_path_and_method_are_json(web):
