@@ -93,15 +93,25 @@ def table(rows: list[list], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def child_pids(parent: int) -> list[int]:
-    """Pids of the direct children of ``parent`` (from /proc)."""
-    out = []
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (which may hold
+    spaces): index 1 is the parent pid, 11 and 12 user and system clock ticks."""
+    stat = open(f"/proc/{pid}/stat").read()
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def children_by_parent() -> dict[int, list[int]]:
+    """Every process's pid under its parent's pid (from /proc)."""
+    children: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
-                stat = open(f"/proc/{d}/stat").read()
-                if int(stat[stat.rindex(")") + 2:].split()[1]) == parent:
-                    out.append(int(d))
+                children.setdefault(int(proc_stat(int(d))[1]), []).append(int(d))
             except (OSError, ValueError):
-                pass
-    return out
+                pass  # gone meanwhile
+    return children
+
+
+def child_pids(parent: int) -> list[int]:
+    """Pids of the direct children of ``parent``."""
+    return children_by_parent().get(parent, [])

@@ -18,13 +18,12 @@ import resource
 import time
 import urllib.request
 
-from _common import REPO, child_pids, running_sidecar, short_queries, stop_process, table
+from _common import REPO, child_pids, proc_stat, running_sidecar, short_queries, stop_process, table
 from http_load import load, start_gunicorn
 
 
 def cpu_seconds(pid: int) -> float:
-    stat = open(f"/proc/{pid}/stat").read()
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = proc_stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 

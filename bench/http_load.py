@@ -26,7 +26,7 @@ import threading
 import time
 import urllib.request
 
-from _common import REPO, passages, pct, running_sidecar, short_queries, stop_process, table
+from _common import REPO, children_by_parent, passages, pct, running_sidecar, short_queries, stop_process, table
 
 WORKERS = 4
 
@@ -43,15 +43,7 @@ def tree_memory_mb(root_pids: list[int]) -> tuple[float, float]:
     """Total (RSS, PSS) of processes and all their descendants. PSS counts a
     shared page once across the processes that share it, so its sum is the
     setup's real footprint; the RSS sum counts shared libraries N times."""
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = open(f"/proc/{d}/stat").read()
-                ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-                children.setdefault(ppid, []).append(int(d))
-            except (OSError, ValueError):
-                pass
+    children = children_by_parent()
     rss = pss = 0.0
     todo, seen = list(root_pids), set()
     while todo:
