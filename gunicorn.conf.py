@@ -44,10 +44,10 @@ def on_starting(server):
     import web.wsgi  # noqa: F401
     from shm_protocol.client import preload_tokenizer
     from shm_protocol.config import Settings
-    from sidecar.model import resolve_model_path
+    from shm_protocol.model_files import resolve_model_path, tokenizer_file
 
     try:
-        preload_tokenizer(str(resolve_model_path(Settings.from_env(os.environ)) / "tokenizer.json"))
+        preload_tokenizer(str(tokenizer_file(resolve_model_path(Settings.from_env(os.environ).model))))
     except Exception as exc:  # the workers load it themselves, as the sidecar names it
         server.log.warning("tokenizer not preloaded: %s", exc)
 

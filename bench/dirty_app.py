@@ -29,7 +29,7 @@ class EmbedApp(DirtyApp):
         import torch
         from sentence_transformers import SentenceTransformer
 
-        from sidecar.model import bundled_model_path
+        from shm_protocol.model_files import bundled_model_path
 
         torch.set_num_threads(int(os.environ.get("SHM_EMBED_TORCH_THREADS") or os.cpu_count()))
         self.model = SentenceTransformer(str(bundled_model_path()), device="cpu")

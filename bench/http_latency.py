@@ -31,7 +31,7 @@ def main() -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from sidecar.model import bundled_model_path
+    from shm_protocol.model_files import bundled_model_path
 
     texts = short_queries(args.pairs + 20, seed=21)
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),

@@ -141,7 +141,7 @@ def ceiling(texts_by_set: dict, seconds: float) -> dict:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from sidecar.model import bundled_model_path
+    from shm_protocol.model_files import bundled_model_path
 
     torch.set_num_threads(os.cpu_count())
     model = SentenceTransformer(str(bundled_model_path()), device="cpu")

@@ -28,7 +28,7 @@ import json, sys, os
 import torch
 torch.set_num_threads(1)
 from sentence_transformers import SentenceTransformer
-from sidecar.model import bundled_model_path
+from shm_protocol.model_files import bundled_model_path
 m = SentenceTransformer(str(bundled_model_path()), device="cpu")
 texts = json.loads(sys.stdin.read())
 for i in range(0, len(texts), 16):

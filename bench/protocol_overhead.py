@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--block", type=int, default=25, help="requests per transport before switching (1: interleave)")
     args = ap.parse_args()
-    from sidecar.model import bundled_model_path
+    from shm_protocol.model_files import bundled_model_path
     from shm_protocol import EmbeddingClient
 
     model_path = args.model or str(bundled_model_path())

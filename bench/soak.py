@@ -89,7 +89,7 @@ def run_soak(seconds: float, model: str | None, clients: int = 6, workers: int =
 
     from sentence_transformers import SentenceTransformer
 
-    from sidecar.model import bundled_model_path
+    from shm_protocol.model_files import bundled_model_path
 
     rng = random.Random(seed)
     pool = short_queries(150, seed) + passages(150, seed + 1)

@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--max-wait-us", type=int, default=None, help="override SHM_EMBED_MAX_WAIT_US")
     args = ap.parse_args()
-    from sidecar.model import bundled_model_path
+    from shm_protocol.model_files import bundled_model_path
 
     model_path = args.model or str(bundled_model_path())
     ceil = ceiling(model_path, args.texts, args.seconds)

@@ -32,9 +32,21 @@ from .errors import (
     SidecarUnavailable,
     SlotRejected,
 )
-from .layout import ETA_NONE, ETA_PARK, SLOT_CLAIMED, SLOT_DONE, SLOT_ERROR, SLOT_FREE, SLOT_READY, SlotError
+from .errors import ShmEmbedError
+from .layout import (
+    ETA_NONE,
+    ETA_PARK,
+    SLOT_BUSY,
+    SLOT_CLAIMED,
+    SLOT_DONE,
+    SLOT_ERROR,
+    SLOT_FREE,
+    SLOT_READY,
+    SlotError,
+    SlotViews,
+)
 from .region import Region
-from .segments import Names, drain, open_semaphore, pid_alive, ring_table_lock
+from .segments import ORPHANED, Names, drain, open_semaphore, pid_alive
 
 # First look for a slot's ETA after submitting it; an idle sidecar has picked
 # it up by then. Doubles with each look that finds none.
@@ -96,6 +108,16 @@ class _Tokenizer:
             raise InvalidInput(f"the tokenizer refused the input: {exc}") from exc
 
 
+#: Posts a slot's semaphore may legitimately hold before a submit: one per
+#: abandoned request at most. More means someone wrote the semaphore's value
+#: in /dev/shm; draining up to SEM_VALUE_MAX would take minutes, so the slot
+#: is retired instead.
+SLOT_DRAIN_LIMIT = 64
+
+#: Slot states in which the sidecar may still read or write the slot.
+_IN_FLIGHT = (SLOT_CLAIMED, SLOT_READY, SLOT_BUSY)
+
+
 class _Session:
     """This process's lease on one ring of one sidecar epoch."""
 
@@ -109,36 +131,38 @@ class _Session:
         self.params = p
         self.bell = open_semaphore(names.bell)
         self.sems = [open_semaphore(names.slot(ring, s)) for s in range(p.slots_per_ring)]
-        slots = region.slots[ring]
-        # Per-field views of this ring, built once.
-        self.state = slots["state"]
-        self.error = slots["error"]
-        self.n_texts = slots["n_texts"]
-        self.n_tokens = slots["n_tokens"]
-        self.seq = slots["seq"]
-        self.submit_ns = slots["submit_ns"]
-        self.queue_ns = slots["queue_ns"]
-        self.compute_ns = slots["compute_ns"]
-        self.eta_ns = slots["eta_ns"]
-        self.offsets = slots["offsets"]
-        self.tokens = slots["tokens"]
-        self.out = slots["out"]
+        self.v = SlotViews(region.slots[ring])
+        self.state, self.seq, self.eta_ns = self.v.state, self.v.seq, self.v.eta_ns
         self.free: queue.Queue[int] = queue.Queue()
-        for s in range(p.slots_per_ring):
-            self.free.put(s)
         self._seq = itertools.count(int(time.monotonic_ns()))
         self._quarantine: set[int] = set()
         self._q_lock = threading.Lock()
+        for s in range(p.slots_per_ring):
+            # A fresh lease has every slot free; one still in flight (which the
+            # lease rules exclude) is kept out of use until the sidecar is done.
+            if int(self.state[s]) in _IN_FLIGHT:
+                self._quarantine.add(s)
+            else:
+                self.free.put(s)
 
     # -- slots --------------------------------------------------------------------
     def take_slot(self, timeout: float | None) -> int | None:
-        self._recover_quarantined()
-        try:
-            if timeout is None or timeout <= 0:
-                return self.free.get_nowait()
-            return self.free.get(timeout=timeout)
-        except queue.Empty:
-            return None
+        """A free slot whose semaphore holds no stale post, or None after ``timeout``."""
+        deadline = None if timeout is None or timeout <= 0 else time.monotonic() + timeout
+        while True:
+            self._recover_quarantined()
+            try:
+                if deadline is None:
+                    s = self.free.get_nowait()
+                else:
+                    s = self.free.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return None
+            # A post left by an earlier, abandoned request (bounded: see SLOT_DRAIN_LIMIT).
+            if drain(self.sems[s], SLOT_DRAIN_LIMIT) < SLOT_DRAIN_LIMIT:
+                return s
+            logger.error("slot {} of ring {}: its semaphore holds more than {} posts (tampered with); "
+                         "the slot is retired", s, self.ring, SLOT_DRAIN_LIMIT)
 
     def give_back(self, s: int) -> None:
         self.state[s] = SLOT_FREE
@@ -154,45 +178,49 @@ class _Session:
             return
         with self._q_lock:
             for s in list(self._quarantine):
-                if int(self.state[s]) in (SLOT_DONE, SLOT_ERROR):
-                    drain(self.sems[s])
+                if int(self.state[s]) in (SLOT_DONE, SLOT_ERROR, SLOT_FREE):
                     self._quarantine.discard(s)
                     self.give_back(s)
 
+    def answered(self, s: int, seq: int) -> bool:
+        return int(self.state[s]) in (SLOT_DONE, SLOT_ERROR) and int(self.seq[s]) == seq
+
     def submit(self, s: int, ids: np.ndarray, lengths: np.ndarray) -> int:
         """Write one part of a request into slot ``s`` and ring the doorbell."""
+        v = self.v
         n = len(lengths)
         ntok = len(ids)
-        drain(self.sems[s])  # a post left by an earlier, abandoned request
-        self.state[s] = SLOT_CLAIMED
-        self.tokens[s, :ntok] = ids
-        offs = self.offsets[s]
+        v.state[s] = SLOT_CLAIMED
+        v.tokens[s, :ntok] = ids
+        offs = v.offsets[s]
         offs[0] = 0
         if n == 1:
             offs[1] = ntok
         else:
             offs[1 : n + 1] = np.cumsum(lengths)
-        self.n_texts[s] = n
-        self.n_tokens[s] = ntok
+        v.n_texts[s] = n
+        v.n_tokens[s] = ntok
         seq = next(self._seq)
-        self.seq[s] = seq
-        self.error[s] = SlotError.NONE
-        self.eta_ns[s] = ETA_NONE
-        self.submit_ns[s] = time.monotonic_ns()
+        v.seq[s] = seq
+        v.error[s] = SlotError.NONE
+        v.eta_ns[s] = ETA_NONE
+        v.submit_ns[s] = time.monotonic_ns()
         # NOTE: state after payload, doorbell after state (see layout's docstring).
-        self.state[s] = SLOT_READY
+        v.state[s] = SLOT_READY
         self.bell.release()
         return seq
 
-    def release_lease(self) -> None:
-        if self.region.rings is None:
+    def give_up_lease(self) -> None:
+        """Hand the ring back: free when none of its slots is in the sidecar's
+        hands, else ORPHANED, so that the reaper frees it only once the
+        sidecar is done with it (a new holder must never share a slot with a
+        late answer). Our pid owns the ring, so nobody else writes its owner
+        field and no lock is needed (claimers take only owner 0)."""
+        rings = self.region.rings
+        if rings is None or int(rings[self.ring]["owner_pid"]) != self.pid:
             return
-        try:
-            with ring_table_lock(self.region.names):
-                if int(self.region.rings[self.ring]["owner_pid"]) == self.pid:
-                    self.region.rings[self.ring]["owner_pid"] = 0
-        except SidecarUnavailable:
-            pass
+        busy = any(int(self.state[s]) in _IN_FLIGHT for s in range(self.params.slots_per_ring))
+        rings[self.ring]["owner_pid"] = ORPHANED if busy else 0
 
     def close(self) -> None:
         for sem in [self.bell, *self.sems]:
@@ -200,7 +228,13 @@ class _Session:
                 sem.close()
             except posix_ipc.Error:
                 pass
+        self.v = self.state = self.seq = self.eta_ns = None
         self.region.close()
+
+    def retire(self) -> None:
+        """Give the lease up and unmap (in the process that leased it)."""
+        self.give_up_lease()
+        self.close()
 
 
 class SentenceTransformerAPI:
@@ -290,27 +324,47 @@ class EmbeddingClient(SentenceTransformerAPI):
 
     # -- attachment ---------------------------------------------------------------
     def _get_session(self) -> _Session:
-        """The live session, attaching or re-attaching as needed (new process
-        after fork, sidecar restarted with a new epoch)."""
+        """The live session, attaching or re-attaching as needed.
+
+        Lease rules: a stalled or stopping sidecar of the same epoch keeps
+        our ring (the call fails fast with SidecarUnavailable and the next
+        one finds it again); only a new epoch (a restarted sidecar) gives a
+        new lease, after the old one is handed back. A forked child leases a
+        ring of its own and leaves the parent's alone."""
         if self._closed:
             raise SidecarUnavailable("client is closed", reason="closed")
         sess = self._session
         stale = self.settings.stale_after_s
-        if sess is not None and sess.pid == os.getpid():
-            reason = sess.region.unavailable_reason(stale)
-            if reason is None:
-                return sess
+        pid = os.getpid()
+        if sess is not None and sess.pid == pid and sess.region.unavailable_reason(stale) is None:
+            return sess
         with self._lock:
             sess = self._session
-            if sess is not None and sess.pid == os.getpid() and sess.region.unavailable_reason(stale) is None:
-                return sess
-            # Our sidecar is gone or unhealthy (a new one may already serve), or
-            # this is a forked child (the parent's lease is the parent's). Other
-            # threads may still wait on the old session's semaphores: they notice
-            # the dead sidecar and fail; garbage collection closes it after them.
-            self._session = None
+            if sess is not None and sess.pid == pid:
+                reason = sess.region.unavailable_reason(stale, thorough=True)
+                if reason is None:
+                    return sess
+                if not self._replaced(sess):
+                    raise SidecarUnavailable(f"the sidecar cannot serve: {reason}", reason=reason)
+                # A new sidecar serves the namespace (or none does). Other
+                # threads may still wait on the old session: they notice the
+                # dead sidecar and fail.
+                self._session = None
+                sess.retire()
+            self._session = None  # a forked child drops the parent's session untouched
             self._session = self._attach()
             return self._session
+
+    def _replaced(self, sess: _Session) -> bool:
+        """Whether the namespace is no longer served by ``sess``'s epoch."""
+        try:
+            current = Region.attach(self.names, readonly=True, with_data=False)
+        except ShmEmbedError:  # gone, being created, or another layout: not ours any more
+            return True
+        try:
+            return current.epoch != sess.epoch
+        finally:
+            current.close()
 
     def _attach(self) -> _Session:
         region = Region.attach(self.names)
@@ -338,7 +392,7 @@ class EmbeddingClient(SentenceTransformerAPI):
         pid = os.getpid()
         deadline = time.monotonic() + max(0.5, 5 * self.settings.heartbeat_s)
         while True:
-            with ring_table_lock(region.names):
+            with region.lock_rings():
                 owners = region.rings["owner_pid"]
                 free = np.flatnonzero(owners == 0)
                 if len(free):
@@ -350,19 +404,18 @@ class EmbeddingClient(SentenceTransformerAPI):
                 dead = [int(o) for o in owners if not pid_alive(int(o))]
             if time.monotonic() > deadline:
                 raise NoRingAvailable(
-                    f"all {region.params.n_rings} rings of {self.names.namespace} are leased "
+                    f"all {region.params.n_rings} rings are leased "
                     f"({len(dead)} to dead processes not yet reaped); raise SHM_EMBED_RINGS"
                 )
             time.sleep(self.settings.heartbeat_s / 2)
 
     def close(self) -> None:
-        """Release this process's ring and unmap. The client cannot be used after."""
+        """Hand this process's ring back and unmap. The client cannot be used after."""
         with self._lock:
             self._closed = True
             sess, self._session = self._session, None
         if sess is not None and sess.pid == os.getpid():
-            sess.release_lease()
-            sess.close()
+            sess.retire()
 
     def __enter__(self) -> "EmbeddingClient":
         return self
@@ -392,7 +445,7 @@ class EmbeddingClient(SentenceTransformerAPI):
         """The sidecar's own counters (a :class:`shm_protocol.stats.Snapshot`)."""
         from .stats import snapshot
 
-        return snapshot(self._get_session().region)
+        return snapshot(self._get_session().region, self.settings.stale_after_s)
 
     @property
     def dimension(self) -> int:
@@ -536,7 +589,6 @@ class EmbeddingClient(SentenceTransformerAPI):
                     wake_at = eta - spin_ns
                     if now >= wake_at:
                         if _spin_until_done(sess, s, seq, eta + 2 * spin_ns):
-                            state = int(sess.state[s])
                             break
                         spin_ns = 0  # late: park until the post
                         continue
@@ -544,6 +596,8 @@ class EmbeddingClient(SentenceTransformerAPI):
             try:
                 sem.acquire(timeout)
             except posix_ipc.BusyError:
+                if sess.answered(s, seq):  # answered, but its post was lost
+                    break
                 reason = sess.region.unavailable_reason(settings.stale_after_s, thorough=True)
                 if reason is not None:
                     sess.quarantine(s)
@@ -552,23 +606,23 @@ class EmbeddingClient(SentenceTransformerAPI):
                     sess.quarantine(s)
                     raise SidecarTimeout(f"no answer from the sidecar within {settings.timeout_s}s") from None
                 continue
-            state = int(sess.state[s])
-            if state in (SLOT_DONE, SLOT_ERROR) and int(sess.seq[s]) == seq:
+            if sess.answered(s, seq):
                 break
             # A stale post from an abandoned request: keep waiting for ours.
-        queue_ns, compute_ns = int(sess.queue_ns[s]), int(sess.compute_ns[s])
-        if state == SLOT_ERROR:
-            code = int(sess.error[s])
+        v = sess.v
+        queue_ns, compute_ns = int(v.queue_ns[s]), int(v.compute_ns[s])
+        if int(v.state[s]) == SLOT_ERROR:
+            code = int(v.error[s])
             sess.give_back(s)
             raise _slot_error(code)
-        dest[:] = sess.out[s, : len(dest)]
+        dest[:] = v.out[s, : len(dest)]
         sess.give_back(s)
         return queue_ns, compute_ns
 
 
 def _spin_until_done(sess: _Session, s: int, seq: int, until_ns: int) -> bool:
     """Poll slot ``s`` until it is answered or ``until_ns`` passes. The
-    semaphore's post is left pending; the next submit on the slot drains it."""
+    semaphore's post is left pending; the next take of the slot drains it."""
     state, seqs = sess.state, sess.seq
     while True:
         if int(state[s]) in (SLOT_DONE, SLOT_ERROR) and int(seqs[s]) == seq:

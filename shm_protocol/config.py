@@ -87,6 +87,31 @@ class Settings:
     heartbeat_s: float = _setting(
         "SHM_EMBED_HEARTBEAT_S", 0.1, "Interval of the sidecar's heartbeat and ring reaper.", minimum=0.01
     )
+    loop_stall_s: float = _setting(
+        "SHM_EMBED_LOOP_STALL_S", 2.0,
+        "The batching loop counts as wedged (workers fail fast, /ready is 503, systemd's watchdog is no longer "
+        "fed) when it shows no progress for this long, plus 4x the expected time of a model call in progress.",
+        minimum=0.05,
+    )
+    model_call_max_s: float = _setting(
+        "SHM_EMBED_MODEL_CALL_MAX_S", 60.0,
+        "Time allowed to a model call of a size not timed yet (the first of its size) before the loop counts "
+        "as wedged.", minimum=0.01,
+    )
+    wedge_exit_s: float = _setting(
+        "SHM_EMBED_WEDGE_EXIT_S", 30.0,
+        "A sidecar whose batching loop stays wedged this long removes its objects and exits (status 70) so "
+        "that its supervisor (systemd, make run) starts a fresh one; 0 never exits.", minimum=0.0,
+    )
+    synthetic_us: int = _setting(
+        "SHM_EMBED_SYNTHETIC_US", -1,
+        "-1 serves the model. N >= 0 serves the synthetic backend instead: no torch, each model call takes N "
+        "microseconds with the CPU left free (as on a GPU), vectors are deterministic from the token ids.",
+        minimum=-1,
+    )
+    synthetic_dim: int = _setting(
+        "SHM_EMBED_SYNTHETIC_DIM", 384, "Dimension of the synthetic backend's vectors.", minimum=1
+    )
     # --- worker client -----------------------------------------------------------
     timeout_s: float = _setting(
         "SHM_EMBED_TIMEOUT_S", 30.0, "Longest a request waits for its vectors from a live sidecar.", minimum=0.001

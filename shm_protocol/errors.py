@@ -44,6 +44,22 @@ class NamespaceInUse(ShmEmbedError):
     """Another live sidecar already serves this namespace."""
 
 
+class ShmSpaceError(ShmEmbedError):
+    """/dev/shm has too little free space for the namespace's objects."""
+
+    def __init__(self, message: str, *, needed: int, free: int):
+        super().__init__(message)
+        self.needed = needed
+        self.free = free
+
+
+class RingTableBusy(SidecarUnavailable):
+    """The ring-table lock stayed held past its timeout (its holder is stopped or hung)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, reason="ring table locked")
+
+
 class NoRingAvailable(ShmEmbedError):
     """Every ring of the namespace is leased to a live process."""
 

@@ -16,6 +16,7 @@ import time
 import numpy as np
 from loguru import logger
 
+from . import model_files
 from .client import EmbeddingClient, EmbedResult, SentenceTransformerAPI, _check_texts, _Tokenizer
 from .config import Settings
 from .errors import NoRingAvailable, RequestTooLarge, SidecarUnavailable
@@ -31,13 +32,11 @@ class LocalEmbedder:
         import torch
         from sentence_transformers import SentenceTransformer
 
-        from sidecar.model import resolve_model_path, _model_name
-
         torch.set_num_threads(1)  # a worker shares the cores with its siblings
-        path = resolve_model_path(settings)
+        path = model_files.resolve_model_path(settings.model)
         self.model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
-        self.name = _model_name(path)
-        self.tok = _Tokenizer(str(path / "tokenizer.json"), int(self.model.max_seq_length))
+        self.name = model_files.model_name(path)
+        self.tok = _Tokenizer(str(model_files.tokenizer_file(path)), int(self.model.max_seq_length))
         self.lock = threading.Lock()
         logger.info("local model {} loaded in the worker", self.name)
 

@@ -10,6 +10,8 @@ Objects of one deployment (``NS`` is the namespace, default ``shm-embed``)::
     /NS-data             data segment     (rings of slots)
     /NS-bell             doorbell semaphore: counting, posted once per READY slot
     /NS-s<RING>-<SLOT>   one semaphore per slot: posted by the sidecar when done
+    /NS-lock             empty segment; the live sidecar holds a lock on it for
+                         its whole life (one sidecar per namespace)
 
 Control segment::
 
@@ -22,7 +24,8 @@ Control segment::
     |           device[32]                                         |
     |   liveness: sidecar_pid i32, state u32, epoch u64,           |
     |           heartbeat_ns u64 (CLOCK_MONOTONIC), started_ns u64 |
-    |           (wall clock), max_batch_tokens, max_batch_texts    |
+    |           (wall clock), max_batch_tokens, max_batch_texts,   |
+    |           loop_ns u64, loop_deadline_ns u64 (monotonic)      |
     |   stats: STATS_DTYPE (counters and histograms, sidecar-only) |
     +--------------------------------------------------------------+  CTL header itemsize
     | RING_DTYPE x n_rings: owner_pid i32, leases u64,             |
@@ -33,7 +36,7 @@ Data segment: ``n_rings x slots_per_ring`` slots of ``slot_dtype(...)``,
 each padded to a multiple of 64 bytes (a cache line)::
 
     +------ slot ----------------------------------------------------------+
-    | state u32 | error u32 | n_texts u32 | n_tokens u32 | seq u64        |
+    | state u32 | error u32 | n_texts u32 | n_tokens u32 | seq u64 (gen.) |
     | submit_ns u64 | queue_ns u64 | compute_ns u64 | eta_ns u64         |
     | batch_texts u32                                                      |
     | offsets u32[max_texts + 1]   text i is tokens[offsets[i]:offsets[i+1]]
@@ -47,8 +50,35 @@ Slot states (``SlotState``) and who may write each transition::
     BUSY --sidecar--> DONE | ERROR --worker--> FREE
 
 Each transition has exactly one writer, so no compare-and-swap is needed.
-The reaper (sidecar, between batches) and Gunicorn's ``child_exit`` reset the
-slots of a ring whose owner died, under the ring-table lock.
+Only the sidecar's reaper, in its batching thread between batches (so no slot
+is BUSY), resets the slots of a ring whose owner died or gave it up while
+slots were still in the sidecar's hands; Gunicorn's ``child_exit`` only marks
+such a ring ORPHANED.
+
+Leases, generations and liveness (the rules every reader and writer keeps):
+
+* **Lease.** A worker claims a ring with ``owner_pid == 0`` under the
+  ring-table lock (an open-file-description lock on the control segment: the
+  kernel drops it when its holder dies, and two clients of one process
+  exclude each other). A ring is handed to a new holder only when none of its
+  slots is CLAIMED, READY or BUSY: a client that closes with slots still in
+  the sidecar's hands marks its ring ORPHANED instead of free, and the reaper
+  frees it between batches. A client keeps its ring across a stall of the
+  same sidecar (same ``epoch``); a new epoch means a new lease.
+* **Generation.** ``seq`` is the request's generation, unique per client.
+  The sidecar reads it when it takes the slot and publishes only if the slot
+  is still BUSY with that generation; the waiter accepts DONE/ERROR only with
+  its own. A late answer can never land in a newer request.
+* **Liveness.** The heartbeat thread proves the process runs; ``loop_ns`` and
+  ``loop_deadline_ns`` prove the batching loop does: the loop promises to
+  show progress again before the deadline (longer while a model call of
+  known cost runs). A sidecar whose state is not READY (or unknown), whose
+  pid is dead, whose heartbeat is stale or whose loop is past its deadline is
+  unavailable: workers fail fast, ``/ready`` answers 503, the stats CLI exits
+  1 and systemd's watchdog stops being fed.
+* **Fairness.** The sidecar stamps when it first saw each READY slot (its own
+  clock, not the worker-written ``submit_ns``); rings take turns in a batch,
+  oldest first.
 
 Order of writes and reads. NOTE: the order is important here; the semaphore
 post/wait is the memory barrier that publishes everything written before it.
@@ -69,7 +99,9 @@ post/wait is the memory barrier that publishes everything written before it.
   early on a timer hides that cost behind the model's compute.
 * Worker wait: wait on the slot semaphore with a timeout; check ``state`` is
   DONE/ERROR and ``seq`` is its own (a stale post from an abandoned request is
-  drained and ignored); copy ``out`` rows; then ``state = FREE``.
+  drained and ignored; a wait that times out looks at ``state`` too, so a
+  post that failed costs one poll interval, not the request); copy ``out``
+  rows; then ``state = FREE``.
 """
 
 from __future__ import annotations
@@ -82,7 +114,7 @@ import numpy as np
 from .errors import LayoutMismatch, SidecarUnavailable
 
 MAGIC = b"SHMEMBED"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 #: Alignment of every slot, in bytes.
 SLOT_ALIGN = 64
@@ -113,6 +145,15 @@ class SidecarState(enum.IntEnum):
     READY = 1
     DRAINING = 2
     STOPPED = 3
+
+
+def sidecar_state_name(value: int) -> str:
+    """The lower-case name of a header ``state`` value; "unknown" for a value
+    no sidecar writes (a corrupt or hostile header is unavailable, never a crash)."""
+    try:
+        return SidecarState(value).name.lower()
+    except ValueError:
+        return "unknown"
 
 
 class SlotError(enum.IntEnum):
@@ -151,6 +192,8 @@ STATS_DTYPE = np.dtype(
         ("ready_slots", "<u4"),  # READY slots seen at the last scan (queue depth)
         ("busy_slots", "<u4"),  # slots in the batch being computed
         ("rings_reaped", "<u8"),
+        ("loop_errors", "<u8"),  # exceptions the batching loop caught and survived (logged)
+        ("stale_answers", "<u8"),  # answers dropped: the slot's generation changed in the model
     ],
     align=True,
 )
@@ -181,6 +224,8 @@ HEADER_DTYPE = np.dtype(
         ("started_ns", "<u8"),
         ("max_batch_tokens", "<u4"),
         ("max_batch_texts", "<u4"),
+        ("loop_ns", "<u8"),  # monotonic: the batching loop's last sign of progress
+        ("loop_deadline_ns", "<u8"),  # monotonic: the loop shows progress again before this
         ("stats", STATS_DTYPE),
     ],
     align=True,
@@ -196,26 +241,31 @@ def _round_up(n: int, align: int) -> int:
     return (n + align - 1) // align * align
 
 
+def _slot_fields(max_texts: int, max_tokens: int, dim: int) -> list:
+    return [
+        ("state", "<u4"),
+        ("error", "<u4"),
+        ("n_texts", "<u4"),
+        ("n_tokens", "<u4"),
+        ("seq", "<u8"),  # the request's generation, unique per client (never 0)
+        ("submit_ns", "<u8"),  # worker's clock; informational (the sidecar orders by its own)
+        ("queue_ns", "<u8"),
+        ("compute_ns", "<u8"),
+        ("eta_ns", "<u8"),  # when the sidecar expects to answer (monotonic); ETA_NONE, ETA_PARK
+        ("batch_texts", "<u4"),
+        ("offsets", "<u4", (max_texts + 1,)),
+        ("tokens", "<i4", (max_tokens,)),
+        ("out", "<f4", (max_texts, dim)),
+    ]
+
+
+#: Every field of a slot, in layout order (SlotViews has one attribute each).
+SLOT_FIELDS = tuple(f[0] for f in _slot_fields(1, 1, 1))
+
+
 def slot_dtype(max_texts: int, max_tokens: int, dim: int) -> np.dtype:
     """The dtype of one slot for these layout parameters, padded to SLOT_ALIGN."""
-    packed = np.dtype(
-        [
-            ("state", "<u4"),
-            ("error", "<u4"),
-            ("n_texts", "<u4"),
-            ("n_tokens", "<u4"),
-            ("seq", "<u8"),
-            ("submit_ns", "<u8"),
-            ("queue_ns", "<u8"),
-            ("compute_ns", "<u8"),
-            ("eta_ns", "<u8"),  # when the sidecar expects to answer (monotonic); ETA_NONE, ETA_PARK
-            ("batch_texts", "<u4"),
-            ("offsets", "<u4", (max_texts + 1,)),
-            ("tokens", "<i4", (max_tokens,)),
-            ("out", "<f4", (max_texts, dim)),
-        ],
-        align=True,
-    )
+    packed = np.dtype(_slot_fields(max_texts, max_tokens, dim), align=True)
     fields = packed.fields
     return np.dtype(
         {
@@ -287,6 +337,21 @@ def header_view(buf) -> np.ndarray:
 
 def ring_table_view(buf, n_rings: int) -> np.ndarray:
     return np.frombuffer(buf, dtype=RING_DTYPE, count=n_rings, offset=HEADER_DTYPE.itemsize)
+
+
+class SlotViews:
+    """One numpy view per slot field over an array of slots, built once.
+
+    The client views its ring (``slots[ring]``), the sidecar every slot
+    (``slots.reshape(-1)``): ``views.state[i]`` is slot i's state. Looking a
+    field up on a structured array costs about a microsecond, so the hot paths
+    use these views."""
+
+    __slots__ = SLOT_FIELDS
+
+    def __init__(self, slots: np.ndarray):
+        for name in SLOT_FIELDS:
+            setattr(self, name, slots[name])
 
 
 def slots_view(buf, params: LayoutParams) -> np.ndarray:

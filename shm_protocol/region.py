@@ -4,12 +4,15 @@ to one."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
+from typing import Iterator
 
 import numpy as np
 
-from .errors import LayoutMismatch, SidecarUnavailable
+from .errors import LayoutMismatch, RingTableBusy, ShmEmbedError, SidecarUnavailable
 from .layout import (
     HEADER_DTYPE,
     MAGIC,
@@ -19,9 +22,14 @@ from .layout import (
     check_prefix,
     header_view,
     ring_table_view,
+    sidecar_state_name,
     slots_view,
 )
-from .segments import ORPHANED, Names, Segment, pid_alive, ring_table_lock
+from .segments import ORPHANED, Names, Segment, locked, pid_alive
+
+#: Longest a worker waits for the ring-table lock before RingTableBusy: a
+#: holder only keeps it for microseconds, unless it is stopped.
+RING_LOCK_TIMEOUT_S = 2.0
 
 
 class Region:
@@ -36,6 +44,9 @@ class Region:
         self.rings = ring_table_view(ctl.mm, self.params.n_rings)
         self.slots = slots_view(data.mm, self.params) if data is not None else None
         self.epoch = int(self.header["epoch"])
+        # Threads of one process that share this Region share its descriptor,
+        # hence its OFD lock: they take turns here first.
+        self._thread_lock = threading.Lock()
 
     # -- construction -------------------------------------------------------------
     @classmethod
@@ -59,7 +70,7 @@ class Region:
     @classmethod
     def attach(cls, names: Names, *, readonly: bool = False, with_data: bool = True) -> "Region":
         """Map an existing namespace, checking magic, version and sizes."""
-        ctl = Segment.attach(names.ctl, readonly=readonly)
+        ctl = Segment.attach(names.ctl, readonly=readonly, keep_fd=not readonly)
         data = None
         try:
             check_prefix(ctl.mm, names.ctl)
@@ -116,20 +127,31 @@ class Region:
         return int(self.header["sidecar_pid"])
 
     @property
-    def state(self) -> SidecarState:
-        return SidecarState(int(self.header["state"]))
+    def state_name(self) -> str:
+        """The sidecar's state, lower case; "unknown" for a value no sidecar writes."""
+        return sidecar_state_name(int(self.header["state"]))
 
     def heartbeat_age_s(self) -> float:
         return (time.monotonic_ns() - int(self.header["heartbeat_ns"])) / 1e9
 
+    def loop_overdue_s(self) -> float:
+        """How long past its promised deadline the batching loop is (<= 0: on time)."""
+        return (time.monotonic_ns() - int(self.header["loop_deadline_ns"])) / 1e9
+
+    def loop_age_s(self) -> float:
+        return (time.monotonic_ns() - int(self.header["loop_ns"])) / 1e9
+
     # -- liveness -----------------------------------------------------------------------
     def unavailable_reason(self, stale_after_s: float, *, thorough: bool = False) -> str | None:
-        """Why this sidecar cannot serve now, or None if it can. The quick
-        check (state, heartbeat, pid by signal 0) costs about a microsecond;
-        ``thorough`` also tells a zombie from a live process."""
+        """Why this sidecar cannot serve now, or None if it can: the one
+        liveness rule that workers, /ready, the stats CLI and the tests share.
+        The quick check (state, pid by signal 0, heartbeat, loop deadline)
+        costs about a microsecond; ``thorough`` also tells a zombie from a
+        live process."""
         state = int(self.header["state"])
         if state != SidecarState.READY:
-            return f"sidecar is {SidecarState(state).name.lower()}"
+            name = sidecar_state_name(state)
+            return f"sidecar is {name}" if name != "unknown" else f"sidecar state is unknown ({state})"
         pid = int(self.header["sidecar_pid"])
         if thorough:
             if not pid_alive(pid):
@@ -144,12 +166,31 @@ class Region:
         age = self.heartbeat_age_s()
         if age > stale_after_s:
             return f"sidecar heartbeat is {age:.1f}s old (hung or stopped)"
+        overdue = self.loop_overdue_s()
+        if overdue > 0:
+            return f"sidecar batching loop made no progress for {self.loop_age_s():.1f}s (wedged)"
         return None
 
     def check_available(self, stale_after_s: float, *, thorough: bool = False) -> None:
         reason = self.unavailable_reason(stale_after_s, thorough=thorough)
         if reason is not None:
-            raise SidecarUnavailable(f"namespace {self.names.namespace}: {reason}", reason=reason)
+            raise SidecarUnavailable(f"the sidecar cannot serve: {reason}", reason=reason)
+
+    @contextlib.contextmanager
+    def lock_rings(self, timeout: float = RING_LOCK_TIMEOUT_S) -> Iterator[None]:
+        """Hold the ring-table lock (RingTableBusy after ``timeout`` seconds).
+        The lock is on this mapping's own control segment, so a client of an
+        old epoch never locks a newer sidecar's table by name."""
+        if self._ctl.fd < 0:
+            raise SidecarUnavailable("a read-only attachment cannot lock the ring table", reason="read-only")
+        tl = self._thread_lock
+        if not (tl.acquire(timeout=timeout) if timeout > 0 else tl.acquire(blocking=False)):
+            raise RingTableBusy(f"ring table stayed locked by this process for {timeout:.1f}s")
+        try:
+            with locked(self._ctl.fd, timeout, "the ring table"):
+                yield
+        finally:
+            self._thread_lock.release()
 
     def set_text_field(self, name: str, value: str) -> None:
         raw = value.encode("utf-8")
@@ -163,24 +204,26 @@ class Region:
         return np.array(self.slots["state"], copy=True)
 
 
-def release_rings_of(names: Names, pid: int) -> int:
+def release_rings_of(names: Names, pid: int, timeout: float = 1.0) -> int:
     """Mark the rings leased by ``pid`` (a dead process) orphaned, so the
     sidecar's reaper resets them at once and a reused pid cannot hold them.
-    Maps the control segment only for the call. Returns how many."""
-    from .errors import ShmEmbedError
-
+    Maps the control segment only for the call. Returns how many. Bounded:
+    it runs in Gunicorn's master, which must never block on a stopped
+    lock holder (the reaper finds the dead pid by itself anyway)."""
     try:
         region = Region.attach(names, with_data=False)
     except ShmEmbedError:
         return 0
     try:
-        with ring_table_lock(names):
+        with region.lock_rings(timeout):
             owners = region.rings["owner_pid"]
             mine = owners == pid
             count = int(mine.sum())
             owners[mine] = ORPHANED
             del owners
         return count
+    except ShmEmbedError:
+        return 0
     finally:
         region.close()
 
@@ -189,8 +232,6 @@ def wait_until_ready(names: Names, pid: int | None = None, timeout: float = 180.
                      alive=lambda: True) -> bool:
     """Wait until the namespace's sidecar (``pid``, when given) is READY.
     ``alive()`` returning False (the process exited) stops the wait early."""
-    from .errors import ShmEmbedError
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and alive():
         try:
@@ -198,7 +239,7 @@ def wait_until_ready(names: Names, pid: int | None = None, timeout: float = 180.
         except ShmEmbedError:
             time.sleep(0.02)
             continue
-        ready = region.state == SidecarState.READY and (pid is None or region.sidecar_pid == pid)
+        ready = int(region.header["state"]) == SidecarState.READY and (pid is None or region.sidecar_pid == pid)
         region.close()
         if ready:
             return True

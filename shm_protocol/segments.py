@@ -8,11 +8,14 @@ the sidecar's back (multiprocessing.shared_memory's tracker would).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import grp
 import mmap
 import os
 import re
+import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -20,7 +23,7 @@ from typing import Iterator
 import posix_ipc
 from loguru import logger
 
-from .errors import ConfigError, ShmEmbedError, SidecarUnavailable
+from .errors import ConfigError, NamespaceInUse, RingTableBusy, ShmEmbedError, ShmSpaceError, SidecarUnavailable
 
 #: Where Linux shows POSIX shared memory and named semaphores.
 DEV_SHM = Path("/dev/shm")
@@ -44,13 +47,17 @@ class Names:
     def bell(self) -> str:
         return f"/{self.namespace}-bell"
 
+    @property
+    def lock(self) -> str:
+        return f"/{self.namespace}-lock"
+
     def slot(self, ring: int, slot: int) -> str:
         return f"/{self.namespace}-s{ring}-{slot}"
 
     def owns_dev_shm_entry(self, entry: str) -> bool:
         """Whether a /dev/shm file name belongs to this namespace (and no other)."""
         ns = re.escape(self.namespace)
-        return re.fullmatch(rf"(sem\.)?{ns}-(ctl|data|bell|s\d+-\d+)", entry) is not None
+        return re.fullmatch(rf"(sem\.)?{ns}-(ctl|data|bell|lock|s\d+-\d+)", entry) is not None
 
     def dev_shm_entries(self) -> list[str]:
         """This namespace's objects now present in /dev/shm."""
@@ -78,39 +85,62 @@ def _apply_access(path: Path, mode: int, group: str) -> None:
 class Segment:
     """One mapped shared-memory segment. Its fd is closed right after mmap."""
 
-    def __init__(self, name: str, mm: mmap.mmap, *, created: bool):
+    def __init__(self, name: str, mm: mmap.mmap, *, created: bool, fd: int = -1):
         self.name = name
         self.mm = mm
         self.created = created
+        self.fd = fd  # kept open only where the segment is also locked (the control segment)
 
     @classmethod
     def create(cls, name: str, size: int, *, mode: int, group: str = "") -> "Segment":
+        """Create a segment with every page allocated now. A sparse segment
+        on a nearly full /dev/shm would be created fine and then kill the
+        process with SIGBUS at the first write to a page tmpfs cannot supply;
+        posix_fallocate turns that into ShmSpaceError at start-up."""
         shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=mode, size=size)
         try:
             if group:
                 os.fchown(shm.fd, -1, grp.getgrnam(group).gr_gid)
             os.fchmod(shm.fd, mode)
+            try:
+                os.posix_fallocate(shm.fd, 0, size)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+                    raise
+                posix_ipc.unlink_shared_memory(name)
+                raise ShmSpaceError(
+                    f"{DEV_SHM} has {shm_free_bytes():,} bytes free; {name} needs {size:,} "
+                    "(enlarge /dev/shm, e.g. docker --shm-size, or lower SHM_EMBED_RINGS / SHM_EMBED_SLOT_TEXTS)",
+                    needed=size, free=shm_free_bytes(),
+                ) from None
             mm = mmap.mmap(shm.fd, size)
+            fd = os.dup(shm.fd)
         finally:
             shm.close_fd()
-        return cls(name, mm, created=True)
+        return cls(name, mm, created=True, fd=fd)
 
     @classmethod
-    def attach(cls, name: str, *, readonly: bool = False) -> "Segment":
+    def attach(cls, name: str, *, readonly: bool = False, keep_fd: bool = False) -> "Segment":
         try:
             shm = posix_ipc.SharedMemory(name, read_only=readonly)
         except posix_ipc.ExistentialError:
             raise SidecarUnavailable(f"no segment {name}: is the sidecar running?", reason="absent") from None
         except posix_ipc.PermissionsError:
             raise SidecarUnavailable(f"segment {name} exists but this user may not open it", reason="permission") from None
+        fd = -1
         try:
             prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
             mm = mmap.mmap(shm.fd, shm.size, prot=prot)
+            if keep_fd:
+                fd = os.dup(shm.fd)
         finally:
             shm.close_fd()
-        return cls(name, mm, created=False)
+        return cls(name, mm, created=False, fd=fd)
 
     def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
         try:
             self.mm.close()
         except BufferError:
@@ -118,8 +148,38 @@ class Segment:
             pass
 
 
+#: What one named semaphore occupies in /dev/shm (a tmpfs page).
+SEMAPHORE_BYTES = mmap.PAGESIZE
+
+
+def shm_free_bytes() -> int:
+    """Bytes an unprivileged process may still allocate in /dev/shm."""
+    try:
+        st = os.statvfs(DEV_SHM)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+def check_shm_space(needed: int) -> None:
+    """Raise ShmSpaceError, naming both figures, unless ``needed`` bytes are free in /dev/shm."""
+    free = shm_free_bytes()
+    if free < needed:
+        raise ShmSpaceError(
+            f"{DEV_SHM} has {free:,} bytes free; this namespace needs {needed:,} "
+            "(enlarge /dev/shm, e.g. docker --shm-size, or lower SHM_EMBED_RINGS / SHM_EMBED_SLOT_TEXTS)",
+            needed=needed, free=free,
+        )
+
+
 def create_semaphore(name: str, initial: int, *, mode: int, group: str = "") -> posix_ipc.Semaphore:
-    sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=mode, initial_value=initial)
+    try:
+        sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=mode, initial_value=initial)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+            raise ShmSpaceError(f"{DEV_SHM} is full: cannot create semaphore {name}",
+                                needed=SEMAPHORE_BYTES, free=shm_free_bytes()) from None
+        raise
     _apply_access(DEV_SHM / f"sem.{name.lstrip('/')}", mode, group)
     return sem
 
@@ -133,22 +193,29 @@ def open_semaphore(name: str) -> posix_ipc.Semaphore:
         raise SidecarUnavailable(f"semaphore {name} exists but this user may not open it", reason="permission") from None
 
 
-def drain(sem: posix_ipc.Semaphore) -> int:
-    """Take every pending post without blocking; return how many."""
+def drain(sem: posix_ipc.Semaphore, limit: int = 1 << 62) -> int:
+    """Take pending posts without blocking, at most ``limit``; return how
+    many. A hostile process can push a semaphore to SEM_VALUE_MAX with one
+    write to /dev/shm, and draining that takes minutes: callers bound it."""
     n = 0
-    while True:
+    while n < limit:
         try:
             sem.acquire(0)
         except posix_ipc.BusyError:
             return n
         n += 1
+    return n
 
 
-def unlink_namespace(names: Names) -> list[str]:
-    """Remove every object of the namespace; return what was removed."""
+def unlink_namespace(names: Names, *, lock: bool = False) -> list[str]:
+    """Remove every object of the namespace; return what was removed. The
+    lifetime lock segment only with ``lock`` (its holder removes it itself;
+    this is for cleaning up after a sidecar that was killed)."""
     removed = []
     fixed = [(names.ctl, posix_ipc.unlink_shared_memory), (names.data, posix_ipc.unlink_shared_memory),
              (names.bell, posix_ipc.unlink_semaphore)]
+    if lock:
+        fixed.append((names.lock, posix_ipc.unlink_shared_memory))
     slot_sems = [
         ("/" + e[len("sem."):], posix_ipc.unlink_semaphore)
         for e in names.dev_shm_entries()
@@ -165,24 +232,91 @@ def unlink_namespace(names: Names) -> list[str]:
     return removed
 
 
+# struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks).
+_FLOCK = "hhqqi"
+
+
+def try_lock(fd: int) -> bool:
+    """Take an exclusive open-file-description lock on ``fd`` without waiting.
+
+    Why an OFD lock, not a semaphore or lockf: the kernel drops it when the
+    holder dies (a worker killed mid-lease never wedges the table), and it
+    belongs to the open file, not the process, so two clients of one process
+    exclude each other and closing some other descriptor of the same segment
+    does not silently release it (both are true of lockf's POSIX locks)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+
+
+def unlock(fd: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0))
+
+
 @contextlib.contextmanager
-def ring_table_lock(names: Names) -> Iterator[None]:
-    """Exclusive lock over the ring table, held through an fcntl lock on the
-    control segment. The kernel drops it if the holder dies, so a worker
-    killed mid-lease can never wedge the table (a semaphore would stay taken)."""
+def locked(fd: int, timeout: float, what: str) -> Iterator[None]:
+    """Hold the OFD lock on ``fd``, waiting at most ``timeout`` seconds for
+    it (a holder that is stopped, SIGSTOP or a paused VM, keeps it until it
+    runs again); RingTableBusy after that."""
+    deadline = time.monotonic() + timeout
+    pause = 0.0001
+    while not try_lock(fd):
+        if time.monotonic() >= deadline:
+            raise RingTableBusy(f"{what} stayed locked for {timeout:.1f}s (its holder is stopped or hung)")
+        time.sleep(pause)
+        pause = min(0.005, pause * 2)
     try:
-        shm = posix_ipc.SharedMemory(names.ctl)
-    except posix_ipc.ExistentialError:
-        raise SidecarUnavailable(f"no segment {names.ctl}: is the sidecar running?", reason="absent") from None
-    fd = shm.fd
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.lockf(fd, fcntl.LOCK_UN)
+        yield
     finally:
-        shm.close_fd()
+        unlock(fd)
+
+
+class NamespaceLock:
+    """The lock a sidecar holds on ``/NS-lock`` for its whole life, so two
+    sidecars of one namespace can never both run, even started at once.
+
+    The lock segment is unlinked on release; a starter that locked an inode
+    which was unlinked meanwhile sees another inode under the name and
+    tries again, so it never holds a lock nobody else can see."""
+
+    def __init__(self, names: Names, *, mode: int, group: str = ""):
+        self.names = names
+        self.fd = -1
+        for _ in range(100):
+            shm = posix_ipc.SharedMemory(names.lock, posix_ipc.O_CREAT, mode=mode)
+            fd = os.dup(shm.fd)
+            shm.close_fd()
+            _apply_access(DEV_SHM / names.lock.lstrip("/"), mode, group)
+            if not try_lock(fd):
+                os.close(fd)
+                raise NamespaceInUse(
+                    f"another sidecar already serves namespace {names.namespace!r} (it holds {names.lock}); "
+                    "stop it or set another SHM_EMBED_NAMESPACE"
+                )
+            try:
+                same = os.stat(DEV_SHM / names.lock.lstrip("/")).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+                return
+            os.close(fd)
+        raise NamespaceInUse(f"the lock of namespace {names.namespace!r} keeps changing under us")
+
+    def release(self) -> None:
+        """Unlink the lock segment (still holding it), then drop the lock."""
+        if self.fd < 0:
+            return
+        try:
+            posix_ipc.unlink_shared_memory(self.names.lock)
+        except posix_ipc.ExistentialError:
+            pass
+        os.close(self.fd)
+        self.fd = -1
 
 
 def pid_alive(pid: int) -> bool:
@@ -206,8 +340,8 @@ def pid_alive(pid: int) -> bool:
 
 
 __all__ = [
-    "DEV_SHM", "Names", "Segment", "ShmEmbedError", "create_semaphore", "open_semaphore", "drain",
-    "unlink_namespace", "ring_table_lock", "pid_alive",
+    "DEV_SHM", "Names", "NamespaceLock", "Segment", "ShmEmbedError", "check_shm_space", "create_semaphore",
+    "open_semaphore", "drain", "unlink_namespace", "locked", "try_lock", "unlock", "pid_alive",
 ]
 
 

@@ -22,6 +22,11 @@ from .region import Region
 from .segments import pid_alive
 
 
+#: The sidecar's plain counters, as the stats CLI, /embedding/stats and /metrics show them.
+COUNTERS = ("requests", "texts", "tokens", "padded_tokens", "batches", "rings_reaped", "loop_errors",
+            "stale_answers")
+
+
 @dataclass
 class Snapshot:
     namespace: str
@@ -35,6 +40,8 @@ class Snapshot:
     epoch: str
     uptime_s: float
     heartbeat_age_s: float
+    loop_age_s: float
+    unavailable: str | None  # why the sidecar cannot serve (region.unavailable_reason), None when it can
     counters: dict
     errors: dict
     batch_texts_hist: list
@@ -64,8 +71,9 @@ class Snapshot:
         return d
 
 
-def snapshot(region: Region) -> Snapshot:
-    """Copy the counters out of a mapped control segment (read-only is enough)."""
+def snapshot(region: Region, stale_after_s: float = 1.0) -> Snapshot:
+    """Copy the counters out of a mapped control segment (read-only is enough);
+    judge liveness by the same rule as the workers, with ``stale_after_s``."""
     h = region.header
     st = np.array(h["stats"], copy=True)
     rings = []
@@ -87,12 +95,13 @@ def snapshot(region: Region) -> Snapshot:
         max_seq_length=region.params.max_seq_length,
         sidecar_pid=region.sidecar_pid,
         sidecar_alive=pid_alive(region.sidecar_pid),
-        state=region.state.name.lower(),
+        state=region.state_name,
         epoch=f"{region.epoch:016x}",
         uptime_s=max(0.0, (time.time_ns() - started) / 1e9) if started else 0.0,
         heartbeat_age_s=region.heartbeat_age_s(),
-        counters={k: int(st[k]) for k in ("requests", "texts", "tokens", "padded_tokens", "batches",
-                                          "rings_reaped")},
+        loop_age_s=region.loop_age_s(),
+        unavailable=region.unavailable_reason(stale_after_s, thorough=True),
+        counters={k: int(st[k]) for k in COUNTERS},
         errors={e.name.lower(): int(st["errors"][int(e)]) for e in SlotError if e != SlotError.NONE},
         batch_texts_hist=[int(x) for x in st["batch_texts_hist"]],
         queue_hist=[int(x) for x in st["queue_hist"]],

@@ -17,18 +17,15 @@ from .config import Settings
 from .errors import LayoutMismatch, SidecarUnavailable
 from .region import Region
 from .segments import Names
-from .stats import Snapshot, snapshot
+from .stats import COUNTERS, Snapshot, snapshot
 
 EXIT_OK, EXIT_UNHEALTHY, EXIT_ABSENT = 0, 1, 2
 
 
-def health(snap: Snapshot, stale_after_s: float) -> tuple[int, str]:
-    if not snap.sidecar_alive:
-        return EXIT_UNHEALTHY, f"sidecar pid {snap.sidecar_pid} is not running (state was {snap.state})"
-    if snap.state != "ready":
-        return EXIT_UNHEALTHY, f"sidecar is {snap.state}"
-    if snap.heartbeat_age_s > stale_after_s:
-        return EXIT_UNHEALTHY, f"sidecar heartbeat is stale: {snap.heartbeat_age_s:.1f}s old (stopped or hung)"
+def health(snap: Snapshot) -> tuple[int, str]:
+    """Exit status and status line, by the workers' own liveness rule."""
+    if snap.unavailable is not None:
+        return EXIT_UNHEALTHY, snap.unavailable
     return EXIT_OK, "serving"
 
 
@@ -53,7 +50,8 @@ def render(snap: Snapshot, status: str, rate: dict):
     head.add_row("status", status)
     head.add_row("sidecar", f"pid {snap.sidecar_pid} ({'alive' if snap.sidecar_alive else 'dead'}), "
                             f"state {snap.state}, epoch {snap.epoch}")
-    head.add_row("uptime", f"{snap.uptime_s:.0f} s; heartbeat {snap.heartbeat_age_s * 1e3:.0f} ms ago")
+    head.add_row("uptime", f"{snap.uptime_s:.0f} s; heartbeat {snap.heartbeat_age_s * 1e3:.0f} ms ago, "
+                           f"loop progress {snap.loop_age_s * 1e3:.0f} ms ago")
     head.add_row("model", f"{snap.model} ({snap.dim} dims, max {snap.max_seq_length} tokens) on {snap.device}")
     head.add_row("queue", f"{snap.queue_depth} slots ready, {snap.busy_slots} in the model")
 
@@ -72,7 +70,7 @@ def render(snap: Snapshot, status: str, rate: dict):
     counters.add_column("counter")
     counters.add_column("total", justify="right")
     counters.add_column("per second", justify="right")
-    for k in ("requests", "texts", "tokens", "batches", "padded_tokens", "rings_reaped"):
+    for k in COUNTERS:
         counters.add_row(k, f"{snap.counters[k]:,}", f"{rate[k]:.1f}" if k in rate else "-")
     for k, v in snap.errors.items():
         counters.add_row(f"errors: {k}", f"{v:,}", "-")
@@ -113,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.watch:
             return _watch(region, settings, args.watch)
-        snap = snapshot(region)
-        code, status = health(snap, settings.stale_after_s)
+        snap = snapshot(region, settings.stale_after_s)
+        code, status = health(snap)
         if args.json:
             doc = snap.as_dict()
             doc["status"] = status
@@ -140,9 +138,9 @@ def _watch(region: Region, settings: Settings, every: float) -> int:
     try:
         with Live(console=Console(), auto_refresh=False, screen=False) as live:
             while True:
-                snap = snapshot(region)
+                snap = snapshot(region, settings.stale_after_s)
                 now = time.monotonic()
-                code, status = health(snap, settings.stale_after_s)
+                code, status = health(snap)
                 live.update(render(snap, status, rates(snap, before, now - t_before)), refresh=True)
                 before, t_before = snap, now
                 time.sleep(every)

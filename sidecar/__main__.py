@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--namespace", help="override SHM_EMBED_NAMESPACE")
     parser.add_argument("--device", help="override SHM_EMBED_DEVICE")
     parser.add_argument("--model", help="override SHM_EMBED_MODEL")
+    parser.add_argument("--synthetic-us", type=int, metavar="N",
+                        help="serve the synthetic backend (no torch): each model call takes N microseconds "
+                             "with the CPU free; overrides SHM_EMBED_SYNTHETIC_US")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     try:
@@ -48,12 +51,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings, component="sidecar")
 
-    from .model import Embedder
     from .server import Sidecar
 
     notify = systemd_notifier()
     try:
-        embedder = Embedder(settings)
+        if settings.synthetic_us >= 0:
+            from .synthetic import SyntheticEmbedder
+
+            embedder = SyntheticEmbedder(settings)
+        else:
+            from .model import Embedder
+
+            embedder = Embedder(settings)
         sidecar = Sidecar(settings, embedder, notify=notify)
     except ShmEmbedError as exc:
         logger.error("cannot start: {}", exc)

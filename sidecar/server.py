@@ -1,8 +1,12 @@
 """The sidecar: owns the namespace's objects and runs the batching loop.
 
-One thread runs the loop (scan, validate, batch, embed, answer, reap); a
-second one only writes the heartbeat, so a long batch never looks like a hung
-sidecar while a stopped process (SIGSTOP) does.
+One thread runs the loop (scan, plan, validate, embed, answer, reap) and
+publishes its progress; a second one writes the heartbeat, which proves the
+process runs. A stopped process (SIGSTOP, a paused VM) shows a stale
+heartbeat; a wedged loop (a hung model call, a lock) shows a loop past its
+deadline. Either makes the sidecar unavailable to every reader (see the
+layout's docstring for the rules). Batch planning lives in
+:mod:`sidecar.planner`, pure and tested without a model.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -18,31 +22,36 @@ import posix_ipc
 from loguru import logger
 
 from shm_protocol.config import Settings
-from shm_protocol.errors import LayoutMismatch, NamespaceInUse, SidecarUnavailable
+from shm_protocol.errors import LayoutMismatch, NamespaceInUse, RingTableBusy, SidecarUnavailable
 from shm_protocol.layout import (
-    ETA_PARK,
     BATCH_TEXTS_BUCKETS,
+    ETA_PARK,
     LATENCY_BUCKETS_S,
-    LayoutParams,
-    SidecarState,
-    SlotError,
     SLOT_BUSY,
     SLOT_CLAIMED,
     SLOT_DONE,
     SLOT_ERROR,
     SLOT_FREE,
     SLOT_READY,
+    LayoutParams,
+    SidecarState,
+    SlotError,
+    SlotViews,
     bucket_index,
 )
 from shm_protocol.region import Region
 from shm_protocol.segments import (
+    SEMAPHORE_BYTES,
     Names,
+    NamespaceLock,
+    check_shm_space,
     create_semaphore,
     drain,
     pid_alive,
-    ring_table_lock,
     unlink_namespace,
 )
+
+from .planner import CallTimer, admit, fair_order, plan_calls
 
 #: A model call of at least this many padded tokens leaves hundreds of MB of
 #: activations in the C heap (a batch of 200 passages: about 300 MB), which
@@ -50,6 +59,13 @@ from shm_protocol.segments import (
 #: loop hands the free pages back (malloc_trim: about 20 ms, only when idle).
 TRIM_AFTER_TOKENS = 2048
 TRIM_IDLE_S = 0.05
+
+#: A model call is expected to end within this many times its estimate
+#: before the loop's deadline passes (calls of one size vary by 2x under load).
+CALL_DEADLINE_FACTOR = 4
+
+#: Exit status of a sidecar that gave up on its wedged loop (EX_SOFTWARE).
+EXIT_WEDGED = 70
 
 
 def _malloc_trim() -> Callable[[], None]:
@@ -65,7 +81,24 @@ def _malloc_trim() -> Callable[[], None]:
     return lambda: trim(0)
 
 
-from .model import Embedder
+class RateLimitedLog:
+    """Log one line per ``every_s`` at most, saying how many were held back:
+    inside the loop, a fault that repeats must not flood the log."""
+
+    def __init__(self, every_s: float = 5.0):
+        self.every_s = every_s
+        self._next = 0.0
+        self._held = 0
+
+    def __call__(self, level: str, message: str, *args) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._held += 1
+            return
+        held, self._held = self._held, 0
+        suffix = f" ({held} more like it since the last report)" if held else ""
+        logger.opt(depth=1).log(level, message + suffix, *args)
+        self._next = now + self.every_s
 
 
 def validate_slot(n_texts: int, n_tokens: int, offsets: np.ndarray, tokens: np.ndarray, p: LayoutParams):
@@ -93,14 +126,19 @@ class _Work:
     """One valid slot taken into the current batch."""
 
     flat: int
+    seq: int  # the slot's generation when taken: the answer is published only to it
     offsets: np.ndarray
     ids: np.ndarray
-    remaining: int
+    texts: int
     queue_ns: int
-    texts: int = field(init=False)
+    remaining: int = 0
+    answered: bool = False
 
     def __post_init__(self) -> None:
-        self.texts = self.remaining
+        self.remaining = self.texts
+
+    def lengths(self) -> list[int]:
+        return np.diff(self.offsets).tolist()
 
 
 def _watchdog_seconds() -> float:
@@ -115,25 +153,25 @@ def _watchdog_seconds() -> float:
 class Sidecar:
     """Creates the namespace, serves it until stopped, then removes it."""
 
-    def __init__(self, settings: Settings, embedder: Embedder, *, notify: Callable[[str], None] | None = None):
+    def __init__(self, settings: Settings, embedder, *, notify: Callable[[str], None] | None = None):
         self.settings = settings
         self.embedder = embedder
         self.names = Names(settings.namespace)
         self.notify = notify or (lambda msg: None)
         self._stop = threading.Event()
-        # Running estimate of one model call's time, by power-of-two bucket of
-        # padded tokens: it gives each slot an ETA that workers time their
-        # spin-polling by.
-        self._call_ns: dict[int, float] = {}
+        self._timer = CallTimer()
         self._last_batch_slots = 0
         # How many slots of one batch may have their waiters spin: the cores
-        # the model leaves free (a GPU model leaves all but this process's).
+        # the model leaves free (a GPU or synthetic model leaves all but this process's).
         cores = os.cpu_count() or 1
-        model_cores = 1 if getattr(embedder, "is_cuda", False) else (settings.torch_threads or cores)
+        model_cores = (settings.torch_threads or cores) if getattr(embedder, "uses_cpu", True) else 1
         self._spin_slots = max(1, cores - model_cores)
         self._trim_pending = False  # a large model call ran since the heap was last trimmed
-        self._tick = time.monotonic()  # last sign of life of the batching loop
+        self._stall_ns = int(settings.loop_stall_s * 1e9)
+        self._log_fault = RateLimitedLog()
+        self._lock: NamespaceLock | None = None
         self.region: Region | None = None
+        self.v: SlotViews | None = None
         self.epoch = 0
 
     # -- lifecycle --------------------------------------------------------------------
@@ -142,8 +180,9 @@ class Sidecar:
         self._stop.set()
 
     def reap_stale_namespace(self) -> None:
-        """Remove objects of a crashed earlier sidecar of this namespace;
-        refuse to start if a live one still serves it."""
+        """Remove objects of a crashed earlier sidecar of this namespace. Runs
+        with the namespace lock held, so no other sidecar of ours is alive;
+        the pid check still refuses a live sidecar that predates the lock."""
         try:
             old = Region.attach(self.names, readonly=True, with_data=False)
         except SidecarUnavailable:
@@ -152,9 +191,9 @@ class Sidecar:
             logger.warning("replacing objects of another layout in {}: {}", self.names.namespace, exc)
             old = None
         if old is not None:
-            pid, state = old.sidecar_pid, old.state
+            pid, state = old.sidecar_pid, old.state_name
             old.close()
-            if pid != os.getpid() and state != SidecarState.STOPPED and pid_alive(pid):
+            if pid != os.getpid() and state != "stopped" and pid_alive(pid):
                 raise NamespaceInUse(
                     f"sidecar pid {pid} already serves namespace {self.names.namespace!r}; "
                     "stop it or set another SHM_EMBED_NAMESPACE"
@@ -174,10 +213,12 @@ class Sidecar:
             max_seq_length=info.max_seq_length,
             vocab_size=info.vocab_size,
         )
-        self.reap_stale_namespace()
-        region = Region.create(self.names, params, mode=s.ipc_mode, group=s.group)
-        self.region = region
+        self._lock = NamespaceLock(self.names, mode=s.ipc_mode, group=s.group)
         try:
+            self.reap_stale_namespace()
+            n_sems = 1 + params.n_rings * params.slots_per_ring
+            check_shm_space(params.ctl_bytes + params.data_bytes + n_sems * SEMAPHORE_BYTES)
+            self.region = region = Region.create(self.names, params, mode=s.ipc_mode, group=s.group)
             self.bell = create_semaphore(self.names.bell, 0, mode=s.ipc_mode, group=s.group)
             self.sems = [
                 [create_semaphore(self.names.slot(r, k), 0, mode=s.ipc_mode, group=s.group)
@@ -189,6 +230,15 @@ class Sidecar:
             raise
         self.flat_sems = [sem for ring in self.sems for sem in ring]
         self.params = params
+        n_slots = params.n_rings * params.slots_per_ring
+        # When the sidecar first saw each READY slot (and that slot's
+        # generation then): batches are ordered by this, not by the worker's clock.
+        self._seen_ns = np.zeros(n_slots, np.uint64)
+        self._seen_seq = np.zeros(n_slots, np.uint64)
+        # A drain of the doorbell takes at most this many posts per scan: one
+        # per slot is all honest workers can owe it; a hostile process could
+        # have pushed it to SEM_VALUE_MAX (minutes to drain).
+        self._bell_drain_limit = 4 * n_slots + 64
         h = region.header
         region.set_text_field("model_name", info.name)
         region.set_text_field("tokenizer_path", info.tokenizer_path)
@@ -201,20 +251,8 @@ class Sidecar:
         region.epoch = self.epoch
         h["started_ns"] = time.time_ns()
         h["heartbeat_ns"] = time.monotonic_ns()
-        # Flat views over all slots, built once for the loop.
-        sl = region.slots.reshape(-1)
-        self.v_state = sl["state"]
-        self.v_error = sl["error"]
-        self.v_ntexts = sl["n_texts"]
-        self.v_ntokens = sl["n_tokens"]
-        self.v_submit = sl["submit_ns"]
-        self.v_queue = sl["queue_ns"]
-        self.v_compute = sl["compute_ns"]
-        self.v_eta = sl["eta_ns"]
-        self.v_batch = sl["batch_texts"]
-        self.v_offsets = sl["offsets"]
-        self.v_tokens = sl["tokens"]
-        self.v_out = sl["out"]
+        self._progress()
+        self.v = SlotViews(region.slots.reshape(-1))
         self.stats = h["stats"]
         h["state"] = SidecarState.READY  # last: workers may attach from here on
         mb = (params.ctl_bytes + params.data_bytes) / 2**20
@@ -225,18 +263,35 @@ class Sidecar:
         )
 
     def destroy(self) -> None:
-        """Unlink everything this sidecar created and unmap."""
+        """Unlink what this sidecar created (only if the namespace is still
+        its own epoch), unmap, and release the namespace lock."""
         for sem in getattr(self, "flat_sems", []):
             sem.close()
         if getattr(self, "bell", None) is not None:
             self.bell.close()
-        unlink_namespace(self.names)
+        if self._lock is not None:  # without the lock, nothing here is ours to remove
+            if self._namespace_is_ours():
+                unlink_namespace(self.names)
+            else:
+                logger.warning("namespace {} now belongs to another epoch; leaving its objects",
+                               self.names.namespace)
         if self.region is not None:
-            self.v_state = self.v_error = self.v_ntexts = self.v_ntokens = None
-            self.v_submit = self.v_queue = self.v_compute = self.v_eta = self.v_batch = None
-            self.v_offsets = self.v_tokens = self.v_out = self.stats = None
+            self.v = self.stats = None
             self.region.close()
             self.region = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _namespace_is_ours(self) -> bool:
+        try:
+            current = Region.attach(self.names, readonly=True, with_data=False)
+        except (SidecarUnavailable, LayoutMismatch):
+            return True  # absent or half-created: what is there is ours (we hold the lock)
+        try:
+            return current.epoch in (self.epoch, 0)
+        finally:
+            current.close()
 
     def serve(self) -> None:
         """Create the namespace, run until stopped, drain, remove everything."""
@@ -255,19 +310,57 @@ class Sidecar:
             self.destroy()
             logger.info("stopped; namespace {} removed", self.names.namespace)
 
+    def _progress(self, call_ns: float = 0.0) -> None:
+        """Publish that the loop is alive, and when it will show progress
+        again at the latest (longer while a model call of ``call_ns`` runs)."""
+        h = self.region.header
+        now = time.monotonic_ns()
+        h["loop_ns"] = now
+        h["loop_deadline_ns"] = now + self._stall_ns + int(call_ns)
+
     def _heartbeat_loop(self) -> None:
         """Publish the heartbeat; feed systemd's watchdog only while the
-        batching loop makes progress (a wedged loop then gets restarted)."""
+        batching loop keeps its deadline; give up on a loop wedged for
+        ``wedge_exit_s`` (counted in this thread's own running time, so a
+        paused VM that resumes is not taken for a wedge)."""
         header = self.region.header
         interval = self.settings.heartbeat_s
         wd_s = _watchdog_seconds()
         next_wd = 0.0
+        wedged_since = None
         while not self._stop.wait(interval):
-            header["heartbeat_ns"] = time.monotonic_ns()
-            now = time.monotonic()
-            if wd_s and now >= next_wd and now - self._tick < wd_s / 2:
+            now_ns = time.monotonic_ns()
+            header["heartbeat_ns"] = now_ns
+            now = now_ns / 1e9
+            on_time = now_ns <= int(header["loop_deadline_ns"])
+            if on_time:
+                wedged_since = None
+            else:
+                if wedged_since is None:
+                    wedged_since = now
+                    logger.error("the batching loop has missed its deadline (no progress for {:.1f}s)",
+                                 (now_ns - int(header["loop_ns"])) / 1e9)
+                limit = self.settings.wedge_exit_s
+                if limit and now - wedged_since >= limit:
+                    self._give_up()
+            if wd_s and on_time and now >= next_wd:
                 self.notify("WATCHDOG=1")
                 next_wd = now + wd_s / 4
+
+    def _give_up(self) -> None:
+        """The loop stayed wedged: remove the namespace (workers fail fast on
+        it, then attach to the next sidecar) and exit for the supervisor to
+        restart us. From the heartbeat thread; the loop thread is stuck."""
+        logger.critical("the batching loop stayed wedged for {}s; exiting so a fresh sidecar can start",
+                        self.settings.wedge_exit_s)
+        try:
+            self.region.header["state"] = SidecarState.STOPPED
+            if self._namespace_is_ours():
+                unlink_namespace(self.names)
+            if self._lock is not None:
+                self._lock.release()
+        finally:
+            os._exit(EXIT_WEDGED)
 
     # -- the loop ---------------------------------------------------------------------
     def _loop(self) -> None:
@@ -278,23 +371,29 @@ class Sidecar:
         last_work_ns = 0
         trim = _malloc_trim()
         while not self._stop.is_set():
-            self._tick = time.monotonic()
-            if idle and not self._spin_for_bell(last_work_ns + spin_ns):
-                try:
-                    self.bell.acquire(TRIM_IDLE_S if self._trim_pending else interval)
-                except posix_ipc.BusyError:
-                    if self._trim_pending:  # idle since a large batch: give its memory back
-                        self._trim_pending = False
-                        trim()
-                except posix_ipc.SignalError:
-                    continue
-            now = time.monotonic()
-            if now >= next_reap:
-                self.reap_dead_rings()
-                next_reap = now + interval
-            idle = not self.step()
-            if not idle:
-                last_work_ns = time.monotonic_ns()
+            self._progress()
+            try:
+                if idle and not self._spin_for_bell(last_work_ns + spin_ns):
+                    try:
+                        self.bell.acquire(TRIM_IDLE_S if self._trim_pending else interval)
+                    except posix_ipc.BusyError:
+                        if self._trim_pending:  # idle since a large batch: give its memory back
+                            self._trim_pending = False
+                            trim()
+                    except posix_ipc.SignalError:
+                        continue
+                now = time.monotonic()
+                if now >= next_reap:
+                    self.reap_dead_rings()
+                    next_reap = now + interval
+                idle = not self.step()
+                if not idle:
+                    last_work_ns = time.monotonic_ns()
+            except Exception as exc:  # one fault must not stop the service; step() failed its slots
+                self.stats["loop_errors"] += 1
+                self._log_fault("ERROR", "batching loop survived {!r}", exc)
+                time.sleep(0.001)  # a fault that repeats at once must not spin a core
+                idle = True
 
     def _spin_for_bell(self, until_ns: int) -> bool:
         """Poll the doorbell until ``until_ns``: right after a batch the next
@@ -309,113 +408,124 @@ class Sidecar:
                 os.sched_yield()
         return False
 
+    def _scan(self) -> np.ndarray:
+        """READY slots now, each stamped with when the sidecar first saw it."""
+        drain(self.bell, self._bell_drain_limit)  # before the scan: a later post wakes the next scan
+        ready = np.flatnonzero(self.v.state == SLOT_READY)
+        if len(ready):
+            seqs = self.v.seq[ready]
+            new = (self._seen_ns[ready] == 0) | (self._seen_seq[ready] != seqs)
+            if new.any():
+                self._seen_ns[ready[new]] = time.monotonic_ns()
+                self._seen_seq[ready[new]] = seqs[new]
+        return ready
+
     def step(self) -> bool:
         """Serve one batch of READY slots. Returns False if there was none."""
-        drain(self.bell)  # before the scan: a later post wakes the next scan
-        ready = np.flatnonzero(self.v_state == SLOT_READY)
+        ready = self._scan()
         self.stats["ready_slots"] = len(ready)
         if len(ready) == 0:
             return False
-        wait_us = self.settings.max_wait_us
-        if wait_us and len(ready) < min(self._last_batch_slots, self.settings.max_batch_texts):
+        s = self.settings
+        if s.max_wait_us and len(ready) < min(self._last_batch_slots, s.max_batch_texts):
             # Linger only while fewer slots are ready than the last batch held:
             # under steady concurrency the rest arrive within a millisecond or
             # two, and one batch of 8 runs far faster than 8 batches of 1. A
             # lone client (last batch 1) never waits.
-            deadline = time.monotonic() + wait_us / 1e6
+            deadline = time.monotonic() + s.max_wait_us / 1e6
             while len(ready) < self._last_batch_slots and (left := deadline - time.monotonic()) > 0:
                 try:
                     self.bell.acquire(left)
                 except (posix_ipc.BusyError, posix_ipc.SignalError):
                     break
-                drain(self.bell)
-                ready = np.flatnonzero(self.v_state == SLOT_READY)
-        ready = ready[np.argsort(self.v_submit[ready], kind="stable")]  # oldest first
-        self._serve_batch(ready)
+                ready = self._scan()
+        order = fair_order(ready, self._seen_ns[ready], self.params.slots_per_ring)
+        batch = admit(order, self.v.n_texts, self.v.n_tokens, s.max_batch_texts, s.max_batch_tokens)
+        works: list[_Work] = []
+        try:
+            works = self._take(batch)
+            if works:
+                self._serve_batch(works)
+        finally:
+            # Whatever happened, no slot of this batch stays BUSY: the reaper
+            # and the lease rules rely on BUSY ending with the step.
+            for w in works:
+                if not w.answered:
+                    self._finish(w, SlotError.MODEL_FAILED)
+            self.stats["busy_slots"] = 0
         return True
 
-    def _take(self, ready: np.ndarray, t0: int) -> list[_Work]:
-        """Mark slots BUSY within the batch budget, validate each; a bad slot
-        is answered with its error at once and never joins the batch."""
-        s, p = self.settings, self.params
+    def _take(self, batch: list[int]) -> list[_Work]:
+        """Mark the batch's slots BUSY and validate each on a private copy; a
+        bad slot is answered with its error at once and never joins."""
+        p, v = self.params, self.v
+        t0 = time.monotonic_ns()
         works: list[_Work] = []
-        texts = tokens = 0
-        for flat in ready.tolist():
-            n_texts, n_tokens = int(self.v_ntexts[flat]), int(self.v_ntokens[flat])
-            if works and (texts + n_texts > s.max_batch_texts or tokens + n_tokens > s.max_batch_tokens):
-                break
-            self.v_state[flat] = SLOT_BUSY
-            code, offs, ids = validate_slot(n_texts, n_tokens, self.v_offsets[flat], self.v_tokens[flat], p)
+        for flat in batch:
+            seq = int(v.seq[flat])
+            v.state[flat] = SLOT_BUSY
+            queue_ns = max(0, t0 - int(self._seen_ns[flat]))
+            self._seen_ns[flat] = 0
+            try:
+                code, offs, ids = validate_slot(int(v.n_texts[flat]), int(v.n_tokens[flat]), v.offsets[flat],
+                                                v.tokens[flat], p)
+            except Exception as exc:  # a slot's bytes must not be able to raise out of here
+                self.stats["loop_errors"] += 1
+                self._log_fault("ERROR", "validating slot {} raised {!r}", flat, exc)
+                code, offs, ids = SlotError.BAD_COUNT, None, None
+            work = _Work(flat, seq, offs, ids, int(v.n_texts[flat]), queue_ns)
             if code != SlotError.NONE:
-                self._finish(flat, code, 0, 0)
-                logger.warning("rejected slot {} (ring {}): {}", flat % p.slots_per_ring,
-                               flat // p.slots_per_ring, code.name)
+                self._finish(work, code)
+                self._log_fault("WARNING", "rejected slot {} (ring {}): {}", flat % p.slots_per_ring,
+                                flat // p.slots_per_ring, code.name)
                 continue
-            queue_ns = max(0, t0 - int(self.v_submit[flat]))
-            works.append(_Work(flat, offs, ids, n_texts, queue_ns))
-            texts += n_texts
-            tokens += n_tokens
+            works.append(work)
         return works
 
-    def _serve_batch(self, ready: np.ndarray) -> None:
+    def _serve_batch(self, works: list[_Work]) -> None:
         t0 = time.monotonic_ns()
-        works = self._take(ready, t0)
-        if not works:
-            return
-        self.stats["busy_slots"] = len(works)
+        st = self.stats
+        st["busy_slots"] = len(works)
         self._last_batch_slots = len(works)
-        # Every text of the batch, longest first, cut into model calls that fit
-        # the padded-token budget: sorting by length keeps padding small.
-        items = [(int(w.offsets[i + 1] - w.offsets[i]), wi, i) for wi, w in enumerate(works) for i in range(w.texts)]
-        items.sort(key=lambda t: -t[0])
-        budget = min(self.settings.max_batch_tokens, self.embedder.capacity_tokens)
-        budget = max(budget, items[0][0])
-        max_texts = self.settings.max_batch_texts
-        calls, start = [], 0
-        while start < len(items):
-            width = items[start][0]
-            end = start + max(1, min(max_texts, budget // width))
-            calls.append((start, min(end, len(items)), width))
-            start = end
-        est = [self._call_ns.get(((b - a) * w).bit_length()) for a, b, w in calls]
+        plan = plan_calls([w.lengths() for w in works], min(self.settings.max_batch_tokens,
+                                                              self.embedder.capacity_tokens),
+                          self.settings.max_batch_texts)
         if len(works) > self._spin_slots:
             # More waiters than spare cores: spinning ones would take the
             # model's cores, so they park until the post.
-            self.v_eta[[w.flat for w in works]] = ETA_PARK
-        elif all(e is not None for e in est):
-            # A slot is answered after the call that holds its last text.
-            ends = np.cumsum(est)
-            last_call = {}
-            for ci, (a, b, _) in enumerate(calls):
-                for _, wi, _ in items[a:b]:
-                    last_call[wi] = ci
-            for wi, ci in last_call.items():
-                self.v_eta[works[wi].flat] = t0 + int(ends[ci])
-        st = self.stats
-        for start, end, width in calls:
-            chunk = items[start:end]
+            self.v.eta_ns[[w.flat for w in works]] = ETA_PARK
+        else:
+            etas = self._timer.etas(plan, len(works), t0)
+            if etas is not None:
+                for w, eta in zip(works, etas):
+                    self.v.eta_ns[w.flat] = eta
+        for ci, (start, end, width) in enumerate(plan.calls):
+            chunk = plan.items[start:end]
+            padded = (end - start) * width
             seqs = [works[wi].ids[works[wi].offsets[i]: works[wi].offsets[i + 1]] for _, wi, i in chunk]
+            est = self._timer.estimate(padded)
+            self._progress(CALL_DEADLINE_FACTOR * est if est is not None
+                           else self.settings.model_call_max_s * 1e9)
             c0 = time.monotonic_ns()
-            self._tick = c0 / 1e9
             try:
                 vecs = self.embedder.embed(seqs)
             except Exception as exc:  # a model failure fails these slots, not the sidecar
                 logger.exception("model failed on a batch of {} texts: {}", len(chunk), exc)
                 for w in {works[wi].flat: works[wi] for _, wi, _ in chunk}.values():
-                    if w.remaining > 0:
-                        w.remaining = -1
-                        self._finish(w.flat, SlotError.MODEL_FAILED, w.queue_ns, time.monotonic_ns() - t0)
+                    if not w.answered:
+                        self._finish(w, SlotError.MODEL_FAILED, time.monotonic_ns() - t0)
                 continue
             c1 = time.monotonic_ns()
-            key = (len(chunk) * width).bit_length()
-            prev = self._call_ns.get(key)
-            self._call_ns[key] = (c1 - c0) if prev is None else 0.8 * prev + 0.2 * (c1 - c0)
-            flats = np.fromiter((works[wi].flat for _, wi, _ in chunk), dtype=np.int64, count=len(chunk))
-            rows = np.fromiter((i for _, _, i in chunk), dtype=np.int64, count=len(chunk))
-            self.v_out[flats, rows] = vecs
+            self._progress()
+            self._timer.record(padded, c1 - c0)
+            live = [(wi, i, k) for k, (_, wi, i) in enumerate(chunk) if not works[wi].answered]
+            if live:
+                flats = np.fromiter((works[wi].flat for wi, _, _ in live), dtype=np.int64, count=len(live))
+                rows = np.fromiter((i for _, i, _ in live), dtype=np.int64, count=len(live))
+                self.v.out[flats, rows] = vecs[[k for _, _, k in live]] if len(live) < len(chunk) else vecs
             st["batches"] += 1
-            st["padded_tokens"] += len(chunk) * width
-            if len(chunk) * width >= TRIM_AFTER_TOKENS:
+            st["padded_tokens"] += padded
+            if padded >= TRIM_AFTER_TOKENS:
                 self._trim_pending = True
             st["batch_texts_hist"][bucket_index(len(chunk), BATCH_TEXTS_BUCKETS)] += 1
             st["compute_hist"][bucket_index((c1 - c0) / 1e9, LATENCY_BUCKETS_S)] += 1
@@ -424,46 +534,63 @@ class Sidecar:
             finished = []
             for _, wi, _ in chunk:
                 w = works[wi]
-                if w.remaining > 0:
+                if not w.answered:
                     w.remaining -= 1
                     if w.remaining == 0:
                         finished.append(w)
             # Answer first, count after: the waiters should not wait on our bookkeeping.
-            for w in finished:
-                self._publish(w.flat, SlotError.NONE, w.queue_ns, done_at - t0, len(items))
-            for w in finished:
-                self._count(w.flat, SlotError.NONE, w.queue_ns)
-        self.stats["busy_slots"] = 0
+            published = [w for w in finished if self._publish(w, SlotError.NONE, done_at - t0, len(plan.items))]
+            for w in published:
+                self._count(w, SlotError.NONE)
 
-    def _finish(self, flat: int, code: SlotError, queue_ns: int, compute_ns: int) -> None:
-        self._publish(flat, code, queue_ns, compute_ns, 0)
-        self._count(flat, code, queue_ns)
+    def _finish(self, work: _Work, code: SlotError, compute_ns: int = 0) -> None:
+        if self._publish(work, code, compute_ns, 0):
+            self._count(work, code)
 
-    def _publish(self, flat: int, code: SlotError, queue_ns: int, compute_ns: int, batch_texts: int) -> None:
-        """Publish a slot's outcome. NOTE: fields, then state, then post."""
-        self.v_error[flat] = code
-        self.v_queue[flat] = queue_ns
-        self.v_compute[flat] = compute_ns
-        self.v_batch[flat] = batch_texts
-        self.v_state[flat] = SLOT_DONE if code == SlotError.NONE else SLOT_ERROR
-        self.flat_sems[flat].release()
+    def _publish(self, work: _Work, code: SlotError, compute_ns: int, batch_texts: int) -> bool:
+        """Publish a slot's outcome, only to the request it was taken for.
+        NOTE: fields, then state, then post. Returns whether it was published."""
+        work.answered = True
+        v, flat = self.v, work.flat
+        if int(v.state[flat]) != SLOT_BUSY or int(v.seq[flat]) != work.seq:
+            # Its owner wrote the slot while it was in the model (a hostile or
+            # broken worker; the lease rules keep honest ones out): the answer
+            # belongs to nobody now.
+            self.stats["stale_answers"] += 1
+            self._log_fault("WARNING", "slot {} changed generation while in the model; answer dropped", flat)
+            return False
+        v.error[flat] = code
+        v.queue_ns[flat] = work.queue_ns
+        v.compute_ns[flat] = compute_ns
+        v.batch_texts[flat] = batch_texts
+        v.state[flat] = SLOT_DONE if code == SlotError.NONE else SLOT_ERROR
+        try:
+            self.flat_sems[flat].release()
+        except (posix_ipc.Error, OSError) as exc:
+            # E.g. EOVERFLOW: someone pushed the semaphore to its maximum. The
+            # state is published; the waiter finds it at its next poll.
+            self.stats["loop_errors"] += 1
+            self._log_fault("ERROR", "posting slot {}'s semaphore failed: {!r}", flat, exc)
+        return True
 
-    def _count(self, flat: int, code: SlotError, queue_ns: int) -> None:
+    def _count(self, work: _Work, code: SlotError) -> None:
         st = self.stats
         if code == SlotError.NONE:
             st["requests"] += 1
-            st["texts"] += int(self.v_ntexts[flat])
-            st["tokens"] += int(self.v_ntokens[flat])
-            st["queue_ns_sum"] += queue_ns
-            st["queue_hist"][bucket_index(queue_ns / 1e9, LATENCY_BUCKETS_S)] += 1
+            st["texts"] += work.texts
+            st["tokens"] += len(work.ids)
+            st["queue_ns_sum"] += work.queue_ns
+            st["queue_hist"][bucket_index(work.queue_ns / 1e9, LATENCY_BUCKETS_S)] += 1
         else:
             st["errors"][int(code)] += 1
 
     # -- rings of dead workers ----------------------------------------------------------
     def reap_dead_rings(self) -> int:
-        """Free rings whose owner died (or was marked orphaned by Gunicorn's
-        child_exit). Runs in the loop thread between batches, so none of the
-        ring's slots is BUSY while it is reset."""
+        """Free rings whose owner died or gave them up with slots in flight
+        (ORPHANED, also set by Gunicorn's child_exit). Runs in the loop thread
+        between batches, so none of the ring's slots is BUSY while it is reset.
+        Never waits for the ring-table lock: a holder that is stopped would
+        stop the loop with it; the reaper tries again next round."""
         rings = self.region.rings
         owners = rings["owner_pid"]
         suspects = [r for r in np.flatnonzero(owners != 0).tolist()
@@ -471,20 +598,26 @@ class Sidecar:
         if not suspects:
             return 0
         spr = self.params.slots_per_ring
-        with ring_table_lock(self.names):
-            for r in suspects:
-                owner = int(owners[r])
-                if owner > 0 and pid_alive(owner):
-                    continue
-                for k in range(spr):
-                    flat = r * spr + k
-                    if int(self.v_state[flat]) in (SLOT_READY, SLOT_CLAIMED):
-                        self.stats["errors"][SlotError.REAPED] += 1
-                    self.v_state[flat] = SLOT_FREE
-                    drain(self.sems[r][k])
-                rings[r]["owner_pid"] = 0
-                self.stats["rings_reaped"] += 1
-                logger.info("reaped ring {} of dead worker pid {}", r, abs(owner))
+        try:
+            with self.region.lock_rings(timeout=0):
+                for r in suspects:
+                    owner = int(owners[r])
+                    if owner > 0 and pid_alive(owner):
+                        continue
+                    for k in range(spr):
+                        flat = r * spr + k
+                        if int(self.v.state[flat]) in (SLOT_READY, SLOT_CLAIMED):
+                            self.stats["errors"][SlotError.REAPED] += 1
+                        self.v.state[flat] = SLOT_FREE
+                        self._seen_ns[flat] = 0
+                        drain(self.sems[r][k], self._bell_drain_limit)
+                    rings[r]["owner_pid"] = 0
+                    self.stats["rings_reaped"] += 1
+                    logger.info("reaped ring {} of {}", r, "a closed client" if owner < 0 else f"dead pid {owner}")
+        except RingTableBusy:
+            self._log_fault("WARNING", "ring table locked by another process; reaping {} ring(s) later",
+                            len(suspects))
+            return 0
         return len(suspects)
 
     # -- clean stop ---------------------------------------------------------------------
@@ -494,13 +627,19 @@ class Sidecar:
         header["state"] = SidecarState.DRAINING
         deadline = time.monotonic() + 0.25
         while True:
-            served = self.step()
-            claimed = bool((self.v_state == SLOT_CLAIMED).any())
+            self._progress()
+            try:
+                served = self.step()
+            except Exception as exc:
+                self._log_fault("ERROR", "draining survived {!r}", exc)
+                served = False
+            claimed = bool((self.v.state == SLOT_CLAIMED).any())
             if not served and (not claimed or time.monotonic() > deadline):
                 break
             if not served:
                 time.sleep(0.001)
         header["state"] = SidecarState.STOPPED
-        for flat in np.flatnonzero(self.v_state == SLOT_READY).tolist():
-            self.v_state[flat] = SLOT_BUSY
-            self._finish(flat, SlotError.SHUTDOWN, 0, 0)
+        for flat in np.flatnonzero(self.v.state == SLOT_READY).tolist():
+            self.v.state[flat] = SLOT_BUSY
+            self._finish(_Work(flat, int(self.v.seq[flat]), None, np.empty(0, np.int32), 0, 0),
+                         SlotError.SHUTDOWN)

@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .model import bundled_model_path
+from shm_protocol.model_files import bundled_model_path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 

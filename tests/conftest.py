@@ -19,7 +19,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def real_model_path() -> Path:
-    from sidecar.model import bundled_model_path
+    from shm_protocol.model_files import bundled_model_path
 
     return bundled_model_path()
 

@@ -38,7 +38,7 @@ class SidecarCollector:
             snap = self._snapshot()
         except Exception:
             snap = None
-        serving = snap is not None and snap.sidecar_alive and snap.state == "ready"
+        serving = snap is not None and snap.unavailable is None
         up.add_metric([], 1.0 if serving else 0.0)
         yield up
         if snap is None:
@@ -55,6 +55,8 @@ class SidecarCollector:
             ("padded_tokens", "padded_tokens", "Tokens the model ran, padding included."),
             ("batches", "batches", "Model calls."),
             ("rings_reaped", "rings_reaped", "Rings of dead workers reclaimed."),
+            ("loop_errors", "loop_errors", "Exceptions the batching loop caught and survived (see its log)."),
+            ("stale_answers", "stale_answers", "Answers dropped because their slot changed generation meanwhile."),
         ):
             m = CounterMetricFamily(f"{PREFIX}_{name}", doc)
             m.add_metric([], c[key])
@@ -68,6 +70,7 @@ class SidecarCollector:
             ("busy_slots", snap.busy_slots, "Slots in the batch being computed."),
             ("uptime_seconds", snap.uptime_s, "Seconds since the sidecar started."),
             ("heartbeat_age_seconds", snap.heartbeat_age_s, "Age of the sidecar's heartbeat."),
+            ("loop_age_seconds", snap.loop_age_s, "Time since the batching loop last showed progress."),
             ("rings_leased", sum(1 for r in snap.rings if r["owner_pid"] > 0), "Rings leased to workers."),
         ):
             g = GaugeMetricFamily(f"{PREFIX}_{name}", doc)

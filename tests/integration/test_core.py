@@ -110,17 +110,17 @@ def test_a_bad_slot_fails_alone_and_the_sidecar_keeps_serving(tiny_sidecar):
         sess = bad._get_session()
         s = sess.take_slot(1)
         vocab = sess.params.vocab_size
-        sess.tokens[s, :3] = [101, vocab + 5, 102]  # an id past the vocabulary
-        sess.offsets[s, :2] = [0, 3]
-        sess.n_texts[s] = 1
-        sess.n_tokens[s] = 3
+        sess.v.tokens[s, :3] = [101, vocab + 5, 102]  # an id past the vocabulary
+        sess.v.offsets[s, :2] = [0, 3]
+        sess.v.n_texts[s] = 1
+        sess.v.n_tokens[s] = 3
         sess.seq[s] = 7
-        sess.submit_ns[s] = time.monotonic_ns()
+        sess.v.submit_ns[s] = time.monotonic_ns()
         sess.state[s] = SLOT_READY
         sess.bell.release()
         vecs = good.embed(["a good request beside a bad one"])
         sess.sems[s].acquire(10)
-        assert int(sess.error[s]) == SlotError.BAD_TOKEN
+        assert int(sess.v.error[s]) == SlotError.BAD_TOKEN
         assert vecs.shape == (1, good.dimension) and np.isfinite(vecs).all()
         sess.give_back(s)
         assert good.embed(["after"]).shape == (1, good.dimension)
@@ -133,8 +133,8 @@ def test_sidecar_error_code_becomes_typed_exception(tiny_sidecar):
         sess = c._get_session()
         s = sess.take_slot(1)
         seq = sess.submit(s, np.array([101, 102], np.int32), np.array([2]))
-        sess.n_tokens[s] = 2
-        sess.offsets[s, 1] = 5  # now offsets[-1] != n_tokens; rewrite READY after tampering
+        sess.v.n_tokens[s] = 2
+        sess.v.offsets[s, 1] = 5  # now offsets[-1] != n_tokens; rewrite READY after tampering
         with pytest.raises(SlotRejected) as err:
             c._wait(sess, s, seq, np.empty((1, c.dimension), np.float32))
         assert err.value.code == SlotError.BAD_OFFSETS

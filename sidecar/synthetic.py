@@ -1,0 +1,67 @@
+"""The synthetic backend: the sidecar's protocol without a model.
+
+Each model call takes a set number of microseconds and leaves the CPU free
+while it does (as a GPU model does), and returns deterministic unit vectors
+computed from the token ids: the same ids always give the same vector,
+different ids different ones. Header, limits and tokenizer are the model
+folder's, so workers cannot tell it from a real model but by the vectors.
+It serves protocol benchmarks, fast lifecycle tests and load tests of the
+web tier on machines without a model or a GPU. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import numpy as np
+
+from shm_protocol import model_files
+from shm_protocol.config import Settings
+
+from .model import ModelInfo
+
+#: The last stretch of a synthetic call is spun rather than slept: a sleep
+#: overshoots by 50-100 us on virtual machines, and the call should end on time.
+SPIN_TAIL_NS = 200_000
+
+
+def synthetic_vector(ids: np.ndarray, dim: int) -> np.ndarray:
+    """The unit vector the synthetic backend returns for one text's token ids."""
+    digest = hashlib.blake2b(np.ascontiguousarray(ids, dtype="<i4").tobytes(), digest_size=8).digest()
+    v = np.random.default_rng(int.from_bytes(digest, "little")).standard_normal(dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+class SyntheticEmbedder:
+    """Duck-types :class:`sidecar.model.Embedder` (info, embed, capacity_tokens)."""
+
+    is_cuda = False
+    uses_cpu = False  # the call sleeps: waiters may spin on the spare cores
+
+    def __init__(self, settings: Settings):
+        path = model_files.resolve_model_path(settings.model)
+        self.call_ns = settings.synthetic_us * 1000
+        self.info = ModelInfo(
+            name=f"synthetic:{model_files.model_name(path)}",
+            path=str(path),
+            tokenizer_path=str(model_files.tokenizer_file(path)),
+            dim=settings.synthetic_dim,
+            max_seq_length=model_files.max_seq_length(path),
+            vocab_size=model_files.vocab_size(path),
+            device="synthetic",
+        )
+        self.capacity_tokens = max(settings.max_batch_tokens, self.info.max_seq_length)
+        self._out = np.empty((settings.max_batch_texts, self.info.dim), np.float32)
+
+    def embed(self, seqs: list[np.ndarray]) -> np.ndarray:
+        end = time.monotonic_ns() + self.call_ns
+        out = self._out[: len(seqs)]
+        for i, ids in enumerate(seqs):
+            out[i] = synthetic_vector(ids, self.info.dim)
+        left = end - time.monotonic_ns() - SPIN_TAIL_NS
+        if left > 0:
+            time.sleep(left / 1e9)
+        while time.monotonic_ns() < end:
+            pass
+        return out
