@@ -24,6 +24,9 @@ preload_app = False
 timeout = int(os.environ.get("WEB_TIMEOUT", "60"))
 graceful_timeout = int(os.environ.get("WEB_GRACEFUL_TIMEOUT", "30"))
 keepalive = 5
+# Recycle a worker after this many requests (0: never), with jitter so they do not all go at once.
+max_requests = int(os.environ.get("WEB_MAX_REQUESTS", "0"))
+max_requests_jitter = max_requests // 4
 accesslog = None  # the app logs one line per request with its request id
 errorlog = "-"
 loglevel = os.environ.get("SHM_EMBED_LOG_LEVEL", "info").lower()

@@ -82,7 +82,7 @@ def running_sidecar(model: str | None = None, **env_extra):
         yield settings, proc
     finally:
         stop_process(proc)
-        unlink_namespace(names)
+        unlink_namespace(names, lock=True)
 
 
 def table(rows: list[list], header: list[str]) -> str:

@@ -130,6 +130,8 @@ class _Session:
         p = region.params
         self.params = p
         self.bell = open_semaphore(names.bell)
+        self._bell_gen_now = region.header["bell_gen"]  # a view: the sidecar bumps it
+        self.bell_gen = int(self._bell_gen_now)
         self.sems = [open_semaphore(names.slot(ring, s)) for s in range(p.slots_per_ring)]
         self.v = SlotViews(region.slots[ring])
         self.state, self.seq, self.eta_ns = self.v.state, self.v.seq, self.v.eta_ns
@@ -207,8 +209,23 @@ class _Session:
         v.submit_ns[s] = time.monotonic_ns()
         # NOTE: state after payload, doorbell after state (see layout's docstring).
         v.state[s] = SLOT_READY
+        if int(self._bell_gen_now) != self.bell_gen:
+            self._reopen_bell()
         self.bell.release()
         return seq
+
+    def _reopen_bell(self) -> None:
+        """The sidecar replaced a tampered doorbell: post to the new one."""
+        with self._q_lock:
+            gen = int(self._bell_gen_now)
+            if gen == self.bell_gen:
+                return
+            old, self.bell = self.bell, open_semaphore(self.region.names.bell)
+            self.bell_gen = gen
+        try:
+            old.close()
+        except posix_ipc.Error:
+            pass
 
     def give_up_lease(self) -> None:
         """Hand the ring back: free when none of its slots is in the sidecar's
@@ -228,7 +245,7 @@ class _Session:
                 sem.close()
             except posix_ipc.Error:
                 pass
-        self.v = self.state = self.seq = self.eta_ns = None
+        self.v = self.state = self.seq = self.eta_ns = self._bell_gen_now = None
         self.region.close()
 
     def retire(self) -> None:

@@ -25,7 +25,8 @@ Control segment::
     |   liveness: sidecar_pid i32, state u32, epoch u64,           |
     |           heartbeat_ns u64 (CLOCK_MONOTONIC), started_ns u64 |
     |           (wall clock), max_batch_tokens, max_batch_texts,   |
-    |           loop_ns u64, loop_deadline_ns u64 (monotonic)      |
+    |           loop_ns u64, loop_deadline_ns u64 (monotonic),     |
+    |           bell_gen u32                                       |
     |   stats: STATS_DTYPE (counters and histograms, sidecar-only) |
     +--------------------------------------------------------------+  CTL header itemsize
     | RING_DTYPE x n_rings: owner_pid i32, leases u64,             |
@@ -86,7 +87,11 @@ post/wait is the memory barrier that publishes everything written before it.
 * Worker submit: write ``tokens``, ``offsets``, ``n_texts``, ``n_tokens``,
   ``seq``, ``submit_ns``; then ``state = READY``; then post the doorbell.
 * Sidecar: drain the doorbell, *then* scan states (a post that comes after
-  the drain wakes the next scan, so no READY slot is missed); set BUSY;
+  the drain wakes the next scan, so no READY slot is missed). The drain is
+  bounded; a doorbell holding more posts than all slots could owe was
+  written to by someone: the sidecar unlinks it, creates a new one under the
+  same name and bumps ``bell_gen``; workers reopen the doorbell when they see
+  a new ``bell_gen`` before they post. Then set BUSY;
   validate; run the model; write ``out``, ``error``, timings; then
   ``state = DONE`` (or ``ERROR``); then post the slot's semaphore.
 * Sidecar, on taking a slot: ``eta_ns`` = when it expects the batch done
@@ -226,6 +231,7 @@ HEADER_DTYPE = np.dtype(
         ("max_batch_texts", "<u4"),
         ("loop_ns", "<u8"),  # monotonic: the batching loop's last sign of progress
         ("loop_deadline_ns", "<u8"),  # monotonic: the loop shows progress again before this
+        ("bell_gen", "<u4"),  # bumped when the sidecar replaces a tampered doorbell: workers reopen it
         ("stats", STATS_DTYPE),
     ],
     align=True,

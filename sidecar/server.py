@@ -410,7 +410,9 @@ class Sidecar:
 
     def _scan(self) -> np.ndarray:
         """READY slots now, each stamped with when the sidecar first saw it."""
-        drain(self.bell, self._bell_drain_limit)  # before the scan: a later post wakes the next scan
+        # Drain before the scan: a later post wakes the next scan.
+        if drain(self.bell, self._bell_drain_limit) >= self._bell_drain_limit:
+            self._replace_bell()
         ready = np.flatnonzero(self.v.state == SLOT_READY)
         if len(ready):
             seqs = self.v.seq[ready]
@@ -419,6 +421,23 @@ class Sidecar:
                 self._seen_ns[ready[new]] = time.monotonic_ns()
                 self._seen_seq[ready[new]] = seqs[new]
         return ready
+
+    def _replace_bell(self) -> None:
+        """The doorbell holds more posts than every slot could owe: someone
+        wrote its value. Draining up to SEM_VALUE_MAX takes minutes of a hot
+        loop, so put a new doorbell under the same name and tell the workers
+        (bell_gen); a post that went to the old one meanwhile is found by the
+        next scan, which comes within a heartbeat interval."""
+        s = self.settings
+        self.stats["loop_errors"] += 1
+        logger.error("the doorbell holds over {} posts (tampered with); replacing it", self._bell_drain_limit)
+        try:
+            posix_ipc.unlink_semaphore(self.names.bell)
+        except posix_ipc.ExistentialError:
+            pass
+        old, self.bell = self.bell, create_semaphore(self.names.bell, 0, mode=s.ipc_mode, group=s.group)
+        old.close()
+        self.region.header["bell_gen"] += 1
 
     def step(self) -> bool:
         """Serve one batch of READY slots. Returns False if there was none."""

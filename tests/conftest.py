@@ -62,7 +62,27 @@ def fresh_tiny_sidecar(tiny_model, tmp_path):
         if sc.proc.poll() is None:
             stop_and_check(sc)
         else:
-            unlink_namespace(sc.names)
+            unlink_namespace(sc.names, lock=True)
+
+
+@pytest.fixture
+def synthetic_sidecar(tmp_path):
+    """Start sidecars of the synthetic backend (no torch; each model call takes
+    ``us`` microseconds with the CPU free); stopped and checked after the test."""
+    started: list[SidecarProc] = []
+
+    def make(us: int = 0, **extra) -> SidecarProc:
+        ns = extra.pop("namespace", None)
+        sc = start_sidecar(tmp_path, None, ns, SHM_EMBED_SYNTHETIC_US=str(us), **extra)
+        started.append(sc)
+        return sc
+
+    yield make
+    for sc in started:
+        if sc.proc.poll() is None:
+            stop_and_check(sc)
+        else:
+            unlink_namespace(sc.names, lock=True)
 
 
 @pytest.fixture(scope="module")

@@ -93,6 +93,26 @@ def client_for(sc: SidecarProc, **overrides):
     return EmbeddingClient.connect(sc.settings.replace(**overrides) if overrides else sc.settings)
 
 
+def synthetic_reference(client, texts):
+    """The vectors the synthetic backend must return for ``texts``."""
+    import numpy as np
+
+    from sidecar.synthetic import synthetic_vector
+
+    return np.stack([synthetic_vector(np.asarray(e.ids), client.dimension) for e in client.tokenize(texts)])
+
+
+def leased_rings(names) -> list[int]:
+    """Owner pids of the namespace's leased rings (orphaned ones included)."""
+    from shm_protocol.region import Region
+
+    region = Region.attach(names, readonly=True, with_data=False)
+    try:
+        return [int(o) for o in region.rings["owner_pid"] if int(o) != 0]
+    finally:
+        region.close()
+
+
 def cosine_rows(a, b):
     import numpy as np
 
@@ -108,7 +128,7 @@ def stop_and_check(sc: SidecarProc) -> None:
     code = sc.stop()
     left = sc.names.dev_shm_entries()
     if left:
-        unlink_namespace(sc.names)
+        unlink_namespace(sc.names, lock=True)
     assert left == [], f"objects left in /dev/shm after the sidecar stopped: {left}"
     assert code in (0, -signal.SIGKILL), f"sidecar exit code {code}\n{sc.log_text()[-3000:]}"
 
