@@ -266,5 +266,14 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
+def env_file_settings() -> str:
+    """Every setting as a commented line of an environment file, with its meaning."""
+    blocks = []
+    for f in dataclasses.fields(Settings):
+        default = str(f.default).lower() if isinstance(f.default, bool) else f.default
+        blocks.append(f"# {f.metadata['doc']}\n#{f.metadata['env']}={default}\n")
+    return "\n".join(blocks)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.stdout.write(markdown_table() + "\n")
+    sys.stdout.write((env_file_settings() if "--env" in sys.argv else markdown_table()) + "\n")

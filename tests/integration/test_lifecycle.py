@@ -400,3 +400,60 @@ def test_an_unknown_state_value_reads_as_unavailable_everywhere(synthetic_sideca
     want = ["serving again"]
     assert np.allclose(c.embed(want), synthetic_reference(c, want), atol=1e-6)
     c.close()
+
+
+def test_make_run_restarts_a_sidecar_that_exits(tmp_path):
+    """`make run` supervises the sidecar as systemd would: one that dies (a
+    crash, or one that gave up on a wedged loop) is started again, and the
+    web service serves through the new one without a restart of its own."""
+    import urllib.request
+
+    from tests.helpers import free_port
+
+    port = free_port()
+    ns = new_namespace()
+    env = sidecar_env(ns, SHM_EMBED_SYNTHETIC_US="0", SHM_EMBED_BIND=f"127.0.0.1:{port}", WEB_CONCURRENCY="1",
+                      SHM_EMBED_DATA_DIR=str(tmp_path / "data"))
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "run.log"
+    proc = subprocess.Popen([sys.executable, "scripts/run.py"], env=env, cwd=REPO, stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT)
+
+    def embed(text: str):
+        req = urllib.request.Request(base + "/embed", data=json.dumps({"inputs": [text]}).encode(),
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return np.asarray(json.loads(r.read()), np.float32)
+
+    def serving() -> bool:
+        try:
+            with urllib.request.urlopen(base + "/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def sidecar_pid() -> int:
+        region = Region.attach(Names(ns), readonly=True, with_data=False)
+        try:
+            return region.sidecar_pid
+        finally:
+            region.close()
+
+    from shm_protocol.segments import Names
+
+    try:
+        assert _wait_for(serving, 120, 0.2), log.read_text()
+        with EmbeddingClient.connect(Settings.from_env({}, namespace=ns)) as c:
+            ref = synthetic_reference(c, ["through make run"])
+        assert np.allclose(embed("through make run"), ref, atol=1e-6)
+        first = sidecar_pid()
+        os.kill(first, signal.SIGKILL)
+        assert _wait_for(lambda: serving() and sidecar_pid() != first, 60, 0.2), log.read_text()
+        assert np.allclose(embed("through make run"), ref, atol=1e-6)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(90) == 0
+        assert Names(ns).dev_shm_entries() == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
