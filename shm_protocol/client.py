@@ -14,6 +14,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -139,6 +140,9 @@ class _Session:
         self._seq = itertools.count(int(time.monotonic_ns()))
         self._quarantine: set[int] = set()
         self._q_lock = threading.Lock()
+        self._use_lock = threading.Lock()
+        self._users = 0
+        self._closing = False
         for s in range(p.slots_per_ring):
             # A fresh lease has every slot free; one still in flight (which the
             # lease rules exclude) is kept out of use until the sidecar is done.
@@ -239,7 +243,32 @@ class _Session:
         busy = any(int(self.state[s]) in _IN_FLIGHT for s in range(self.params.slots_per_ring))
         rings[self.ring]["owner_pid"] = ORPHANED if busy else 0
 
+    # -- users and unmapping ------------------------------------------------------
+    # NOTE: never unmap or close a semaphore while a thread may still use them:
+    # numpy views of an unmapped segment, or a sem_wait on a closed semaphore,
+    # crash the process (SIGSEGV), not raise. So a session is unmapped only by
+    # an explicit close(), and only once its last request has left.
+    def enter(self) -> None:
+        with self._use_lock:
+            if self._closing:
+                raise SidecarUnavailable("client is closed", reason="closed")
+            self._users += 1
+
+    def leave(self) -> None:
+        with self._use_lock:
+            self._users -= 1
+            last = self._closing and self._users == 0
+        if last:
+            self._unmap()
+
     def close(self) -> None:
+        with self._use_lock:
+            self._closing = True
+            if self._users:
+                return  # the last request to leave unmaps
+        self._unmap()
+
+    def _unmap(self) -> None:
         for sem in [self.bell, *self.sems]:
             try:
                 sem.close()
@@ -249,9 +278,16 @@ class _Session:
         self.region.close()
 
     def retire(self) -> None:
-        """Give the lease up and unmap (in the process that leased it)."""
+        """Give the lease up and unmap once unused (in the process that leased it)."""
         self.give_up_lease()
         self.close()
+
+    def release_in_owner(self) -> None:
+        """Give the lease up (no unmapping: other threads may still run, e.g.
+        at interpreter exit), and only in the process that leased the ring:
+        a forked child's copy of a finalizer must not give the parent's away."""
+        if self.pid == os.getpid() and not self._closing:
+            self.give_up_lease()
 
 
 class SentenceTransformerAPI:
@@ -328,6 +364,7 @@ class EmbeddingClient(SentenceTransformerAPI):
         self._lock = threading.Lock()
         self._tokenizer: _Tokenizer | None = None
         self._closed = False
+        self._finalizer = weakref.finalize(self, lambda: None)
 
     @classmethod
     def connect(cls, settings: Settings | None = None, *, lazy: bool = False) -> "EmbeddingClient":
@@ -366,11 +403,19 @@ class EmbeddingClient(SentenceTransformerAPI):
                 # A new sidecar serves the namespace (or none does). Other
                 # threads may still wait on the old session: they notice the
                 # dead sidecar and fail.
+                # Hand the old lease back; other threads may still wait on the
+                # old session (they see the dead sidecar and fail), so it is
+                # not unmapped here: garbage collection does it after them.
                 self._session = None
-                sess.retire()
+                self._finalizer.detach()
+                sess.give_up_lease()
             self._session = None  # a forked child drops the parent's session untouched
-            self._session = self._attach()
-            return self._session
+            sess = self._attach()
+            # A client dropped without close() (or alive at interpreter exit)
+            # still hands its ring back: leased rings never outlive clients.
+            self._finalizer = weakref.finalize(self, _Session.release_in_owner, sess)
+            self._session = sess
+            return sess
 
     def _replaced(self, sess: _Session) -> bool:
         """Whether the namespace is no longer served by ``sess``'s epoch."""
@@ -432,6 +477,7 @@ class EmbeddingClient(SentenceTransformerAPI):
             self._closed = True
             sess, self._session = self._session, None
         if sess is not None and sess.pid == os.getpid():
+            self._finalizer.detach()
             sess.retire()
 
     def __enter__(self) -> "EmbeddingClient":
@@ -499,7 +545,11 @@ class EmbeddingClient(SentenceTransformerAPI):
                     )
         lengths = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
         out = np.empty((len(texts), p.dim), dtype=np.float32)
-        queue_ns, compute_ns, used = self._run(sess, encs, lengths, out)
+        sess.enter()
+        try:
+            queue_ns, compute_ns, used = self._run(sess, encs, lengths, out)
+        finally:
+            sess.leave()
         if normalize:
             norms = np.linalg.norm(out, axis=1, keepdims=True)
             np.divide(out, norms, out=out, where=norms > 0)

@@ -457,3 +457,15 @@ def test_make_run_restarts_a_sidecar_that_exits(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_client_dropped_without_close_hands_its_ring_back(synthetic_sidecar):
+    import gc
+
+    sc = synthetic_sidecar(us=0)
+    c = client_for(sc)
+    assert c.embed(["x"]).shape == (1, 384)
+    assert len(leased_rings(sc.names)) == 1
+    del c
+    gc.collect()
+    assert leased_rings(sc.names) == [], "leased rings must never outlive the clients that hold them"
