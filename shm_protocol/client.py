@@ -9,6 +9,7 @@ forks gets a ring of its own on its first call in the child.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import queue
@@ -16,7 +17,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import posix_ipc
@@ -143,6 +144,7 @@ class _Session:
         self._use_lock = threading.Lock()
         self._users = 0
         self._closing = False
+        self._old_bells: list = []  # replaced doorbells, closed with the session (a thread may still post)
         for s in range(p.slots_per_ring):
             # A fresh lease has every slot free; one still in flight (which the
             # lease rules exclude) is kept out of use until the sidecar is done.
@@ -188,6 +190,14 @@ class _Session:
                     self._quarantine.discard(s)
                     self.give_back(s)
 
+    def abandon(self, s: int) -> None:
+        """A request left slot ``s`` on an error: free it if the sidecar never
+        saw it, else keep it out of use until the sidecar is done with it."""
+        if int(self.state[s]) in (SLOT_FREE, SLOT_CLAIMED):
+            self.give_back(s)
+        else:
+            self.quarantine(s)
+
     def answered(self, s: int, seq: int) -> bool:
         return int(self.state[s]) in (SLOT_DONE, SLOT_ERROR) and int(self.seq[s]) == seq
 
@@ -213,9 +223,15 @@ class _Session:
         v.submit_ns[s] = time.monotonic_ns()
         # NOTE: state after payload, doorbell after state (see layout's docstring).
         v.state[s] = SLOT_READY
-        if int(self._bell_gen_now) != self.bell_gen:
-            self._reopen_bell()
-        self.bell.release()
+        try:
+            if int(self._bell_gen_now) != self.bell_gen:
+                self._reopen_bell()
+            self.bell.release()
+        except (posix_ipc.Error, OSError, ValueError, ShmEmbedError) as exc:
+            # E.g. EOVERFLOW on a doorbell someone pushed to its maximum. The
+            # post is only a wake-up: the sidecar scans slot states at least
+            # once per heartbeat interval and finds this READY slot anyway.
+            _log_bell_failure(exc)
         return seq
 
     def _reopen_bell(self) -> None:
@@ -224,12 +240,9 @@ class _Session:
             gen = int(self._bell_gen_now)
             if gen == self.bell_gen:
                 return
-            old, self.bell = self.bell, open_semaphore(self.region.names.bell)
+            self._old_bells.append(self.bell)
+            self.bell = open_semaphore(self.region.names.bell)
             self.bell_gen = gen
-        try:
-            old.close()
-        except posix_ipc.Error:
-            pass
 
     def give_up_lease(self) -> None:
         """Hand the ring back: free when none of its slots is in the sidecar's
@@ -251,7 +264,7 @@ class _Session:
     def enter(self) -> None:
         with self._use_lock:
             if self._closing:
-                raise SidecarUnavailable("client is closed", reason="closed")
+                raise SidecarUnavailable("the client's session was closed", reason="closed")
             self._users += 1
 
     def leave(self) -> None:
@@ -259,17 +272,23 @@ class _Session:
             self._users -= 1
             last = self._closing and self._users == 0
         if last:
-            self._unmap()
+            self._finish()
 
     def close(self) -> None:
+        """Give the lease up and unmap, once the last request inside has
+        left: a request still running keeps writing its ring's slots, so the
+        ring must not reach a new holder before it is done."""
         with self._use_lock:
+            if self._closing:
+                return
             self._closing = True
             if self._users:
-                return  # the last request to leave unmaps
-        self._unmap()
+                return  # the last request to leave finishes the close
+        self._finish()
 
-    def _unmap(self) -> None:
-        for sem in [self.bell, *self.sems]:
+    def _finish(self) -> None:
+        self.give_up_lease()
+        for sem in [self.bell, *self._old_bells, *self.sems]:
             try:
                 sem.close()
             except posix_ipc.Error:
@@ -277,17 +296,19 @@ class _Session:
         self.v = self.state = self.seq = self.eta_ns = self._bell_gen_now = None
         self.region.close()
 
-    def retire(self) -> None:
-        """Give the lease up and unmap once unused (in the process that leased it)."""
-        self.give_up_lease()
-        self.close()
-
     def release_in_owner(self) -> None:
-        """Give the lease up (no unmapping: other threads may still run, e.g.
-        at interpreter exit), and only in the process that leased the ring:
-        a forked child's copy of a finalizer must not give the parent's away."""
-        if self.pid == os.getpid() and not self._closing:
-            self.give_up_lease()
+        """For a client dropped without close(), or alive at interpreter
+        exit: give the lease up, without unmapping (other threads may still
+        run at exit), only in the process that leased the ring (a forked
+        child's copy must not give the parent's away), and only when no
+        request is inside (else the reaper frees it once this process is gone)."""
+        if self.pid != os.getpid():
+            return
+        with self._use_lock:
+            if self._closing or self._users:
+                return
+            self._closing = True
+        self.give_up_lease()
 
 
 class SentenceTransformerAPI:
@@ -393,6 +414,8 @@ class EmbeddingClient(SentenceTransformerAPI):
         if sess is not None and sess.pid == pid and sess.region.unavailable_reason(stale) is None:
             return sess
         with self._lock:
+            if self._closed:
+                raise SidecarUnavailable("client is closed", reason="closed")
             sess = self._session
             if sess is not None and sess.pid == pid:
                 reason = sess.region.unavailable_reason(stale, thorough=True)
@@ -403,12 +426,11 @@ class EmbeddingClient(SentenceTransformerAPI):
                 # A new sidecar serves the namespace (or none does). Other
                 # threads may still wait on the old session: they notice the
                 # dead sidecar and fail.
-                # Hand the old lease back; other threads may still wait on the
-                # old session (they see the dead sidecar and fail), so it is
-                # not unmapped here: garbage collection does it after them.
+                # Other threads may still wait on the old session (they see the
+                # dead sidecar and fail): it is unmapped once the last leaves.
                 self._session = None
                 self._finalizer.detach()
-                sess.give_up_lease()
+                sess.close()
             self._session = None  # a forked child drops the parent's session untouched
             sess = self._attach()
             # A client dropped without close() (or alive at interpreter exit)
@@ -432,20 +454,32 @@ class EmbeddingClient(SentenceTransformerAPI):
         region = Region.attach(self.names)
         try:
             region.check_available(self.settings.stale_after_s, thorough=True)
+            self._load_tokenizer(region)  # before the lease: a failure here must not hold a ring
             ring = self._claim_ring(region)
-            sess = _Session(region, ring)
         except BaseException:
             region.close()
             raise
-        path = region.tokenizer_path
-        if self._tokenizer is None or self._tokenizer.path != path or (
-            self._tokenizer.max_seq_length != region.params.max_seq_length
-        ):
-            self._tokenizer = _Tokenizer(path, region.params.max_seq_length)
+        try:
+            sess = _Session(region, ring)
+        except BaseException:
+            region.rings[ring]["owner_pid"] = 0  # ours, and every slot of a fresh lease is free
+            region.close()
+            raise
         logger.debug(
             "attached to {} epoch {:x}, ring {} (pid {})", self.names.namespace, region.epoch, ring, os.getpid()
         )
         return sess
+
+    def _load_tokenizer(self, region: Region) -> None:
+        path, limit = region.tokenizer_path, region.params.max_seq_length
+        tok = self._tokenizer
+        if tok is not None and tok.path == path and tok.max_seq_length == limit:
+            return
+        try:
+            self._tokenizer = _Tokenizer(path, limit)
+        except Exception as exc:  # the tokenizers library raises plain Exceptions
+            raise SidecarUnavailable(f"cannot load the tokenizer the sidecar names ({path}): {exc}",
+                                     reason="tokenizer") from None
 
     def _claim_ring(self, region: Region) -> int:
         """Lease a free ring. A dead owner's ring is freed by the sidecar's
@@ -472,13 +506,14 @@ class EmbeddingClient(SentenceTransformerAPI):
             time.sleep(self.settings.heartbeat_s / 2)
 
     def close(self) -> None:
-        """Hand this process's ring back and unmap. The client cannot be used after."""
+        """Hand this process's ring back and unmap (once requests still
+        running have left). The client cannot be used after."""
         with self._lock:
             self._closed = True
             sess, self._session = self._session, None
         if sess is not None and sess.pid == os.getpid():
             self._finalizer.detach()
-            sess.retire()
+            sess.close()
 
     def __enter__(self) -> "EmbeddingClient":
         return self
@@ -487,8 +522,22 @@ class EmbeddingClient(SentenceTransformerAPI):
         self.close()
 
     # -- information ------------------------------------------------------------------
-    def info(self) -> dict:
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[_Session]:
+        """The live session, kept mapped while the caller reads it."""
         sess = self._get_session()
+        sess.enter()
+        try:
+            yield sess
+        finally:
+            sess.leave()
+
+    def info(self) -> dict:
+        with self._using() as sess:
+            return self._info(sess)
+
+    @staticmethod
+    def _info(sess: _Session) -> dict:
         r, p = sess.region, sess.params
         return {
             "model": r.model_name,
@@ -508,7 +557,8 @@ class EmbeddingClient(SentenceTransformerAPI):
         """The sidecar's own counters (a :class:`shm_protocol.stats.Snapshot`)."""
         from .stats import snapshot
 
-        return snapshot(self._get_session().region, self.settings.stale_after_s)
+        with self._using() as sess:
+            return snapshot(sess.region, self.settings.stale_after_s)
 
     @property
     def dimension(self) -> int:
@@ -584,7 +634,11 @@ class EmbeddingClient(SentenceTransformerAPI):
                             itertools.chain.from_iterable(e.ids for e in encs[a:b]),
                             dtype=np.int32, count=int(lengths[a:b].sum()),
                         )
-                        seq = sess.submit(s, ids, lengths[a:b])
+                        try:
+                            seq = sess.submit(s, ids, lengths[a:b])
+                        except BaseException:
+                            sess.abandon(s)
+                            raise
                         pending.append((s, seq, a, b))
                         ci += 1
                         continue
@@ -630,11 +684,28 @@ class EmbeddingClient(SentenceTransformerAPI):
 
     def _wait(self, sess: _Session, s: int, seq: int, dest: np.ndarray) -> tuple[int, int]:
         """Wait for slot ``s`` to be answered, copy its vectors into ``dest``.
+        A wait that ends in any exception leaves the slot quarantined."""
+        try:
+            self._await_answer(sess, s, seq)
+        except BaseException:
+            sess.quarantine(s)
+            raise
+        v = sess.v
+        queue_ns, compute_ns = int(v.queue_ns[s]), int(v.compute_ns[s])
+        if int(v.state[s]) == SLOT_ERROR:
+            code = int(v.error[s])
+            sess.give_back(s)
+            raise _slot_error(code)
+        dest[:] = v.out[s, : len(dest)]
+        sess.give_back(s)
+        return queue_ns, compute_ns
 
-        Spin, then park: block on the semaphore until shortly before the
+    def _await_answer(self, sess: _Session, s: int, seq: int) -> None:
+        """Spin, then park: block on the semaphore until shortly before the
         sidecar's ETA for the slot, then poll its state for a bounded time;
         if the answer is late, block again. The timer wake-up happens while
-        the model still runs, so its cost is hidden."""
+        the model still runs, so its cost is hidden. A sidecar that drains
+        (a clean stop) still answers what it holds, so that is waited for."""
         sem = sess.sems[s]
         settings = self.settings
         poll = min(0.05, settings.stale_after_s / 4)
@@ -656,35 +727,38 @@ class EmbeddingClient(SentenceTransformerAPI):
                     wake_at = eta - spin_ns
                     if now >= wake_at:
                         if _spin_until_done(sess, s, seq, eta + 2 * spin_ns):
-                            break
+                            return
                         spin_ns = 0  # late: park until the post
                         continue
                     timeout = min(poll, (wake_at - now) / 1e9)
             try:
                 sem.acquire(timeout)
+            except posix_ipc.SignalError:  # EINTR: a signal handler ran; wait on
+                continue
             except posix_ipc.BusyError:
                 if sess.answered(s, seq):  # answered, but its post was lost
-                    break
-                reason = sess.region.unavailable_reason(settings.stale_after_s, thorough=True)
-                if reason is not None:
-                    sess.quarantine(s)
+                    return
+                region = sess.region
+                reason = region.unavailable_reason(settings.stale_after_s, thorough=True)
+                if reason is not None and region.state_name != "draining":
                     raise SidecarUnavailable(f"while waiting for a result: {reason}", reason=reason) from None
                 if time.monotonic() > deadline:
-                    sess.quarantine(s)
                     raise SidecarTimeout(f"no answer from the sidecar within {settings.timeout_s}s") from None
                 continue
             if sess.answered(s, seq):
-                break
+                return
             # A stale post from an abandoned request: keep waiting for ours.
-        v = sess.v
-        queue_ns, compute_ns = int(v.queue_ns[s]), int(v.compute_ns[s])
-        if int(v.state[s]) == SLOT_ERROR:
-            code = int(v.error[s])
-            sess.give_back(s)
-            raise _slot_error(code)
-        dest[:] = v.out[s, : len(dest)]
-        sess.give_back(s)
-        return queue_ns, compute_ns
+
+
+_bell_failures = {"next": 0.0}
+
+
+def _log_bell_failure(exc: BaseException) -> None:
+    now = time.monotonic()
+    if now >= _bell_failures["next"]:
+        _bell_failures["next"] = now + 5.0
+        logger.warning("could not ring the sidecar's doorbell ({!r}); it will find the request at its next scan",
+                       exc)
 
 
 def _spin_until_done(sess: _Session, s: int, seq: int, until_ns: int) -> bool:

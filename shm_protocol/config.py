@@ -232,6 +232,14 @@ class Settings:
             raise ConfigError(f"SHM_EMBED_NAMESPACE={self.namespace!r}: must be non-empty, without '/'")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"SHM_EMBED_DEVICE={self.device!r}: must be auto, cpu, cuda or cuda:N")
+        # An idle loop shows progress once per heartbeat interval (plus a spin
+        # and a linger): the stall limit must leave room for that, twice over.
+        quiet_s = self.heartbeat_s + self.spin_us / 1e6 + self.max_wait_us / 1e6
+        if self.loop_stall_s < 2 * quiet_s:
+            raise ConfigError(
+                f"SHM_EMBED_LOOP_STALL_S={self.loop_stall_s}: must be at least {2 * quiet_s:g} s, twice the "
+                "longest a healthy idle loop stays quiet (SHM_EMBED_HEARTBEAT_S + SPIN_US + MAX_WAIT_US)"
+            )
 
     @property
     def ipc_mode(self) -> int:

@@ -60,11 +60,13 @@ class Region:
             ctl.close()
             raise
         header = header_view(ctl.mm)
-        header["magic"] = MAGIC
         header["version"] = PROTOCOL_VERSION
         header["header_bytes"] = HEADER_DTYPE.itemsize
         params.write_header(header)
         header["state"] = SidecarState.STARTING
+        # NOTE: the magic last: a reader that finds it finds the layout too
+        # (before it, readers see a sidecar "starting", not a mismatch).
+        header["magic"] = MAGIC
         return cls(names, ctl, data)
 
     @classmethod

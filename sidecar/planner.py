@@ -89,27 +89,29 @@ def plan_calls(text_lengths: list[list[int]], budget_tokens: int, max_texts: int
 
 
 class CallTimer:
-    """Running estimate of one model call's time by power-of-two bucket of
-    padded tokens: it gives slots their ETA and the loop its deadline."""
+    """Running estimate of one model call's time by power-of-two buckets of
+    its rows and its padded width (attention grows with the width, so two
+    calls of equal padded tokens can differ): it gives slots their ETA and
+    the loop its deadline."""
 
     def __init__(self) -> None:
-        self._ns: dict[int, float] = {}
+        self._ns: dict[tuple[int, int], float] = {}
 
     @staticmethod
-    def bucket(padded_tokens: int) -> int:
-        return int(padded_tokens).bit_length()
+    def bucket(rows: int, width: int) -> tuple[int, int]:
+        return int(rows).bit_length(), int(width).bit_length()
 
-    def estimate(self, padded_tokens: int) -> float | None:
-        return self._ns.get(self.bucket(padded_tokens))
+    def estimate(self, rows: int, width: int) -> float | None:
+        return self._ns.get(self.bucket(rows, width))
 
-    def record(self, padded_tokens: int, ns: int) -> None:
-        key = self.bucket(padded_tokens)
+    def record(self, rows: int, width: int, ns: int) -> None:
+        key = self.bucket(rows, width)
         prev = self._ns.get(key)
         self._ns[key] = ns if prev is None else 0.8 * prev + 0.2 * ns
 
     def etas(self, plan: Plan, n_works: int, t0_ns: int) -> list[int] | None:
         """Each work's expected answer time, or None while any call's size is new."""
-        est = [self.estimate(plan.padded_tokens(c)) for c in range(len(plan.calls))]
+        est = [self.estimate(b - a, width) for a, b, width in plan.calls]
         if any(e is None for e in est):
             return None
         ends = np.cumsum(est)

@@ -41,6 +41,7 @@ from shm_protocol.layout import (
 )
 from shm_protocol.region import Region
 from shm_protocol.segments import (
+    DEV_SHM,
     SEMAPHORE_BYTES,
     Names,
     NamespaceLock,
@@ -66,6 +67,12 @@ CALL_DEADLINE_FACTOR = 4
 
 #: Exit status of a sidecar that gave up on its wedged loop (EX_SOFTWARE).
 EXIT_WEDGED = 70
+
+#: Batches in a row that may fail (the model raising every time, e.g. a
+#: poisoned CUDA context; or the loop itself raising) before the loop stops
+#: publishing progress: it then counts as wedged, is reported unavailable and
+#: restarted, instead of passing for healthy while it answers nothing.
+FAILURES_BEFORE_WEDGED = 20
 
 
 def _malloc_trim() -> Callable[[], None]:
@@ -168,6 +175,10 @@ class Sidecar:
         self._spin_slots = max(1, cores - model_cores)
         self._trim_pending = False  # a large model call ran since the heap was last trimmed
         self._stall_ns = int(settings.loop_stall_s * 1e9)
+        # The loop's deadline, kept here and only published: the heartbeat
+        # thread must not trust a header field every worker can write.
+        self._deadline_ns = 0
+        self._failures = 0  # batches or loop rounds in a row that failed
         self._log_fault = RateLimitedLog()
         self._lock: NamespaceLock | None = None
         self.region: Region | None = None
@@ -181,23 +192,9 @@ class Sidecar:
 
     def reap_stale_namespace(self) -> None:
         """Remove objects of a crashed earlier sidecar of this namespace. Runs
-        with the namespace lock held, so no other sidecar of ours is alive;
-        the pid check still refuses a live sidecar that predates the lock."""
-        try:
-            old = Region.attach(self.names, readonly=True, with_data=False)
-        except SidecarUnavailable:
-            old = None
-        except LayoutMismatch as exc:
-            logger.warning("replacing objects of another layout in {}: {}", self.names.namespace, exc)
-            old = None
-        if old is not None:
-            pid, state = old.sidecar_pid, old.state_name
-            old.close()
-            if pid != os.getpid() and state != "stopped" and pid_alive(pid):
-                raise NamespaceInUse(
-                    f"sidecar pid {pid} already serves namespace {self.names.namespace!r}; "
-                    "stop it or set another SHM_EMBED_NAMESPACE"
-                )
+        with the namespace lock held, so no other sidecar is alive: whatever
+        is there is stale (a pid check would only refuse to start when the
+        crashed sidecar's pid has been reused by an unrelated process)."""
         removed = unlink_namespace(self.names)
         if removed:
             logger.warning("reaped {} stale objects of namespace {}", len(removed), self.names.namespace)
@@ -313,10 +310,13 @@ class Sidecar:
     def _progress(self, call_ns: float = 0.0) -> None:
         """Publish that the loop is alive, and when it will show progress
         again at the latest (longer while a model call of ``call_ns`` runs)."""
+        if self._failures >= FAILURES_BEFORE_WEDGED:
+            return  # failing every round is no progress
         h = self.region.header
         now = time.monotonic_ns()
+        self._deadline_ns = now + self._stall_ns + int(call_ns)
         h["loop_ns"] = now
-        h["loop_deadline_ns"] = now + self._stall_ns + int(call_ns)
+        h["loop_deadline_ns"] = self._deadline_ns
 
     def _heartbeat_loop(self) -> None:
         """Publish the heartbeat; feed systemd's watchdog only while the
@@ -332,7 +332,7 @@ class Sidecar:
             now_ns = time.monotonic_ns()
             header["heartbeat_ns"] = now_ns
             now = now_ns / 1e9
-            on_time = now_ns <= int(header["loop_deadline_ns"])
+            on_time = now_ns <= self._deadline_ns
             if on_time:
                 wedged_since = None
             else:
@@ -384,12 +384,13 @@ class Sidecar:
                         continue
                 now = time.monotonic()
                 if now >= next_reap:
+                    next_reap = now + interval  # first: a reaper that raises must not run every round
                     self.reap_dead_rings()
-                    next_reap = now + interval
                 idle = not self.step()
                 if not idle:
                     last_work_ns = time.monotonic_ns()
             except Exception as exc:  # one fault must not stop the service; step() failed its slots
+                self._failures += 1
                 self.stats["loop_errors"] += 1
                 self._log_fault("ERROR", "batching loop survived {!r}", exc)
                 time.sleep(0.001)  # a fault that repeats at once must not spin a core
@@ -412,7 +413,10 @@ class Sidecar:
         """READY slots now, each stamped with when the sidecar first saw it."""
         # Drain before the scan: a later post wakes the next scan.
         if drain(self.bell, self._bell_drain_limit) >= self._bell_drain_limit:
-            self._replace_bell()
+            try:
+                self._replace_bell()
+            except Exception as exc:  # keep the old one (drained in bounded steps) and keep serving
+                self._log_fault("ERROR", "could not replace the doorbell: {!r}", exc)
         ready = np.flatnonzero(self.v.state == SLOT_READY)
         if len(ready):
             seqs = self.v.seq[ready]
@@ -430,12 +434,20 @@ class Sidecar:
         next scan, which comes within a heartbeat interval."""
         s = self.settings
         self.stats["loop_errors"] += 1
-        logger.error("the doorbell holds over {} posts (tampered with); replacing it", self._bell_drain_limit)
+        self._log_fault("ERROR", "the doorbell holds over {} posts (tampered with); replacing it",
+                        self._bell_drain_limit)
+        # Create the new doorbell under a spare name, then rename its file
+        # over the old one: the name never lacks a doorbell, and a failure
+        # (a full /dev/shm) leaves the old one in place.
+        new = create_semaphore(self.names.bell_next, 0, mode=s.ipc_mode, group=s.group)
         try:
-            posix_ipc.unlink_semaphore(self.names.bell)
-        except posix_ipc.ExistentialError:
-            pass
-        old, self.bell = self.bell, create_semaphore(self.names.bell, 0, mode=s.ipc_mode, group=s.group)
+            os.rename(DEV_SHM / f"sem.{self.names.bell_next.lstrip('/')}",
+                      DEV_SHM / f"sem.{self.names.bell.lstrip('/')}")
+        except OSError:
+            new.close()
+            posix_ipc.unlink_semaphore(self.names.bell_next)
+            raise
+        old, self.bell = self.bell, new
         old.close()
         self.region.header["bell_gen"] += 1
 
@@ -462,7 +474,7 @@ class Sidecar:
         batch = admit(order, self.v.n_texts, self.v.n_tokens, s.max_batch_texts, s.max_batch_tokens)
         works: list[_Work] = []
         try:
-            works = self._take(batch)
+            self._take(batch, works)
             if works:
                 self._serve_batch(works)
         finally:
@@ -474,17 +486,20 @@ class Sidecar:
             self.stats["busy_slots"] = 0
         return True
 
-    def _take(self, batch: list[int]) -> list[_Work]:
+    def _take(self, batch: list[int], works: list[_Work]) -> None:
         """Mark the batch's slots BUSY and validate each on a private copy; a
-        bad slot is answered with its error at once and never joins."""
+        bad slot is answered with its error at once and never joins. Valid
+        ones go into ``works``, the caller's list, as soon as they are BUSY
+        (so the caller answers them whatever happens after)."""
         p, v = self.params, self.v
         t0 = time.monotonic_ns()
-        works: list[_Work] = []
         for flat in batch:
             seq = int(v.seq[flat])
             v.state[flat] = SLOT_BUSY
             queue_ns = max(0, t0 - int(self._seen_ns[flat]))
             self._seen_ns[flat] = 0
+            work = _Work(flat, seq, None, None, int(v.n_texts[flat]), queue_ns)
+            works.append(work)
             try:
                 code, offs, ids = validate_slot(int(v.n_texts[flat]), int(v.n_tokens[flat]), v.offsets[flat],
                                                 v.tokens[flat], p)
@@ -492,14 +507,13 @@ class Sidecar:
                 self.stats["loop_errors"] += 1
                 self._log_fault("ERROR", "validating slot {} raised {!r}", flat, exc)
                 code, offs, ids = SlotError.BAD_COUNT, None, None
-            work = _Work(flat, seq, offs, ids, int(v.n_texts[flat]), queue_ns)
             if code != SlotError.NONE:
+                works.pop()
                 self._finish(work, code)
                 self._log_fault("WARNING", "rejected slot {} (ring {}): {}", flat % p.slots_per_ring,
                                 flat // p.slots_per_ring, code.name)
                 continue
-            works.append(work)
-        return works
+            work.offsets, work.ids = offs, ids
 
     def _serve_batch(self, works: list[_Work]) -> None:
         t0 = time.monotonic_ns()
@@ -522,21 +536,23 @@ class Sidecar:
             chunk = plan.items[start:end]
             padded = (end - start) * width
             seqs = [works[wi].ids[works[wi].offsets[i]: works[wi].offsets[i + 1]] for _, wi, i in chunk]
-            est = self._timer.estimate(padded)
+            est = self._timer.estimate(end - start, width)
             self._progress(CALL_DEADLINE_FACTOR * est if est is not None
                            else self.settings.model_call_max_s * 1e9)
             c0 = time.monotonic_ns()
             try:
                 vecs = self.embedder.embed(seqs)
             except Exception as exc:  # a model failure fails these slots, not the sidecar
-                logger.exception("model failed on a batch of {} texts: {}", len(chunk), exc)
+                self._failures += 1
+                self._log_fault("ERROR", "model failed on a batch of {} texts: {!r}", len(chunk), exc)
                 for w in {works[wi].flat: works[wi] for _, wi, _ in chunk}.values():
                     if not w.answered:
                         self._finish(w, SlotError.MODEL_FAILED, time.monotonic_ns() - t0)
                 continue
             c1 = time.monotonic_ns()
+            self._failures = 0
             self._progress()
-            self._timer.record(padded, c1 - c0)
+            self._timer.record(end - start, width, c1 - c0)
             live = [(wi, i, k) for k, (_, wi, i) in enumerate(chunk) if not works[wi].answered]
             if live:
                 flats = np.fromiter((works[wi].flat for wi, _, _ in live), dtype=np.int64, count=len(live))

@@ -469,3 +469,31 @@ def test_a_client_dropped_without_close_hands_its_ring_back(synthetic_sidecar):
     del c
     gc.collect()
     assert leased_rings(sc.names) == [], "leased rings must never outlive the clients that hold them"
+
+
+def test_a_doorbell_at_its_maximum_loses_no_request_and_no_slot(synthetic_sidecar):
+    """Posting to a doorbell pushed to SEM_VALUE_MAX fails (EOVERFLOW): the
+    request still gets its answer (the sidecar scans slot states anyway) and
+    the slot comes back to the ring, until the sidecar replaces the doorbell."""
+    sc = synthetic_sidecar(us=0)
+    c = client_for(sc)
+    sess = c._get_session()
+    for i in range(12):
+        _set_semaphore_value(sc.names.bell, SEM_VALUE_MAX)
+        want = [f"full doorbell {i}"]
+        assert np.allclose(c.embed(want), synthetic_reference(c, want), atol=1e-6)
+    assert sess.free.qsize() == sess.params.slots_per_ring and not sess._quarantine
+    c.close()
+
+
+def test_a_tokenizer_the_worker_cannot_read_leases_no_ring(synthetic_sidecar, tmp_path):
+    from shm_protocol.model_files import bundled_model_path
+
+    model = tmp_path / "model"
+    shutil.copytree(bundled_model_path(), model)
+    sc = synthetic_sidecar(us=0, SHM_EMBED_MODEL=str(model))
+    (model / "tokenizer.json").unlink()  # the workers' view differs from the sidecar's
+    for _ in range(3):
+        with pytest.raises(SidecarUnavailable, match="tokenizer"):
+            EmbeddingClient.connect(sc.settings)
+    assert leased_rings(sc.names) == []
