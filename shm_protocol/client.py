@@ -46,6 +46,7 @@ from .layout import (
     SLOT_READY,
     SlotError,
     SlotViews,
+    WaitPolicy,
 )
 from .region import Region
 from .segments import ORPHANED, Names, drain, open_semaphore, pid_alive
@@ -136,6 +137,7 @@ class _Session:
         self.bell_gen = int(self._bell_gen_now)
         self.sems = [open_semaphore(names.slot(ring, s)) for s in range(p.slots_per_ring)]
         self.v = SlotViews(region.slots[ring])
+        self.spin = int(region.header["wait_policy"]) == WaitPolicy.SPIN
         self.state, self.seq, self.eta_ns = self.v.state, self.v.seq, self.v.eta_ns
         self.free: queue.Queue[int] = queue.Queue()
         self._seq = itertools.count(int(time.monotonic_ns()))
@@ -712,6 +714,8 @@ class EmbeddingClient(SentenceTransformerAPI):
         spin_ns = settings.spin_us * 1000
         look = PICKUP_LOOK_S
         deadline = time.monotonic() + settings.timeout_s
+        if sess.spin and _poll_slot(sess, s, seq, settings.idle_poll_us * 1000, spin_ns):
+            return
         while True:
             timeout = poll
             if spin_ns:
@@ -759,6 +763,23 @@ def _log_bell_failure(exc: BaseException) -> None:
         _bell_failures["next"] = now + 5.0
         logger.warning("could not ring the sidecar's doorbell ({!r}); it will find the request at its next scan",
                        exc)
+
+
+def _poll_slot(sess: _Session, s: int, seq: int, budget_ns: int, spin_ns: int) -> bool:
+    """Under the spin policy: poll slot ``s`` from the moment it is submitted
+    until it is answered (True), or until its ETA is far enough away to sleep
+    on, the sidecar asks waiters to park, or ``budget_ns`` passes (False)."""
+    state, seqs, etas = sess.state, sess.seq, sess.eta_ns
+    start = time.monotonic_ns()
+    end = start + budget_ns
+    while True:
+        if int(state[s]) in (SLOT_DONE, SLOT_ERROR) and int(seqs[s]) == seq:
+            return True
+        now = time.monotonic_ns()
+        eta = int(etas[s])
+        if eta == ETA_PARK or (eta > ETA_PARK and eta - now > 2 * spin_ns) or now > end:
+            return False
+        os.sched_yield()
 
 
 def _spin_until_done(sess: _Session, s: int, seq: int, until_ns: int) -> bool:

@@ -26,7 +26,7 @@ Control segment::
     |           heartbeat_ns u64 (CLOCK_MONOTONIC), started_ns u64 |
     |           (wall clock), max_batch_tokens, max_batch_texts,   |
     |           loop_ns u64, loop_deadline_ns u64 (monotonic),     |
-    |           bell_gen u32                                       |
+    |           bell_gen u32, wait_policy u32                      |
     |   stats: STATS_DTYPE (counters and histograms, sidecar-only) |
     +--------------------------------------------------------------+  CTL header itemsize
     | RING_DTYPE x n_rings: owner_pid i32, leases u64,             |
@@ -98,6 +98,11 @@ post/wait is the memory barrier that publishes everything written before it.
   (from its running estimate of compute time per padded token), or
   ``ETA_PARK`` when the batch holds more slots than there are spare cores
   for their waiters to spin on.
+* Waiting policy (``wait_policy``): under SPIN (a model that leaves the CPU
+  free: CUDA, synthetic) the sidecar polls the doorbell for a while after
+  its last work and a waiter polls its slot from the moment it submits,
+  until the answer or an ETA far enough away to sleep on; under PARK (torch
+  on the CPU's cores) both block on semaphores, as below.
 * Worker wait (spin, then park): block on the slot semaphore until shortly
   before ``eta_ns``, then poll ``state`` for a bounded time, then block
   again. Waking a long-idle core costs 100-250 us on virtual machines; waking
@@ -143,6 +148,13 @@ SLOT_FREE, SLOT_CLAIMED, SLOT_READY, SLOT_BUSY, SLOT_DONE, SLOT_ERROR = (int(s) 
 # waiters should block on the semaphore rather than spin.
 ETA_NONE = 0
 ETA_PARK = 1
+
+
+class WaitPolicy(enum.IntEnum):
+    """How both sides wait (the sidecar decides; SHM_EMBED_WAIT_POLICY)."""
+
+    PARK = 0  # block on semaphores, spinning only SPIN_US around the expected answer
+    SPIN = 1  # the sidecar polls its doorbell while idle, waiters poll their slot
 
 
 class SidecarState(enum.IntEnum):
@@ -232,6 +244,7 @@ HEADER_DTYPE = np.dtype(
         ("loop_ns", "<u8"),  # monotonic: the batching loop's last sign of progress
         ("loop_deadline_ns", "<u8"),  # monotonic: the loop shows progress again before this
         ("bell_gen", "<u4"),  # bumped when the sidecar replaces a tampered doorbell: workers reopen it
+        ("wait_policy", "<u4"),  # WaitPolicy the sidecar chose: whether waiters poll their slot or park
         ("stats", STATS_DTYPE),
     ],
     align=True,

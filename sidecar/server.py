@@ -37,6 +37,7 @@ from shm_protocol.layout import (
     SidecarState,
     SlotError,
     SlotViews,
+    WaitPolicy,
     bucket_index,
 )
 from shm_protocol.region import Region
@@ -86,6 +87,16 @@ def _malloc_trim() -> Callable[[], None]:
     except (OSError, AttributeError):
         return lambda: None
     return lambda: trim(0)
+
+
+def choose_wait_policy(setting: str, model_uses_cpu: bool, cores: int) -> WaitPolicy:
+    """SPIN where a core is spare for polling (the model computes elsewhere,
+    and there are 2 cores or more); PARK where torch needs every core."""
+    if setting == "spin":
+        return WaitPolicy.SPIN
+    if setting == "park":
+        return WaitPolicy.PARK
+    return WaitPolicy.SPIN if not model_uses_cpu and cores >= 2 else WaitPolicy.PARK
 
 
 class RateLimitedLog:
@@ -173,6 +184,7 @@ class Sidecar:
         cores = os.cpu_count() or 1
         model_cores = (settings.torch_threads or cores) if getattr(embedder, "uses_cpu", True) else 1
         self._spin_slots = max(1, cores - model_cores)
+        self.wait_policy = choose_wait_policy(settings.wait_policy, getattr(embedder, "uses_cpu", True), cores)
         self._trim_pending = False  # a large model call ran since the heap was last trimmed
         self._stall_ns = int(settings.loop_stall_s * 1e9)
         # The loop's deadline, kept here and only published: the heartbeat
@@ -242,6 +254,7 @@ class Sidecar:
         region.set_text_field("device", info.device)
         h["max_batch_tokens"] = s.max_batch_tokens
         h["max_batch_texts"] = s.max_batch_texts
+        h["wait_policy"] = self.wait_policy
         h["sidecar_pid"] = os.getpid()
         self.epoch = int.from_bytes(os.urandom(8), "little") >> 1 | 1
         h["epoch"] = self.epoch
@@ -254,9 +267,10 @@ class Sidecar:
         h["state"] = SidecarState.READY  # last: workers may attach from here on
         mb = (params.ctl_bytes + params.data_bytes) / 2**20
         logger.info(
-            "serving namespace {} epoch {:x}: {} rings x {} slots ({} texts / {} tokens each), {:.1f} MiB",
+            "serving namespace {} epoch {:x}: {} rings x {} slots ({} texts / {} tokens each), {:.1f} MiB, "
+            "waiting policy {}",
             self.names.namespace, self.epoch, params.n_rings, params.slots_per_ring,
-            params.max_texts, params.max_tokens, mb,
+            params.max_texts, params.max_tokens, mb, self.wait_policy.name.lower(),
         )
 
     def destroy(self) -> None:
@@ -365,7 +379,11 @@ class Sidecar:
     # -- the loop ---------------------------------------------------------------------
     def _loop(self) -> None:
         interval = self.settings.heartbeat_s
-        spin_ns = self.settings.spin_us * 1000
+        # How long the loop polls the doorbell after its last work before it
+        # parks: a short spin where torch needs the cores, longer where the
+        # model leaves them free (the next request then costs no wake-up).
+        spin_ns = 1000 * (self.settings.idle_poll_us if self.wait_policy == WaitPolicy.SPIN
+                          else self.settings.spin_us)
         next_reap = 0.0
         idle = True
         last_work_ns = 0
