@@ -30,11 +30,11 @@ from .errors import (
     NoRingAvailable,
     RequestTooLarge,
     RingFull,
+    ShmEmbedError,
     SidecarTimeout,
     SidecarUnavailable,
     SlotRejected,
 )
-from .errors import ShmEmbedError
 from .layout import (
     ETA_NONE,
     ETA_PARK,
@@ -690,6 +690,7 @@ class EmbeddingClient(SentenceTransformerAPI):
         try:
             self._await_answer(sess, s, seq)
         except BaseException:
+            sess.v.cancel[s] = seq  # nobody waits for it now: the sidecar may skip it
             sess.quarantine(s)
             raise
         v = sess.v

@@ -18,6 +18,7 @@ from .layout import (
     MAGIC,
     PROTOCOL_VERSION,
     LayoutParams,
+    RecordViews,
     SidecarState,
     check_prefix,
     header_view,
@@ -40,6 +41,7 @@ class Region:
         self._ctl = ctl
         self._data = data
         self.header = header_view(ctl.mm)
+        self.hv = RecordViews(self.header)  # per-field views: the liveness check runs on every call
         self.params = LayoutParams.from_header(self.header)
         self.rings = ring_table_view(ctl.mm, self.params.n_rings)
         self.slots = slots_view(data.mm, self.params) if data is not None else None
@@ -103,7 +105,7 @@ class Region:
 
     def close(self) -> None:
         # Drop our views first so the mappings can actually be unmapped.
-        self.header = self.rings = self.slots = None
+        self.header = self.hv = self.rings = self.slots = None
         self._ctl.close()
         if self._data is not None:
             self._data.close()
@@ -134,14 +136,14 @@ class Region:
         return sidecar_state_name(int(self.header["state"]))
 
     def heartbeat_age_s(self) -> float:
-        return (time.monotonic_ns() - int(self.header["heartbeat_ns"])) / 1e9
+        return (time.monotonic_ns() - int(self.hv.heartbeat_ns[0])) / 1e9
 
     def loop_overdue_s(self) -> float:
         """How long past its promised deadline the batching loop is (<= 0: on time)."""
-        return (time.monotonic_ns() - int(self.header["loop_deadline_ns"])) / 1e9
+        return (time.monotonic_ns() - int(self.hv.loop_deadline_ns[0])) / 1e9
 
     def loop_age_s(self) -> float:
-        return (time.monotonic_ns() - int(self.header["loop_ns"])) / 1e9
+        return (time.monotonic_ns() - int(self.hv.loop_ns[0])) / 1e9
 
     # -- liveness -----------------------------------------------------------------------
     def unavailable_reason(self, stale_after_s: float, *, thorough: bool = False) -> str | None:
@@ -150,11 +152,12 @@ class Region:
         The quick check (state, pid by signal 0, heartbeat, loop deadline)
         costs about a microsecond; ``thorough`` also tells a zombie from a
         live process."""
-        state = int(self.header["state"])
+        hv = self.hv
+        state = int(hv.state[0])
         if state != SidecarState.READY:
             name = sidecar_state_name(state)
             return f"sidecar is {name}" if name != "unknown" else f"sidecar state is unknown ({state})"
-        pid = int(self.header["sidecar_pid"])
+        pid = int(hv.sidecar_pid[0])
         if thorough:
             if not pid_alive(pid):
                 return f"sidecar pid {pid} is dead"

@@ -22,7 +22,7 @@ import posix_ipc
 from loguru import logger
 
 from shm_protocol.config import Settings
-from shm_protocol.errors import LayoutMismatch, NamespaceInUse, RingTableBusy, SidecarUnavailable
+from shm_protocol.errors import LayoutMismatch, RingTableBusy, SidecarUnavailable
 from shm_protocol.layout import (
     BATCH_TEXTS_BUCKETS,
     ETA_PARK,
@@ -36,6 +36,7 @@ from shm_protocol.layout import (
     LayoutParams,
     SidecarState,
     SlotError,
+    RecordViews,
     SlotViews,
     WaitPolicy,
     bucket_index,
@@ -125,6 +126,15 @@ def validate_slot(n_texts: int, n_tokens: int, offsets: np.ndarray, tokens: np.n
     checked, so a writer cannot change them between check and use."""
     if not (1 <= n_texts <= p.max_texts) or not (1 <= n_tokens <= p.max_tokens):
         return SlotError.BAD_COUNT, None, None
+    if n_texts == 1:  # one text: the same checks on plain ints
+        if int(offsets[0]) != 0 or int(offsets[1]) != n_tokens:
+            return SlotError.BAD_OFFSETS, None, None
+        if n_tokens > p.max_seq_length:
+            return SlotError.TOO_LONG, None, None
+        ids = tokens[:n_tokens].copy()
+        if int(ids.min()) < 0 or int(ids.max()) >= p.vocab_size:
+            return SlotError.BAD_TOKEN, None, None
+        return SlotError.NONE, np.array([0, n_tokens], np.int64), ids
     offs = offsets[: n_texts + 1].astype(np.int64)
     ids = np.array(tokens[:n_tokens], dtype=np.int32, copy=True)
     if offs[0] != 0 or offs[-1] != n_tokens:
@@ -261,9 +271,11 @@ class Sidecar:
         region.epoch = self.epoch
         h["started_ns"] = time.time_ns()
         h["heartbeat_ns"] = time.monotonic_ns()
-        self._progress()
         self.v = SlotViews(region.slots.reshape(-1))
         self.stats = h["stats"]
+        self.ctr = RecordViews(self.stats)  # the hot path's counters, a view each
+        self.hv = RecordViews(h)
+        self._progress()
         h["state"] = SidecarState.READY  # last: workers may attach from here on
         mb = (params.ctl_bytes + params.data_bytes) / 2**20
         logger.info(
@@ -287,7 +299,7 @@ class Sidecar:
                 logger.warning("namespace {} now belongs to another epoch; leaving its objects",
                                self.names.namespace)
         if self.region is not None:
-            self.v = self.stats = None
+            self.v = self.stats = self.ctr = self.hv = None
             self.region.close()
             self.region = None
         if self._lock is not None:
@@ -326,11 +338,11 @@ class Sidecar:
         again at the latest (longer while a model call of ``call_ns`` runs)."""
         if self._failures >= FAILURES_BEFORE_WEDGED:
             return  # failing every round is no progress
-        h = self.region.header
+        hv = self.hv
         now = time.monotonic_ns()
         self._deadline_ns = now + self._stall_ns + int(call_ns)
-        h["loop_ns"] = now
-        h["loop_deadline_ns"] = self._deadline_ns
+        hv.loop_ns[0] = now
+        hv.loop_deadline_ns[0] = self._deadline_ns
 
     def _heartbeat_loop(self) -> None:
         """Publish the heartbeat; feed systemd's watchdog only while the
@@ -409,7 +421,7 @@ class Sidecar:
                     last_work_ns = time.monotonic_ns()
             except Exception as exc:  # one fault must not stop the service; step() failed its slots
                 self._failures += 1
-                self.stats["loop_errors"] += 1
+                self.ctr.loop_errors[0] += 1
                 self._log_fault("ERROR", "batching loop survived {!r}", exc)
                 time.sleep(0.001)  # a fault that repeats at once must not spin a core
                 idle = True
@@ -436,7 +448,13 @@ class Sidecar:
             except Exception as exc:  # keep the old one (drained in bounded steps) and keep serving
                 self._log_fault("ERROR", "could not replace the doorbell: {!r}", exc)
         ready = np.flatnonzero(self.v.state == SLOT_READY)
-        if len(ready):
+        if len(ready) == 1:  # the common case of a lone request: plain ints, no temporaries
+            f = int(ready[0])
+            seq = int(self.v.seq[f])
+            if self._seen_ns[f] == 0 or self._seen_seq[f] != seq:
+                self._seen_ns[f] = time.monotonic_ns()
+                self._seen_seq[f] = seq
+        elif len(ready):
             seqs = self.v.seq[ready]
             new = (self._seen_ns[ready] == 0) | (self._seen_seq[ready] != seqs)
             if new.any():
@@ -451,7 +469,7 @@ class Sidecar:
         (bell_gen); a post that went to the old one meanwhile is found by the
         next scan, which comes within a heartbeat interval."""
         s = self.settings
-        self.stats["loop_errors"] += 1
+        self.ctr.loop_errors[0] += 1
         self._log_fault("ERROR", "the doorbell holds over {} posts (tampered with); replacing it",
                         self._bell_drain_limit)
         # Create the new doorbell under a spare name, then rename its file
@@ -472,7 +490,7 @@ class Sidecar:
     def step(self) -> bool:
         """Serve one batch of READY slots. Returns False if there was none."""
         ready = self._scan()
-        self.stats["ready_slots"] = len(ready)
+        self.ctr.ready_slots[0] = len(ready)
         if len(ready) == 0:
             return False
         s = self.settings
@@ -488,7 +506,10 @@ class Sidecar:
                 except (posix_ipc.BusyError, posix_ipc.SignalError):
                     break
                 ready = self._scan()
-        order = fair_order(ready, self._seen_ns[ready], self.params.slots_per_ring)
+        if len(ready) == 1:
+            order = [int(ready[0])]
+        else:
+            order = fair_order(ready, self._seen_ns[ready], self.params.slots_per_ring)
         batch = admit(order, self.v.n_texts, self.v.n_tokens, s.max_batch_texts, s.max_batch_tokens)
         works: list[_Work] = []
         try:
@@ -501,7 +522,7 @@ class Sidecar:
             for w in works:
                 if not w.answered:
                     self._finish(w, SlotError.MODEL_FAILED)
-            self.stats["busy_slots"] = 0
+            self.ctr.busy_slots[0] = 0
         return True
 
     def _take(self, batch: list[int], works: list[_Work]) -> None:
@@ -518,11 +539,15 @@ class Sidecar:
             self._seen_ns[flat] = 0
             work = _Work(flat, seq, None, None, int(v.n_texts[flat]), queue_ns)
             works.append(work)
+            if int(v.cancel[flat]) == seq:  # its waiter gave up: no model time for it
+                works.pop()
+                self._finish(work, SlotError.CANCELLED)
+                continue
             try:
                 code, offs, ids = validate_slot(int(v.n_texts[flat]), int(v.n_tokens[flat]), v.offsets[flat],
                                                 v.tokens[flat], p)
             except Exception as exc:  # a slot's bytes must not be able to raise out of here
-                self.stats["loop_errors"] += 1
+                self.ctr.loop_errors[0] += 1
                 self._log_fault("ERROR", "validating slot {} raised {!r}", flat, exc)
                 code, offs, ids = SlotError.BAD_COUNT, None, None
             if code != SlotError.NONE:
@@ -535,8 +560,8 @@ class Sidecar:
 
     def _serve_batch(self, works: list[_Work]) -> None:
         t0 = time.monotonic_ns()
-        st = self.stats
-        st["busy_slots"] = len(works)
+        ctr = self.ctr
+        ctr.busy_slots[0] = len(works)
         self._last_batch_slots = len(works)
         plan = plan_calls([w.lengths() for w in works], min(self.settings.max_batch_tokens,
                                                               self.embedder.capacity_tokens),
@@ -576,13 +601,13 @@ class Sidecar:
                 flats = np.fromiter((works[wi].flat for wi, _, _ in live), dtype=np.int64, count=len(live))
                 rows = np.fromiter((i for _, i, _ in live), dtype=np.int64, count=len(live))
                 self.v.out[flats, rows] = vecs[[k for _, _, k in live]] if len(live) < len(chunk) else vecs
-            st["batches"] += 1
-            st["padded_tokens"] += padded
+            ctr.batches[0] += 1
+            ctr.padded_tokens[0] += padded
             if padded >= TRIM_AFTER_TOKENS:
                 self._trim_pending = True
-            st["batch_texts_hist"][bucket_index(len(chunk), BATCH_TEXTS_BUCKETS)] += 1
-            st["compute_hist"][bucket_index((c1 - c0) / 1e9, LATENCY_BUCKETS_S)] += 1
-            st["compute_ns_sum"] += c1 - c0
+            ctr.batch_texts_hist[bucket_index(len(chunk), BATCH_TEXTS_BUCKETS)] += 1
+            ctr.compute_hist[bucket_index((c1 - c0) / 1e9, LATENCY_BUCKETS_S)] += 1
+            ctr.compute_ns_sum[0] += c1 - c0
             done_at = time.monotonic_ns()
             finished = []
             for _, wi, _ in chunk:
@@ -609,7 +634,7 @@ class Sidecar:
             # Its owner wrote the slot while it was in the model (a hostile or
             # broken worker; the lease rules keep honest ones out): the answer
             # belongs to nobody now.
-            self.stats["stale_answers"] += 1
+            self.ctr.stale_answers[0] += 1
             self._log_fault("WARNING", "slot {} changed generation while in the model; answer dropped", flat)
             return False
         v.error[flat] = code
@@ -622,20 +647,20 @@ class Sidecar:
         except (posix_ipc.Error, OSError) as exc:
             # E.g. EOVERFLOW: someone pushed the semaphore to its maximum. The
             # state is published; the waiter finds it at its next poll.
-            self.stats["loop_errors"] += 1
+            self.ctr.loop_errors[0] += 1
             self._log_fault("ERROR", "posting slot {}'s semaphore failed: {!r}", flat, exc)
         return True
 
     def _count(self, work: _Work, code: SlotError) -> None:
-        st = self.stats
+        ctr = self.ctr
         if code == SlotError.NONE:
-            st["requests"] += 1
-            st["texts"] += work.texts
-            st["tokens"] += len(work.ids)
-            st["queue_ns_sum"] += work.queue_ns
-            st["queue_hist"][bucket_index(work.queue_ns / 1e9, LATENCY_BUCKETS_S)] += 1
+            ctr.requests[0] += 1
+            ctr.texts[0] += work.texts
+            ctr.tokens[0] += len(work.ids)
+            ctr.queue_ns_sum[0] += work.queue_ns
+            ctr.queue_hist[bucket_index(work.queue_ns / 1e9, LATENCY_BUCKETS_S)] += 1
         else:
-            st["errors"][int(code)] += 1
+            ctr.errors[int(code)] += 1
 
     # -- rings of dead workers ----------------------------------------------------------
     def reap_dead_rings(self) -> int:
@@ -660,12 +685,12 @@ class Sidecar:
                     for k in range(spr):
                         flat = r * spr + k
                         if int(self.v.state[flat]) in (SLOT_READY, SLOT_CLAIMED):
-                            self.stats["errors"][SlotError.REAPED] += 1
+                            self.ctr.errors[SlotError.REAPED] += 1
                         self.v.state[flat] = SLOT_FREE
                         self._seen_ns[flat] = 0
                         drain(self.sems[r][k], self._bell_drain_limit)
                     rings[r]["owner_pid"] = 0
-                    self.stats["rings_reaped"] += 1
+                    self.ctr.rings_reaped[0] += 1
                     logger.info("reaped ring {} of {}", r, "a closed client" if owner < 0 else f"dead pid {owner}")
         except RingTableBusy:
             self._log_fault("WARNING", "ring table locked by another process; reaping {} ring(s) later",

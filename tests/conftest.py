@@ -46,43 +46,41 @@ def tiny_sidecar(tiny_model, tmp_path_factory):
     stop_and_check(sc)
 
 
-@pytest.fixture
-def fresh_tiny_sidecar(tiny_model, tmp_path):
-    """A sidecar of the test's own (for tests that kill or stop it)."""
+def _sidecar_factory(tmp_path: Path, model: str | None, **defaults):
+    """A context that starts sidecars on demand and stops (and checks) each after the test."""
     started: list[SidecarProc] = []
 
     def make(**extra) -> SidecarProc:
         ns = extra.pop("namespace", None)
-        sc = start_sidecar(tmp_path, str(tiny_model), ns, SHM_EMBED_TORCH_THREADS="1", **extra)
+        sc = start_sidecar(tmp_path, model, ns, **{**defaults, **extra})
         started.append(sc)
         return sc
 
+    def cleanup() -> None:
+        for sc in started:
+            if sc.proc.poll() is None:
+                stop_and_check(sc)
+            else:
+                unlink_namespace(sc.names, lock=True)
+
+    return make, cleanup
+
+
+@pytest.fixture
+def fresh_tiny_sidecar(tiny_model, tmp_path):
+    """A sidecar of the test's own (for tests that kill or stop it)."""
+    make, cleanup = _sidecar_factory(tmp_path, str(tiny_model), SHM_EMBED_TORCH_THREADS="1")
     yield make
-    for sc in started:
-        if sc.proc.poll() is None:
-            stop_and_check(sc)
-        else:
-            unlink_namespace(sc.names, lock=True)
+    cleanup()
 
 
 @pytest.fixture
 def synthetic_sidecar(tmp_path):
     """Start sidecars of the synthetic backend (no torch; each model call takes
     ``us`` microseconds with the CPU free); stopped and checked after the test."""
-    started: list[SidecarProc] = []
-
-    def make(us: int = 0, **extra) -> SidecarProc:
-        ns = extra.pop("namespace", None)
-        sc = start_sidecar(tmp_path, None, ns, SHM_EMBED_SYNTHETIC_US=str(us), **extra)
-        started.append(sc)
-        return sc
-
-    yield make
-    for sc in started:
-        if sc.proc.poll() is None:
-            stop_and_check(sc)
-        else:
-            unlink_namespace(sc.names, lock=True)
+    make, cleanup = _sidecar_factory(tmp_path, None)
+    yield lambda us=0, **extra: make(SHM_EMBED_SYNTHETIC_US=str(us), **extra)
+    cleanup()
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import pytest
 
 from shm_protocol import EmbeddingClient, Settings, SidecarUnavailable
 from shm_protocol.errors import RingTableBusy, ShmEmbedError
-from shm_protocol.layout import SLOT_BUSY, SLOT_DONE, SLOT_READY, SidecarState
+from shm_protocol.layout import SidecarState
 from shm_protocol.region import Region
 from shm_protocol.segments import DEV_SHM, ORPHANED
 from tests.helpers import REPO, client_for, leased_rings, new_namespace, sidecar_env, synthetic_reference
@@ -497,3 +497,23 @@ def test_a_tokenizer_the_worker_cannot_read_leases_no_ring(synthetic_sidecar, tm
         with pytest.raises(SidecarUnavailable, match="tokenizer"):
             EmbeddingClient.connect(sc.settings)
     assert leased_rings(sc.names) == []
+
+
+def test_a_request_given_up_on_is_not_computed(synthetic_sidecar):
+    """A request that times out while it waits behind a long batch is
+    cancelled: the sidecar answers it without model time, so the backlog a
+    stall or a slow batch leaves is only work someone still waits for."""
+    sc = synthetic_sidecar(us=600_000)
+    busy, quick = client_for(sc), client_for(sc, timeout_s=0.15)
+    t = threading.Thread(target=busy.embed, args=(["a long model call"],))
+    t.start()
+    time.sleep(0.1)  # the long call is in the model now
+    with pytest.raises(SidecarUnavailable):  # SidecarTimeout
+        quick.embed(["given up on"])
+    t.join(10)
+    assert _wait_for(lambda: busy.stats().errors["cancelled"] == 1, 3)
+    assert busy.stats().counters["batches"] == 1, "the cancelled request ran the model"
+    want = ["after the cancel"]
+    assert np.allclose(busy.embed(want), synthetic_reference(busy, want), atol=1e-6)
+    busy.close()
+    quick.close()
