@@ -31,6 +31,7 @@ import multiprocessing as mp
 import os
 import socket
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -201,6 +202,8 @@ def run_work(kind: str, us: int, args, model_path: str, texts: list[str]) -> lis
         for p in procs:
             p.terminate()
         conn.close()
+        q.close()
+        q.join_thread()
     base = pct(results["BaseManager over TCP (pickled)"][0], 50)
     for name, (over, e2e, transport) in results.items():
         rows.append([name, f"{pct(over, 50):.1f}", f"{pct(over, 99):.1f}",
@@ -218,7 +221,7 @@ def main() -> None:
     ap.add_argument("--work", default="synthetic:0,synthetic:2000,model",
                     help="comma-separated: synthetic:<microseconds> or model")
     args = ap.parse_args()
-    from shm_protocol.model_files import bundled_model_path
+    from shm_protocol.model_files import bundled_model_path, model_name
 
     model_path = args.model or str(bundled_model_path())
     texts = short_queries(args.requests, seed=3)
@@ -226,7 +229,7 @@ def main() -> None:
         kind, _, us = item.partition(":")
         rows = run_work(kind, int(us or 0), args, model_path, texts)
         what = f"synthetic compute {int(us) / 1000:g} ms (CPU free)" if kind == "synthetic" else \
-            f"model {os.path.basename(model_path)} on the CPU"
+            f"{model_name(Path(model_path))} on the CPU"
         print(f"\n{what}: one short text, {args.requests} requests per transport in blocks of {args.block}")
         print(table(rows, ["transport", "overhead p50 us", "overhead p99 us", "transport only p50 us",
                            "end-to-end p50 ms", "BaseManager / this, p50"]))

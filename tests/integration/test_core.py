@@ -128,13 +128,21 @@ def test_a_bad_slot_fails_alone_and_the_sidecar_keeps_serving(tiny_sidecar):
 
 
 def test_sidecar_error_code_becomes_typed_exception(tiny_sidecar):
-    """A slot whose offsets lie is answered with SlotRejected, not a hang."""
+    """A slot whose offsets lie is answered with SlotRejected, not a hang.
+    The lie is written before the slot is READY (tampering after the
+    doorbell would race the sidecar)."""
     with client_for(tiny_sidecar) as c:
         sess = c._get_session()
         s = sess.take_slot(1)
-        seq = sess.submit(s, np.array([101, 102], np.int32), np.array([2]))
-        sess.v.n_tokens[s] = 2
-        sess.v.offsets[s, 1] = 5  # now offsets[-1] != n_tokens; rewrite READY after tampering
+        v = sess.v
+        v.tokens[s, :2] = [101, 102]
+        v.offsets[s, :2] = [0, 5]  # offsets[-1] != n_tokens
+        v.n_texts[s] = 1
+        v.n_tokens[s] = 2
+        seq = 4242
+        v.seq[s] = seq
+        v.state[s] = SLOT_READY
+        sess.bell.release()
         with pytest.raises(SlotRejected) as err:
             c._wait(sess, s, seq, np.empty((1, c.dimension), np.float32))
         assert err.value.code == SlotError.BAD_OFFSETS

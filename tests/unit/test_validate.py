@@ -4,6 +4,8 @@ import mmap
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shm_protocol.layout import LayoutParams, SlotError, slots_view
 from sidecar.server import validate_slot
@@ -44,13 +46,30 @@ def test_bad_slots_get_their_error_code(ids, offsets, kw, code):
     assert slot(ids, offsets, **kw)[0] == code
 
 
-def test_random_bytes_never_pass_as_valid_with_out_of_range_ids():
-    rng = np.random.default_rng(0)
-    for _ in range(300):
-        buf = mmap.mmap(-1, P.data_bytes)
-        buf[:] = rng.integers(0, 256, P.data_bytes, dtype=np.uint8).tobytes()
-        s = slots_view(buf, P)[0, 0]
-        code, offs, ids = validate_slot(int(s["n_texts"]), int(s["n_tokens"]), s["offsets"], s["tokens"], P)
-        if code == SlotError.NONE:
-            assert ids.min() >= 0 and ids.max() < P.vocab_size
-            assert (np.diff(offs) > 0).all() and (np.diff(offs) <= P.max_seq_length).all()
+@settings(max_examples=400, deadline=None)
+@given(
+    lengths=st.lists(st.integers(-1, 12), min_size=1, max_size=P.max_texts),
+    ids=st.lists(st.integers(-3, P.vocab_size + 3), min_size=1, max_size=P.max_tokens),
+    n_tokens_shift=st.sampled_from([0, 0, 0, -1, 1]),
+)
+def test_whatever_a_worker_writes_a_valid_verdict_means_a_safe_slot(lengths, ids, n_tokens_shift):
+    """Plausible counts over arbitrary offsets and ids (random bytes would
+    nearly always be BAD_COUNT, and the property would never be checked):
+    whenever the sidecar calls a slot valid, every id is in the vocabulary
+    and every text is non-empty and within the model's limit; and the
+    verdict is NONE exactly when that holds."""
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+    n_tokens = max(1, min(P.max_tokens, offsets[-1] + n_tokens_shift))
+    ids = (ids * (n_tokens // len(ids) + 1))[:n_tokens]
+    buf = mmap.mmap(-1, P.data_bytes)
+    sv = slots_view(buf, P)[0, 0]
+    sv["tokens"][:n_tokens] = ids
+    sv["offsets"][: len(offsets)] = np.asarray(offsets) % (1 << 32)
+    code, offs, got = validate_slot(len(lengths), n_tokens, sv["offsets"], sv["tokens"], P)
+    safe = (offsets[-1] == n_tokens and all(1 <= n <= P.max_seq_length for n in lengths)
+            and all(0 <= i < P.vocab_size for i in ids))
+    assert (code == SlotError.NONE) == safe, (code, lengths, n_tokens)
+    if code == SlotError.NONE:
+        assert got.min() >= 0 and got.max() < P.vocab_size
+        assert (np.diff(offs) > 0).all() and (np.diff(offs) <= P.max_seq_length).all()
+        assert got.tolist() == ids
