@@ -6,9 +6,9 @@ when a name that needs them is first used."""
 from importlib import import_module
 
 _WHERE = {
-    "generate_embeddings": "shm_protocol.fallback", "get_active_operations_count": "shm_protocol.fallback",
-    "get_embedding_client": "shm_protocol.fallback", "get_embedding_model": "shm_protocol.fallback",
-    "is_using_ipc_embedding": "shm_protocol.fallback",
+    "generate_embeddings": "compat.fallback", "get_active_operations_count": "compat.fallback",
+    "get_embedding_client": "compat.fallback", "get_embedding_model": "compat.fallback",
+    "is_using_ipc_embedding": "compat.fallback",
     "VectorIndex": ".index", "build_vector_index": ".index", "search_index": ".index",
     "CollectionOptions": ".store", "CollectionStore": ".store",
     "WebSearchResult": ".websearch", "fast_web_search_with_embeddings": ".websearch",

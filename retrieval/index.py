@@ -46,7 +46,7 @@ class VectorIndex:
 def _client(client):
     if client is not None:
         return client
-    from shm_protocol.fallback import get_embedding_model
+    from compat.fallback import get_embedding_model
 
     return get_embedding_model()
 

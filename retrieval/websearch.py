@@ -153,7 +153,7 @@ def web_search_with_embeddings(query: str, urls: list[str] | None = None, *, top
         return out
 
     if client is None:
-        from shm_protocol.fallback import get_embedding_model
+        from compat.fallback import get_embedding_model
 
         client = get_embedding_model()
     vecs = client.embed([query] + [p for _, p in passages], normalize=True)

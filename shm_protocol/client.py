@@ -17,7 +17,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import posix_ipc
@@ -85,7 +85,7 @@ def preload_tokenizer(path: str) -> None:
     _preloaded[path] = Tokenizer.from_file(path)
 
 
-class _Tokenizer:
+class WorkerTokenizer:
     """The model's own fast tokenizer, set to truncate at the model's limit."""
 
     def __init__(self, path: str, max_seq_length: int):
@@ -313,6 +313,23 @@ class _Session:
         self.give_up_lease()
 
 
+@runtime_checkable
+class EmbeddingBackend(Protocol):
+    """What the web app and retrieval need from an embedding client: the
+    sidecar's :class:`EmbeddingClient`, the local fallback, or a fake in tests."""
+
+    def embed_detailed(self, texts: Sequence[str], *, truncate: bool = True,
+                       normalize: bool = False) -> EmbedResult: ...
+
+    def embed(self, texts: Sequence[str], *, truncate: bool = True, normalize: bool = False) -> np.ndarray: ...
+
+    def info(self) -> dict: ...
+
+    def stats(self): ...
+
+    def close(self) -> None: ...
+
+
 class SentenceTransformerAPI:
     """``SentenceTransformer.encode`` and the original system's
     ``generate_embeddings`` over any ``embed(texts, normalize=...)``, so a
@@ -385,7 +402,7 @@ class EmbeddingClient(SentenceTransformerAPI):
         self.names = Names(self.settings.namespace)
         self._session: _Session | None = None
         self._lock = threading.Lock()
-        self._tokenizer: _Tokenizer | None = None
+        self._tokenizer: WorkerTokenizer | None = None
         self._closed = False
         self._finalizer = weakref.finalize(self, lambda: None)
 
@@ -478,7 +495,7 @@ class EmbeddingClient(SentenceTransformerAPI):
         if tok is not None and tok.path == path and tok.max_seq_length == limit:
             return
         try:
-            self._tokenizer = _Tokenizer(path, limit)
+            self._tokenizer = WorkerTokenizer(path, limit)
         except Exception as exc:  # the tokenizers library raises plain Exceptions
             raise SidecarUnavailable(f"cannot load the tokenizer the sidecar names ({path}): {exc}",
                                      reason="tokenizer") from None
@@ -578,7 +595,7 @@ class EmbeddingClient(SentenceTransformerAPI):
     def embed_detailed(
         self, texts: Sequence[str], *, truncate: bool = True, normalize: bool = False
     ) -> EmbedResult:
-        texts = _check_texts(texts)
+        texts = check_texts(texts)
         sess = self._get_session()
         p = sess.params
         if not texts:
@@ -795,7 +812,7 @@ def _spin_until_done(sess: _Session, s: int, seq: int, until_ns: int) -> bool:
         os.sched_yield()
 
 
-def _check_texts(texts) -> list[str]:
+def check_texts(texts) -> list[str]:
     if isinstance(texts, str):
         raise InvalidInput("texts must be a list of strings, not one string (wrap it in a list)")
     if not isinstance(texts, Iterable):

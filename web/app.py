@@ -19,6 +19,7 @@ import orjson
 from loguru import logger
 
 from shm_protocol import __version__
+from shm_protocol.client import EmbeddingBackend
 from shm_protocol.config import Settings
 from shm_protocol.errors import ShmEmbedError
 
@@ -295,9 +296,9 @@ class AuthMiddleware:
                                   headers={"WWW-Authenticate": "Bearer"})
 
 
-def create_app(client, settings: Settings) -> falcon.App:
-    """The WSGI app for ``client`` (an EmbeddingClient or anything with its
-    embed_detailed/info/stats methods)."""
+def create_app(client: EmbeddingBackend, settings: Settings) -> falcon.App:
+    """The WSGI app for ``client``: the sidecar's EmbeddingClient, the local
+    fallback, or (in the unit tests) a fake with the same interface."""
     ctx = Context(client, settings)
     app = falcon.App(middleware=[AuthMiddleware(settings.api_key)])
     app.req_options.strip_url_path_trailing_slash = True

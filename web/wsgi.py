@@ -14,7 +14,7 @@ from loguru import logger
 
 from shm_protocol.config import Settings
 from shm_protocol.errors import ShmEmbedError
-from shm_protocol.fallback import make_client
+from compat.fallback import make_client
 from shm_protocol.logs import configure_logging
 
 _state: dict = {}

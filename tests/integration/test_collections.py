@@ -185,7 +185,7 @@ def test_a_writer_killed_mid_write_leaves_a_readable_collection(tiny_sidecar, cl
 
 
 def test_the_original_module_level_api(tiny_sidecar, tiny_st, monkeypatch):
-    from shm_protocol import fallback
+    from compat import fallback
     from tests.helpers import new_namespace
 
     for key in ("SHM_EMBED_NAMESPACE", "SHM_EMBED_MODEL"):

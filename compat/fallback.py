@@ -16,10 +16,10 @@ import time
 import numpy as np
 from loguru import logger
 
-from . import model_files
-from .client import EmbeddingClient, EmbedResult, SentenceTransformerAPI, _check_texts, _Tokenizer
-from .config import Settings
-from .errors import NoRingAvailable, RequestTooLarge, SidecarUnavailable
+from shm_protocol import model_files
+from shm_protocol.client import EmbeddingClient, EmbedResult, SentenceTransformerAPI, check_texts, WorkerTokenizer
+from shm_protocol.config import Settings
+from shm_protocol.errors import NoRingAvailable, RequestTooLarge, SidecarUnavailable
 
 
 class LocalEmbedder:
@@ -36,7 +36,7 @@ class LocalEmbedder:
         path = model_files.resolve_model_path(settings.model)
         self.model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
         self.name = model_files.model_name(path)
-        self.tok = _Tokenizer(str(model_files.tokenizer_file(path)), int(self.model.max_seq_length))
+        self.tok = WorkerTokenizer(str(model_files.tokenizer_file(path)), int(self.model.max_seq_length))
         self.lock = threading.Lock()
         logger.info("local model {} loaded in the worker", self.name)
 
@@ -45,7 +45,7 @@ class LocalEmbedder:
                 "max_seq_length": int(self.model.max_seq_length), "device": "cpu (local)"}
 
     def embed_detailed(self, texts, *, truncate: bool = True, normalize: bool = False) -> EmbedResult:
-        texts = _check_texts(texts)
+        texts = check_texts(texts)
         encs = self.tok.encode(texts) if texts else []
         limit = int(self.model.max_seq_length)
         if not truncate:

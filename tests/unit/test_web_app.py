@@ -1,0 +1,231 @@
+"""The HTTP contract, in process: the Falcon app built around a fake client
+(no sidecar, no shared memory), every route and every error status, as
+Falcon's own tutorial tests its app. The real processes are the integration
+tests' business; this file runs in about a second."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+import numpy as np
+import pytest
+from falcon import testing
+
+from shm_protocol.client import EmbeddingBackend, EmbedResult
+from shm_protocol.config import Settings
+from shm_protocol.errors import (
+    InvalidInput,
+    LayoutMismatch,
+    ModelFailed,
+    NoRingAvailable,
+    RequestTooLarge,
+    RingFull,
+    SidecarTimeout,
+    SidecarUnavailable,
+)
+from shm_protocol.stats import Snapshot
+from web.app import create_app
+
+DIM = 8
+
+
+def fake_vector(text: str) -> np.ndarray:
+    seed = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+    return np.random.default_rng(seed).standard_normal(DIM).astype(np.float32) * 3
+
+
+class FakeClient:
+    """An EmbeddingBackend with known vectors (one per text) and a switch
+    that makes every call raise a given error."""
+
+    def __init__(self):
+        self.fail: Exception | None = None
+        self.calls: list[dict] = []
+
+    def _check(self):
+        if self.fail is not None:
+            raise self.fail
+
+    def embed_detailed(self, texts, *, truncate=True, normalize=False) -> EmbedResult:
+        self._check()
+        self.calls.append({"texts": list(texts), "truncate": truncate, "normalize": normalize})
+        vecs = np.stack([fake_vector(t) for t in texts]) if texts else np.empty((0, DIM), np.float32)
+        if normalize:
+            vecs = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+        counts = np.array([len(t.split()) + 2 for t in texts], dtype=np.int64)
+        return EmbedResult(vecs.astype(np.float32), counts, 1000, 2000, 1)
+
+    def embed(self, texts, *, truncate=True, normalize=False):
+        return self.embed_detailed(texts, truncate=truncate, normalize=normalize).vectors
+
+    def info(self) -> dict:
+        self._check()
+        return {"model": "fake-model", "dimension": DIM, "max_seq_length": 16, "device": "fake"}
+
+    def stats(self) -> Snapshot:
+        self._check()
+        return Snapshot(
+            namespace="fake", model="fake-model", device="fake", dim=DIM, max_seq_length=16, sidecar_pid=1,
+            sidecar_alive=True, state="ready", epoch="00", uptime_s=1.0, heartbeat_age_s=0.01, loop_age_s=0.01,
+            unavailable=None,
+            counters={k: 0 for k in ("requests", "texts", "tokens", "padded_tokens", "batches", "rings_reaped",
+                                     "loop_errors", "stale_answers")},
+            errors={}, batch_texts_hist=[0] * 12, queue_hist=[0] * 17, compute_hist=[0] * 17, queue_ns_sum=0,
+            compute_ns_sum=0, queue_depth=0, busy_slots=0, rings=[])
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def fake():
+    return FakeClient()
+
+
+@pytest.fixture
+def app(fake, tmp_path):
+    settings = Settings.from_env({}, data_dir=str(tmp_path / "data"), max_inputs=5, max_input_chars=50,
+                                 max_body_bytes=4096)
+    return testing.TestClient(create_app(fake, settings))
+
+
+def test_the_fake_is_an_embedding_backend(fake):
+    assert isinstance(fake, EmbeddingBackend)
+
+
+def test_embed_returns_normalized_vectors_in_order(app, fake):
+    r = app.simulate_post("/embed", json={"inputs": ["a b", "c"]})
+    assert r.status_code == 200
+    got = np.asarray(r.json, np.float32)
+    want = np.stack([fake_vector("a b"), fake_vector("c")])
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    assert np.allclose(got, want, atol=1e-6)
+    r = app.simulate_post("/embed", json={"inputs": "one", "normalize": False, "truncate": False})
+    assert np.allclose(r.json, [fake_vector("one")], atol=1e-5)
+    assert fake.calls[-1] == {"texts": ["one"], "truncate": False, "normalize": False}
+
+
+def test_openai_embeddings_float_and_base64(app):
+    r = app.simulate_post("/v1/embeddings", json={"input": ["x y z", "w"], "model": "anything"})
+    assert r.status_code == 200
+    assert r.json["model"] == "fake-model" and r.json["usage"] == {"prompt_tokens": 8, "total_tokens": 8}
+    assert [d["index"] for d in r.json["data"]] == [0, 1]
+    assert np.allclose(r.json["data"][0]["embedding"], fake_vector("x y z"), atol=1e-5)
+    r = app.simulate_post("/v1/embeddings", json={"input": "w", "encoding_format": "base64"})
+    raw = np.frombuffer(base64.b64decode(r.json["data"][0]["embedding"]), "<f4")
+    assert np.array_equal(raw, fake_vector("w"))
+    assert app.simulate_post("/v1/embeddings", json={"input": "w", "dimensions": DIM}).status_code == 200
+
+
+@pytest.mark.parametrize("path,body,status,kind", [
+    ("/embed", {"inputs": []}, 422, "empty list"),
+    ("/embed", {}, 422, "is required"),
+    ("/embed", {"inputs": [1, 2, 3]}, 422, "token arrays"),
+    ("/embed", {"inputs": ["ok", 3]}, 422, "inputs[1]"),
+    ("/embed", {"inputs": ["a\x00b"]}, 422, "NUL"),
+    ("/embed", {"inputs": "x", "normalize": "yes"}, 422, "normalize"),
+    ("/embed", {"inputs": ["t"] * 6}, 413, "SHM_EMBED_MAX_INPUTS"),
+    ("/embed", {"inputs": ["x" * 51]}, 413, "SHM_EMBED_MAX_INPUT_CHARS"),
+    ("/embed", ["not", "an", "object"], 422, "JSON object"),
+    ("/v1/embeddings", {"model": "m"}, 422, "'input' is required"),
+    ("/v1/embeddings", {"input": "x", "encoding_format": "hex"}, 422, "encoding_format"),
+    ("/v1/embeddings", {"input": "x", "dimensions": 3}, 422, "dimensions"),
+    ("/v1/embeddings", {"input": "x", "model": 5}, 422, "model"),
+])
+def test_bad_requests_get_their_status_and_a_json_error(app, path, body, status, kind):
+    r = app.simulate_post(path, json=body)
+    assert r.status_code == status, r.text
+    assert kind.lower() in (r.json["error"]["type"] + r.json["error"]["message"]).lower(), r.json
+
+
+def test_body_media_type_and_size(app):
+    assert app.simulate_post("/embed", body="{not json", headers={"content-type": "application/json"}
+                             ).status_code == 400
+    r = app.simulate_post("/embed", body="inputs=x", headers={"content-type": "text/plain"})
+    assert r.status_code == 415 and r.json["error"]["type"] == "unsupported_media_type"
+    big = '{"inputs": ["' + "x" * 5000 + '"]}'
+    assert app.simulate_post("/embed", body=big, headers={"content-type": "application/json"}).status_code == 413
+
+
+@pytest.mark.parametrize("error,status,retry_after", [
+    (SidecarUnavailable("gone", reason="absent"), 503, "1"),
+    (SidecarTimeout("slow"), 503, "1"),
+    (NoRingAvailable("all leased"), 503, "1"),
+    (LayoutMismatch("v1 vs v2"), 503, "5"),
+    (RingFull("busy", retry_after_s=2.0), 429, "2"),
+    (RequestTooLarge("long", limit=1, actual=2, what="tokens"), 413, None),
+    (InvalidInput("surrogate"), 422, None),
+    (ModelFailed("oom", code=5), 500, None),
+    (RuntimeError("a bug"), 500, None),
+])
+def test_each_client_error_maps_to_its_status(app, fake, error, status, retry_after):
+    fake.fail = error
+    r = app.simulate_post("/embed", json={"inputs": ["x"]})
+    assert r.status_code == status, r.text
+    assert r.json["error"]["message"]
+    assert r.headers.get("retry-after") == retry_after
+    if isinstance(error, RuntimeError):
+        assert "a bug" not in r.text, "an unexpected error's text stays in the log"
+
+
+def test_health_ready_info_and_the_original_endpoints(app, fake):
+    assert app.simulate_get("/health").json == {"status": "ok"}
+    assert app.simulate_get("/ready").json["status"] == "ready"
+    info = app.simulate_get("/info").json
+    assert info["dimension"] == DIM and info["limits"]["max_inputs"] == 5
+    assert app.simulate_get("/embedding/health").json["embedding_server"] == "connected"
+    stats = app.simulate_get("/embedding/stats").json
+    assert stats["status"] == "ok" and stats["worker"]["total_requests"] == 0
+    metrics = app.simulate_get("/metrics")
+    assert metrics.status_code == 200 and "shm_embed_sidecar_up 1.0" in metrics.text
+    fake.fail = SidecarUnavailable("gone", reason="absent")
+    assert app.simulate_get("/health").status_code == 200
+    assert app.simulate_get("/ready").status_code == 503
+    r = app.simulate_get("/embedding/health")
+    assert r.status_code == 503 and r.json["status"] == "degraded"
+    assert app.simulate_get("/embedding/stats").status_code == 503
+    assert "shm_embed_sidecar_up 0.0" in app.simulate_get("/metrics").text
+
+
+def test_unknown_routes_and_methods_are_json_errors(app):
+    r = app.simulate_get("/nope")
+    assert r.status_code == 404 and r.json["error"]
+    assert app.simulate_get("/embed").status_code == 405
+
+
+def test_api_key(fake, tmp_path):
+    app = testing.TestClient(create_app(fake, Settings.from_env({}, api_key="s3cret",
+                                                                data_dir=str(tmp_path / "d"))))
+    assert app.simulate_get("/health").status_code == 200
+    r = app.simulate_post("/embed", json={"inputs": ["x"]})
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert app.simulate_post("/embed", json={"inputs": ["x"]},
+                             headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert app.simulate_post("/embed", json={"inputs": ["x"]},
+                             headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_request_id_is_echoed(app):
+    r = app.simulate_get("/health", headers={"X-Request-ID": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    assert app.simulate_get("/health").headers["x-request-id"]
+
+
+def test_collections_round_trip(app):
+    assert app.simulate_put("/collections/notes").status_code == 201
+    assert app.simulate_put("/collections/notes").status_code == 200
+    r = app.simulate_post("/collections/notes/documents",
+                          json={"documents": [{"id": "a", "text": "red apples"}, {"id": "b", "text": "blue sky"}]})
+    assert r.status_code == 200, r.text
+    r = app.simulate_post("/collections/notes/search", json={"query": "blue sky", "top_k": 2})
+    assert r.status_code == 200 and r.json["results"][0]["id"] == "b"
+    assert [c["name"] for c in app.simulate_get("/collections").json["collections"]] == ["notes"]
+    assert app.simulate_get("/collections/notes/documents/a").status_code == 200
+    assert app.simulate_delete("/collections/notes/documents/a").status_code == 200
+    assert app.simulate_get("/collections/notes/documents/a").status_code == 404
+    assert app.simulate_post("/collections/notes/search", json={"query": 3}).status_code == 422
+    assert app.simulate_post("/collections/notes/documents", json={}).status_code == 422
+    assert app.simulate_delete("/collections/notes").status_code == 200
+    assert app.simulate_get("/collections/notes").status_code == 404
+    assert app.simulate_post("/collections/none/search", json={"query": "x"}).status_code == 404
