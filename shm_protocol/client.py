@@ -45,6 +45,7 @@ from .layout import (
     SLOT_FREE,
     SLOT_READY,
     SlotError,
+    RecordViews,
     SlotViews,
     WaitPolicy,
 )
@@ -138,6 +139,7 @@ class _Session:
         self.sems = [open_semaphore(names.slot(ring, s)) for s in range(p.slots_per_ring)]
         self.v = SlotViews(region.slots[ring])
         self.spin = int(region.header["wait_policy"]) == WaitPolicy.SPIN
+        self.queued = RecordViews(region.header["stats"]).ready_slots  # the sidecar's queue depth
         self.state, self.seq, self.eta_ns = self.v.state, self.v.seq, self.v.eta_ns
         self.free: queue.Queue[int] = queue.Queue()
         self._seq = itertools.count(int(time.monotonic_ns()))
@@ -198,7 +200,14 @@ class _Session:
         if int(self.state[s]) in (SLOT_FREE, SLOT_CLAIMED):
             self.give_back(s)
         else:
-            self.quarantine(s)
+            self.give_up(s, int(self.seq[s]))
+
+    def give_up(self, s: int, seq: int) -> None:
+        """Nobody waits for slot ``s``'s answer to generation ``seq`` any more:
+        the sidecar may skip it (cancel), and the slot stays out of use until
+        the sidecar is done with it."""
+        self.v.cancel[s] = seq
+        self.quarantine(s)
 
     def answered(self, s: int, seq: int) -> bool:
         return int(self.state[s]) in (SLOT_DONE, SLOT_ERROR) and int(self.seq[s]) == seq
@@ -295,7 +304,7 @@ class _Session:
                 sem.close()
             except posix_ipc.Error:
                 pass
-        self.v = self.state = self.seq = self.eta_ns = self._bell_gen_now = None
+        self.v = self.state = self.seq = self.eta_ns = self._bell_gen_now = self.queued = None
         self.region.close()
 
     def release_in_owner(self) -> None:
@@ -677,12 +686,12 @@ class EmbeddingClient(SentenceTransformerAPI):
                     failure = failure or exc
                     if isinstance(exc, SidecarUnavailable):
                         # Nothing more will come from this sidecar.
-                        for s2, *_ in pending:
-                            sess.quarantine(s2)
+                        for s2, seq2, *_ in pending:
+                            sess.give_up(s2, seq2)
                         pending.clear()
         except BaseException:
-            for s2, *_ in pending:
-                sess.quarantine(s2)
+            for s2, seq2, *_ in pending:
+                sess.give_up(s2, seq2)
             raise
         if failure is not None:
             raise failure
@@ -707,8 +716,7 @@ class EmbeddingClient(SentenceTransformerAPI):
         try:
             self._await_answer(sess, s, seq)
         except BaseException:
-            sess.v.cancel[s] = seq  # nobody waits for it now: the sidecar may skip it
-            sess.quarantine(s)
+            sess.give_up(s, seq)
             raise
         v = sess.v
         queue_ns, compute_ns = int(v.queue_ns[s]), int(v.compute_ns[s])
@@ -732,7 +740,8 @@ class EmbeddingClient(SentenceTransformerAPI):
         spin_ns = settings.spin_us * 1000
         look = PICKUP_LOOK_S
         deadline = time.monotonic() + settings.timeout_s
-        if sess.spin and _poll_slot(sess, s, seq, settings.idle_poll_us * 1000, spin_ns):
+        if sess.spin and _poll_slot(sess, s, seq, min(settings.idle_poll_us * 1000, int(settings.timeout_s * 1e9)),
+                                    spin_ns):
             return
         while True:
             timeout = poll
@@ -762,7 +771,10 @@ class EmbeddingClient(SentenceTransformerAPI):
                     return
                 region = sess.region
                 reason = region.unavailable_reason(settings.stale_after_s, thorough=True)
-                if reason is not None and region.state_name != "draining":
+                if reason is not None and region.state_name == "draining":
+                    # A draining sidecar answers what it holds, unless it died or hangs meanwhile.
+                    reason = region.liveness_reason(settings.stale_after_s, thorough=True)
+                if reason is not None:
                     raise SidecarUnavailable(f"while waiting for a result: {reason}", reason=reason) from None
                 if time.monotonic() > deadline:
                     raise SidecarTimeout(f"no answer from the sidecar within {settings.timeout_s}s") from None
@@ -783,19 +795,31 @@ def _log_bell_failure(exc: BaseException) -> None:
                        exc)
 
 
+#: Waiters that may poll at once under the spin policy: the cores this
+#: process may run on, less one for the sidecar. More queued work than that
+#: and waiters park (they would only take turns on the same cores).
+SPIN_WAITERS = max(1, len(os.sched_getaffinity(0)) - 1)
+
+
 def _poll_slot(sess: _Session, s: int, seq: int, budget_ns: int, spin_ns: int) -> bool:
     """Under the spin policy: poll slot ``s`` from the moment it is submitted
     until it is answered (True), or until its ETA is far enough away to sleep
-    on, the sidecar asks waiters to park, or ``budget_ns`` passes (False)."""
-    state, seqs, etas = sess.state, sess.seq, sess.eta_ns
-    start = time.monotonic_ns()
-    end = start + budget_ns
+    on, the sidecar asks waiters to park, more work is queued than there are
+    cores to poll on, the sidecar stops being available, or ``budget_ns``
+    passes (False: the caller parks)."""
+    state, seqs, etas, queued = sess.state, sess.seq, sess.eta_ns, sess.queued
+    region = sess.region
+    end = time.monotonic_ns() + budget_ns
+    n = 0
     while True:
         if int(state[s]) in (SLOT_DONE, SLOT_ERROR) and int(seqs[s]) == seq:
             return True
         now = time.monotonic_ns()
         eta = int(etas[s])
         if eta == ETA_PARK or (eta > ETA_PARK and eta - now > 2 * spin_ns) or now > end:
+            return False
+        n += 1
+        if n % 256 == 0 and (int(queued[0]) > SPIN_WAITERS or region.unavailable_reason(1e9) is not None):
             return False
         os.sched_yield()
 

@@ -17,7 +17,8 @@ Control segment::
 
     +--------------------------------------------------------------+  0
     | HEADER_DTYPE                                                 |
-    |   magic[8] "SHMEMBED" | version u32 | header_bytes u32       |
+    |   magic[8] "SHMEMBED" | version u32 | header_bytes u32 |     |
+    |   layout_hash u64 (names, types and order of every field)    |
     |   layout: n_rings, slots_per_ring, max_texts, max_tokens,    |
     |           dim, max_seq_length, vocab_size, slot_bytes (u32)  |
     |   model identity: model_name[128], tokenizer_path[512],      |
@@ -220,14 +221,16 @@ STATS_DTYPE = np.dtype(
     align=True,
 )
 
-# Only these two fields are read before the version is known.
-PREFIX_DTYPE = np.dtype([("magic", "S8"), ("version", "<u4")], align=True)
+# Only these fields are read before the layout is known to match.
+PREFIX_DTYPE = np.dtype([("magic", "S8"), ("version", "<u4"), ("header_bytes", "<u4"), ("layout_hash", "<u8")],
+                        align=True)
 
 HEADER_DTYPE = np.dtype(
     [
         ("magic", "S8"),
         ("version", "<u4"),
         ("header_bytes", "<u4"),
+        ("layout_hash", "<u8"),  # LAYOUT_HASH of the writer: every field of header, ring and slot
         ("n_rings", "<u4"),
         ("slots_per_ring", "<u4"),
         ("max_texts", "<u4"),
@@ -336,6 +339,19 @@ class LayoutParams:
         header["slot_bytes"] = self.slot_dtype.itemsize
 
 
+def _layout_hash() -> int:
+    """A fingerprint of every field of the header, the ring table and a slot
+    (names, types, order): two builds that would read each other's bytes
+    differently never agree on it, even where the sizes happen to match."""
+    import hashlib
+
+    text = repr((HEADER_DTYPE.descr, RING_DTYPE.descr, _slot_fields(1, 1, 1)))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+LAYOUT_HASH = _layout_hash()
+
+
 def check_prefix(buf, name: str) -> None:
     """Raise LayoutMismatch unless ``buf`` starts with our magic and version."""
     if len(buf) < HEADER_DTYPE.itemsize:
@@ -352,6 +368,12 @@ def check_prefix(buf, name: str) -> None:
             "upgrade the sidecar and the workers together",
             found=int(prefix["version"]),
             expected=PROTOCOL_VERSION,
+        )
+    if int(prefix["layout_hash"]) != LAYOUT_HASH:
+        raise LayoutMismatch(
+            f"{name}: protocol version {PROTOCOL_VERSION} but another field layout (fingerprint "
+            f"{int(prefix['layout_hash']):016x}, this build {LAYOUT_HASH:016x}); "
+            "upgrade the sidecar and the workers together"
         )
 
 

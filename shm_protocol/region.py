@@ -15,6 +15,7 @@ import numpy as np
 from .errors import LayoutMismatch, RingTableBusy, ShmEmbedError, SidecarUnavailable
 from .layout import (
     HEADER_DTYPE,
+    LAYOUT_HASH,
     MAGIC,
     PROTOCOL_VERSION,
     LayoutParams,
@@ -64,6 +65,7 @@ class Region:
         header = header_view(ctl.mm)
         header["version"] = PROTOCOL_VERSION
         header["header_bytes"] = HEADER_DTYPE.itemsize
+        header["layout_hash"] = LAYOUT_HASH
         params.write_header(header)
         header["state"] = SidecarState.STARTING
         # NOTE: the magic last: a reader that finds it finds the layout too
@@ -157,6 +159,13 @@ class Region:
         if state != SidecarState.READY:
             name = sidecar_state_name(state)
             return f"sidecar is {name}" if name != "unknown" else f"sidecar state is unknown ({state})"
+        return self.liveness_reason(stale_after_s, thorough=thorough)
+
+    def liveness_reason(self, stale_after_s: float, *, thorough: bool = False) -> str | None:
+        """The part of the rule that holds whatever the state: why the
+        sidecar's process or loop does not run (dead pid, stale heartbeat,
+        loop past its deadline), or None."""
+        hv = self.hv
         pid = int(hv.sidecar_pid[0])
         if thorough:
             if not pid_alive(pid):

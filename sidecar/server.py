@@ -191,7 +191,7 @@ class Sidecar:
         self._last_batch_slots = 0
         # How many slots of one batch may have their waiters spin: the cores
         # the model leaves free (a GPU or synthetic model leaves all but this process's).
-        cores = os.cpu_count() or 1
+        cores = len(os.sched_getaffinity(0))  # the cores this process may use, not the host's
         model_cores = (settings.torch_threads or cores) if getattr(embedder, "uses_cpu", True) else 1
         self._spin_slots = max(1, cores - model_cores)
         self.wait_policy = choose_wait_policy(settings.wait_policy, getattr(embedder, "uses_cpu", True), cores)
@@ -537,15 +537,16 @@ class Sidecar:
             v.state[flat] = SLOT_BUSY
             queue_ns = max(0, t0 - int(self._seen_ns[flat]))
             self._seen_ns[flat] = 0
-            work = _Work(flat, seq, None, None, int(v.n_texts[flat]), queue_ns)
+            # Read once: the counts checked are the counts used (a worker may write at any time).
+            n_texts, n_tokens = int(v.n_texts[flat]), int(v.n_tokens[flat])
+            work = _Work(flat, seq, None, None, n_texts, queue_ns)
             works.append(work)
             if int(v.cancel[flat]) == seq:  # its waiter gave up: no model time for it
                 works.pop()
                 self._finish(work, SlotError.CANCELLED)
                 continue
             try:
-                code, offs, ids = validate_slot(int(v.n_texts[flat]), int(v.n_tokens[flat]), v.offsets[flat],
-                                                v.tokens[flat], p)
+                code, offs, ids = validate_slot(n_texts, n_tokens, v.offsets[flat], v.tokens[flat], p)
             except Exception as exc:  # a slot's bytes must not be able to raise out of here
                 self.ctr.loop_errors[0] += 1
                 self._log_fault("ERROR", "validating slot {} raised {!r}", flat, exc)

@@ -503,15 +503,15 @@ def test_a_request_given_up_on_is_not_computed(synthetic_sidecar):
     """A request that times out while it waits behind a long batch is
     cancelled: the sidecar answers it without model time, so the backlog a
     stall or a slow batch leaves is only work someone still waits for."""
-    sc = synthetic_sidecar(us=600_000)
+    sc = synthetic_sidecar(us=600_000, SHM_EMBED_SLOT_TEXTS="2")
     busy, quick = client_for(sc), client_for(sc, timeout_s=0.15)
     t = threading.Thread(target=busy.embed, args=(["a long model call"],))
     t.start()
     time.sleep(0.1)  # the long call is in the model now
     with pytest.raises(SidecarUnavailable):  # SidecarTimeout
-        quick.embed(["given up on"])
+        quick.embed(["given", "up", "on", "in", "three slots"])  # 2 + 2 + 1 texts: every part is cancelled
     t.join(10)
-    assert _wait_for(lambda: busy.stats().errors["cancelled"] == 1, 3)
+    assert _wait_for(lambda: busy.stats().errors["cancelled"] == 3, 3), busy.stats().errors
     assert busy.stats().counters["batches"] == 1, "the cancelled request ran the model"
     want = ["after the cancel"]
     assert np.allclose(busy.embed(want), synthetic_reference(busy, want), atol=1e-6)

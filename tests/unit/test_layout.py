@@ -7,6 +7,7 @@ from shm_protocol.errors import LayoutMismatch
 from shm_protocol.layout import (
     HEADER_DTYPE,
     LATENCY_BUCKETS_S,
+    LAYOUT_HASH,
     MAGIC,
     PROTOCOL_VERSION,
     SLOT_ALIGN,
@@ -40,6 +41,7 @@ def test_header_round_trip_and_sizes():
     h = header_view(buf)
     h["magic"] = MAGIC
     h["version"] = PROTOCOL_VERSION
+    h["layout_hash"] = LAYOUT_HASH
     PARAMS.write_header(h)
     check_prefix(buf, "t")
     assert LayoutParams.from_header(header_view(buf)) == PARAMS
@@ -84,3 +86,13 @@ def test_histogram_helpers():
     counts[8] = 10
     assert hist_quantile(counts, LATENCY_BUCKETS_S, 0.5) == LATENCY_BUCKETS_S[2]
     assert hist_quantile(counts, LATENCY_BUCKETS_S, 0.99) == LATENCY_BUCKETS_S[8]
+
+
+def test_a_header_of_another_field_layout_is_a_mismatch_even_with_the_same_version():
+    buf = bytearray(PARAMS.ctl_bytes)
+    h = header_view(buf)
+    h["magic"] = MAGIC
+    h["version"] = PROTOCOL_VERSION
+    h["layout_hash"] = LAYOUT_HASH ^ 1  # a build whose fields differ, sizes alike
+    with pytest.raises(LayoutMismatch, match="field layout"):
+        check_prefix(buf, "t")

@@ -90,8 +90,13 @@ def app(fake, tmp_path):
     return testing.TestClient(create_app(fake, settings))
 
 
-def test_the_fake_is_an_embedding_backend(fake):
-    assert isinstance(fake, EmbeddingBackend)
+def test_the_fake_and_the_real_clients_are_embedding_backends(fake, tmp_path):
+    from compat.fallback import FallbackClient
+    from shm_protocol.client import EmbeddingClient
+
+    settings = Settings.from_env({}, data_dir=str(tmp_path))
+    for client in (fake, EmbeddingClient(settings), FallbackClient(settings.replace(use_ipc=False))):
+        assert isinstance(client, EmbeddingBackend), type(client).__name__
 
 
 def test_embed_returns_normalized_vectors_in_order(app, fake):
