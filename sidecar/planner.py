@@ -56,10 +56,6 @@ class Plan:
     items: list[tuple[int, int, int]]  # (length, work index, text index within the work)
     calls: list[tuple[int, int, int]]  # (start, end) into items and the call's padded width
 
-    def padded_tokens(self, call: int) -> int:
-        a, b, width = self.calls[call]
-        return (b - a) * width
-
     def last_call(self, n_works: int) -> list[int]:
         """For each work, the index of the call that holds its last text (its answer time)."""
         last = [0] * n_works
