@@ -49,6 +49,7 @@ from .layout import (
     SlotViews,
     WaitPolicy,
 )
+from .logs import RateLimitedLog
 from .region import Region
 from .segments import ORPHANED, Names, drain, open_semaphore, pid_alive
 
@@ -117,6 +118,9 @@ class WorkerTokenizer:
 #: in /dev/shm; draining up to SEM_VALUE_MAX would take minutes, so the slot
 #: is retired instead.
 SLOT_DRAIN_LIMIT = 64
+
+#: A doorbell that cannot be rung fails every submit until it is replaced: one line per 5 s.
+_log_bell_failure = RateLimitedLog()
 
 #: Slot states in which the sidecar may still read or write the slot.
 _IN_FLIGHT = (SLOT_CLAIMED, SLOT_READY, SLOT_BUSY)
@@ -242,7 +246,8 @@ class _Session:
             # E.g. EOVERFLOW on a doorbell someone pushed to its maximum. The
             # post is only a wake-up: the sidecar scans slot states at least
             # once per heartbeat interval and finds this READY slot anyway.
-            _log_bell_failure(exc)
+            _log_bell_failure("WARNING", "could not ring the sidecar's doorbell ({!r}); it will find the "
+                              "request at its next scan", exc)
         return seq
 
     def _reopen_bell(self) -> None:
@@ -452,10 +457,8 @@ class EmbeddingClient(SentenceTransformerAPI):
                 if not self._replaced(sess):
                     raise SidecarUnavailable(f"the sidecar cannot serve: {reason}", reason=reason)
                 # A new sidecar serves the namespace (or none does). Other
-                # threads may still wait on the old session: they notice the
-                # dead sidecar and fail.
-                # Other threads may still wait on the old session (they see the
-                # dead sidecar and fail): it is unmapped once the last leaves.
+                # threads may still wait on the old session (they see the dead
+                # sidecar and fail): it is unmapped once the last one leaves.
                 self._session = None
                 self._finalizer.detach()
                 sess.close()
@@ -782,17 +785,6 @@ class EmbeddingClient(SentenceTransformerAPI):
             if sess.answered(s, seq):
                 return
             # A stale post from an abandoned request: keep waiting for ours.
-
-
-_bell_failures = {"next": 0.0}
-
-
-def _log_bell_failure(exc: BaseException) -> None:
-    now = time.monotonic()
-    if now >= _bell_failures["next"]:
-        _bell_failures["next"] = now + 5.0
-        logger.warning("could not ring the sidecar's doorbell ({!r}); it will find the request at its next scan",
-                       exc)
 
 
 #: Waiters that may poll at once under the spin policy: the cores this

@@ -56,7 +56,7 @@ class Region:
     def create(cls, names: Names, params: LayoutParams, *, mode: int, group: str = "") -> "Region":
         """Create both segments (zero-filled) and write the layout header.
         The caller has already unlinked any stale objects of the namespace."""
-        ctl = Segment.create(names.ctl, params.ctl_bytes, mode=mode, group=group)
+        ctl = Segment.create(names.ctl, params.ctl_bytes, mode=mode, group=group, keep_fd=True)
         try:
             data = Segment.create(names.data, params.data_bytes, mode=mode, group=group)
         except BaseException:

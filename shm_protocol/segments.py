@@ -88,7 +88,9 @@ def _apply_access(path: Path, mode: int, group: str) -> None:
 
 
 class Segment:
-    """One mapped shared-memory segment. Its fd is closed right after mmap."""
+    """One mapped shared-memory segment. Its fd is closed right after mmap,
+    unless asked to keep it (the control segment: its ring-table lock lives
+    on that descriptor)."""
 
     def __init__(self, name: str, mm: mmap.mmap, *, created: bool, fd: int = -1):
         self.name = name
@@ -97,7 +99,7 @@ class Segment:
         self.fd = fd  # kept open only where the segment is also locked (the control segment)
 
     @classmethod
-    def create(cls, name: str, size: int, *, mode: int, group: str = "") -> "Segment":
+    def create(cls, name: str, size: int, *, mode: int, group: str = "", keep_fd: bool = False) -> "Segment":
         """Create a segment with every page allocated now. A sparse segment
         on a nearly full /dev/shm would be created fine and then kill the
         process with SIGBUS at the first write to a page tmpfs cannot supply;
@@ -113,13 +115,9 @@ class Segment:
                 if exc.errno not in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
                     raise
                 posix_ipc.unlink_shared_memory(name)
-                raise ShmSpaceError(
-                    f"{DEV_SHM} has {shm_free_bytes():,} bytes free; {name} needs {size:,} "
-                    "(enlarge /dev/shm, e.g. docker --shm-size, or lower SHM_EMBED_RINGS / SHM_EMBED_SLOT_TEXTS)",
-                    needed=size, free=shm_free_bytes(),
-                ) from None
+                raise space_error(size, name) from None
             mm = mmap.mmap(shm.fd, size)
-            fd = os.dup(shm.fd)
+            fd = os.dup(shm.fd) if keep_fd else -1
         finally:
             shm.close_fd()
         return cls(name, mm, created=True, fd=fd)
@@ -166,15 +164,20 @@ def shm_free_bytes() -> int:
     return st.f_bavail * st.f_frsize
 
 
-def check_shm_space(needed: int) -> None:
-    """Raise ShmSpaceError, naming both figures, unless ``needed`` bytes are free in /dev/shm."""
+def space_error(needed: int, what: str = "this namespace") -> ShmSpaceError:
+    """The error for a /dev/shm that cannot hold ``needed`` more bytes, naming both figures."""
     free = shm_free_bytes()
-    if free < needed:
-        raise ShmSpaceError(
-            f"{DEV_SHM} has {free:,} bytes free; this namespace needs {needed:,} "
-            "(enlarge /dev/shm, e.g. docker --shm-size, or lower SHM_EMBED_RINGS / SHM_EMBED_SLOT_TEXTS)",
-            needed=needed, free=free,
-        )
+    return ShmSpaceError(
+        f"{DEV_SHM} has {free:,} bytes free; {what} needs {needed:,} "
+        "(enlarge /dev/shm, e.g. docker --shm-size, or lower SHM_EMBED_RINGS / SHM_EMBED_SLOT_TEXTS)",
+        needed=needed, free=free,
+    )
+
+
+def check_shm_space(needed: int) -> None:
+    """Raise ShmSpaceError unless ``needed`` bytes are free in /dev/shm."""
+    if shm_free_bytes() < needed:
+        raise space_error(needed)
 
 
 def create_semaphore(name: str, initial: int, *, mode: int, group: str = "") -> posix_ipc.Semaphore:
@@ -182,8 +185,7 @@ def create_semaphore(name: str, initial: int, *, mode: int, group: str = "") -> 
         sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=mode, initial_value=initial)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.ENOMEM):
-            raise ShmSpaceError(f"{DEV_SHM} is full: cannot create semaphore {name}",
-                                needed=SEMAPHORE_BYTES, free=shm_free_bytes()) from None
+            raise space_error(SEMAPHORE_BYTES, f"semaphore {name}") from None
         raise
     _apply_access(DEV_SHM / f"sem.{name.lstrip('/')}", mode, group)
     return sem

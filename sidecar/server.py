@@ -23,6 +23,7 @@ from loguru import logger
 
 from shm_protocol.config import Settings
 from shm_protocol.errors import LayoutMismatch, RingTableBusy, SidecarUnavailable
+from shm_protocol.logs import RateLimitedLog
 from shm_protocol.layout import (
     BATCH_TEXTS_BUCKETS,
     ETA_PARK,
@@ -98,26 +99,6 @@ def choose_wait_policy(setting: str, model_uses_cpu: bool, cores: int) -> WaitPo
     if setting == "park":
         return WaitPolicy.PARK
     return WaitPolicy.SPIN if not model_uses_cpu and cores >= 2 else WaitPolicy.PARK
-
-
-class RateLimitedLog:
-    """Log one line per ``every_s`` at most, saying how many were held back:
-    inside the loop, a fault that repeats must not flood the log."""
-
-    def __init__(self, every_s: float = 5.0):
-        self.every_s = every_s
-        self._next = 0.0
-        self._held = 0
-
-    def __call__(self, level: str, message: str, *args) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            self._held += 1
-            return
-        held, self._held = self._held, 0
-        suffix = f" ({held} more like it since the last report)" if held else ""
-        logger.opt(depth=1).log(level, message + suffix, *args)
-        self._next = now + self.every_s
 
 
 def validate_slot(n_texts: int, n_tokens: int, offsets: np.ndarray, tokens: np.ndarray, p: LayoutParams):
@@ -272,8 +253,7 @@ class Sidecar:
         h["started_ns"] = time.time_ns()
         h["heartbeat_ns"] = time.monotonic_ns()
         self.v = SlotViews(region.slots.reshape(-1))
-        self.stats = h["stats"]
-        self.ctr = RecordViews(self.stats)  # the hot path's counters, a view each
+        self.ctr = RecordViews(h["stats"])  # the hot path's counters, a view each
         self.hv = RecordViews(h)
         self._progress()
         h["state"] = SidecarState.READY  # last: workers may attach from here on
@@ -292,19 +272,24 @@ class Sidecar:
             sem.close()
         if getattr(self, "bell", None) is not None:
             self.bell.close()
-        if self._lock is not None:  # without the lock, nothing here is ours to remove
-            if self._namespace_is_ours():
-                unlink_namespace(self.names)
-            else:
-                logger.warning("namespace {} now belongs to another epoch; leaving its objects",
-                               self.names.namespace)
+        self._unlink_own()
         if self.region is not None:
-            self.v = self.stats = self.ctr = self.hv = None
+            self.v = self.ctr = self.hv = None
             self.region.close()
             self.region = None
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+    def _unlink_own(self) -> None:
+        """Unlink the namespace's objects, if they are still of this
+        sidecar's epoch (without the namespace lock, nothing there is ours)."""
+        if self._lock is None:
+            return
+        if self._namespace_is_ours():
+            unlink_namespace(self.names)
+        else:
+            logger.warning("namespace {} now belongs to another epoch; leaving its objects", self.names.namespace)
 
     def _namespace_is_ours(self) -> bool:
         try:
@@ -381,8 +366,7 @@ class Sidecar:
                         self.settings.wedge_exit_s)
         try:
             self.region.header["state"] = SidecarState.STOPPED
-            if self._namespace_is_ours():
-                unlink_namespace(self.names)
+            self._unlink_own()
             if self._lock is not None:
                 self._lock.release()
         finally:
