@@ -4,6 +4,8 @@
   in the dirty worker pool; HTTP workers call it over gunicorn's own socket.
 * ``dirty_application()``: the same Falcon app as shm-embed, with a backend
   that calls the dirty app.
+* :class:`OverheadApp`: the dirty app of bench/protocol_overhead.py, serving
+  the same timed work as that benchmark's other servers (``BENCH_WORK_*``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,33 @@ class EmbedApp(DirtyApp):
         vecs = self.model.encode(texts, batch_size=32, normalize_embeddings=normalize)
         tokens = [len(x) for x in self.tok(texts, truncation=True, max_length=256)["input_ids"]]
         return {"vectors": vecs.tolist(), "tokens": tokens}
+
+
+class OverheadApp(DirtyApp):
+    """bench/protocol_overhead.py's work in the dirty worker; once loaded it
+    writes the arbiter's socket path to ``BENCH_SOCKET_FILE`` (the benchmark
+    connects a DirtyClient there, as an HTTP worker's client does)."""
+
+    def init(self):
+        from bench.overhead_work import Work
+
+        e = os.environ
+        self.work = Work(e["BENCH_WORK_KIND"], int(e["BENCH_WORK_US"]), e["BENCH_MODEL_PATH"],
+                         int(e["BENCH_THREADS"]), e.get("BENCH_DEVICE", "cpu"))
+        tmp = e["BENCH_SOCKET_FILE"] + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(e["GUNICORN_DIRTY_SOCKET"])
+        os.replace(tmp, e["BENCH_SOCKET_FILE"])
+
+    def embed(self, texts):
+        vecs, compute_ns = self.work(texts)
+        return {"vectors": np.ascontiguousarray(vecs, np.float32).tobytes(), "compute_ns": compute_ns}
+
+
+def idle_application(environ, start_response):
+    """The HTTP side of the overhead setup, which the benchmark does not call."""
+    start_response("404 Not Found", [("content-length", "0")])
+    return [b""]
 
 
 class DirtyBackend:

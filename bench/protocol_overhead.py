@@ -6,6 +6,9 @@ Transports, each serving the same work:
 * shm-embed: shared memory and semaphores, under the spin policy and the
   park policy (see SHM_EMBED_WAIT_POLICY);
 * BaseManager over TCP, pickled (the original system's transport);
+* Gunicorn's dirty workers: a DirtyClient on the dirty arbiter's Unix socket,
+  which relays to the dirty worker holding the work (the closest peer: how a
+  Gunicorn app shares one model between its workers without this project);
 * HTTP/1.1 on loopback with a kept-alive connection (how a worker reaches a
   model server such as TEI or infinity).
 
@@ -16,6 +19,7 @@ shm-embed's worker tokenizes before it sends, so its overhead includes the
 worker's tokenization (the "transport only" row takes it out).
 
     python bench/protocol_overhead.py [--requests 400] [--block 25] [--work synthetic:0,synthetic:2000,model]
+                                      [--device cpu|cuda]
 
 Requests go in alternating blocks, so each transport sees the same machine
 state; within a block they come back to back, as from a worker under steady
@@ -29,57 +33,26 @@ import http.client
 import json
 import multiprocessing as mp
 import os
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from _common import pct, running_sidecar, short_queries, table
+from _common import REPO, pct, running_sidecar, short_queries, stop_process, table
+from overhead_work import Work
 
 AUTHKEY = b"embedding_secret"
 
 
-class Work:
-    """What every non-shm server runs per request: tokenize and compute (or
-    encode with the model), timed inside the server."""
-
-    def __init__(self, kind: str, us: int, model_path: str, threads: int):
-        self.kind, self.us = kind, us
-        if kind == "model":
-            import torch
-            from sentence_transformers import SentenceTransformer
-
-            torch.set_num_threads(threads)
-            self.model = SentenceTransformer(model_path, device="cpu")
-        else:
-            from tokenizers import Tokenizer
-
-            self.tok = Tokenizer.from_file(os.path.join(model_path, "tokenizer.json"))
-            self.tok.enable_truncation(max_length=256)
-
-    def __call__(self, texts):
-        t0 = time.perf_counter_ns()
-        if self.kind == "model":
-            vecs = self.model.encode(texts, batch_size=32)
-        else:
-            from sidecar.synthetic import SPIN_TAIL_NS, synthetic_vector
-
-            end = time.monotonic_ns() + self.us * 1000
-            encs = self.tok.encode_batch(texts)
-            vecs = np.stack([synthetic_vector(np.asarray(e.ids), 384) for e in encs])
-            left = end - time.monotonic_ns() - SPIN_TAIL_NS
-            if left > 0:
-                time.sleep(left / 1e9)
-            while time.monotonic_ns() < end:
-                pass
-        return vecs, time.perf_counter_ns() - t0
-
-
-def serve_basemanager(kind: str, us: int, model_path: str, threads: int, port_q) -> None:
+def serve_basemanager(kind: str, us: int, model_path: str, threads: int, device: str, port_q) -> None:
     from multiprocessing.managers import BaseManager
 
-    work = Work(kind, us, model_path, threads)
+    work = Work(kind, us, model_path, threads, device)
 
     class Service:
         def generate_embeddings(self, texts):
@@ -97,10 +70,10 @@ def serve_basemanager(kind: str, us: int, model_path: str, threads: int, port_q)
     server.serve_forever()
 
 
-def serve_http(kind: str, us: int, model_path: str, threads: int, port_q) -> None:
+def serve_http(kind: str, us: int, model_path: str, threads: int, device: str, port_q) -> None:
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    work = Work(kind, us, model_path, threads)
+    work = Work(kind, us, model_path, threads, device)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as a worker's connection pool does
@@ -125,6 +98,36 @@ def serve_http(kind: str, us: int, model_path: str, threads: int, port_q) -> Non
     server.serve_forever()
 
 
+DIRTY_APP = "bench.dirty_app:OverheadApp"
+
+
+def start_dirty(kind: str, us: int, model_path: str, args, socket_file: str) -> subprocess.Popen:
+    """Gunicorn with one dirty worker running the work (bench/dirty_app.py)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               BENCH_WORK_KIND=kind, BENCH_WORK_US=str(us), BENCH_MODEL_PATH=model_path,
+               BENCH_THREADS=str(args.threads), BENCH_DEVICE=args.device, BENCH_SOCKET_FILE=socket_file)
+    return subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1",
+         "--dirty-workers", "1", "--dirty-threads", "1", "--dirty-timeout", "300", "--dirty-app", DIRTY_APP,
+         "--log-level", "warning", "bench.dirty_app:idle_application"],
+        cwd=REPO / "bench", env=env, start_new_session=True)  # not the project's gunicorn.conf.py
+
+
+def dirty_client(proc: subprocess.Popen, socket_file: str):
+    from gunicorn.dirty.client import DirtyClient
+
+    deadline = time.monotonic() + 300
+    while not os.path.exists(socket_file):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the dirty-worker server did not start")
+        time.sleep(0.1)
+    with open(socket_file) as f:
+        return DirtyClient(f.read(), timeout=120)
+
+
 def run_work(kind: str, us: int, args, model_path: str, texts: list[str]) -> list[list]:
     from multiprocessing.managers import BaseManager
 
@@ -132,8 +135,11 @@ def run_work(kind: str, us: int, args, model_path: str, texts: list[str]) -> lis
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=fn, args=(kind, us, model_path, args.threads, q), daemon=True)
+    procs = [ctx.Process(target=fn, args=(kind, us, model_path, args.threads, args.device, q), daemon=True)
              for fn in (serve_basemanager, serve_http)]
+    tmp = tempfile.TemporaryDirectory(prefix="overhead-")
+    socket_file = os.path.join(tmp.name, "dirty-socket")
+    dirty = start_dirty(kind, us, model_path, args, socket_file)
     ports = []
     for p in procs:
         p.start()
@@ -149,6 +155,7 @@ def run_work(kind: str, us: int, args, model_path: str, texts: list[str]) -> lis
     conn = http.client.HTTPConnection("127.0.0.1", ports[1])
     conn.connect()
     conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as HTTP client libraries set it
+    dirty_conn = dirty_client(dirty, socket_file)
 
     def via_basemanager(t):
         t0 = time.perf_counter_ns()
@@ -162,8 +169,14 @@ def run_work(kind: str, us: int, args, model_path: str, texts: list[str]) -> lis
         np.asarray(json.loads(resp.read()), np.float32)
         return time.perf_counter_ns() - t0, int(resp.getheader("x-compute-ns")), 0
 
+    def via_dirty(t):
+        t0 = time.perf_counter_ns()
+        out = dirty_conn.execute(DIRTY_APP, "embed", [t])
+        np.frombuffer(out["vectors"], np.float32)
+        return time.perf_counter_ns() - t0, out["compute_ns"], 0
+
     sidecar_env = {"SHM_EMBED_SYNTHETIC_US": str(us if kind == "synthetic" else -1),
-                   "SHM_EMBED_TORCH_THREADS": str(args.threads)}
+                   "SHM_EMBED_TORCH_THREADS": str(args.threads), "SHM_EMBED_DEVICE": args.device}
     policies = ("spin", "park") if kind == "synthetic" else ("auto",)
     rows = []
     try:
@@ -185,6 +198,7 @@ def run_work(kind: str, us: int, args, model_path: str, texts: list[str]) -> lis
                 name = "shm-embed" if policy == "auto" else f"shm-embed, {policy} policy"
                 transports[name] = via_shm
             transports["BaseManager over TCP (pickled)"] = via_basemanager
+            transports["Gunicorn dirty worker (Unix socket)"] = via_dirty
             transports["HTTP/1.1 on loopback, kept alive"] = via_http
             results = {name: ([], [], []) for name in transports}
             for fn in transports.values():  # warm every path
@@ -202,14 +216,38 @@ def run_work(kind: str, us: int, args, model_path: str, texts: list[str]) -> lis
         for p in procs:
             p.terminate()
         conn.close()
+        dirty_conn.close()
+        if dirty.poll() is None:  # the master and its dirty arbiter and workers: one process group
+            os.killpg(dirty.pid, signal.SIGTERM)
+        stop_process(dirty, timeout=60)
+        tmp.cleanup()
         q.close()
         q.join_thread()
     base = pct(results["BaseManager over TCP (pickled)"][0], 50)
+    shm = next(v for name, v in results.items() if name.startswith("shm"))
     for name, (over, e2e, transport) in results.items():
         rows.append([name, f"{pct(over, 50):.1f}", f"{pct(over, 99):.1f}",
                      f"{pct(transport, 50):.1f}" if name.startswith("shm") else "-",
                      f"{pct(e2e, 50) / 1e3:.3f}", f"{base / pct(over, 50):.2f}x"])
-    return rows
+    return rows, pct(shm[0], 50)
+
+
+def forward_ms(model_path: str, args, texts: list[str], batch: int, repeats: int = 30) -> float:
+    """p50 of one model call of ``batch`` short texts, in this process."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(args.threads)
+    model = SentenceTransformer(model_path, device=args.device)
+    chunk = (texts * (batch // len(texts) + 1))[:batch]
+    for _ in range(3):
+        model.encode(chunk, batch_size=batch)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model.encode(chunk, batch_size=batch)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return pct(times, 50)
 
 
 def main() -> None:
@@ -217,6 +255,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--model", default=None, help="model folder (default: the bundled all-MiniLM-L6-v2)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--device", default="cpu", help="where the model runs, for every transport: cpu or cuda")
     ap.add_argument("--block", type=int, default=25, help="requests per transport before switching (1: interleave)")
     ap.add_argument("--work", default="synthetic:0,synthetic:2000,model",
                     help="comma-separated: synthetic:<microseconds> or model")
@@ -227,12 +266,18 @@ def main() -> None:
     texts = short_queries(args.requests, seed=3)
     for item in args.work.split(","):
         kind, _, us = item.partition(":")
-        rows = run_work(kind, int(us or 0), args, model_path, texts)
+        rows, shm_p50_us = run_work(kind, int(us or 0), args, model_path, texts)
         what = f"synthetic compute {int(us) / 1000:g} ms (CPU free)" if kind == "synthetic" else \
-            f"{model_name(Path(model_path))} on the CPU"
+            f"{model_name(Path(model_path))} on {'the CPU' if args.device == 'cpu' else args.device}"
         print(f"\n{what}: one short text, {args.requests} requests per transport in blocks of {args.block}")
         print(table(rows, ["transport", "overhead p50 us", "overhead p99 us", "transport only p50 us",
                            "end-to-end p50 ms", "BaseManager / this, p50"]))
+        if kind == "model":  # the overhead against the forward passes it rides on
+            shares = []
+            for batch in (1, 64):
+                ms = forward_ms(model_path, args, texts, batch)
+                shares.append(f"batch {batch}: {ms:.2f} ms (shm-embed's overhead p50 = {shm_p50_us / 10 / ms:.1f}%)")
+            print("model call p50 in one process, " + "; ".join(shares))
 
 
 if __name__ == "__main__":

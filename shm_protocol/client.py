@@ -65,7 +65,7 @@ class EmbedResult:
     vectors: np.ndarray  # float32 (n_texts, dim), in input order
     token_counts: np.ndarray  # int (n_texts,): tokens each text used after truncation
     queue_ns: int  # longest time a part of the request waited in the sidecar's queue
-    compute_ns: int  # sidecar time of the batches that served it (max over parts)
+    compute_ns: int  # time of the model calls that served it (max over parts)
     slots_used: int
     tokenize_ns: int = 0  # time this process spent tokenizing
 
@@ -216,7 +216,7 @@ class _Session:
     def answered(self, s: int, seq: int) -> bool:
         return int(self.state[s]) in (SLOT_DONE, SLOT_ERROR) and int(self.seq[s]) == seq
 
-    def submit(self, s: int, ids: np.ndarray, lengths: np.ndarray) -> int:
+    def submit(self, s: int, ids: np.ndarray | list[int], lengths: np.ndarray) -> int:
         """Write one part of a request into slot ``s`` and ring the doorbell."""
         v = self.v
         n = len(lengths)
@@ -624,11 +624,12 @@ class EmbeddingClient(SentenceTransformerAPI):
                         "(send truncate=true to cut it)",
                         limit=p.max_seq_length, actual=full, what="tokens",
                     )
-        lengths = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
+        id_lists = [e.ids for e in encs]
+        lengths = np.array([len(x) for x in id_lists], dtype=np.int64)
         out = np.empty((len(texts), p.dim), dtype=np.float32)
         sess.enter()
         try:
-            queue_ns, compute_ns, used = self._run(sess, encs, lengths, out)
+            queue_ns, compute_ns, used = self._run(sess, id_lists, lengths, out)
         finally:
             sess.leave()
         if normalize:
@@ -647,7 +648,8 @@ class EmbeddingClient(SentenceTransformerAPI):
         chunks.append((start, len(lengths)))
         return chunks
 
-    def _run(self, sess: _Session, encs, lengths: np.ndarray, out: np.ndarray) -> tuple[int, int, int]:
+    def _run(self, sess: _Session, id_lists: list[list[int]], lengths: np.ndarray,
+             out: np.ndarray) -> tuple[int, int, int]:
         chunks = self._chunks(lengths, sess.params)
         pending: list[tuple[int, int, int, int]] = []  # (slot, seq, start, end)
         failure: BaseException | None = None
@@ -661,8 +663,8 @@ class EmbeddingClient(SentenceTransformerAPI):
                     s = sess.take_slot(None) if pending else self._wait_for_slot(sess)
                     if s is not None:
                         a, b = chunks[ci]
-                        ids = np.fromiter(
-                            itertools.chain.from_iterable(e.ids for e in encs[a:b]),
+                        ids = id_lists[a] if b - a == 1 else np.fromiter(
+                            itertools.chain.from_iterable(id_lists[a:b]),
                             dtype=np.int32, count=int(lengths[a:b].sum()),
                         )
                         try:

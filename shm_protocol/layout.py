@@ -277,7 +277,7 @@ def _slot_fields(max_texts: int, max_tokens: int, dim: int) -> list:
         ("seq", "<u8"),  # the request's generation, unique per client (never 0)
         ("submit_ns", "<u8"),  # worker's clock; informational (the sidecar orders by its own)
         ("queue_ns", "<u8"),
-        ("compute_ns", "<u8"),
+        ("compute_ns", "<u8"),  # the model calls that served it (batching work not included)
         ("eta_ns", "<u8"),  # when the sidecar expects to answer (monotonic); ETA_NONE, ETA_PARK
         ("batch_texts", "<u4"),
         ("cancel", "<u8"),  # a generation its worker gave up on: the sidecar skips it (CANCELLED)

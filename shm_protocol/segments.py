@@ -200,10 +200,16 @@ def open_semaphore(name: str) -> posix_ipc.Semaphore:
         raise SidecarUnavailable(f"semaphore {name} exists but this user may not open it", reason="permission") from None
 
 
+#: Whether a semaphore's value can be read (sem_getvalue; not on macOS).
+_CAN_READ_VALUE = bool(getattr(posix_ipc, "SEMAPHORE_VALUE_SUPPORTED", False))
+
+
 def drain(sem: posix_ipc.Semaphore, limit: int = 1 << 62) -> int:
     """Take pending posts without blocking, at most ``limit``; return how
     many. A hostile process can push a semaphore to SEM_VALUE_MAX with one
     write to /dev/shm, and draining that takes minutes: callers bound it."""
+    if _CAN_READ_VALUE and sem.value == 0:  # the usual case, without raising BusyError
+        return 0
     n = 0
     while n < limit:
         try:

@@ -7,6 +7,7 @@ numbers and arrays, and the unit tests do the same.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,5 +111,5 @@ class CallTimer:
         est = [self.estimate(b - a, width) for a, b, width in plan.calls]
         if any(e is None for e in est):
             return None
-        ends = np.cumsum(est)
+        ends = list(itertools.accumulate(est))
         return [t0_ns + int(ends[c]) for c in plan.last_call(n_works)]

@@ -113,7 +113,7 @@ def validate_slot(n_texts: int, n_tokens: int, offsets: np.ndarray, tokens: np.n
         if n_tokens > p.max_seq_length:
             return SlotError.TOO_LONG, None, None
         ids = tokens[:n_tokens].copy()
-        if int(ids.min()) < 0 or int(ids.max()) >= p.vocab_size:
+        if int(ids.view(np.uint32).max()) >= p.vocab_size:  # one pass: a negative id reads as >= 2**31
             return SlotError.BAD_TOKEN, None, None
         return SlotError.NONE, np.array([0, n_tokens], np.int64), ids
     offs = offsets[: n_texts + 1].astype(np.int64)
@@ -142,12 +142,15 @@ class _Work:
     queue_ns: int
     remaining: int = 0
     answered: bool = False
+    call_ns: int = 0  # the model calls its texts rode in, together (published as compute_ns)
+    last_call: int = -1
 
     def __post_init__(self) -> None:
         self.remaining = self.texts
 
     def lengths(self) -> list[int]:
-        return np.diff(self.offsets).tolist()
+        o = self.offsets.tolist()  # plain ints: cheaper than np.diff for the usual few texts
+        return [b - a for a, b in zip(o, o[1:])]
 
 
 def _watchdog_seconds() -> float:
@@ -544,10 +547,13 @@ class Sidecar:
             work.offsets, work.ids = offs, ids
 
     def _serve_batch(self, works: list[_Work]) -> None:
-        t0 = time.monotonic_ns()
         ctr = self.ctr
         ctr.busy_slots[0] = len(works)
         self._last_batch_slots = len(works)
+        if len(works) == 1 and works[0].texts == 1:
+            self._serve_one(works[0])
+            return
+        t0 = time.monotonic_ns()
         plan = plan_calls([w.lengths() for w in works], min(self.settings.max_batch_tokens,
                                                               self.embedder.capacity_tokens),
                           self.settings.max_batch_texts)
@@ -562,49 +568,91 @@ class Sidecar:
                     self.v.eta_ns[w.flat] = eta
         for ci, (start, end, width) in enumerate(plan.calls):
             chunk = plan.items[start:end]
-            padded = (end - start) * width
             seqs = [works[wi].ids[works[wi].offsets[i]: works[wi].offsets[i + 1]] for _, wi, i in chunk]
-            est = self._timer.estimate(end - start, width)
-            self._progress(CALL_DEADLINE_FACTOR * est if est is not None
-                           else self.settings.model_call_max_s * 1e9)
-            c0 = time.monotonic_ns()
             try:
-                vecs = self.embedder.embed(seqs)
+                vecs, call_ns = self._call(seqs, width)
             except Exception as exc:  # a model failure fails these slots, not the sidecar
-                self._failures += 1
-                self._log_fault("ERROR", "model failed on a batch of {} texts: {!r}", len(chunk), exc)
-                for w in {works[wi].flat: works[wi] for _, wi, _ in chunk}.values():
-                    if not w.answered:
-                        self._finish(w, SlotError.MODEL_FAILED, time.monotonic_ns() - t0)
+                self._model_failed(exc, {works[wi].flat: works[wi] for _, wi, _ in chunk}.values(), t0)
                 continue
-            c1 = time.monotonic_ns()
-            self._failures = 0
-            self._progress()
-            self._timer.record(end - start, width, c1 - c0)
             live = [(wi, i, k) for k, (_, wi, i) in enumerate(chunk) if not works[wi].answered]
-            if live:
+            if len(live) == 1:  # a lone text: no index arrays
+                wi, i, k = live[0]
+                self.v.out[works[wi].flat, i] = vecs[k]
+            elif live:
                 flats = np.fromiter((works[wi].flat for wi, _, _ in live), dtype=np.int64, count=len(live))
                 rows = np.fromiter((i for _, i, _ in live), dtype=np.int64, count=len(live))
                 self.v.out[flats, rows] = vecs[[k for _, _, k in live]] if len(live) < len(chunk) else vecs
-            ctr.batches[0] += 1
-            ctr.padded_tokens[0] += padded
-            if padded >= TRIM_AFTER_TOKENS:
-                self._trim_pending = True
-            ctr.batch_texts_hist[bucket_index(len(chunk), BATCH_TEXTS_BUCKETS)] += 1
-            ctr.compute_hist[bucket_index((c1 - c0) / 1e9, LATENCY_BUCKETS_S)] += 1
-            ctr.compute_ns_sum[0] += c1 - c0
-            done_at = time.monotonic_ns()
             finished = []
             for _, wi, _ in chunk:
                 w = works[wi]
                 if not w.answered:
+                    if w.last_call != ci:
+                        w.last_call = ci
+                        w.call_ns += call_ns
                     w.remaining -= 1
                     if w.remaining == 0:
                         finished.append(w)
             # Answer first, count after: the waiters should not wait on our bookkeeping.
-            published = [w for w in finished if self._publish(w, SlotError.NONE, done_at - t0, len(plan.items))]
+            published = [w for w in finished if self._publish(w, SlotError.NONE, w.call_ns, len(plan.items))]
+            self._account(end - start, width, call_ns)
             for w in published:
                 self._count(w, SlotError.NONE)
+
+    def _serve_one(self, w: _Work) -> None:
+        """The batch of a lone one-text request (the latency floor): the same
+        steps as _serve_batch without planning, sorting or index arrays."""
+        t0 = time.monotonic_ns()
+        width = len(w.ids)
+        if self._spin_slots < 1:
+            self.v.eta_ns[w.flat] = ETA_PARK
+        else:
+            est = self._timer.estimate(1, width)
+            if est is not None:
+                self.v.eta_ns[w.flat] = t0 + int(est)
+        try:
+            vecs, w.call_ns = self._call([w.ids], width)
+        except Exception as exc:
+            self._model_failed(exc, (w,), t0)
+            return
+        self.v.out[w.flat, 0] = vecs[0]
+        published = self._publish(w, SlotError.NONE, w.call_ns, 1)
+        self._account(1, width, w.call_ns)
+        if published:
+            self._count(w, SlotError.NONE)
+
+    def _call(self, seqs: list[np.ndarray], width: int) -> tuple[np.ndarray, int]:
+        """One model call of ``seqs`` (padded to ``width``) under the loop's
+        deadline; returns the vectors and the call's nanoseconds (which the
+        caller counts with _account once it has answered)."""
+        rows = len(seqs)
+        est = self._timer.estimate(rows, width)
+        self._progress(CALL_DEADLINE_FACTOR * est if est is not None else self.settings.model_call_max_s * 1e9)
+        c0 = time.monotonic_ns()
+        vecs = self.embedder.embed(seqs)
+        call_ns = time.monotonic_ns() - c0
+        self._failures = 0
+        self._progress()
+        self._timer.record(rows, width, call_ns)
+        return vecs, call_ns
+
+    def _account(self, rows: int, width: int, call_ns: int) -> None:
+        ctr = self.ctr
+        padded = rows * width
+        ctr.batches[0] += 1
+        ctr.padded_tokens[0] += padded
+        if padded >= TRIM_AFTER_TOKENS:
+            self._trim_pending = True
+        ctr.batch_texts_hist[bucket_index(rows, BATCH_TEXTS_BUCKETS)] += 1
+        ctr.compute_hist[bucket_index(call_ns / 1e9, LATENCY_BUCKETS_S)] += 1
+        ctr.compute_ns_sum[0] += call_ns
+
+    def _model_failed(self, exc: Exception, works, t0: int) -> None:
+        """A model call raised: its slots fail (MODEL_FAILED), the sidecar goes on."""
+        self._failures += 1
+        works = [w for w in works if not w.answered]
+        self._log_fault("ERROR", "model failed on a batch of {} requests: {!r}", len(works), exc)
+        for w in works:
+            self._finish(w, SlotError.MODEL_FAILED, time.monotonic_ns() - t0)
 
     def _finish(self, work: _Work, code: SlotError, compute_ns: int = 0) -> None:
         if self._publish(work, code, compute_ns, 0):

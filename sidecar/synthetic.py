@@ -26,11 +26,29 @@ from .model import ModelInfo
 SPIN_TAIL_NS = 200_000
 
 
+#: Rows of the fixed random table synthetic vectors are mixed from.
+_TABLE_ROWS = 1024
+_tables: dict[int, np.ndarray] = {}
+
+
+def _table(dim: int) -> np.ndarray:
+    table = _tables.get(dim)
+    if table is None:
+        table = np.random.default_rng(20261125).standard_normal((_TABLE_ROWS, dim)).astype(np.float32)
+        _tables[dim] = table
+    return table
+
+
 def synthetic_vector(ids: np.ndarray, dim: int) -> np.ndarray:
-    """The unit vector the synthetic backend returns for one text's token ids."""
-    digest = hashlib.blake2b(np.ascontiguousarray(ids, dtype="<i4").tobytes(), digest_size=8).digest()
-    v = np.random.default_rng(int.from_bytes(digest, "little")).standard_normal(dim).astype(np.float32)
-    return v / np.linalg.norm(v)
+    """The unit vector the synthetic backend returns for one text's token ids:
+    three rows of a fixed random table, picked by a hash of the ids and
+    weighted 4:2:1 (about 10^9 distinct vectors; a few microseconds, so a
+    synthetic call of 0 us costs next to nothing)."""
+    h = int.from_bytes(hashlib.blake2b(np.ascontiguousarray(ids, dtype="<i4").tobytes(),
+                                       digest_size=8).digest(), "little")
+    t = _table(dim)
+    v = 4.0 * t[h % _TABLE_ROWS] + 2.0 * t[(h >> 10) % _TABLE_ROWS] + t[(h >> 20) % _TABLE_ROWS]
+    return v / np.sqrt(np.dot(v, v))
 
 
 class SyntheticEmbedder:

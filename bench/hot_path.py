@@ -1,0 +1,80 @@
+"""Where a request's microseconds go, stage by stage, on the worker's side of
+one short text through a synthetic sidecar (the CPU free during its call):
+
+    python bench/hot_path.py [--requests 3000] [--policy spin|park] [--us 0]
+
+Stages: check (argument checks and session lookup), tokenize, prepare (ids
+and output buffers), take (a free slot, its semaphore drained), submit (slot
+write and doorbell), wait (until the answer is published: the sidecar's wake,
+scan, validation, call and publish, and this process's own wake), copy-out
+(vectors out of the slot, slot given back). Sidecar-side figures come from the
+slot: queue (doorbell seen to batch taken) and call (the model call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from _common import pct, running_sidecar, short_queries, table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=3000)
+    ap.add_argument("--policy", default="spin")
+    ap.add_argument("--us", type=int, default=0, help="the synthetic model call, in microseconds")
+    args = ap.parse_args()
+    from shm_protocol import EmbeddingClient
+    from shm_protocol.client import check_texts
+
+    texts = short_queries(args.requests, seed=5)
+    with running_sidecar(SHM_EMBED_SYNTHETIC_US=str(args.us), SHM_EMBED_WAIT_POLICY=args.policy) as (settings, _):
+        client = EmbeddingClient.connect(settings)
+        stages = {k: [] for k in ("check", "tokenize", "prepare", "take", "submit", "wait", "copy-out",
+                                  "total", "sidecar queue", "sidecar call", "embed_detailed")}
+        for i, t in enumerate(texts):
+            # The same steps as EmbeddingClient.embed_detailed for one text, timed one by one.
+            t0 = time.perf_counter_ns()
+            tx = check_texts([t])
+            sess = client._get_session()
+            t1 = time.perf_counter_ns()
+            encs = client._tokenizer.encode(tx)
+            t2 = time.perf_counter_ns()
+            ids = encs[0].ids
+            lengths = np.array([len(ids)], dtype=np.int64)
+            out = np.empty((1, sess.params.dim), np.float32)
+            t3 = time.perf_counter_ns()
+            sess.enter()
+            s = sess.take_slot(None)
+            t4 = time.perf_counter_ns()
+            seq = sess.submit(s, ids, lengths)
+            t5 = time.perf_counter_ns()
+            client._await_answer(sess, s, seq)
+            t6 = time.perf_counter_ns()
+            q, c = int(sess.v.queue_ns[s]), int(sess.v.compute_ns[s])
+            out[:] = sess.v.out[s, :1]
+            sess.give_back(s)
+            sess.leave()
+            t7 = time.perf_counter_ns()
+            r0 = time.perf_counter_ns()
+            client.embed_detailed([t])
+            r1 = time.perf_counter_ns()
+            if i < 200:
+                continue
+            for k, a, b in (("check", t0, t1), ("tokenize", t1, t2), ("prepare", t2, t3), ("take", t3, t4),
+                            ("submit", t4, t5), ("wait", t5, t6), ("copy-out", t6, t7), ("total", t0, t7),
+                            ("embed_detailed", r0, r1)):
+                stages[k].append((b - a) / 1e3)
+            stages["sidecar queue"].append(q / 1e3)
+            stages["sidecar call"].append(c / 1e3)
+        client.close()
+    rows = [[k, f"{pct(v, 50):.1f}", f"{pct(v, 99):.1f}"] for k, v in stages.items()]
+    print(f"\n{args.policy} policy, one short text, {len(stages['total'])} requests, synthetic {args.us} us")
+    print(table(rows, ["stage", "p50 us", "p99 us"]))
+
+
+if __name__ == "__main__":
+    main()
