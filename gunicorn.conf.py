@@ -45,7 +45,7 @@ def on_starting(server):
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     import web.app  # noqa: F401
     import web.wsgi  # noqa: F401
-    from shm_protocol.client import preload_tokenizer
+    from shm_protocol.tokenizer import preload_tokenizer
     from shm_protocol.config import Settings
     from shm_protocol.model_files import resolve_model_path, tokenizer_file
 

@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--us", type=int, default=0, help="the synthetic model call, in microseconds")
     args = ap.parse_args()
     from shm_protocol import EmbeddingClient
-    from shm_protocol.client import check_texts
+    from shm_protocol.tokenizer import check_texts
 
     texts = short_queries(args.requests, seed=5)
     with running_sidecar(SHM_EMBED_SYNTHETIC_US=str(args.us), SHM_EMBED_WAIT_POLICY=args.policy) as (settings, _):

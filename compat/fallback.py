@@ -17,7 +17,9 @@ import numpy as np
 from loguru import logger
 
 from shm_protocol import model_files
-from shm_protocol.client import EmbeddingClient, EmbedResult, SentenceTransformerAPI, check_texts, WorkerTokenizer
+from shm_protocol.client import EmbeddingClient, EmbedResult
+from shm_protocol.dropin import SentenceTransformerAPI
+from shm_protocol.tokenizer import WorkerTokenizer, check_texts, check_token_budget
 from shm_protocol.config import Settings
 from shm_protocol.errors import NoRingAvailable, RequestTooLarge, SidecarUnavailable
 
@@ -44,7 +46,8 @@ class LocalEmbedder:
         return {"model": self.name, "dimension": int(self.model.get_embedding_dimension()),
                 "max_seq_length": int(self.model.max_seq_length), "device": "cpu (local)"}
 
-    def embed_detailed(self, texts, *, truncate: bool = True, normalize: bool = False) -> EmbedResult:
+    def embed_detailed(self, texts, *, truncate: bool = True, normalize: bool = False,
+                       max_tokens: int | None = None) -> EmbedResult:
         texts = check_texts(texts)
         encs = self.tok.encode(texts) if texts else []
         limit = int(self.model.max_seq_length)
@@ -54,6 +57,7 @@ class LocalEmbedder:
                     raise RequestTooLarge(f"input {i} is over the model's limit of {limit} tokens",
                                           limit=limit, actual=limit + 1, what="tokens")
         lengths = np.array([len(e.ids) for e in encs], dtype=np.int64)
+        check_token_budget(lengths, max_tokens)
         t0 = time.perf_counter_ns()
         with self.lock:
             vecs = (self.model.encode(texts, normalize_embeddings=normalize, convert_to_numpy=True)
@@ -103,8 +107,9 @@ class FallbackClient(SentenceTransformerAPI):
                     raise
         return getattr(self.local, name)(*args, **kwargs)
 
-    def embed_detailed(self, texts, *, truncate: bool = True, normalize: bool = False) -> EmbedResult:
-        return self._call("embed_detailed", texts, truncate=truncate, normalize=normalize)
+    def embed_detailed(self, texts, *, truncate: bool = True, normalize: bool = False,
+                       max_tokens: int | None = None) -> EmbedResult:
+        return self._call("embed_detailed", texts, truncate=truncate, normalize=normalize, max_tokens=max_tokens)
 
     def embed(self, texts, *, truncate: bool = True, normalize: bool = False) -> np.ndarray:
         return self.embed_detailed(texts, truncate=truncate, normalize=normalize).vectors

@@ -1,5 +1,7 @@
 """The worker-side client: tokenize, write into this process's ring, wait,
-copy the vectors out.
+copy the vectors out. The lease on the ring is :mod:`.session`, the
+tokenizer and text checks :mod:`.tokenizer`, the SentenceTransformer drop-in
+:mod:`.dropin`; their public names are re-exported here.
 
 Workers never import torch: the client needs numpy, posix_ipc and tokenizers.
 One :class:`EmbeddingClient` per process is enough; it is thread-safe (each
@@ -12,20 +14,19 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import queue
 import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import posix_ipc
 from loguru import logger
 
 from .config import Settings
+from .dropin import SentenceTransformerAPI
 from .errors import (
-    InvalidInput,
     ModelFailed,
     NoRingAvailable,
     RequestTooLarge,
@@ -35,23 +36,16 @@ from .errors import (
     SidecarUnavailable,
     SlotRejected,
 )
-from .layout import (
-    ETA_NONE,
-    ETA_PARK,
-    SLOT_BUSY,
-    SLOT_CLAIMED,
-    SLOT_DONE,
-    SLOT_ERROR,
-    SLOT_FREE,
-    SLOT_READY,
-    SlotError,
-    RecordViews,
-    SlotViews,
-    WaitPolicy,
-)
-from .logs import RateLimitedLog
+from .layout import ETA_NONE, ETA_PARK, SLOT_DONE, SLOT_ERROR, SlotError
 from .region import Region
-from .segments import ORPHANED, Names, drain, open_semaphore, pid_alive
+from .segments import Names, pid_alive
+from .session import Session
+from .tokenizer import WorkerTokenizer, check_texts, check_token_budget, preload_tokenizer
+
+__all__ = [
+    "EmbedResult", "EmbeddingBackend", "EmbeddingClient", "SentenceTransformerAPI", "WorkerTokenizer",
+    "check_texts", "check_token_budget", "preload_tokenizer",
+]
 
 # First look for a slot's ETA after submitting it; an idle sidecar has picked
 # it up by then. Doubles with each look that finds none.
@@ -74,266 +68,13 @@ class EmbedResult:
         return int(self.token_counts.sum())
 
 
-# Tokenizers loaded before a fork (by the Gunicorn master), by file path: the
-# first client of each forked worker takes the loaded one instead of reading
-# the file again, so the workers share its pages copy-on-write.
-_preloaded: dict = {}
-
-
-def preload_tokenizer(path: str) -> None:
-    """Load the tokenizer at ``path`` now, for the processes this one forks."""
-    from tokenizers import Tokenizer
-
-    _preloaded[path] = Tokenizer.from_file(path)
-
-
-class WorkerTokenizer:
-    """The model's own fast tokenizer, set to truncate at the model's limit."""
-
-    def __init__(self, path: str, max_seq_length: int):
-        from tokenizers import Tokenizer
-
-        self.path = path
-        self.max_seq_length = max_seq_length
-        self._tok = _preloaded.pop(path, None) or Tokenizer.from_file(path)
-        self._tok.no_padding()
-        self._tok.enable_truncation(max_length=max_seq_length)
-
-    def encode(self, texts: Sequence[str]):
-        try:
-            if len(texts) == 1:
-                return [self._tok.encode(texts[0])]
-            return self._tok.encode_batch(texts)
-        except (TypeError, ValueError) as exc:
-            for i, t in enumerate(texts):  # name the culprit (a lone surrogate, typically)
-                try:
-                    t.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise InvalidInput(f"texts[{i}] is not valid Unicode (it has a lone surrogate)") from None
-            raise InvalidInput(f"the tokenizer refused the input: {exc}") from exc
-
-
-#: Posts a slot's semaphore may legitimately hold before a submit: one per
-#: abandoned request at most. More means someone wrote the semaphore's value
-#: in /dev/shm; draining up to SEM_VALUE_MAX would take minutes, so the slot
-#: is retired instead.
-SLOT_DRAIN_LIMIT = 64
-
-#: A doorbell that cannot be rung fails every submit until it is replaced: one line per 5 s.
-_log_bell_failure = RateLimitedLog()
-
-#: Slot states in which the sidecar may still read or write the slot.
-_IN_FLIGHT = (SLOT_CLAIMED, SLOT_READY, SLOT_BUSY)
-
-
-class _Session:
-    """This process's lease on one ring of one sidecar epoch."""
-
-    def __init__(self, region: Region, ring: int):
-        self.region = region
-        self.ring = ring
-        self.pid = os.getpid()
-        self.epoch = region.epoch
-        names = region.names
-        p = region.params
-        self.params = p
-        self.bell = open_semaphore(names.bell)
-        self._bell_gen_now = region.header["bell_gen"]  # a view: the sidecar bumps it
-        self.bell_gen = int(self._bell_gen_now)
-        self.sems = [open_semaphore(names.slot(ring, s)) for s in range(p.slots_per_ring)]
-        self.v = SlotViews(region.slots[ring])
-        self.spin = int(region.header["wait_policy"]) == WaitPolicy.SPIN
-        self.queued = RecordViews(region.header["stats"]).ready_slots  # the sidecar's queue depth
-        self.state, self.seq, self.eta_ns = self.v.state, self.v.seq, self.v.eta_ns
-        self.free: queue.Queue[int] = queue.Queue()
-        self._seq = itertools.count(int(time.monotonic_ns()))
-        self._quarantine: set[int] = set()
-        self._q_lock = threading.Lock()
-        self._use_lock = threading.Lock()
-        self._users = 0
-        self._closing = False
-        self._old_bells: list = []  # replaced doorbells, closed with the session (a thread may still post)
-        for s in range(p.slots_per_ring):
-            # A fresh lease has every slot free; one still in flight (which the
-            # lease rules exclude) is kept out of use until the sidecar is done.
-            if int(self.state[s]) in _IN_FLIGHT:
-                self._quarantine.add(s)
-            else:
-                self.free.put(s)
-
-    # -- slots --------------------------------------------------------------------
-    def take_slot(self, timeout: float | None) -> int | None:
-        """A free slot whose semaphore holds no stale post, or None after ``timeout``."""
-        deadline = None if timeout is None or timeout <= 0 else time.monotonic() + timeout
-        while True:
-            self._recover_quarantined()
-            try:
-                if deadline is None:
-                    s = self.free.get_nowait()
-                else:
-                    s = self.free.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                return None
-            # A post left by an earlier, abandoned request (bounded: see SLOT_DRAIN_LIMIT).
-            if drain(self.sems[s], SLOT_DRAIN_LIMIT) < SLOT_DRAIN_LIMIT:
-                return s
-            logger.error("slot {} of ring {}: its semaphore holds more than {} posts (tampered with); "
-                         "the slot is retired", s, self.ring, SLOT_DRAIN_LIMIT)
-
-    def give_back(self, s: int) -> None:
-        self.state[s] = SLOT_FREE
-        self.free.put(s)
-
-    def quarantine(self, s: int) -> None:
-        """An abandoned slot stays out of use until the sidecar has finished with it."""
-        with self._q_lock:
-            self._quarantine.add(s)
-
-    def _recover_quarantined(self) -> None:
-        if not self._quarantine:
-            return
-        with self._q_lock:
-            for s in list(self._quarantine):
-                if int(self.state[s]) in (SLOT_DONE, SLOT_ERROR, SLOT_FREE):
-                    self._quarantine.discard(s)
-                    self.give_back(s)
-
-    def abandon(self, s: int) -> None:
-        """A request left slot ``s`` on an error: free it if the sidecar never
-        saw it, else keep it out of use until the sidecar is done with it."""
-        if int(self.state[s]) in (SLOT_FREE, SLOT_CLAIMED):
-            self.give_back(s)
-        else:
-            self.give_up(s, int(self.seq[s]))
-
-    def give_up(self, s: int, seq: int) -> None:
-        """Nobody waits for slot ``s``'s answer to generation ``seq`` any more:
-        the sidecar may skip it (cancel), and the slot stays out of use until
-        the sidecar is done with it."""
-        self.v.cancel[s] = seq
-        self.quarantine(s)
-
-    def answered(self, s: int, seq: int) -> bool:
-        return int(self.state[s]) in (SLOT_DONE, SLOT_ERROR) and int(self.seq[s]) == seq
-
-    def submit(self, s: int, ids: np.ndarray | list[int], lengths: np.ndarray) -> int:
-        """Write one part of a request into slot ``s`` and ring the doorbell."""
-        v = self.v
-        n = len(lengths)
-        ntok = len(ids)
-        v.state[s] = SLOT_CLAIMED
-        v.tokens[s, :ntok] = ids
-        offs = v.offsets[s]
-        offs[0] = 0
-        if n == 1:
-            offs[1] = ntok
-        else:
-            offs[1 : n + 1] = np.cumsum(lengths)
-        v.n_texts[s] = n
-        v.n_tokens[s] = ntok
-        seq = next(self._seq)
-        v.seq[s] = seq
-        v.error[s] = SlotError.NONE
-        v.eta_ns[s] = ETA_NONE
-        v.submit_ns[s] = time.monotonic_ns()
-        # NOTE: state after payload, doorbell after state (see layout's docstring).
-        v.state[s] = SLOT_READY
-        try:
-            if int(self._bell_gen_now) != self.bell_gen:
-                self._reopen_bell()
-            self.bell.release()
-        except (posix_ipc.Error, OSError, ValueError, ShmEmbedError) as exc:
-            # E.g. EOVERFLOW on a doorbell someone pushed to its maximum. The
-            # post is only a wake-up: the sidecar scans slot states at least
-            # once per heartbeat interval and finds this READY slot anyway.
-            _log_bell_failure("WARNING", "could not ring the sidecar's doorbell ({!r}); it will find the "
-                              "request at its next scan", exc)
-        return seq
-
-    def _reopen_bell(self) -> None:
-        """The sidecar replaced a tampered doorbell: post to the new one."""
-        with self._q_lock:
-            gen = int(self._bell_gen_now)
-            if gen == self.bell_gen:
-                return
-            self._old_bells.append(self.bell)
-            self.bell = open_semaphore(self.region.names.bell)
-            self.bell_gen = gen
-
-    def give_up_lease(self) -> None:
-        """Hand the ring back: free when none of its slots is in the sidecar's
-        hands, else ORPHANED, so that the reaper frees it only once the
-        sidecar is done with it (a new holder must never share a slot with a
-        late answer). Our pid owns the ring, so nobody else writes its owner
-        field and no lock is needed (claimers take only owner 0)."""
-        rings = self.region.rings
-        if rings is None or int(rings[self.ring]["owner_pid"]) != self.pid:
-            return
-        busy = any(int(self.state[s]) in _IN_FLIGHT for s in range(self.params.slots_per_ring))
-        rings[self.ring]["owner_pid"] = ORPHANED if busy else 0
-
-    # -- users and unmapping ------------------------------------------------------
-    # NOTE: never unmap or close a semaphore while a thread may still use them:
-    # numpy views of an unmapped segment, or a sem_wait on a closed semaphore,
-    # crash the process (SIGSEGV), not raise. So a session is unmapped only by
-    # an explicit close(), and only once its last request has left.
-    def enter(self) -> None:
-        with self._use_lock:
-            if self._closing:
-                raise SidecarUnavailable("the client's session was closed", reason="closed")
-            self._users += 1
-
-    def leave(self) -> None:
-        with self._use_lock:
-            self._users -= 1
-            last = self._closing and self._users == 0
-        if last:
-            self._finish()
-
-    def close(self) -> None:
-        """Give the lease up and unmap, once the last request inside has
-        left: a request still running keeps writing its ring's slots, so the
-        ring must not reach a new holder before it is done."""
-        with self._use_lock:
-            if self._closing:
-                return
-            self._closing = True
-            if self._users:
-                return  # the last request to leave finishes the close
-        self._finish()
-
-    def _finish(self) -> None:
-        self.give_up_lease()
-        for sem in [self.bell, *self._old_bells, *self.sems]:
-            try:
-                sem.close()
-            except posix_ipc.Error:
-                pass
-        self.v = self.state = self.seq = self.eta_ns = self._bell_gen_now = self.queued = None
-        self.region.close()
-
-    def release_in_owner(self) -> None:
-        """For a client dropped without close(), or alive at interpreter
-        exit: give the lease up, without unmapping (other threads may still
-        run at exit), only in the process that leased the ring (a forked
-        child's copy must not give the parent's away), and only when no
-        request is inside (else the reaper frees it once this process is gone)."""
-        if self.pid != os.getpid():
-            return
-        with self._use_lock:
-            if self._closing or self._users:
-                return
-            self._closing = True
-        self.give_up_lease()
-
-
 @runtime_checkable
 class EmbeddingBackend(Protocol):
     """What the web app and retrieval need from an embedding client: the
     sidecar's :class:`EmbeddingClient`, the local fallback, or a fake in tests."""
 
-    def embed_detailed(self, texts: Sequence[str], *, truncate: bool = True,
-                       normalize: bool = False) -> EmbedResult: ...
+    def embed_detailed(self, texts: Sequence[str], *, truncate: bool = True, normalize: bool = False,
+                       max_tokens: int | None = None) -> EmbedResult: ...
 
     def embed(self, texts: Sequence[str], *, truncate: bool = True, normalize: bool = False) -> np.ndarray: ...
 
@@ -342,66 +83,6 @@ class EmbeddingBackend(Protocol):
     def stats(self): ...
 
     def close(self) -> None: ...
-
-
-class SentenceTransformerAPI:
-    """``SentenceTransformer.encode`` and the original system's
-    ``generate_embeddings`` over any ``embed(texts, normalize=...)``, so a
-    client is a drop-in wherever a model object was passed around."""
-
-    def embed(self, texts, *, truncate: bool = True, normalize: bool = False) -> np.ndarray:  # pragma: no cover
-        raise NotImplementedError
-
-    @property
-    def dimension(self) -> int:  # pragma: no cover
-        raise NotImplementedError
-
-    def generate_embeddings(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
-        """The original API: a float32 matrix, one row per text. ``batch_size``
-        is accepted and ignored (the sidecar batches across workers)."""
-        return self.embed(list(texts))
-
-    def encode(
-        self,
-        sentences: str | Sequence[str],
-        batch_size: int = 32,
-        show_progress_bar: bool | None = None,
-        output_value: str | None = "sentence_embedding",
-        precision: str = "float32",
-        convert_to_numpy: bool = True,
-        convert_to_tensor: bool = False,
-        device: str | None = None,
-        normalize_embeddings: bool = False,
-        **kwargs,
-    ):
-        """Drop-in for ``SentenceTransformer.encode``: a string gives one
-        vector, a list gives a matrix. ``batch_size`` and ``show_progress_bar``
-        are accepted and ignored (the sidecar batches across workers)."""
-        if output_value not in (None, "sentence_embedding"):
-            raise InvalidInput(f"output_value={output_value!r} is not served by the sidecar")
-        if precision != "float32":
-            raise InvalidInput(f"precision={precision!r}: only float32 is served")
-        single = isinstance(sentences, str)
-        texts = [sentences] if single else list(sentences)
-        vecs = self.embed(texts, normalize=normalize_embeddings)
-        if convert_to_tensor:
-            import torch  # only when the caller asked for tensors
-
-            t = torch.from_numpy(vecs)
-            if device is not None:
-                t = t.to(device)
-            return t[0] if single else t
-        if not convert_to_numpy:
-            import torch
-
-            rows = [torch.from_numpy(v) for v in vecs]
-            return rows[0] if single else rows
-        return vecs[0] if single else vecs
-
-    def get_sentence_embedding_dimension(self) -> int:
-        return self.dimension
-
-    get_embedding_dimension = get_sentence_embedding_dimension
 
 
 class EmbeddingClient(SentenceTransformerAPI):
@@ -414,7 +95,7 @@ class EmbeddingClient(SentenceTransformerAPI):
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or Settings.from_env()
         self.names = Names(self.settings.namespace)
-        self._session: _Session | None = None
+        self._session: Session | None = None
         self._lock = threading.Lock()
         self._tokenizer: WorkerTokenizer | None = None
         self._closed = False
@@ -431,7 +112,7 @@ class EmbeddingClient(SentenceTransformerAPI):
         return client
 
     # -- attachment ---------------------------------------------------------------
-    def _get_session(self) -> _Session:
+    def _get_session(self) -> Session:
         """The live session, attaching or re-attaching as needed.
 
         Lease rules: a stalled or stopping sidecar of the same epoch keeps
@@ -466,11 +147,11 @@ class EmbeddingClient(SentenceTransformerAPI):
             sess = self._attach()
             # A client dropped without close() (or alive at interpreter exit)
             # still hands its ring back: leased rings never outlive clients.
-            self._finalizer = weakref.finalize(self, _Session.release_in_owner, sess)
+            self._finalizer = weakref.finalize(self, Session.release_in_owner, sess)
             self._session = sess
             return sess
 
-    def _replaced(self, sess: _Session) -> bool:
+    def _replaced(self, sess: Session) -> bool:
         """Whether the namespace is no longer served by ``sess``'s epoch."""
         try:
             current = Region.attach(self.names, readonly=True, with_data=False)
@@ -481,7 +162,7 @@ class EmbeddingClient(SentenceTransformerAPI):
         finally:
             current.close()
 
-    def _attach(self) -> _Session:
+    def _attach(self) -> Session:
         region = Region.attach(self.names)
         try:
             region.check_available(self.settings.stale_after_s, thorough=True)
@@ -491,7 +172,7 @@ class EmbeddingClient(SentenceTransformerAPI):
             region.close()
             raise
         try:
-            sess = _Session(region, ring)
+            sess = Session(region, ring)
         except BaseException:
             region.rings[ring]["owner_pid"] = 0  # ours, and every slot of a fresh lease is free
             region.close()
@@ -554,7 +235,7 @@ class EmbeddingClient(SentenceTransformerAPI):
 
     # -- information ------------------------------------------------------------------
     @contextlib.contextmanager
-    def _using(self) -> Iterator[_Session]:
+    def _using(self) -> Iterator[Session]:
         """The live session, kept mapped while the caller reads it."""
         sess = self._get_session()
         sess.enter()
@@ -568,7 +249,7 @@ class EmbeddingClient(SentenceTransformerAPI):
             return self._info(sess)
 
     @staticmethod
-    def _info(sess: _Session) -> dict:
+    def _info(sess: Session) -> dict:
         r, p = sess.region, sess.params
         return {
             "model": r.model_name,
@@ -605,8 +286,13 @@ class EmbeddingClient(SentenceTransformerAPI):
         return self.embed_detailed(texts, truncate=truncate, normalize=normalize).vectors
 
     def embed_detailed(
-        self, texts: Sequence[str], *, truncate: bool = True, normalize: bool = False
+        self, texts: Sequence[str], *, truncate: bool = True, normalize: bool = False,
+        max_tokens: int | None = None,
     ) -> EmbedResult:
+        """Vectors and details of ``texts``. ``max_tokens`` caps the tokens
+        (after truncation) the call may send, over all texts: RequestTooLarge
+        above it, before anything reaches the sidecar (the web service's
+        per-request budget)."""
         texts = check_texts(texts)
         sess = self._get_session()
         p = sess.params
@@ -626,6 +312,7 @@ class EmbeddingClient(SentenceTransformerAPI):
                     )
         id_lists = [e.ids for e in encs]
         lengths = np.array([len(x) for x in id_lists], dtype=np.int64)
+        check_token_budget(lengths, max_tokens)
         out = np.empty((len(texts), p.dim), dtype=np.float32)
         sess.enter()
         try:
@@ -648,7 +335,7 @@ class EmbeddingClient(SentenceTransformerAPI):
         chunks.append((start, len(lengths)))
         return chunks
 
-    def _run(self, sess: _Session, id_lists: list[list[int]], lengths: np.ndarray,
+    def _run(self, sess: Session, id_lists: list[list[int]], lengths: np.ndarray,
              out: np.ndarray) -> tuple[int, int, int]:
         chunks = self._chunks(lengths, sess.params)
         pending: list[tuple[int, int, int, int]] = []  # (slot, seq, start, end)
@@ -702,7 +389,7 @@ class EmbeddingClient(SentenceTransformerAPI):
             raise failure
         return queue_ns, compute_ns, len(chunks)
 
-    def _wait_for_slot(self, sess: _Session) -> int | None:
+    def _wait_for_slot(self, sess: Session) -> int | None:
         """A free slot within the admission wait, or None (RingFull). Checks
         the sidecar while waiting: slots held by a dead sidecar never free up,
         and that is SidecarUnavailable, not RingFull."""
@@ -715,7 +402,7 @@ class EmbeddingClient(SentenceTransformerAPI):
             if time.monotonic() >= deadline:
                 return None
 
-    def _wait(self, sess: _Session, s: int, seq: int, dest: np.ndarray) -> tuple[int, int]:
+    def _wait(self, sess: Session, s: int, seq: int, dest: np.ndarray) -> tuple[int, int]:
         """Wait for slot ``s`` to be answered, copy its vectors into ``dest``.
         A wait that ends in any exception leaves the slot quarantined."""
         try:
@@ -733,7 +420,7 @@ class EmbeddingClient(SentenceTransformerAPI):
         sess.give_back(s)
         return queue_ns, compute_ns
 
-    def _await_answer(self, sess: _Session, s: int, seq: int) -> None:
+    def _await_answer(self, sess: Session, s: int, seq: int) -> None:
         """Spin, then park: block on the semaphore until shortly before the
         sidecar's ETA for the slot, then poll its state for a bounded time;
         if the answer is late, block again. The timer wake-up happens while
@@ -795,7 +482,7 @@ class EmbeddingClient(SentenceTransformerAPI):
 SPIN_WAITERS = max(1, len(os.sched_getaffinity(0)) - 1)
 
 
-def _poll_slot(sess: _Session, s: int, seq: int, budget_ns: int, spin_ns: int) -> bool:
+def _poll_slot(sess: Session, s: int, seq: int, budget_ns: int, spin_ns: int) -> bool:
     """Under the spin policy: poll slot ``s`` from the moment it is submitted
     until it is answered (True), or until its ETA is far enough away to sleep
     on, the sidecar asks waiters to park, more work is queued than there are
@@ -818,7 +505,7 @@ def _poll_slot(sess: _Session, s: int, seq: int, budget_ns: int, spin_ns: int) -
         os.sched_yield()
 
 
-def _spin_until_done(sess: _Session, s: int, seq: int, until_ns: int) -> bool:
+def _spin_until_done(sess: Session, s: int, seq: int, until_ns: int) -> bool:
     """Poll slot ``s`` until it is answered or ``until_ns`` passes. The
     semaphore's post is left pending; the next take of the slot drains it."""
     state, seqs = sess.state, sess.seq
@@ -828,18 +515,6 @@ def _spin_until_done(sess: _Session, s: int, seq: int, until_ns: int) -> bool:
         if time.monotonic_ns() > until_ns:
             return False
         os.sched_yield()
-
-
-def check_texts(texts) -> list[str]:
-    if isinstance(texts, str):
-        raise InvalidInput("texts must be a list of strings, not one string (wrap it in a list)")
-    if not isinstance(texts, Iterable):
-        raise InvalidInput(f"texts must be a list of strings, not {type(texts).__name__}")
-    texts = list(texts)
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise InvalidInput(f"texts[{i}] is {type(t).__name__}, not str")
-    return texts
 
 
 def _slot_error(code: int) -> Exception:

@@ -8,8 +8,11 @@ per worker after the fork.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hmac
 import json
+import re
+import threading
 import time
 import uuid
 
@@ -40,34 +43,104 @@ DRAIN_MAX_BYTES = 16 * 1024 * 1024
 DRAIN_CHUNK = 64 * 1024
 
 
+class BodyBudget:
+    """Request-body bytes this worker holds in reading and parsing, over all
+    its threads, bounded: a request that would go over is refused (503 with
+    Retry-After) rather than queued, so memory stays bounded and the client
+    (or a front proxy) retries where there is room."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self, n: int):
+        with self._lock:
+            if self.held and self.held + n > self.limit:
+                raise unavailable("the server is reading other large requests; retry shortly")
+            self.held += n
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.held -= n
+
+
+#: A JSON string, quotes included (unrolled: runs of plain bytes in one step).
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+#: Bodies this small cannot amplify into much memory: not counted.
+COUNT_VALUES_ABOVE = 64 * 1024
+
+
+def json_values_upper_bound(raw: bytes) -> int:
+    """About how many values a JSON text holds, at least as many as it
+    does (each value but the first follows a comma, or opens a container;
+    object keys are counted as their values' commas), counted without
+    parsing: strings are cut out first so their commas do not count."""
+    if len(raw) <= COUNT_VALUES_ABOVE:
+        return 0
+    bare = _JSON_STRING.sub(b"s", raw)
+    return bare.count(b",") + bare.count(b"[") + bare.count(b"{") + 1
+
+
+def _read_at_most(stream, n: int) -> bytes:
+    """Up to ``n`` bytes of ``stream``, in pieces (a chunked body's reader
+    returns what one chunk holds)."""
+    parts, got = [], 0
+    while got < n:
+        piece = stream.read(min(n - got, DRAIN_CHUNK * 16))
+        if not piece:
+            break
+        parts.append(piece)
+        got += len(piece)
+    return b"".join(parts)
+
+
 class Context:
     """What every resource shares: the client, the settings, per-worker counts."""
 
     def __init__(self, client, settings: Settings):
         self.client = client
         self.settings = settings
+        self.body_budget = BodyBudget(settings.max_inflight_body_bytes)
         self.started = time.time()
         self.counts = {"total_requests": 0, "successful_requests": 0, "failed_requests": 0}
 
     def read_json(self, req: falcon.Request) -> dict:
-        """The request body as a JSON object, with the limits and errors of the API."""
+        """The request body as a JSON object, with the limits and errors of
+        the API. A body with a Content-Length is read up to it; a chunked one
+        (no length) is read to its end; either way at most the body limit.
+        The bytes are counted against the worker's in-flight budget while
+        they are read and parsed, and the body's JSON values are counted
+        before parsing, so neither many large bodies at once nor one body of
+        tiny values can take the worker's memory."""
         ctype = (req.content_type or "").split(";")[0].strip().lower()
         if ctype not in JSON_TYPES:
             raise errors.APIError(falcon.HTTP_415, "unsupported_media_type",
                                   f"Content-Type must be application/json, not {ctype or 'missing'}")
         limit = self.settings.max_body_bytes
-        if req.content_length is not None and req.content_length > limit:
-            raise too_large(f"body of {req.content_length} bytes is over the limit of {limit} bytes "
+        declared = req.content_length
+        if declared is not None and declared > limit:
+            raise too_large(f"body of {declared} bytes is over the limit of {limit} bytes "
                             "(SHM_EMBED_MAX_BODY_BYTES)")
-        raw = req.bounded_stream.read(limit + 1)
-        if len(raw) > limit:
-            raise too_large(f"body is over the limit of {limit} bytes (SHM_EMBED_MAX_BODY_BYTES)")
-        try:
-            doc = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise bad_request(f"body is not valid JSON: {exc}") from None
-        except RecursionError:
-            raise bad_request("body is nested too deeply") from None
+        chunked = declared is None and "chunked" in (req.get_header("Transfer-Encoding") or "").lower()
+        reserve = limit if chunked else (declared or 0)
+        with self.body_budget.hold(reserve):
+            stream = req.stream if chunked else req.bounded_stream
+            raw = _read_at_most(stream, limit + 1)
+            if len(raw) > limit:
+                raise too_large(f"body is over the limit of {limit} bytes (SHM_EMBED_MAX_BODY_BYTES)")
+            values = json_values_upper_bound(raw)
+            if values > self.settings.max_json_values:
+                raise too_large(f"body has about {values} JSON values, over the limit of "
+                                f"{self.settings.max_json_values} (SHM_EMBED_MAX_JSON_VALUES)")
+            try:
+                doc = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise bad_request(f"body is not valid JSON: {exc}") from None
+            except RecursionError:
+                raise bad_request("body is nested too deeply") from None
         if not isinstance(doc, dict):
             raise unprocessable("body must be a JSON object")
         return doc
@@ -103,7 +176,8 @@ class Context:
     def embed(self, texts: list[str], *, truncate: bool = True, normalize: bool = False):
         self.counts["total_requests"] += 1
         try:
-            res = self.client.embed_detailed(texts, truncate=truncate, normalize=normalize)
+            res = self.client.embed_detailed(texts, truncate=truncate, normalize=normalize,
+                                             max_tokens=self.settings.max_request_tokens)
         except ShmEmbedError:
             self.counts["failed_requests"] += 1
             raise
@@ -203,7 +277,7 @@ class Ready:
         try:
             info = self.ctx.client.info()
         except ShmEmbedError as exc:
-            raise unavailable(f"not ready: {exc}")
+            raise unavailable(f"not ready: {errors.sidecar_unavailable_message(exc)}")
         resp.media = {"status": "ready", "model": info["model"], "device": info["device"]}
 
 
@@ -234,7 +308,8 @@ class EmbeddingHealth:
             snap = self.ctx.client.stats()
         except ShmEmbedError as exc:
             resp.status = falcon.HTTP_503
-            resp.media = {"status": "degraded", "embedding_server": "disconnected", "error": str(exc),
+            resp.media = {"status": "degraded", "embedding_server": "disconnected",
+                          "error": errors.sidecar_unavailable_message(exc),
                           "ipc_enabled": self.ctx.settings.use_ipc, "mode": mode}
             return
         resp.media = {"status": "ok", "embedding_server": "connected",
@@ -253,7 +328,7 @@ class EmbeddingStats:
         try:
             snap = self.ctx.client.stats()
         except ShmEmbedError as exc:
-            raise unavailable(f"sidecar stats unavailable: {exc}")
+            raise unavailable(f"sidecar stats unavailable: {errors.sidecar_unavailable_message(exc)}")
         d = snap.as_dict()
         c = snap.counters
         d.update({

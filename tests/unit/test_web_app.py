@@ -13,6 +13,7 @@ import pytest
 from falcon import testing
 
 from shm_protocol.client import EmbeddingBackend, EmbedResult
+from shm_protocol.tokenizer import check_token_budget
 from shm_protocol.config import Settings
 from shm_protocol.errors import (
     InvalidInput,
@@ -47,13 +48,14 @@ class FakeClient:
         if self.fail is not None:
             raise self.fail
 
-    def embed_detailed(self, texts, *, truncate=True, normalize=False) -> EmbedResult:
+    def embed_detailed(self, texts, *, truncate=True, normalize=False, max_tokens=None) -> EmbedResult:
         self._check()
         self.calls.append({"texts": list(texts), "truncate": truncate, "normalize": normalize})
         vecs = np.stack([fake_vector(t) for t in texts]) if texts else np.empty((0, DIM), np.float32)
         if normalize:
             vecs = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
         counts = np.array([len(t.split()) + 2 for t in texts], dtype=np.int64)
+        check_token_budget(counts, max_tokens)
         return EmbedResult(vecs.astype(np.float32), counts, 1000, 2000, 1)
 
     def embed(self, texts, *, truncate=True, normalize=False):

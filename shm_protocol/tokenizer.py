@@ -1,0 +1,66 @@
+"""Tokenizing in the worker: the model's own fast tokenizer (no torch),
+and the checks every client applies to its texts before they reach a slot."""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .errors import InvalidInput, RequestTooLarge
+
+# Tokenizers loaded before a fork (by the Gunicorn master), by file path: the
+# first client of each forked worker takes the loaded one instead of reading
+# the file again, so the workers share its pages copy-on-write.
+_preloaded: dict = {}
+
+
+def preload_tokenizer(path: str) -> None:
+    """Load the tokenizer at ``path`` now, for the processes this one forks."""
+    from tokenizers import Tokenizer
+
+    _preloaded[path] = Tokenizer.from_file(path)
+
+
+class WorkerTokenizer:
+    """The model's own fast tokenizer, set to truncate at the model's limit."""
+
+    def __init__(self, path: str, max_seq_length: int):
+        from tokenizers import Tokenizer
+
+        self.path = path
+        self.max_seq_length = max_seq_length
+        self._tok = _preloaded.pop(path, None) or Tokenizer.from_file(path)
+        self._tok.no_padding()
+        self._tok.enable_truncation(max_length=max_seq_length)
+
+    def encode(self, texts: Sequence[str]):
+        try:
+            if len(texts) == 1:
+                return [self._tok.encode(texts[0])]
+            return self._tok.encode_batch(texts)
+        except (TypeError, ValueError) as exc:
+            for i, t in enumerate(texts):  # name the culprit (a lone surrogate, typically)
+                try:
+                    t.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise InvalidInput(f"texts[{i}] is not valid Unicode (it has a lone surrogate)") from None
+            raise InvalidInput(f"the tokenizer refused the input: {exc}") from exc
+
+
+def check_token_budget(lengths: np.ndarray, max_tokens: int | None) -> None:
+    if max_tokens is not None and (total := int(lengths.sum())) > max_tokens:
+        raise RequestTooLarge(f"the inputs have {total} tokens after truncation, over the limit of {max_tokens} "
+                              "per request", limit=max_tokens, actual=total, what="tokens")
+
+
+def check_texts(texts) -> list[str]:
+    if isinstance(texts, str):
+        raise InvalidInput("texts must be a list of strings, not one string (wrap it in a list)")
+    if not isinstance(texts, Iterable):
+        raise InvalidInput(f"texts must be a list of strings, not {type(texts).__name__}")
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise InvalidInput(f"texts[{i}] is {type(t).__name__}, not str")
+    return texts

@@ -1,0 +1,167 @@
+"""The web service against hostile requests (issue: the edge): chunked
+bodies, bodies that amplify into memory once parsed, many large bodies at
+once, requests over the token budget, and error bodies that must not name
+internals. Real Gunicorn workers in front of a synthetic sidecar."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.helpers import client_for, start_web, synthetic_reference
+
+
+def worker_pids(master: int) -> list[int]:
+    from _common import child_pids  # bench/_common, on the path through tests.helpers
+
+    return child_pids(master)
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.fixture
+def web(synthetic_sidecar, tmp_path):
+    """A synthetic sidecar and Gunicorn (1 worker, so every request meets the same process)."""
+    started = []
+
+    def make(workers: int = 1, **extra):
+        sc = synthetic_sidecar(us=0)
+        w = start_web(tmp_path, sc.env, workers=workers, **extra)
+        started.append(w)
+        return sc, w
+
+    yield make
+    for w in started:
+        w.stop()
+
+
+def test_a_chunked_body_is_read_to_its_end(web):
+    sc, w = web()
+    texts = ["chunked transfer encoding", "a second text, sent in another chunk"]
+    body = json.dumps({"inputs": texts}).encode()
+    host, port = w.base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        # Three chunks, split inside the JSON, and no Content-Length.
+        conn.request("POST", "/embed", body=iter([body[:7], body[7:30], body[30:]]),
+                     headers={"Content-Type": "application/json"}, encode_chunked=True)
+        resp = conn.getresponse()
+        got = json.loads(resp.read())
+    finally:
+        conn.close()
+    assert resp.status == 200, got
+    with client_for(sc) as c:
+        ref = synthetic_reference(c, texts)
+    assert np.allclose(np.asarray(got, np.float32), ref, atol=1e-6)
+
+
+def test_a_chunked_body_over_the_limit_is_a_413(web):
+    _, w = web(SHM_EMBED_MAX_BODY_BYTES=str(64 * 1024), SHM_EMBED_MAX_INFLIGHT_BODY_BYTES=str(1 << 20))
+    big = json.dumps({"inputs": ["x" * 50_000, "y" * 50_000]}).encode()
+    host, port = w.base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("POST", "/embed", body=iter([big[i:i + 8192] for i in range(0, len(big), 8192)]),
+                     headers={"Content-Type": "application/json"}, encode_chunked=True)
+        resp = conn.getresponse()
+        doc = json.loads(resp.read())
+    finally:
+        conn.close()
+    assert resp.status == 413 and doc["error"]["type"] == "request_too_large"
+
+
+def test_a_body_of_tiny_json_values_is_refused_before_it_is_parsed(web):
+    """16 MiB of '{}' items took a worker from 175 to 603 MiB before its 422."""
+    _, w = web()
+    body = b'{"inputs": [' + b"{}," * (5 * 1024 * 1024) + b"{}]}"  # 15 MiB, 5 million objects
+    assert len(body) < 16 * 1024 * 1024
+    pid = worker_pids(w.proc.pid)[0]
+    before = rss_mb(pid)
+    with httpx.Client(base_url=w.base, timeout=60) as http:
+        r = http.post("/embed", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 413, r.text
+        assert "SHM_EMBED_MAX_JSON_VALUES" in r.json()["error"]["message"]
+        grown = rss_mb(pid) - before
+        # The raw body (15 MiB) and its string-free copy: far from the 400+ MiB of parsing it.
+        assert grown < 120, f"worker grew by {grown:.0f} MiB"
+        ok = http.post("/embed", json={"inputs": ["still serving"]})
+        assert ok.status_code == 200
+    # Legitimate large bodies still pass: many strings with commas inside them.
+    with httpx.Client(base_url=w.base, timeout=60) as http:
+        texts = ["one, two, three, four, five, six, seven " * 20 for _ in range(200)]
+        assert http.post("/embed", json={"inputs": texts}).status_code == 200
+
+
+def test_large_bodies_at_once_are_bounded_per_worker(web):
+    """While one 1 MiB body is being read, a second is refused with 503 and
+    Retry-After instead of being held in memory beside it; the first then
+    completes normally."""
+    _, w = web(SHM_EMBED_MAX_BODY_BYTES=str(1 << 20), SHM_EMBED_MAX_INFLIGHT_BODY_BYTES=str(1 << 20),
+               SHM_EMBED_MAX_INPUT_CHARS="1000000", WEB_THREADS="4")
+    host, port = w.base.removeprefix("http://").split(":")
+    body = json.dumps({"inputs": ["z" * 900_000]}).encode()
+    slow = socket.create_connection((host, int(port)), timeout=10)
+    try:
+        slow.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:1000])
+        time.sleep(0.5)  # the first request now holds its 1 MiB reservation, reading
+        with httpx.Client(base_url=w.base, timeout=10) as http:
+            r = http.post("/embed", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 503, r.text
+        assert r.headers.get("retry-after")
+        slow.sendall(body[1000:])
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = slow.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+    finally:
+        slow.close()
+    with httpx.Client(base_url=w.base, timeout=10) as http:  # the budget was given back
+        assert http.post("/embed", content=body, headers={"content-type": "application/json"}).status_code == 200
+
+
+def test_a_request_over_the_token_budget_is_a_413(web):
+    _, w = web(SHM_EMBED_MAX_REQUEST_TOKENS="40")
+    with httpx.Client(base_url=w.base, timeout=10) as http:
+        small = http.post("/embed", json={"inputs": ["a few words"] * 3})
+        assert small.status_code == 200
+        for path, key in (("/embed", "inputs"), ("/v1/embeddings", "input")):
+            r = http.post(path, json={key: ["several words in each of these texts"] * 8})
+            assert r.status_code == 413, (path, r.text)
+            assert "tokens" in r.json()["error"]["message"]
+        # Truncated inputs count as what is embedded: 256 tokens each at most.
+        r = http.post("/embed", json={"inputs": ["word " * 1000]})
+        assert r.status_code == 413
+
+
+def test_unavailable_answers_do_not_name_the_namespace_pid_or_segments(web):
+    sc, w = web()
+    pid = sc.proc.pid
+    ns = sc.settings.namespace
+    os.kill(pid, signal.SIGKILL)
+    sc.proc.wait(10)
+    with httpx.Client(base_url=w.base, timeout=10) as http:
+        bodies = [http.post("/embed", json={"inputs": ["hello"]}), http.get("/ready"),
+                  http.get("/embedding/health"), http.get("/embedding/stats"),
+                  http.post("/v1/embeddings", json={"input": "hello"})]
+    for r in bodies:
+        assert r.status_code == 503, (r.request.url, r.text)
+        text = r.text
+        assert ns not in text and str(pid) not in text and "/dev/shm" not in text and "sem." not in text, text
+        assert "sidecar" in text  # still says what is wrong, in general terms
+    log = w.log.read_text(errors="replace")
+    assert str(pid) in log or ns in log  # the details are in the server's log
