@@ -158,6 +158,21 @@ class Settings:
     max_body_bytes: int = _setting(
         "SHM_EMBED_MAX_BODY_BYTES", 16 * 1024 * 1024, "HTTP request body size at most (413 above).", minimum=1
     )
+    max_json_values: int = _setting(
+        "SHM_EMBED_MAX_JSON_VALUES", 100_000,
+        "JSON values (objects, arrays, strings, numbers) in one request body at most (413 above), counted before "
+        "the body is parsed: 16 MiB of '{}' would otherwise take a worker 400 MiB.", minimum=16,
+    )
+    max_inflight_body_bytes: int = _setting(
+        "SHM_EMBED_MAX_INFLIGHT_BODY_BYTES", 32 * 1024 * 1024,
+        "Request body bytes one worker reads and parses at once, over all its threads; a request that would go "
+        "over is answered 503 with Retry-After (at least SHM_EMBED_MAX_BODY_BYTES).", minimum=1,
+    )
+    max_request_tokens: int = _setting(
+        "SHM_EMBED_MAX_REQUEST_TOKENS", 300_000,
+        "Tokens one HTTP request may have embedded, after truncation, over all its inputs and passages (413 "
+        "above).", minimum=1,
+    )
     # --- collections and web search ---------------------------------------------
     data_dir: str = _setting(
         "SHM_EMBED_DATA_DIR", "./.data",
@@ -246,6 +261,10 @@ class Settings:
             raise ConfigError(f"SHM_EMBED_NAMESPACE={self.namespace!r}: must be non-empty, without '/'")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"SHM_EMBED_DEVICE={self.device!r}: must be auto, cpu, cuda or cuda:N")
+        if self.max_inflight_body_bytes < self.max_body_bytes:
+            raise ConfigError(
+                f"SHM_EMBED_MAX_INFLIGHT_BODY_BYTES={self.max_inflight_body_bytes}: must be at least "
+                f"SHM_EMBED_MAX_BODY_BYTES ({self.max_body_bytes}), or no body of the largest size could be read")
         # An idle loop shows progress once per heartbeat interval (plus a spin
         # and a linger): the stall limit must leave room for that, twice over.
         quiet_s = self.heartbeat_s + max(self.spin_us, self.idle_poll_us) / 1e6 + self.max_wait_us / 1e6

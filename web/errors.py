@@ -9,6 +9,8 @@ from __future__ import annotations
 import falcon
 from loguru import logger
 
+from shm_protocol.logs import RateLimitedLog
+
 from shm_protocol.errors import (
     CollectionConflict,
     CollectionNotFound,
@@ -54,6 +56,29 @@ def unavailable(message: str, retry_after: int = 1) -> APIError:
     return APIError(falcon.HTTP_503, "service_unavailable", message, headers={"Retry-After": str(retry_after)})
 
 
+#: What a client is told about an unavailable sidecar, by the kind of
+#: reason; the reason itself (pids, namespace, segment names) goes to the log.
+_SIDECAR_STATES = (
+    (("timeout",), "the embedding sidecar did not answer in time"),
+    (("absent", "dead", "gone"), "the embedding sidecar is not running"),
+    (("heartbeat", "wedged", "no progress", "hung"), "the embedding sidecar is not responding"),
+    (("starting", "creating"), "the embedding sidecar is starting"),
+    (("draining", "stopping", "stopped", "shutdown"), "the embedding sidecar is stopping or restarting"),
+)
+_log_unavailable = RateLimitedLog()
+
+
+def sidecar_unavailable_message(exc: Exception) -> str:
+    """A client-facing sentence for an unavailable sidecar; the details are
+    logged (rate-limited) with the request's id."""
+    detail = f"{getattr(exc, 'reason', '')} {exc}".lower()
+    _log_unavailable("WARNING", "embedding sidecar unavailable: {}", exc)
+    for words, message in _SIDECAR_STATES:
+        if any(w in detail for w in words):
+            return message
+    return "the embedding sidecar is unavailable"
+
+
 def _serialize(req, resp, exc: falcon.HTTPError) -> None:
     """Every HTTPError, ours or Falcon's own (404, 405...), in one JSON shape."""
     if isinstance(exc, APIError):
@@ -69,11 +94,14 @@ def _handle_shm_error(req, resp, exc: ShmEmbedError, params) -> None:
     if isinstance(exc, RingFull):
         raise APIError(falcon.HTTP_429, "rate_limited", str(exc),
                        headers={"Retry-After": str(max(1, round(exc.retry_after_s)))})
-    if isinstance(exc, (SidecarUnavailable, NoRingAvailable)):
-        raise unavailable(f"embedding sidecar unavailable: {exc}")
+    if isinstance(exc, NoRingAvailable):
+        _log_unavailable("WARNING", "no ring for this worker: {}", exc)
+        raise unavailable("the embedding sidecar has no ring free for this worker")
+    if isinstance(exc, SidecarUnavailable):
+        raise unavailable(sidecar_unavailable_message(exc))
     if isinstance(exc, LayoutMismatch):
         logger.error("sidecar and workers speak different layouts: {}", exc)
-        raise unavailable(f"embedding sidecar unavailable: {exc}", retry_after=5)
+        raise unavailable("the embedding sidecar runs another version of this service", retry_after=5)
     if isinstance(exc, CollectionNotFound):
         raise APIError(falcon.HTTP_404, "not_found", str(exc))
     if isinstance(exc, CollectionConflict):
@@ -88,9 +116,9 @@ def _handle_shm_error(req, resp, exc: ShmEmbedError, params) -> None:
         raise unprocessable(str(exc))
     if isinstance(exc, (ModelFailed, SlotRejected, ConfigError)):
         logger.error("embedding failed: {}", exc)
-        raise APIError(falcon.HTTP_500, "internal_error", f"embedding failed: {exc}")
+        raise APIError(falcon.HTTP_500, "internal_error", "embedding failed (see the server log)")
     logger.exception("unexpected shm-embed error")
-    raise APIError(falcon.HTTP_500, "internal_error", str(exc))
+    raise APIError(falcon.HTTP_500, "internal_error", "internal error (see the server log)")
 
 
 def _handle_unexpected(req, resp, exc: Exception, params) -> None:
