@@ -21,6 +21,7 @@ run: $(STAMP)
 	$(PY) scripts/run.py
 
 test: $(STAMP)
+	bash scripts/install_test_services.sh
 	$(PY) -m pytest -q tests
 
 test-fast: $(STAMP)

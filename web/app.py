@@ -107,6 +107,11 @@ class Context:
         self.started = time.time()
         self.counts = {"total_requests": 0, "successful_requests": 0, "failed_requests": 0}
 
+    @property
+    def mode(self) -> str:
+        """Who serves embeddings now: "ipc" (the sidecar) or "local" (the fallback's own model)."""
+        return getattr(self.client, "mode", "ipc")
+
     def read_json(self, req: falcon.Request) -> dict:
         """The request body as a JSON object, with the limits and errors of
         the API. A body with a Content-Length is read up to it; a chunked one
@@ -290,7 +295,7 @@ class Info:
         s = self.ctx.settings
         resp.media = {
             "model": info["model"], "dimension": info["dimension"], "max_tokens": info["max_seq_length"],
-            "device": info["device"], "version": __version__, "mode": getattr(self.ctx.client, "mode", "ipc"),
+            "device": info["device"], "version": __version__, "mode": self.ctx.mode,
             "limits": {"max_inputs": s.max_inputs, "max_input_chars": s.max_input_chars,
                        "max_body_bytes": s.max_body_bytes},
         }
@@ -303,7 +308,7 @@ class EmbeddingHealth:
         self.ctx = ctx
 
     def on_get(self, req, resp):
-        mode = getattr(self.ctx.client, "mode", "ipc")
+        mode = self.ctx.mode
         try:
             snap = self.ctx.client.stats()
         except ShmEmbedError as exc:
@@ -333,8 +338,8 @@ class EmbeddingStats:
         c = snap.counters
         d.update({
             "status": "ok",
-            "ipc_mode": getattr(self.ctx.client, "mode", "ipc") == "ipc",
-            "mode": getattr(self.ctx.client, "mode", "ipc"),
+            "ipc_mode": self.ctx.mode == "ipc",
+            "mode": self.ctx.mode,
             "server_address": f"shm:/{snap.namespace}",
             "active_operations": snap.busy_slots + snap.queue_depth,
             "total_requests": c["requests"] + sum(snap.errors.values()),
