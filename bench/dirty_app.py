@@ -75,7 +75,7 @@ class DirtyBackend:
 
     mode = "dirty"
 
-    def embed_detailed(self, texts, *, truncate=True, normalize=False, max_tokens=None):
+    def embed_detailed(self, texts, *, truncate=True, normalize=False, **options):
         from gunicorn.dirty.client import get_dirty_client
 
         from shm_protocol.client import EmbedResult

@@ -17,7 +17,7 @@ import numpy as np
 from loguru import logger
 
 from shm_protocol import model_files
-from shm_protocol.client import EmbeddingClient, EmbedResult
+from shm_protocol.client import EmbeddingClient, EmbedResult, shape_vectors
 from shm_protocol.dropin import SentenceTransformerAPI
 from shm_protocol.tokenizer import WorkerTokenizer, check_texts, check_token_budget
 from shm_protocol.config import Settings
@@ -39,6 +39,7 @@ class LocalEmbedder:
         self.model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
         self.name = model_files.model_name(path)
         self.tok = WorkerTokenizer(str(model_files.tokenizer_file(path)), int(self.model.max_seq_length))
+        self.options = model_files.text_options(path, settings.matryoshka)
         self.lock = threading.Lock()
         logger.info("local model {} loaded in the worker", self.name)
 
@@ -47,8 +48,14 @@ class LocalEmbedder:
                 "max_seq_length": int(self.model.max_seq_length), "device": "cpu (local)"}
 
     def embed_detailed(self, texts, *, truncate: bool = True, normalize: bool = False,
-                       max_tokens: int | None = None) -> EmbedResult:
+                       max_tokens: int | None = None, prompt: str | None = None, prompt_name: str | None = None,
+                       dimensions: int | None = None) -> EmbedResult:
         texts = check_texts(texts)
+        dim = int(self.model.get_embedding_dimension())
+        prompt = self.options.resolve_prompt(prompt, prompt_name)
+        dims = self.options.check_dimensions(dimensions, dim, self.name)
+        if prompt:
+            texts = [prompt + t for t in texts]
         encs = self.tok.encode(texts) if texts else []
         limit = int(self.model.max_seq_length)
         if not truncate:
@@ -59,10 +66,11 @@ class LocalEmbedder:
         lengths = np.array([len(e.ids) for e in encs], dtype=np.int64)
         check_token_budget(lengths, max_tokens)
         t0 = time.perf_counter_ns()
-        with self.lock:
-            vecs = (self.model.encode(texts, normalize_embeddings=normalize, convert_to_numpy=True)
-                    if texts else np.empty((0, self.info()["dimension"]), np.float32))
-        return EmbedResult(np.asarray(vecs, dtype=np.float32), lengths, 0, time.perf_counter_ns() - t0, 0)
+        with self.lock:  # prompt="": the prompt (or the model's default) is in the texts already
+            vecs = (self.model.encode(texts, prompt="", convert_to_numpy=True)
+                    if texts else np.empty((0, dim), np.float32))
+        vecs = shape_vectors(np.asarray(vecs, dtype=np.float32), dims, normalize)
+        return EmbedResult(vecs, lengths, 0, time.perf_counter_ns() - t0, 0)
 
 
 class FallbackClient(SentenceTransformerAPI):
@@ -107,12 +115,12 @@ class FallbackClient(SentenceTransformerAPI):
                     raise
         return getattr(self.local, name)(*args, **kwargs)
 
-    def embed_detailed(self, texts, *, truncate: bool = True, normalize: bool = False,
-                       max_tokens: int | None = None) -> EmbedResult:
-        return self._call("embed_detailed", texts, truncate=truncate, normalize=normalize, max_tokens=max_tokens)
+    def embed_detailed(self, texts, *, truncate: bool = True, normalize: bool = False, **options) -> EmbedResult:
+        """EmbeddingClient.embed_detailed, with its options (max_tokens, prompt, prompt_name, dimensions)."""
+        return self._call("embed_detailed", texts, truncate=truncate, normalize=normalize, **options)
 
-    def embed(self, texts, *, truncate: bool = True, normalize: bool = False) -> np.ndarray:
-        return self.embed_detailed(texts, truncate=truncate, normalize=normalize).vectors
+    def embed(self, texts, *, truncate: bool = True, normalize: bool = False, **options) -> np.ndarray:
+        return self.embed_detailed(texts, truncate=truncate, normalize=normalize, **options).vectors
 
     def info(self) -> dict:
         return self._call("info")

@@ -18,12 +18,14 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import posix_ipc
 from loguru import logger
 
+from . import model_files
 from .config import Settings
 from .dropin import SentenceTransformerAPI
 from .errors import (
@@ -74,9 +76,12 @@ class EmbeddingBackend(Protocol):
     sidecar's :class:`EmbeddingClient`, the local fallback, or a fake in tests."""
 
     def embed_detailed(self, texts: Sequence[str], *, truncate: bool = True, normalize: bool = False,
-                       max_tokens: int | None = None) -> EmbedResult: ...
+                       max_tokens: int | None = None, prompt: str | None = None, prompt_name: str | None = None,
+                       dimensions: int | None = None) -> EmbedResult: ...
 
-    def embed(self, texts: Sequence[str], *, truncate: bool = True, normalize: bool = False) -> np.ndarray: ...
+    def embed(self, texts: Sequence[str], *, truncate: bool = True, normalize: bool = False,
+              prompt: str | None = None, prompt_name: str | None = None,
+              dimensions: int | None = None) -> np.ndarray: ...
 
     def info(self) -> dict: ...
 
@@ -98,6 +103,7 @@ class EmbeddingClient(SentenceTransformerAPI):
         self._session: Session | None = None
         self._lock = threading.Lock()
         self._tokenizer: WorkerTokenizer | None = None
+        self._options = model_files.TextOptions()
         self._closed = False
         self._finalizer = weakref.finalize(self, lambda: None)
 
@@ -192,6 +198,8 @@ class EmbeddingClient(SentenceTransformerAPI):
         except Exception as exc:  # the tokenizers library raises plain Exceptions
             raise SidecarUnavailable(f"cannot load the tokenizer the sidecar names ({path}): {exc}",
                                      reason="tokenizer") from None
+        # The prompts and flags of the model folder the tokenizer lies in.
+        self._options = model_files.text_options(Path(path).parent, self.settings.matryoshka)
 
     def _claim_ring(self, region: Region) -> int:
         """Lease a free ring. A dead owner's ring is freed by the sidecar's
@@ -281,23 +289,36 @@ class EmbeddingClient(SentenceTransformerAPI):
         return self._tokenizer.encode(list(texts))
 
     # -- embedding --------------------------------------------------------------------
-    def embed(self, texts: Sequence[str], *, truncate: bool = True, normalize: bool = False) -> np.ndarray:
+    def embed(self, texts: Sequence[str], *, truncate: bool = True, normalize: bool = False,
+              prompt: str | None = None, prompt_name: str | None = None,
+              dimensions: int | None = None) -> np.ndarray:
         """Vectors of ``texts`` (float32, one row per text, in order)."""
-        return self.embed_detailed(texts, truncate=truncate, normalize=normalize).vectors
+        return self.embed_detailed(texts, truncate=truncate, normalize=normalize, prompt=prompt,
+                                   prompt_name=prompt_name, dimensions=dimensions).vectors
 
     def embed_detailed(
         self, texts: Sequence[str], *, truncate: bool = True, normalize: bool = False,
-        max_tokens: int | None = None,
+        max_tokens: int | None = None, prompt: str | None = None, prompt_name: str | None = None,
+        dimensions: int | None = None,
     ) -> EmbedResult:
-        """Vectors and details of ``texts``. ``max_tokens`` caps the tokens
+        """Vectors and details of ``texts``, as ``SentenceTransformer.encode``
+        gives them: ``prompt`` (a literal prefix) or ``prompt_name`` (one of the
+        model's prompts; the model's default prompt when neither is given) is
+        prepended to each text; ``dimensions`` cuts the vectors (Matryoshka
+        models only) before ``normalize``. ``max_tokens`` caps the tokens
         (after truncation) the call may send, over all texts: RequestTooLarge
         above it, before anything reaches the sidecar (the web service's
         per-request budget)."""
         texts = check_texts(texts)
         sess = self._get_session()
         p = sess.params
+        opts = self._options
+        prompt = opts.resolve_prompt(prompt, prompt_name)
+        dims = opts.check_dimensions(dimensions, p.dim, sess.region.model_name)
         if not texts:
-            return EmbedResult(np.empty((0, p.dim), np.float32), np.empty(0, np.int64), 0, 0, 0)
+            return EmbedResult(np.empty((0, dims or p.dim), np.float32), np.empty(0, np.int64), 0, 0, 0)
+        if prompt:
+            texts = [prompt + t for t in texts]
         t_tok = time.perf_counter_ns()
         encs = self._tokenizer.encode(texts)
         tokenize_ns = time.perf_counter_ns() - t_tok
@@ -319,10 +340,7 @@ class EmbeddingClient(SentenceTransformerAPI):
             queue_ns, compute_ns, used = self._run(sess, id_lists, lengths, out)
         finally:
             sess.leave()
-        if normalize:
-            norms = np.linalg.norm(out, axis=1, keepdims=True)
-            np.divide(out, norms, out=out, where=norms > 0)
-        return EmbedResult(out, lengths, queue_ns, compute_ns, used, tokenize_ns)
+        return EmbedResult(shape_vectors(out, dims, normalize), lengths, queue_ns, compute_ns, used, tokenize_ns)
 
     def _chunks(self, lengths: np.ndarray, p) -> list[tuple[int, int]]:
         """Split texts into runs that fit one slot (texts and tokens)."""
@@ -515,6 +533,18 @@ def _spin_until_done(sess: Session, s: int, seq: int, until_ns: int) -> bool:
         if time.monotonic_ns() > until_ns:
             return False
         os.sched_yield()
+
+
+def shape_vectors(vecs: np.ndarray, dimensions: int | None, normalize: bool) -> np.ndarray:
+    """Cut ``vecs`` to ``dimensions`` (None: keep all), then normalize rows
+    if asked: the order SentenceTransformer.encode(truncate_dim=...,
+    normalize_embeddings=...) applies them in."""
+    if dimensions is not None:
+        vecs = np.ascontiguousarray(vecs[:, :dimensions])
+    if normalize:
+        norms = np.linalg.norm(vecs, axis=1, keepdims=True)
+        np.divide(vecs, norms, out=vecs, where=norms > 0)
+    return vecs
 
 
 def _slot_error(code: int) -> Exception:

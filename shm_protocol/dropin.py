@@ -16,7 +16,8 @@ class SentenceTransformerAPI:
     ``generate_embeddings`` over any ``embed(texts, normalize=...)``, so a
     client is a drop-in wherever a model object was passed around."""
 
-    def embed(self, texts, *, truncate: bool = True, normalize: bool = False) -> np.ndarray:  # pragma: no cover
+    def embed(self, texts, *, truncate: bool = True, normalize: bool = False, prompt: str | None = None,
+              prompt_name: str | None = None, dimensions: int | None = None) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
 
     @property
@@ -39,18 +40,26 @@ class SentenceTransformerAPI:
         convert_to_tensor: bool = False,
         device: str | None = None,
         normalize_embeddings: bool = False,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        truncate_dim: int | None = None,
         **kwargs,
     ):
         """Drop-in for ``SentenceTransformer.encode``: a string gives one
-        vector, a list gives a matrix. ``batch_size`` and ``show_progress_bar``
-        are accepted and ignored (the sidecar batches across workers)."""
+        vector, a list gives a matrix; ``prompt``, ``prompt_name`` (and the
+        model's default prompt) and ``truncate_dim`` as it applies them.
+        ``batch_size`` and ``show_progress_bar`` are accepted and ignored (the
+        sidecar batches across workers); any other argument is refused."""
+        if kwargs:
+            raise InvalidInput(f"encode() arguments not served by the sidecar: {', '.join(sorted(kwargs))}")
         if output_value not in (None, "sentence_embedding"):
             raise InvalidInput(f"output_value={output_value!r} is not served by the sidecar")
         if precision != "float32":
             raise InvalidInput(f"precision={precision!r}: only float32 is served")
         single = isinstance(sentences, str)
         texts = [sentences] if single else list(sentences)
-        vecs = self.embed(texts, normalize=normalize_embeddings)
+        vecs = self.embed(texts, normalize=normalize_embeddings, prompt=prompt, prompt_name=prompt_name,
+                          dimensions=truncate_dim)
         if convert_to_tensor:
             import torch  # only when the caller asked for tensors
 

@@ -7,9 +7,10 @@ takes its limits.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, InvalidInput
 
 #: The name the bundled model is reported under.
 BUNDLED_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -75,3 +76,57 @@ def vocab_size(path: Path) -> int:
         return int(value)
     vocab = _json(path / "tokenizer.json").get("model", {}).get("vocab", {})
     return len(vocab) or 30522
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    """What a worker applies around the model call, as SentenceTransformer.encode
+    does: the folder's prompts (config_sentence_transformers.json) and whether
+    its vectors may be cut to fewer dimensions (Matryoshka training)."""
+
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    pooling_includes_prompt: bool = True
+    matryoshka: bool = False
+
+    def resolve_prompt(self, prompt: str | None, prompt_name: str | None) -> str | None:
+        """The prompt SentenceTransformer.encode would prepend: ``prompt``, else
+        the named one, else the model's default (None: no prompt)."""
+        if prompt is None:
+            if prompt_name is not None:
+                if prompt_name not in self.prompts:
+                    known = ", ".join(sorted(self.prompts)) or "none"
+                    raise InvalidInput(f"unknown prompt_name {prompt_name!r} (this model's prompts: {known})")
+                prompt = self.prompts[prompt_name]
+            elif self.default_prompt_name is not None:
+                prompt = self.prompts.get(self.default_prompt_name)
+        if prompt and not self.pooling_includes_prompt:
+            raise InvalidInput("this model's pooling leaves the prompt's tokens out, which is not served here")
+        return prompt or None
+
+    def check_dimensions(self, dimensions: int | None, dim: int, model: str) -> int | None:
+        """``dimensions`` to cut vectors to (None: keep all), or InvalidInput."""
+        if dimensions is None or dimensions == dim:
+            return None
+        if not isinstance(dimensions, int) or isinstance(dimensions, bool) or not 1 <= dimensions < dim:
+            raise InvalidInput(f"dimensions={dimensions!r}: must be an integer from 1 to {dim}")
+        if not self.matryoshka:
+            raise InvalidInput(
+                f"dimensions={dimensions} cannot be honoured: {model} gives {dim} dimensions and is not marked as "
+                "trained for truncation (Matryoshka); set SHM_EMBED_MATRYOSHKA=true if it is")
+        return dimensions
+
+
+def text_options(path: Path, matryoshka: bool = False) -> TextOptions:
+    """The TextOptions of the model folder at ``path``; ``matryoshka`` (the
+    SHM_EMBED_MATRYOSHKA setting) marks it as trained for truncation, as does
+    an ``is_matryoshka`` or ``matryoshka_dimensions`` entry in its configs."""
+    st = _json(path / "config_sentence_transformers.json")
+    prompts = st.get("prompts") or {}
+    prompts = {str(k): str(v) for k, v in prompts.items()} if isinstance(prompts, dict) else {}
+    default = st.get("default_prompt_name")
+    pooling = _json(path / "1_Pooling" / "config.json")
+    marked = any(bool(cfg.get("is_matryoshka") or cfg.get("matryoshka_dimensions"))
+                 for cfg in (st, _json(path / "config.json")))
+    return TextOptions(prompts, str(default) if default else None, bool(pooling.get("include_prompt", True)),
+                       bool(matryoshka or marked))

@@ -160,7 +160,10 @@ class Context:
             if all(isinstance(v, int) and not isinstance(v, bool) for v in value) or any(
                 isinstance(v, list) for v in value
             ):
-                raise unprocessable(f"'{field}' as token arrays is not supported; send strings")
+                raise unprocessable(
+                    f"'{field}' as token arrays is not supported: send strings. (LangChain's OpenAIEmbeddings "
+                    "sends tiktoken ids, which are not this model's tokens, unless it is created with "
+                    "check_embedding_ctx_length=False.)")
             bad = next((i for i, v in enumerate(value) if not isinstance(v, str)), None)
             if bad is not None:
                 raise unprocessable(f"'{field}[{bad}]' must be a string, not {type(value[bad]).__name__}")
@@ -178,11 +181,13 @@ class Context:
                 raise unprocessable(f"input {i} contains a NUL character")
         return texts, single
 
-    def embed(self, texts: list[str], *, truncate: bool = True, normalize: bool = False):
+    def embed(self, texts: list[str], *, truncate: bool = True, normalize: bool = False, **options):
+        """Embed through the client under this request's token budget;
+        ``options``: prompt, prompt_name, dimensions (see text_options)."""
         self.counts["total_requests"] += 1
         try:
             res = self.client.embed_detailed(texts, truncate=truncate, normalize=normalize,
-                                             max_tokens=self.settings.max_request_tokens)
+                                             max_tokens=self.settings.max_request_tokens, **options)
         except ShmEmbedError:
             self.counts["failed_requests"] += 1
             raise
@@ -202,6 +207,23 @@ def dump_json(obj) -> bytes:
     take about 13 us instead of 240 us through ``json`` (which writes each
     as a 17-digit double), and the body is about half the size."""
     return orjson.dumps(obj, default=_json_default, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
+
+
+def text_options(doc: dict) -> dict:
+    """The request's prompt, prompt_name and dimensions, type-checked (the
+    client checks them against the model: unknown prompt names and
+    dimensions a model is not trained for are 422s too)."""
+    out = {}
+    for key in ("prompt", "prompt_name"):
+        value = doc.get(key)
+        if value is not None and not isinstance(value, str):
+            raise unprocessable(f"'{key}' must be a string")
+        out[key] = value
+    dims = doc.get("dimensions")
+    if dims is not None and (not isinstance(dims, int) or isinstance(dims, bool)):
+        raise unprocessable("'dimensions' must be an integer")
+    out["dimensions"] = dims
+    return out
 
 
 def _bool(doc: dict, key: str, default: bool) -> bool:
@@ -228,16 +250,10 @@ class OpenAIEmbeddings:
         model = doc.get("model")
         if model is not None and not isinstance(model, str):
             raise unprocessable("'model' must be a string")
-        dims = doc.get("dimensions")
+        options = text_options(doc)
         info = self.ctx.client.info()
-        if dims is not None:
-            if not isinstance(dims, int) or isinstance(dims, bool):
-                raise unprocessable("'dimensions' must be an integer")
-            if dims != info["dimension"]:
-                raise unprocessable(
-                    f"'dimensions'={dims} cannot be honoured: {info['model']} gives {info['dimension']} "
-                    "dimensions and is not trained for truncation")
-        res = self.ctx.embed(texts)
+        # With dimensions, vectors are cut and made unit length again, as OpenAI's are.
+        res = self.ctx.embed(texts, normalize=options["dimensions"] is not None, **options)
         data = []
         for i, vec in enumerate(res.vectors):
             if fmt == "base64":
@@ -251,7 +267,8 @@ class OpenAIEmbeddings:
 
 
 class Embed:
-    """POST /embed: {"inputs": str | [str], "normalize": bool, "truncate": bool} -> [[float]]."""
+    """POST /embed: {"inputs": str | [str], "normalize": bool, "truncate": bool, "prompt": str,
+    "prompt_name": str, "dimensions": int} -> [[float]]."""
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
@@ -263,7 +280,7 @@ class Embed:
         texts, _ = self.ctx.texts(doc["inputs"], "inputs")
         normalize = _bool(doc, "normalize", True)
         truncate = _bool(doc, "truncate", True)
-        res = self.ctx.embed(texts, truncate=truncate, normalize=normalize)
+        res = self.ctx.embed(texts, truncate=truncate, normalize=normalize, **text_options(doc))
         resp.media = res.vectors  # float32 (n, dim), written by dump_json
 
 

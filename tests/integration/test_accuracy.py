@@ -106,3 +106,25 @@ def test_sidecar_gives_back_the_memory_of_a_large_batch(real_sidecar):
         time.sleep(0.5)  # idle: the loop trims the heap after 50 ms
         after = _rss_mb(pid)
     assert after - before < 80, f"sidecar RSS {before:.0f} -> {after:.0f} MiB after a large batch"
+
+
+def test_langchain_openai_embeddings_get_the_same_vectors(real_sidecar, real_model, tmp_path):
+    """LangChain's OpenAIEmbeddings, as its users point it at the service:
+    with check_embedding_ctx_length=False it sends strings (otherwise it
+    sends tiktoken ids, which the service refuses with a 422 naming that
+    setting)."""
+    from langchain_openai import OpenAIEmbeddings
+
+    from tests.helpers import start_web
+
+    w = start_web(tmp_path, real_sidecar.env, workers=1)
+    try:
+        emb = OpenAIEmbeddings(model="all-MiniLM-L6-v2", base_url=w.base + "/v1", api_key="unused",
+                               check_embedding_ctx_length=False, max_retries=0)
+        texts = VARIED[:6] + mixed_batch(10, seed=3)
+        got = np.array(emb.embed_documents(texts), dtype=np.float32)
+        assert cosine_rows(got, real_model.encode(texts)).min() >= 0.99999
+        one = np.array(emb.embed_query("a question about shared memory"), dtype=np.float32)
+        assert cosine_rows([one], real_model.encode(["a question about shared memory"]))[0] >= 0.99999
+    finally:
+        w.stop()

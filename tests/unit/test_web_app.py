@@ -13,6 +13,7 @@ import pytest
 from falcon import testing
 
 from shm_protocol.client import EmbeddingBackend, EmbedResult
+from shm_protocol.model_files import TextOptions
 from shm_protocol.tokenizer import check_token_budget
 from shm_protocol.config import Settings
 from shm_protocol.errors import (
@@ -48,9 +49,12 @@ class FakeClient:
         if self.fail is not None:
             raise self.fail
 
-    def embed_detailed(self, texts, *, truncate=True, normalize=False, max_tokens=None) -> EmbedResult:
+    def embed_detailed(self, texts, *, truncate=True, normalize=False, max_tokens=None, prompt=None,
+                       prompt_name=None, dimensions=None) -> EmbedResult:
         self._check()
-        self.calls.append({"texts": list(texts), "truncate": truncate, "normalize": normalize})
+        self.calls.append({"texts": list(texts), "truncate": truncate, "normalize": normalize, "prompt": prompt,
+                           "prompt_name": prompt_name, "dimensions": dimensions})
+        TextOptions().check_dimensions(dimensions, DIM, "fake-model")  # as the real clients check it
         vecs = np.stack([fake_vector(t) for t in texts]) if texts else np.empty((0, DIM), np.float32)
         if normalize:
             vecs = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
@@ -58,8 +62,8 @@ class FakeClient:
         check_token_budget(counts, max_tokens)
         return EmbedResult(vecs.astype(np.float32), counts, 1000, 2000, 1)
 
-    def embed(self, texts, *, truncate=True, normalize=False):
-        return self.embed_detailed(texts, truncate=truncate, normalize=normalize).vectors
+    def embed(self, texts, *, truncate=True, normalize=False, **options):
+        return self.embed_detailed(texts, truncate=truncate, normalize=normalize, **options).vectors
 
     def info(self) -> dict:
         self._check()
@@ -110,7 +114,13 @@ def test_embed_returns_normalized_vectors_in_order(app, fake):
     assert np.allclose(got, want, atol=1e-6)
     r = app.simulate_post("/embed", json={"inputs": "one", "normalize": False, "truncate": False})
     assert np.allclose(r.json, [fake_vector("one")], atol=1e-5)
-    assert fake.calls[-1] == {"texts": ["one"], "truncate": False, "normalize": False}
+    assert fake.calls[-1] == {"texts": ["one"], "truncate": False, "normalize": False, "prompt": None,
+                              "prompt_name": None, "dimensions": None}
+    app.simulate_post("/embed", json={"inputs": ["q"], "prompt_name": "query", "prompt": None})
+    assert fake.calls[-1]["prompt_name"] == "query"
+    for bad in ({"prompt": 3}, {"prompt_name": ["x"]}, {"dimensions": "8"}, {"dimensions": True}):
+        r = app.simulate_post("/embed", json={"inputs": ["q"], **bad})
+        assert r.status_code == 422, bad
 
 
 def test_openai_embeddings_float_and_base64(app):

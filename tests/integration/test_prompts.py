@@ -1,0 +1,120 @@
+"""Prompts and Matryoshka dimensions, applied as SentenceTransformer.encode
+applies them: through the client, its encode drop-in and both HTTP forms,
+against a real sidecar serving the bundled weights in a folder whose
+sentence-transformers config names prompts (a default one among them) and
+marks the model as trained for truncation."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.helpers import client_for, cosine_rows, start_sidecar, start_web, stop_and_check
+
+PROMPTS = {"query": "query: ", "passage": "passage: ", "classification": "Classify the topic: "}
+TEXTS = ["how do shared-memory rings work", "Semaphores wake the waiting worker.", "", "ünïcödé text"]
+
+
+@pytest.fixture(scope="module")
+def prompted_model(real_model_path, tmp_path_factory):
+    """The bundled weights (linked, not copied) with prompts, a default prompt
+    and the Matryoshka mark in config_sentence_transformers.json."""
+    folder = tmp_path_factory.mktemp("prompted") / "prompted-minilm"
+    folder.mkdir()
+    for entry in real_model_path.iterdir():
+        if entry.name != "config_sentence_transformers.json":
+            os.symlink(entry, folder / entry.name)
+    cfg = json.loads((real_model_path / "config_sentence_transformers.json").read_text())
+    cfg.update(prompts=PROMPTS, default_prompt_name="query", matryoshka_dimensions=[384, 256, 128, 64])
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prompted_st(prompted_model):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(prompted_model), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def prompted_sidecar(prompted_model, tmp_path_factory):
+    sc = start_sidecar(tmp_path_factory.mktemp("sc-prompted"), str(prompted_model))
+    yield sc
+    stop_and_check(sc)
+
+
+def test_client_applies_prompts_as_sentence_transformers(prompted_sidecar, prompted_st):
+    with client_for(prompted_sidecar) as c:
+        cases = [
+            ({}, {}),  # the model's default prompt ("query")
+            ({"prompt_name": "passage"}, {"prompt_name": "passage"}),
+            ({"prompt": "Represent this: "}, {"prompt": "Represent this: "}),
+            ({"prompt": ""}, {"prompt": ""}),  # an explicit empty prompt: none
+        ]
+        for ours, theirs in cases:
+            got = c.embed(TEXTS, **ours)
+            ref = prompted_st.encode(TEXTS, **theirs)
+            assert cosine_rows(got, ref).min() >= 0.99999, ours
+        # The prompts change the vectors (the test would not see a dropped prompt otherwise).
+        plain = prompted_st.encode(TEXTS, prompt="")
+        assert cosine_rows(c.embed(TEXTS, prompt_name="passage"), plain).min() < 0.999
+        # The drop-in takes SentenceTransformer.encode's arguments.
+        one = c.encode(TEXTS[0], prompt_name="classification", truncate_dim=64, normalize_embeddings=True)
+        ref = prompted_st.encode(TEXTS[0], prompt_name="classification", truncate_dim=64, normalize_embeddings=True)
+        assert one.shape == (64,) and float(np.dot(one, ref)) >= 0.99999
+        with pytest.raises(Exception, match="unknown prompt_name 'nope'"):
+            c.embed(TEXTS, prompt_name="nope")
+        with pytest.raises(Exception, match="not served"):
+            c.encode(TEXTS, pool=object())
+
+
+def test_client_cuts_dimensions_of_a_matryoshka_model(prompted_sidecar, prompted_st):
+    with client_for(prompted_sidecar) as c:
+        for d in (256, 128, 64):
+            got = c.embed(TEXTS, dimensions=d, normalize=True)
+            ref = prompted_st.encode(TEXTS, truncate_dim=d, normalize_embeddings=True)
+            assert got.shape == (len(TEXTS), d)
+            assert cosine_rows(got, ref).min() >= 0.99999
+            assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+        for bad in (0, 385, -1):
+            with pytest.raises(Exception, match="dimensions"):
+                c.embed(TEXTS, dimensions=bad)
+
+
+def test_http_forms_take_prompts_and_dimensions(prompted_sidecar, prompted_st, tmp_path):
+    w = start_web(tmp_path, prompted_sidecar.env, workers=1)
+    try:
+        with httpx.Client(base_url=w.base, timeout=30) as http:
+            r = http.post("/v1/embeddings", json={"input": TEXTS, "prompt_name": "passage", "dimensions": 128})
+            assert r.status_code == 200, r.text
+            got = np.array([d["embedding"] for d in r.json()["data"]], np.float32)
+            ref = prompted_st.encode(TEXTS, prompt_name="passage", truncate_dim=128, normalize_embeddings=True)
+            assert got.shape == (len(TEXTS), 128) and cosine_rows(got, ref).min() >= 0.99999
+            r = http.post("/embed", json={"inputs": TEXTS, "prompt": "Represent this: "})
+            ref = prompted_st.encode(TEXTS, prompt="Represent this: ", normalize_embeddings=True)
+            assert cosine_rows(np.asarray(r.json(), np.float32), ref).min() >= 0.99999
+            r = http.post("/embed", json={"inputs": TEXTS})  # the default prompt
+            assert cosine_rows(np.asarray(r.json(), np.float32), prompted_st.encode(TEXTS)).min() >= 0.99999
+            r = http.post("/embed", json={"inputs": TEXTS, "prompt_name": "nope"})
+            assert r.status_code == 422 and "nope" in r.json()["error"]["message"]
+    finally:
+        w.stop()
+
+
+def test_dimensions_of_a_model_not_trained_for_them_are_a_422(real_sidecar, tmp_path):
+    w = start_web(tmp_path, real_sidecar.env, workers=1)
+    try:
+        with httpx.Client(base_url=w.base, timeout=30) as http:
+            r = http.post("/v1/embeddings", json={"input": "x", "dimensions": 128})
+            assert r.status_code == 422
+            assert "Matryoshka" in r.json()["error"]["message"]
+            assert http.post("/v1/embeddings", json={"input": "x", "dimensions": 384}).status_code == 200
+            r = http.post("/v1/embeddings", json={"input": [101, 2023, 102]})
+            assert r.status_code == 422 and "check_embedding_ctx_length=False" in r.json()["error"]["message"]
+    finally:
+        w.stop()
