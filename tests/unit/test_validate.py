@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shm_protocol.layout import LayoutParams, SlotError, slots_view
-from sidecar.server import validate_slot
+from sidecar.scheduler import validate_slot
 
 P = LayoutParams(n_rings=1, slots_per_ring=1, max_texts=4, max_tokens=64, dim=3, max_seq_length=10, vocab_size=100)
 

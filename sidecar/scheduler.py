@@ -1,0 +1,500 @@
+"""The batching: which READY slots the sidecar serves next, and how.
+
+A :class:`Scheduler` drains the doorbell and scans the slot states, orders
+and admits ready slots (fairness, the batch budget), takes and validates
+them, plans and runs the model calls, gives waiters their ETAs, publishes
+each answer and counts it, and frees the rings of dead workers between
+batches. It runs in the sidecar's loop thread only, driven by
+:class:`sidecar.server.Sidecar`, which creates and removes every shared
+object and hands the scheduler the views, counters and semaphores it uses.
+Batch planning itself lives in :mod:`sidecar.planner`, pure and tested
+without a model.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import posix_ipc
+from loguru import logger
+
+from shm_protocol.config import Settings
+from shm_protocol.errors import RingTableBusy
+from shm_protocol.layout import (
+    BATCH_TEXTS_BUCKETS,
+    ETA_PARK,
+    LATENCY_BUCKETS_S,
+    SLOT_BUSY,
+    SLOT_CLAIMED,
+    SLOT_DONE,
+    SLOT_ERROR,
+    SLOT_FREE,
+    SLOT_READY,
+    LayoutParams,
+    RecordViews,
+    SlotError,
+    SlotViews,
+    bucket_index,
+)
+from shm_protocol.region import Region
+from shm_protocol.segments import DEV_SHM, Names, create_semaphore, drain, pid_alive
+
+from .planner import CallTimer, admit, fair_order, plan_calls
+
+#: A model call of at least this many padded tokens leaves hundreds of MB of
+#: activations in the C heap (a batch of 200 passages: about 300 MB), which
+#: glibc keeps. After such a call the scheduler sets ``trim_pending``, and the
+#: loop hands the free pages back once it is idle (see sidecar.server.TRIM_IDLE_S).
+TRIM_AFTER_TOKENS = 2048
+
+#: A model call is expected to end within this many times its estimate
+#: before the loop's deadline passes (calls of one size vary by 2x under load).
+CALL_DEADLINE_FACTOR = 4
+
+
+def validate_slot(n_texts: int, n_tokens: int, offsets: np.ndarray, tokens: np.ndarray, p: LayoutParams):
+    """Check what a worker wrote. Returns (SlotError, lengths, private copy of
+    the ids). The ids are copied out of shared memory *before* they are
+    checked, so a writer cannot change them between check and use."""
+    if not (1 <= n_texts <= p.max_texts) or not (1 <= n_tokens <= p.max_tokens):
+        return SlotError.BAD_COUNT, None, None
+    if n_texts == 1:  # one text: the same checks on plain ints
+        if int(offsets[0]) != 0 or int(offsets[1]) != n_tokens:
+            return SlotError.BAD_OFFSETS, None, None
+        if n_tokens > p.max_seq_length:
+            return SlotError.TOO_LONG, None, None
+        ids = tokens[:n_tokens].copy()
+        if int(ids.view(np.uint32).max()) >= p.vocab_size:  # one pass: a negative id reads as >= 2**31
+            return SlotError.BAD_TOKEN, None, None
+        return SlotError.NONE, np.array([0, n_tokens], np.int64), ids
+    offs = offsets[: n_texts + 1].astype(np.int64)
+    ids = np.array(tokens[:n_tokens], dtype=np.int32, copy=True)
+    if offs[0] != 0 or offs[-1] != n_tokens:
+        return SlotError.BAD_OFFSETS, None, None
+    lengths = np.diff(offs)
+    if (lengths <= 0).any():
+        return SlotError.BAD_OFFSETS, None, None
+    if (lengths > p.max_seq_length).any():
+        return SlotError.TOO_LONG, None, None
+    if int(ids.min()) < 0 or int(ids.max()) >= p.vocab_size:
+        return SlotError.BAD_TOKEN, None, None
+    return SlotError.NONE, offs, ids
+
+
+@dataclass
+class _Work:
+    """One valid slot taken into the current batch."""
+
+    flat: int
+    seq: int  # the slot's generation when taken: the answer is published only to it
+    offsets: np.ndarray
+    ids: np.ndarray
+    texts: int
+    queue_ns: int
+    remaining: int = 0
+    answered: bool = False
+    call_ns: int = 0  # the model calls its texts rode in, together (published as compute_ns)
+    last_call: int = -1
+
+    def __post_init__(self) -> None:
+        self.remaining = self.texts
+
+    def lengths(self) -> list[int]:
+        o = self.offsets.tolist()  # plain ints: cheaper than np.diff for the usual few texts
+        return [b - a for a, b in zip(o, o[1:])]
+
+
+class Scheduler:
+    """Serves the namespace's READY slots in batches, one :meth:`step` at a
+    time, from the sidecar's loop thread (never two threads at once).
+
+    What it is given, it uses but does not create or remove: the region (ring
+    table and lock, ``bell_gen``), the slot views ``v``, the stats counters
+    ``ctr``, the doorbell (``bell``, which it replaces when tampered with)
+    and every slot's semaphore. It reports to the loop's owner through:
+
+    * ``progress(call_ns=0.0)``: the loop is alive; the next sign of life is
+      due within the stall limit plus ``call_ns`` (a model call about to run).
+    * ``model_outcome(ok)``: a model call returned (True) or raised (False);
+      the owner counts failures in a row to tell a wedged loop.
+    * ``log_fault(level, message, *args)``: the rate-limited log of faults
+      that a broken or hostile worker can repeat at will.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        embedder,
+        params: LayoutParams,
+        region: Region,
+        names: Names,
+        *,
+        v: SlotViews,
+        ctr: RecordViews,
+        bell: posix_ipc.Semaphore,
+        flat_sems: list[posix_ipc.Semaphore],
+        cores: int,
+        progress: Callable[..., None],
+        model_outcome: Callable[[bool], None],
+        log_fault: Callable[..., None],
+    ):
+        self.settings = settings
+        self.embedder = embedder
+        self.params = params
+        self.region = region
+        self.names = names
+        self.v = v
+        self.ctr = ctr
+        self.bell = bell  # the current doorbell: _replace_bell swaps it
+        self._flat_sems = flat_sems
+        self._progress = progress
+        self._model_outcome = model_outcome
+        self._log_fault = log_fault
+        self._timer = CallTimer()
+        self._last_batch_slots = 0
+        # How many slots of one batch may have their waiters spin: the cores
+        # the model leaves free (a GPU or synthetic model leaves all but this process's).
+        model_cores = (settings.torch_threads or cores) if getattr(embedder, "uses_cpu", True) else 1
+        self._spin_slots = max(1, cores - model_cores)
+        #: A large model call ran since the heap was last trimmed (the loop clears it when it trims).
+        self.trim_pending = False
+        n_slots = params.n_rings * params.slots_per_ring
+        # When the sidecar first saw each READY slot (and that slot's
+        # generation then): batches are ordered by this, not by the worker's clock.
+        self._seen_ns = np.zeros(n_slots, np.uint64)
+        self._seen_seq = np.zeros(n_slots, np.uint64)
+        # A drain of the doorbell takes at most this many posts per scan: one
+        # per slot is all honest workers can owe it; a hostile process could
+        # have pushed it to SEM_VALUE_MAX (minutes to drain).
+        self._bell_drain_limit = 4 * n_slots + 64
+
+    # -- waiting for work -------------------------------------------------------------
+    def spin_for_bell(self, until_ns: int) -> bool:
+        """Poll the doorbell until ``until_ns``: right after a batch the next
+        request usually comes within microseconds, and parking would add a
+        wake-up of 100 us or more on a virtual machine."""
+        bell = self.bell
+        while time.monotonic_ns() < until_ns:
+            try:
+                bell.acquire(0)
+                return True
+            except posix_ipc.BusyError:
+                os.sched_yield()
+        return False
+
+    def _scan(self) -> np.ndarray:
+        """READY slots now, each stamped with when the sidecar first saw it."""
+        # Drain before the scan: a later post wakes the next scan.
+        if drain(self.bell, self._bell_drain_limit) >= self._bell_drain_limit:
+            try:
+                self._replace_bell()
+            except Exception as exc:  # keep the old one (drained in bounded steps) and keep serving
+                self._log_fault("ERROR", "could not replace the doorbell: {!r}", exc)
+        ready = np.flatnonzero(self.v.state == SLOT_READY)
+        if len(ready) == 1:  # the common case of a lone request: plain ints, no temporaries
+            f = int(ready[0])
+            seq = int(self.v.seq[f])
+            if self._seen_ns[f] == 0 or self._seen_seq[f] != seq:
+                self._seen_ns[f] = time.monotonic_ns()
+                self._seen_seq[f] = seq
+        elif len(ready):
+            seqs = self.v.seq[ready]
+            new = (self._seen_ns[ready] == 0) | (self._seen_seq[ready] != seqs)
+            if new.any():
+                self._seen_ns[ready[new]] = time.monotonic_ns()
+                self._seen_seq[ready[new]] = seqs[new]
+        return ready
+
+    def _replace_bell(self) -> None:
+        """The doorbell holds more posts than every slot could owe: someone
+        wrote its value. Draining up to SEM_VALUE_MAX takes minutes of a hot
+        loop, so put a new doorbell under the same name and tell the workers
+        (bell_gen); a post that went to the old one meanwhile is found by the
+        next scan, which comes within a heartbeat interval."""
+        s = self.settings
+        self.ctr.loop_errors[0] += 1
+        self._log_fault("ERROR", "the doorbell holds over {} posts (tampered with); replacing it",
+                        self._bell_drain_limit)
+        # Create the new doorbell under a spare name, then rename its file
+        # over the old one: the name never lacks a doorbell, and a failure
+        # (a full /dev/shm) leaves the old one in place.
+        new = create_semaphore(self.names.bell_next, 0, mode=s.ipc_mode, group=s.group)
+        try:
+            os.rename(DEV_SHM / f"sem.{self.names.bell_next.lstrip('/')}",
+                      DEV_SHM / f"sem.{self.names.bell.lstrip('/')}")
+        except OSError:
+            new.close()
+            posix_ipc.unlink_semaphore(self.names.bell_next)
+            raise
+        old, self.bell = self.bell, new
+        old.close()
+        self.region.header["bell_gen"] += 1
+
+    # -- one batch --------------------------------------------------------------------
+    def step(self) -> bool:
+        """Serve one batch of READY slots. Returns False if there was none."""
+        ready = self._scan()
+        self.ctr.ready_slots[0] = len(ready)
+        if len(ready) == 0:
+            return False
+        s = self.settings
+        if s.max_wait_us and len(ready) < min(self._last_batch_slots, s.max_batch_texts):
+            # Linger only while fewer slots are ready than the last batch held:
+            # under steady concurrency the rest arrive within a millisecond or
+            # two, and one batch of 8 runs far faster than 8 batches of 1. A
+            # lone client (last batch 1) never waits.
+            deadline = time.monotonic() + s.max_wait_us / 1e6
+            while len(ready) < self._last_batch_slots and (left := deadline - time.monotonic()) > 0:
+                try:
+                    self.bell.acquire(left)
+                except (posix_ipc.BusyError, posix_ipc.SignalError):
+                    break
+                ready = self._scan()
+        if len(ready) == 1:
+            order = [int(ready[0])]
+        else:
+            order = fair_order(ready, self._seen_ns[ready], self.params.slots_per_ring)
+        batch = admit(order, self.v.n_texts, self.v.n_tokens, s.max_batch_texts, s.max_batch_tokens)
+        works: list[_Work] = []
+        try:
+            self._take(batch, works)
+            if works:
+                self._serve_batch(works)
+        finally:
+            # Whatever happened, no slot of this batch stays BUSY: the reaper
+            # and the lease rules rely on BUSY ending with the step.
+            for w in works:
+                if not w.answered:
+                    self._finish(w, SlotError.MODEL_FAILED)
+            self.ctr.busy_slots[0] = 0
+        return True
+
+    def _take(self, batch: list[int], works: list[_Work]) -> None:
+        """Mark the batch's slots BUSY and validate each on a private copy; a
+        bad slot is answered with its error at once and never joins. Valid
+        ones go into ``works``, the caller's list, as soon as they are BUSY
+        (so the caller answers them whatever happens after)."""
+        p, v = self.params, self.v
+        t0 = time.monotonic_ns()
+        for flat in batch:
+            seq = int(v.seq[flat])
+            v.state[flat] = SLOT_BUSY
+            queue_ns = max(0, t0 - int(self._seen_ns[flat]))
+            self._seen_ns[flat] = 0
+            # Read once: the counts checked are the counts used (a worker may write at any time).
+            n_texts, n_tokens = int(v.n_texts[flat]), int(v.n_tokens[flat])
+            work = _Work(flat, seq, None, None, n_texts, queue_ns)
+            works.append(work)
+            if int(v.cancel[flat]) == seq:  # its waiter gave up: no model time for it
+                works.pop()
+                self._finish(work, SlotError.CANCELLED)
+                continue
+            try:
+                code, offs, ids = validate_slot(n_texts, n_tokens, v.offsets[flat], v.tokens[flat], p)
+            except Exception as exc:  # a slot's bytes must not be able to raise out of here
+                self.ctr.loop_errors[0] += 1
+                self._log_fault("ERROR", "validating slot {} raised {!r}", flat, exc)
+                code, offs, ids = SlotError.BAD_COUNT, None, None
+            if code != SlotError.NONE:
+                works.pop()
+                self._finish(work, code)
+                self._log_fault("WARNING", "rejected slot {} (ring {}): {}", flat % p.slots_per_ring,
+                                flat // p.slots_per_ring, code.name)
+                continue
+            work.offsets, work.ids = offs, ids
+
+    def _serve_batch(self, works: list[_Work]) -> None:
+        ctr = self.ctr
+        ctr.busy_slots[0] = len(works)
+        self._last_batch_slots = len(works)
+        if len(works) == 1 and works[0].texts == 1:
+            self._serve_one(works[0])
+            return
+        t0 = time.monotonic_ns()
+        plan = plan_calls([w.lengths() for w in works], min(self.settings.max_batch_tokens,
+                                                              self.embedder.capacity_tokens),
+                          self.settings.max_batch_texts)
+        if len(works) > self._spin_slots:
+            # More waiters than spare cores: spinning ones would take the
+            # model's cores, so they park until the post.
+            self.v.eta_ns[[w.flat for w in works]] = ETA_PARK
+        else:
+            etas = self._timer.etas(plan, len(works), t0)
+            if etas is not None:
+                for w, eta in zip(works, etas):
+                    self.v.eta_ns[w.flat] = eta
+        for ci, (start, end, width) in enumerate(plan.calls):
+            chunk = plan.items[start:end]
+            seqs = [works[wi].ids[works[wi].offsets[i]: works[wi].offsets[i + 1]] for _, wi, i in chunk]
+            try:
+                vecs, call_ns = self._call(seqs, width)
+            except Exception as exc:  # a model failure fails these slots, not the sidecar
+                self._model_failed(exc, {works[wi].flat: works[wi] for _, wi, _ in chunk}.values(), t0)
+                continue
+            live = [(wi, i, k) for k, (_, wi, i) in enumerate(chunk) if not works[wi].answered]
+            if len(live) == 1:  # a lone text: no index arrays
+                wi, i, k = live[0]
+                self.v.out[works[wi].flat, i] = vecs[k]
+            elif live:
+                flats = np.fromiter((works[wi].flat for wi, _, _ in live), dtype=np.int64, count=len(live))
+                rows = np.fromiter((i for _, i, _ in live), dtype=np.int64, count=len(live))
+                self.v.out[flats, rows] = vecs[[k for _, _, k in live]] if len(live) < len(chunk) else vecs
+            finished = []
+            for _, wi, _ in chunk:
+                w = works[wi]
+                if not w.answered:
+                    if w.last_call != ci:
+                        w.last_call = ci
+                        w.call_ns += call_ns
+                    w.remaining -= 1
+                    if w.remaining == 0:
+                        finished.append(w)
+            # Answer first, count after: the waiters should not wait on our bookkeeping.
+            published = [w for w in finished if self._publish(w, SlotError.NONE, w.call_ns, len(plan.items))]
+            self._account(end - start, width, call_ns)
+            for w in published:
+                self._count(w, SlotError.NONE)
+
+    def _serve_one(self, w: _Work) -> None:
+        """The batch of a lone one-text request (the latency floor): the same
+        steps as _serve_batch without planning, sorting or index arrays."""
+        t0 = time.monotonic_ns()
+        width = len(w.ids)
+        # One waiter never outnumbers the spare cores (at least one): it gets an ETA.
+        est = self._timer.estimate(1, width)
+        if est is not None:
+            self.v.eta_ns[w.flat] = t0 + int(est)
+        try:
+            vecs, w.call_ns = self._call([w.ids], width)
+        except Exception as exc:
+            self._model_failed(exc, (w,), t0)
+            return
+        self.v.out[w.flat, 0] = vecs[0]
+        published = self._publish(w, SlotError.NONE, w.call_ns, 1)
+        self._account(1, width, w.call_ns)
+        if published:
+            self._count(w, SlotError.NONE)
+
+    def _call(self, seqs: list[np.ndarray], width: int) -> tuple[np.ndarray, int]:
+        """One model call of ``seqs`` (padded to ``width``) under the loop's
+        deadline; returns the vectors and the call's nanoseconds (which the
+        caller counts with _account once it has answered)."""
+        rows = len(seqs)
+        est = self._timer.estimate(rows, width)
+        self._progress(CALL_DEADLINE_FACTOR * est if est is not None else self.settings.model_call_max_s * 1e9)
+        c0 = time.monotonic_ns()
+        vecs = self.embedder.embed(seqs)
+        call_ns = time.monotonic_ns() - c0
+        self._model_outcome(True)  # first: a loop counted as wedged may show progress again
+        self._progress()
+        self._timer.record(rows, width, call_ns)
+        return vecs, call_ns
+
+    def _account(self, rows: int, width: int, call_ns: int) -> None:
+        ctr = self.ctr
+        padded = rows * width
+        ctr.batches[0] += 1
+        ctr.padded_tokens[0] += padded
+        if padded >= TRIM_AFTER_TOKENS:
+            self.trim_pending = True
+        ctr.batch_texts_hist[bucket_index(rows, BATCH_TEXTS_BUCKETS)] += 1
+        ctr.compute_hist[bucket_index(call_ns / 1e9, LATENCY_BUCKETS_S)] += 1
+        ctr.compute_ns_sum[0] += call_ns
+
+    def _model_failed(self, exc: Exception, works, t0: int) -> None:
+        """A model call raised: its slots fail (MODEL_FAILED), the sidecar goes on."""
+        self._model_outcome(False)
+        works = [w for w in works if not w.answered]
+        self._log_fault("ERROR", "model failed on a batch of {} requests: {!r}", len(works), exc)
+        for w in works:
+            self._finish(w, SlotError.MODEL_FAILED, time.monotonic_ns() - t0)
+
+    # -- answers ----------------------------------------------------------------------
+    def _finish(self, work: _Work, code: SlotError, compute_ns: int = 0) -> None:
+        if self._publish(work, code, compute_ns, 0):
+            self._count(work, code)
+
+    def _publish(self, work: _Work, code: SlotError, compute_ns: int, batch_texts: int) -> bool:
+        """Publish a slot's outcome, only to the request it was taken for.
+        NOTE: fields, then state, then post. Returns whether it was published."""
+        work.answered = True
+        v, flat = self.v, work.flat
+        if int(v.state[flat]) != SLOT_BUSY or int(v.seq[flat]) != work.seq:
+            # Its owner wrote the slot while it was in the model (a hostile or
+            # broken worker; the lease rules keep honest ones out): the answer
+            # belongs to nobody now.
+            self.ctr.stale_answers[0] += 1
+            self._log_fault("WARNING", "slot {} changed generation while in the model; answer dropped", flat)
+            return False
+        v.error[flat] = code
+        v.queue_ns[flat] = work.queue_ns
+        v.compute_ns[flat] = compute_ns
+        v.batch_texts[flat] = batch_texts
+        v.state[flat] = SLOT_DONE if code == SlotError.NONE else SLOT_ERROR
+        try:
+            self._flat_sems[flat].release()
+        except (posix_ipc.Error, OSError) as exc:
+            # E.g. EOVERFLOW: someone pushed the semaphore to its maximum. The
+            # state is published; the waiter finds it at its next poll.
+            self.ctr.loop_errors[0] += 1
+            self._log_fault("ERROR", "posting slot {}'s semaphore failed: {!r}", flat, exc)
+        return True
+
+    def _count(self, work: _Work, code: SlotError) -> None:
+        ctr = self.ctr
+        if code == SlotError.NONE:
+            ctr.requests[0] += 1
+            ctr.texts[0] += work.texts
+            ctr.tokens[0] += len(work.ids)
+            ctr.queue_ns_sum[0] += work.queue_ns
+            ctr.queue_hist[bucket_index(work.queue_ns / 1e9, LATENCY_BUCKETS_S)] += 1
+        else:
+            ctr.errors[int(code)] += 1
+
+    def refuse_ready(self) -> None:
+        """Answer every READY slot SHUTDOWN: the sidecar stops before it could
+        serve them (its state already says so, so no new ones come)."""
+        v = self.v
+        for flat in np.flatnonzero(v.state == SLOT_READY).tolist():
+            v.state[flat] = SLOT_BUSY
+            self._finish(_Work(flat, int(v.seq[flat]), None, np.empty(0, np.int32), 0, 0), SlotError.SHUTDOWN)
+
+    # -- rings of dead workers ----------------------------------------------------------
+    def reap_dead_rings(self) -> int:
+        """Free rings whose owner died or gave them up with slots in flight
+        (ORPHANED, also set by Gunicorn's child_exit). Runs in the loop thread
+        between batches, so none of the ring's slots is BUSY while it is reset.
+        Never waits for the ring-table lock: a holder that is stopped would
+        stop the loop with it; the reaper tries again next round."""
+        rings = self.region.rings
+        owners = rings["owner_pid"]
+        suspects = [r for r in np.flatnonzero(owners != 0).tolist()
+                    if int(owners[r]) < 0 or not pid_alive(int(owners[r]))]
+        if not suspects:
+            return 0
+        spr = self.params.slots_per_ring
+        try:
+            with self.region.lock_rings(timeout=0):
+                for r in suspects:
+                    owner = int(owners[r])
+                    if owner > 0 and pid_alive(owner):
+                        continue
+                    for k in range(spr):
+                        flat = r * spr + k
+                        if int(self.v.state[flat]) in (SLOT_READY, SLOT_CLAIMED):
+                            self.ctr.errors[SlotError.REAPED] += 1
+                        self.v.state[flat] = SLOT_FREE
+                        self._seen_ns[flat] = 0
+                        drain(self._flat_sems[flat], self._bell_drain_limit)
+                    rings[r]["owner_pid"] = 0
+                    self.ctr.rings_reaped[0] += 1
+                    logger.info("reaped ring {} of {}", r, "a closed client" if owner < 0 else f"dead pid {owner}")
+        except RingTableBusy:
+            self._log_fault("WARNING", "ring table locked by another process; reaping {} ring(s) later",
+                            len(suspects))
+            return 0
+        return len(suspects)
