@@ -24,15 +24,38 @@ LINK_DENSITY = 0.6
 _BREAK = "\ue000"
 
 
-def extract(body: bytes, content_type: str = "text/html", charset: str | None = None) -> tuple[str, str]:
-    """(title, main text) of a page."""
-    if content_type == "text/plain":
-        text = body.decode(charset or "utf-8", errors="replace")
-        return "", _lines(text)
+def text_codec(label: str | None) -> str | None:
+    """Python's name of the text encoding ``label`` names, or None when it names
+    none: an unknown label, or a codec that is not a text encoding (rot13,
+    base64, hex, zlib... which ``bytes.decode`` refuses with LookupError)."""
+    if not label:
+        return None
     try:
-        charset = codecs.lookup(charset).name if charset else None
-    except LookupError:
-        charset = None  # an unknown label: let the parser sniff the page
+        info = codecs.lookup(label)
+    except (LookupError, ValueError):  # ValueError: a label with a NUL in it
+        return None
+    return info.name if getattr(info, "_is_text_encoding", True) else None
+
+
+def decode(body: bytes, charset: str | None) -> str:
+    """``body`` as text in ``charset``, or as UTF-8 when that is no usable text
+    encoding. Bad bytes become U+FFFD; never raises."""
+    codec = text_codec(charset) or "utf-8"
+    try:
+        return body.decode(codec, errors="replace")
+    except UnicodeError:  # text codecs that refuse errors="replace" or fail anyway: idna, punycode, undefined
+        return body.decode("utf-8", errors="replace")
+
+
+def extract(body: bytes, content_type: str = "text/html", charset: str | None = None) -> tuple[str, str]:
+    """(title, main text) of a page; ``charset`` is the one its Content-Type names."""
+    if content_type == "text/plain":
+        return "", _lines(decode(body, charset))
+    if charset:
+        # The header's charset wins over the page's own <meta>. Decoded here, not by libxml2: it
+        # knows other names than Python (a LookupError for utf-8-sig or rot13 when the parser is
+        # made), and it stops at the first byte its codec rejects (utf-7).
+        body, charset = decode(body, charset).encode("utf-8"), "utf-8"
     parser = lxml.html.HTMLParser(encoding=charset, remove_comments=True, remove_pis=True)
     try:
         root = lxml.html.document_fromstring(body, parser=parser)

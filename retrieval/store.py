@@ -7,7 +7,9 @@ leaves the previous state; concurrent writers from many worker processes
 queue on SQLite's lock. The database holds everything, vectors included (as
 little-endian float32 blobs), in plain tables that any later vector store can
 read: ``collections``, ``documents``, ``passages``, ``centroids`` and
-``changes``.
+``changes``. The files are private (0700 directory, 0600 files) whatever the
+umask, and a failure of the storage itself (a corrupt file, a full disk) is a
+typed :class:`StorageUnavailable`: see :mod:`retrieval.storage`.
 
 Each worker keeps a FAISS index per collection in memory (see
 :mod:`retrieval.faiss_index`) and brings it up to date before every search by
@@ -18,6 +20,7 @@ ids are never reused (``AUTOINCREMENT``), which makes replay order-free.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -35,10 +38,11 @@ import numpy as np
 from loguru import logger
 
 from shm_protocol.config import COLLECTIONS_DB
-from shm_protocol.errors import CollectionConflict, CollectionNotFound, InvalidInput, StorageBusy
+from shm_protocol.errors import CollectionConflict, CollectionNotFound, InvalidInput, RequestTooLarge
 
 from .faiss_index import POINTS_PER_CENTROID, PassageIndex, nlist_for, train_centroids
 from .passages import OVERLAP_WORDS, PASSAGE_WORDS, split_passages
+from .storage import narrow_modes, os_storage_error, prepare_files, storage_error
 
 DB_FILE = COLLECTIONS_DB
 SCHEMA_VERSION = 1
@@ -49,8 +53,14 @@ MAX_TOP_K = 1000
 _REPLAY_CHUNK = 8192
 _LOG_CHANGE = "INSERT INTO changes (cid, op, pid) VALUES (?, ?, ?)"
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_FILTER_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_ -]{0,127}$")
+#: A collection name, matched in full (with re.fullmatch: "$" would also match before a final newline,
+#: which let "kb\n" in as a second collection beside "kb").
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
+_NAME = re.compile(NAME_PATTERN)
+#: A metadata key a filter may name; it is written into a JSON path literal, so no quotes or backslashes.
+_FILTER_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_ -]{0,127}")
+#: Values a filter lists at most unless the settings say otherwise (SHM_EMBED_FILTER_MAX_VALUES).
+FILTER_MAX_VALUES = 1000
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS collections (
@@ -142,6 +152,23 @@ class Document:
         return [self.text[a:b] for a, b in self.spans]
 
 
+def _guarded(method):
+    """``method`` with its storage failures raised as typed errors (StorageUnavailable,
+    StorageBusy) and logged with their details; SQL mistakes stay what they are."""
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            typed = storage_error(exc, self.path, "opening" if method.__name__ == "__init__" else method.__name__)
+            if typed is None:
+                raise
+            raise typed from None
+
+    return guarded
+
+
 class _Loaded:
     """One collection's FAISS index in this process and how far it has replayed."""
 
@@ -156,15 +183,17 @@ class _Loaded:
 class CollectionStore:
     """Collections of documents, embedded through ``client`` and searched with FAISS."""
 
+    @_guarded
     def __init__(self, data_dir: str | os.PathLike, client, *, nprobe: int = 32,
-                 ivf_min_vectors: int = 50_000, search_threads: int = 1, busy_timeout_s: float = 30.0):
+                 ivf_min_vectors: int = 50_000, search_threads: int = 1, busy_timeout_s: float = 30.0,
+                 filter_max_values: int = FILTER_MAX_VALUES):
         self.dir = Path(data_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / DB_FILE
         self.client = client
         self.nprobe = nprobe
         self.ivf_min_vectors = ivf_min_vectors
         self.busy_timeout_s = busy_timeout_s
+        self.filter_max_values = filter_max_values
         # FAISS's OpenMP threads are process-wide. A worker searching with every core would
         # take them from the sidecar's model (and OpenMP's spinning threads from each other).
         faiss.omp_set_num_threads(search_threads)
@@ -173,24 +202,42 @@ class CollectionStore:
         self._loaded: dict[str, _Loaded] = {}
         self._model: tuple[str, int] | None = None
         self._conns: list[sqlite3.Connection] = []
-        self._conn().executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+        try:
+            # One script, one transaction (executescript commits an open transaction before it runs).
+            self._conn().executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+        except sqlite3.Error:
+            self.close()  # a script that failed half-way leaves its transaction, and the write lock, open
+            raise
+        try:
+            narrow_modes(self.path)  # the -wal and -shm files exist now
+        except OSError as exc:
+            raise os_storage_error(exc, self.path) from None
 
     @classmethod
     def from_settings(cls, settings, client) -> "CollectionStore":
         return cls(settings.data_dir, client, nprobe=settings.search_nprobe,
-                   ivf_min_vectors=settings.ivf_min_vectors, search_threads=settings.search_threads)
+                   ivf_min_vectors=settings.ivf_min_vectors, search_threads=settings.search_threads,
+                   filter_max_values=settings.filter_max_values)
 
     # --- connections and transactions ------------------------------------------
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
+            try:
+                prepare_files(self.path)  # SQLite would create a missing file with the umask's mode
+            except OSError as exc:
+                raise os_storage_error(exc, self.path) from None
             conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None,
                                    check_same_thread=False)
-            conn.row_factory = sqlite3.Row
-            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("PRAGMA foreign_keys = ON")
+            try:
+                conn.row_factory = sqlite3.Row
+                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+                conn.execute("PRAGMA journal_mode = WAL")  # the first read of the file: a corrupt one fails here
+                conn.execute("PRAGMA synchronous = FULL")
+                conn.execute("PRAGMA foreign_keys = ON")
+            except sqlite3.Error:
+                conn.close()
+                raise
             self._local.conn = conn
             with self._lock:
                 self._conns.append(conn)
@@ -199,16 +246,19 @@ class CollectionStore:
     @contextmanager
     def _write(self):
         conn = self._conn()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            raise StorageBusy(f"collection store is busy: {exc}") from None
+        conn.execute("BEGIN IMMEDIATE")  # SQLITE_BUSY after busy_timeout_s: StorageBusy (see _guarded)
         try:
             yield conn
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # A failed COMMIT (a full disk) can leave the transaction open, and with it the write
+            # lock every other worker's writes would wait on.
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error as exc:
+                    logger.warning("collection store {}: rollback failed: {}", self.path, exc)
             raise
-        conn.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
@@ -249,6 +299,7 @@ class CollectionStore:
                 f"this service embeds with {model} ({dim} dimensions)")
 
     # --- collections --------------------------------------------------------------
+    @_guarded
     def create(self, name: str, options: dict | None = None) -> tuple[dict, bool]:
         """Create a collection; returns (its info, whether it was created now).
         An existing one with the same model (and the same options, when
@@ -272,6 +323,7 @@ class CollectionStore:
             logger.info("collection {} created ({}, {} dimensions, {})", name, model, dim, asdict(opts))
         return self.info(name), created
 
+    @_guarded
     def info(self, name: str) -> dict:
         conn = self._conn()
         row = self._row(conn, name, check_model=False)
@@ -287,6 +339,7 @@ class CollectionStore:
             "created": row["created"],
         }
 
+    @_guarded
     def list(self) -> list[dict]:
         names = [r[0] for r in self._conn().execute("SELECT name FROM collections ORDER BY name")]
         out = []
@@ -297,6 +350,7 @@ class CollectionStore:
                 pass
         return out
 
+    @_guarded
     def delete(self, name: str) -> None:
         with self._write() as conn:
             cid = self._row(conn, name, check_model=False)["cid"]
@@ -307,21 +361,35 @@ class CollectionStore:
         logger.info("collection {} deleted", name)
 
     # --- documents ------------------------------------------------------------------
+    @_guarded
     def prepare(self, name: str, documents: Any) -> list[Document]:
         """Validate documents and split them into passages (no embedding yet)."""
         row = self._row(self._conn(), name)
         opts = CollectionOptions.from_dict(json.loads(row["options"]))
         return parse_documents(documents, opts)
 
-    def upsert(self, name: str, documents: Any) -> dict:
+    @_guarded
+    def upsert(self, name: str, documents: Any, *, max_passages: int | None = None,
+               max_tokens: int | None = None) -> dict:
         """Add or replace documents by id; returns ``{"ids": [...], "passages": n}``.
 
         Every passage is embedded (through the sidecar, in one batched call)
-        before the write begins, so the store is locked only for the insert."""
+        before the write begins, so the store is locked only for the insert.
+        ``max_passages`` and ``max_tokens`` are the caller's budget for the
+        call (RequestTooLarge above either, before anything is embedded)."""
         docs = self.prepare(name, documents)  # at least one document, each of at least one passage
-        vectors = self.client.embed([p for d in docs for p in d.passages], normalize=True)
+        passages = [p for d in docs for p in d.passages]
+        if max_passages is not None and len(passages) > max_passages:
+            raise RequestTooLarge(f"the documents make {len(passages)} passages, over the limit of {max_passages} "
+                                  "per request (SHM_EMBED_MAX_INPUTS)", limit=max_passages, actual=len(passages),
+                                  what="passages")
+        if max_tokens is None:  # any object with embed() serves a store used as a library
+            vectors = self.client.embed(passages, normalize=True)
+        else:
+            vectors = self.client.embed_detailed(passages, normalize=True, max_tokens=max_tokens).vectors
         return self.write_embedded(name, docs, vectors)
 
+    @_guarded
     def write_embedded(self, name: str, docs: list[Document], vectors: np.ndarray) -> dict:
         """Store already-embedded documents (rows of ``vectors`` in passage order)."""
         model, dim = self.model()
@@ -350,12 +418,14 @@ class CollectionStore:
             self._maybe_train(row, total)
         return {"ids": [d.id for d in docs], "passages": len(vectors)}
 
+    @_guarded
     def delete_document(self, name: str, doc_id: str) -> None:
         with self._write() as conn:
             cid = self._row(conn, name, check_model=False)["cid"]
             if not _remove_document(conn, cid, doc_id):
                 raise CollectionNotFound(f"collection {name!r} has no document {doc_id!r}")
 
+    @_guarded
     def get_document(self, name: str, doc_id: str) -> dict:
         conn = self._conn()
         cid = self._row(conn, name, check_model=False)["cid"]
@@ -388,6 +458,7 @@ class CollectionStore:
                     row["name"], len(centroids), len(sample), time.perf_counter() - t0)
 
     # --- searching ---------------------------------------------------------------------
+    @_guarded
     def warm(self) -> int:
         """Load the index of every collection of this model now (a worker
         calls it at start, so its first search of a big collection is not the
@@ -436,6 +507,7 @@ class CollectionStore:
                 lo.index.add(np.array([r[1] for r in added], dtype=np.int64), vecs)
         lo.seq = last
 
+    @_guarded
     def search(self, name: str, query: str, top_k: int = 10, filter: dict | None = None) -> list[dict]:
         """The ``top_k`` documents best matching ``query``, best first, each
         with its best passage: ``{"id", "score", "passage", "url", "metadata"}``.
@@ -449,6 +521,7 @@ class CollectionStore:
         qv = self.client.embed([query], normalize=True)[0]
         return self.search_vector(name, qv, top_k, filter, row=row)
 
+    @_guarded
     def search_vector(self, name: str, qv: np.ndarray, top_k: int = 10, filter: dict | None = None, *,
                       row: sqlite3.Row | None = None) -> list[dict]:
         conn = self._conn()
@@ -485,31 +558,57 @@ class CollectionStore:
 
     def _filtered(self, conn: sqlite3.Connection, cid: int, filter: Any) -> np.ndarray | None:
         """Passage ids of the documents whose metadata matches every key of
-        ``filter`` (a value, or a list of accepted values)."""
+        ``filter`` (a value, or a list of accepted values).
+
+        The SQL has the same depth and two parameters whatever the filter
+        holds: each key's values go in as one JSON array (``IN (SELECT value
+        FROM json_each(...))``, computed once per query) and the keys are
+        ANDed as a balanced tree. One ``OR`` per value, as before, made
+        SQLite refuse 1,000 values ("Expression tree is too large (maximum
+        depth 1000)") and a chain of 1,000 keys would do the same."""
         if not isinstance(filter, dict):
             raise InvalidInput("'filter' must be an object of metadata keys and values")
-        clauses, params = [], [cid]
-        for key, want in filter.items():
-            if not _FILTER_KEY.match(key):
+        wanted = {key: want if isinstance(want, list) else [want] for key, want in filter.items()}
+        total = sum(len(values) for values in wanted.values())
+        if total > self.filter_max_values:
+            raise InvalidInput(f"'filter' lists {total} values; at most {self.filter_max_values} are allowed "
+                               "(SHM_EMBED_FILTER_MAX_VALUES)")
+        clauses, lists = [], []
+        for key, values in wanted.items():
+            if not isinstance(key, str) or not _FILTER_KEY.fullmatch(key):
                 raise InvalidInput(f"filter key {key!r}: letters, digits, '_', '-' and spaces only")
-            path = f'$."{key}"'
-            values = want if isinstance(want, list) else [want]
             if not values or not all(v is None or isinstance(v, (str, int, float, bool)) for v in values):
                 raise InvalidInput(f"filter {key!r}: a string, number, boolean, null or a non-empty list of them")
+            path = f"'$.\"{key}\"'"  # the key's characters need no escaping in SQL or in a JSON path
             alts = []
-            for v in values:
-                if v is None:
-                    alts.append("json_extract(d.metadata, ?) IS NULL")
-                    params.append(path)
-                else:
-                    alts.append("json_extract(d.metadata, ?) = ?")
-                    params.extend([path, v])
+            given = [v for v in values if v is not None]
+            if given:
+                alts.append(f"json_extract(d.metadata, {path}) IN "
+                            f"(SELECT value FROM json_each(?2, '$[{len(lists)}]'))")
+                lists.append(given)
+            if len(given) < len(values):
+                alts.append(f"json_extract(d.metadata, {path}) IS NULL")
             clauses.append("(" + " OR ".join(alts) + ")")
         if not clauses:
             return None  # {}: no restriction
+        params = [cid]
+        if lists:
+            try:
+                params.append(json.dumps(lists, allow_nan=False))
+            except ValueError:
+                raise InvalidInput("'filter': NaN and infinite numbers are not allowed") from None
         sql = ("SELECT p.pid FROM passages p JOIN documents d ON d.cid = p.cid AND d.id = p.doc_id "
-               "WHERE p.cid = ? AND " + " AND ".join(clauses))
+               "WHERE p.cid = ?1 AND " + _all_of(clauses))
         return np.array([r[0] for r in conn.execute(sql, params)], dtype=np.int64)
+
+
+def _all_of(clauses: list[str]) -> str:
+    """``clauses`` ANDed as a balanced tree: SQLite parses ``a AND b AND c ...``
+    into a chain as deep as it is long and refuses depths over 1,000."""
+    if len(clauses) == 1:
+        return clauses[0]
+    mid = len(clauses) // 2
+    return f"({_all_of(clauses[:mid])} AND {_all_of(clauses[mid:])})"
 
 
 def _remove_document(conn: sqlite3.Connection, cid: int, doc_id: str) -> bool:
@@ -529,9 +628,9 @@ def _by_pid(conn: sqlite3.Connection, ids: np.ndarray) -> dict[int, tuple[str, i
 
 
 def check_name(name: Any) -> None:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise InvalidInput(f"collection name {name!r}: 1 to 128 letters, digits, '_', '-' or '.', "
-                           "starting with a letter or digit")
+                           f"starting with a letter or digit ({NAME_PATTERN})")
 
 
 def parse_documents(documents: Any, opts: CollectionOptions) -> list[Document]:

@@ -24,7 +24,7 @@ from shm_protocol.config import Settings
 from shm_protocol.errors import FetchFailed, FetchRefused, InvalidInput, SearchBackendFailed
 
 from .extract import extract
-from .fetch import USER_AGENT, Fetcher
+from .fetch import USER_AGENT, DeadlineBackend, Fetcher, fetch_deadline
 from .passages import split_passages
 
 #: Words per passage of a fetched page, and the overlap of neighbours.
@@ -61,7 +61,9 @@ def search_backend(settings: Settings, query: str) -> list[str]:
     url = f"{settings.search_url}{sep}{urlencode({'q': query, 'format': 'json'})}"
     t = settings.fetch_timeout_s
     try:
-        with httpcore.ConnectionPool(retries=0) as pool:
+        # The endpoint's answer has the same deadline as a page: a trickling one cannot hold the request.
+        with fetch_deadline(time.monotonic() + settings.fetch_deadline_s), \
+                httpcore.ConnectionPool(network_backend=DeadlineBackend(), retries=0) as pool:
             resp = pool.request("GET", url, headers=[(b"User-Agent", USER_AGENT.encode()),
                                                      (b"Accept", b"application/json")],
                                 extensions={"timeout": {"connect": t, "read": t, "write": t, "pool": t}})
@@ -136,11 +138,16 @@ def web_search_with_embeddings(query: str, urls: list[str] | None = None, *, top
         except (FetchRefused, FetchFailed) as exc:
             out.failed.append({"url": u, "reason": str(exc)})
             continue
-        except Exception as exc:  # a fetch must never sink the whole search
+        except Exception:  # a fetch must never sink the whole search
             logger.exception("fetching {} failed", u)
-            out.failed.append({"url": u, "reason": f"{type(exc).__name__}: {exc}"})
+            out.failed.append({"url": u, "reason": "the page could not be read (see the server log)"})
             continue
-        title, text = extract(page.body, page.content_type, page.charset)
+        try:
+            title, text = extract(page.body, page.content_type, page.charset)
+        except Exception:  # nor a page that the extraction chokes on
+            logger.exception("extracting the text of {} failed", u)
+            out.failed.append({"url": u, "reason": "the page could not be read (see the server log)"})
+            continue
         text = text[:max_chars]
         spans = split_passages(text, PAGE_PASSAGE_WORDS, PAGE_OVERLAP_WORDS)
         if not spans:

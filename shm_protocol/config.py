@@ -60,6 +60,12 @@ class Settings:
     device: str = _setting(
         "SHM_EMBED_DEVICE", "auto", "auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
     )
+    matryoshka: bool = _setting(
+        "SHM_EMBED_MATRYOSHKA", False,
+        "true: the model was trained for truncated dimensions (Matryoshka), so 'dimensions' below its size cuts "
+        "and renormalizes its vectors; also read from the folder's configs (is_matryoshka, "
+        "matryoshka_dimensions). Otherwise other dimensions are a 422.",
+    )
     dtype: str = _setting(
         "SHM_EMBED_DTYPE", "float32", "Model weights on the device: float32, or float16/bfloat16 (CUDA only).",
         choices=("float32", "float16", "bfloat16"),
@@ -192,6 +198,10 @@ class Settings:
         "Passages at which an index 'auto' collection trains its IVF quantizer and stops searching exhaustively.",
         minimum=1000,
     )
+    filter_max_values: int = _setting(
+        "SHM_EMBED_FILTER_MAX_VALUES", 1000,
+        "Values a collection search's filter may list, all keys together (422 above).", minimum=1,
+    )
     search_url: str = _setting(
         "SHM_EMBED_SEARCH_URL", "",
         "A SearxNG-compatible JSON search endpoint (e.g. http://127.0.0.1:8888/search) for POST /search/web "
@@ -204,6 +214,12 @@ class Settings:
     )
     fetch_timeout_s: float = _setting(
         "SHM_EMBED_FETCH_TIMEOUT_S", 10.0, "Connect and read timeout of one page fetch.", minimum=0.1
+    )
+    fetch_deadline_s: float = _setting(
+        "SHM_EMBED_FETCH_DEADLINE_S", 15.0,
+        "Longest one page fetch takes in all (connect, headers, body, every redirect hop; the search endpoint's "
+        "answer too): when it is up the connection is closed and the page is listed as failed, however slowly "
+        "the server keeps sending. SHM_EMBED_FETCH_TIMEOUT_S bounds each wait for bytes within it.", minimum=0.1,
     )
     fetch_total_s: float = _setting(
         "SHM_EMBED_FETCH_TOTAL_S", 30.0, "Longest all the fetches of one web search take together.", minimum=0.1

@@ -120,3 +120,15 @@ class SearchBackendFailed(ShmEmbedError):
 
 class StorageBusy(ShmEmbedError):
     """The collection store stayed locked by other writers past its timeout."""
+
+
+class StorageUnavailable(ShmEmbedError):
+    """The collection store cannot be read or written: its database is
+    corrupt, its disk is full, its file cannot be opened. ``reason`` is the
+    short cause a client may see ("the database is corrupt"); the message
+    has the details (the SQLite error, the path) for the log."""
+
+    def __init__(self, message: str, *, reason: str, retry_after_s: float = 30.0):
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after_s = retry_after_s

@@ -290,7 +290,8 @@ class Health:
 
 
 class Ready:
-    """200 only when the sidecar is alive and its model loaded."""
+    """200 only when the sidecar is alive with its model loaded and the
+    collection store (if one was made) can be read."""
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
@@ -300,7 +301,10 @@ class Ready:
             info = self.ctx.client.info()
         except ShmEmbedError as exc:
             raise unavailable(f"not ready: {errors.sidecar_unavailable_message(exc)}")
-        resp.media = {"status": "ready", "model": info["model"], "device": info["device"]}
+        store_ok, store = self.ctx.retrieval.store_status()
+        if not store_ok:
+            raise unavailable(f"not ready: {store}", retry_after=5)
+        resp.media = {"status": "ready", "model": info["model"], "device": info["device"], "store": store}
 
 
 class Info:

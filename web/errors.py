@@ -26,6 +26,7 @@ from shm_protocol.errors import (
     SearchBackendFailed,
     SlotRejected,
     StorageBusy,
+    StorageUnavailable,
 )
 
 
@@ -108,6 +109,8 @@ def _handle_shm_error(req, resp, exc: ShmEmbedError, params) -> None:
         raise APIError(falcon.HTTP_409, "conflict", str(exc))
     if isinstance(exc, StorageBusy):
         raise unavailable(str(exc))
+    if isinstance(exc, StorageUnavailable):  # the SQLite error and the path are in the log, not the answer
+        raise unavailable(f"collection store unavailable: {exc.reason}", retry_after=max(1, round(exc.retry_after_s)))
     if isinstance(exc, SearchBackendFailed):
         raise APIError(falcon.HTTP_502, "bad_gateway", str(exc))
     if isinstance(exc, RequestTooLarge):

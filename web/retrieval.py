@@ -47,6 +47,14 @@ class Retrieval:
                 self._fetcher = Fetcher(self.ctx.settings)
             return self._fetcher
 
+    def store_status(self) -> tuple[bool, str]:
+        """(True, "ok") when the collection store can be read or was never made,
+        (False, reason) when it cannot (a corrupt file, a full disk...): for
+        /ready. Never creates the store, imports no FAISS, reads a page or two."""
+        from retrieval.storage import store_status
+
+        return store_status(Path(self.ctx.settings.data_dir) / COLLECTIONS_DB)
+
     def warm(self) -> int:
         """Load every stored collection now; nothing (and no import) when none was ever made."""
         if self._store is None and not (Path(self.ctx.settings.data_dir) / COLLECTIONS_DB).exists():
@@ -114,10 +122,17 @@ class Documents(_Resource):
         if "documents" not in doc:
             raise unprocessable("'documents' is required")
         docs = doc["documents"]
-        limit = self.r.ctx.settings.max_inputs
-        if isinstance(docs, list) and len(docs) > limit:
-            raise too_large(f"{len(docs)} documents is over the limit of {limit} (SHM_EMBED_MAX_INPUTS)")
-        resp.media = self.r.store.upsert(name, docs)
+        s = self.r.ctx.settings
+        if isinstance(docs, list):
+            if len(docs) > s.max_inputs:
+                raise too_large(f"{len(docs)} documents is over the limit of {s.max_inputs} (SHM_EMBED_MAX_INPUTS)")
+            for i, d in enumerate(docs):  # before splitting: a document obeys the per-text limit too
+                text = d.get("text") if isinstance(d, dict) else None
+                if isinstance(text, str) and len(text) > s.max_input_chars:
+                    raise too_large(f"document {i} has {len(text)} characters, over the limit of "
+                                    f"{s.max_input_chars} (SHM_EMBED_MAX_INPUT_CHARS)")
+        # The request's budget: its passages count as inputs, and their tokens as any request's.
+        resp.media = self.r.store.upsert(name, docs, max_passages=s.max_inputs, max_tokens=s.max_request_tokens)
 
 
 class Document(_Resource):

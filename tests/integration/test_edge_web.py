@@ -165,3 +165,42 @@ def test_unavailable_answers_do_not_name_the_namespace_pid_or_segments(web):
         assert "sidecar" in text  # still says what is wrong, in general terms
     log = w.log.read_text(errors="replace")
     assert str(pid) in log or ns in log  # the details are in the server's log
+
+
+def test_documents_obey_the_per_text_limit_and_the_request_budget(web):
+    """A 1,000,000-character document was accepted, and one request could ask
+    for 84 thousand to 2 million passages."""
+    _, w = web(SHM_EMBED_MAX_INPUTS="50", SHM_EMBED_MAX_REQUEST_TOKENS="3000")
+    with httpx.Client(base_url=w.base, timeout=30) as http:
+        assert http.put("/collections/kb").status_code == 201
+        r = http.post("/collections/kb/documents", json={"documents": [{"id": "huge", "text": "word " * 200_000}]})
+        assert r.status_code == 413 and "SHM_EMBED_MAX_INPUT_CHARS" in r.json()["error"]["message"]
+        # 60 passages of 100 new words each (120-word passages, 20 overlapping): over 50 inputs.
+        many = " ".join(f"w{i}" for i in range(6100))
+        r = http.post("/collections/kb/documents", json={"documents": [{"id": "many", "text": many}]})
+        assert r.status_code == 413 and "passages" in r.json()["error"]["message"], r.text
+        # 30 passages fit the count, not the 3,000-token budget (about 7,000 tokens).
+        r = http.post("/collections/kb/documents", json={"documents": [{"id": "toks", "text": many[:len(many) // 2]}]})
+        assert r.status_code == 413 and "tokens" in r.json()["error"]["message"], r.text
+        assert http.get("/collections/kb").json()["documents"] == 0  # nothing half-written
+        ok = http.post("/collections/kb/documents", json={"documents": [{"id": "fine", "text": "a short one"}]})
+        assert ok.status_code == 200, ok.text
+
+
+def test_ready_reports_a_corrupt_store(web, tmp_path):
+    _, w = web()
+    with httpx.Client(base_url=w.base, timeout=30) as http:
+        assert http.get("/ready").json()["store"] == "ok"
+        assert http.put("/collections/kb").status_code == 201
+        assert http.get("/ready").status_code == 200
+        db = tmp_path / "data" / "collections.sqlite3"
+        import sqlite3
+
+        con = sqlite3.connect(db)  # move the pages out of the write-ahead log into the file first
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        con.close()
+        with open(db, "r+b") as f:  # the header and the first pages: no longer a database
+            f.write(b"\x00garbage" * 512)
+        r = http.get("/ready")
+        assert r.status_code == 503 and "collection store unavailable" in r.json()["error"]["message"], r.text
+        assert str(db) not in r.text
