@@ -21,7 +21,6 @@ import math
 import faiss
 import numpy as np
 
-
 #: Training points per centroid: plenty for IVF, and what bounds the k-means sample.
 POINTS_PER_CENTROID = 64
 

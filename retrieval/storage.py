@@ -23,8 +23,9 @@ from pathlib import Path
 
 from loguru import logger
 
-from shm_protocol.errors import StorageBusy, StorageUnavailable
 from shm_protocol.logs import RateLimitedLog
+
+from .errors import StorageBusy, StorageUnavailable
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700

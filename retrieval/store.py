@@ -38,8 +38,9 @@ import numpy as np
 from loguru import logger
 
 from shm_protocol.config import COLLECTIONS_DB
-from shm_protocol.errors import CollectionConflict, CollectionNotFound, InvalidInput, RequestTooLarge
+from shm_protocol.errors import InvalidInput, RequestTooLarge
 
+from .errors import CollectionConflict, CollectionNotFound
 from .faiss_index import POINTS_PER_CENTROID, PassageIndex, nlist_for, train_centroids
 from .passages import OVERLAP_WORDS, PASSAGE_WORDS, split_passages
 from .storage import narrow_modes, os_storage_error, prepare_files, storage_error

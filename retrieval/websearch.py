@@ -21,8 +21,9 @@ import numpy as np
 from loguru import logger
 
 from shm_protocol.config import Settings
-from shm_protocol.errors import FetchFailed, FetchRefused, InvalidInput, SearchBackendFailed
+from shm_protocol.errors import InvalidInput
 
+from .errors import FetchFailed, FetchRefused, SearchBackendFailed
 from .extract import extract
 from .fetch import USER_AGENT, DeadlineBackend, Fetcher, fetch_deadline
 from .passages import split_passages

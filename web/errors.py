@@ -9,11 +9,14 @@ from __future__ import annotations
 import falcon
 from loguru import logger
 
-from shm_protocol.logs import RateLimitedLog
-
-from shm_protocol.errors import (
+from retrieval.errors import (
     CollectionConflict,
     CollectionNotFound,
+    SearchBackendFailed,
+    StorageBusy,
+    StorageUnavailable,
+)
+from shm_protocol.errors import (
     ConfigError,
     InvalidInput,
     LayoutMismatch,
@@ -23,11 +26,9 @@ from shm_protocol.errors import (
     RingFull,
     ShmEmbedError,
     SidecarUnavailable,
-    SearchBackendFailed,
     SlotRejected,
-    StorageBusy,
-    StorageUnavailable,
 )
+from shm_protocol.logs import RateLimitedLog
 
 
 class APIError(falcon.HTTPError):

@@ -12,9 +12,9 @@ import time
 
 from loguru import logger
 
+from compat.fallback import make_client
 from shm_protocol.config import Settings
 from shm_protocol.errors import ShmEmbedError
-from compat.fallback import make_client
 from shm_protocol.logs import configure_logging
 
 _state: dict = {}

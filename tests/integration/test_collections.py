@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from retrieval import CollectionStore, build_vector_index, search_index
+from retrieval.errors import CollectionConflict, CollectionNotFound
 from retrieval.store import DB_FILE
-from shm_protocol.errors import CollectionConflict, CollectionNotFound, InvalidInput
+from shm_protocol.errors import InvalidInput
 from tests.helpers import REPO, client_for, cosine_rows, start_sidecar, stop_and_check
 
 DOCS = ["The cat sat on the warm mat.", "Paris is the capital of France.",

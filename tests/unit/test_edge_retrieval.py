@@ -13,10 +13,11 @@ import stat
 import numpy as np
 import pytest
 
+from retrieval.errors import FetchRefused
 from retrieval.extract import decode, extract, text_codec
 from retrieval.fetch import AddressPolicy
 from retrieval.store import DB_FILE, CollectionStore, check_name
-from shm_protocol.errors import FetchRefused, InvalidInput
+from shm_protocol.errors import InvalidInput
 
 
 @pytest.mark.parametrize("address, why", [

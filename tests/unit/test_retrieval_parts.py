@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from retrieval.errors import FetchRefused
 from retrieval.extract import extract
 from retrieval.faiss_index import PassageIndex, nlist_for, train_centroids
 from retrieval.fetch import AddressPolicy
 from retrieval.passages import split_passages
 from retrieval.store import CollectionOptions, parse_documents
-from shm_protocol.errors import FetchRefused, InvalidInput
+from shm_protocol.errors import InvalidInput
 
 
 def test_passages_cover_the_text_with_overlap():
