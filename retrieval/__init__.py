@@ -10,7 +10,7 @@ _WHERE = {
     "get_embedding_client": "compat.fallback", "get_embedding_model": "compat.fallback",
     "is_using_ipc_embedding": "compat.fallback",
     "VectorIndex": ".index", "build_vector_index": ".index", "search_index": ".index",
-    "CollectionOptions": ".store", "CollectionStore": ".store",
+    "CollectionOptions": ".documents", "CollectionStore": ".store",
     "WebSearchResult": ".websearch", "fast_web_search_with_embeddings": ".websearch",
     "web_search_with_embeddings": ".websearch",
 }
