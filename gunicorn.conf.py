@@ -45,9 +45,9 @@ def on_starting(server):
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     import web.app  # noqa: F401
     import web.wsgi  # noqa: F401
-    from shm_protocol.tokenizer import preload_tokenizer
     from shm_protocol.config import Settings
     from shm_protocol.model_files import resolve_model_path, tokenizer_file
+    from shm_protocol.tokenizer import preload_tokenizer
 
     try:
         preload_tokenizer(str(tokenizer_file(resolve_model_path(Settings.from_env(os.environ).model))))

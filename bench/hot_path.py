@@ -17,7 +17,6 @@ import argparse
 import time
 
 import numpy as np
-
 from _common import pct, running_sidecar, short_queries, table
 
 

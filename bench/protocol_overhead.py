@@ -42,7 +42,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _common import REPO, pct, running_sidecar, short_queries, stop_process, table
 from overhead_work import Work
 

@@ -161,7 +161,8 @@ def main() -> None:
             docs_s, pass_s, embed_ms, full_ms = ingest_bench(client, data, args.ingest_docs)
             print(f"\nIngest through the sidecar: {docs_s:.1f} documents/s ({pass_s:.1f} passages/s), "
                   f"documents of 30-300 words in requests of 16")
-            print(f"Query embedding through the sidecar: p50 {pct(embed_ms, 50):.1f} ms, p99 {pct(embed_ms, 99):.1f} ms;"
+            print(f"Query embedding through the sidecar: p50 {pct(embed_ms, 50):.1f} ms, "
+                  f"p99 {pct(embed_ms, 99):.1f} ms;"
                   f" a whole search (embed + search, {args.ingest_docs} documents): p50 {pct(full_ms, 50):.1f} ms, "
                   f"p99 {pct(full_ms, 99):.1f} ms")
             client.close()

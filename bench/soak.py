@@ -42,7 +42,6 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-
 from _common import REPO, child_pids, passages, short_queries
 
 sys.path.insert(0, str(REPO))
@@ -270,7 +269,7 @@ def run_soak(seconds: float, model: str | None, clients: int = 6, workers: int =
             req = urllib.request.Request(base + "/embed", data=body, headers={"content-type": "application/json"})
             t0 = time.monotonic()
             outcome = None
-            for attempt in (1, 2):  # embedding is idempotent: one retry on a reset connection
+            for _attempt in (1, 2):  # embedding is idempotent: one retry on a reset connection
                 try:
                     with urllib.request.urlopen(req, timeout=HUNG_AFTER_S) as resp:
                         got = np.asarray(json.loads(resp.read()), dtype=np.float32)

@@ -18,10 +18,10 @@ from loguru import logger
 
 from shm_protocol import model_files
 from shm_protocol.client import EmbeddingClient, EmbedResult, shape_vectors
-from shm_protocol.dropin import SentenceTransformerAPI
-from shm_protocol.tokenizer import WorkerTokenizer, check_texts, check_token_budget
 from shm_protocol.config import Settings
+from shm_protocol.dropin import SentenceTransformerAPI
 from shm_protocol.errors import NoRingAvailable, RequestTooLarge, SidecarUnavailable
+from shm_protocol.tokenizer import WorkerTokenizer, check_texts, check_token_budget
 
 
 class LocalEmbedder:

@@ -28,7 +28,7 @@ class CollectionOptions:
     index: str = "auto"  # auto: exact until SHM_EMBED_IVF_MIN_VECTORS passages, then IVF; flat; ivf
 
     @classmethod
-    def from_dict(cls, raw: Any) -> "CollectionOptions":
+    def from_dict(cls, raw: Any) -> CollectionOptions:
         if raw is None:
             return cls()
         if not isinstance(raw, dict):

@@ -169,7 +169,7 @@ class CollectionStore:
             raise os_storage_error(exc, self.path) from None
 
     @classmethod
-    def from_settings(cls, settings, client) -> "CollectionStore":
+    def from_settings(cls, settings, client) -> CollectionStore:
         return cls(settings.data_dir, client, nprobe=settings.search_nprobe,
                    ivf_min_vectors=settings.ivf_min_vectors, search_threads=settings.search_threads,
                    filter_max_values=settings.filter_max_values)

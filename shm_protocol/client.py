@@ -17,9 +17,10 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import posix_ipc
@@ -108,7 +109,7 @@ class EmbeddingClient(SentenceTransformerAPI):
         self._finalizer = weakref.finalize(self, lambda: None)
 
     @classmethod
-    def connect(cls, settings: Settings | None = None, *, lazy: bool = False) -> "EmbeddingClient":
+    def connect(cls, settings: Settings | None = None, *, lazy: bool = False) -> EmbeddingClient:
         """A client for the namespace in ``settings`` (default: from the
         environment). Unless ``lazy``, attach now and raise SidecarUnavailable
         when no sidecar serves; a lazy client attaches on its first call."""
@@ -235,7 +236,7 @@ class EmbeddingClient(SentenceTransformerAPI):
             self._finalizer.detach()
             sess.close()
 
-    def __enter__(self) -> "EmbeddingClient":
+    def __enter__(self) -> EmbeddingClient:
         return self
 
     def __exit__(self, *exc) -> None:

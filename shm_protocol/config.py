@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ConfigError
 
@@ -47,7 +48,9 @@ class Settings:
         "SHM_EMBED_SLOTS_PER_RING", 4,
         "Slots per ring: the most requests (or request parts) one worker has in flight.", minimum=1,
     )
-    slot_texts: int = _setting("SHM_EMBED_SLOT_TEXTS", 64, "Texts one slot holds; larger requests span slots.", minimum=1)
+    slot_texts: int = _setting(
+        "SHM_EMBED_SLOT_TEXTS", 64, "Texts one slot holds; larger requests span slots.", minimum=1
+    )
     slot_tokens: int = _setting(
         "SHM_EMBED_SLOT_TOKENS", 4096,
         "Token ids one slot holds (ragged, no padding); at least the model's max sequence length.", minimum=8,
@@ -157,7 +160,9 @@ class Settings:
     api_key: str = _setting(
         "SHM_EMBED_API_KEY", "", "When set, every endpoint but /health needs 'Authorization: Bearer <key>'."
     )
-    max_inputs: int = _setting("SHM_EMBED_MAX_INPUTS", 2048, "Texts in one HTTP request at most (413 above).", minimum=1)
+    max_inputs: int = _setting(
+        "SHM_EMBED_MAX_INPUTS", 2048, "Texts in one HTTP request at most (413 above).", minimum=1
+    )
     max_input_chars: int = _setting(
         "SHM_EMBED_MAX_INPUT_CHARS", 100_000, "Characters in one text at most (413 above).", minimum=1
     )
@@ -243,7 +248,7 @@ class Settings:
     log_json: bool = _setting("SHM_EMBED_LOG_JSON", False, "true: one JSON object per log line.")
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read every setting from ``env`` (default ``os.environ``); keyword
         arguments override. Raises ConfigError naming the variable at fault."""
         env = os.environ if env is None else env
@@ -260,7 +265,7 @@ class Settings:
         settings.validate()
         return settings
 
-    def replace(self, **changes: Any) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         new = dataclasses.replace(self, **changes)
         new.validate()
         return new
@@ -287,7 +292,8 @@ class Settings:
         if self.loop_stall_s < 2 * quiet_s:
             raise ConfigError(
                 f"SHM_EMBED_LOOP_STALL_S={self.loop_stall_s}: must be at least {2 * quiet_s:g} s, twice the "
-                "longest a healthy idle loop stays quiet (SHM_EMBED_HEARTBEAT_S + SPIN_US or IDLE_POLL_US + MAX_WAIT_US)"
+                "longest a healthy idle loop stays quiet "
+                "(SHM_EMBED_HEARTBEAT_S + SPIN_US or IDLE_POLL_US + MAX_WAIT_US)"
             )
 
     @property

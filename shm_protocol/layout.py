@@ -330,7 +330,7 @@ class LayoutParams:
         return self.slot_dtype.itemsize * self.n_rings * self.slots_per_ring
 
     @classmethod
-    def from_header(cls, header: np.ndarray) -> "LayoutParams":
+    def from_header(cls, header: np.ndarray) -> LayoutParams:
         return cls(**{f: int(header[f]) for f in cls.__dataclass_fields__})
 
     def write_header(self, header: np.ndarray) -> None:

@@ -8,7 +8,7 @@ import contextlib
 import os
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -53,7 +53,7 @@ class Region:
 
     # -- construction -------------------------------------------------------------
     @classmethod
-    def create(cls, names: Names, params: LayoutParams, *, mode: int, group: str = "") -> "Region":
+    def create(cls, names: Names, params: LayoutParams, *, mode: int, group: str = "") -> Region:
         """Create both segments (zero-filled) and write the layout header.
         The caller has already unlinked any stale objects of the namespace."""
         ctl = Segment.create(names.ctl, params.ctl_bytes, mode=mode, group=group, keep_fd=True)
@@ -74,7 +74,7 @@ class Region:
         return cls(names, ctl, data)
 
     @classmethod
-    def attach(cls, names: Names, *, readonly: bool = False, with_data: bool = True) -> "Region":
+    def attach(cls, names: Names, *, readonly: bool = False, with_data: bool = True) -> Region:
         """Map an existing namespace, checking magic, version and sizes."""
         ctl = Segment.attach(names.ctl, readonly=readonly, keep_fd=not readonly)
         data = None

@@ -16,9 +16,9 @@ import os
 import re
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import posix_ipc
 from loguru import logger
@@ -99,7 +99,7 @@ class Segment:
         self.fd = fd  # kept open only where the segment is also locked (the control segment)
 
     @classmethod
-    def create(cls, name: str, size: int, *, mode: int, group: str = "", keep_fd: bool = False) -> "Segment":
+    def create(cls, name: str, size: int, *, mode: int, group: str = "", keep_fd: bool = False) -> Segment:
         """Create a segment with every page allocated now. A sparse segment
         on a nearly full /dev/shm would be created fine and then kill the
         process with SIGBUS at the first write to a page tmpfs cannot supply;
@@ -123,13 +123,14 @@ class Segment:
         return cls(name, mm, created=True, fd=fd)
 
     @classmethod
-    def attach(cls, name: str, *, readonly: bool = False, keep_fd: bool = False) -> "Segment":
+    def attach(cls, name: str, *, readonly: bool = False, keep_fd: bool = False) -> Segment:
         try:
             shm = posix_ipc.SharedMemory(name, read_only=readonly)
         except posix_ipc.ExistentialError:
             raise SidecarUnavailable(f"no segment {name}: is the sidecar running?", reason="absent") from None
         except posix_ipc.PermissionsError:
-            raise SidecarUnavailable(f"segment {name} exists but this user may not open it", reason="permission") from None
+            raise SidecarUnavailable(f"segment {name} exists but this user may not open it",
+                                     reason="permission") from None
         fd = -1
         try:
             prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
@@ -197,7 +198,8 @@ def open_semaphore(name: str) -> posix_ipc.Semaphore:
     except posix_ipc.ExistentialError:
         raise SidecarUnavailable(f"no semaphore {name}: the sidecar is gone", reason="absent") from None
     except posix_ipc.PermissionsError:
-        raise SidecarUnavailable(f"semaphore {name} exists but this user may not open it", reason="permission") from None
+        raise SidecarUnavailable(f"semaphore {name} exists but this user may not open it",
+                                 reason="permission") from None
 
 
 #: Whether a semaphore's value can be read (sem_getvalue; not on macOS).

@@ -21,7 +21,6 @@ from .layout import (
 from .region import Region
 from .segments import pid_alive
 
-
 #: The sidecar's plain counters, as the stats CLI, /embedding/stats and /metrics show them.
 COUNTERS = ("requests", "texts", "tokens", "padded_tokens", "batches", "rings_reaped", "loop_errors",
             "stale_answers")

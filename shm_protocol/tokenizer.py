@@ -3,7 +3,7 @@ and the checks every client applies to its texts before they reach a slot."""
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 

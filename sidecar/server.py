@@ -17,22 +17,22 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import posix_ipc
 from loguru import logger
 
 from shm_protocol.config import Settings
 from shm_protocol.errors import LayoutMismatch, SidecarUnavailable
-from shm_protocol.logs import RateLimitedLog
 from shm_protocol.layout import (
     SLOT_CLAIMED,
     LayoutParams,
-    SidecarState,
     RecordViews,
+    SidecarState,
     SlotViews,
     WaitPolicy,
 )
+from shm_protocol.logs import RateLimitedLog
 from shm_protocol.region import Region
 from shm_protocol.segments import (
     SEMAPHORE_BYTES,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import SidecarProc, start_sidecar, stop_and_check
 from shm_protocol.segments import unlink_namespace
+from tests.helpers import SidecarProc, start_sidecar, stop_and_check
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from _common import stop_process  # noqa: E402  (bench/_common.py)
+
 from shm_protocol.config import Settings  # noqa: E402
 from shm_protocol.segments import Names, unlink_namespace  # noqa: E402
 
@@ -82,7 +83,7 @@ def start_sidecar(tmp_path: Path, model: str | None, namespace: str | None = Non
     except BaseException:
         proc.kill()
         proc.wait()
-        raise RuntimeError(f"sidecar failed to start:\n{log.read_text(errors='replace')}")
+        raise RuntimeError(f"sidecar failed to start:\n{log.read_text(errors='replace')}") from None
     settings = Settings.from_env(env)
     return SidecarProc(proc, settings, env, log)
 

@@ -300,7 +300,7 @@ class Ready:
         try:
             info = self.ctx.client.info()
         except ShmEmbedError as exc:
-            raise unavailable(f"not ready: {errors.sidecar_unavailable_message(exc)}")
+            raise unavailable(f"not ready: {errors.sidecar_unavailable_message(exc)}") from None
         store_ok, store = self.ctx.retrieval.store_status()
         if not store_ok:
             raise unavailable(f"not ready: {store}", retry_after=5)
@@ -354,7 +354,7 @@ class EmbeddingStats:
         try:
             snap = self.ctx.client.stats()
         except ShmEmbedError as exc:
-            raise unavailable(f"sidecar stats unavailable: {errors.sidecar_unavailable_message(exc)}")
+            raise unavailable(f"sidecar stats unavailable: {errors.sidecar_unavailable_message(exc)}") from None
         d = snap.as_dict()
         c = snap.counters
         d.update({

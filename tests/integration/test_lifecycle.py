@@ -228,7 +228,7 @@ def test_a_wedged_loop_fails_fast_stops_the_watchdog_and_is_replaced(synthetic_s
             while time.monotonic() < end:
                 try:
                     got.append(sock.recv(256).decode())
-                except socket.timeout:
+                except TimeoutError:
                     pass
             return got
 
@@ -330,8 +330,8 @@ def test_two_sidecars_started_at_once_leave_exactly_one_serving(tmp_path):
         procs = [subprocess.Popen([sys.executable, "-m", "sidecar"], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True) for _ in range(2)]
         try:
-            from tests.helpers import wait_ready
             from shm_protocol.segments import Names
+            from tests.helpers import wait_ready
 
             wait_ready(Names(ns), None, timeout=60)
             time.sleep(1.0)  # the loser has had time to do its worst

@@ -139,7 +139,7 @@ def test_sidecar_unit_sends_ready_and_watchdog(tiny_model, tmp_path):
         try:
             while True:
                 rest.append(sock.recv(4096).decode())
-        except socket.timeout:
+        except TimeoutError:
             pass
         assert "STOPPING=1" in rest
         assert Names(ns).dev_shm_entries() == []

@@ -11,9 +11,9 @@ from shm_protocol.layout import (
     MAGIC,
     PROTOCOL_VERSION,
     SLOT_ALIGN,
+    SLOT_READY,
     LayoutParams,
     SlotState,
-    SLOT_READY,
     bucket_index,
     check_prefix,
     header_view,
@@ -29,7 +29,7 @@ def test_slot_is_cache_line_aligned_and_fields_do_not_overlap():
     dt = PARAMS.slot_dtype
     assert dt.itemsize % SLOT_ALIGN == 0
     spans = sorted((off, off + sub.itemsize) for sub, off in (dt.fields[n][:2] for n in dt.names))
-    for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
+    for (_a0, a1), (b0, _b1) in zip(spans, spans[1:]):
         assert a1 <= b0
     assert dt["tokens"].shape == (300,)
     assert dt["out"].shape == (5, 7)

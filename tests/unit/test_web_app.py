@@ -13,8 +13,6 @@ import pytest
 from falcon import testing
 
 from shm_protocol.client import EmbeddingBackend, EmbedResult
-from shm_protocol.model_files import TextOptions
-from shm_protocol.tokenizer import check_token_budget
 from shm_protocol.config import Settings
 from shm_protocol.errors import (
     InvalidInput,
@@ -26,7 +24,9 @@ from shm_protocol.errors import (
     SidecarTimeout,
     SidecarUnavailable,
 )
+from shm_protocol.model_files import TextOptions
 from shm_protocol.stats import Snapshot
+from shm_protocol.tokenizer import check_token_budget
 from web.app import create_app
 
 DIM = 8
