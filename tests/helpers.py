@@ -83,6 +83,7 @@ def start_sidecar(tmp_path: Path, model: str | None, namespace: str | None = Non
     except BaseException:
         proc.kill()
         proc.wait()
+        unlink_namespace(Names(namespace), lock=True)  # whatever it made before it failed
         raise RuntimeError(f"sidecar failed to start:\n{log.read_text(errors='replace')}") from None
     settings = Settings.from_env(env)
     return SidecarProc(proc, settings, env, log)
