@@ -127,7 +127,7 @@ class Documents(_Resource):
             if len(docs) > s.max_inputs:
                 raise too_large(f"{len(docs)} documents is over the limit of {s.max_inputs} (SHM_EMBED_MAX_INPUTS)")
             for i, d in enumerate(docs):  # before splitting: a document obeys the per-text limit too
-                text = d.get("text") if isinstance(d, dict) else None
+                text = d if isinstance(d, str) else d.get("text") if isinstance(d, dict) else None
                 if isinstance(text, str) and len(text) > s.max_input_chars:
                     raise too_large(f"document {i} has {len(text)} characters, over the limit of "
                                     f"{s.max_input_chars} (SHM_EMBED_MAX_INPUT_CHARS)")

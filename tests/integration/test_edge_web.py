@@ -134,6 +134,24 @@ def test_large_bodies_at_once_are_bounded_per_worker(web):
         assert http.post("/embed", content=body, headers={"content-type": "application/json"}).status_code == 200
 
 
+def test_hostile_bodies_cost_linear_time_and_no_more_than_they_say(web):
+    """A string opened with '"' and then only escaped quotes made the value
+    count quadratic (hours for a MiB); a UTF-16 body hid its values from the
+    count; a long prompt is copied onto every input."""
+    _, w = web()
+    with httpx.Client(base_url=w.base, timeout=30) as http:
+        t0 = time.monotonic()
+        hostile = b'{"inputs": ["' + b'\\"' * (1 << 20)
+        r = http.post("/embed", content=hostile, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and time.monotonic() - t0 < 5
+        utf16 = ('{"inputs": ["\u2200", ' + "[]," * 200_000 + '"x"]}').encode("utf-16-le")
+        r = http.post("/embed", content=utf16, headers={"content-type": "application/json"})
+        assert r.status_code == 400  # read as UTF-8 only: not JSON there, refused before any value is built
+        r = http.post("/embed", json={"inputs": ["a"] * 100, "prompt": "x" * 100_000})
+        assert r.status_code == 413 and "prompt" in r.json()["error"]["message"]
+        assert http.post("/embed", json={"inputs": ["still serving"]}).status_code == 200
+
+
 def test_a_request_over_the_token_budget_is_a_413(web):
     _, w = web(SHM_EMBED_MAX_REQUEST_TOKENS="40")
     with httpx.Client(base_url=w.base, timeout=10) as http:
@@ -173,8 +191,9 @@ def test_documents_obey_the_per_text_limit_and_the_request_budget(web):
     _, w = web(SHM_EMBED_MAX_INPUTS="50", SHM_EMBED_MAX_REQUEST_TOKENS="3000")
     with httpx.Client(base_url=w.base, timeout=30) as http:
         assert http.put("/collections/kb").status_code == 201
-        r = http.post("/collections/kb/documents", json={"documents": [{"id": "huge", "text": "word " * 200_000}]})
-        assert r.status_code == 413 and "SHM_EMBED_MAX_INPUT_CHARS" in r.json()["error"]["message"]
+        for huge in ({"id": "huge", "text": "word " * 200_000}, "word " * 200_000):  # an object, or a bare string
+            r = http.post("/collections/kb/documents", json={"documents": [huge]})
+            assert r.status_code == 413 and "SHM_EMBED_MAX_INPUT_CHARS" in r.json()["error"]["message"]
         # 60 passages of 100 new words each (120-word passages, 20 overlapping): over 50 inputs.
         many = " ".join(f"w{i}" for i in range(6100))
         r = http.post("/collections/kb/documents", json={"documents": [{"id": "many", "text": many}]})
