@@ -266,6 +266,7 @@ class OpenAIEmbeddings:
             raise unprocessable("'model' must be a string")
         options = text_options(doc)
         info = self.ctx.client.info()
+        check_model(model, info["model"])
         # With dimensions, vectors are cut and made unit length again, as OpenAI's are.
         res = self.ctx.embed(texts, normalize=options["dimensions"] is not None, **options)
         data = []
@@ -278,6 +279,42 @@ class OpenAIEmbeddings:
         n = res.total_tokens
         resp.media = {"object": "list", "data": data, "model": info["model"],
                       "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+
+def serves(requested: str, served: str) -> bool:
+    """Whether a request's ``model`` names the served one: its name, or a
+    hub id ending in it ("sentence-transformers/all-MiniLM-L6-v2"). The
+    synthetic backend ("synthetic:<model>") answers to its model's names, so
+    a load test sends what production clients send."""
+    names = {served, served.removeprefix("synthetic:")}
+    return requested in names or any(requested.endswith("/" + n) for n in names)
+
+
+def check_model(requested: str | None, served: str) -> None:
+    """404 model_not_found for a model this service does not serve; no
+    ``model`` means the served one."""
+    if requested is not None and not serves(requested, served):
+        raise errors.model_not_found(requested, served)
+
+
+class Models:
+    """GET /v1/models and /v1/models/{model_id}, in OpenAI's shape."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+
+    def _card(self) -> dict:
+        info = self.ctx.client.info()
+        return {"id": info["model"], "object": "model", "created": int(self.ctx.started), "owned_by": "shm-embed",
+                "dimension": info["dimension"], "max_tokens": info["max_seq_length"]}
+
+    def on_get(self, req, resp, model_id: str | None = None):
+        card = self._card()
+        if model_id is None:
+            resp.media = {"object": "list", "data": [card]}
+            return
+        check_model(model_id, card["id"])
+        resp.media = card
 
 
 class Embed:
@@ -421,6 +458,9 @@ def create_app(client: EmbeddingBackend, settings: Settings) -> falcon.App:
     errors.install(app)
     app.add_route("/v1/embeddings", OpenAIEmbeddings(ctx))
     app.add_route("/embed", Embed(ctx))
+    models = Models(ctx)
+    app.add_route("/v1/models", models)
+    app.add_route("/v1/models/{model_id}", models)
     app.add_route("/health", Health())
     app.add_route("/ready", Ready(ctx))
     app.add_route("/info", Info(ctx))

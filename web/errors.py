@@ -34,12 +34,24 @@ from shm_protocol.logs import RateLimitedLog
 class APIError(falcon.HTTPError):
     """An HTTP error with a machine-readable type."""
 
-    def __init__(self, status, error_type: str, message: str, *, headers: dict | None = None):
+    def __init__(self, status, error_type: str, message: str, *, headers: dict | None = None,
+                 code: str | None = None, param: str | None = None):
         super().__init__(status, title=error_type, description=message, headers=headers)
         self.error_type = error_type
+        self.code, self.param = code, param  # OpenAI's error fields, where one applies
 
     def to_dict(self, obj_type=dict):
-        return {"error": {"type": self.error_type, "message": self.description}}
+        body = {"type": self.error_type, "message": self.description}
+        if self.code is not None:
+            body.update(code=self.code, param=self.param)
+        return {"error": body}
+
+
+def model_not_found(requested: str, served: str) -> APIError:
+    """OpenAI's answer to a model it does not serve."""
+    return APIError(falcon.HTTP_404, "invalid_request_error",
+                    f"The model '{requested}' does not exist here; this service serves '{served}'",
+                    code="model_not_found", param="model")
 
 
 def bad_request(message: str) -> APIError:

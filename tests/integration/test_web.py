@@ -56,7 +56,7 @@ def test_health_ready_info(web, tiny_st):
 def test_openai_embeddings_float_and_base64(web, tiny_st):
     http, _ = web
     texts = ["first text", "a second, longer text with more words", ""]
-    r = post(http, "/v1/embeddings", {"input": texts, "model": "whatever"})
+    r = post(http, "/v1/embeddings", {"input": texts, "model": http.get("/info").json()["model"]})
     assert r.status_code == 200, r.text
     doc = r.json()
     assert doc["object"] == "list" and [d["index"] for d in doc["data"]] == [0, 1, 2]

@@ -124,7 +124,7 @@ def test_embed_returns_normalized_vectors_in_order(app, fake):
 
 
 def test_openai_embeddings_float_and_base64(app):
-    r = app.simulate_post("/v1/embeddings", json={"input": ["x y z", "w"], "model": "anything"})
+    r = app.simulate_post("/v1/embeddings", json={"input": ["x y z", "w"], "model": "fake-model"})
     assert r.status_code == 200
     assert r.json["model"] == "fake-model" and r.json["usage"] == {"prompt_tokens": 8, "total_tokens": 8}
     assert [d["index"] for d in r.json["data"]] == [0, 1]
@@ -246,3 +246,18 @@ def test_collections_round_trip(app):
     assert app.simulate_delete("/collections/notes").status_code == 200
     assert app.simulate_get("/collections/notes").status_code == 404
     assert app.simulate_post("/collections/none/search", json={"query": "x"}).status_code == 404
+
+
+def test_models_in_openai_shape_and_unknown_models_are_404(app):
+    r = app.simulate_get("/v1/models")
+    assert r.status_code == 200 and r.json["object"] == "list"
+    assert [m["id"] for m in r.json["data"]] == ["fake-model"] and r.json["data"][0]["object"] == "model"
+    assert app.simulate_get("/v1/models/fake-model").json["id"] == "fake-model"
+    for path, kw in (("/v1/models/text-embedding-ada-002", {}),
+                     ("/v1/embeddings", {"json": {"input": "x", "model": "text-embedding-ada-002"}})):
+        r = (app.simulate_get(path) if not kw else app.simulate_post(path, **kw))
+        assert r.status_code == 404, path
+        err = r.json["error"]
+        assert err["code"] == "model_not_found" and err["param"] == "model" and "fake-model" in err["message"]
+    ok = app.simulate_post("/v1/embeddings", json={"input": "x", "model": "org/fake-model"})  # a hub id
+    assert ok.status_code == 200
