@@ -20,8 +20,8 @@ from shm_protocol import model_files
 from shm_protocol.client import EmbeddingClient, EmbedResult, shape_vectors
 from shm_protocol.config import Settings
 from shm_protocol.dropin import SentenceTransformerAPI
-from shm_protocol.errors import NoRingAvailable, RequestTooLarge, SidecarUnavailable
-from shm_protocol.tokenizer import WorkerTokenizer, check_texts, check_token_budget
+from shm_protocol.errors import NoRingAvailable, SidecarUnavailable
+from shm_protocol.tokenizer import WorkerTokenizer, check_texts
 
 
 class LocalEmbedder:
@@ -54,23 +54,13 @@ class LocalEmbedder:
         dim = int(self.model.get_embedding_dimension())
         prompt = self.options.resolve_prompt(prompt, prompt_name)
         dims = self.options.check_dimensions(dimensions, dim, self.name)
-        if prompt:
-            texts = [prompt + t for t in texts]
-        encs = self.tok.encode(texts) if texts else []
-        limit = int(self.model.max_seq_length)
-        if not truncate:
-            for i, e in enumerate(encs):
-                if e.overflowing:
-                    raise RequestTooLarge(f"input {i} is over the model's limit of {limit} tokens",
-                                          limit=limit, actual=limit + 1, what="tokens")
-        lengths = np.array([len(e.ids) for e in encs], dtype=np.int64)
-        check_token_budget(lengths, max_tokens)
+        tok = self.tok.tokenize_request(texts, prompt=prompt, truncate=truncate, max_tokens=max_tokens)
         t0 = time.perf_counter_ns()
         with self.lock:  # prompt="": the prompt (or the model's default) is in the texts already
-            vecs = (self.model.encode(texts, prompt="", convert_to_numpy=True)
+            vecs = (self.model.encode(tok.texts, prompt="", convert_to_numpy=True)
                     if texts else np.empty((0, dim), np.float32))
         vecs = shape_vectors(np.asarray(vecs, dtype=np.float32), dims, normalize)
-        return EmbedResult(vecs, lengths, 0, time.perf_counter_ns() - t0, 0)
+        return EmbedResult(vecs, tok.lengths, 0, time.perf_counter_ns() - t0, 0, tok.tokenize_ns)
 
 
 class FallbackClient(SentenceTransformerAPI):

@@ -32,7 +32,6 @@ from .dropin import SentenceTransformerAPI
 from .errors import (
     ModelFailed,
     NoRingAvailable,
-    RequestTooLarge,
     RingFull,
     ShmEmbedError,
     SidecarTimeout,
@@ -318,30 +317,15 @@ class EmbeddingClient(SentenceTransformerAPI):
         dims = opts.check_dimensions(dimensions, p.dim, sess.region.model_name)
         if not texts:
             return EmbedResult(np.empty((0, dims or p.dim), np.float32), np.empty(0, np.int64), 0, 0, 0)
-        if prompt:
-            texts = [prompt + t for t in texts]
-        t_tok = time.perf_counter_ns()
-        encs = self._tokenizer.encode(texts)
-        tokenize_ns = time.perf_counter_ns() - t_tok
-        if not truncate:
-            for i, e in enumerate(encs):
-                if e.overflowing:
-                    full = len(e.ids) + sum(len(o.ids) for o in e.overflowing) - 2 * len(e.overflowing)
-                    raise RequestTooLarge(
-                        f"input {i} has about {full} tokens; the model's limit is {p.max_seq_length} "
-                        "(send truncate=true to cut it)",
-                        limit=p.max_seq_length, actual=full, what="tokens",
-                    )
-        id_lists = [e.ids for e in encs]
-        lengths = np.array([len(x) for x in id_lists], dtype=np.int64)
-        check_token_budget(lengths, max_tokens)
+        tok = self._tokenizer.tokenize_request(texts, prompt=prompt, truncate=truncate, max_tokens=max_tokens)
         out = np.empty((len(texts), p.dim), dtype=np.float32)
         sess.enter()
         try:
-            queue_ns, compute_ns, used = self._run(sess, id_lists, lengths, out)
+            queue_ns, compute_ns, used = self._run(sess, tok.ids, tok.lengths, out)
         finally:
             sess.leave()
-        return EmbedResult(shape_vectors(out, dims, normalize), lengths, queue_ns, compute_ns, used, tokenize_ns)
+        return EmbedResult(shape_vectors(out, dims, normalize), tok.lengths, queue_ns, compute_ns, used,
+                           tok.tokenize_ns)
 
     def _chunks(self, lengths: np.ndarray, p) -> list[tuple[int, int]]:
         """Split texts into runs that fit one slot (texts and tokens)."""

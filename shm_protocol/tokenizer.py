@@ -3,7 +3,9 @@ and the checks every client applies to its texts before they reach a slot."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,6 +24,16 @@ def preload_tokenizer(path: str) -> None:
     _preloaded[path] = Tokenizer.from_file(path)
 
 
+@dataclass
+class Tokenized:
+    """One request's texts as the model sees them, and their token ids."""
+
+    texts: list[str]  # with the prompt prepended, if any
+    ids: list[list[int]]
+    lengths: np.ndarray  # int64, tokens per text after truncation
+    tokenize_ns: int
+
+
 class WorkerTokenizer:
     """The model's own fast tokenizer, set to truncate at the model's limit."""
 
@@ -33,6 +45,31 @@ class WorkerTokenizer:
         self._tok = _preloaded.pop(path, None) or Tokenizer.from_file(path)
         self._tok.no_padding()
         self._tok.enable_truncation(max_length=max_seq_length)
+
+    def tokenize_request(self, texts: list[str], *, prompt: str | None, truncate: bool,
+                         max_tokens: int | None) -> Tokenized:
+        """Prepend ``prompt``, tokenize, and apply the request's checks: an
+        input over the model's limit is RequestTooLarge unless ``truncate``,
+        and so are more than ``max_tokens`` tokens in all (check_token_budget).
+        Every client (the sidecar's and the local fallback) prepares texts here."""
+        if prompt:
+            texts = [prompt + t for t in texts]
+        t0 = time.perf_counter_ns()
+        encs = self.encode(texts) if texts else []
+        tokenize_ns = time.perf_counter_ns() - t0
+        if not truncate:
+            for i, e in enumerate(encs):
+                if e.overflowing:
+                    full = len(e.ids) + sum(len(o.ids) for o in e.overflowing) - 2 * len(e.overflowing)
+                    raise RequestTooLarge(
+                        f"input {i} has about {full} tokens; the model's limit is {self.max_seq_length} "
+                        "(send truncate=true to cut it)",
+                        limit=self.max_seq_length, actual=full, what="tokens",
+                    )
+        ids = [e.ids for e in encs]
+        lengths = np.array([len(x) for x in ids], dtype=np.int64)
+        check_token_budget(lengths, max_tokens)
+        return Tokenized(texts, ids, lengths, tokenize_ns)
 
     def encode(self, texts: Sequence[str]):
         try:
