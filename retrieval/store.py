@@ -31,7 +31,7 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,8 @@ import numpy as np
 from loguru import logger
 
 from shm_protocol.config import COLLECTIONS_DB
-from shm_protocol.errors import InvalidInput, RequestTooLarge
+from shm_protocol.errors import InvalidInput, ModelNotFound, RequestTooLarge
+from shm_protocol.model_files import name_matches
 
 from .documents import CollectionOptions, Document, check_name, parse_documents
 from .errors import CollectionConflict, CollectionNotFound
@@ -227,12 +228,31 @@ class CollectionStore:
         self._local = threading.local()
 
     # --- model identity -----------------------------------------------------------
-    def model(self) -> tuple[str, int]:
-        """(name, dimension) of the model this service embeds with."""
+    def model(self, requested: str | None = None) -> tuple[str, int]:
+        """(name, dimension) of the embedding model ``requested`` names
+        (None: the service's default one); ModelNotFound if none is served."""
         if self._model is None:
-            info = self.client.info()
-            self._model = (str(info["model"]), int(info["dimension"]))
-        return self._model
+            self._model = self.client.info()
+        info = self._model
+        served = [m for m in info.get("models") or [{"name": info["model"], "kind": "embed",
+                                                     "dimension": info["dimension"]}] if m["kind"] == "embed"]
+        for m in served:
+            if requested is None or name_matches(requested, m["name"]):
+                return str(m["name"]), int(m["dimension"])
+        raise ModelNotFound(f"no embedding model named {requested!r} is served here (served: "
+                            f"{', '.join(m['name'] for m in served)})", requested=str(requested),
+                            served=[m["name"] for m in served])
+
+    def _embed_options(self, row, prompt: str | None) -> dict:
+        """What an embed call for collection ``row`` adds: its model unless it
+        is the default, its prompt when it has one (so that a plain object
+        with ``embed(texts, normalize=...)`` still serves a default collection)."""
+        out = {}
+        if row["model"] != self.model()[0]:
+            out["model"] = row["model"]
+        if prompt is not None:
+            out["prompt"] = prompt
+        return out
 
     def _row(self, conn: sqlite3.Connection, name: str, *, check_model: bool = True) -> sqlite3.Row:
         check_name(name)
@@ -246,8 +266,11 @@ class CollectionStore:
         return row
 
     def _check_model(self, row: sqlite3.Row) -> None:
-        """CollectionConflict unless the collection was made with this service's model."""
-        model, dim = self.model()
+        """CollectionConflict unless the collection's model is served here, with its dimension."""
+        try:
+            model, dim = self.model(row["model"])
+        except ModelNotFound:
+            model, dim = self.model()
         if row["model"] != model or row["dim"] != dim:
             raise CollectionConflict(
                 f"collection {row['name']!r} was made with {row['model']} ({row['dim']} dimensions); "
@@ -261,7 +284,8 @@ class CollectionStore:
         given) is returned as it is; otherwise CollectionConflict."""
         check_name(name)
         opts = CollectionOptions.from_dict(options)
-        model, dim = self.model()
+        model, dim = self.model(opts.model)
+        opts = replace(opts, model=model)
         with self._write() as conn:
             row = conn.execute("SELECT * FROM collections WHERE name = ?", (name,)).fetchone()
             if row is None:
@@ -272,7 +296,8 @@ class CollectionStore:
                 created = False
         if not created:
             self._check_model(row)
-            if options is not None and json.loads(row["options"]) != asdict(opts):
+            stored = asdict(replace(CollectionOptions.from_dict(json.loads(row["options"])), model=row["model"]))
+            if options is not None and stored != asdict(opts):
                 raise CollectionConflict(f"collection {name!r} exists with other options: {row['options']}")
         else:
             logger.info("collection {} created ({}, {} dimensions, {})", name, model, dim, asdict(opts))
@@ -332,22 +357,25 @@ class CollectionStore:
         before the write begins, so the store is locked only for the insert.
         ``max_passages`` and ``max_tokens`` are the caller's budget for the
         call (RequestTooLarge above either, before anything is embedded)."""
-        docs = self.prepare(name, documents)  # at least one document, each of at least one passage
+        row = self._row(self._conn(), name)
+        opts = CollectionOptions.from_dict(json.loads(row["options"]))
+        docs = parse_documents(documents, opts)  # at least one document, each of at least one passage
         passages = [p for d in docs for p in d.passages]
+        embed = self._embed_options(row, opts.document_prompt)
         if max_passages is not None and len(passages) > max_passages:
             raise RequestTooLarge(f"the documents make {len(passages)} passages, over the limit of {max_passages} "
                                   "per request (SHM_EMBED_MAX_INPUTS)", limit=max_passages, actual=len(passages),
                                   what="passages")
         if max_tokens is None:  # any object with embed() serves a store used as a library
-            vectors = self.client.embed(passages, normalize=True)
+            vectors = self.client.embed(passages, normalize=True, **embed)
         else:
-            vectors = self.client.embed_detailed(passages, normalize=True, max_tokens=max_tokens).vectors
+            vectors = self.client.embed_detailed(passages, normalize=True, max_tokens=max_tokens, **embed).vectors
         return self.write_embedded(name, docs, vectors)
 
     @_guarded
     def write_embedded(self, name: str, docs: list[Document], vectors: np.ndarray) -> dict:
         """Store already-embedded documents (rows of ``vectors`` in passage order)."""
-        model, dim = self.model()
+        dim = self._row(self._conn(), name)["dim"]
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
         expected = (sum(len(d.spans) for d in docs), dim)
         if vectors.shape != expected:
@@ -473,7 +501,8 @@ class CollectionStore:
             raise InvalidInput(f"'top_k' must be an integer from 1 to {MAX_TOP_K}")
         conn = self._conn()
         row = self._row(conn, name)
-        qv = self.client.embed([query], normalize=True)[0]
+        opts = CollectionOptions.from_dict(json.loads(row["options"]))
+        qv = self.client.embed([query], normalize=True, **self._embed_options(row, opts.query_prompt))[0]
         return self.search_vector(name, qv, top_k, filter, row=row)
 
     @_guarded

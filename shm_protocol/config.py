@@ -60,6 +60,14 @@ class Settings:
         "SHM_EMBED_MODEL", "",
         "Path of a sentence-transformers model folder; empty means the bundled all-MiniLM-L6-v2.",
     )
+    models: str = _setting(
+        "SHM_EMBED_MODELS", "",
+        "Several models in one sidecar: comma-separated name=path entries (sentence-transformers folders, "
+        "embedding models or cross-encoders, told apart by their configs); each may add ;embed, ;rerank or "
+        ";matryoshka (e.g. minilm=/models/minilm,rerank=/models/ce;rerank). The first is the default for "
+        "embedding, the first reranker for reranking; a request's 'model' picks by name. Empty: the one model "
+        "of SHM_EMBED_MODEL.",
+    )
     device: str = _setting(
         "SHM_EMBED_DEVICE", "auto", "auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
     )
@@ -280,6 +288,10 @@ class Settings:
                 raise ConfigError(f"{var}={value!r}: must be at least {f.metadata['minimum']}")
         if not self.namespace or "/" in self.namespace or len(self.namespace) > 200:
             raise ConfigError(f"SHM_EMBED_NAMESPACE={self.namespace!r}: must be non-empty, without '/'")
+        if self.models:
+            from .model_files import parse_model_specs
+
+            parse_model_specs(self.models)  # ConfigError naming the entry at fault
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"SHM_EMBED_DEVICE={self.device!r}: must be auto, cpu, cuda or cuda:N")
         if self.max_inflight_body_bytes < self.max_body_bytes:

@@ -18,6 +18,21 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def cross_encoder_path(tmp_path_factory) -> Path:
+    """The bundled weights with a fresh one-label head, saved as a CrossEncoder folder."""
+    from sidecar.tiny import make_cross_encoder
+
+    return make_cross_encoder(tmp_path_factory.mktemp("ce") / "minilm-reranker")
+
+
+@pytest.fixture(scope="session")
+def cross_encoder(cross_encoder_path):
+    from sentence_transformers import CrossEncoder
+
+    return CrossEncoder(str(cross_encoder_path), device="cpu")
+
+
+@pytest.fixture(scope="session")
 def real_model_path() -> Path:
     from shm_protocol.model_files import bundled_model_path
 

@@ -89,6 +89,36 @@ def _int(doc: dict, key: str, default: int) -> int:
     return value
 
 
+def rerank_spec(doc: dict) -> dict | None:
+    """The body's 'rerank': absent (None), true, or {"model", "top_n"}."""
+    spec = doc.get("rerank")
+    if spec is None or spec is False:
+        return None
+    if spec is True:
+        spec = {}
+    if not isinstance(spec, dict) or set(spec) - {"model", "top_n"}:
+        raise unprocessable("'rerank' must be true or an object with 'model' and 'top_n'")
+    model, top_n = spec.get("model"), spec.get("top_n")
+    if model is not None and not isinstance(model, str):
+        raise unprocessable("'rerank.model' must be a string")
+    if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 1):
+        raise unprocessable("'rerank.top_n' must be a positive integer")
+    return {"model": model, "top_n": top_n}
+
+
+def rerank_results(ctx, query: str, results: list[dict], spec: dict) -> list[dict]:
+    """Candidates (each with a 'passage') scored by a cross-encoder against
+    ``query``, best first, cut to ``top_n``; each keeps its 'score' and gains
+    a 'rerank_score'."""
+    if not results:
+        return results
+    res = ctx.rerank(query, [r["passage"] for r in results], model=spec["model"])
+    for r, score in zip(results, res.scores.tolist()):
+        r["rerank_score"] = score
+    results = sorted(results, key=lambda r: -r["rerank_score"])
+    return results[: spec["top_n"] or len(results)]
+
+
 class Collections(_Resource):
     """GET /collections."""
 
@@ -147,26 +177,33 @@ class Document(_Resource):
 
 
 class Search(_Resource):
-    """POST /collections/{name}/search: {"query", "top_k", "filter"} -> {"results": [...]}."""
+    """POST /collections/{name}/search: {"query", "top_k", "filter", "rerank"} -> {"results": [...]}.
+    With 'rerank', the top_k candidates are reranked by a cross-encoder and cut to its top_n."""
 
     def on_post(self, req, resp, name):
         doc = self.r.body(req)
         query = self.query(doc)
+        spec = rerank_spec(doc)
         results = self.r.store.search(name, query, _int(doc, "top_k", 10), doc.get("filter"))
+        if spec is not None:
+            results = rerank_results(self.r.ctx, query, results, spec)
         resp.media = {"results": results}
 
 
 class WebSearch(_Resource):
-    """POST /search/web: {"query", "urls"?, "top_k"?} -> {"results", "pages", "failed"}."""
+    """POST /search/web: {"query", "urls"?, "top_k"?, "rerank"?} -> {"results", "pages", "failed"}."""
 
     def on_post(self, req, resp):
         doc = self.r.body(req)
         query = self.query(doc)
+        spec = rerank_spec(doc)
         from retrieval.websearch import web_search_with_embeddings
 
         result = web_search_with_embeddings(query, doc.get("urls"), top_k=_int(doc, "top_k", 5),
                                             client=self.r.ctx.client, settings=self.r.ctx.settings,
                                             fetcher=self.r.fetcher)
+        if spec is not None:
+            result.results = rerank_results(self.r.ctx, query, result.results, spec)
         resp.media = result.to_dict()
 
 
