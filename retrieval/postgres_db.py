@@ -45,11 +45,17 @@ The schema is created and migrated when a process first opens the store:
 (many workers on many hosts start at once), and ``shm_embed_schema`` records
 the version. A database of a newer version than this code knows is refused.
 pgvector is not used: FAISS in each worker searches, PostgreSQL only stores.
+
+psycopg is imported here, at the top, and this module only when a store
+needs it: psycopg's modules import each other, and two threads of a worker
+importing two of them at once (the warm-up and a request) could see one half
+initialised; Python serialises the import of this one module.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import threading
@@ -57,7 +63,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+import psycopg
+import psycopg_pool
 from loguru import logger
+from psycopg.conninfo import conninfo_to_dict
 
 from shm_protocol.errors import ConfigError, InvalidInput
 from shm_protocol.logs import RateLimitedLog
@@ -156,6 +165,12 @@ _INHERITED: list = []
 #: Connection failures repeat on every request while the server is down: logged once per interval.
 _unreachable_log = RateLimitedLog(10.0)
 _status_log = RateLimitedLog(60.0)
+#: psycopg_pool reports each failed reconnection (every second or two while a server is down) through
+#: the standard logging module, unformatted, on stderr; the store logs the failure itself, rate-limited.
+#: An operator's own level for that logger is left alone.
+_pool_log = logging.getLogger("psycopg.pool")
+if _pool_log.level == logging.NOTSET:
+    _pool_log.setLevel(logging.ERROR)
 
 
 class _Scrubbed:
@@ -174,17 +189,9 @@ class _Scrubbed:
         return text
 
 
-def _errors():
-    import psycopg
-    import psycopg_pool
-
-    return psycopg, psycopg_pool
-
-
 def classify(exc: BaseException) -> tuple[str, tuple[str, float] | str] | None:
     """("unavailable", (reason, retry_s)) or ("busy", why) for a failure of the
     storage; None for anything else (a mistake in the SQL, a constraint)."""
-    psycopg, psycopg_pool = _errors()
     if isinstance(exc, psycopg_pool.PoolTimeout):
         return "unavailable", UNREACHABLE
     if not isinstance(exc, psycopg.Error):
@@ -216,8 +223,6 @@ class PostgresDatabase(Database):
     OPTIONS = ("busy_timeout_s", "pool_size", "timeout_s")
 
     def __init__(self, url: str, *, busy_timeout_s: float = 30.0, pool_size: int = 4, timeout_s: float = 5.0):
-        from psycopg.conninfo import conninfo_to_dict
-
         self.url = url
         self.where = redact(url)
         self._scrub = _Scrubbed(url)
@@ -258,9 +263,7 @@ class PostgresDatabase(Database):
                 logger.warning("collection store {}: connection pool inherited through a fork; this process "
                                "opens its own", self.where)
             if self._pool_obj is None:
-                from psycopg_pool import ConnectionPool
-
-                pool = ConnectionPool(
+                pool = psycopg_pool.ConnectionPool(
                     self.url, min_size=POOL_MIN, max_size=max(POOL_MIN, self.pool_size), open=False,
                     timeout=self.timeout_s, name=f"shm-embed-{os.getpid()}", configure=self._configure,
                     # A pool gives up reconnecting after this and starts afresh on the next request,
@@ -492,8 +495,6 @@ def store_status(url: str) -> tuple[bool, str]:
     """(True, "ok") when the server answers and its schema (if made yet) is one
     this service knows; (False, reason) otherwise. One short connection of its
     own (never the workers' pools), a query or two; creates nothing."""
-    import psycopg
-
     scrub = _Scrubbed(url)
     try:
         with psycopg.connect(url, connect_timeout=STATUS_TIMEOUT_S, autocommit=True,

@@ -10,6 +10,7 @@ import pytest
 
 from shm_protocol.segments import unlink_namespace
 from tests.helpers import SidecarProc, start_sidecar, stop_and_check
+from tests.postgres import STORES
 
 
 @pytest.fixture(scope="session")
@@ -113,10 +114,6 @@ def pg_cluster():
 def pg_url(pg_cluster) -> str:
     """The URL of a new, empty database of the session's cluster."""
     return pg_cluster.create_database()
-
-
-#: The collection stores every store test runs against.
-STORES = ("sqlite", "postgresql")
 
 
 @pytest.fixture(params=STORES)

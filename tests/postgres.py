@@ -31,6 +31,8 @@ from pathlib import Path
 
 from tests.helpers import free_port
 
+#: The collection stores the store tests run against (fixture ``store_location``, tests/conftest.py).
+STORES = ("sqlite", "postgresql")
 #: The cluster's superuser (trust authentication on loopback: no password).
 SUPERUSER = "postgres"
 #: Unprivileged accounts a root test run starts the server as, in order of preference.
