@@ -321,7 +321,7 @@ class CollectionStore:
             if lo is None or lo.cid != cid:
                 lo = self._loaded[name] = _Loaded(cid, dim, self.nprobe)
         with lo.lock:
-            if lo.index.kind == "flat":
+            if lo.index.kind == "flat" and row.options.get("index") != "flat":  # "flat" never trains
                 cent = self.db.centroids(conn, cid)
                 if cent is not None:
                     lo.index = PassageIndex(dim, np.frombuffer(cent[1], dtype="<f4").reshape(-1, dim),
