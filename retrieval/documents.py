@@ -116,7 +116,7 @@ def parse_documents(documents: Any, opts: CollectionOptions) -> list[Document]:
         if not isinstance(metadata, dict):
             raise InvalidInput(f"documents[{i}].metadata must be an object")
         try:
-            json.dumps(metadata)
+            json.dumps(metadata, allow_nan=False)  # NaN is no JSON: neither store could filter on it
         except (TypeError, ValueError) as exc:
             raise InvalidInput(f"documents[{i}].metadata is not JSON: {exc}") from None
         out.append(Document(doc_id, text, url, metadata, spans))

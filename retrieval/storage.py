@@ -1,4 +1,5 @@
-"""The collection database's files and failures, without FAISS.
+"""The SQLite store's files and failures, without FAISS (the reasons a client
+sees are shared with the PostgreSQL store).
 
 - Files are private whatever the process's umask: the data directory is
   created 0700, the database 0600 before SQLite first opens it (SQLite then

@@ -25,8 +25,11 @@ _BOOL_TRUE = {"1", "true", "yes", "on"}
 _BOOL_FALSE = {"0", "false", "no", "off", ""}
 
 
-def _setting(env: str, default: Any, doc: str, *, choices: tuple = (), minimum: float | None = None):
-    return field(default=default, metadata={"env": env, "doc": doc, "choices": choices, "minimum": minimum})
+def _setting(env: str, default: Any, doc: str, *, choices: tuple = (), minimum: float | None = None,
+             secret: bool = False):
+    """A setting; a ``secret`` one (a key, a URL with a password) is left out of the settings' repr."""
+    return field(default=default, repr=not secret,
+                 metadata={"env": env, "doc": doc, "choices": choices, "minimum": minimum})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,7 +169,8 @@ class Settings:
     # --- web service -------------------------------------------------------------
     bind: str = _setting("SHM_EMBED_BIND", "127.0.0.1:8000", "Address Gunicorn listens on.")
     api_key: str = _setting(
-        "SHM_EMBED_API_KEY", "", "When set, every endpoint but /health needs 'Authorization: Bearer <key>'."
+        "SHM_EMBED_API_KEY", "", "When set, every endpoint but /health needs 'Authorization: Bearer <key>'.",
+        secret=True,
     )
     max_inputs: int = _setting(
         "SHM_EMBED_MAX_INPUTS", 2048, "Texts in one HTTP request at most (413 above).", minimum=1
@@ -195,7 +199,24 @@ class Settings:
     # --- collections and web search ---------------------------------------------
     data_dir: str = _setting(
         "SHM_EMBED_DATA_DIR", "./.data",
-        "Where vector collections are stored (one SQLite file; every worker of the host shares it).",
+        "Where vector collections are stored (one SQLite file; every worker of the host shares it) unless "
+        "SHM_EMBED_COLLECTIONS_URL is set.",
+    )
+    collections_url: str = _setting(
+        "SHM_EMBED_COLLECTIONS_URL", "",
+        "postgresql://user:password@host:5432/db: keep collections in PostgreSQL, shared by the workers of "
+        "every host behind a load balancer (schema created and migrated at start); empty: the SQLite file "
+        "under SHM_EMBED_DATA_DIR, shared by the workers of one host.", secret=True,
+    )
+    collections_pool: int = _setting(
+        "SHM_EMBED_COLLECTIONS_POOL", 4,
+        "PostgreSQL only: connections each worker process keeps at most (so workers x this per host, for every "
+        "host, must fit the server's max_connections).", minimum=1,
+    )
+    collections_timeout_s: float = _setting(
+        "SHM_EMBED_COLLECTIONS_TIMEOUT_S", 5.0,
+        "PostgreSQL only: longest a request waits for a connection (and a connection attempt takes) before it "
+        "is answered 503 with Retry-After.", minimum=0.1,
     )
     search_nprobe: int = _setting(
         "SHM_EMBED_SEARCH_NPROBE", 32,
@@ -292,6 +313,8 @@ class Settings:
             from .model_files import parse_model_specs
 
             parse_model_specs(self.models)  # ConfigError naming the entry at fault
+        if self.collections_url and not self.collections_url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError("SHM_EMBED_COLLECTIONS_URL: must be a postgresql:// URL (or empty for SQLite)")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"SHM_EMBED_DEVICE={self.device!r}: must be auto, cpu, cuda or cuda:N")
         if self.max_inflight_body_bytes < self.max_body_bytes:

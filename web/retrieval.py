@@ -1,19 +1,18 @@
 """HTTP resources of collections and web search (see the README's HTTP API).
 
-The collection store is opened on first use in each worker: every worker
-opens the same database under SHM_EMBED_DATA_DIR, so all of them see the same
-collections and every write. FAISS, lxml and the fetcher are imported on first
-use, so a worker that serves only embeddings does not carry them.
+The collection store is opened on first use in each worker (after Gunicorn's
+fork): every worker opens the same database, the SQLite file under
+SHM_EMBED_DATA_DIR or the PostgreSQL server of SHM_EMBED_COLLECTIONS_URL, so
+all of them (on every host, with PostgreSQL) see the same collections and
+every write. FAISS, lxml and the fetcher are imported on first use, so a
+worker that serves only embeddings does not carry them.
 """
 
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import falcon
-
-from shm_protocol.config import COLLECTIONS_DB
 
 from .errors import too_large, unprocessable
 
@@ -49,15 +48,20 @@ class Retrieval:
 
     def store_status(self) -> tuple[bool, str]:
         """(True, "ok") when the collection store can be read or was never made,
-        (False, reason) when it cannot (a corrupt file, a full disk...): for
-        /ready. Never creates the store, imports no FAISS, reads a page or two."""
-        from retrieval.storage import store_status
+        (False, reason) when it cannot (a corrupt file, a full disk, a
+        PostgreSQL server that is down...): for /ready. Never creates the
+        store, imports no FAISS, reads a page or two."""
+        from retrieval.database import location_of, store_status
 
-        return store_status(Path(self.ctx.settings.data_dir) / COLLECTIONS_DB)
+        return store_status(location_of(self.ctx.settings))
 
     def warm(self) -> int:
-        """Load every stored collection now; nothing (and no import) when none was ever made."""
-        if self._store is None and not (Path(self.ctx.settings.data_dir) / COLLECTIONS_DB).exists():
+        """Open the store and load every stored collection now; nothing (and no
+        import) when no SQLite store was ever made. A PostgreSQL store is
+        opened, its schema created or migrated, at every worker's start."""
+        from retrieval.database import location_of, store_exists
+
+        if self._store is None and not store_exists(location_of(self.ctx.settings)):
             return 0
         return self.store.warm()
 
