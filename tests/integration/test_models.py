@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from shm_protocol.errors import ModelNotFound, RequestTooLarge, SlotRejected
+from shm_protocol.errors import InvalidInput, ModelNotFound, RequestTooLarge, SlotRejected
 from shm_protocol.layout import SLOT_READY, SlotError
 from tests.helpers import REPO, client_for, cosine_rows, start_sidecar, start_web, stop_and_check
 
@@ -30,7 +30,7 @@ DOCS = ["Semaphores wake the waiting worker.", "Paris is the capital of France."
 
 @pytest.fixture(scope="module")
 def models_env(real_model_path, tiny_model, cross_encoder_path):
-    return {"SHM_EMBED_MODELS": f"minilm={real_model_path},tiny={tiny_model},ce={cross_encoder_path}",
+    return {"SHM_EMBED_MODELS": f"minilm={real_model_path},tiny={tiny_model};matryoshka,ce={cross_encoder_path}",
             "SHM_EMBED_TORCH_THREADS": "1"}
 
 
@@ -62,6 +62,13 @@ def test_the_header_lists_every_model_and_a_call_picks_one_by_name(multi, real_m
                 call(TEXTS, **kw)
         with pytest.raises(ModelNotFound):
             c.rerank(QUERY, DOCS, model="minilm")  # an embedding model does not rerank
+        # ";matryoshka" in SHM_EMBED_MODELS marks one model only
+        assert [m["matryoshka"] for m in cards] == [False, True, False]
+        cut = c.embed(TEXTS, model="tiny", dimensions=16, normalize=True)
+        want = tiny_st.encode(TEXTS, truncate_dim=16, normalize_embeddings=True)
+        assert cut.shape == (len(TEXTS), 16) and cosine_rows(cut, want).min() >= 0.99999
+        with pytest.raises(InvalidInput, match="Matryoshka"):
+            c.embed(TEXTS, dimensions=128)
 
 
 def test_rerank_scores_equal_cross_encoder_predict(multi, cross_encoder):
@@ -168,7 +175,8 @@ def test_hostile_model_indexes_and_segments_are_refused_and_serving_goes_on(mult
 
 @pytest.fixture(scope="module")
 def multi_web(multi, models_env, tmp_path_factory):
-    web = start_web(tmp_path_factory.mktemp("web-multi"), {**multi.env, **models_env}, workers=1)
+    web = start_web(tmp_path_factory.mktemp("web-multi"), {**multi.env, **models_env}, workers=1,
+                    SHM_EMBED_FETCH_ALLOW="127.0.0.1")
     yield web
     web.stop()
 
@@ -255,3 +263,29 @@ def test_collections_use_their_model_and_prompts_and_searches_rerank(multi_web, 
             assert r.status_code == 422, bad
         r = h.post("/collections/prompted/search", json={"query": query, "rerank": {"model": "tiny"}})
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_web_search_reranks_its_passages(multi_web, cross_encoder):
+    from http.server import ThreadingHTTPServer
+
+    from tests.integration.test_web_retrieval import TOPICS, Pages
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Pages)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        urls = [f"http://127.0.0.1:{server.server_port}/pages/{t}" for t in TOPICS]
+        query = "how do whales migrate"
+        with httpx.Client(base_url=multi_web.base, timeout=60) as h:
+            plain = h.post("/search/web", json={"query": query, "urls": urls, "top_k": 6}).json()["results"]
+            r = h.post("/search/web", json={"query": query, "urls": urls, "top_k": 6, "rerank": {"top_n": 3}})
+            assert r.status_code == 200, r.text
+            got = r.json()["results"]
+    finally:
+        server.shutdown()
+    assert len(got) == 3 and {g["passage"] for g in got} <= {p["passage"] for p in plain}
+    want = cross_encoder.predict([(query, p["passage"]) for p in plain])
+    best = sorted(zip(want.tolist(), [p["passage"] for p in plain]), key=lambda x: -x[0])[:3]
+    assert [g["passage"] for g in got] == [b[1] for b in best]
+    for g, (score, _) in zip(got, best):
+        assert g["rerank_score"] == pytest.approx(score, abs=1e-5)
