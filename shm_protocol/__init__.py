@@ -3,13 +3,14 @@
 Importing this package never imports torch or falcon.
 """
 
-from .client import EmbeddingClient, EmbedResult
+from .client import EmbeddingClient, EmbedResult, RerankResult
 from .config import Settings
 from .errors import (
     ConfigError,
     InvalidInput,
     LayoutMismatch,
     ModelFailed,
+    ModelNotFound,
     NamespaceInUse,
     NoRingAvailable,
     RequestTooLarge,
@@ -23,7 +24,7 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "EmbeddingClient", "EmbedResult", "Settings", "ConfigError", "InvalidInput", "LayoutMismatch",
-    "ModelFailed", "NamespaceInUse", "NoRingAvailable", "RequestTooLarge", "RingFull", "ShmEmbedError",
+    "EmbeddingClient", "EmbedResult", "RerankResult", "Settings", "ConfigError", "InvalidInput", "LayoutMismatch",
+    "ModelFailed", "ModelNotFound", "NamespaceInUse", "NoRingAvailable", "RequestTooLarge", "RingFull", "ShmEmbedError",
     "SidecarTimeout", "SidecarUnavailable", "SlotRejected", "__version__",
 ]
