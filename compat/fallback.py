@@ -45,6 +45,7 @@ class LocalEmbedder:
         self.name = spec.name
         self.tok = WorkerTokenizer(str(model_files.tokenizer_file(path)), int(self.model.max_seq_length))
         self.options = model_files.text_options(path, spec.matryoshka)
+        self.settings = settings
         self.lock = threading.Lock()
         logger.info("local model {} loaded in the worker", self.name)
 
@@ -58,8 +59,12 @@ class LocalEmbedder:
                        max_tokens: int | None = None, prompt: str | None = None, prompt_name: str | None = None,
                        dimensions: int | None = None, model: str | None = None) -> EmbedResult:
         if model is not None and not model_files.name_matches(model, self.name):
-            raise ModelNotFound(f"The model '{model}' is not served while the sidecar is down; the local "
-                                f"fallback serves '{self.name}'", requested=model, served=[self.name])
+            if not self.settings.use_ipc:  # this model is all there is: a 404, for good
+                raise ModelNotFound(f"The model '{model}' does not exist here; this service serves '{self.name}'",
+                                    requested=model, served=[self.name])
+            # The sidecar may serve it once it is back: a 503 to retry, not a 404.
+            raise SidecarUnavailable(f"the model {model!r} is served by the sidecar only, which is unavailable; "
+                                     f"the local fallback serves {self.name!r}", reason="fallback")
         texts = check_texts(texts)
         dim = int(self.model.get_embedding_dimension())
         prompt = self.options.resolve_prompt(prompt, prompt_name)
@@ -127,8 +132,9 @@ class FallbackClient(SentenceTransformerAPI):
 
     def rerank_detailed(self, query, documents, **options):
         """EmbeddingClient.rerank_detailed: the sidecar's rerankers only (no local one)."""
-        if self.ipc is None:
-            raise SidecarUnavailable("reranking needs the sidecar (USE_IPC_EMBEDDING=false)", reason="disabled")
+        if self.ipc is None:  # permanent in this configuration: a 422, not a 503 to retry
+            raise ModelNotFound("reranking needs the sidecar's cross-encoders, and IPC is off "
+                                "(USE_IPC_EMBEDDING=false)", requested="", served=[])
         return self.ipc.rerank_detailed(query, documents, **options)
 
     def rerank(self, query, documents, **options) -> np.ndarray:

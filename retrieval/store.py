@@ -136,14 +136,20 @@ class CollectionStore:
     def model(self, requested: str | None = None) -> tuple[str, int]:
         """(name, dimension) of the embedding model ``requested`` names
         (None: the service's default one); ModelNotFound if none is served."""
-        if self._model is None:
-            self._model = self.client.info()
-        info = self._model
-        served = [m for m in info.get("models") or [{"name": info["model"], "kind": "embed",
-                                                     "dimension": info["dimension"]}] if m["kind"] == "embed"]
-        for m in served:
-            if requested is None or name_matches(requested, m["name"]):
-                return str(m["name"]), int(m["dimension"])
+        for fresh in (False, True):
+            # The served models, remembered; looked up again when a name is
+            # missing (the sidecar restarted with other models) and never
+            # remembered from a local fallback, which serves one model while
+            # the sidecar is down.
+            info = self._model if self._model is not None and not fresh else self.client.info()
+            if getattr(self.client, "mode", "ipc") == "ipc":
+                self._model = info
+            served = [m for m in info.get("models") or [{"name": info["model"], "kind": "embed",
+                                                         "dimension": info["dimension"]}] if m["kind"] == "embed"]
+            match = next((m for m in served if requested is None or m["name"] == requested), None) or next(
+                (m for m in served if requested is not None and name_matches(requested, m["name"])), None)
+            if match is not None:
+                return str(match["name"]), int(match["dimension"])
         raise ModelNotFound(f"no embedding model named {requested!r} is served here (served: "
                             f"{', '.join(m['name'] for m in served)})", requested=str(requested),
                             served=[m["name"] for m in served])

@@ -284,7 +284,7 @@ class EmbeddingClient(SentenceTransformerAPI):
     @staticmethod
     def _info(sess: Session) -> dict:
         r, p = sess.region, sess.params
-        default = sess.models[0]
+        default = model_files.default_model(sess.models)
         return {
             "model": default.name,
             "dimension": default.dim,
@@ -310,7 +310,7 @@ class EmbeddingClient(SentenceTransformerAPI):
     @property
     def dimension(self) -> int:
         """The default model's vector size."""
-        return self._get_session().models[0].dim
+        return model_files.default_model(self._get_session().models).dim
 
     def models(self) -> list[dict]:
         """Every model the sidecar serves (the default first): name, kind,
@@ -370,24 +370,29 @@ class EmbeddingClient(SentenceTransformerAPI):
 
     # -- reranking --------------------------------------------------------------------
     def rerank(self, query: str, documents: Sequence[str], *, model: str | None = None,
-               raw_scores: bool = False, truncate: bool = True) -> np.ndarray:
+               raw_scores: bool = False, truncate: bool = True, prompt: str | None = None,
+               prompt_name: str | None = None) -> np.ndarray:
         """Relevance scores (float32, one per document, in input order) of
         ``documents`` for ``query``, as ``CrossEncoder(path).predict(pairs)``
         gives them (its activation applied, unless ``raw_scores``)."""
-        return self.rerank_detailed(query, documents, model=model, raw_scores=raw_scores, truncate=truncate).scores
+        return self.rerank_detailed(query, documents, model=model, raw_scores=raw_scores, truncate=truncate,
+                                    prompt=prompt, prompt_name=prompt_name).scores
 
     def rerank_detailed(self, query: str, documents: Sequence[str], *, model: str | None = None,
-                        raw_scores: bool = False, truncate: bool = True,
-                        max_tokens: int | None = None) -> RerankResult:
+                        raw_scores: bool = False, truncate: bool = True, max_tokens: int | None = None,
+                        prompt: str | None = None, prompt_name: str | None = None) -> RerankResult:
         """Scores and details of ``documents`` for ``query`` from one of the
         sidecar's rerankers (``model`` by name; None: the first). Each
         (query, document) pair is tokenized here as a pair and scored in the
-        sidecar, batched with other workers' pairs."""
+        sidecar, batched with other workers' pairs. The cross-encoder's
+        prompt (``prompt``, ``prompt_name`` or its default one) is put before
+        the query, as ``CrossEncoder.predict`` puts it."""
         if not isinstance(query, str):
             raise InvalidInput(f"query must be a string, not {type(query).__name__}")
         documents = check_texts(documents)
         sess = self._get_session()
         m = model_files.find_model(sess.models, model, ModelKind.RERANK)
+        query = (self._options[m.index].resolve_prompt(prompt, prompt_name) or "") + query
         if not documents:
             return RerankResult(np.empty(0, np.float32), np.empty(0, np.int64), m.name, 0, 0)
         tok = self._tokenizers[m.index].tokenize_pairs(query, documents, truncate=truncate, max_tokens=max_tokens)

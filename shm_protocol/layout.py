@@ -25,7 +25,7 @@ Control segment::
     |           any served model; they size the slots)             |
     |   device[32], n_models u32                                   |
     |   models: MODEL_DTYPE x MAX_MODELS, the first n_models used: |
-    |     name[64], kind u32 (ModelKind), dim u32 (vector size,    |
+    |     name[128], kind u32 (ModelKind), dim u32 (vector size,   |
     |     or scores per pair for a reranker), max_seq_length,      |
     |     vocab_size, type_vocab_size (0: the model takes no       |
     |     segment ids), activation u32 (Activation of scores),     |
@@ -218,6 +218,8 @@ class SlotError(enum.IntEnum):
 
 #: Models one sidecar serves at most (the header's model table has this many entries).
 MAX_MODELS = 8
+#: Bytes of a model's name in the table (UTF-8).
+MODEL_NAME_BYTES = 128
 
 
 class ModelKind(enum.IntEnum):
@@ -287,7 +289,7 @@ MODEL_STATS_DTYPE = np.dtype(
 
 MODEL_DTYPE = np.dtype(
     [
-        ("name", "S64"),
+        ("name", f"S{MODEL_NAME_BYTES}"),
         ("kind", "<u4"),  # ModelKind
         ("dim", "<u4"),  # vector size; a reranker's scores per pair
         ("max_seq_length", "<u4"),  # tokens of one text (a pair: both parts and the specials)

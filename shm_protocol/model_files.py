@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, InvalidInput, ModelNotFound
-from .layout import MAX_MODELS, ModelKind
+from .layout import MAX_MODELS, MODEL_NAME_BYTES, ModelKind
 
 #: The name the bundled model is reported under.
 BUNDLED_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -61,8 +61,9 @@ def parse_model_specs(raw: str) -> list[tuple[str, str, tuple[str, ...]]]:
         path, *flags = [x.strip() for x in rest.split(";")]
         if not sep or not name or not path:
             raise ConfigError(f"SHM_EMBED_MODELS entry {part!r}: expected name=path[;flag...]")
-        if len(name.encode()) > 64 or not all(c.isalnum() or c in "-_.:/" for c in name):
-            raise ConfigError(f"SHM_EMBED_MODELS entry {part!r}: a name is up to 64 letters, digits and -_.:/")
+        if len(name.encode()) > MODEL_NAME_BYTES or not all(c.isalnum() or c in "-_.:/" for c in name):
+            raise ConfigError(f"SHM_EMBED_MODELS entry {part!r}: a name is up to {MODEL_NAME_BYTES} letters, "
+                              "digits and -_.:/")
         bad = [f for f in flags if f not in _SPEC_FLAGS]
         if bad or ("embed" in flags and "rerank" in flags):
             raise ConfigError(f"SHM_EMBED_MODELS entry {part!r}: flags are {', '.join(_SPEC_FLAGS)} "
@@ -71,6 +72,11 @@ def parse_model_specs(raw: str) -> list[tuple[str, str, tuple[str, ...]]]:
     names = [e[0] for e in entries]
     if not entries or len(entries) > MAX_MODELS or len(set(names)) != len(names):
         raise ConfigError(f"SHM_EMBED_MODELS={raw!r}: 1 to {MAX_MODELS} entries with distinct names")
+    for a in names:
+        for b in names:
+            if a != b and name_matches(a, b):  # "org/e5" would also answer to "e5"'s requests
+                raise ConfigError(f"SHM_EMBED_MODELS: the name {a!r} ends in another model's name {b!r}; "
+                                  "a request naming one could reach the other")
     return entries
 
 
@@ -79,7 +85,7 @@ def model_specs(settings) -> list[ModelSpec]:
     SHM_EMBED_MODELS, else the one model of SHM_EMBED_MODEL."""
     if not settings.models:
         path = resolve_model_path(settings.model)
-        return [ModelSpec(model_name(path), path, model_kind(path), settings.matryoshka)]
+        return [ModelSpec(fit_name(model_name(path)), path, model_kind(path), settings.matryoshka)]
     specs = []
     for name, raw_path, flags in parse_model_specs(settings.models):
         path = resolve_model_path(raw_path)
@@ -106,6 +112,11 @@ def model_kind(path: Path) -> ModelKind:
     return ModelKind.EMBED
 
 
+def fit_name(name: str, reserve: int = 0) -> str:
+    """A name derived from a folder, cut to fit the model table (less ``reserve`` bytes)."""
+    return name.encode("utf-8")[: MODEL_NAME_BYTES - reserve].decode("utf-8", "ignore")
+
+
 def name_matches(requested: str, served: str) -> bool:
     """Whether a request's ``model`` names the served one: its name, or a
     hub id ending in it ("sentence-transformers/all-MiniLM-L6-v2"). The
@@ -128,14 +139,22 @@ def find_model(models: list, requested: str | None, kind: ModelKind):
                 return m
         raise ModelNotFound(f"no model here serves {task} (served: {', '.join(served)})",
                             requested="", served=served)
-    for m in models:
-        if name_matches(requested, m.name):
-            if m.kind != kind:
-                raise ModelNotFound(f"the model '{requested}' serves {m.kind.name.lower()}, not {task}",
-                                    requested=requested, served=served)
-            return m
+    # An exact name first: a hub id may end in another model's name.
+    match = next((m for m in models if m.name == requested), None) or next(
+        (m for m in models if name_matches(requested, m.name)), None)
+    if match is not None:
+        if match.kind != kind:
+            raise ModelNotFound(f"the model '{requested}' serves {match.kind.name.lower()}, not {task}",
+                                requested=requested, served=served)
+        return match
     raise ModelNotFound(f"The model '{requested}' does not exist here; this service serves "
                         f"{', '.join(repr(n) for n in served)}", requested=requested, served=served)
+
+
+def default_model(models: list):
+    """The model a call that names none gets: the first embedding model
+    (the first entry when only rerankers are served)."""
+    return next((m for m in models if m.kind == ModelKind.EMBED), models[0])
 
 
 def tokenizer_file(path: Path) -> Path:

@@ -21,6 +21,7 @@ from .layout import (
     PROTOCOL_VERSION,
     LayoutParams,
     ModelEntry,
+    ModelKind,
     RecordViews,
     SidecarState,
     check_prefix,
@@ -29,7 +30,11 @@ from .layout import (
     sidecar_state_name,
     slots_view,
 )
+from .model_files import default_model
 from .segments import ORPHANED, Names, Segment, locked, pid_alive
+
+#: Segment ids a reranker's table entry may name at most (BERT has 2).
+MAX_TYPE_VOCAB = 16
 
 #: Longest a worker waits for the ring-table lock before RingTableBusy: a
 #: holder only keeps it for microseconds, unless it is stopped.
@@ -126,9 +131,16 @@ class Region:
             raise LayoutMismatch(f"{self.names.ctl}: {n} models in the header, expected 1 to {MAX_MODELS}")
         table = self.header["models"]
         try:
-            return [ModelEntry.read(i, table[i]) for i in range(n)]
+            entries = [ModelEntry.read(i, table[i]) for i in range(n)]
         except ValueError as exc:
             raise LayoutMismatch(f"{self.names.ctl}: a model table entry no sidecar writes ({exc})") from None
+        p = self.params
+        for e in entries:  # the slots are sized for every model: an entry beyond them was not written by a sidecar
+            if (not 1 <= e.dim <= p.dim or (e.kind == ModelKind.RERANK and e.dim != 1)
+                    or not 1 <= e.max_seq_length <= p.max_seq_length or not 1 <= e.vocab_size <= p.vocab_size
+                    or e.type_vocab_size > MAX_TYPE_VOCAB or not e.name):
+                raise LayoutMismatch(f"{self.names.ctl}: model table entry {e.index} does not fit the layout")
+        return entries
 
     def write_models(self, entries: list[ModelEntry]) -> None:
         """Write the model table (the sidecar, before it is READY)."""
@@ -141,8 +153,11 @@ class Region:
 
     @property
     def model_name(self) -> str:
-        """The default model's name ("" while the table is not written yet)."""
-        return bytes(self.header["models"][0]["name"]).rstrip(b"\0").decode("utf-8", "replace")
+        """The default model's name ("" while the table is unreadable or not written yet)."""
+        try:
+            return default_model(self.models()).name
+        except LayoutMismatch:
+            return ""
 
     @property
     def device(self) -> str:

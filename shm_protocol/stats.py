@@ -110,7 +110,7 @@ def snapshot(region: Region, stale_after_s: float = 1.0) -> Snapshot:
         rings.append(row)
     started = int(h["started_ns"])
     models = _models(region)
-    default = models[0] if models else None
+    default = next((m for m in models if m["kind"] == "embed"), models[0]) if models else None
     return Snapshot(
         namespace=region.names.namespace,
         model=region.model_name,

@@ -44,6 +44,7 @@ def _fmt_s(v) -> str:
 def render(snap: Snapshot, status: str, rate: dict):
     """A rich renderable of one snapshot."""
     from rich.console import Group
+    from rich.markup import escape
     from rich.table import Table
 
     head = Table(title=f"shm-embed namespace {snap.namespace}", show_header=False, box=None)
@@ -52,7 +53,7 @@ def render(snap: Snapshot, status: str, rate: dict):
                             f"state {snap.state}, epoch {snap.epoch}")
     head.add_row("uptime", f"{snap.uptime_s:.0f} s; heartbeat {snap.heartbeat_age_s * 1e3:.0f} ms ago, "
                            f"loop progress {snap.loop_age_s * 1e3:.0f} ms ago")
-    head.add_row("model", f"{snap.model} ({snap.dim} dims, max {snap.max_seq_length} tokens) on {snap.device}")
+    head.add_row("model", f"{escape(snap.model)} ({snap.dim} dims, max {snap.max_seq_length} tokens) on {snap.device}")
     head.add_row("queue", f"{snap.queue_depth} slots ready, {snap.busy_slots} in the model")
 
     rings = Table(title="rings", show_lines=False)
@@ -80,8 +81,8 @@ def render(snap: Snapshot, status: str, rate: dict):
         per_model.add_column(col, justify="right")
     for m in snap.models:
         mean = m["compute_ns_sum"] / m["batches"] / 1e9 if m["batches"] else None
-        per_model.add_row(m["name"], m["kind"], *(f"{m[k]:,}" for k in ("requests", "texts", "tokens", "batches",
-                                                                        "errors")), _fmt_s(mean))
+        counts = (f"{m[k]:,}" for k in ("requests", "texts", "tokens", "batches", "errors"))
+        per_model.add_row(escape(m["name"]), m["kind"], *counts, _fmt_s(mean))
 
     pct = snap.percentiles()
     lat = Table(title="latency and batches (histogram bucket bounds)")

@@ -46,6 +46,7 @@ class WorkerTokenizer:
         self._tok = _preloaded.pop(path, None) or Tokenizer.from_file(path)
         self._tok.no_padding()
         self._tok.enable_truncation(max_length=max_seq_length)
+        self._untruncated = None  # made on first need (pairs with a long query)
 
     def tokenize_request(self, texts: list[str], *, prompt: str | None, truncate: bool,
                          max_tokens: int | None) -> Tokenized:
@@ -79,8 +80,8 @@ class WorkerTokenizer:
         first at the model's limit): ids, lengths and where each pair's
         second segment starts. A pair over the limit is RequestTooLarge
         unless ``truncate``; more than ``max_tokens`` in all too."""
-        pairs = [(query, d) for d in documents]
         t0 = time.perf_counter_ns()
+        pairs = list(zip(self._pair_queries(query, documents, truncate), documents)) if documents else []
         encs = self.encode(pairs) if pairs else []
         tokenize_ns = time.perf_counter_ns() - t0
         if not truncate:
@@ -98,6 +99,42 @@ class WorkerTokenizer:
             types = e.type_ids
             segments[i] = types.index(1) if 1 in types else 0
         return Tokenized([d for _, d in pairs], ids, lengths, tokenize_ns, segments)
+
+    def _pair_queries(self, query: str, documents: list[str], truncate: bool) -> list[str]:
+        """The query to pair with each document: the query itself, or, when it
+        is over the model's limit, cut to as many tokens as that pair can
+        keep. The tokenizer's longest-first truncation keeps at most the
+        limit of either part and gives the odd token to the longer one, so a
+        cut that keeps max(limit, document + 1) tokens gives the very same
+        pair; and a 100,000-character query is not tokenized in full again
+        for each of 2,000 documents. A query over the limit alone is
+        RequestTooLarge unless ``truncate``."""
+        raw = self._raw()
+        q = raw.encode(query, add_special_tokens=False)
+        n = len(q.ids)
+        if n <= self.max_seq_length:
+            return [query] * len(documents)
+        if not truncate:
+            raise RequestTooLarge(f"the query alone has {n} tokens, over the model's limit of {self.max_seq_length} "
+                                  "(send truncate=true to cut it)", limit=self.max_seq_length, actual=n, what="tokens")
+        cuts: dict[int, str] = {}
+        out = []
+        for e in raw.encode_batch(documents, add_special_tokens=False):
+            keep = max(self.max_seq_length, len(e.ids) + 1)
+            out.append(query if keep >= n else cuts.setdefault(keep, query[: q.offsets[keep - 1][1]]))
+        return out
+
+    def _raw(self):
+        """A copy of the tokenizer without truncation, for true token counts."""
+        raw = self._untruncated
+        if raw is None:
+            from tokenizers import Tokenizer
+
+            raw = Tokenizer.from_str(self._tok.to_str())
+            raw.no_truncation()
+            raw.no_padding()
+            self._untruncated = raw
+        return raw
 
     def encode(self, texts: Sequence):
         try:

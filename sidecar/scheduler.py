@@ -521,7 +521,8 @@ class Scheduler:
         v = self.v
         for flat in np.flatnonzero(v.state == SLOT_READY).tolist():
             v.state[flat] = SLOT_BUSY
-            self._finish(_Work(flat, int(v.seq[flat]), None, np.empty(0, np.int32), 0, 0), SlotError.SHUTDOWN)
+            self._finish(_Work(flat, int(v.seq[flat]), None, np.empty(0, np.int32), 0, 0, int(v.model[flat])),
+                         SlotError.SHUTDOWN)
 
     # -- rings of dead workers ----------------------------------------------------------
     def reap_dead_rings(self) -> int:

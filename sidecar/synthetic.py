@@ -67,7 +67,7 @@ class SyntheticEmbedder:
         self.call_ns = settings.synthetic_us * 1000
         rerank = spec.kind == ModelKind.RERANK
         self.info = ModelInfo(
-            name=spec.name if settings.models else f"synthetic:{spec.name}",
+            name=spec.name if settings.models else "synthetic:" + model_files.fit_name(spec.name, len("synthetic:")),
             path=str(path),
             tokenizer_path=str(model_files.tokenizer_file(path)),
             dim=1 if rerank else settings.synthetic_dim,

@@ -116,6 +116,10 @@ def rerank_results(ctx, query: str, results: list[dict], spec: dict) -> list[dic
     a 'rerank_score'."""
     if not results:
         return results
+    limit = ctx.settings.max_inputs
+    if len(results) > limit:  # pairs count as inputs, as on /rerank
+        raise too_large(f"{len(results)} candidates to rerank is over the limit of {limit} (SHM_EMBED_MAX_INPUTS); "
+                        "ask for fewer (top_k)")
     res = ctx.rerank(query, [r["passage"] for r in results], model=spec["model"])
     for r, score in zip(results, res.scores.tolist()):
         r["rerank_score"] = score

@@ -7,6 +7,8 @@ load and against hostile slot writes."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import subprocess
 import sys
@@ -29,8 +31,23 @@ DOCS = ["Semaphores wake the waiting worker.", "Paris is the capital of France."
 
 
 @pytest.fixture(scope="module")
-def models_env(real_model_path, tiny_model, cross_encoder_path):
-    return {"SHM_EMBED_MODELS": f"minilm={real_model_path},tiny={tiny_model};matryoshka,ce={cross_encoder_path}",
+def prompted_ce(cross_encoder_path, tmp_path_factory):
+    """The test's cross-encoder (linked) with a default prompt in its config."""
+    folder = tmp_path_factory.mktemp("ce-prompted") / "ce-prompted"
+    folder.mkdir()
+    for item in cross_encoder_path.iterdir():
+        if item.name != "config_sentence_transformers.json":
+            os.symlink(item, folder / item.name)
+    cfg = json.loads((cross_encoder_path / "config_sentence_transformers.json").read_text())
+    cfg.update(prompts={"query": "Find what answers: ", "short": "q: "}, default_prompt_name="query")
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models_env(real_model_path, tiny_model, cross_encoder_path, prompted_ce):
+    return {"SHM_EMBED_MODELS": f"minilm={real_model_path},tiny={tiny_model};matryoshka,ce={cross_encoder_path},"
+                                f"ce-prompted={prompted_ce}",
             "SHM_EMBED_TORCH_THREADS": "1"}
 
 
@@ -49,7 +66,7 @@ def test_the_header_lists_every_model_and_a_call_picks_one_by_name(multi, real_m
     with client_for(multi) as c:
         cards = c.models()
         assert [(m["name"], m["kind"], m["dimension"]) for m in cards] == [
-            ("minilm", "embed", 384), ("tiny", "embed", 32), ("ce", "rerank", 1)]
+            ("minilm", "embed", 384), ("tiny", "embed", 32), ("ce", "rerank", 1), ("ce-prompted", "rerank", 1)]
         assert c.info()["model"] == "minilm" and c.dimension == 384
         assert cosine_rows(c.embed(TEXTS), real_model.encode(TEXTS)).min() >= 0.99999
         tiny = c.embed(TEXTS, model="tiny")
@@ -63,7 +80,7 @@ def test_the_header_lists_every_model_and_a_call_picks_one_by_name(multi, real_m
         with pytest.raises(ModelNotFound):
             c.rerank(QUERY, DOCS, model="minilm")  # an embedding model does not rerank
         # ";matryoshka" in SHM_EMBED_MODELS marks one model only
-        assert [m["matryoshka"] for m in cards] == [False, True, False]
+        assert [m["matryoshka"] for m in cards] == [False, True, False, False]
         cut = c.embed(TEXTS, model="tiny", dimensions=16, normalize=True)
         want = tiny_st.encode(TEXTS, truncate_dim=16, normalize_embeddings=True)
         assert cut.shape == (len(TEXTS), 16) and cosine_rows(cut, want).min() >= 0.99999
@@ -87,6 +104,12 @@ def test_rerank_scores_equal_cross_encoder_predict(multi, cross_encoder):
         many = [f"document number {i} about workers and semaphores" for i in range(150)]
         np.testing.assert_allclose(c.rerank(QUERY, many), cross_encoder.predict(_ce_pairs(QUERY, many)),
                                    atol=1e-5, rtol=0)
+        # a query over the model's limit: cut once, the same pairs as predict's
+        long_query = "why does the waiting worker wake " * 200
+        np.testing.assert_allclose(c.rerank(long_query, DOCS), cross_encoder.predict(_ce_pairs(long_query, DOCS)),
+                                   atol=1e-5, rtol=0)
+        with pytest.raises(RequestTooLarge, match="the query alone"):
+            c.rerank(long_query, DOCS, truncate=False)
         res = c.rerank_detailed(QUERY, DOCS)
         assert res.model == "ce" and res.token_counts.max() == 512  # the long pair was cut at the model's limit
         with pytest.raises(RequestTooLarge):
@@ -186,7 +209,7 @@ def test_http_serves_every_model_and_reranks_in_both_shapes(multi, multi_web, re
     with httpx.Client(base_url=web.base, timeout=60) as h:
         cards = h.get("/v1/models").json()["data"]
         assert [(m["id"], m["kind"]) for m in cards] == [("minilm", "embed"), ("tiny", "embed"),
-                                                         ("ce", "rerank")]
+                                                         ("ce", "rerank"), ("ce-prompted", "rerank")]
         assert h.get("/v1/models/ce").json()["dimension"] == 1
         r = h.post("/v1/embeddings", json={"input": TEXTS, "model": "tiny"}).json()
         assert r["model"] == "tiny"
@@ -210,7 +233,7 @@ def test_http_serves_every_model_and_reranks_in_both_shapes(multi, multi_web, re
         assert bad.status_code == 404
 
         info = h.get("/info").json()
-        assert [m["name"] for m in info["models"]] == ["minilm", "tiny", "ce"]
+        assert [m["name"] for m in info["models"]] == ["minilm", "tiny", "ce", "ce-prompted"]
         metrics = h.get("/metrics").text
         assert 'shm_embed_model_requests_total{model="ce"}' in metrics
         assert 'shm_embed_model_info{dimension="32",kind="embed",max_tokens="256",model="tiny"}' in metrics
@@ -220,9 +243,7 @@ def test_http_serves_every_model_and_reranks_in_both_shapes(multi, multi_web, re
     cli = subprocess.run([sys.executable, "-m", "shm_protocol.stats_cli", "--json"], env=multi.env, cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert cli.returncode == 0, cli.stderr
-    import json
-
-    assert [m["name"] for m in json.loads(cli.stdout)["models"]] == ["minilm", "tiny", "ce"]
+    assert [m["name"] for m in json.loads(cli.stdout)["models"]] == ["minilm", "tiny", "ce", "ce-prompted"]
     human = subprocess.run([sys.executable, "-m", "shm_protocol.stats_cli"], env=multi.env, cwd=REPO,
                            capture_output=True, text=True, timeout=60)
     assert "models" in human.stdout and "rerank" in human.stdout
@@ -289,3 +310,46 @@ def test_web_search_reranks_its_passages(multi_web, cross_encoder):
     assert [g["passage"] for g in got] == [b[1] for b in best]
     for g, (score, _) in zip(got, best):
         assert g["rerank_score"] == pytest.approx(score, abs=1e-5)
+
+
+def test_a_cross_encoders_prompts_go_before_the_query_as_predict_puts_them(multi, prompted_ce):
+    from sentence_transformers import CrossEncoder
+
+    ce = CrossEncoder(str(prompted_ce), device="cpu")
+    pairs = _ce_pairs(QUERY, DOCS)
+    with client_for(multi) as c:
+        np.testing.assert_allclose(c.rerank(QUERY, DOCS, model="ce-prompted"), ce.predict(pairs),
+                                   atol=1e-5, rtol=0)  # the default prompt
+        np.testing.assert_allclose(c.rerank(QUERY, DOCS, model="ce-prompted", prompt_name="short"),
+                                   ce.predict(pairs, prompt_name="short"), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(c.rerank(QUERY, DOCS, model="ce-prompted", prompt=""),
+                                   ce.predict(pairs, prompt=""), atol=1e-5, rtol=0)
+
+
+def test_a_reranker_listed_first_is_not_the_default_and_a_tampered_table_is_refused(tiny_model,
+                                                                                    cross_encoder_path, tmp_path):
+    from shm_protocol.errors import LayoutMismatch
+    from shm_protocol.region import Region
+
+    sc = start_sidecar(tmp_path, None, SHM_EMBED_SYNTHETIC_US="0",
+                       SHM_EMBED_MODELS=f"ce={cross_encoder_path},tiny={tiny_model}")
+    try:
+        with client_for(sc) as c:
+            info = c.info()
+            assert (info["model"], info["dimension"]) == ("tiny", 384) and c.dimension == 384
+            assert c.embed(["x"]).shape == (1, 384) and c.rerank("q", ["d"]).shape == (1,)
+        region = Region.attach(sc.names)
+        try:
+            region.header["models"][1]["dim"] = 100_000  # wider than any slot
+        finally:
+            region.close()
+        with pytest.raises(LayoutMismatch):
+            client_for(sc)
+        web = start_web(tmp_path, sc.env, workers=1)
+        try:
+            r = httpx.post(web.base + "/v1/embeddings", json={"input": "x", "model": "tiny"}, timeout=30)
+            assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+        finally:
+            web.stop()
+    finally:
+        stop_and_check(sc)

@@ -315,3 +315,15 @@ def test_rerank_in_tei_and_cohere_shapes_best_first(app, fake):
         assert r.status_code == status, body
     assert app.simulate_post("/v1/rerank", json={"query": "q", "documents": docs, "model": "nope"}
                              ).json["error"]["code"] == "model_not_found"
+
+
+def test_a_search_reranks_no_more_candidates_than_a_request_may_send(app):
+    assert app.simulate_put("/collections/many").status_code == 201
+    for chunk in (range(0, 4), range(4, 8)):  # max_inputs is 5 here
+        docs = [{"id": str(i), "text": f"note number {i}"} for i in chunk]
+        assert app.simulate_post("/collections/many/documents", json={"documents": docs}).status_code == 200
+    ok = app.simulate_post("/collections/many/search", json={"query": "note", "top_k": 5, "rerank": True})
+    assert ok.status_code == 200 and len(ok.json["results"]) == 5
+    assert all("rerank_score" in r for r in ok.json["results"])
+    over = app.simulate_post("/collections/many/search", json={"query": "note", "top_k": 8, "rerank": True})
+    assert over.status_code == 413 and "SHM_EMBED_MAX_INPUTS" in over.json["error"]["message"]

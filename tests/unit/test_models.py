@@ -1,0 +1,76 @@
+"""Choosing among several served models, and reading their table, without a sidecar."""
+
+import numpy as np
+import pytest
+
+from shm_protocol.errors import ConfigError, LayoutMismatch, ModelNotFound
+from shm_protocol.layout import HEADER_DTYPE, MODEL_NAME_BYTES, LayoutParams, ModelEntry, ModelKind
+from shm_protocol.model_files import default_model, find_model, fit_name, parse_model_specs
+
+EMBED, RERANK = ModelKind.EMBED, ModelKind.RERANK
+
+
+def entry(i, name, kind=EMBED, dim=8):
+    return ModelEntry(i, name, kind, dim, 16, 100)
+
+
+def test_an_exact_name_wins_over_a_hub_id_ending_in_another():
+    models = [entry(0, "tiny"), entry(1, "org/tiny", dim=4), entry(2, "ce", RERANK, 1)]
+    assert find_model(models, "org/tiny", EMBED).index == 1
+    assert find_model(models, "tiny", EMBED).index == 0
+    assert find_model(models, "sentence-transformers/ce", RERANK).index == 2
+    assert find_model(models, None, RERANK).index == 2
+    with pytest.raises(ModelNotFound):
+        find_model(models, "ce", EMBED)
+    with pytest.raises(ModelNotFound) as err:
+        find_model([entry(0, "tiny")], None, RERANK)
+    assert err.value.requested == ""  # no reranker at all: a 422, not a 404
+
+
+def test_the_default_is_the_first_embedding_model_even_after_a_reranker():
+    assert default_model([entry(0, "ce", RERANK, 1), entry(1, "tiny")]).name == "tiny"
+    assert default_model([entry(0, "ce", RERANK, 1)]).name == "ce"
+
+
+def test_model_specs_refuse_names_one_request_could_confuse():
+    assert [e[0] for e in parse_model_specs("a=/x,b=/y;rerank")] == ["a", "b"]
+    for bad in ("e5=/x,org/e5=/y", "a=/x,a=/y", "a=", "=x", "a=/x;fast", "a=/x;embed;rerank",
+                ",".join(f"m{i}=/x" for i in range(9))):
+        with pytest.raises(ConfigError):
+            parse_model_specs(bad)
+
+
+def test_a_folder_name_too_long_for_the_table_is_cut_to_fit():
+    name = "ü" * 100  # 200 bytes
+    cut = fit_name(name)
+    assert len(cut.encode()) <= MODEL_NAME_BYTES and name.startswith(cut)
+    assert len(("synthetic:" + fit_name(name, len("synthetic:"))).encode()) <= MODEL_NAME_BYTES
+
+
+def test_a_model_table_that_does_not_fit_the_layout_is_a_mismatch(tmp_path):
+    from shm_protocol.region import Region
+    from shm_protocol.segments import Names, unlink_namespace
+
+    names = Names(f"shm-embed-unit-{np.random.default_rng().integers(1 << 40):x}")
+    params = LayoutParams(n_rings=1, slots_per_ring=1, max_texts=2, max_tokens=16, dim=8, max_seq_length=16,
+                          vocab_size=100)
+    region = Region.create(names, params, mode=0o600)
+    try:
+        region.write_models([entry(0, "a"), entry(1, "ce", RERANK, 1)])
+        assert [m.name for m in region.models()] == ["a", "ce"] and region.model_name == "a"
+        table = region.header["models"]
+        for field, value in (("dim", 9), ("dim", 0), ("max_seq_length", 17), ("vocab_size", 101),
+                             ("kind", 7), ("type_vocab_size", 1 << 20)):
+            saved = int(table[1][field])
+            table[1][field] = value
+            with pytest.raises(LayoutMismatch):
+                region.models()
+            assert region.model_name == ""
+            table[1][field] = saved
+        region.header["n_models"] = 0
+        with pytest.raises(LayoutMismatch):
+            region.models()
+    finally:
+        region.close()
+        unlink_namespace(names, lock=True)
+    assert HEADER_DTYPE["models"].shape[0] >= 2
