@@ -19,6 +19,11 @@ Each worker keeps a FAISS index per collection in memory (see
 replaying the ``changes`` log past the last sequence number it has applied, so
 a write by any worker is visible to the next search in every worker. Passage
 ids are never reused (``AUTOINCREMENT``), which makes replay order-free.
+
+With snapshots (the default, ``SHM_EMBED_SNAPSHOTS``) that index is a shared,
+memory-mapped snapshot of the collection plus the changes since it, rebuilt in
+the background, and the change log is compacted once every host's snapshot
+covers it: see :mod:`retrieval.snapshot`.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from shm_protocol.errors import InvalidInput, RequestTooLarge
 from .documents import CollectionOptions, Document, check_name, parse_documents
 from .errors import CollectionConflict, CollectionNotFound
 from .faiss_index import POINTS_PER_CENTROID, PassageIndex, nlist_for, train_centroids
+from .snapshot import DELTA_MAX, STALE_HOST_S, SnapshotManager, load_from_tables, log_state, reading
 from .storage import narrow_modes, os_storage_error, prepare_files, storage_error
 
 DB_FILE = COLLECTIONS_DB
@@ -103,6 +109,19 @@ CREATE TABLE IF NOT EXISTS changes (
     pid INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS changes_by_collection ON changes(cid, seq);
+-- Per host and collection: the changes its newest snapshot covers (compaction waits for the live hosts).
+CREATE TABLE IF NOT EXISTS snapshot_marks (
+    host TEXT NOT NULL,
+    cid INTEGER NOT NULL REFERENCES collections(cid) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (host, cid)
+);
+-- The changes of a collection up to seq were compacted away: a worker behind it reloads from the tables.
+CREATE TABLE IF NOT EXISTS change_floor (
+    cid INTEGER PRIMARY KEY REFERENCES collections(cid) ON DELETE CASCADE,
+    seq INTEGER NOT NULL
+);
 PRAGMA user_version = {SCHEMA_VERSION};
 """
 
@@ -141,7 +160,8 @@ class CollectionStore:
     @_guarded
     def __init__(self, data_dir: str | os.PathLike, client, *, nprobe: int = 32,
                  ivf_min_vectors: int = 50_000, search_threads: int = 1, busy_timeout_s: float = 30.0,
-                 filter_max_values: int = FILTER_MAX_VALUES):
+                 filter_max_values: int = FILTER_MAX_VALUES, snapshots: bool = True,
+                 snapshot_delta: int = DELTA_MAX, snapshot_stale_host_s: float = STALE_HOST_S):
         self.dir = Path(data_dir)
         self.path = self.dir / DB_FILE
         self.client = client
@@ -157,6 +177,8 @@ class CollectionStore:
         self._loaded: dict[str, _Loaded] = {}
         self._model: tuple[str, int] | None = None
         self._conns: list[sqlite3.Connection] = []
+        self.snapshots = (SnapshotManager(self, delta_max=snapshot_delta, stale_host_s=snapshot_stale_host_s)
+                          if snapshots else None)
         try:
             # One script, one transaction (executescript commits an open transaction before it runs).
             self._conn().executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
@@ -172,7 +194,8 @@ class CollectionStore:
     def from_settings(cls, settings, client) -> CollectionStore:
         return cls(settings.data_dir, client, nprobe=settings.search_nprobe,
                    ivf_min_vectors=settings.ivf_min_vectors, search_threads=settings.search_threads,
-                   filter_max_values=settings.filter_max_values)
+                   filter_max_values=settings.filter_max_values, snapshots=settings.snapshots,
+                   snapshot_delta=settings.snapshot_delta, snapshot_stale_host_s=settings.snapshot_stale_host_s)
 
     # --- connections and transactions ------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -216,6 +239,8 @@ class CollectionStore:
             raise
 
     def close(self) -> None:
+        if self.snapshots is not None:
+            self.snapshots.close()
         with self._lock:
             for conn in self._conns:
                 try:
@@ -393,10 +418,16 @@ class CollectionStore:
                 "passages": n}
 
     # --- the IVF quantizer -------------------------------------------------------------
+    def _ivf_need(self, options: dict) -> int | None:
+        """Passages at which a collection of these options trains its IVF quantizer (None: never)."""
+        return {"auto": self.ivf_min_vectors, "ivf": IVF_EXPLICIT_MIN}.get(options["index"])
+
     def _maybe_train(self, row: sqlite3.Row, total: int) -> None:
-        kind = json.loads(row["options"])["index"]
-        need = {"auto": self.ivf_min_vectors, "ivf": IVF_EXPLICIT_MIN}.get(kind)
+        need = self._ivf_need(json.loads(row["options"]))
         if need is None or total < need:
+            return
+        if self.snapshots is not None:
+            self.snapshots.request_build(row["cid"], "the IVF quantizer is due")  # trained there, not in a request
             return
         conn = self._conn()
         nlist = nlist_for(total)
@@ -425,6 +456,8 @@ class CollectionStore:
                 total += self._sync(conn, self._row(conn, name)).index.ntotal
             except (CollectionNotFound, CollectionConflict):
                 pass
+        if self.snapshots is not None:
+            self.snapshots.sweep()  # snapshots of collections deleted while this worker was away
         return total
 
     def _sync(self, conn: sqlite3.Connection, row: sqlite3.Row) -> _Loaded:
@@ -434,16 +467,23 @@ class CollectionStore:
             lo = self._loaded.get(name)
             if lo is None or lo.cid != cid:
                 lo = self._loaded[name] = _Loaded(cid, dim, self.nprobe)
-        with lo.lock:
-            if lo.index.kind == "flat":
+        with lo.lock, reading(conn):  # one state: a compaction cannot slip between the floor and the replay
+            last, floor = log_state(conn, cid)
+            shared = self.snapshots is not None and self.snapshots.refresh(lo, floor, name)
+            if not shared and lo.index.kind == "flat":
                 cent = conn.execute("SELECT data FROM centroids WHERE cid = ?", (cid,)).fetchone()
                 if cent is not None:
                     lo.index = PassageIndex(dim, np.frombuffer(cent[0], dtype="<f4").reshape(-1, dim),
                                             nprobe=self.nprobe)
                     lo.seq = 0
-            last = conn.execute("SELECT coalesce(max(seq), 0) FROM changes WHERE cid = ?", (cid,)).fetchone()[0]
-            if last > lo.seq:
+            if lo.seq < floor:  # the log no longer holds what this process missed: read the tables
+                logger.info("collection {}: applied changes up to {}, the log starts after {}: loading from the "
+                            "tables", name, lo.seq, floor)
+                lo.index, lo.seq = load_from_tables(conn, cid, dim, self.nprobe)
+            elif last > lo.seq:
                 self._replay(conn, lo, last)
+            if self.snapshots is not None:
+                self.snapshots.after_sync(lo, json.loads(row["options"]))
         return lo
 
     def _replay(self, conn: sqlite3.Connection, lo: _Loaded, last: int) -> None:
