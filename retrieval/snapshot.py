@@ -129,8 +129,10 @@ DELTA_MAX = 50_000
 STALE_HOST_S = 7 * 86400.0
 #: The IVF quantizer is refitted when the collection holds this many times the passages it was trained on.
 RETRAIN_GROWTH = 4
-#: Seconds a worker lets pass after a build attempt (its own, or one it found running) before it asks again.
+#: Seconds a worker lets pass after a build attempt (its own, or one it found running) before it asks again;
+#: doubled after each failed build, up to BUILD_BACKOFF_MAX_S.
 BUILD_PAUSE_S = 5.0
+BUILD_BACKOFF_MAX_S = 600.0
 #: A folder modified less than this long ago may change again within its timestamp's granularity: list it again.
 RACY_S = 1.0
 #: Workers touch their host's mark this many times per stale-host horizon.
@@ -520,6 +522,15 @@ def _fill(conn, cid: int, dim: int, centroids: np.ndarray | None) -> tuple:
     return index, holder, np.concatenate(chunks) if chunks else np.empty(0, np.int64)
 
 
+def _covers(cdir: Path, gen: int, row, seq: int, kind: str, trained_at: int) -> bool:
+    """Whether generation ``gen`` opens and already is what a build now would write."""
+    try:
+        snap = Snapshot(generation_dir(cdir, gen), cid=row["cid"], dim=row["dim"])
+    except SnapshotError:
+        return False  # damaged, or removed: write a new one
+    return snap.seq == seq and snap.kind == kind and snap.trained_at == trained_at
+
+
 def _release_freed_memory() -> None:
     """Hand freed heap pages back to the kernel: glibc keeps them, and a worker
     that dropped its own copy of a big index for a snapshot would go on holding it."""
@@ -542,6 +553,7 @@ class _State:
     queued: bool = False  # a build is asked for or running in this process
     proc: subprocess.Popen | None = None
     next_build: float = 0.0  # monotonic time before which no build is asked for
+    failures: int = 0  # builds that failed in a row
     mark_due: float = 0.0  # monotonic time of the next touch of this host's mark
 
 
@@ -685,6 +697,7 @@ class SnapshotManager:
                 "--busy-timeout-s", str(s.busy_timeout_s)]
 
     def _build_in_child(self, cid: int, st: _State) -> None:
+        failed = False
         try:
             if build_running(self.collection_dir(cid)):
                 return  # another worker's builder is on it; its generation shows up at a later search
@@ -695,13 +708,21 @@ class SnapshotManager:
                 st.proc = subprocess.Popen(self.build_command(cid), cwd=_PROJECT, stdin=subprocess.DEVNULL,
                                            stdout=sys.__stderr__.fileno())
             code = st.proc.wait()
-            if code not in (0, EXIT_BUSY, -signal.SIGTERM):
-                logger.warning("collection {}: snapshot builder exited with status {}", cid, code)
+            failed = code not in (0, EXIT_BUSY, -signal.SIGTERM)
+            if failed:
+                logger.warning("collection {}: snapshot builder exited with status {} (failure {} in a row)", cid,
+                               code, st.failures + 1)
+        except OSError as exc:
+            failed = True
+            logger.warning("collection {}: snapshot builder not started: {}", cid, exc)
         finally:
             with self._lock:
                 st.proc = None
                 st.queued = False
-                st.next_build = time.monotonic() + self.build_pause_s
+                st.failures = st.failures + 1 if failed else 0
+                # A builder that keeps failing (a full or read-only disk) is not started again every few seconds.
+                pause = min(self.build_pause_s * 2 ** st.failures, BUILD_BACKOFF_MAX_S)
+                st.next_build = time.monotonic() + pause
 
     def join(self, timeout: float = 300.0) -> None:
         """Wait until the background jobs asked for so far are done (tests, benchmarks)."""
@@ -825,7 +846,7 @@ class SnapshotManager:
             with reading(conn):  # the passages exactly as the changes up to seq left them
                 last, floor = log_state(conn, cid)
                 seq = max(last, floor)
-                current = bool(gens) and self._covers(cdir, gens[-1], seq, kind, trained_at)
+                current = bool(gens) and _covers(cdir, gens[-1], row, seq, kind, trained_at)
                 if not current:
                     index, keep, ids = _fill(conn, row["cid"], row["dim"], centroids)
             if current:
@@ -845,15 +866,6 @@ class SnapshotManager:
                 logger.info("collection {}: unused snapshot generations {} removed", row["name"], removed)
         self.sweep()
         return meta
-
-    @staticmethod
-    def _covers(cdir: Path, gen: int, seq: int, kind: str, trained_at: int) -> bool:
-        """Whether generation ``gen`` already is what a build now would write."""
-        try:
-            meta = json.loads((generation_dir(cdir, gen) / META_FILE).read_text())
-        except (OSError, ValueError):
-            return False
-        return meta.get("seq") == seq and meta.get("kind") == kind and meta.get("trained_at") == trained_at
 
 
 # --- the builder process --------------------------------------------------------------------
