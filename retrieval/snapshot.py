@@ -753,7 +753,7 @@ class SnapshotManager:
             conn.execute("UPDATE snapshot_marks SET updated = ? WHERE host = ? AND cid = ?",
                          (time.time(), self.host, cid))
 
-    def mark_and_compact(self, cid: int, seq: int) -> int:
+    def mark_and_compact(self, cid: int, seq: int, name: str = "") -> int:
         """Record that this host's snapshot covers the changes up to ``seq``;
         delete the changes every live host's snapshot covers. Returns how many."""
         now = time.time()
@@ -777,7 +777,7 @@ class SnapshotManager:
             deleted += n
             if n < _COMPACT_CHUNK:
                 break
-        logger.info("collection {}: change log compacted up to {} ({} changes deleted)", cid, upto, deleted)
+        logger.info("collection {}: change log compacted up to {} ({} changes deleted)", name or cid, upto, deleted)
         return deleted
 
     def sweep(self) -> list[int]:
@@ -860,7 +860,7 @@ class SnapshotManager:
                 del index, keep, ids
                 logger.info("collection {}: snapshot generation {} written ({} passages, {}, changes up to {}) "
                             "in {:.1f} s", row["name"], newest, meta["ntotal"], kind, seq, time.perf_counter() - t0)
-            self.mark_and_compact(cid, seq)
+            self.mark_and_compact(cid, seq, row["name"])
             removed = remove_unused(cdir, newest)
             if removed:
                 logger.info("collection {}: unused snapshot generations {} removed", row["name"], removed)
