@@ -37,7 +37,7 @@ control_socket_disable = True
 
 def on_starting(server):
     """In the master, before the first fork: import what every worker
-    imports and load the model's tokenizer, so the workers share those pages
+    imports and load the models' tokenizers, so the workers share those pages
     copy-on-write (a worker's PSS 37 -> 18 MiB) instead of each making its own.
     Nothing here maps a segment, imports torch or starts a thread: numpy's
     BLAS is held to one thread (the web workers leave the cores to the
@@ -46,12 +46,13 @@ def on_starting(server):
     import web.app  # noqa: F401
     import web.wsgi  # noqa: F401
     from shm_protocol.config import Settings
-    from shm_protocol.model_files import resolve_model_path, tokenizer_file
+    from shm_protocol.model_files import model_specs, tokenizer_file
     from shm_protocol.tokenizer import preload_tokenizer
 
     try:
-        preload_tokenizer(str(tokenizer_file(resolve_model_path(Settings.from_env(os.environ).model))))
-    except Exception as exc:  # the workers load it themselves, as the sidecar names it
+        for spec in model_specs(Settings.from_env(os.environ)):
+            preload_tokenizer(str(tokenizer_file(spec.path)))
+    except Exception as exc:  # the workers load them themselves, as the sidecar names them
         server.log.warning("tokenizer not preloaded: %s", exc)
 
 

@@ -20,7 +20,8 @@ from shm_protocol import model_files
 from shm_protocol.client import EmbeddingClient, EmbedResult, shape_vectors
 from shm_protocol.config import Settings
 from shm_protocol.dropin import SentenceTransformerAPI
-from shm_protocol.errors import NoRingAvailable, SidecarUnavailable
+from shm_protocol.errors import ConfigError, ModelNotFound, NoRingAvailable, SidecarUnavailable
+from shm_protocol.layout import ModelKind
 from shm_protocol.tokenizer import WorkerTokenizer, check_texts
 
 
@@ -35,21 +36,30 @@ class LocalEmbedder:
         from sentence_transformers import SentenceTransformer
 
         torch.set_num_threads(1)  # a worker shares the cores with its siblings
-        path = model_files.resolve_model_path(settings.model)
+        # The default embedding model (the first of SHM_EMBED_MODELS that embeds); rerankers stay in the sidecar.
+        spec = next((m for m in model_files.model_specs(settings) if m.kind == ModelKind.EMBED), None)
+        if spec is None:
+            raise ConfigError("no embedding model to fall back on: every model of SHM_EMBED_MODELS reranks")
+        path = spec.path
         self.model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
-        self.name = model_files.model_name(path)
+        self.name = spec.name
         self.tok = WorkerTokenizer(str(model_files.tokenizer_file(path)), int(self.model.max_seq_length))
-        self.options = model_files.text_options(path, settings.matryoshka)
+        self.options = model_files.text_options(path, spec.matryoshka)
         self.lock = threading.Lock()
         logger.info("local model {} loaded in the worker", self.name)
 
     def info(self) -> dict:
-        return {"model": self.name, "dimension": int(self.model.get_embedding_dimension()),
-                "max_seq_length": int(self.model.max_seq_length), "device": "cpu (local)"}
+        dim, limit = int(self.model.get_embedding_dimension()), int(self.model.max_seq_length)
+        return {"model": self.name, "dimension": dim, "max_seq_length": limit, "device": "cpu (local)",
+                "models": [{"name": self.name, "kind": "embed", "dimension": dim, "max_seq_length": limit,
+                            "matryoshka": self.options.matryoshka, "index": 0}]}
 
     def embed_detailed(self, texts, *, truncate: bool = True, normalize: bool = False,
                        max_tokens: int | None = None, prompt: str | None = None, prompt_name: str | None = None,
-                       dimensions: int | None = None) -> EmbedResult:
+                       dimensions: int | None = None, model: str | None = None) -> EmbedResult:
+        if model is not None and not model_files.name_matches(model, self.name):
+            raise ModelNotFound(f"The model '{model}' is not served while the sidecar is down; the local "
+                                f"fallback serves '{self.name}'", requested=model, served=[self.name])
         texts = check_texts(texts)
         dim = int(self.model.get_embedding_dimension())
         prompt = self.options.resolve_prompt(prompt, prompt_name)
@@ -60,7 +70,7 @@ class LocalEmbedder:
             vecs = (self.model.encode(tok.texts, prompt="", convert_to_numpy=True)
                     if texts else np.empty((0, dim), np.float32))
         vecs = shape_vectors(np.asarray(vecs, dtype=np.float32), dims, normalize)
-        return EmbedResult(vecs, tok.lengths, 0, time.perf_counter_ns() - t0, 0, tok.tokenize_ns)
+        return EmbedResult(vecs, tok.lengths, 0, time.perf_counter_ns() - t0, 0, tok.tokenize_ns, self.name)
 
 
 class FallbackClient(SentenceTransformerAPI):
@@ -114,6 +124,15 @@ class FallbackClient(SentenceTransformerAPI):
 
     def info(self) -> dict:
         return self._call("info")
+
+    def rerank_detailed(self, query, documents, **options):
+        """EmbeddingClient.rerank_detailed: the sidecar's rerankers only (no local one)."""
+        if self.ipc is None:
+            raise SidecarUnavailable("reranking needs the sidecar (USE_IPC_EMBEDDING=false)", reason="disabled")
+        return self.ipc.rerank_detailed(query, documents, **options)
+
+    def rerank(self, query, documents, **options) -> np.ndarray:
+        return self.rerank_detailed(query, documents, **options).scores
 
     @property
     def dimension(self) -> int:

@@ -14,6 +14,9 @@ from shm_protocol.errors import InvalidInput
 
 from .passages import OVERLAP_WORDS, PASSAGE_WORDS, split_passages
 
+#: Characters of a collection's query or document prompt at most (one is copied onto every passage).
+MAX_PROMPT_CHARS = 2048
+
 #: A collection name, matched in full (with re.fullmatch: "$" would also match before a final newline,
 #: which let "kb\n" in as a second collection beside "kb").
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
@@ -26,6 +29,9 @@ class CollectionOptions:
     passage_words: int = PASSAGE_WORDS
     overlap_words: int = OVERLAP_WORDS
     index: str = "auto"  # auto: exact until SHM_EMBED_IVF_MIN_VECTORS passages, then IVF; flat; ivf
+    model: str | None = None  # the embedding model (a name the sidecar serves); None: the default one
+    query_prompt: str | None = None  # prepended to queries; None: the model's default prompt (if any)
+    document_prompt: str | None = None  # prepended to passages; None: the model's default prompt (if any)
 
     @classmethod
     def from_dict(cls, raw: Any) -> CollectionOptions:
@@ -47,6 +53,10 @@ class CollectionOptions:
             raise InvalidInput("'overlap_words' must be at least 0 and at most half of 'passage_words'")
         if opts.index not in ("auto", "flat", "ivf"):
             raise InvalidInput("'index' must be auto, flat or ivf")
+        for key, limit in (("model", 200), ("query_prompt", MAX_PROMPT_CHARS), ("document_prompt", MAX_PROMPT_CHARS)):
+            value = getattr(opts, key)
+            if value is not None and (not isinstance(value, str) or len(value) > limit or "\x00" in value):
+                raise InvalidInput(f"'{key}' must be a string of at most {limit} characters")
         return opts
 
 
@@ -106,7 +116,7 @@ def parse_documents(documents: Any, opts: CollectionOptions) -> list[Document]:
         if not isinstance(metadata, dict):
             raise InvalidInput(f"documents[{i}].metadata must be an object")
         try:
-            json.dumps(metadata)
+            json.dumps(metadata, allow_nan=False)  # NaN is no JSON: neither store could filter on it
         except (TypeError, ValueError) as exc:
             raise InvalidInput(f"documents[{i}].metadata is not JSON: {exc}") from None
         out.append(Document(doc_id, text, url, metadata, spans))

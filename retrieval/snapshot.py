@@ -4,14 +4,16 @@ Without snapshots every worker process holds every collection's vectors in
 its own FAISS index (1.5 GB per million passages, per worker). With them:
 
 **Files.** ``SHM_EMBED_DATA_DIR/index/<collection id>/g<generation>/`` holds
-one generation: ``index.faiss`` (``IndexFlatIP``, or ``IndexIVFFlat`` with its
-quantizer, ids inside), ``ids.npy`` (the passage ids it holds, sorted; for a
-flat index also the id of each row) and ``meta.json`` (the change-log sequence
-number it covers, the generation, kind, lists, passages, when its quantizer
-was trained). Folders are 0700 and files 0600, like the database. A builder
-writes a generation into ``.build/``, fsyncs every file and the folder,
-renames it to ``g<generation>`` and fsyncs the parent: a generation exists
-whole or not at all, whenever the builder dies.
+one generation (``index/pg-<hash>/...`` for a PostgreSQL store, see
+:func:`index_root`): ``index.faiss`` (``IndexFlatIP``, or ``IndexIVFFlat``
+with its quantizer, ids inside), ``ids.npy`` (the passage ids it holds,
+sorted; for a flat index also the id of each row) and ``meta.json`` (the
+change-log sequence number it covers, the generation, the collection's id and
+creation time, kind, lists, passages, when its quantizer was trained).
+Folders are 0700 and files 0600, like the database. A builder writes a
+generation into ``.build/``, fsyncs every file and the folder, renames it to
+``g<generation>`` and fsyncs the parent: a generation exists whole or not at
+all, whenever the builder dies.
 
 **Sharing.** A worker opens the newest generation with
 ``faiss.read_index(path, IO_FLAG_MMAP_IFC)`` (FAISS 1.15 maps the vectors, the
@@ -76,6 +78,17 @@ worker without snapshots) cannot replay what it missed: it reloads the
 collection from the ``passages`` table in one read transaction (and asks for a
 build), so compaction never makes it miss a change silently.
 
+**Both stores.** Every statement is a method of the store's
+:class:`retrieval.database.Database` (SQLite or PostgreSQL); "one read
+transaction" is its ``consistent()`` (a deferred transaction on SQLite's WAL,
+``REPEATABLE READ, READ ONLY`` on PostgreSQL). With SQLite the host is the
+only one. With PostgreSQL the hosts of one database each build their own
+snapshots under their own data directory and record their own marks; times
+of marks are the server's clock, so hosts whose clocks disagree still agree
+on who is stale; compaction waits for every live host. A builder process
+gets the store's URL (which may hold a password) in its environment
+(``SHM_EMBED_COLLECTIONS_URL``), never on its command line.
+
 Assumptions: one data directory per host on a local file system (flock and
 rename semantics; not NFS); Linux (``/proc``, ``MAP_SHARED`` page sharing).
 """
@@ -85,6 +98,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import fcntl
+import hashlib
 import json
 import os
 import queue
@@ -120,7 +134,8 @@ LOCK_FILE = "build.lock"
 BUILD_DIR = ".build"
 INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.npy", "meta.json"
 _GENERATION = re.compile(r"g(\d{12})")
-FORMAT = 1
+#: 2: meta.json holds the collection's creation time (a collection id alone may come from another database).
+FORMAT = 2
 
 #: Changes since its snapshot at which a worker asks for a rebuild, unless the settings say otherwise
 #: (SHM_EMBED_SNAPSHOT_DELTA): what each worker holds of its own between rebuilds.
@@ -144,6 +159,8 @@ _CHUNK = 8192
 _COMPACT_CHUNK = 20_000
 #: The builder's exit status when another builder holds the collection's lock.
 EXIT_BUSY = 3
+#: The variable that gives a builder process its PostgreSQL store (the setting of the same name).
+LOCATION_ENV = "SHM_EMBED_COLLECTIONS_URL"
 _PROJECT = Path(__file__).resolve().parent.parent
 
 
@@ -163,59 +180,34 @@ class SnapshotUnusable(SnapshotError):
     """The generation's files do not hold what its metadata says (damaged, another collection)."""
 
 
-# --- the tables ----------------------------------------------------------------------
+# --- the tables (every statement is the store's Database's: retrieval.database) ----------
 
 
-@contextmanager
-def reading(conn) -> Iterator[None]:
-    """One read transaction: every statement inside sees the same committed state
-    (in WAL mode writers go on meanwhile), so a compaction cannot slip between
-    reading the log's floor and replaying the log."""
-    conn.execute("BEGIN")
-    try:
-        yield
-    finally:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")  # nothing was written: ending the read is all
-
-
-def log_state(conn, cid: int) -> tuple[int, int]:
-    """(the last change's sequence number, the floor up to which changes were compacted away)."""
-    last, floor = conn.execute(
-        "SELECT coalesce(max(seq), 0), (SELECT coalesce(max(seq), 0) FROM change_floor WHERE cid = ?1) "
-        "FROM changes WHERE cid = ?1", (cid,)).fetchone()
-    return int(last), int(floor)
-
-
-def stream_passages(conn, cid: int, dim: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, vectors) of every passage of the collection, in chunks, in id order
-    (``+cid`` keeps SQLite off the (cid, doc_id) index, which would sort every
-    vector in a temporary table; the table itself is in id order)."""
-    cur = conn.execute("SELECT pid, vector FROM passages WHERE +cid = ? ORDER BY pid", (cid,))
-    while True:
-        rows = cur.fetchmany(_CHUNK)
-        if not rows:
-            return
-        ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-        yield ids, np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), dim)
-
-
-def _centroids(conn, cid: int, dim: int) -> tuple[np.ndarray | None, int]:
-    row = conn.execute("SELECT data, trained_at FROM centroids WHERE cid = ?", (cid,)).fetchone()
-    if row is None:
+def centroids_of(db, conn, cid: int, dim: int) -> tuple[np.ndarray | None, int]:
+    """(a collection's IVF centroids, the passages they were trained on), or (None, 0)."""
+    cent = db.centroids(conn, cid)
+    if cent is None:
         return None, 0
-    return np.frombuffer(row[0], dtype="<f4").reshape(-1, dim), int(row[1])
+    return np.frombuffer(cent[1], dtype="<f4").reshape(-1, dim), int(cent[2])
 
 
-def load_from_tables(conn, cid: int, dim: int, nprobe: int) -> tuple[PassageIndex, int]:
+def passages_of(db, conn, cid: int, dim: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, vectors) of every passage of a collection, in chunks, in id order
+    (inside ``db.consistent(conn)``)."""
+    for ids, blob in db.stream_passages(conn, cid, _CHUNK):
+        yield ids, np.frombuffer(blob, dtype="<f4").reshape(len(ids), dim)
+
+
+def load_from_tables(db, conn, cid: int, dim: int, nprobe: int) -> tuple[PassageIndex, int]:
     """The collection read from the ``passages`` table into a private index,
-    and the sequence number that state is at. Call it inside :func:`reading`.
-    For a worker behind the log's floor: replay could not bring it up to date."""
-    centroids, _ = _centroids(conn, cid, dim)
+    and the sequence number that state is at. Call it inside
+    ``db.consistent(conn)``. For a worker behind the log's floor: replay
+    could not bring it up to date."""
+    centroids, _ = centroids_of(db, conn, cid, dim)
     index = PassageIndex(dim, centroids, nprobe=nprobe)
-    for ids, vectors in stream_passages(conn, cid, dim):
+    for ids, vectors in passages_of(db, conn, cid, dim):
         index.add(ids, vectors)
-    last, floor = log_state(conn, cid)
+    last, floor = db.log_state(conn, cid)
     return index, max(last, floor)
 
 
@@ -228,6 +220,33 @@ def _private_dir(path: Path) -> None:
     except FileExistsError:
         return
     os.chmod(path, DIR_MODE)  # mkdir's mode went through the umask
+
+
+def _private_dirs(path: Path) -> None:
+    """``path`` and its missing parents, each made 0700."""
+    if not path.exists():
+        _private_dirs(path.parent)
+        _private_dir(path)
+
+
+def index_root(data_dir: Path, db) -> Path:
+    """Where this host keeps the snapshots of the store ``db``:
+    ``<data_dir>/index`` for the SQLite store of that directory, a folder of
+    its own under it for any other store (``pg-<hash of server and database>``),
+    so that two stores used from one data directory never share collection
+    folders (their collection ids are the same numbers)."""
+    root = Path(data_dir) / INDEX_DIR
+    if db.kind == "sqlite":
+        if Path(db.dir).resolve() == Path(data_dir).resolve():
+            return root
+        where = str(Path(db.dir).resolve())
+    else:
+        from psycopg.conninfo import conninfo_to_dict
+
+        info = conninfo_to_dict(db.url)  # the server and database, never the user or password
+        where = f"{info.get('host', '')}:{info.get('port', '')}/{info.get('dbname', '')}"
+    prefix = "sqlite" if db.kind == "sqlite" else "pg"
+    return root / f"{prefix}-{hashlib.sha256(where.encode()).hexdigest()[:16]}"
 
 
 def _create(path: Path):
@@ -252,7 +271,7 @@ def host_id(root: Path) -> str:
         return path.read_text().strip()
     except FileNotFoundError:
         pass
-    _private_dir(root)
+    _private_dirs(root)
     tmp = root / f".{HOST_FILE}.{os.getpid()}.{threading.get_ident()}"
     with _create(tmp) as f:
         f.write(f"{socket.gethostname()}-{uuid.uuid4().hex[:12]}\n".encode())
@@ -356,7 +375,7 @@ class Snapshot:
     """One generation, opened read-only and memory-mapped; held open (a shared
     flock on its folder) until this object is garbage."""
 
-    def __init__(self, path: Path, *, cid: int, dim: int):
+    def __init__(self, path: Path, *, cid: int, dim: int, created: float):
         self.path = path
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -373,8 +392,10 @@ class Snapshot:
             self.generation, self.seq, self.kind = int(meta["generation"]), int(meta["seq"]), meta["kind"]
             self.nlist, self.ntotal, self.trained_at = int(meta["nlist"]), int(meta["ntotal"]), int(meta["trained_at"])
             self.dim = dim
-            if meta["format"] != FORMAT or meta["cid"] != cid or meta["dim"] != dim or self.kind not in ("flat", "ivf"):
-                raise SnapshotUnusable(f"{path}: {meta} is not a snapshot of collection {cid} ({dim} dimensions)")
+            if (meta["format"] != FORMAT or meta["cid"] != cid or meta["dim"] != dim or meta["created"] != created
+                    or self.kind not in ("flat", "ivf")):
+                raise SnapshotUnusable(f"{path}: {meta} is not a snapshot of collection {cid} ({dim} dimensions, "
+                                       f"created {created})")
             # An empty file cannot be mapped; an empty index has nothing to share.
             mapped = self.ntotal > 0
             self.ids = np.load(path / IDS_FILE, mmap_mode="r" if mapped else None, allow_pickle=False)
@@ -508,12 +529,12 @@ class LayeredIndex:
         return scores[order], ids[order]
 
 
-def _fill(conn, cid: int, dim: int, centroids: np.ndarray | None) -> tuple:
+def _fill(db, conn, cid: int, dim: int, centroids: np.ndarray | None) -> tuple:
     """(the FAISS index of every passage, what must stay alive with it, their ids in row order)."""
     holder = PassageIndex(dim, centroids) if centroids is not None else None  # holds the IVF's quantizer
     index = holder.index if holder is not None else faiss.IndexFlatIP(dim)
     chunks = []
-    for ids, vectors in stream_passages(conn, cid, dim):
+    for ids, vectors in passages_of(db, conn, cid, dim):
         if holder is not None:
             holder.add(ids, vectors)
         else:
@@ -525,7 +546,7 @@ def _fill(conn, cid: int, dim: int, centroids: np.ndarray | None) -> tuple:
 def _covers(cdir: Path, gen: int, row, seq: int, kind: str, trained_at: int) -> bool:
     """Whether generation ``gen`` opens and already is what a build now would write."""
     try:
-        snap = Snapshot(generation_dir(cdir, gen), cid=row["cid"], dim=row["dim"])
+        snap = Snapshot(generation_dir(cdir, gen), cid=row.cid, dim=row.dim, created=row.created)
     except SnapshotError:
         return False  # damaged, or removed: write a new one
     return snap.seq == seq and snap.kind == kind and snap.trained_at == trained_at
@@ -561,9 +582,13 @@ class SnapshotManager:
     """Snapshots of a store's collections: which one a worker serves, when a
     build is due (in a child process), and the building itself."""
 
-    def __init__(self, store, *, delta_max: int = DELTA_MAX, stale_host_s: float = STALE_HOST_S):
+    def __init__(self, store, data_dir: str | os.PathLike, *, delta_max: int = DELTA_MAX,
+                 stale_host_s: float = STALE_HOST_S):
         self.store = store
-        self.root = Path(store.dir) / INDEX_DIR
+        self.db = store.db
+        #: This host's data directory (the builder's command line names it).
+        self.data_dir = Path(data_dir)
+        self.root = index_root(self.data_dir, self.db)
         self.delta_max = delta_max
         self.stale_host_s = stale_host_s
         self.build_pause_s = BUILD_PAUSE_S
@@ -601,35 +626,37 @@ class SnapshotManager:
             st.dir_key = key if time.time() - info.st_mtime > RACY_S else None
         return st.newest
 
-    def refresh(self, lo, floor: int, name: str = "") -> bool:
-        """Serve ``lo`` (the store's per-collection state) from the newest
-        usable generation: a newer one replaces its index with a fresh layered
-        index and sets its sequence number to the snapshot's, from where the
-        store replays. Returns whether ``lo.index`` is a snapshot's now."""
+    def refresh(self, lo, floor: int, row) -> bool:
+        """Serve ``lo`` (the store's per-collection state of collection ``row``)
+        from the newest usable generation: a newer one replaces its index with
+        a fresh layered index and sets its sequence number to the snapshot's,
+        from where the store replays. Returns whether ``lo.index`` is a snapshot's now."""
+        name = row.name
         st = self._state(lo.cid)
         layered = isinstance(lo.index, LayeredIndex)
         newest = self._newest(lo.cid, st)
         if newest is None or newest == st.rejected or (layered and lo.index.generation >= newest):
             return layered
         try:
-            snap = Snapshot(generation_dir(self.collection_dir(lo.cid), newest), cid=lo.cid, dim=lo.dim)
+            snap = Snapshot(generation_dir(self.collection_dir(lo.cid), newest), cid=lo.cid, dim=lo.dim,
+                            created=row.created)
         except SnapshotGone:
             st.dir_key = None  # list the folder again at the next search
             return layered
         except SnapshotUnusable as exc:
-            logger.error("collection {}: snapshot not used: {}", name or lo.cid, exc)
+            logger.error("collection {}: snapshot not used: {}", name, exc)
             st.rejected = newest
             return layered
         if snap.seq < floor:
             logger.warning("collection {}: snapshot generation {} covers the changes up to {}, but the log was "
-                           "compacted up to {}: reading the tables instead", name or lo.cid, newest, snap.seq, floor)
+                           "compacted up to {}: reading the tables instead", name, newest, snap.seq, floor)
             st.rejected = newest
             return layered
         dropped = 0 if layered else lo.index.ntotal
         lo.index = LayeredIndex(snap, self.store.nprobe)
         lo.seq = snap.seq
         logger.info("collection {}: serving snapshot generation {} ({} passages, {}, changes up to {})",
-                    name or lo.cid, newest, snap.ntotal, snap.kind, snap.seq)
+                    name, newest, snap.ntotal, snap.kind, snap.seq)
         if dropped >= self.delta_max:
             _release_freed_memory()
         return True
@@ -690,11 +717,26 @@ class SnapshotManager:
         self._submit(lambda: self._build_in_child(cid, st))
 
     def build_command(self, cid: int) -> list[str]:
-        """The command line of a builder process for collection ``cid``."""
+        """The command line of a builder process for collection ``cid``. It
+        names this host's data directory; a PostgreSQL store's URL (which may
+        hold a password) goes in the environment instead (:meth:`build_env`)."""
         s = self.store
-        return [sys.executable, "-m", "retrieval.snapshot", "build", str(s.dir), str(cid),
+        argv = [sys.executable, "-m", "retrieval.snapshot", "build", str(self.data_dir), str(cid),
                 "--ivf-min-vectors", str(s.ivf_min_vectors), "--stale-host-s", str(self.stale_host_s),
-                "--busy-timeout-s", str(s.busy_timeout_s)]
+                "--busy-timeout-s", str(s.busy_timeout_s), "--timeout-s", str(s.timeout_s)]
+        if self.db.kind == "sqlite":
+            argv += ["--sqlite-dir", str(self.db.dir)]
+        return argv
+
+    def build_env(self) -> dict[str, str]:
+        """The environment of a builder process: this one's, with the store's
+        location in ``SHM_EMBED_COLLECTIONS_URL`` (PostgreSQL) or without it
+        (SQLite: the command line names the directory)."""
+        env = dict(os.environ)
+        env.pop(LOCATION_ENV, None)
+        if self.db.kind == "postgresql":
+            env[LOCATION_ENV] = self.db.url
+        return env
 
     def _build_in_child(self, cid: int, st: _State) -> None:
         failed = False
@@ -705,8 +747,8 @@ class SnapshotManager:
                 if self._closed:
                     return
                 # Its output goes to this process's stderr: a worker's stdout may be a protocol (tests).
-                st.proc = subprocess.Popen(self.build_command(cid), cwd=_PROJECT, stdin=subprocess.DEVNULL,
-                                           stdout=sys.__stderr__.fileno())
+                st.proc = subprocess.Popen(self.build_command(cid), cwd=_PROJECT, env=self.build_env(),
+                                           stdin=subprocess.DEVNULL, stdout=sys.__stderr__.fileno())
             code = st.proc.wait()
             failed = code not in (0, EXIT_BUSY, -signal.SIGTERM)
             if failed:
@@ -749,31 +791,25 @@ class SnapshotManager:
 
     # --- the mark, compaction, tidying ------------------------------------------------------
     def _touch_mark(self, cid: int) -> None:
-        with self.store._write() as conn:
-            conn.execute("UPDATE snapshot_marks SET updated = ? WHERE host = ? AND cid = ?",
-                         (time.time(), self.host, cid))
+        with self.db.write() as conn:
+            self.db.touch_mark(conn, self.host, cid)
 
     def mark_and_compact(self, cid: int, seq: int, name: str = "") -> int:
         """Record that this host's snapshot covers the changes up to ``seq``;
         delete the changes every live host's snapshot covers. Returns how many."""
-        now = time.time()
-        with self.store._write() as conn:
-            conn.execute("INSERT INTO snapshot_marks (host, cid, seq, updated) VALUES (?, ?, ?, ?) "
-                         "ON CONFLICT (host, cid) DO UPDATE SET seq = excluded.seq, updated = excluded.updated",
-                         (self.host, cid, seq, now))
-            upto = conn.execute("SELECT min(seq) FROM snapshot_marks WHERE cid = ? AND updated >= ?",
-                                (cid, now - self.stale_host_s)).fetchone()[0]
-            floor = log_state(conn, cid)[1]
+        db = self.db
+        with db.write() as conn:
+            db.mark_snapshot(conn, self.host, cid, seq)
+            upto = db.covered_by_live_hosts(conn, cid, self.stale_host_s)
+            floor = db.log_state(conn, cid)[1]
             if upto is None or upto <= floor:
                 return 0
             # The floor first: a reader that sees changes missing sees the floor raised too.
-            conn.execute("INSERT INTO change_floor (cid, seq) VALUES (?, ?) "
-                         "ON CONFLICT (cid) DO UPDATE SET seq = excluded.seq", (cid, upto))
+            db.raise_floor(conn, cid, upto)
         deleted = 0
-        while True:  # in slices: each transaction holds the write lock every writer waits for
-            with self.store._write() as conn:
-                n = conn.execute("DELETE FROM changes WHERE seq IN (SELECT seq FROM changes WHERE cid = ? "
-                                 "AND seq <= ? LIMIT ?)", (cid, upto, _COMPACT_CHUNK)).rowcount
+        while True:  # in slices: a SQLite transaction holds the write lock every writer waits for
+            with db.write() as conn:
+                n = db.delete_changes(conn, cid, upto, _COMPACT_CHUNK)
             deleted += n
             if n < _COMPACT_CHUNK:
                 break
@@ -786,7 +822,8 @@ class SnapshotManager:
             names = os.listdir(self.root)  # before the query: a folder is only made for an existing collection
         except FileNotFoundError:
             return []
-        live = {r[0] for r in self.store._conn().execute("SELECT cid FROM collections")}
+        with self.db.read() as conn:
+            live = self.db.collection_ids(conn)
         gone = [int(n) for n in names if n.isdigit() and int(n) not in live]
         for cid in gone:
             shutil.rmtree(self.collection_dir(cid), ignore_errors=True)
@@ -794,76 +831,79 @@ class SnapshotManager:
         return gone
 
     # --- building ----------------------------------------------------------------------------
-    def _quantizer(self, conn, row, total: int) -> tuple[np.ndarray | None, int]:
+    def _quantizer(self, row, total: int) -> tuple[np.ndarray | None, int]:
         """The collection's IVF centroids and the passages they were trained at:
         trained now when due, refitted when the collection outgrew them."""
-        cid, dim = row["cid"], row["dim"]
-        centroids, trained_at = _centroids(conn, cid, dim)
-        need = self.store._ivf_need(json.loads(row["options"]))
+        db, cid, dim = self.db, row.cid, row.dim
+        with db.read() as conn:
+            centroids, trained_at = centroids_of(db, conn, cid, dim)
+        need = self.store._ivf_need(row.options)
         if centroids is None and (need is None or total < need):
             return None, 0
         if centroids is not None and total < RETRAIN_GROWTH * max(1, trained_at):
             return centroids, trained_at
         nlist = nlist_for(total) if centroids is None else len(centroids)
-        blobs = conn.execute("SELECT vector FROM passages WHERE cid = ? ORDER BY random() LIMIT ?",
-                             (cid, min(total, nlist * POINTS_PER_CENTROID))).fetchall()
-        sample = np.frombuffer(b"".join(b[0] for b in blobs), dtype="<f4").reshape(-1, dim)
+        with db.read() as conn:
+            blob = db.sample_vectors(conn, cid, min(total, nlist * POINTS_PER_CENTROID))
+        sample = np.frombuffer(blob, dtype="<f4").reshape(-1, dim)
         t0 = time.perf_counter()
         fitted = train_centroids(sample, nlist).astype("<f4")
-        with self.store._write() as wconn:
+        with db.write() as conn:
             if centroids is None:
-                wconn.execute("INSERT OR IGNORE INTO centroids (cid, nlist, data, trained_at) VALUES (?, ?, ?, ?)",
-                              (cid, len(fitted), fitted.tobytes(), total))
+                db.add_centroids(conn, cid, fitted, total)
             else:
-                wconn.execute("UPDATE centroids SET nlist = ?, data = ?, trained_at = ? WHERE cid = ?",
-                              (len(fitted), fitted.tobytes(), total, cid))
-        logger.info("collection {}: IVF quantizer of {} lists {} on {} passages in {:.1f} s", row["name"],
+                db.replace_centroids(conn, cid, fitted, total)
+        logger.info("collection {}: IVF quantizer of {} lists {} on {} passages in {:.1f} s", row.name,
                     len(fitted), "trained" if centroids is None else "refitted", len(sample),
                     time.perf_counter() - t0)
-        return _centroids(conn, cid, dim)  # another process's training may have come first
+        with db.read() as conn:
+            return centroids_of(db, conn, cid, dim)  # another process's training may have come first
 
     def build(self, cid: int) -> dict | None:
         """Write a new generation of collection ``cid`` from the tables (when
         anything changed since the newest), record the mark, compact the log,
         remove unused generations. Raises BuildBusy when another builder of
         this host holds the collection. Returns the new generation's metadata."""
-        conn = self.store._conn()
-        row = conn.execute("SELECT cid, name, dim, options FROM collections WHERE cid = ?", (cid,)).fetchone()
+        db = self.db
+        with db.read() as conn:
+            row = db.collection_by_id(conn, cid)
         if row is None:
             shutil.rmtree(self.collection_dir(cid), ignore_errors=True)
             return None
         cdir = self.collection_dir(cid)
-        _private_dir(self.root)
+        _private_dirs(self.root)
         _private_dir(cdir)
         with build_lock(cdir):
             t0 = time.perf_counter()
             shutil.rmtree(cdir / BUILD_DIR, ignore_errors=True)  # what a builder that died left
             gens = generations(cdir)
-            total = conn.execute("SELECT count(*) FROM passages WHERE cid = ?", (cid,)).fetchone()[0]
-            centroids, trained_at = self._quantizer(conn, row, total)
+            with db.read() as conn:
+                total = db.passage_count(conn, cid)
+            centroids, trained_at = self._quantizer(row, total)
             kind = "flat" if centroids is None else "ivf"
             meta = None
-            with reading(conn):  # the passages exactly as the changes up to seq left them
-                last, floor = log_state(conn, cid)
+            # The passages exactly as the changes up to seq left them.
+            with db.read() as conn, db.consistent(conn):
+                last, floor = db.log_state(conn, cid)
                 seq = max(last, floor)
                 current = bool(gens) and _covers(cdir, gens[-1], row, seq, kind, trained_at)
                 if not current:
-                    index, keep, ids = _fill(conn, row["cid"], row["dim"], centroids)
+                    index, keep, ids = _fill(db, conn, row.cid, row.dim, centroids)
             if current:
                 newest = gens[-1]
             else:
                 newest = (gens[-1] if gens else 0) + 1
-                meta = {"format": FORMAT, "generation": newest, "cid": cid, "dim": row["dim"], "seq": seq,
-                        "kind": kind, "nlist": 0 if centroids is None else len(centroids), "ntotal": int(index.ntotal),
-                        "trained_at": trained_at, "built": time.time()}
+                meta = {"format": FORMAT, "generation": newest, "cid": cid, "created": row.created, "dim": row.dim,
+                        "seq": seq, "kind": kind, "nlist": 0 if centroids is None else len(centroids),
+                        "ntotal": int(index.ntotal), "trained_at": trained_at, "built": time.time()}
                 write_snapshot(cdir, newest, index, ids, meta)
                 del index, keep, ids
                 logger.info("collection {}: snapshot generation {} written ({} passages, {}, changes up to {}) "
-                            "in {:.1f} s", row["name"], newest, meta["ntotal"], kind, seq, time.perf_counter() - t0)
-            self.mark_and_compact(cid, seq, row["name"])
+                            "in {:.1f} s", row.name, newest, meta["ntotal"], kind, seq, time.perf_counter() - t0)
+            self.mark_and_compact(cid, seq, row.name)
             removed = remove_unused(cdir, newest)
             if removed:
-                logger.info("collection {}: unused snapshot generations {} removed", row["name"], removed)
+                logger.info("collection {}: unused snapshot generations {} removed", row.name, removed)
         self.sweep()
         return meta
 
@@ -872,15 +912,20 @@ class SnapshotManager:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m retrieval.snapshot",
-                                 description="Build a collection's index snapshot (what workers start).")
+    ap = argparse.ArgumentParser(
+        prog="python -m retrieval.snapshot",
+        description="Build a collection's index snapshot (what workers start). The collection store is the "
+                    f"PostgreSQL database of ${LOCATION_ENV} when it is set (never on a command line: it may hold "
+                    "a password), else the SQLite store under --sqlite-dir (default: DATA_DIR).")
     sub = ap.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="write a new generation of one collection's snapshot")
-    b.add_argument("data_dir")
+    b.add_argument("data_dir", help="this host's data directory (its snapshots are under index/)")
     b.add_argument("cid", type=int)
+    b.add_argument("--sqlite-dir", help="the SQLite store's directory (default: DATA_DIR)")
     b.add_argument("--ivf-min-vectors", type=int, required=True)
     b.add_argument("--stale-host-s", type=float, default=STALE_HOST_S)
     b.add_argument("--busy-timeout-s", type=float, required=True)
+    b.add_argument("--timeout-s", type=float, default=5.0)
     args = ap.parse_args(argv)
     try:
         os.nice(BUILD_NICE)
@@ -896,16 +941,20 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(Settings(), component="snapshot-builder")
     from .store import CollectionStore
 
+    location = os.environ.get(LOCATION_ENV) or args.sqlite_dir or args.data_dir
     store = None
     try:
-        store = CollectionStore(args.data_dir, None, ivf_min_vectors=args.ivf_min_vectors,
-                                busy_timeout_s=args.busy_timeout_s, snapshot_stale_host_s=args.stale_host_s)
+        # Two connections at most: the passages are read while the quantizer's training is written.
+        store = CollectionStore(location, None, ivf_min_vectors=args.ivf_min_vectors, pool_size=2,
+                                busy_timeout_s=args.busy_timeout_s, timeout_s=args.timeout_s,
+                                snapshot_dir=args.data_dir, snapshot_stale_host_s=args.stale_host_s)
         store.snapshots.build(args.cid)
         return 0
     except BuildBusy:
         return EXIT_BUSY
     except Exception as exc:
-        logger.error("collection {}: snapshot build failed: {}", args.cid, exc)
+        typed = store.db.storage_error(exc, "building a snapshot") if store is not None else None
+        logger.error("collection {}: snapshot build failed: {}", args.cid, typed or exc)  # typed: no password
         return 1
     finally:
         if store is not None:

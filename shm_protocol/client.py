@@ -30,6 +30,7 @@ from . import model_files
 from .config import Settings
 from .dropin import SentenceTransformerAPI
 from .errors import (
+    InvalidInput,
     ModelFailed,
     NoRingAvailable,
     RingFull,
@@ -38,14 +39,14 @@ from .errors import (
     SidecarUnavailable,
     SlotRejected,
 )
-from .layout import ETA_NONE, ETA_PARK, SLOT_DONE, SLOT_ERROR, SlotError
+from .layout import ETA_NONE, ETA_PARK, SLOT_DONE, SLOT_ERROR, Activation, ModelEntry, ModelKind, SlotError
 from .region import Region
 from .segments import Names, pid_alive
 from .session import Session
 from .tokenizer import WorkerTokenizer, check_texts, check_token_budget, preload_tokenizer
 
 __all__ = [
-    "EmbedResult", "EmbeddingBackend", "EmbeddingClient", "SentenceTransformerAPI", "WorkerTokenizer",
+    "EmbedResult", "EmbeddingBackend", "EmbeddingClient", "RerankResult", "SentenceTransformerAPI", "WorkerTokenizer",
     "check_texts", "check_token_budget", "preload_tokenizer",
 ]
 
@@ -64,6 +65,23 @@ class EmbedResult:
     compute_ns: int  # time of the model calls that served it (max over parts)
     slots_used: int
     tokenize_ns: int = 0  # time this process spent tokenizing
+    model: str = ""  # the served model that embedded them
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.token_counts.sum())
+
+
+@dataclass
+class RerankResult:
+    """Scores of one rerank request with what it cost."""
+
+    scores: np.ndarray  # float32 (n_documents,), in input order
+    token_counts: np.ndarray  # int (n_documents,): tokens of each (query, document) pair after truncation
+    model: str
+    queue_ns: int
+    compute_ns: int
+    tokenize_ns: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -77,11 +95,11 @@ class EmbeddingBackend(Protocol):
 
     def embed_detailed(self, texts: Sequence[str], *, truncate: bool = True, normalize: bool = False,
                        max_tokens: int | None = None, prompt: str | None = None, prompt_name: str | None = None,
-                       dimensions: int | None = None) -> EmbedResult: ...
+                       dimensions: int | None = None, model: str | None = None) -> EmbedResult: ...
 
     def embed(self, texts: Sequence[str], *, truncate: bool = True, normalize: bool = False,
               prompt: str | None = None, prompt_name: str | None = None,
-              dimensions: int | None = None) -> np.ndarray: ...
+              dimensions: int | None = None, model: str | None = None) -> np.ndarray: ...
 
     def info(self) -> dict: ...
 
@@ -102,8 +120,9 @@ class EmbeddingClient(SentenceTransformerAPI):
         self.names = Names(self.settings.namespace)
         self._session: Session | None = None
         self._lock = threading.Lock()
-        self._tokenizer: WorkerTokenizer | None = None
-        self._options = model_files.TextOptions()
+        # Per model of the sidecar's table (by index): its tokenizer and text options.
+        self._tokenizers: dict[int, WorkerTokenizer] = {}
+        self._options: dict[int, model_files.TextOptions] = {}
         self._closed = False
         self._finalizer = weakref.finalize(self, lambda: None)
 
@@ -189,17 +208,23 @@ class EmbeddingClient(SentenceTransformerAPI):
         return sess
 
     def _load_tokenizer(self, region: Region) -> None:
-        path, limit = region.tokenizer_path, region.params.max_seq_length
-        tok = self._tokenizer
-        if tok is not None and tok.path == path and tok.max_seq_length == limit:
-            return
-        try:
-            self._tokenizer = WorkerTokenizer(path, limit)
-        except Exception as exc:  # the tokenizers library raises plain Exceptions
-            raise SidecarUnavailable(f"cannot load the tokenizer the sidecar names ({path}): {exc}",
-                                     reason="tokenizer") from None
-        # The prompts and flags of the model folder the tokenizer lies in.
-        self._options = model_files.text_options(Path(path).parent, self.settings.matryoshka)
+        """Each served model's tokenizer (kept from an earlier epoch when
+        the file and limit are the same) and text options."""
+        tokenizers, options = {}, {}
+        for m in region.models():
+            path, limit = m.tokenizer_path, m.max_seq_length
+            tok = self._tokenizers.get(m.index)
+            if tok is None or tok.path != path or tok.max_seq_length != limit:
+                try:
+                    tok = WorkerTokenizer(path, limit)
+                except Exception as exc:  # the tokenizers library raises plain Exceptions
+                    raise SidecarUnavailable(f"cannot load the tokenizer the sidecar names ({path}): {exc}",
+                                             reason="tokenizer") from None
+            tokenizers[m.index] = tok
+            # The prompts of the model folder the tokenizer lies in; the
+            # sidecar's table says whether it may be truncated (Matryoshka).
+            options[m.index] = model_files.text_options(Path(path).parent, m.matryoshka)
+        self._tokenizers, self._options = tokenizers, options
 
     def _claim_ring(self, region: Region) -> int:
         """Lease a free ring. A dead owner's ring is freed by the sidecar's
@@ -259,11 +284,13 @@ class EmbeddingClient(SentenceTransformerAPI):
     @staticmethod
     def _info(sess: Session) -> dict:
         r, p = sess.region, sess.params
+        default = sess.models[0]
         return {
-            "model": r.model_name,
-            "dimension": p.dim,
-            "max_seq_length": p.max_seq_length,
-            "vocab_size": p.vocab_size,
+            "model": default.name,
+            "dimension": default.dim,
+            "max_seq_length": default.max_seq_length,
+            "vocab_size": default.vocab_size,
+            "models": [model_card(m) for m in sess.models],
             "device": r.device,
             "epoch": f"{r.epoch:016x}",
             "sidecar_pid": r.sidecar_pid,
@@ -282,24 +309,36 @@ class EmbeddingClient(SentenceTransformerAPI):
 
     @property
     def dimension(self) -> int:
-        return self._get_session().params.dim
+        """The default model's vector size."""
+        return self._get_session().models[0].dim
 
-    def tokenize(self, texts: Sequence[str]) -> list:
-        self._get_session()
-        return self._tokenizer.encode(list(texts))
+    def models(self) -> list[dict]:
+        """Every model the sidecar serves (the default first): name, kind,
+        dimension, max_seq_length, ..."""
+        return [model_card(m) for m in self._get_session().models]
+
+    def model(self, name: str | None = None, kind: str = "embed") -> dict:
+        """The model a call for ``kind`` ("embed" or "rerank") naming
+        ``name`` would use (None: the default); ModelNotFound otherwise."""
+        return model_card(model_files.find_model(self._get_session().models, name, ModelKind[kind.upper()]))
+
+    def tokenize(self, texts: Sequence[str], *, model: str | None = None) -> list:
+        sess = self._get_session()
+        return self._tokenizers[model_files.find_model(sess.models, model, ModelKind.EMBED).index].encode(
+            list(texts))
 
     # -- embedding --------------------------------------------------------------------
     def embed(self, texts: Sequence[str], *, truncate: bool = True, normalize: bool = False,
               prompt: str | None = None, prompt_name: str | None = None,
-              dimensions: int | None = None) -> np.ndarray:
+              dimensions: int | None = None, model: str | None = None) -> np.ndarray:
         """Vectors of ``texts`` (float32, one row per text, in order)."""
         return self.embed_detailed(texts, truncate=truncate, normalize=normalize, prompt=prompt,
-                                   prompt_name=prompt_name, dimensions=dimensions).vectors
+                                   prompt_name=prompt_name, dimensions=dimensions, model=model).vectors
 
     def embed_detailed(
         self, texts: Sequence[str], *, truncate: bool = True, normalize: bool = False,
         max_tokens: int | None = None, prompt: str | None = None, prompt_name: str | None = None,
-        dimensions: int | None = None,
+        dimensions: int | None = None, model: str | None = None,
     ) -> EmbedResult:
         """Vectors and details of ``texts``, as ``SentenceTransformer.encode``
         gives them: ``prompt`` (a literal prefix) or ``prompt_name`` (one of the
@@ -308,24 +347,60 @@ class EmbeddingClient(SentenceTransformerAPI):
         models only) before ``normalize``. ``max_tokens`` caps the tokens
         (after truncation) the call may send, over all texts: RequestTooLarge
         above it, before anything reaches the sidecar (the web service's
-        per-request budget)."""
+        per-request budget). ``model`` picks one of the sidecar's embedding
+        models by name (None: the default); ModelNotFound for another."""
         texts = check_texts(texts)
         sess = self._get_session()
-        p = sess.params
-        opts = self._options
+        m = model_files.find_model(sess.models, model, ModelKind.EMBED)
+        opts = self._options[m.index]
         prompt = opts.resolve_prompt(prompt, prompt_name)
-        dims = opts.check_dimensions(dimensions, p.dim, sess.region.model_name)
+        dims = opts.check_dimensions(dimensions, m.dim, m.name)
         if not texts:
-            return EmbedResult(np.empty((0, dims or p.dim), np.float32), np.empty(0, np.int64), 0, 0, 0)
-        tok = self._tokenizer.tokenize_request(texts, prompt=prompt, truncate=truncate, max_tokens=max_tokens)
-        out = np.empty((len(texts), p.dim), dtype=np.float32)
+            return EmbedResult(np.empty((0, dims or m.dim), np.float32), np.empty(0, np.int64), 0, 0, 0, 0, m.name)
+        tok = self._tokenizers[m.index].tokenize_request(texts, prompt=prompt, truncate=truncate,
+                                                         max_tokens=max_tokens)
+        out = np.empty((len(texts), m.dim), dtype=np.float32)
         sess.enter()
         try:
-            queue_ns, compute_ns, used = self._run(sess, tok.ids, tok.lengths, out)
+            queue_ns, compute_ns, used = self._run(sess, tok.ids, tok.lengths, out, m.index)
         finally:
             sess.leave()
         return EmbedResult(shape_vectors(out, dims, normalize), tok.lengths, queue_ns, compute_ns, used,
-                           tok.tokenize_ns)
+                           tok.tokenize_ns, m.name)
+
+    # -- reranking --------------------------------------------------------------------
+    def rerank(self, query: str, documents: Sequence[str], *, model: str | None = None,
+               raw_scores: bool = False, truncate: bool = True) -> np.ndarray:
+        """Relevance scores (float32, one per document, in input order) of
+        ``documents`` for ``query``, as ``CrossEncoder(path).predict(pairs)``
+        gives them (its activation applied, unless ``raw_scores``)."""
+        return self.rerank_detailed(query, documents, model=model, raw_scores=raw_scores, truncate=truncate).scores
+
+    def rerank_detailed(self, query: str, documents: Sequence[str], *, model: str | None = None,
+                        raw_scores: bool = False, truncate: bool = True,
+                        max_tokens: int | None = None) -> RerankResult:
+        """Scores and details of ``documents`` for ``query`` from one of the
+        sidecar's rerankers (``model`` by name; None: the first). Each
+        (query, document) pair is tokenized here as a pair and scored in the
+        sidecar, batched with other workers' pairs."""
+        if not isinstance(query, str):
+            raise InvalidInput(f"query must be a string, not {type(query).__name__}")
+        documents = check_texts(documents)
+        sess = self._get_session()
+        m = model_files.find_model(sess.models, model, ModelKind.RERANK)
+        if not documents:
+            return RerankResult(np.empty(0, np.float32), np.empty(0, np.int64), m.name, 0, 0)
+        tok = self._tokenizers[m.index].tokenize_pairs(query, documents, truncate=truncate, max_tokens=max_tokens)
+        out = np.empty((len(documents), m.dim), dtype=np.float32)
+        sess.enter()
+        try:
+            queue_ns, compute_ns, _ = self._run(sess, tok.ids, tok.lengths, out, m.index, tok.segments)
+        finally:
+            sess.leave()
+        scores = np.ascontiguousarray(out[:, 0])
+        if not raw_scores:
+            scores = activate(scores, m.activation)
+        return RerankResult(scores, tok.lengths, m.name, queue_ns, compute_ns, tok.tokenize_ns)
 
     def _chunks(self, lengths: np.ndarray, p) -> list[tuple[int, int]]:
         """Split texts into runs that fit one slot (texts and tokens)."""
@@ -339,7 +414,7 @@ class EmbeddingClient(SentenceTransformerAPI):
         return chunks
 
     def _run(self, sess: Session, id_lists: list[list[int]], lengths: np.ndarray,
-             out: np.ndarray) -> tuple[int, int, int]:
+             out: np.ndarray, model: int = 0, segments: np.ndarray | None = None) -> tuple[int, int, int]:
         chunks = self._chunks(lengths, sess.params)
         pending: list[tuple[int, int, int, int]] = []  # (slot, seq, start, end)
         failure: BaseException | None = None
@@ -358,7 +433,8 @@ class EmbeddingClient(SentenceTransformerAPI):
                             dtype=np.int32, count=int(lengths[a:b].sum()),
                         )
                         try:
-                            seq = sess.submit(s, ids, lengths[a:b])
+                            seq = sess.submit(s, ids, lengths[a:b], model,
+                                              None if segments is None else segments[a:b])
                         except BaseException:
                             sess.abandon(s)
                             raise
@@ -419,7 +495,7 @@ class EmbeddingClient(SentenceTransformerAPI):
             code = int(v.error[s])
             sess.give_back(s)
             raise _slot_error(code)
-        dest[:] = v.out[s, : len(dest)]
+        dest[:] = v.out[s, : len(dest), : dest.shape[1]]
         sess.give_back(s)
         return queue_ns, compute_ns
 
@@ -530,6 +606,19 @@ def shape_vectors(vecs: np.ndarray, dimensions: int | None, normalize: bool) -> 
         norms = np.linalg.norm(vecs, axis=1, keepdims=True)
         np.divide(vecs, norms, out=vecs, where=norms > 0)
     return vecs
+
+
+def activate(scores: np.ndarray, activation: Activation) -> np.ndarray:
+    """A reranker's raw scores through its activation, as CrossEncoder.predict applies it."""
+    if activation == Activation.SIGMOID:
+        return (1.0 / (1.0 + np.exp(-scores.astype(np.float64)))).astype(np.float32)
+    return scores
+
+
+def model_card(m: ModelEntry) -> dict:
+    """What the client reports about one served model."""
+    return {"name": m.name, "kind": m.kind.name.lower(), "dimension": m.dim, "max_seq_length": m.max_seq_length,
+            "vocab_size": m.vocab_size, "matryoshka": m.matryoshka, "index": m.index}
 
 
 def _slot_error(code: int) -> Exception:

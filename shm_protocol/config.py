@@ -25,8 +25,11 @@ _BOOL_TRUE = {"1", "true", "yes", "on"}
 _BOOL_FALSE = {"0", "false", "no", "off", ""}
 
 
-def _setting(env: str, default: Any, doc: str, *, choices: tuple = (), minimum: float | None = None):
-    return field(default=default, metadata={"env": env, "doc": doc, "choices": choices, "minimum": minimum})
+def _setting(env: str, default: Any, doc: str, *, choices: tuple = (), minimum: float | None = None,
+             secret: bool = False):
+    """A setting; a ``secret`` one (a key, a URL with a password) is left out of the settings' repr."""
+    return field(default=default, repr=not secret,
+                 metadata={"env": env, "doc": doc, "choices": choices, "minimum": minimum})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,6 +62,14 @@ class Settings:
     model: str = _setting(
         "SHM_EMBED_MODEL", "",
         "Path of a sentence-transformers model folder; empty means the bundled all-MiniLM-L6-v2.",
+    )
+    models: str = _setting(
+        "SHM_EMBED_MODELS", "",
+        "Several models in one sidecar: comma-separated name=path entries (sentence-transformers folders, "
+        "embedding models or cross-encoders, told apart by their configs); each may add ;embed, ;rerank or "
+        ";matryoshka (e.g. minilm=/models/minilm,rerank=/models/ce;rerank). The first is the default for "
+        "embedding, the first reranker for reranking; a request's 'model' picks by name. Empty: the one model "
+        "of SHM_EMBED_MODEL.",
     )
     device: str = _setting(
         "SHM_EMBED_DEVICE", "auto", "auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
@@ -158,7 +169,8 @@ class Settings:
     # --- web service -------------------------------------------------------------
     bind: str = _setting("SHM_EMBED_BIND", "127.0.0.1:8000", "Address Gunicorn listens on.")
     api_key: str = _setting(
-        "SHM_EMBED_API_KEY", "", "When set, every endpoint but /health needs 'Authorization: Bearer <key>'."
+        "SHM_EMBED_API_KEY", "", "When set, every endpoint but /health needs 'Authorization: Bearer <key>'.",
+        secret=True,
     )
     max_inputs: int = _setting(
         "SHM_EMBED_MAX_INPUTS", 2048, "Texts in one HTTP request at most (413 above).", minimum=1
@@ -187,7 +199,24 @@ class Settings:
     # --- collections and web search ---------------------------------------------
     data_dir: str = _setting(
         "SHM_EMBED_DATA_DIR", "./.data",
-        "Where vector collections are stored (one SQLite file; every worker of the host shares it).",
+        "Where vector collections are stored (one SQLite file; every worker of the host shares it) unless "
+        "SHM_EMBED_COLLECTIONS_URL is set; with either store, this host's index snapshots (index/).",
+    )
+    collections_url: str = _setting(
+        "SHM_EMBED_COLLECTIONS_URL", "",
+        "postgresql://user:password@host:5432/db: keep collections in PostgreSQL, shared by the workers of "
+        "every host behind a load balancer (schema created and migrated at start); empty: the SQLite file "
+        "under SHM_EMBED_DATA_DIR, shared by the workers of one host.", secret=True,
+    )
+    collections_pool: int = _setting(
+        "SHM_EMBED_COLLECTIONS_POOL", 4,
+        "PostgreSQL only: connections each worker process keeps at most (so workers x this per host, for every "
+        "host, must fit the server's max_connections).", minimum=1,
+    )
+    collections_timeout_s: float = _setting(
+        "SHM_EMBED_COLLECTIONS_TIMEOUT_S", 5.0,
+        "PostgreSQL only: longest a request waits for a connection (and a connection attempt takes) before it "
+        "is answered 503 with Retry-After.", minimum=0.1,
     )
     search_nprobe: int = _setting(
         "SHM_EMBED_SEARCH_NPROBE", 32,
@@ -210,8 +239,8 @@ class Settings:
     snapshots: bool = _setting(
         "SHM_EMBED_SNAPSHOTS", True,
         "true: the workers of a host share one memory-mapped index snapshot per collection (under "
-        "SHM_EMBED_DATA_DIR/index, rebuilt in the background) and each holds only the changes since it; false: "
-        "every worker holds every collection's vectors in its own memory.",
+        "SHM_EMBED_DATA_DIR/index, with either store, rebuilt in the background) and each holds only the changes "
+        "since it; false: every worker holds every collection's vectors in its own memory.",
     )
     snapshot_delta: int = _setting(
         "SHM_EMBED_SNAPSHOT_DELTA", 50_000,
@@ -298,6 +327,12 @@ class Settings:
                 raise ConfigError(f"{var}={value!r}: must be at least {f.metadata['minimum']}")
         if not self.namespace or "/" in self.namespace or len(self.namespace) > 200:
             raise ConfigError(f"SHM_EMBED_NAMESPACE={self.namespace!r}: must be non-empty, without '/'")
+        if self.models:
+            from .model_files import parse_model_specs
+
+            parse_model_specs(self.models)  # ConfigError naming the entry at fault
+        if self.collections_url and not self.collections_url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError("SHM_EMBED_COLLECTIONS_URL: must be a postgresql:// URL (or empty for SQLite)")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"SHM_EMBED_DEVICE={self.device!r}: must be auto, cpu, cuda or cuda:N")
         if self.max_inflight_body_bytes < self.max_body_bytes:

@@ -86,6 +86,16 @@ class InvalidInput(ShmEmbedError, TypeError):
     """The call's arguments are of the wrong type (e.g. a non-string text)."""
 
 
+class ModelNotFound(InvalidInput):
+    """The call named a model the sidecar does not serve, or one that does
+    not do what was asked (embedding with a reranker, or the reverse)."""
+
+    def __init__(self, message: str, *, requested: str, served: list[str]):
+        super().__init__(message)
+        self.requested = requested
+        self.served = served
+
+
 class SlotRejected(ShmEmbedError):
     """The sidecar refused this request's slot (the code says why)."""
 

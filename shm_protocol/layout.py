@@ -21,8 +21,17 @@ Control segment::
     |   layout_hash u64 (names, types and order of every field)    |
     |   layout: n_rings, slots_per_ring, max_texts, max_tokens,    |
     |           dim, max_seq_length, vocab_size, slot_bytes (u32)  |
-    |   model identity: model_name[128], tokenizer_path[512],      |
-    |           device[32]                                         |
+    |           (dim, max_seq_length, vocab_size: the largest of   |
+    |           any served model; they size the slots)             |
+    |   device[32], n_models u32                                   |
+    |   models: MODEL_DTYPE x MAX_MODELS, the first n_models used: |
+    |     name[64], kind u32 (ModelKind), dim u32 (vector size,    |
+    |     or scores per pair for a reranker), max_seq_length,      |
+    |     vocab_size, type_vocab_size (0: the model takes no       |
+    |     segment ids), activation u32 (Activation of scores),     |
+    |     flags u32 (ModelFlag), tokenizer_path[512],              |
+    |     stats: MODEL_STATS_DTYPE                                 |
+    |     Model 0 is the default.                                  |
     |   liveness: sidecar_pid i32, state u32, epoch u64,           |
     |           heartbeat_ns u64 (CLOCK_MONOTONIC), started_ns u64 |
     |           (wall clock), max_batch_tokens, max_batch_texts,   |
@@ -40,11 +49,21 @@ each padded to a multiple of 64 bytes (a cache line)::
     +------ slot ----------------------------------------------------------+
     | state u32 | error u32 | n_texts u32 | n_tokens u32 | seq u64 (gen.) |
     | submit_ns u64 | queue_ns u64 | compute_ns u64 | eta_ns u64         |
-    | batch_texts u32 | cancel u64                                         |
+    | batch_texts u32 | cancel u64 | model u32 (index into the models)  |
     | offsets u32[max_texts + 1]   text i is tokens[offsets[i]:offsets[i+1]]
+    | segments u32[max_texts]      a pair's second segment starts at token |
+    |                              segments[i] of text i (0: one segment)  |
     | tokens  i32[max_tokens]      ragged token ids, no padding            |
-    | out     f32[max_texts, dim]  one vector per text, written back       |
+    | out     f32[max_texts, dim]  one vector (or a pair's scores, the     |
+    |                              model's dim of them) per text           |
     +----------------------------------------------------------------------+
+
+A slot serves one model: the sidecar batches slots of the same model
+together, oldest first across models. A reranker's "texts" are (query,
+document) pairs tokenized by the worker as pairs (``[CLS] q [SEP] d [SEP]``
+for BERT); ``segments`` says where the document's tokens start, which gives
+the segment (token type) ids; ``out[i, 0]`` is the pair's raw score (logit),
+to which the reader applies the model's ``activation``.
 
 Slot states (``SlotState``) and who may write each transition::
 
@@ -89,15 +108,18 @@ Leases, generations and liveness (the rules every reader and writer keeps):
 Order of writes and reads. NOTE: the order is important here; the semaphore
 post/wait is the memory barrier that publishes everything written before it.
 
-* Worker submit: write ``tokens``, ``offsets``, ``n_texts``, ``n_tokens``,
-  ``seq``, ``submit_ns``; then ``state = READY``; then post the doorbell.
+* Worker submit: write ``tokens``, ``offsets``, ``segments``, ``model``,
+  ``n_texts``, ``n_tokens``, ``seq``, ``submit_ns``; then ``state = READY``;
+  then post the doorbell.
 * Sidecar: drain the doorbell, *then* scan states (a post that comes after
   the drain wakes the next scan, so no READY slot is missed). The drain is
   bounded; a doorbell holding more posts than all slots could owe was
   written to by someone: the sidecar unlinks it, creates a new one under the
   same name and bumps ``bell_gen``; workers reopen the doorbell when they see
-  a new ``bell_gen`` before they post. Then set BUSY;
-  validate; run the model; write ``out``, ``error``, timings; then
+  a new ``bell_gen`` before they post. Then take the oldest slot's model and
+  the ready slots of that model; set BUSY; validate (against that model's
+  entry: token limit, vocabulary, whether it takes pairs); run the model;
+  write ``out``, ``error``, timings; then
   ``state = DONE`` (or ``ERROR``); then post the slot's semaphore.
 * Sidecar, on taking a slot: ``eta_ns`` = when it expects the batch done
   (from its running estimate of compute time per padded token), or
@@ -126,10 +148,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import LayoutMismatch, SidecarUnavailable
+from .errors import ConfigError, LayoutMismatch, SidecarUnavailable
 
 MAGIC = b"SHMEMBED"
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 #: Alignment of every slot, in bytes.
 SLOT_ALIGN = 64
@@ -190,6 +212,33 @@ class SlotError(enum.IntEnum):
     SHUTDOWN = 6  # the sidecar stopped before it could serve the slot
     REAPED = 7  # the slot's owner died; counted, never seen by a live worker
     CANCELLED = 8  # its worker gave up on it (timeout, stall) before the model ran; counted, not computed
+    BAD_MODEL = 9  # the slot's model index names no served model
+    BAD_SEGMENTS = 10  # a segment split beyond its text, or a split for a model that takes no pairs
+
+
+#: Models one sidecar serves at most (the header's model table has this many entries).
+MAX_MODELS = 8
+
+
+class ModelKind(enum.IntEnum):
+    """What a served model computes (a model table entry's ``kind``)."""
+
+    EMBED = 0  # a SentenceTransformer: one vector per text
+    RERANK = 1  # a CrossEncoder: scores per (query, document) pair
+
+
+class Activation(enum.IntEnum):
+    """What turns a reranker's raw score (logit) into its relevance score,
+    as CrossEncoder.predict applies it; the sidecar writes raw scores."""
+
+    IDENTITY = 0
+    SIGMOID = 1
+
+
+class ModelFlag(enum.IntFlag):
+    """Bits of a model table entry's ``flags``."""
+
+    MATRYOSHKA = 1  # trained for truncated vectors: ``dimensions`` below its size may be served
 
 
 # Histogram bucket upper bounds. The last bucket is "above the last bound".
@@ -221,6 +270,37 @@ STATS_DTYPE = np.dtype(
     align=True,
 )
 
+#: Per-model counters, in each model table entry (the sidecar writes them after it answers).
+MODEL_STATS_DTYPE = np.dtype(
+    [
+        ("requests", "<u8"),
+        ("texts", "<u8"),
+        ("tokens", "<u8"),
+        ("padded_tokens", "<u8"),
+        ("batches", "<u8"),
+        ("errors", "<u8"),  # slots of this model answered with any error
+        ("queue_ns_sum", "<u8"),
+        ("compute_ns_sum", "<u8"),
+    ],
+    align=True,
+)
+
+MODEL_DTYPE = np.dtype(
+    [
+        ("name", "S64"),
+        ("kind", "<u4"),  # ModelKind
+        ("dim", "<u4"),  # vector size; a reranker's scores per pair
+        ("max_seq_length", "<u4"),  # tokens of one text (a pair: both parts and the specials)
+        ("vocab_size", "<u4"),
+        ("type_vocab_size", "<u4"),  # segment ids the model takes; 0: none (pairs go without them)
+        ("activation", "<u4"),  # Activation of a reranker's scores
+        ("flags", "<u4"),  # ModelFlag bits
+        ("tokenizer_path", "S512"),
+        ("stats", MODEL_STATS_DTYPE),
+    ],
+    align=True,
+)
+
 # Only these fields are read before the layout is known to match.
 PREFIX_DTYPE = np.dtype([("magic", "S8"), ("version", "<u4"), ("header_bytes", "<u4"), ("layout_hash", "<u8")],
                         align=True)
@@ -239,9 +319,9 @@ HEADER_DTYPE = np.dtype(
         ("max_seq_length", "<u4"),
         ("vocab_size", "<u4"),
         ("slot_bytes", "<u4"),
-        ("model_name", "S128"),
-        ("tokenizer_path", "S512"),
         ("device", "S32"),
+        ("n_models", "<u4"),  # entries of ``models`` in use; model 0 is the default
+        ("models", MODEL_DTYPE, (MAX_MODELS,)),
         ("sidecar_pid", "<i4"),
         ("state", "<u4"),
         ("epoch", "<u8"),
@@ -264,6 +344,47 @@ RING_DTYPE = np.dtype(
 )
 
 
+@dataclass(frozen=True)
+class ModelEntry:
+    """One entry of the header's model table, as plain Python values."""
+
+    index: int
+    name: str
+    kind: ModelKind
+    dim: int
+    max_seq_length: int
+    vocab_size: int
+    type_vocab_size: int = 0
+    activation: Activation = Activation.IDENTITY
+    flags: ModelFlag = ModelFlag(0)
+    tokenizer_path: str = ""
+
+    @property
+    def matryoshka(self) -> bool:
+        return bool(self.flags & ModelFlag.MATRYOSHKA)
+
+    def write(self, rec: np.ndarray) -> None:
+        """Fill a MODEL_DTYPE record (the sidecar, before it is READY)."""
+        for f in ("name", "tokenizer_path"):
+            raw = getattr(self, f).encode("utf-8")
+            if len(raw) > MODEL_DTYPE[f].itemsize:
+                raise ConfigError(f"model {f} {getattr(self, f)!r} is longer than {MODEL_DTYPE[f].itemsize} bytes")
+            rec[f] = raw
+        for f in ("kind", "dim", "max_seq_length", "vocab_size", "type_vocab_size", "activation", "flags"):
+            rec[f] = int(getattr(self, f))
+
+    @classmethod
+    def read(cls, index: int, rec: np.ndarray) -> ModelEntry:
+        """The entry from a MODEL_DTYPE record. Raises ValueError on values no
+        sidecar writes (a corrupt or hostile header)."""
+        def text(f: str) -> str:
+            return bytes(rec[f]).rstrip(b"\0").decode("utf-8", "replace")
+
+        return cls(index, text("name"), ModelKind(int(rec["kind"])), int(rec["dim"]), int(rec["max_seq_length"]),
+                   int(rec["vocab_size"]), int(rec["type_vocab_size"]), Activation(int(rec["activation"])),
+                   ModelFlag(int(rec["flags"]) & int(ModelFlag.MATRYOSHKA)), text("tokenizer_path"))
+
+
 def _round_up(n: int, align: int) -> int:
     return (n + align - 1) // align * align
 
@@ -281,7 +402,9 @@ def _slot_fields(max_texts: int, max_tokens: int, dim: int) -> list:
         ("eta_ns", "<u8"),  # when the sidecar expects to answer (monotonic); ETA_NONE, ETA_PARK
         ("batch_texts", "<u4"),
         ("cancel", "<u8"),  # a generation its worker gave up on: the sidecar skips it (CANCELLED)
+        ("model", "<u4"),  # index into the header's model table
         ("offsets", "<u4", (max_texts + 1,)),
+        ("segments", "<u4", (max_texts,)),  # where a pair's second segment starts in text i (0: none)
         ("tokens", "<i4", (max_tokens,)),
         ("out", "<f4", (max_texts, dim)),
     ]
@@ -345,7 +468,7 @@ def _layout_hash() -> int:
     differently never agree on it, even where the sizes happen to match."""
     import hashlib
 
-    text = repr((HEADER_DTYPE.descr, RING_DTYPE.descr, _slot_fields(1, 1, 1)))
+    text = repr((HEADER_DTYPE.descr, RING_DTYPE.descr, _slot_fields(1, 1, 1), MAX_MODELS))
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
@@ -380,6 +503,12 @@ def check_prefix(buf, name: str) -> None:
 def header_view(buf) -> np.ndarray:
     """A writable (or read-only, as ``buf`` is) 0-d view of the header."""
     return np.frombuffer(buf, dtype=HEADER_DTYPE, count=1).reshape(())
+
+
+def model_stats_view(header: np.ndarray, index: int) -> np.ndarray:
+    """A writable 0-d view of model ``index``'s counters in the header
+    (indexing one element of a structured array gives a copy-like scalar)."""
+    return header["models"]["stats"][index: index + 1].reshape(())
 
 
 def ring_table_view(buf, n_rings: int) -> np.ndarray:

@@ -10,7 +10,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, InvalidInput
+from .errors import ConfigError, InvalidInput, ModelNotFound
+from .layout import MAX_MODELS, ModelKind
 
 #: The name the bundled model is reported under.
 BUNDLED_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -31,6 +32,110 @@ def resolve_model_path(model: str) -> Path:
     if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
         raise ConfigError(f"SHM_EMBED_MODEL={str(path)!r} is not a sentence-transformers model folder")
     return path
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model a sidecar serves: its name in requests, its folder, what it
+    computes and whether it was trained for truncated vectors."""
+
+    name: str
+    path: Path
+    kind: ModelKind
+    matryoshka: bool = False
+
+
+#: The flags an SHM_EMBED_MODELS entry may add after ';'.
+_SPEC_FLAGS = ("embed", "rerank", "matryoshka")
+
+
+def parse_model_specs(raw: str) -> list[tuple[str, str, tuple[str, ...]]]:
+    """SHM_EMBED_MODELS split into (name, path, flags), checked for form
+    only (no files are read): ``name=path[;flag...]`` entries, commas between."""
+    entries = []
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        name, sep, rest = part.partition("=")
+        name = name.strip()
+        path, *flags = [x.strip() for x in rest.split(";")]
+        if not sep or not name or not path:
+            raise ConfigError(f"SHM_EMBED_MODELS entry {part!r}: expected name=path[;flag...]")
+        if len(name.encode()) > 64 or not all(c.isalnum() or c in "-_.:/" for c in name):
+            raise ConfigError(f"SHM_EMBED_MODELS entry {part!r}: a name is up to 64 letters, digits and -_.:/")
+        bad = [f for f in flags if f not in _SPEC_FLAGS]
+        if bad or ("embed" in flags and "rerank" in flags):
+            raise ConfigError(f"SHM_EMBED_MODELS entry {part!r}: flags are {', '.join(_SPEC_FLAGS)} "
+                              "(embed and rerank exclude each other)")
+        entries.append((name, path, tuple(flags)))
+    names = [e[0] for e in entries]
+    if not entries or len(entries) > MAX_MODELS or len(set(names)) != len(names):
+        raise ConfigError(f"SHM_EMBED_MODELS={raw!r}: 1 to {MAX_MODELS} entries with distinct names")
+    return entries
+
+
+def model_specs(settings) -> list[ModelSpec]:
+    """The models ``settings`` ask the sidecar to serve, default first:
+    SHM_EMBED_MODELS, else the one model of SHM_EMBED_MODEL."""
+    if not settings.models:
+        path = resolve_model_path(settings.model)
+        return [ModelSpec(model_name(path), path, model_kind(path), settings.matryoshka)]
+    specs = []
+    for name, raw_path, flags in parse_model_specs(settings.models):
+        path = resolve_model_path(raw_path)
+        if "rerank" in flags:
+            kind = ModelKind.RERANK
+        elif "embed" in flags:
+            kind = ModelKind.EMBED
+        else:
+            kind = model_kind(path)
+        specs.append(ModelSpec(name, path, kind, "matryoshka" in flags or settings.matryoshka))
+    return specs
+
+
+def model_kind(path: Path) -> ModelKind:
+    """RERANK for a cross-encoder folder (sentence-transformers marks it
+    ``model_type: CrossEncoder``; older ones are a bare sequence-classification
+    model without pooling), else EMBED."""
+    if _json(path / "config_sentence_transformers.json").get("model_type") == "CrossEncoder":
+        return ModelKind.RERANK
+    archs = _json(path / "config.json").get("architectures") or []
+    if (any(str(a).endswith("ForSequenceClassification") for a in archs)
+            and not (path / "1_Pooling").is_dir()):
+        return ModelKind.RERANK
+    return ModelKind.EMBED
+
+
+def name_matches(requested: str, served: str) -> bool:
+    """Whether a request's ``model`` names the served one: its name, or a
+    hub id ending in it ("sentence-transformers/all-MiniLM-L6-v2"). The
+    synthetic backend's stand-in ("synthetic:<model>") answers to its
+    model's names, so a load test sends what production clients send."""
+    names = {served, served.removeprefix("synthetic:")}
+    return requested in names or any(requested.endswith("/" + n) for n in names)
+
+
+def find_model(models: list, requested: str | None, kind: ModelKind):
+    """The entry of ``models`` (the header's table, default first) that a
+    request for ``kind`` naming ``requested`` gets: None means the first
+    model of that kind. ModelNotFound when no served model has that name, or
+    it does the other task."""
+    served = [m.name for m in models]
+    task = "reranking" if kind == ModelKind.RERANK else "embedding"
+    if requested is None:
+        for m in models:
+            if m.kind == kind:
+                return m
+        raise ModelNotFound(f"no model here serves {task} (served: {', '.join(served)})",
+                            requested="", served=served)
+    for m in models:
+        if name_matches(requested, m.name):
+            if m.kind != kind:
+                raise ModelNotFound(f"the model '{requested}' serves {m.kind.name.lower()}, not {task}",
+                                    requested=requested, served=served)
+            return m
+    raise ModelNotFound(f"The model '{requested}' does not exist here; this service serves "
+                        f"{', '.join(repr(n) for n in served)}", requested=requested, served=served)
 
 
 def tokenizer_file(path: Path) -> Path:

@@ -17,8 +17,10 @@ from .layout import (
     HEADER_DTYPE,
     LAYOUT_HASH,
     MAGIC,
+    MAX_MODELS,
     PROTOCOL_VERSION,
     LayoutParams,
+    ModelEntry,
     RecordViews,
     SidecarState,
     check_prefix,
@@ -116,13 +118,31 @@ class Region:
     def text_field(self, name: str) -> str:
         return bytes(self.header[name]).rstrip(b"\0").decode("utf-8", "replace")
 
-    @property
-    def model_name(self) -> str:
-        return self.text_field("model_name")
+    def models(self) -> list[ModelEntry]:
+        """The model table the sidecar wrote (model 0 is the default). A table
+        no sidecar would write (a corrupt or hostile header) is LayoutMismatch."""
+        n = int(self.header["n_models"])
+        if not 1 <= n <= MAX_MODELS:
+            raise LayoutMismatch(f"{self.names.ctl}: {n} models in the header, expected 1 to {MAX_MODELS}")
+        table = self.header["models"]
+        try:
+            return [ModelEntry.read(i, table[i]) for i in range(n)]
+        except ValueError as exc:
+            raise LayoutMismatch(f"{self.names.ctl}: a model table entry no sidecar writes ({exc})") from None
+
+    def write_models(self, entries: list[ModelEntry]) -> None:
+        """Write the model table (the sidecar, before it is READY)."""
+        if not 1 <= len(entries) <= MAX_MODELS:
+            raise ValueError(f"{len(entries)} models: one sidecar serves 1 to {MAX_MODELS}")
+        table = self.header["models"]
+        for e in entries:
+            e.write(table[e.index])
+        self.header["n_models"] = len(entries)
 
     @property
-    def tokenizer_path(self) -> str:
-        return self.text_field("tokenizer_path")
+    def model_name(self) -> str:
+        """The default model's name ("" while the table is not written yet)."""
+        return bytes(self.header["models"][0]["name"]).rstrip(b"\0").decode("utf-8", "replace")
 
     @property
     def device(self) -> str:

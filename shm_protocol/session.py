@@ -72,6 +72,9 @@ class Session:
         self._users = 0
         self._closing = False
         self._old_bells: list = []  # replaced doorbells, closed with the session (a thread may still post)
+        self.models = region.models()  # the model table, fixed for the sidecar's epoch
+        # Slots whose segment splits are not all zero (a reranker's request was there): cleared before reuse.
+        self._segments_dirty = [True] * p.slots_per_ring
         for s in range(p.slots_per_ring):
             # A fresh lease has every slot free; one still in flight (which the
             # lease rules exclude) is kept out of use until the sidecar is done.
@@ -135,8 +138,11 @@ class Session:
     def answered(self, s: int, seq: int) -> bool:
         return int(self.state[s]) in (SLOT_DONE, SLOT_ERROR) and int(self.seq[s]) == seq
 
-    def submit(self, s: int, ids: np.ndarray | list[int], lengths: np.ndarray) -> int:
-        """Write one part of a request into slot ``s`` and ring the doorbell."""
+    def submit(self, s: int, ids: np.ndarray | list[int], lengths: np.ndarray, model: int = 0,
+               segments: np.ndarray | None = None) -> int:
+        """Write one part of a request for model ``model`` into slot ``s``
+        (``segments``: where each pair's second part starts, for a reranker)
+        and ring the doorbell."""
         v = self.v
         n = len(lengths)
         ntok = len(ids)
@@ -148,6 +154,12 @@ class Session:
             offs[1] = ntok
         else:
             offs[1 : n + 1] = np.cumsum(lengths)
+        if segments is not None:
+            v.segments[s, :n] = segments
+        elif self._segments_dirty[s]:
+            v.segments[s, :] = 0
+        self._segments_dirty[s] = segments is not None
+        v.model[s] = model
         v.n_texts[s] = n
         v.n_tokens[s] = ntok
         seq = next(self._seq)

@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import LayoutMismatch
 from .layout import (
     BATCH_TEXTS_BUCKETS,
     LATENCY_BUCKETS_S,
+    MODEL_STATS_DTYPE,
     SlotError,
     SlotState,
     hist_quantile,
@@ -51,6 +53,8 @@ class Snapshot:
     queue_depth: int
     busy_slots: int
     rings: list = field(default_factory=list)
+    #: Per served model (default first): name, kind, dimension, max_seq_length and MODEL_STATS_COUNTERS.
+    models: list = field(default_factory=list)
 
     def percentiles(self) -> dict:
         """p50/p90/p99 of each histogram (bucket upper bounds; None when empty)."""
@@ -70,6 +74,25 @@ class Snapshot:
         return d
 
 
+#: Each model's counters, as the stats CLI, /embedding/stats and /metrics show them.
+MODEL_COUNTERS = MODEL_STATS_DTYPE.names
+
+
+def _models(region: Region) -> list[dict]:
+    """Each model's identity and counters; empty while the table is unreadable."""
+    try:
+        entries = region.models()
+    except LayoutMismatch:
+        return []
+    table = region.header["models"]
+    out = []
+    for m in entries:
+        st = np.array(table[m.index]["stats"], copy=True)
+        out.append({"name": m.name, "kind": m.kind.name.lower(), "dimension": m.dim,
+                    "max_seq_length": m.max_seq_length, **{k: int(st[k]) for k in MODEL_COUNTERS}})
+    return out
+
+
 def snapshot(region: Region, stale_after_s: float = 1.0) -> Snapshot:
     """Copy the counters out of a mapped control segment (read-only is enough);
     judge liveness by the same rule as the workers, with ``stale_after_s``."""
@@ -86,12 +109,14 @@ def snapshot(region: Region, stale_after_s: float = 1.0) -> Snapshot:
             row["slots"] = {s.name.lower(): int((states == int(s)).sum()) for s in SlotState}
         rings.append(row)
     started = int(h["started_ns"])
+    models = _models(region)
+    default = models[0] if models else None
     return Snapshot(
         namespace=region.names.namespace,
         model=region.model_name,
         device=region.device,
-        dim=region.params.dim,
-        max_seq_length=region.params.max_seq_length,
+        dim=default["dimension"] if default else region.params.dim,
+        max_seq_length=default["max_seq_length"] if default else region.params.max_seq_length,
         sidecar_pid=region.sidecar_pid,
         sidecar_alive=pid_alive(region.sidecar_pid),
         state=region.state_name,
@@ -110,4 +135,5 @@ def snapshot(region: Region, stale_after_s: float = 1.0) -> Snapshot:
         queue_depth=int(st["ready_slots"]),
         busy_slots=int(st["busy_slots"]),
         rings=rings,
+        models=models,
     )

@@ -75,6 +75,14 @@ def render(snap: Snapshot, status: str, rate: dict):
     for k, v in snap.errors.items():
         counters.add_row(f"errors: {k}", f"{v:,}", "-")
 
+    per_model = Table(title="models")
+    for col in ("model", "kind", "requests", "texts", "tokens", "batches", "errors", "mean call"):
+        per_model.add_column(col, justify="right")
+    for m in snap.models:
+        mean = m["compute_ns_sum"] / m["batches"] / 1e9 if m["batches"] else None
+        per_model.add_row(m["name"], m["kind"], *(f"{m[k]:,}" for k in ("requests", "texts", "tokens", "batches",
+                                                                        "errors")), _fmt_s(mean))
+
     pct = snap.percentiles()
     lat = Table(title="latency and batches (histogram bucket bounds)")
     for col in ("", "p50", "p90", "p99"):
@@ -83,7 +91,7 @@ def render(snap: Snapshot, status: str, rate: dict):
     lat.add_row("model call", *(_fmt_s(pct["compute_seconds"][p]) for p in ("p50", "p90", "p99")))
     lat.add_row("texts per call", *(str(pct["batch_texts"][p]) if pct["batch_texts"][p] else "-"
                                     for p in ("p50", "p90", "p99")))
-    return Group(head, rings, counters, lat)
+    return Group(head, rings, counters, per_model, lat)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,7 @@ class Tokenized:
     ids: list[list[int]]
     lengths: np.ndarray  # int64, tokens per text after truncation
     tokenize_ns: int
+    segments: np.ndarray | None = None  # pairs: where each pair's second segment starts (its first type id 1)
 
 
 class WorkerTokenizer:
@@ -71,15 +72,43 @@ class WorkerTokenizer:
         check_token_budget(lengths, max_tokens)
         return Tokenized(texts, ids, lengths, tokenize_ns)
 
-    def encode(self, texts: Sequence[str]):
+    def tokenize_pairs(self, query: str, documents: list[str], *, truncate: bool,
+                       max_tokens: int | None) -> Tokenized:
+        """(query, document) pairs tokenized as pairs, as CrossEncoder.predict
+        does (``[CLS] query [SEP] document [SEP]`` for BERT, cut longest part
+        first at the model's limit): ids, lengths and where each pair's
+        second segment starts. A pair over the limit is RequestTooLarge
+        unless ``truncate``; more than ``max_tokens`` in all too."""
+        pairs = [(query, d) for d in documents]
+        t0 = time.perf_counter_ns()
+        encs = self.encode(pairs) if pairs else []
+        tokenize_ns = time.perf_counter_ns() - t0
+        if not truncate:
+            for i, e in enumerate(encs):
+                if e.overflowing:
+                    raise RequestTooLarge(
+                        f"the query with document {i} is over the model's limit of {self.max_seq_length} tokens "
+                        "(send truncate=true to cut it)", limit=self.max_seq_length,
+                        actual=self.max_seq_length + 1, what="tokens")  # at least: the cut pair is not measured
+        ids = [e.ids for e in encs]
+        lengths = np.array([len(x) for x in ids], dtype=np.int64)
+        check_token_budget(lengths, max_tokens)
+        segments = np.zeros(len(encs), np.int64)
+        for i, e in enumerate(encs):
+            types = e.type_ids
+            segments[i] = types.index(1) if 1 in types else 0
+        return Tokenized([d for _, d in pairs], ids, lengths, tokenize_ns, segments)
+
+    def encode(self, texts: Sequence):
         try:
             if len(texts) == 1:
-                return [self._tok.encode(texts[0])]
+                one = texts[0]
+                return [self._tok.encode(*one) if isinstance(one, tuple) else self._tok.encode(one)]
             return self._tok.encode_batch(texts)
         except (TypeError, ValueError) as exc:
             for i, t in enumerate(texts):  # name the culprit (a lone surrogate, typically)
                 try:
-                    t.encode("utf-8")
+                    (t if isinstance(t, str) else "".join(t)).encode("utf-8")
                 except UnicodeEncodeError:
                     raise InvalidInput(f"texts[{i}] is not valid Unicode (it has a lone surrogate)") from None
             raise InvalidInput(f"the tokenizer refused the input: {exc}") from exc

@@ -55,15 +55,9 @@ def main(argv: list[str] | None = None) -> int:
 
     notify = systemd_notifier()
     try:
-        if settings.synthetic_us >= 0:
-            from .synthetic import SyntheticEmbedder
+        from .model import load_models
 
-            embedder = SyntheticEmbedder(settings)
-        else:
-            from .model import Embedder
-
-            embedder = Embedder(settings)
-        sidecar = Sidecar(settings, embedder, notify=notify)
+        sidecar = Sidecar(settings, load_models(settings), notify=notify)
     except ShmEmbedError as exc:
         logger.error("cannot start: {}", exc)
         return 1

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from loguru import logger
@@ -19,15 +18,9 @@ from loguru import logger
 from shm_protocol import model_files
 from shm_protocol.config import Settings
 from shm_protocol.errors import ConfigError
+from shm_protocol.layout import Activation, ModelEntry, ModelFlag, ModelKind
 
 from .errors import DeviceError, ModelLoadError
-
-
-def resolve_model_path(settings: Settings) -> Path:
-    try:
-        return model_files.resolve_model_path(settings.model)
-    except ConfigError as exc:
-        raise ModelLoadError(str(exc)) from None
 
 
 def choose_device(requested: str) -> str:
@@ -45,29 +38,77 @@ class ModelInfo:
     name: str
     path: str
     tokenizer_path: str
-    dim: int
+    dim: int  # vector size; a reranker's scores per pair
     max_seq_length: int
     vocab_size: int
     device: str
+    kind: ModelKind = ModelKind.EMBED
+    type_vocab_size: int = 0  # segment ids a reranker takes (0: pairs go without them)
+    activation: Activation = Activation.IDENTITY
+    matryoshka: bool = False
+
+    def entry(self, index: int) -> ModelEntry:
+        """This model's entry in the header's model table."""
+        return ModelEntry(index, self.name, self.kind, self.dim, self.max_seq_length, self.vocab_size,
+                          self.type_vocab_size, self.activation,
+                          ModelFlag.MATRYOSHKA if self.matryoshka else ModelFlag(0), self.tokenizer_path)
+
+
+def model_specs(settings: Settings) -> list[model_files.ModelSpec]:
+    try:
+        return model_files.model_specs(settings)
+    except ConfigError as exc:
+        raise ModelLoadError(str(exc)) from None
+
+
+def load_models(settings: Settings) -> list:
+    """Every model the settings name, loaded, default first: the synthetic
+    backend's stand-ins when SHM_EMBED_SYNTHETIC_US >= 0, else torch models."""
+    specs = model_specs(settings)
+    if settings.synthetic_us >= 0:
+        from .synthetic import SyntheticEmbedder
+
+        return [SyntheticEmbedder(settings, spec) for spec in specs]
+    return [Embedder(settings, spec) for spec in specs]
+
+
+def _activation(fn) -> Activation:
+    """The Activation for a CrossEncoder's activation function (the scores
+    are written raw; the reader applies it)."""
+    import torch
+
+    if fn is None or isinstance(fn, torch.nn.Identity):
+        return Activation.IDENTITY
+    if isinstance(fn, torch.nn.Sigmoid):
+        return Activation.SIGMOID
+    raise ModelLoadError(f"the cross-encoder's activation {fn!r} is not served (identity or sigmoid)")
 
 
 class Embedder:
-    """One loaded model and the buffers its batches run through."""
+    """One loaded model (a SentenceTransformer, or a CrossEncoder for
+    reranking) and the buffers its batches run through."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, spec: model_files.ModelSpec | None = None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         import torch
-        from sentence_transformers import SentenceTransformer
 
         self.torch = torch
+        spec = spec or model_specs(settings)[0]
         threads = settings.torch_threads or os.cpu_count() or 1
         torch.set_num_threads(threads)
-        path = resolve_model_path(settings)
+        path = spec.path
         device = choose_device(settings.device)
         t0 = time.monotonic()
         try:
-            model = SentenceTransformer(str(path), device=device, local_files_only=True)
+            if spec.kind == ModelKind.RERANK:
+                from sentence_transformers import CrossEncoder
+
+                model = CrossEncoder(str(path), device=device, local_files_only=True)
+            else:
+                from sentence_transformers import SentenceTransformer
+
+                model = SentenceTransformer(str(path), device=device, local_files_only=True)
         except Exception as exc:
             raise ModelLoadError(f"could not load {path}: {exc}") from exc
         if device.startswith("cuda") and settings.dtype != "float32":
@@ -79,26 +120,49 @@ class Embedder:
         except ConfigError as exc:
             raise ModelLoadError(str(exc)) from None
         transformer = model[0]
-        vocab = transformer.auto_model.get_input_embeddings().num_embeddings
+        hf_model = getattr(transformer, "auto_model", None) or model.transformers_model
+        vocab = hf_model.get_input_embeddings().num_embeddings
+        tokenizer = getattr(model, "tokenizer", None)
+        self._input_names = set(getattr(transformer, "model_input_names", None)
+                                or getattr(tokenizer, "model_input_names", None) or ["input_ids", "attention_mask"])
+        if spec.kind == ModelKind.RERANK:
+            if int(model.num_labels) != 1:
+                raise ModelLoadError(f"{path}: a reranker gives one score per pair; this one gives "
+                                     f"{model.num_labels} (num_labels)")
+            self._output = "scores"
+            dim = 1
+            max_len = int(model.max_seq_length or model_files.max_seq_length(path))
+            types = int(getattr(hf_model.config, "type_vocab_size", 0) or 0) \
+                if "token_type_ids" in self._input_names else 0
+            activation = _activation(model.activation_fn)
+        else:
+            self._output = "sentence_embedding"
+            dim = int(model.get_embedding_dimension())
+            max_len = int(model.max_seq_length)
+            types, activation = 0, Activation.IDENTITY
         self.info = ModelInfo(
-            name=model_files.model_name(path),
+            name=spec.name,
             path=str(path),
             tokenizer_path=str(tokenizer_json),
-            dim=int(model.get_embedding_dimension()),
-            max_seq_length=int(model.max_seq_length),
+            dim=dim,
+            max_seq_length=max_len,
             vocab_size=int(vocab),
             device=device,
+            kind=spec.kind,
+            type_vocab_size=types,
+            activation=activation,
+            matryoshka=spec.matryoshka or model_files.text_options(path).matryoshka,
         )
         self.device = torch.device(device)
         self.is_cuda = self.device.type == "cuda"
         self.uses_cpu = not self.is_cuda  # whether a model call keeps the CPU's cores busy
-        self._input_names = set(getattr(transformer, "model_input_names", None) or ["input_ids", "attention_mask"])
         self._capacity = max(settings.max_batch_tokens, self.info.max_seq_length)
         self._max_texts = settings.max_batch_texts
         self._alloc_buffers()
         logger.info(
-            "loaded {} ({} dims, max {} tokens) on {} in {:.1f}s with {} torch threads",
-            self.info.name, self.info.dim, self.info.max_seq_length, device, time.monotonic() - t0, threads,
+            "loaded {} ({}, {} {}, max {} tokens) from {} on {} in {:.1f}s with {} torch threads",
+            spec.name, spec.kind.name.lower(), dim, "score" if spec.kind == ModelKind.RERANK else "dims",
+            max_len, path, device, time.monotonic() - t0, threads,
         )
 
     def _alloc_buffers(self) -> None:
@@ -108,9 +172,11 @@ class Embedder:
             self.stream = torch.cuda.Stream(device=self.device)
             self._ids_host = torch.empty(cap, dtype=torch.int64, pin_memory=True)
             self._mask_host = torch.empty(cap, dtype=torch.int64, pin_memory=True)
+            self._types_host = torch.zeros(cap, dtype=torch.int64, pin_memory=True)
             self._out_host = torch.empty((self._max_texts, dim), dtype=torch.float32, pin_memory=True)
             self._ids_np = self._ids_host.numpy()
             self._mask_np = self._mask_host.numpy()
+            self._types_np = self._types_host.numpy()
             self._out_np = self._out_host.numpy()
             self._types_dev = torch.zeros(cap, dtype=torch.int64, device=self.device)
         else:
@@ -123,9 +189,11 @@ class Embedder:
         """Padded tokens one call may hold."""
         return self._capacity
 
-    def embed(self, seqs: list[np.ndarray]) -> np.ndarray:
+    def embed(self, seqs: list[np.ndarray], segments: list[int] | None = None) -> np.ndarray:
         """Vectors (float32, one row per sequence) of already-validated token
-        id sequences. The result is only valid until the next call."""
+        id sequences; for a reranker, each row holds a pair's raw score, and
+        ``segments[i]`` is where pair i's second segment starts (its tokens
+        get segment id 1). The result is only valid until the next call."""
         torch = self.torch
         n = len(seqs)
         width = max(len(s) for s in seqs)
@@ -139,6 +207,14 @@ class Embedder:
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = s
             mask[i, : len(s)] = 1
+        takes_types = "token_type_ids" in self._input_names
+        pairs = takes_types and segments is not None and self.info.type_vocab_size > 1
+        if pairs:
+            types = self._types_np[:size].reshape(n, width)
+            types.fill(0)
+            for i, (s, split) in enumerate(zip(seqs, segments)):
+                if split:
+                    types[i, split: len(s)] = 1
         with torch.inference_mode():
             if self.is_cuda:
                 with torch.cuda.stream(self.stream):
@@ -146,19 +222,22 @@ class Embedder:
                         "input_ids": self._ids_host[:size].view(n, width).to(self.device, non_blocking=True),
                         "attention_mask": self._mask_host[:size].view(n, width).to(self.device, non_blocking=True),
                     }
-                    if "token_type_ids" in self._input_names:
+                    if pairs:
+                        features["token_type_ids"] = self._types_host[:size].view(n, width).to(
+                            self.device, non_blocking=True)
+                    elif takes_types:
                         features["token_type_ids"] = self._types_dev[:size].view(n, width)
-                    emb = self.model(features)["sentence_embedding"]
-                    self._out_host[:n].copy_(emb.float(), non_blocking=True)
+                    out = self.model(features)[self._output]
+                    self._out_host[:n].copy_(out.float().reshape(n, -1), non_blocking=True)
                 self.stream.synchronize()
                 return self._out_np[:n]
             features = {
                 "input_ids": torch.from_numpy(ids),
                 "attention_mask": torch.from_numpy(mask),
             }
-            if "token_type_ids" in self._input_names:
+            if takes_types:
+                if not pairs:
+                    self._types_np[:size].fill(0)
                 features["token_type_ids"] = torch.from_numpy(self._types_np[:size].reshape(n, width))
-            emb = self.model(features)["sentence_embedding"]
-            return emb.float().numpy()
-
-
+            out = self.model(features)[self._output]
+            return out.float().reshape(n, -1).numpy()

@@ -35,10 +35,12 @@ from shm_protocol.layout import (
     SLOT_FREE,
     SLOT_READY,
     LayoutParams,
+    ModelKind,
     RecordViews,
     SlotError,
     SlotViews,
     bucket_index,
+    model_stats_view,
 )
 from shm_protocol.region import Region
 from shm_protocol.segments import DEV_SHM, Names, create_semaphore, drain, pid_alive
@@ -56,19 +58,23 @@ TRIM_AFTER_TOKENS = 2048
 CALL_DEADLINE_FACTOR = 4
 
 
-def validate_slot(n_texts: int, n_tokens: int, offsets: np.ndarray, tokens: np.ndarray, p: LayoutParams):
-    """Check what a worker wrote. Returns (SlotError, lengths, private copy of
-    the ids). The ids are copied out of shared memory *before* they are
+def validate_slot(n_texts: int, n_tokens: int, offsets: np.ndarray, tokens: np.ndarray, p: LayoutParams, *,
+                  max_seq_length: int | None = None, vocab_size: int | None = None):
+    """Check what a worker wrote, against the slot's layout and its model's
+    limits (default: the layout's). Returns (SlotError, offsets, private copy
+    of the ids). The ids are copied out of shared memory *before* they are
     checked, so a writer cannot change them between check and use."""
+    max_len = p.max_seq_length if max_seq_length is None else max_seq_length
+    vocab = p.vocab_size if vocab_size is None else vocab_size
     if not (1 <= n_texts <= p.max_texts) or not (1 <= n_tokens <= p.max_tokens):
         return SlotError.BAD_COUNT, None, None
     if n_texts == 1:  # one text: the same checks on plain ints
         if int(offsets[0]) != 0 or int(offsets[1]) != n_tokens:
             return SlotError.BAD_OFFSETS, None, None
-        if n_tokens > p.max_seq_length:
+        if n_tokens > max_len:
             return SlotError.TOO_LONG, None, None
         ids = tokens[:n_tokens].copy()
-        if int(ids.view(np.uint32).max()) >= p.vocab_size:  # one pass: a negative id reads as >= 2**31
+        if int(ids.view(np.uint32).max()) >= vocab:  # one pass: a negative id reads as >= 2**31
             return SlotError.BAD_TOKEN, None, None
         return SlotError.NONE, np.array([0, n_tokens], np.int64), ids
     offs = offsets[: n_texts + 1].astype(np.int64)
@@ -78,11 +84,24 @@ def validate_slot(n_texts: int, n_tokens: int, offsets: np.ndarray, tokens: np.n
     lengths = np.diff(offs)
     if (lengths <= 0).any():
         return SlotError.BAD_OFFSETS, None, None
-    if (lengths > p.max_seq_length).any():
+    if (lengths > max_len).any():
         return SlotError.TOO_LONG, None, None
-    if int(ids.min()) < 0 or int(ids.max()) >= p.vocab_size:
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
         return SlotError.BAD_TOKEN, None, None
     return SlotError.NONE, offs, ids
+
+
+def validate_segments(segments: np.ndarray, offsets: np.ndarray, pairs: bool):
+    """Check a slot's segment splits against its (already checked) offsets:
+    a split lies inside its text (past its first token), and only a model
+    that takes pairs gets any. Returns (SlotError, private list of splits or None)."""
+    n = len(offsets) - 1
+    splits = segments[:n].astype(np.int64)  # a private copy
+    if not splits.any():
+        return SlotError.NONE, None
+    if not pairs or ((splits != 0) & ((splits < 1) | (splits >= np.diff(offsets)))).any():
+        return SlotError.BAD_SEGMENTS, None
+    return SlotError.NONE, splits.tolist()
 
 
 @dataclass
@@ -95,6 +114,8 @@ class _Work:
     ids: np.ndarray
     texts: int
     queue_ns: int
+    model: int = 0
+    segments: list[int] | None = None  # pair splits, for a reranker
     remaining: int = 0
     answered: bool = False
     call_ns: int = 0  # the model calls its texts rode in, together (published as compute_ns)
@@ -128,7 +149,7 @@ class Scheduler:
     def __init__(
         self,
         settings: Settings,
-        embedder,
+        models: list,
         params: LayoutParams,
         region: Region,
         names: Names,
@@ -143,7 +164,7 @@ class Scheduler:
         log_fault: Callable[..., None],
     ):
         self.settings = settings
-        self.embedder = embedder
+        self.models = models  # loaded models, by their index in the header's table
         self.params = params
         self.region = region
         self.names = names
@@ -154,11 +175,15 @@ class Scheduler:
         self._progress = progress
         self._model_outcome = model_outcome
         self._log_fault = log_fault
-        self._timer = CallTimer()
+        self._timers = [CallTimer() for _ in models]  # each model's cost per padded token
+        # Each model's counters in its table entry, one view per field.
+        self._mctr = [RecordViews(model_stats_view(region.header, i)) for i in range(len(models))]
+        self._pairs = [m.info.type_vocab_size > 0 or m.info.kind == ModelKind.RERANK for m in models]
         self._last_batch_slots = 0
         # How many slots of one batch may have their waiters spin: the cores
         # the model leaves free (a GPU or synthetic model leaves all but this process's).
-        model_cores = (settings.torch_threads or cores) if getattr(embedder, "uses_cpu", True) else 1
+        uses_cpu = any(getattr(m, "uses_cpu", True) for m in models)
+        model_cores = (settings.torch_threads or cores) if uses_cpu else 1
         self._spin_slots = max(1, cores - model_cores)
         #: A large model call ran since the heap was last trimmed (the loop clears it when it trims).
         self.trim_pending = False
@@ -256,14 +281,22 @@ class Scheduler:
                 ready = self._scan()
         if len(ready) == 1:
             order = [int(ready[0])]
+            model = int(self.v.model[order[0]])
         else:
             order = fair_order(ready, self._seen_ns[ready], self.params.slots_per_ring)
+            # One model per batch: the oldest slot's; the others' slots keep
+            # their place (their age) for the next rounds. Filtered with one
+            # model too: a slot naming no model is refused in a batch of its own.
+            model = int(self.v.model[order[0]])
+            models = self.v.model[order]
+            if (models != model).any():
+                order = [f for f, m in zip(order, models.tolist()) if m == model]
         batch = admit(order, self.v.n_texts, self.v.n_tokens, s.max_batch_texts, s.max_batch_tokens)
         works: list[_Work] = []
         try:
-            self._take(batch, works)
+            self._take(batch, works, model)
             if works:
-                self._serve_batch(works)
+                self._serve_batch(works, model)
         finally:
             # Whatever happened, no slot of this batch stays BUSY: the reaper
             # and the lease rules rely on BUSY ending with the step.
@@ -273,12 +306,14 @@ class Scheduler:
             self.ctr.busy_slots[0] = 0
         return True
 
-    def _take(self, batch: list[int], works: list[_Work]) -> None:
-        """Mark the batch's slots BUSY and validate each on a private copy; a
-        bad slot is answered with its error at once and never joins. Valid
-        ones go into ``works``, the caller's list, as soon as they are BUSY
-        (so the caller answers them whatever happens after)."""
+    def _take(self, batch: list[int], works: list[_Work], model: int) -> None:
+        """Mark the batch's slots BUSY and validate each on a private copy
+        (for ``model``, which every slot of the batch must name); a bad slot
+        is answered with its error at once and never joins. Valid ones go
+        into ``works``, the caller's list, as soon as they are BUSY (so the
+        caller answers them whatever happens after)."""
         p, v = self.params, self.v
+        info = self.models[model].info if 0 <= model < len(self.models) else None
         t0 = time.monotonic_ns()
         for flat in batch:
             seq = int(v.seq[flat])
@@ -287,14 +322,21 @@ class Scheduler:
             self._seen_ns[flat] = 0
             # Read once: the counts checked are the counts used (a worker may write at any time).
             n_texts, n_tokens = int(v.n_texts[flat]), int(v.n_tokens[flat])
-            work = _Work(flat, seq, None, None, n_texts, queue_ns)
+            work = _Work(flat, seq, None, None, n_texts, queue_ns, model)
             works.append(work)
             if int(v.cancel[flat]) == seq:  # its waiter gave up: no model time for it
                 works.pop()
                 self._finish(work, SlotError.CANCELLED)
                 continue
+            splits = None
             try:
-                code, offs, ids = validate_slot(n_texts, n_tokens, v.offsets[flat], v.tokens[flat], p)
+                if info is None or int(v.model[flat]) != model:  # read again: a writer may have changed it
+                    code, offs, ids = SlotError.BAD_MODEL, None, None
+                else:
+                    code, offs, ids = validate_slot(n_texts, n_tokens, v.offsets[flat], v.tokens[flat], p,
+                                                    max_seq_length=info.max_seq_length, vocab_size=info.vocab_size)
+                if code == SlotError.NONE:
+                    code, splits = validate_segments(v.segments[flat], offs, self._pairs[model])
             except Exception as exc:  # a slot's bytes must not be able to raise out of here
                 self.ctr.loop_errors[0] += 1
                 self._log_fault("ERROR", "validating slot {} raised {!r}", flat, exc)
@@ -305,44 +347,48 @@ class Scheduler:
                 self._log_fault("WARNING", "rejected slot {} (ring {}): {}", flat % p.slots_per_ring,
                                 flat // p.slots_per_ring, code.name)
                 continue
-            work.offsets, work.ids = offs, ids
+            work.offsets, work.ids, work.segments = offs, ids, splits
 
-    def _serve_batch(self, works: list[_Work]) -> None:
+    def _serve_batch(self, works: list[_Work], model: int) -> None:
         ctr = self.ctr
         ctr.busy_slots[0] = len(works)
         self._last_batch_slots = len(works)
         if len(works) == 1 and works[0].texts == 1:
-            self._serve_one(works[0])
+            self._serve_one(works[0], model)
             return
         t0 = time.monotonic_ns()
         plan = plan_calls([w.lengths() for w in works], min(self.settings.max_batch_tokens,
-                                                              self.embedder.capacity_tokens),
+                                                              self.models[model].capacity_tokens),
                           self.settings.max_batch_texts)
         if len(works) > self._spin_slots:
             # More waiters than spare cores: spinning ones would take the
             # model's cores, so they park until the post.
             self.v.eta_ns[[w.flat for w in works]] = ETA_PARK
         else:
-            etas = self._timer.etas(plan, len(works), t0)
+            etas = self._timers[model].etas(plan, len(works), t0)
             if etas is not None:
                 for w, eta in zip(works, etas):
                     self.v.eta_ns[w.flat] = eta
         for ci, (start, end, width) in enumerate(plan.calls):
             chunk = plan.items[start:end]
             seqs = [works[wi].ids[works[wi].offsets[i]: works[wi].offsets[i + 1]] for _, wi, i in chunk]
+            segs = None
+            if any(works[wi].segments is not None for _, wi, _ in chunk):
+                segs = [works[wi].segments[i] if works[wi].segments is not None else 0 for _, wi, i in chunk]
             try:
-                vecs, call_ns = self._call(seqs, width)
+                vecs, call_ns = self._call(model, seqs, segs, width)
             except Exception as exc:  # a model failure fails these slots, not the sidecar
                 self._model_failed(exc, {works[wi].flat: works[wi] for _, wi, _ in chunk}.values(), t0)
                 continue
             live = [(wi, i, k) for k, (_, wi, i) in enumerate(chunk) if not works[wi].answered]
             if len(live) == 1:  # a lone text: no index arrays
                 wi, i, k = live[0]
-                self.v.out[works[wi].flat, i] = vecs[k]
+                self.v.out[works[wi].flat, i, :vecs.shape[1]] = vecs[k]
             elif live:
                 flats = np.fromiter((works[wi].flat for wi, _, _ in live), dtype=np.int64, count=len(live))
                 rows = np.fromiter((i for _, i, _ in live), dtype=np.int64, count=len(live))
-                self.v.out[flats, rows] = vecs[[k for _, _, k in live]] if len(live) < len(chunk) else vecs
+                self.v.out[flats, rows, :vecs.shape[1]] = (vecs[[k for _, _, k in live]] if len(live) < len(chunk)
+                                                           else vecs)
             finished = []
             for _, wi, _ in chunk:
                 w = works[wi]
@@ -355,50 +401,57 @@ class Scheduler:
                         finished.append(w)
             # Answer first, count after: the waiters should not wait on our bookkeeping.
             published = [w for w in finished if self._publish(w, SlotError.NONE, w.call_ns, len(plan.items))]
-            self._account(end - start, width, call_ns)
+            self._account(model, end - start, width, call_ns)
             for w in published:
                 self._count(w, SlotError.NONE)
 
-    def _serve_one(self, w: _Work) -> None:
+    def _serve_one(self, w: _Work, model: int) -> None:
         """The batch of a lone one-text request (the latency floor): the same
         steps as _serve_batch without planning, sorting or index arrays."""
         t0 = time.monotonic_ns()
         width = len(w.ids)
         # One waiter never outnumbers the spare cores (at least one): it gets an ETA.
-        est = self._timer.estimate(1, width)
+        est = self._timers[model].estimate(1, width)
         if est is not None:
             self.v.eta_ns[w.flat] = t0 + int(est)
         try:
-            vecs, w.call_ns = self._call([w.ids], width)
+            vecs, w.call_ns = self._call(model, [w.ids], w.segments, width)
         except Exception as exc:
             self._model_failed(exc, (w,), t0)
             return
-        self.v.out[w.flat, 0] = vecs[0]
+        self.v.out[w.flat, 0, :vecs.shape[1]] = vecs[0]
         published = self._publish(w, SlotError.NONE, w.call_ns, 1)
-        self._account(1, width, w.call_ns)
+        self._account(model, 1, width, w.call_ns)
         if published:
             self._count(w, SlotError.NONE)
 
-    def _call(self, seqs: list[np.ndarray], width: int) -> tuple[np.ndarray, int]:
-        """One model call of ``seqs`` (padded to ``width``) under the loop's
-        deadline; returns the vectors and the call's nanoseconds (which the
+    def _call(self, model: int, seqs: list[np.ndarray], segments: list[int] | None,
+              width: int) -> tuple[np.ndarray, int]:
+        """One call of model ``model`` on ``seqs`` (padded to ``width``; a
+        reranker's pairs split at ``segments``) under the loop's deadline;
+        returns the vectors (or scores) and the call's nanoseconds (which the
         caller counts with _account once it has answered)."""
         rows = len(seqs)
-        est = self._timer.estimate(rows, width)
+        timer = self._timers[model]
+        est = timer.estimate(rows, width)
         self._progress(CALL_DEADLINE_FACTOR * est if est is not None else self.settings.model_call_max_s * 1e9)
         c0 = time.monotonic_ns()
-        vecs = self.embedder.embed(seqs)
+        vecs = self.models[model].embed(seqs, segments) if segments is not None else self.models[model].embed(seqs)
         call_ns = time.monotonic_ns() - c0
         self._model_outcome(True)  # first: a loop counted as wedged may show progress again
         self._progress()
-        self._timer.record(rows, width, call_ns)
+        timer.record(rows, width, call_ns)
         return vecs, call_ns
 
-    def _account(self, rows: int, width: int, call_ns: int) -> None:
+    def _account(self, model: int, rows: int, width: int, call_ns: int) -> None:
         ctr = self.ctr
         padded = rows * width
         ctr.batches[0] += 1
         ctr.padded_tokens[0] += padded
+        m = self._mctr[model]
+        m.batches[0] += 1
+        m.padded_tokens[0] += padded
+        m.compute_ns_sum[0] += call_ns
         if padded >= TRIM_AFTER_TOKENS:
             self.trim_pending = True
         ctr.batch_texts_hist[bucket_index(rows, BATCH_TEXTS_BUCKETS)] += 1
@@ -446,14 +499,21 @@ class Scheduler:
 
     def _count(self, work: _Work, code: SlotError) -> None:
         ctr = self.ctr
+        m = self._mctr[work.model] if 0 <= work.model < len(self._mctr) else None
         if code == SlotError.NONE:
             ctr.requests[0] += 1
             ctr.texts[0] += work.texts
             ctr.tokens[0] += len(work.ids)
             ctr.queue_ns_sum[0] += work.queue_ns
             ctr.queue_hist[bucket_index(work.queue_ns / 1e9, LATENCY_BUCKETS_S)] += 1
+            m.requests[0] += 1
+            m.texts[0] += work.texts
+            m.tokens[0] += len(work.ids)
+            m.queue_ns_sum[0] += work.queue_ns
         else:
             ctr.errors[int(code)] += 1
+            if m is not None:
+                m.errors[0] += 1
 
     def refuse_ready(self) -> None:
         """Answer every READY slot SHUTDOWN: the sidecar stops before it could

@@ -19,12 +19,14 @@ import threading
 import time
 from collections.abc import Callable
 
+import numpy as np
 import posix_ipc
 from loguru import logger
 
 from shm_protocol.config import Settings
 from shm_protocol.errors import LayoutMismatch, SidecarUnavailable
 from shm_protocol.layout import (
+    MODEL_DTYPE,
     SLOT_CLAIMED,
     LayoutParams,
     RecordViews,
@@ -100,14 +102,17 @@ def _watchdog_seconds() -> float:
 class Sidecar:
     """Creates the namespace, serves it until stopped, then removes it."""
 
-    def __init__(self, settings: Settings, embedder, *, notify: Callable[[str], None] | None = None):
+    def __init__(self, settings: Settings, models, *, notify: Callable[[str], None] | None = None):
+        """``models``: the loaded models (sidecar.model.load_models), default
+        first; one model alone may be passed as itself."""
         self.settings = settings
-        self.embedder = embedder
+        self.models = list(models) if isinstance(models, list | tuple) else [models]
         self.names = Names(settings.namespace)
         self.notify = notify or (lambda msg: None)
         self._stop = threading.Event()
         self._cores = cores = len(os.sched_getaffinity(0))  # the cores this process may use, not the host's
-        self.wait_policy = choose_wait_policy(settings.wait_policy, getattr(embedder, "uses_cpu", True), cores)
+        self.wait_policy = choose_wait_policy(
+            settings.wait_policy, any(getattr(m, "uses_cpu", True) for m in self.models), cores)
         self._stall_ns = int(settings.loop_stall_s * 1e9)
         # The loop's deadline, kept here and only published: the heartbeat
         # thread must not trust a header field every worker can write.
@@ -136,15 +141,20 @@ class Sidecar:
             logger.warning("reaped {} stale objects of namespace {}", len(removed), self.names.namespace)
 
     def create(self) -> None:
-        s, info = self.settings, self.embedder.info
+        s = self.settings
+        infos = [m.info for m in self.models]
+        entries = [info.entry(i) for i, info in enumerate(infos)]
+        for e in entries:  # names and paths must fit the table: ConfigError before anything is created
+            e.write(np.zeros((), MODEL_DTYPE))
+        # The slots are sized for the largest of every model.
         params = LayoutParams(
             n_rings=s.rings,
             slots_per_ring=s.slots_per_ring,
             max_texts=s.slot_texts,
-            max_tokens=max(s.slot_tokens, info.max_seq_length),
-            dim=info.dim,
-            max_seq_length=info.max_seq_length,
-            vocab_size=info.vocab_size,
+            max_tokens=max(s.slot_tokens, *(i.max_seq_length for i in infos)),
+            dim=max(i.dim for i in infos),
+            max_seq_length=max(i.max_seq_length for i in infos),
+            vocab_size=max(i.vocab_size for i in infos),
         )
         self._lock = NamespaceLock(self.names, mode=s.ipc_mode, group=s.group)
         try:
@@ -164,9 +174,8 @@ class Sidecar:
         self.flat_sems = [sem for ring in sems for sem in ring]
         self.params = params
         h = region.header
-        region.set_text_field("model_name", info.name)
-        region.set_text_field("tokenizer_path", info.tokenizer_path)
-        region.set_text_field("device", info.device)
+        region.write_models(entries)
+        region.set_text_field("device", infos[0].device)
         h["max_batch_tokens"] = s.max_batch_tokens
         h["max_batch_texts"] = s.max_batch_texts
         h["wait_policy"] = self.wait_policy
@@ -180,7 +189,7 @@ class Sidecar:
         self.ctr = RecordViews(h["stats"])  # the hot path's counters, a view each
         self.hv = RecordViews(h)
         self.scheduler = Scheduler(
-            s, self.embedder, params, region, self.names,
+            s, self.models, params, region, self.names,
             v=self.v, ctr=self.ctr, bell=self._bell, flat_sems=self.flat_sems, cores=self._cores,
             progress=self._progress, model_outcome=self._model_outcome, log_fault=self._log_fault,
         )

@@ -18,6 +18,7 @@ import numpy as np
 
 from shm_protocol import model_files
 from shm_protocol.config import Settings
+from shm_protocol.layout import Activation, ModelKind
 
 from .model import ModelInfo
 
@@ -52,31 +53,45 @@ def synthetic_vector(ids: np.ndarray, dim: int) -> np.ndarray:
 
 
 class SyntheticEmbedder:
-    """Duck-types :class:`sidecar.model.Embedder` (info, embed, capacity_tokens)."""
+    """Duck-types :class:`sidecar.model.Embedder` (info, embed, capacity_tokens)
+    for one model of SHM_EMBED_MODELS: an embedding model's vectors have
+    SHM_EMBED_SYNTHETIC_DIM dimensions; a reranker's score is the first
+    component of a synthetic vector of the pair's ids and segment split."""
 
     is_cuda = False
     uses_cpu = False  # the call sleeps: waiters may spin on the spare cores
 
-    def __init__(self, settings: Settings):
-        path = model_files.resolve_model_path(settings.model)
+    def __init__(self, settings: Settings, spec: model_files.ModelSpec | None = None):
+        spec = spec or model_files.model_specs(settings)[0]
+        path = spec.path
         self.call_ns = settings.synthetic_us * 1000
+        rerank = spec.kind == ModelKind.RERANK
         self.info = ModelInfo(
-            name=f"synthetic:{model_files.model_name(path)}",
+            name=spec.name if settings.models else f"synthetic:{spec.name}",
             path=str(path),
             tokenizer_path=str(model_files.tokenizer_file(path)),
-            dim=settings.synthetic_dim,
+            dim=1 if rerank else settings.synthetic_dim,
             max_seq_length=model_files.max_seq_length(path),
             vocab_size=model_files.vocab_size(path),
             device="synthetic",
+            kind=spec.kind,
+            type_vocab_size=2 if rerank else 0,
+            activation=Activation.SIGMOID if rerank else Activation.IDENTITY,
+            matryoshka=spec.matryoshka or model_files.text_options(path).matryoshka,
         )
         self.capacity_tokens = max(settings.max_batch_tokens, self.info.max_seq_length)
         self._out = np.empty((settings.max_batch_texts, self.info.dim), np.float32)
 
-    def embed(self, seqs: list[np.ndarray]) -> np.ndarray:
+    def embed(self, seqs: list[np.ndarray], segments: list[int] | None = None) -> np.ndarray:
         end = time.monotonic_ns() + self.call_ns
         out = self._out[: len(seqs)]
-        for i, ids in enumerate(seqs):
-            out[i] = synthetic_vector(ids, self.info.dim)
+        if self.info.kind == ModelKind.RERANK:
+            for i, ids in enumerate(seqs):
+                split = segments[i] if segments is not None else 0
+                out[i, 0] = 4.0 * synthetic_vector(np.append(ids, split), 8)[0]
+        else:
+            for i, ids in enumerate(seqs):
+                out[i] = synthetic_vector(ids, self.info.dim)
         left = end - time.monotonic_ns() - SPIN_TAIL_NS
         if left > 0:
             time.sleep(left / 1e9)

@@ -45,3 +45,20 @@ def make_tiny_model(dest: str | os.PathLike, *, hidden: int = 32, layers: int = 
     if not (out / "tokenizer.json").is_file():
         shutil.copy(src / "tokenizer.json", out / "tokenizer.json")
     return out
+
+
+def make_cross_encoder(dest: str | os.PathLike, *, seed: int = 0) -> Path:
+    """A cross-encoder folder (what sentence-transformers loads as
+    ``CrossEncoder``): the bundled MiniLM's weights with a fresh one-label
+    head, for tests and the rerank benchmark. Its scores mean nothing; they
+    are deterministic, which is what a comparison needs."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    dest = Path(dest)
+    torch.manual_seed(seed)
+    CrossEncoder(str(bundled_model_path()), num_labels=1, device="cpu").save(str(dest))
+    if not (dest / "tokenizer.json").is_file():
+        shutil.copy(bundled_model_path() / "tokenizer.json", dest / "tokenizer.json")
+    return dest

@@ -1,4 +1,6 @@
-"""Fixtures: real sidecar processes (tiny or real model) on unique namespaces."""
+"""Fixtures: real sidecar processes (tiny or real model) on unique namespaces,
+and a throwaway PostgreSQL cluster (tests/postgres.py) for the collection
+stores, with a fresh database per test."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import pytest
 
 from shm_protocol.segments import unlink_namespace
 from tests.helpers import SidecarProc, start_sidecar, stop_and_check
+from tests.postgres import STORES
 
 
 @pytest.fixture(scope="session")
@@ -15,6 +18,21 @@ def tiny_model(tmp_path_factory) -> Path:
     from sidecar.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def cross_encoder_path(tmp_path_factory) -> Path:
+    """The bundled weights with a fresh one-label head, saved as a CrossEncoder folder."""
+    from sidecar.tiny import make_cross_encoder
+
+    return make_cross_encoder(tmp_path_factory.mktemp("ce") / "minilm-reranker")
+
+
+@pytest.fixture(scope="session")
+def cross_encoder(cross_encoder_path):
+    from sentence_transformers import CrossEncoder
+
+    return CrossEncoder(str(cross_encoder_path), device="cpu")
 
 
 @pytest.fixture(scope="session")
@@ -91,3 +109,32 @@ def real_sidecar(tmp_path_factory):
     stop_and_check(sc)
 
 
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A PostgreSQL cluster of this test session (started on first use, removed at the end);
+    skips, with the reason, where no server can be run."""
+    from tests.postgres import make_cluster, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    cluster = make_cluster()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def pg_url(pg_cluster) -> str:
+    """The URL of a new, empty database of the session's cluster."""
+    return pg_cluster.create_database()
+
+
+@pytest.fixture(params=STORES)
+def store_location(request, tmp_path) -> str:
+    """Where a test's collection store lives: a data directory of its own
+    (SQLite), or a database of its own on the session's cluster (PostgreSQL)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "data")
+    return request.getfixturevalue("pg_url")

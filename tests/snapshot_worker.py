@@ -1,7 +1,9 @@
-"""A worker process for the snapshot tests: ``python tests/snapshot_worker.py DATA_DIR DIM [STORE_KWARGS_JSON]``.
+"""A worker process for the snapshot tests: ``python tests/snapshot_worker.py DIM [STORE_KWARGS_JSON]``.
 
 A CollectionStore searched with given vectors (no sidecar: the client only
-names a model). Reads one JSON command per line, answers one JSON line:
+names a model), at the location in the environment's ``SNAPSHOT_WORKER_STORE``
+(a SQLite data directory or a PostgreSQL URL, which may hold a password).
+Reads one JSON command per line, answers one JSON line:
 
 - ``{"op": "warm"}`` -> ``{"passages": n}``
 - ``{"op": "search", "name", "vector", "top_k", "filter"}`` -> ``{"results": [...], "generation": g, "seq": s}``
@@ -11,11 +13,15 @@ names a model). Reads one JSON command per line, answers one JSON line:
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import numpy as np
 
 from retrieval.store import CollectionStore
+
+#: The variable that names the store.
+LOCATION = "SNAPSHOT_WORKER_STORE"
 
 
 class VectorClient:
@@ -35,9 +41,9 @@ def served(store: CollectionStore, name: str) -> tuple[int | None, int]:
 
 
 def main() -> None:
-    data_dir, dim = sys.argv[1], int(sys.argv[2])
-    kwargs = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
-    store = CollectionStore(data_dir, VectorClient(dim), **kwargs)
+    dim = int(sys.argv[1])
+    kwargs = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
+    store = CollectionStore(os.environ[LOCATION], VectorClient(dim), **kwargs)
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["op"] == "exit":

@@ -1,4 +1,5 @@
-"""A writer process for the collection tests: ``python tests/store_writer.py MODE DATA_DIR NAME ARGS...``.
+"""A writer process for the collection tests: ``python tests/store_writer.py MODE LOCATION NAME ARGS...``
+(LOCATION: a SQLite data directory or a PostgreSQL URL).
 
 MODE ``docs``: upsert ``batches`` batches of ``per_batch`` documents with ids
 ``{tag}-{n}`` (embedded through the sidecar of the environment's namespace),
@@ -18,10 +19,10 @@ from shm_protocol.client import EmbeddingClient
 
 
 def main() -> None:
-    mode, data_dir, name, tag, batches, per_batch = sys.argv[1:7]
+    mode, location, name, tag, batches, per_batch = sys.argv[1:7]
     batches, per_batch = int(batches), int(per_batch)
     client = EmbeddingClient.connect()
-    store = CollectionStore(data_dir, client)
+    store = CollectionStore(location, client)
     if mode == "docs":
         for b in range(batches):
             docs = [{"id": f"{tag}-{b * per_batch + i}", "text": f"document {tag} {b} {i} about topic {i}",

@@ -25,6 +25,7 @@ from shm_protocol import __version__
 from shm_protocol.client import EmbeddingBackend
 from shm_protocol.config import Settings
 from shm_protocol.errors import ShmEmbedError
+from shm_protocol.model_files import name_matches
 
 from . import errors
 from .errors import bad_request, too_large, unavailable, unprocessable
@@ -195,11 +196,24 @@ class Context:
 
     def embed(self, texts: list[str], *, truncate: bool = True, normalize: bool = False, **options):
         """Embed through the client under this request's token budget;
-        ``options``: prompt, prompt_name, dimensions (see text_options)."""
+        ``options``: prompt, prompt_name, dimensions, model (see text_options)."""
         self.counts["total_requests"] += 1
         try:
             res = self.client.embed_detailed(texts, truncate=truncate, normalize=normalize,
                                              max_tokens=self.settings.max_request_tokens, **options)
+        except ShmEmbedError:
+            self.counts["failed_requests"] += 1
+            raise
+        self.counts["successful_requests"] += 1
+        return res
+
+    def rerank(self, query: str, documents: list[str], **options):
+        """Rerank through the client under this request's token budget;
+        ``options``: model, raw_scores, truncate."""
+        self.counts["total_requests"] += 1
+        try:
+            res = self.client.rerank_detailed(query, documents, max_tokens=self.settings.max_request_tokens,
+                                              **options)
         except ShmEmbedError:
             self.counts["failed_requests"] += 1
             raise
@@ -237,6 +251,7 @@ def text_options(doc: dict) -> dict:
     if dims is not None and (not isinstance(dims, int) or isinstance(dims, bool)):
         raise unprocessable("'dimensions' must be an integer")
     out["dimensions"] = dims
+    out["model"] = model_field(doc)
     return out
 
 
@@ -261,12 +276,7 @@ class OpenAIEmbeddings:
         fmt = doc.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
             raise unprocessable("'encoding_format' must be 'float' or 'base64'")
-        model = doc.get("model")
-        if model is not None and not isinstance(model, str):
-            raise unprocessable("'model' must be a string")
         options = text_options(doc)
-        info = self.ctx.client.info()
-        check_model(model, info["model"])
         # With dimensions, vectors are cut and made unit length again, as OpenAI's are.
         res = self.ctx.embed(texts, normalize=options["dimensions"] is not None, **options)
         data = []
@@ -277,44 +287,112 @@ class OpenAIEmbeddings:
                 emb = vec  # float32, written by dump_json
             data.append({"object": "embedding", "index": i, "embedding": emb})
         n = res.total_tokens
-        resp.media = {"object": "list", "data": data, "model": info["model"],
+        resp.media = {"object": "list", "data": data, "model": res.model or self.ctx.client.info()["model"],
                       "usage": {"prompt_tokens": n, "total_tokens": n}}
 
 
-def serves(requested: str, served: str) -> bool:
-    """Whether a request's ``model`` names the served one: its name, or a
-    hub id ending in it ("sentence-transformers/all-MiniLM-L6-v2"). The
-    synthetic backend ("synthetic:<model>") answers to its model's names, so
-    a load test sends what production clients send."""
-    names = {served, served.removeprefix("synthetic:")}
-    return requested in names or any(requested.endswith("/" + n) for n in names)
-
-
-def check_model(requested: str | None, served: str) -> None:
-    """404 model_not_found for a model this service does not serve; no
-    ``model`` means the served one."""
-    if requested is not None and not serves(requested, served):
-        raise errors.model_not_found(requested, served)
+def served_models(info: dict) -> list[dict]:
+    """The models a client's info lists (default first); a client that
+    predates several models lists its one."""
+    return info.get("models") or [{"name": info["model"], "kind": "embed", "dimension": info["dimension"],
+                                   "max_seq_length": info["max_seq_length"]}]
 
 
 class Models:
-    """GET /v1/models and /v1/models/{model_id}, in OpenAI's shape."""
+    """GET /v1/models and /v1/models/{model_id}, in OpenAI's shape, one
+    card per served model (the default first)."""
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
 
-    def _card(self) -> dict:
-        info = self.ctx.client.info()
-        return {"id": info["model"], "object": "model", "created": int(self.ctx.started), "owned_by": "shm-embed",
-                "dimension": info["dimension"], "max_tokens": info["max_seq_length"]}
+    def _cards(self) -> list[dict]:
+        return [{"id": m["name"], "object": "model", "created": int(self.ctx.started), "owned_by": "shm-embed",
+                 "kind": m["kind"], "dimension": m["dimension"], "max_tokens": m["max_seq_length"]}
+                for m in served_models(self.ctx.client.info())]
 
     def on_get(self, req, resp, model_id: str | None = None):
-        card = self._card()
+        cards = self._cards()
         if model_id is None:
-            resp.media = {"object": "list", "data": [card]}
+            resp.media = {"object": "list", "data": cards}
             return
-        check_model(model_id, card["id"])
+        card = next((c for c in cards if name_matches(model_id, c["id"])), None)
+        if card is None:
+            raise errors.model_not_found(model_id, [c["id"] for c in cards])
         resp.media = card
+
+
+def model_field(doc: dict) -> str | None:
+    model = doc.get("model")
+    if model is not None and not isinstance(model, str):
+        raise unprocessable("'model' must be a string")
+    return model
+
+
+def _documents(ctx: Context, value, field: str) -> list[str]:
+    """A rerank request's documents: strings, or objects with a "text" (Cohere's form)."""
+    if isinstance(value, list):
+        value = [v["text"] if isinstance(v, dict) and isinstance(v.get("text"), str) else v for v in value]
+    texts, single = ctx.texts(value, field)
+    if single:
+        raise unprocessable(f"'{field}' must be a list")
+    return texts
+
+
+def _query(ctx: Context, doc: dict) -> str:
+    query = doc.get("query")
+    if not isinstance(query, str) or not query:
+        raise unprocessable("'query' must be a non-empty string")
+    ctx.texts([query], "query")  # the same limits as any input
+    return query
+
+
+class Rerank:
+    """POST /rerank in text-embeddings-inference's shape: {"query", "texts",
+    "raw_scores", "return_text", "truncate", "model"} -> [{"index", "score",
+    "text"?}], best first."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+
+    def on_post(self, req, resp):
+        doc = self.ctx.read_json(req)
+        query = _query(self.ctx, doc)
+        if "texts" not in doc:
+            raise unprocessable("'texts' is required")
+        texts = _documents(self.ctx, doc["texts"], "texts")
+        res = self.ctx.rerank(query, texts, model=model_field(doc), raw_scores=_bool(doc, "raw_scores", False),
+                              truncate=_bool(doc, "truncate", True))
+        with_text = _bool(doc, "return_text", False)
+        order = np.argsort(-res.scores, kind="stable")
+        resp.media = [{"index": int(i), "score": float(res.scores[i]), **({"text": texts[i]} if with_text else {})}
+                      for i in order]
+
+
+class CohereRerank:
+    """POST /v1/rerank in Cohere's and Jina's shape: {"model", "query",
+    "documents" (strings or {"text"}), "top_n", "return_documents"} ->
+    {"results": [{"index", "relevance_score", "document"?}], best first}."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+
+    def on_post(self, req, resp):
+        doc = self.ctx.read_json(req)
+        query = _query(self.ctx, doc)
+        if "documents" not in doc:
+            raise unprocessable("'documents' is required")
+        texts = _documents(self.ctx, doc["documents"], "documents")
+        top_n = doc.get("top_n")
+        if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 1):
+            raise unprocessable("'top_n' must be a positive integer")
+        with_docs = _bool(doc, "return_documents", False)
+        res = self.ctx.rerank(query, texts, model=model_field(doc), truncate=_bool(doc, "truncate", True))
+        order = np.argsort(-res.scores, kind="stable")[: top_n or len(texts)]
+        results = [{"index": int(i), "relevance_score": float(res.scores[i]),
+                    **({"document": {"text": texts[i]}} if with_docs else {})} for i in order]
+        resp.media = {"id": uuid.uuid4().hex, "model": res.model, "results": results,
+                      "usage": {"total_tokens": res.total_tokens},
+                      "meta": {"billed_units": {"search_units": 1}}}
 
 
 class Embed:
@@ -367,6 +445,7 @@ class Info:
         s = self.ctx.settings
         resp.media = {
             "model": info["model"], "dimension": info["dimension"], "max_tokens": info["max_seq_length"],
+            "models": served_models(info),
             "device": info["device"], "version": __version__, "mode": self.ctx.mode,
             "limits": {"max_inputs": s.max_inputs, "max_input_chars": s.max_input_chars,
                        "max_body_bytes": s.max_body_bytes},
@@ -458,6 +537,8 @@ def create_app(client: EmbeddingBackend, settings: Settings) -> falcon.App:
     errors.install(app)
     app.add_route("/v1/embeddings", OpenAIEmbeddings(ctx))
     app.add_route("/embed", Embed(ctx))
+    app.add_route("/rerank", Rerank(ctx))
+    app.add_route("/v1/rerank", CohereRerank(ctx))
     models = Models(ctx)
     app.add_route("/v1/models", models)
     app.add_route("/v1/models/{model_id}", models)

@@ -21,6 +21,7 @@ from shm_protocol.errors import (
     InvalidInput,
     LayoutMismatch,
     ModelFailed,
+    ModelNotFound,
     NoRingAvailable,
     RequestTooLarge,
     RingFull,
@@ -47,10 +48,11 @@ class APIError(falcon.HTTPError):
         return {"error": body}
 
 
-def model_not_found(requested: str, served: str) -> APIError:
+def model_not_found(requested: str, served: list[str], message: str | None = None) -> APIError:
     """OpenAI's answer to a model it does not serve."""
     return APIError(falcon.HTTP_404, "invalid_request_error",
-                    f"The model '{requested}' does not exist here; this service serves '{served}'",
+                    message or f"The model '{requested}' does not exist here; this service serves "
+                               f"{', '.join(repr(n) for n in served)}",
                     code="model_not_found", param="model")
 
 
@@ -128,6 +130,10 @@ def _handle_shm_error(req, resp, exc: ShmEmbedError, params) -> None:
         raise APIError(falcon.HTTP_502, "bad_gateway", str(exc))
     if isinstance(exc, RequestTooLarge):
         raise too_large(str(exc))
+    if isinstance(exc, ModelNotFound):
+        if not exc.requested:  # no model named, and none of the kind asked for is served
+            raise unprocessable(str(exc))
+        raise model_not_found(exc.requested, exc.served, str(exc))
     if isinstance(exc, InvalidInput):
         raise unprocessable(str(exc))
     if isinstance(exc, (ModelFailed, SlotRejected, ConfigError)):

@@ -61,6 +61,7 @@ class SidecarCollector:
             m = CounterMetricFamily(f"{PREFIX}_{name}", doc)
             m.add_metric([], c[key])
             yield m
+        yield from _model_metrics(snap)
         errs = CounterMetricFamily(f"{PREFIX}_errors", "Slots failed by the sidecar, by kind.", labels=["kind"])
         for kind, n in snap.errors.items():
             errs.add_metric([kind], n)
@@ -85,6 +86,32 @@ class SidecarCollector:
         yield HistogramMetricFamily(
             f"{PREFIX}_compute_duration_seconds", "Time of one model call.",
             buckets=_buckets(LATENCY_BUCKETS_S, snap.compute_hist), sum_value=snap.compute_ns_sum / 1e9)
+
+
+#: Per-model series: (name, counter key, help, scale).
+_MODEL_SERIES = (
+    ("model_requests", "requests", "Slots answered, by model.", 1),
+    ("model_texts", "texts", "Texts embedded or pairs scored, by model.", 1),
+    ("model_tokens", "tokens", "Tokens run (after truncation, without padding), by model.", 1),
+    ("model_padded_tokens", "padded_tokens", "Tokens the model ran, padding included, by model.", 1),
+    ("model_batches", "batches", "Model calls, by model.", 1),
+    ("model_errors", "errors", "Slots of the model failed by the sidecar.", 1),
+    ("model_queue_seconds", "queue_ns_sum", "Time its slots waited before their batch started, by model.", 1e-9),
+    ("model_compute_seconds", "compute_ns_sum", "Time of its model calls, by model.", 1e-9),
+)
+
+
+def _model_metrics(snap):
+    info = GaugeMetricFamily(f"{PREFIX}_model_info", "Models served by the sidecar (1 each).",
+                             labels=["model", "kind", "dimension", "max_tokens"])
+    for m in snap.models:
+        info.add_metric([m["name"], m["kind"], str(m["dimension"]), str(m["max_seq_length"])], 1.0)
+    yield info
+    for name, key, doc, scale in _MODEL_SERIES:
+        fam = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["model"])
+        for m in snap.models:
+            fam.add_metric([m["name"]], m[key] * scale)
+        yield fam
 
 
 def make_registry(snapshot_fn, version: str) -> CollectorRegistry:

@@ -1,19 +1,18 @@
 """HTTP resources of collections and web search (see the README's HTTP API).
 
-The collection store is opened on first use in each worker: every worker
-opens the same database under SHM_EMBED_DATA_DIR, so all of them see the same
-collections and every write. FAISS, lxml and the fetcher are imported on first
-use, so a worker that serves only embeddings does not carry them.
+The collection store is opened on first use in each worker (after Gunicorn's
+fork): every worker opens the same database, the SQLite file under
+SHM_EMBED_DATA_DIR or the PostgreSQL server of SHM_EMBED_COLLECTIONS_URL, so
+all of them (on every host, with PostgreSQL) see the same collections and
+every write. FAISS, lxml and the fetcher are imported on first use, so a
+worker that serves only embeddings does not carry them.
 """
 
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import falcon
-
-from shm_protocol.config import COLLECTIONS_DB
 
 from .errors import too_large, unprocessable
 
@@ -49,15 +48,20 @@ class Retrieval:
 
     def store_status(self) -> tuple[bool, str]:
         """(True, "ok") when the collection store can be read or was never made,
-        (False, reason) when it cannot (a corrupt file, a full disk...): for
-        /ready. Never creates the store, imports no FAISS, reads a page or two."""
-        from retrieval.storage import store_status
+        (False, reason) when it cannot (a corrupt file, a full disk, a
+        PostgreSQL server that is down...): for /ready. Never creates the
+        store, imports no FAISS, reads a page or two."""
+        from retrieval.database import location_of, store_status
 
-        return store_status(Path(self.ctx.settings.data_dir) / COLLECTIONS_DB)
+        return store_status(location_of(self.ctx.settings))
 
     def warm(self) -> int:
-        """Load every stored collection now; nothing (and no import) when none was ever made."""
-        if self._store is None and not (Path(self.ctx.settings.data_dir) / COLLECTIONS_DB).exists():
+        """Open the store and load every stored collection now; nothing (and no
+        import) when no SQLite store was ever made. A PostgreSQL store is
+        opened, its schema created or migrated, at every worker's start."""
+        from retrieval.database import location_of, store_exists
+
+        if self._store is None and not store_exists(location_of(self.ctx.settings)):
             return 0
         return self.store.warm()
 
@@ -87,6 +91,36 @@ def _int(doc: dict, key: str, default: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise unprocessable(f"'{key}' must be an integer")
     return value
+
+
+def rerank_spec(doc: dict) -> dict | None:
+    """The body's 'rerank': absent (None), true, or {"model", "top_n"}."""
+    spec = doc.get("rerank")
+    if spec is None or spec is False:
+        return None
+    if spec is True:
+        spec = {}
+    if not isinstance(spec, dict) or set(spec) - {"model", "top_n"}:
+        raise unprocessable("'rerank' must be true or an object with 'model' and 'top_n'")
+    model, top_n = spec.get("model"), spec.get("top_n")
+    if model is not None and not isinstance(model, str):
+        raise unprocessable("'rerank.model' must be a string")
+    if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 1):
+        raise unprocessable("'rerank.top_n' must be a positive integer")
+    return {"model": model, "top_n": top_n}
+
+
+def rerank_results(ctx, query: str, results: list[dict], spec: dict) -> list[dict]:
+    """Candidates (each with a 'passage') scored by a cross-encoder against
+    ``query``, best first, cut to ``top_n``; each keeps its 'score' and gains
+    a 'rerank_score'."""
+    if not results:
+        return results
+    res = ctx.rerank(query, [r["passage"] for r in results], model=spec["model"])
+    for r, score in zip(results, res.scores.tolist()):
+        r["rerank_score"] = score
+    results = sorted(results, key=lambda r: -r["rerank_score"])
+    return results[: spec["top_n"] or len(results)]
 
 
 class Collections(_Resource):
@@ -147,26 +181,33 @@ class Document(_Resource):
 
 
 class Search(_Resource):
-    """POST /collections/{name}/search: {"query", "top_k", "filter"} -> {"results": [...]}."""
+    """POST /collections/{name}/search: {"query", "top_k", "filter", "rerank"} -> {"results": [...]}.
+    With 'rerank', the top_k candidates are reranked by a cross-encoder and cut to its top_n."""
 
     def on_post(self, req, resp, name):
         doc = self.r.body(req)
         query = self.query(doc)
+        spec = rerank_spec(doc)
         results = self.r.store.search(name, query, _int(doc, "top_k", 10), doc.get("filter"))
+        if spec is not None:
+            results = rerank_results(self.r.ctx, query, results, spec)
         resp.media = {"results": results}
 
 
 class WebSearch(_Resource):
-    """POST /search/web: {"query", "urls"?, "top_k"?} -> {"results", "pages", "failed"}."""
+    """POST /search/web: {"query", "urls"?, "top_k"?, "rerank"?} -> {"results", "pages", "failed"}."""
 
     def on_post(self, req, resp):
         doc = self.r.body(req)
         query = self.query(doc)
+        spec = rerank_spec(doc)
         from retrieval.websearch import web_search_with_embeddings
 
         result = web_search_with_embeddings(query, doc.get("urls"), top_k=_int(doc, "top_k", 5),
                                             client=self.r.ctx.client, settings=self.r.ctx.settings,
                                             fetcher=self.r.fetcher)
+        if spec is not None:
+            result.results = rerank_results(self.r.ctx, query, result.results, spec)
         resp.media = result.to_dict()
 
 

@@ -1,5 +1,7 @@
 """Collections and in-memory indexes with real FAISS, a real sidecar and
-real writer processes."""
+real writer processes. Every collection test runs against both stores: a
+SQLite file of its own, and a database of its own on the session's
+PostgreSQL cluster (``store_location``, tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,12 +9,16 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from retrieval import CollectionStore, build_vector_index, search_index
+from retrieval.database import is_postgres
+from retrieval.documents import CollectionOptions, parse_documents
 from retrieval.errors import CollectionConflict, CollectionNotFound
 from retrieval.store import DB_FILE
 from shm_protocol.errors import InvalidInput
@@ -58,8 +64,22 @@ def test_search_index_returns_every_document_once_with_cosine_scores(client, tin
         build_vector_index(DOCS, urls=["only one"], client=client)
 
 
-def test_collection_lifecycle_survives_a_restart(client, tiny_st, tmp_path):
-    store = CollectionStore(tmp_path, client)
+def query(location: str, sql: str) -> list[tuple]:
+    """Rows of ``sql`` (no parameters) read straight from a store's database, around the store."""
+    if is_postgres(location):
+        import psycopg
+
+        with psycopg.connect(location) as conn:
+            return [tuple(r) for r in conn.execute(sql)]
+    db = sqlite3.connect(Path(location) / DB_FILE)
+    try:
+        return [tuple(r) for r in db.execute(sql)]
+    finally:
+        db.close()
+
+
+def test_collection_lifecycle_survives_a_restart(client, tiny_st, store_location):
+    store = CollectionStore(store_location, client)
     info, created = store.create("kb", {"passage_words": 10, "overlap_words": 2})
     assert created and info["documents"] == 0 and info["dimension"] == tiny_st.get_embedding_dimension()
     assert store.create("kb")[1] is False
@@ -78,7 +98,7 @@ def test_collection_lifecycle_survives_a_restart(client, tiny_st, tmp_path):
     assert store.info("kb")["passages"] == 2
     store.close()
 
-    again = CollectionStore(tmp_path, client)  # a restart: a new process would do the same
+    again = CollectionStore(store_location, client)  # a restart: a new process would do the same
     assert again.info("kb")["documents"] == 2
     assert again.get_document("kb", "a")["text"] == "short now"
     assert {r["passage"] for r in again.search("kb", "short", top_k=5)} == {"short now", DOCS[3]}
@@ -97,17 +117,17 @@ def test_collection_lifecycle_survives_a_restart(client, tiny_st, tmp_path):
     again.close()
 
 
-def test_a_collection_of_another_model_is_refused(client, tmp_path, tmp_path_factory):
+def test_a_collection_of_another_model_is_refused(client, store_location, tmp_path, tmp_path_factory):
     from sidecar.tiny import make_tiny_model
 
-    store = CollectionStore(tmp_path, client)
+    store = CollectionStore(store_location, client)
     store.create("kb")
     store.upsert("kb", DOCS)
     other_model = make_tiny_model(tmp_path_factory.mktemp("other"), hidden=48)
     sc = start_sidecar(tmp_path, str(other_model), SHM_EMBED_TORCH_THREADS="1")
     try:
         other = client_for(sc)
-        foreign = CollectionStore(tmp_path, other)
+        foreign = CollectionStore(store_location, other)
         with pytest.raises(CollectionConflict, match="48"):
             foreign.search("kb", "query")
         with pytest.raises(CollectionConflict):
@@ -119,12 +139,13 @@ def test_a_collection_of_another_model_is_refused(client, tmp_path, tmp_path_fac
         stop_and_check(sc)
 
 
-def test_ivf_collection_trains_once_and_finds_exact_matches(client, tmp_path):
-    store = CollectionStore(tmp_path, client, nprobe=8)
+def test_ivf_collection_trains_once_and_finds_exact_matches(client, store_location):
+    store = CollectionStore(store_location, client, nprobe=8)
     store.create("big", {"index": "ivf"})
     texts = [f"record {i} of the catalogue: item {i * 7 % 1000} in aisle {i % 37}" for i in range(1100)]
     store.upsert("big", [{"id": str(i), "text": t} for i, t in enumerate(texts)])
-    store.snapshots.join()  # the quantizer is trained by the snapshot builder, in the background
+    if store.snapshots is not None:  # the SQLite store's: a PostgreSQL store without a data directory has none
+        store.snapshots.join()  # the quantizer is trained by the snapshot builder, in the background
     info = store.info("big")
     assert info["index"]["kind"] == "ivf" and info["index"]["nlist"] > 0 and info["passages"] == 1100
     for i in (0, 517, 1099):
@@ -138,10 +159,10 @@ def _writer(sc, *args) -> subprocess.Popen:
                             env=sc.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_concurrent_writer_processes_lose_nothing(tiny_sidecar, client, tmp_path):
-    store = CollectionStore(tmp_path, client)
+def test_concurrent_writer_processes_lose_nothing(tiny_sidecar, client, store_location):
+    store = CollectionStore(store_location, client)
     store.create("shared")
-    procs = [_writer(tiny_sidecar, "docs", tmp_path, "shared", f"w{k}", 12, 5) for k in range(4)]
+    procs = [_writer(tiny_sidecar, "docs", store_location, "shared", f"w{k}", 12, 5) for k in range(4)]
     for p in procs:
         _, err = p.communicate(timeout=240)
         assert p.returncode == 0, err[-3000:]
@@ -157,12 +178,12 @@ def test_concurrent_writer_processes_lose_nothing(tiny_sidecar, client, tmp_path
     store.close()
 
 
-def test_a_writer_killed_mid_write_leaves_a_readable_collection(tiny_sidecar, client, tmp_path):
-    store = CollectionStore(tmp_path, client)
+def test_a_writer_killed_mid_write_leaves_a_readable_collection(tiny_sidecar, client, store_location):
+    store = CollectionStore(store_location, client)
     store.create("crash", {"passage_words": 8, "overlap_words": 0})
     per_batch = 400
     for round_ in range(3):
-        p = _writer(tiny_sidecar, "big", tmp_path, "crash", f"r{round_}", 0, per_batch)
+        p = _writer(tiny_sidecar, "big", store_location, "crash", f"r{round_}", 0, per_batch)
         committed = 0
         deadline = time.monotonic() + 60
         while committed < 2 and time.monotonic() < deadline:
@@ -174,13 +195,14 @@ def test_a_writer_killed_mid_write_leaves_a_readable_collection(tiny_sidecar, cl
         p.send_signal(signal.SIGKILL)
         p.wait()
         assert committed == 2, p.stderr.read()[-3000:]
-        db = sqlite3.connect(tmp_path / DB_FILE)
-        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        per_doc = db.execute("SELECT count(*) FROM passages GROUP BY doc_id").fetchall()
+        if not is_postgres(store_location):
+            assert query(store_location, "PRAGMA integrity_check") == [("ok",)]
+        per_doc = query(store_location, "SELECT count(*) FROM passages GROUP BY doc_id")
         assert {n for (n,) in per_doc} == {3}  # no half-written document
-        ndocs = db.execute("SELECT count(*) FROM documents").fetchone()[0]
+        ndocs = query(store_location, "SELECT count(*) FROM documents")[0][0]
         assert ndocs % per_batch == 0 and ndocs >= (round_ + 1) * 2 * per_batch  # whole batches only
-        db.close()
+        # the change log holds exactly the committed passages: nothing of the killed transaction
+        assert query(store_location, "SELECT count(*) FROM changes")[0][0] == 3 * ndocs
         res = store.search("crash", "w1 w2 w3", top_k=5)
         assert len(res) == 5 and store.info("crash")["documents"] == ndocs
     store.close()
@@ -207,3 +229,119 @@ def test_the_original_module_level_api(tiny_sidecar, tiny_st, monkeypatch):
     local = fallback.get_embedding_model()
     assert not fallback.is_using_ipc_embedding()
     assert min(cosine_rows(local.generate_embeddings(DOCS), tiny_st.encode(DOCS))) >= 0.99999
+
+
+class FakeClient:
+    """A client without a sidecar: 8-dimensional vectors, a fixed one per text."""
+
+    def info(self) -> dict:
+        return {"model": "fake", "dimension": 8}
+
+    def embed(self, texts, normalize=True, **_):
+        rows = [np.random.default_rng(sum(map(ord, t))).standard_normal(8) for t in texts]
+        return np.array([r / np.linalg.norm(r) for r in rows], dtype=np.float32)
+
+
+def test_filters_and_odd_documents_mean_the_same_in_both_stores(store_location):
+    store = CollectionStore(store_location, FakeClient(), filter_max_values=1000)
+    store.create("kb")
+    store.upsert("kb", [{"id": str(i), "text": f"doc {i}", "metadata": {"n": i, "b": i % 2 == 0, "s": str(i)}}
+                        for i in range(12)])
+
+    def ids(flt):
+        return sorted(int(r["id"]) for r in store.search("kb", "q", 50, flt))
+
+    assert ids({"n": list(range(3, 1003))}) == list(range(3, 12))
+    assert ids({**{f"k{i}": None for i in range(999)}, "n": 5}) == [5]  # 1,000 keys: a balanced AND
+    assert ids({"b": True, "n": [1.0, 2, 3, 4]}) == [2, 4]  # booleans and numbers compare as in JSON
+    assert ids({"s": "7"}) == [7] and ids({"s": 7}) == [] and ids({"n": "7"}) == []
+    assert ids({"missing": [None, "x"]}) == list(range(12)) and ids({"s": ["x\0", "3"]}) == [3]
+    assert ids({}) == list(range(12))
+    with pytest.raises(InvalidInput):
+        store.search("kb", "q", 5, {"n": float("nan")})
+    # metadata comes back as it was written, key order included
+    meta = {"z": 1, "a": [1.5, {"y": None, "b": "é"}], "m": True}
+    store.upsert("kb", [{"id": "meta", "text": "with metadata", "url": "u:meta", "metadata": meta}])
+    got = store.get_document("kb", "meta")
+    assert got["metadata"] == meta and list(got["metadata"]) == ["z", "a", "m"] and got["url"] == "u:meta"
+    with pytest.raises(InvalidInput, match="metadata"):
+        store.upsert("kb", [{"text": "nan", "metadata": {"x": float("nan")}}])  # no JSON: refused by both
+    with pytest.raises(CollectionNotFound):
+        store.get_document("kb", "no\0such")
+    nul = [{"id": "nul", "text": "a NUL \0 inside"}]
+    if is_postgres(store_location):  # PostgreSQL's text cannot hold U+0000: a 422, nothing written
+        with pytest.raises(InvalidInput, match="U\\+0000"):
+            store.upsert("kb", nul)
+        assert store.info("kb")["documents"] == 13
+    else:
+        store.upsert("kb", nul)
+        assert store.get_document("kb", "nul")["text"] == nul[0]["text"]
+    store.close()
+
+
+def _batch(rng, tag: str, n: int) -> tuple[list, np.ndarray]:
+    """``n`` documents of two 8-word passages each, with random unit vectors."""
+    raw = [{"id": f"{tag}-{i}", "text": " ".join(f"w{j}" for j in range(16))} for i in range(n)]
+    docs = parse_documents(raw, CollectionOptions(passage_words=8, overlap_words=0))
+    vecs = rng.standard_normal((2 * n, 8)).astype(np.float32)
+    return docs, vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+
+
+def test_writers_racing_a_replaying_reader_leave_it_no_change_short(store_location):
+    """A reader replays the change log past the highest sequence number it has
+    seen; a store that let a later number become visible before an earlier one
+    committed would leave it without passages it never looks at again.
+
+    First, deterministically: while one writer's transaction is open (its
+    change-log entries taken, not committed), a second writer of the
+    collection must wait, not commit entries numbered after the first's.
+    Then four writers commit batches at once while the reader replays between
+    their commits: its index must end up holding every passage."""
+    batches = 25  # per writer: each commit is another chance to become visible out of order
+    stores = [CollectionStore(store_location, FakeClient()) for _ in range(5)]
+    reader, writers = stores[0], stores[1:]
+    reader.create("race", {"index": "flat"})
+    probe = np.ones(8, np.float32) / np.sqrt(8)
+    rng = np.random.default_rng(0)
+
+    first, second = _batch(rng, "first", 3), _batch(rng, "second", 3)
+    later = threading.Thread(target=writers[1].write_embedded, args=("race", *second))
+    db = writers[0].db
+    with db.write() as conn:
+        row = writers[0]._row(conn, "race", lock=True)
+        db.insert_documents(conn, row.cid, first[0], first[1], time.time())
+        later.start()
+        later.join(1.0)
+        assert later.is_alive(), "a second writer committed while the first one's transaction was open"
+        assert reader.search_vector("race", probe, 10) == []  # nothing committed yet
+    later.join(60)
+    assert not later.is_alive()
+    reader.search_vector("race", probe, 1)
+    assert reader._loaded["race"].index.ntotal == 12
+
+    errors: list[BaseException] = []
+
+    def write(k: int) -> None:
+        rng = np.random.default_rng(k)
+        try:
+            for b in range(batches):
+                writers[k].write_embedded("race", *_batch(rng, f"w{k}-{b}", 20))
+        except BaseException as exc:  # reported by the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    syncs = 0
+    while any(t.is_alive() for t in threads):
+        reader.search_vector("race", probe, 1)
+        syncs += 1
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    reader.search_vector("race", probe, 1)
+    total = 12 + 4 * batches * 20 * 2
+    assert reader.info("race")["passages"] == total
+    assert syncs > 1 and reader._loaded["race"].index.ntotal == total, "the reader's replay skipped changes"
+    for s in stores:
+        s.close()

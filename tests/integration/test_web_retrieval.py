@@ -1,5 +1,7 @@
 """Collections and web search through a real Gunicorn, real workers and a real
-sidecar with the bundled model, against pages served by a local HTTP server."""
+sidecar with the bundled model, against pages served by a local HTTP server.
+The collection tests run against both stores: SQLite, and a second Gunicorn
+on the same sidecar over a PostgreSQL database of the session's cluster."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import pytest
 from retrieval import CollectionStore, web_search_with_embeddings
 from shm_protocol.config import Settings
 from tests.helpers import client_for, start_sidecar, start_web, stop_and_check
+from tests.postgres import STORES
 
 NAV = ('<nav><a href="/">Home</a> <a href="/b">Bread recipes</a> <a href="/c">Chess club</a> '
        '<a href="/v">Volcano tours</a> <a href="/s">Solar deals</a> <a href="/w">Whale watching</a></nav>')
@@ -111,31 +114,52 @@ def pages():
 
 
 class Service:
-    """A real sidecar and Gunicorn, restartable, over one data directory."""
+    """A real sidecar and Gunicorn, restartable, over one collection store: the
+    SQLite file of a data directory, or a PostgreSQL database (``url``). One
+    made with another's sidecar (``shared``) starts and stops only its Gunicorn."""
 
-    def __init__(self, tmp, pages: str):
+    def __init__(self, tmp, pages: str, url: str | None = None, shared: Service | None = None):
         self.tmp = tmp
         self.data = tmp / "data"
+        self.url = url
+        self.location = url or str(self.data)
         self.pages = pages
+        self.shared = shared
         self.sc = self.web = None
 
     def start(self):
-        self.sc = start_sidecar(self.tmp, None)
+        self.sc = self.shared.sc if self.shared is not None else start_sidecar(self.tmp, None)
+        store = {"SHM_EMBED_COLLECTIONS_URL": self.url} if self.url else {}
         self.web = start_web(self.tmp, self.sc.env, workers=3, SHM_EMBED_DATA_DIR=self.data,
                              SHM_EMBED_FETCH_ALLOW="127.0.0.1", SHM_EMBED_SEARCH_URL=f"{self.pages}/search",
                              SHM_EMBED_FETCH_TIMEOUT_S="1", SHM_EMBED_FETCH_MAX_BYTES="65536",
-                             SHM_EMBED_FETCH_MAX_REDIRECTS="5", SHM_EMBED_SEARCH_MAX_PAGES="12")
+                             SHM_EMBED_FETCH_MAX_REDIRECTS="5", SHM_EMBED_SEARCH_MAX_PAGES="12", **store)
         self.http = httpx.Client(base_url=self.web.base, timeout=60)
 
     def stop(self):
         self.http.close()
         assert self.web.stop() == 0
-        stop_and_check(self.sc)
+        if self.shared is None:
+            stop_and_check(self.sc)
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, pages):
     svc = Service(tmp_path_factory.mktemp("retrieval"), pages)
+    svc.start()
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="module", params=STORES)
+def collections(request, service, tmp_path_factory, pages):
+    """The service of the collection tests: ``service`` itself (SQLite), or a
+    Gunicorn of its own on the same sidecar over a PostgreSQL database."""
+    if request.param == "sqlite":
+        yield service
+        return
+    url = request.getfixturevalue("pg_cluster").create_database("web")
+    svc = Service(tmp_path_factory.mktemp("retrieval-pg"), pages, url=url, shared=service)
     svc.start()
     yield svc
     svc.stop()
@@ -223,8 +247,8 @@ def test_web_search_bad_requests(service):
     assert r.status_code == 400
 
 
-def test_collections_are_shared_by_every_worker(service):
-    http = service.http
+def test_collections_are_shared_by_every_worker(collections):
+    http = collections.http
     assert http.put("/collections/kb").status_code == 201
     assert http.put("/collections/kb").status_code == 200
 
@@ -262,8 +286,8 @@ def test_collections_are_shared_by_every_worker(service):
     assert hits[0]["id"] != "new"
 
 
-def test_collection_errors(service, tiny_sidecar):
-    http = service.http
+def test_collection_errors(collections, tiny_sidecar):
+    http = collections.http
     assert http.get("/collections/nope").status_code == 404
     assert post(http, "/collections/nope/search", {"query": "x"}).status_code == 404
     assert http.delete("/collections/nope").status_code == 404
@@ -280,7 +304,7 @@ def test_collection_errors(service, tiny_sidecar):
     assert http.put("/collections/errs", json={"index": "flat"}).status_code == 409
     # a collection another model made is refused with a clear error
     tiny = client_for(tiny_sidecar)
-    other = CollectionStore(service.data, tiny)
+    other = CollectionStore(collections.location, tiny)
     other.create("tiny-made")
     other.upsert("tiny-made", ["a document"])
     other.close()
@@ -290,11 +314,15 @@ def test_collection_errors(service, tiny_sidecar):
     assert http.get("/collections/tiny-made").json()["documents"] == 1
 
 
-def test_a_restart_of_everything_keeps_the_collections(service):
-    before = service.http.get("/collections/kb").json()
-    service.stop()
-    service.start()
-    after = service.http.get("/collections/kb").json()
+def test_a_restart_of_everything_keeps_the_collections(collections, request):
+    before = collections.http.get("/collections/kb").json()
+    collections.stop()
+    if collections.url:  # the database server too
+        cluster = request.getfixturevalue("pg_cluster")
+        cluster.stop()
+        cluster.start()
+    collections.start()
+    after = collections.http.get("/collections/kb").json()
     assert after["documents"] == before["documents"] == 30 and after["passages"] == before["passages"]
-    r = post(service.http, "/collections/kb/search", {"query": "knights and bishops", "top_k": 1})
+    r = post(collections.http, "/collections/kb/search", {"query": "knights and bishops", "top_k": 1})
     assert r.json()["results"][0]["metadata"]["topic"] == "chess"

@@ -162,10 +162,10 @@ def test_a_layered_index_answers_as_one_index_of_the_same_passages(tmp_path, kin
 
         faiss_index = faiss.IndexFlatIP(16)
         faiss_index.add(vecs[:3000])
-    meta = {"format": 1, "generation": 1, "cid": 7, "dim": 16, "seq": 3000, "kind": kind,
+    meta = {"format": 2, "generation": 1, "cid": 7, "created": 1.5, "dim": 16, "seq": 3000, "kind": kind,
             "nlist": 0 if cents is None else len(cents), "ntotal": 3000, "trained_at": 3000}
     write_snapshot(tmp_path, 1, faiss_index, ids[:3000], meta)
-    layered = LayeredIndex(Snapshot(tmp_path / "g000000000001", cid=7, dim=16), nprobe=4)
+    layered = LayeredIndex(Snapshot(tmp_path / "g000000000001", cid=7, dim=16, created=1.5), nprobe=4)
     layered.add(ids[3000:], vecs[3000:])  # the passages added since
     gone = np.concatenate([ids[:3000:7], ids[3000::11]])  # some of the snapshot's, some of the delta's
     layered.remove(gone)
@@ -179,7 +179,9 @@ def test_a_layered_index_answers_as_one_index_of_the_same_passages(tmp_path, kin
             assert got[1].tolist() == want[1].tolist()
             assert np.allclose(got[0], want[0], atol=1e-6)
     with pytest.raises(SnapshotUnusable, match="not a snapshot of collection 8"):
-        Snapshot(tmp_path / "g000000000001", cid=8, dim=16)
+        Snapshot(tmp_path / "g000000000001", cid=8, dim=16, created=1.5)
+    with pytest.raises(SnapshotUnusable, match="not a snapshot of collection 7"):  # same id, another collection
+        Snapshot(tmp_path / "g000000000001", cid=7, dim=16, created=2.5)
 
 
 def test_snapshot_settings_and_the_library_agree():

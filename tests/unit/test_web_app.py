@@ -12,19 +12,20 @@ import numpy as np
 import pytest
 from falcon import testing
 
-from shm_protocol.client import EmbeddingBackend, EmbedResult
+from shm_protocol.client import EmbeddingBackend, EmbedResult, RerankResult
 from shm_protocol.config import Settings
 from shm_protocol.errors import (
     InvalidInput,
     LayoutMismatch,
     ModelFailed,
+    ModelNotFound,
     NoRingAvailable,
     RequestTooLarge,
     RingFull,
     SidecarTimeout,
     SidecarUnavailable,
 )
-from shm_protocol.model_files import TextOptions
+from shm_protocol.model_files import TextOptions, name_matches
 from shm_protocol.stats import Snapshot
 from shm_protocol.tokenizer import check_token_budget
 from web.app import create_app
@@ -49,9 +50,15 @@ class FakeClient:
         if self.fail is not None:
             raise self.fail
 
+    def _model(self, model):
+        if model is not None and not name_matches(model, "fake-model"):
+            raise ModelNotFound(f"The model '{model}' does not exist here; this service serves 'fake-model'",
+                                requested=model, served=["fake-model"])
+
     def embed_detailed(self, texts, *, truncate=True, normalize=False, max_tokens=None, prompt=None,
-                       prompt_name=None, dimensions=None) -> EmbedResult:
+                       prompt_name=None, dimensions=None, model=None) -> EmbedResult:
         self._check()
+        self._model(model)
         self.calls.append({"texts": list(texts), "truncate": truncate, "normalize": normalize, "prompt": prompt,
                            "prompt_name": prompt_name, "dimensions": dimensions})
         TextOptions().check_dimensions(dimensions, DIM, "fake-model")  # as the real clients check it
@@ -60,14 +67,30 @@ class FakeClient:
             vecs = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
         counts = np.array([len(t.split()) + 2 for t in texts], dtype=np.int64)
         check_token_budget(counts, max_tokens)
-        return EmbedResult(vecs.astype(np.float32), counts, 1000, 2000, 1)
+        return EmbedResult(vecs.astype(np.float32), counts, 1000, 2000, 1, 0, "fake-model")
+
+    def rerank_detailed(self, query, documents, *, model=None, raw_scores=False, truncate=True, max_tokens=None):
+        """Scores: the cosine of the fake vectors (raw), through a sigmoid unless raw_scores."""
+        self._check()
+        if model is not None and not name_matches(model, "fake-reranker"):
+            raise ModelNotFound(f"The model '{model}' does not exist here", requested=model,
+                                served=["fake-model", "fake-reranker"])
+        q = fake_vector(query)
+        raw = np.array([float(fake_vector(d) @ q / np.linalg.norm(fake_vector(d)) / np.linalg.norm(q))
+                        for d in documents], np.float32)
+        counts = np.array([len(query.split()) + len(d.split()) + 3 for d in documents], dtype=np.int64)
+        check_token_budget(counts, max_tokens)
+        scores = raw if raw_scores else (1 / (1 + np.exp(-raw))).astype(np.float32)
+        return RerankResult(scores, counts, "fake-reranker", 0, 0)
 
     def embed(self, texts, *, truncate=True, normalize=False, **options):
         return self.embed_detailed(texts, truncate=truncate, normalize=normalize, **options).vectors
 
     def info(self) -> dict:
         self._check()
-        return {"model": "fake-model", "dimension": DIM, "max_seq_length": 16, "device": "fake"}
+        return {"model": "fake-model", "dimension": DIM, "max_seq_length": 16, "device": "fake",
+                "models": [{"name": "fake-model", "kind": "embed", "dimension": DIM, "max_seq_length": 16},
+                           {"name": "fake-reranker", "kind": "rerank", "dimension": 1, "max_seq_length": 16}]}
 
     def stats(self) -> Snapshot:
         self._check()
@@ -251,7 +274,8 @@ def test_collections_round_trip(app):
 def test_models_in_openai_shape_and_unknown_models_are_404(app):
     r = app.simulate_get("/v1/models")
     assert r.status_code == 200 and r.json["object"] == "list"
-    assert [m["id"] for m in r.json["data"]] == ["fake-model"] and r.json["data"][0]["object"] == "model"
+    assert [m["id"] for m in r.json["data"]] == ["fake-model", "fake-reranker"]
+    assert r.json["data"][0]["object"] == "model" and r.json["data"][1]["kind"] == "rerank"
     assert app.simulate_get("/v1/models/fake-model").json["id"] == "fake-model"
     for path, kw in (("/v1/models/text-embedding-ada-002", {}),
                      ("/v1/embeddings", {"json": {"input": "x", "model": "text-embedding-ada-002"}})):
@@ -261,3 +285,33 @@ def test_models_in_openai_shape_and_unknown_models_are_404(app):
         assert err["code"] == "model_not_found" and err["param"] == "model" and "fake-model" in err["message"]
     ok = app.simulate_post("/v1/embeddings", json={"input": "x", "model": "org/fake-model"})  # a hub id
     assert ok.status_code == 200
+
+
+def test_rerank_in_tei_and_cohere_shapes_best_first(app, fake):
+    docs = ["cats purr", "dogs bark", "fish swim", "birds sing"]
+    want = fake.rerank_detailed("pets", docs).scores
+    order = list(np.argsort(-want, kind="stable"))
+    r = app.simulate_post("/rerank", json={"query": "pets", "texts": docs, "return_text": True})
+    assert r.status_code == 200
+    assert [x["index"] for x in r.json] == order
+    assert [x["text"] for x in r.json] == [docs[i] for i in order]
+    assert [x["score"] for x in r.json] == pytest.approx([float(want[i]) for i in order], abs=1e-6)
+    raw = app.simulate_post("/rerank", json={"query": "pets", "texts": docs, "raw_scores": True}).json
+    assert "text" not in raw[0] and all(-1.0 <= x["score"] <= 1.0 for x in raw)
+    assert {x["score"] for x in raw} != {x["score"] for x in r.json}  # raw logits, not sigmoids
+    c = app.simulate_post("/v1/rerank", json={"model": "fake-reranker", "query": "pets", "top_n": 2,
+                                              "documents": [{"text": d} for d in docs], "return_documents": True})
+    assert c.status_code == 200 and c.json["model"] == "fake-reranker"
+    assert [x["index"] for x in c.json["results"]] == order[:2]
+    assert c.json["results"][0]["document"] == {"text": docs[order[0]]}
+    assert c.json["results"][0]["relevance_score"] == pytest.approx(float(want[order[0]]), abs=1e-6)
+    assert c.json["usage"]["total_tokens"] > 0
+    for body, status in (({"query": "q", "documents": docs, "model": "nope"}, 404),
+                         ({"query": "", "documents": docs}, 422), ({"query": "q"}, 422),
+                         ({"query": "q", "documents": "one string"}, 422),
+                         ({"query": "q", "documents": docs, "top_n": 0}, 422),
+                         ({"query": "q", "documents": ["x"] * 6}, 413)):
+        r = app.simulate_post("/v1/rerank", json=body)
+        assert r.status_code == status, body
+    assert app.simulate_post("/v1/rerank", json={"query": "q", "documents": docs, "model": "nope"}
+                             ).json["error"]["code"] == "model_not_found"

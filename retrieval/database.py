@@ -1,0 +1,313 @@
+"""Where collections are kept: the SQL side of :class:`retrieval.store.CollectionStore`.
+
+Two stores hold the same tables (``collections``, ``documents``, ``passages``
+with their vectors as little-endian float32 bytes, ``centroids`` and the
+change log ``changes``) and keep the same promises (a write is one
+transaction, durable when it returns; a writer killed half-way leaves the
+previous state):
+
+- :class:`retrieval.sqlite_db.SQLiteDatabase`, one file under
+  ``SHM_EMBED_DATA_DIR`` that every worker of one host shares: the embedded
+  default;
+- :class:`retrieval.postgres_db.PostgresDatabase`, a PostgreSQL server that
+  the workers of every host share (``SHM_EMBED_COLLECTIONS_URL``).
+
+:class:`Database` is what the store asks of either: connections and
+transactions, and one small method per statement it needs, each taking the
+connection its caller holds (so that a caller decides what runs in one
+transaction). Everything above it (names, options, filters, FAISS, replaying
+the change log) is the store's and is the same for both.
+
+The change log is what keeps every worker's FAISS index current: each write
+appends one ``(seq, cid, op, pid)`` row per passage added (``OP_ADD``) or
+removed (``OP_DEL``), in the write's transaction, and a worker replays the
+rows of a collection past the last ``seq`` it has applied. That only works if,
+within a collection, a ``seq`` becomes visible only after every smaller one of
+that collection has: each store says how it guarantees it.
+
+Index snapshots (:mod:`retrieval.snapshot`) add two tables to both stores:
+``snapshot_marks(host, cid, seq, updated)``, the changes each host's newest
+snapshot of a collection covers and when the host last said so, and
+``change_floor(cid, seq)``, up to where a collection's change log was
+compacted away. Both go with their collection. A database that has them is of
+a newer schema version than one that does not, so that a service that knows
+nothing of the floor refuses it instead of replaying a log with a hole.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+OP_ADD, OP_DEL = 1, 2
+
+#: The URL schemes that select the PostgreSQL store.
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+@dataclass(frozen=True)
+class CollectionRow:
+    """One row of ``collections``."""
+
+    cid: int
+    name: str
+    model: str
+    dim: int
+    options: dict
+    created: float
+
+
+@dataclass(frozen=True)
+class FilterKey:
+    """One key of a search filter, checked by the store: the metadata key,
+    the non-null values it accepts, and whether a null (or a missing key) matches."""
+
+    key: str
+    values: list
+    null: bool
+
+
+class Database:
+    """The SQL a collection store runs, over one kind of database.
+
+    ``read()`` gives a connection for statements that each see the latest
+    committed state (no transaction around them); ``write()`` gives one
+    inside a transaction that commits when the block ends and rolls back if
+    it raises. A connection is the caller's for the block only.
+    """
+
+    #: "sqlite" or "postgresql".
+    kind: str = ""
+    #: Where the data is, for logs and messages: a path, or a URL without its password.
+    where: str = ""
+
+    # --- connections ------------------------------------------------------------
+    def read(self) -> AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def write(self) -> AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def storage_error(self, exc: BaseException, doing: str) -> Exception | None:
+        """The typed error (StorageUnavailable, StorageBusy...) for a failure of
+        the storage, logged with its details; None when ``exc`` is not one."""
+        raise NotImplementedError
+
+    def check_documents(self, docs: list) -> None:
+        """Raise InvalidInput for documents this database cannot store (before any write)."""
+
+    # --- collections ----------------------------------------------------------------
+    def collection(self, conn, name: str, *, lock: bool = False) -> CollectionRow | None:
+        """The collection named ``name``. ``lock`` (inside ``write()`` only): hold
+        the collection's write lock until the transaction ends, which orders
+        this transaction's change-log entries after every earlier write's."""
+        raise NotImplementedError
+
+    def collection_names(self, conn) -> list[str]:
+        raise NotImplementedError
+
+    def add_collection(self, conn, name: str, model: str, dim: int, options: dict, created: float) -> bool:
+        """Insert a collection unless one of that name exists; whether it was inserted."""
+        raise NotImplementedError
+
+    def drop_collection(self, conn, cid: int) -> None:
+        """Delete a collection, everything of it and its change log."""
+        raise NotImplementedError
+
+    def counts(self, conn, cid: int) -> tuple[int, int]:
+        """(documents, passages) of a collection."""
+        raise NotImplementedError
+
+    def nlist(self, conn, cid: int) -> int | None:
+        """Inverted lists of a collection's IVF quantizer, or None (not trained)."""
+        raise NotImplementedError
+
+    # --- documents ----------------------------------------------------------------------
+    def document(self, conn, cid: int, doc_id: str) -> dict | None:
+        """``{"id", "url", "metadata", "text", "passages"}`` of one document, or None."""
+        raise NotImplementedError
+
+    def remove_documents(self, conn, cid: int, doc_ids: list[str]) -> int:
+        """Delete documents (their passages go with them) and log each passage's
+        removal; returns how many of the documents were there."""
+        raise NotImplementedError
+
+    def insert_documents(self, conn, cid: int, docs: list, vectors: np.ndarray, now: float) -> None:
+        """Insert documents (none of them present) and their passages, whose
+        vectors are the rows of ``vectors`` in order, and log each passage's addition."""
+        raise NotImplementedError
+
+    def documents_by_id(self, conn, cid: int, doc_ids: list[str]) -> dict[str, tuple[str | None, dict, str]]:
+        """``{id: (url, metadata, text)}`` of those of ``doc_ids`` that exist."""
+        raise NotImplementedError
+
+    def passages_by_pid(self, conn, pids: np.ndarray) -> dict[int, tuple[str, int, int]]:
+        """``{pid: (doc_id, start, stop)}`` of those of ``pids`` that exist."""
+        raise NotImplementedError
+
+    def filtered_pids(self, conn, cid: int, keys: list[FilterKey]) -> np.ndarray:
+        """Passage ids of the documents whose metadata matches every key."""
+        raise NotImplementedError
+
+    # --- the IVF quantizer ----------------------------------------------------------------
+    def passage_count(self, conn, cid: int) -> int:
+        raise NotImplementedError
+
+    def sample_vectors(self, conn, cid: int, n: int) -> bytes:
+        """The vectors of ``n`` random passages of a collection, concatenated."""
+        raise NotImplementedError
+
+    def centroids(self, conn, cid: int) -> tuple[int, bytes, int] | None:
+        """(nlist, float32 bytes, the passages it was trained on) of a
+        collection's IVF quantizer, or None (not trained)."""
+        raise NotImplementedError
+
+    def add_centroids(self, conn, cid: int, centroids: np.ndarray, trained_at: int) -> None:
+        """Store a quantizer unless the collection has one already (another worker trained it first)."""
+        raise NotImplementedError
+
+    # --- the change log -------------------------------------------------------------------------
+    def last_seq(self, conn, cid: int) -> int:
+        """The highest sequence number of a collection's change log (0 when empty)."""
+        raise NotImplementedError
+
+    def changes(self, conn, cid: int, after: int, upto: int, limit: int) -> list[tuple[int, int, int, bytes | None]]:
+        """Up to ``limit`` entries ``(seq, op, pid, vector)`` of a collection's
+        change log with ``after < seq <= upto``, in ``seq`` order. ``vector`` is
+        the passage's for an addition whose passage still exists, else None."""
+        raise NotImplementedError
+
+    # --- snapshots: consistent reads, builds, marks and compaction (retrieval.snapshot) ---------
+    def consistent(self, conn) -> AbstractContextManager[None]:
+        """One read-only transaction on ``conn`` (a connection of ``read()``):
+        every statement inside sees the same committed state while writers go
+        on. A worker reads the log's floor and replays the log inside one, so
+        that a compaction cannot slip between the two; a builder reads the
+        passages and the sequence number they are at inside one. Never a
+        write inside it."""
+        raise NotImplementedError
+
+    def log_state(self, conn, cid: int) -> tuple[int, int]:
+        """(the highest sequence number of a collection's change log, the
+        floor up to which its changes were compacted away); 0 for none."""
+        raise NotImplementedError
+
+    def collection_by_id(self, conn, cid: int) -> CollectionRow | None:
+        raise NotImplementedError
+
+    def collection_ids(self, conn) -> set[int]:
+        """The ids of every collection (the snapshot folders of others are removed)."""
+        raise NotImplementedError
+
+    def stream_passages(self, conn, cid: int, chunk: int) -> Iterator[tuple[np.ndarray, bytes]]:
+        """``(ids, their vectors concatenated)`` of every passage of a
+        collection, in id order, ``chunk`` passages at a time, without holding
+        them all in memory. Only inside :meth:`consistent`."""
+        raise NotImplementedError
+
+    def replace_centroids(self, conn, cid: int, centroids: np.ndarray, trained_at: int) -> None:
+        """Replace a collection's quantizer with ones refitted on ``trained_at`` passages."""
+        raise NotImplementedError
+
+    def mark_snapshot(self, conn, host: str, cid: int, seq: int) -> None:
+        """Record that ``host``'s newest snapshot of a collection covers its
+        changes up to ``seq``, and that the host is alive now (by this
+        database's clock: the hosts of one database compare times of one clock)."""
+        raise NotImplementedError
+
+    def touch_mark(self, conn, host: str, cid: int) -> None:
+        """Say that ``host`` is alive now and still serves its mark (its seq stays)."""
+        raise NotImplementedError
+
+    def covered_by_live_hosts(self, conn, cid: int, stale_s: float) -> int | None:
+        """The smallest mark of a collection among the hosts that recorded or
+        touched theirs within the last ``stale_s`` seconds (None: no such
+        host): the changes up to it are in every live host's snapshot."""
+        raise NotImplementedError
+
+    def raise_floor(self, conn, cid: int, seq: int) -> None:
+        """Say that a collection's changes up to ``seq`` may be gone (never lowers it).
+        Committed before those changes are deleted: a reader that misses them sees the floor."""
+        raise NotImplementedError
+
+    def delete_changes(self, conn, cid: int, upto: int, limit: int) -> int:
+        """Delete up to ``limit`` of a collection's changes with ``seq <= upto``; returns how many."""
+        raise NotImplementedError
+
+
+def all_of(clauses: list[str]) -> str:
+    """``clauses`` ANDed as a balanced tree: a parser reads ``a AND b AND c ...``
+    as a chain as deep as it is long (SQLite refuses depths over 1,000)."""
+    if len(clauses) == 1:
+        return clauses[0]
+    mid = len(clauses) // 2
+    return f"({all_of(clauses[:mid])} AND {all_of(clauses[mid:])})"
+
+
+def is_postgres(location: str | os.PathLike) -> bool:
+    return isinstance(location, str) and location.startswith(POSTGRES_SCHEMES)
+
+
+_PASSWORD = re.compile(r"(?P<head>[a-z]+://[^:/@?#]*:)(?P<password>[^@/?#]*)@", re.IGNORECASE)
+
+
+def redact(url: str) -> str:
+    """A database URL with its password replaced by ``***`` (for logs and messages)."""
+    return _PASSWORD.sub(lambda m: f"{m.group('head')}***@", url)
+
+
+def url_password(url: str) -> str | None:
+    """The password as written in a database URL (percent-encoded), or None."""
+    m = _PASSWORD.match(url)
+    return m.group("password") if m and m.group("password") else None
+
+
+def location_of(settings) -> str:
+    """Where ``settings`` keep collections: the PostgreSQL URL, or the SQLite data directory."""
+    return settings.collections_url or str(settings.data_dir)
+
+
+def store_status(location: str | os.PathLike) -> tuple[bool, str]:
+    """(True, "ok") when the store at ``location`` can be read or was never
+    made; (False, reason) otherwise. Creates nothing; for ``/ready``."""
+    if is_postgres(location):
+        from .postgres_db import store_status as pg_status
+
+        return pg_status(str(location))
+    from shm_protocol.config import COLLECTIONS_DB
+
+    from .storage import store_status as sqlite_status
+
+    return sqlite_status(Path(location) / COLLECTIONS_DB)
+
+
+def store_exists(location: str | os.PathLike) -> bool:
+    """Whether anything may be stored at ``location`` yet (a SQLite file is only
+    made on first use; a PostgreSQL server always counts: its schema is the
+    service's to create at start)."""
+    if is_postgres(location):
+        return True
+    from shm_protocol.config import COLLECTIONS_DB
+
+    return (Path(location) / COLLECTIONS_DB).exists()
+
+
+def open_database(location: str | os.PathLike, **options) -> Database:
+    """The database at ``location``: a ``postgresql://`` URL, or a directory for SQLite."""
+    if is_postgres(location):
+        from .postgres_db import PostgresDatabase
+
+        return PostgresDatabase(str(location), **{k: v for k, v in options.items() if k in PostgresDatabase.OPTIONS})
+    from .sqlite_db import SQLiteDatabase
+
+    return SQLiteDatabase(location, **{k: v for k, v in options.items() if k in SQLiteDatabase.OPTIONS})

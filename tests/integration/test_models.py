@@ -1,0 +1,257 @@
+"""Several models in one sidecar, reranking with a cross-encoder, and their
+HTTP forms, against real models: the bundled MiniLM, a tiny randomly
+initialised BERT and a cross-encoder made from the bundled weights with a
+fresh one-label head. Vectors are compared with SentenceTransformer.encode
+and scores with CrossEncoder.predict, over the same rings, under concurrent
+load and against hostile slot writes."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import threading
+
+import httpx
+import numpy as np
+import pytest
+
+from shm_protocol.errors import ModelNotFound, RequestTooLarge, SlotRejected
+from shm_protocol.layout import SLOT_READY, SlotError
+from tests.helpers import REPO, client_for, cosine_rows, start_sidecar, start_web, stop_and_check
+
+TEXTS = ["how do shared-memory rings work", "Semaphores wake the waiting worker.", "a", "ünïcödé text",
+         "The quick brown fox jumps over the lazy dog. " * 3]
+QUERY = "what wakes a waiting worker"
+DOCS = ["Semaphores wake the waiting worker.", "Paris is the capital of France.", "",
+        "A worker blocks on its slot's semaphore until the sidecar posts it. " * 60,  # over 512 tokens: cut
+        "ünïcödé"]
+
+
+@pytest.fixture(scope="module")
+def models_env(real_model_path, tiny_model, cross_encoder_path):
+    return {"SHM_EMBED_MODELS": f"minilm={real_model_path},tiny={tiny_model},ce={cross_encoder_path}",
+            "SHM_EMBED_TORCH_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def multi(models_env, tmp_path_factory):
+    sc = start_sidecar(tmp_path_factory.mktemp("sc-multi"), None, **models_env)
+    yield sc
+    stop_and_check(sc)
+
+
+def _ce_pairs(query, docs):
+    return [(query, d) for d in docs]
+
+
+def test_the_header_lists_every_model_and_a_call_picks_one_by_name(multi, real_model, tiny_st):
+    with client_for(multi) as c:
+        cards = c.models()
+        assert [(m["name"], m["kind"], m["dimension"]) for m in cards] == [
+            ("minilm", "embed", 384), ("tiny", "embed", 32), ("ce", "rerank", 1)]
+        assert c.info()["model"] == "minilm" and c.dimension == 384
+        assert cosine_rows(c.embed(TEXTS), real_model.encode(TEXTS)).min() >= 0.99999
+        tiny = c.embed(TEXTS, model="tiny")
+        assert tiny.shape == (len(TEXTS), 32)
+        assert cosine_rows(tiny, tiny_st.encode(TEXTS)).min() >= 0.99999
+        assert c.embed_detailed(TEXTS[:1], model="tiny").model == "tiny"
+        assert cosine_rows(c.embed(TEXTS, model="org/minilm"), real_model.encode(TEXTS)).min() >= 0.99999
+        for call, kw in ((c.embed, {"model": "nope"}), (c.embed, {"model": "ce"})):
+            with pytest.raises(ModelNotFound):
+                call(TEXTS, **kw)
+        with pytest.raises(ModelNotFound):
+            c.rerank(QUERY, DOCS, model="minilm")  # an embedding model does not rerank
+
+
+def test_rerank_scores_equal_cross_encoder_predict(multi, cross_encoder):
+    import torch
+
+    pairs = _ce_pairs(QUERY, DOCS)
+    want = cross_encoder.predict(pairs)
+    want_raw = cross_encoder.predict(pairs, activation_fn=torch.nn.Identity())
+    with client_for(multi) as c:
+        got = c.rerank(QUERY, DOCS)
+        assert got.dtype == np.float32 and got.shape == (len(DOCS),)
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(c.rerank(QUERY, DOCS, raw_scores=True), want_raw, atol=1e-5, rtol=0)
+        # one pair alone (the sidecar's one-text path) and many (batched)
+        np.testing.assert_allclose(c.rerank(QUERY, DOCS[:1], model="ce"), want[:1], atol=1e-5, rtol=0)
+        many = [f"document number {i} about workers and semaphores" for i in range(150)]
+        np.testing.assert_allclose(c.rerank(QUERY, many), cross_encoder.predict(_ce_pairs(QUERY, many)),
+                                   atol=1e-5, rtol=0)
+        res = c.rerank_detailed(QUERY, DOCS)
+        assert res.model == "ce" and res.token_counts.max() == 512  # the long pair was cut at the model's limit
+        with pytest.raises(RequestTooLarge):
+            c.rerank(QUERY, DOCS, truncate=False)
+        assert c.rerank(QUERY, []).shape == (0,)
+
+
+def test_models_under_concurrent_load_never_cross_talk(multi, real_model, tiny_st, cross_encoder):
+    """Threads of two clients (two rings) send random requests to all three
+    models at once; every answer is checked against its own reference."""
+    pool = [f"sentence {i}: {'alpha beta gamma delta'.split()[i % 4]} {i * 7919 % 1000}" for i in range(40)]
+    ref = {"minilm": real_model.encode(pool), "tiny": tiny_st.encode(pool),
+           "ce": cross_encoder.predict(_ce_pairs(QUERY, pool))}
+    wrong, done, errors = [], [0], []
+    lock = threading.Lock()
+
+    def run(client, seed):
+        rng = random.Random(seed)
+        try:
+            for _ in range(25):
+                idx = rng.sample(range(len(pool)), rng.randint(1, 6))
+                texts = [pool[i] for i in idx]
+                model = rng.choice(["minilm", "tiny", "ce"])
+                if model == "ce":
+                    ok = np.abs(client.rerank(QUERY, texts, model="ce") - ref["ce"][idx]).max() <= 1e-5
+                else:
+                    ok = cosine_rows(client.embed(texts, model=model), ref[model][idx]).min() >= 0.99999
+                with lock:
+                    done[0] += 1
+                    if not ok:
+                        wrong.append((model, idx))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    with client_for(multi) as c1, client_for(multi) as c2:
+        before = {m["name"]: m for m in c1.stats().models}
+        threads = [threading.Thread(target=run, args=(c, i)) for i, c in enumerate([c1, c2, c1, c2, c1, c2])]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert not errors, errors[:3]
+        assert done[0] == 150 and wrong == []
+        after = {m["name"]: m for m in c1.stats().models}
+    for name in ("minilm", "tiny", "ce"):
+        assert after[name]["requests"] > before[name]["requests"], name
+        assert after[name]["batches"] > before[name]["batches"], name
+        assert after[name]["errors"] == before[name]["errors"], name
+
+
+def _submit_raw(sess, *, model: int, ids, offsets, segments=None):
+    s = sess.take_slot(1)
+    v = sess.v
+    v.tokens[s, : len(ids)] = ids
+    v.offsets[s, : len(offsets)] = offsets
+    v.segments[s, :] = 0
+    if segments is not None:
+        v.segments[s, : len(segments)] = segments
+    v.model[s] = model
+    v.n_texts[s] = len(offsets) - 1
+    v.n_tokens[s] = len(ids)
+    seq = 777_000 + s
+    v.seq[s] = seq
+    v.state[s] = SLOT_READY
+    sess.bell.release()
+    return s, seq
+
+
+@pytest.mark.parametrize("model, segments, code", [
+    (7, None, SlotError.BAD_MODEL),  # no such model
+    (0, [2], SlotError.BAD_SEGMENTS),  # pairs for an embedding model
+    (2, [9], SlotError.BAD_SEGMENTS),  # a split beyond the text
+    (1, None, SlotError.BAD_TOKEN),  # within the layout's vocabulary, checked against the model's own
+])
+def test_hostile_model_indexes_and_segments_are_refused_and_serving_goes_on(multi, real_model, model, segments,
+                                                                            code):
+    with client_for(multi) as c:
+        sess = c._get_session()
+        ids = [101, 7592, 102] if code != SlotError.BAD_TOKEN else [101, 2 ** 20, 102]
+        s, seq = _submit_raw(sess, model=model, ids=ids, offsets=[0, 3], segments=segments)
+        with pytest.raises(SlotRejected) as err:
+            c._wait(sess, s, seq, np.empty((1, sess.params.dim), np.float32))
+        assert err.value.code == code
+        assert cosine_rows(c.embed(TEXTS[:2]), real_model.encode(TEXTS[:2])).min() >= 0.99999
+
+
+@pytest.fixture(scope="module")
+def multi_web(multi, models_env, tmp_path_factory):
+    web = start_web(tmp_path_factory.mktemp("web-multi"), {**multi.env, **models_env}, workers=1)
+    yield web
+    web.stop()
+
+
+def test_http_serves_every_model_and_reranks_in_both_shapes(multi, multi_web, real_model, tiny_st, cross_encoder):
+    web = multi_web
+    with httpx.Client(base_url=web.base, timeout=60) as h:
+        cards = h.get("/v1/models").json()["data"]
+        assert [(m["id"], m["kind"]) for m in cards] == [("minilm", "embed"), ("tiny", "embed"),
+                                                         ("ce", "rerank")]
+        assert h.get("/v1/models/ce").json()["dimension"] == 1
+        r = h.post("/v1/embeddings", json={"input": TEXTS, "model": "tiny"}).json()
+        assert r["model"] == "tiny"
+        got = np.array([d["embedding"] for d in r["data"]])
+        assert cosine_rows(got, tiny_st.encode(TEXTS)).min() >= 0.99999
+        got = np.array(h.post("/embed", json={"inputs": TEXTS}).json())  # the default model
+        assert cosine_rows(got, real_model.encode(TEXTS)).min() >= 0.99999
+        nf = h.post("/v1/embeddings", json={"input": "x", "model": "ce"})
+        assert nf.status_code == 404 and nf.json()["error"]["code"] == "model_not_found"
+
+        want = cross_encoder.predict(_ce_pairs(QUERY, DOCS))
+        order = list(np.argsort(-want, kind="stable"))
+        tei = h.post("/rerank", json={"query": QUERY, "texts": DOCS, "return_text": True}).json()
+        assert [x["index"] for x in tei] == order
+        assert np.abs(np.array([x["score"] for x in tei]) - want[order]).max() <= 1e-5
+        assert tei[0]["text"] == DOCS[order[0]]
+        co = h.post("/v1/rerank", json={"model": "ce", "query": QUERY, "documents": DOCS, "top_n": 3}).json()
+        assert [x["index"] for x in co["results"]] == order[:3] and co["model"] == "ce"
+        assert np.abs(np.array([x["relevance_score"] for x in co["results"]]) - want[order[:3]]).max() <= 1e-5
+        bad = h.post("/v1/rerank", json={"model": "minilm", "query": QUERY, "documents": DOCS})
+        assert bad.status_code == 404
+
+        info = h.get("/info").json()
+        assert [m["name"] for m in info["models"]] == ["minilm", "tiny", "ce"]
+        metrics = h.get("/metrics").text
+        assert 'shm_embed_model_requests_total{model="ce"}' in metrics
+        assert 'shm_embed_model_info{dimension="32",kind="embed",max_tokens="256",model="tiny"}' in metrics
+        stats = h.get("/embedding/stats").json()
+        per = {m["name"]: m for m in stats["models"]}
+        assert per["ce"]["texts"] >= len(DOCS) and per["tiny"]["texts"] >= len(TEXTS)
+    cli = subprocess.run([sys.executable, "-m", "shm_protocol.stats_cli", "--json"], env=multi.env, cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0, cli.stderr
+    import json
+
+    assert [m["name"] for m in json.loads(cli.stdout)["models"]] == ["minilm", "tiny", "ce"]
+    human = subprocess.run([sys.executable, "-m", "shm_protocol.stats_cli"], env=multi.env, cwd=REPO,
+                           capture_output=True, text=True, timeout=60)
+    assert "models" in human.stdout and "rerank" in human.stdout
+
+
+def test_collections_use_their_model_and_prompts_and_searches_rerank(multi_web, tiny_st, cross_encoder):
+    passages = ["Semaphores wake the waiting worker.", "Paris is the capital of France.",
+                "The sidecar batches slots from every worker.", "Bananas are a yellow fruit."]
+    opts = {"model": "tiny", "query_prompt": "query: ", "document_prompt": "passage: "}
+    with httpx.Client(base_url=multi_web.base, timeout=60) as h:
+        made = h.put("/collections/prompted", json={"options": opts})
+        assert made.status_code == 201, made.text
+        assert made.json()["model"] == "tiny" and made.json()["dimension"] == 32
+        assert h.put("/collections/prompted", json={"options": opts}).status_code == 200  # the same again
+        assert h.put("/collections/prompted", json={"options": {**opts, "query_prompt": "q: "}}).status_code == 409
+        assert h.put("/collections/wrong", json={"options": {"model": "ce"}}).status_code == 404
+        docs = [{"id": str(i), "text": t} for i, t in enumerate(passages)]
+        up = h.post("/collections/prompted/documents", json={"documents": docs})
+        assert up.status_code == 200, up.text
+        query = "what wakes a worker"
+        res = h.post("/collections/prompted/search", json={"query": query, "top_k": 4}).json()["results"]
+        q = tiny_st.encode([query], prompt="query: ", normalize_embeddings=True)[0]
+        d = tiny_st.encode(passages, prompt="passage: ", normalize_embeddings=True)
+        want = {str(i): float(d[i] @ q) for i in range(len(passages))}
+        assert len(res) == 4
+        for r in res:
+            assert r["score"] == pytest.approx(want[r["id"]], abs=1e-4)
+        reranked = h.post("/collections/prompted/search",
+                          json={"query": query, "top_k": 4, "rerank": {"model": "ce", "top_n": 2}}).json()["results"]
+        scores = cross_encoder.predict([(query, p) for p in passages])
+        best = [str(i) for i in np.argsort(-scores, kind="stable")[:2]]
+        assert [r["id"] for r in reranked] == best
+        for r in reranked:
+            assert r["rerank_score"] == pytest.approx(float(scores[int(r["id"])]), abs=1e-5)
+            assert r["score"] == pytest.approx(want[r["id"]], abs=1e-4)
+        for bad in ({"model": 3}, {"top_n": 0}, {"other": 1}, "yes"):
+            r = h.post("/collections/prompted/search", json={"query": query, "rerank": bad})
+            assert r.status_code == 422, bad
+        r = h.post("/collections/prompted/search", json={"query": query, "rerank": {"model": "tiny"}})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"

@@ -1,0 +1,289 @@
+"""Collections in PostgreSQL, shared by two shm-embed instances (two
+namespaces, two ports, as two hosts behind a load balancer would be), against
+the session's real cluster (tests/postgres.py): a write through one is found
+through the other, writers on both lose nothing, and a server restarted under
+load gives 503s, then service again, with nothing lost. Also at the store's
+level: the schema's versions and migrations, and a server that cannot be
+reached, without the URL's password ever showing.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import numpy as np
+import pytest
+from loguru import logger
+
+from retrieval.database import store_status
+from retrieval.errors import StorageUnavailable
+from retrieval.postgres_db import NEWER, SCHEMA_TABLE, SCHEMA_VERSION, UNREACHABLE
+from retrieval.store import CollectionStore
+from shm_protocol.errors import ConfigError
+from tests.helpers import SidecarProc, WebProc, free_port, start_sidecar, start_web, stop_and_check
+
+#: A password in the instances' URL: the cluster trusts loopback and ignores it, the tests look for it.
+PASSWORD = "pw-never-shown-7f3a"
+#: How long an instance's request waits for a connection before its 503.
+TIMEOUT_S = 2
+
+
+class FakeClient:
+    def info(self) -> dict:
+        return {"model": "fake", "dimension": 8}
+
+    def embed(self, texts, normalize=True, **_):
+        rows = [np.random.default_rng(sum(map(ord, t))).standard_normal(8) for t in texts]
+        return np.array([r / np.linalg.norm(r) for r in rows], dtype=np.float32)
+
+
+def with_password(url: str, password: str = PASSWORD) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:{password}@{parts.hostname}:{parts.port}"))
+
+
+@dataclass
+class Instance:
+    sc: SidecarProc
+    web: WebProc
+    http: httpx.Client
+
+    def search(self, name: str, query: str, top_k: int = 10, **extra) -> httpx.Response:
+        return self.http.post(f"/collections/{name}/search", json={"query": query, "top_k": top_k, **extra})
+
+    def write(self, name: str, docs: list) -> httpx.Response:
+        return self.http.post(f"/collections/{name}/documents", json={"documents": docs})
+
+
+@pytest.fixture(scope="module")
+def url(pg_cluster) -> str:
+    return with_password(pg_cluster.create_database("shared"))
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory, url):
+    """Two instances, each a synthetic sidecar and two Gunicorn workers, over one PostgreSQL database."""
+    out = []
+    try:
+        for tag in ("a", "b"):
+            tmp = tmp_path_factory.mktemp(f"pg-{tag}")
+            sc = start_sidecar(tmp, None, SHM_EMBED_SYNTHETIC_US="0")
+            try:
+                web = start_web(tmp, sc.env, workers=2, SHM_EMBED_COLLECTIONS_URL=url,
+                                SHM_EMBED_COLLECTIONS_TIMEOUT_S=str(TIMEOUT_S))
+            except BaseException:
+                stop_and_check(sc)
+                raise
+            out.append(Instance(sc, web, httpx.Client(base_url=web.base, timeout=60)))
+        yield out
+    finally:
+        for inst in out:
+            inst.http.close()
+            assert inst.web.stop() == 0
+            stop_and_check(inst.sc)
+        for inst in out:
+            log = inst.web.log.read_text(errors="replace")
+            assert PASSWORD not in log, "the database URL's password was logged"
+
+
+def test_a_document_written_through_one_instance_is_found_through_the_other(two):
+    a, b = two
+    for inst in two:
+        r = inst.http.get("/ready")
+        assert r.status_code == 200 and r.json()["store"] == "ok", r.text
+    assert a.http.put("/collections/shared").status_code == 201
+    assert b.http.put("/collections/shared").status_code == 200  # made through the other instance
+    r = a.write("shared", [{"id": "giraffe", "text": "Giraffes have long necks.", "metadata": {"via": "a"}},
+                           {"id": "whale", "text": "Whales sing long songs.", "metadata": {"via": "a"}}])
+    assert r.status_code == 200, r.text
+    t0 = time.monotonic()
+    found = 0
+    while found < 6:  # several searches in a row, whichever of B's workers answers
+        hits = b.search("shared", "Giraffes have long necks.", 1).json()["results"]
+        found = found + 1 if hits and hits[0]["id"] == "giraffe" else 0
+        assert found or time.monotonic() - t0 < 1.0, "a write through A was not found through B within a second"
+    assert hits[0]["metadata"] == {"via": "a"} and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert b.http.get("/collections/shared/documents/giraffe").json()["text"] == "Giraffes have long necks."
+    # and the other way round: deleted through B, gone through A
+    assert b.http.delete("/collections/shared/documents/giraffe").status_code == 200
+    for _ in range(6):
+        assert [h["id"] for h in a.search("shared", "Giraffes have long necks.", 5).json()["results"]] == ["whale"]
+    assert a.http.get("/collections/shared/documents/giraffe").status_code == 404
+    assert [c["name"] for c in b.http.get("/collections").json()["collections"]] == ["shared"]
+    assert b.http.delete("/collections/shared").status_code == 200
+    assert a.http.get("/collections/shared").status_code == 404
+    assert a.search("shared", "x").status_code == 404
+
+
+def test_four_writers_on_two_instances_lose_nothing(two):
+    """Two writers per instance, while readers search through both (so every
+    worker replays the change log between other writers' commits); then every
+    document is found through every worker of both instances."""
+    a, b = two
+    assert a.http.put("/collections/busy").status_code == 201
+    batches, per_batch = 12, 8
+    done = threading.Event()
+
+    def write(k: int) -> list[str]:
+        inst, ids = two[k % 2], []
+        for n in range(batches):
+            docs = [{"id": f"w{k}-{n}-{i}", "text": f"writer {k} batch {n} item {i}", "metadata": {"writer": k}}
+                    for i in range(per_batch)]
+            docs.append({"id": "shared", "text": f"the shared document, last written by {k} in batch {n}"})
+            r = inst.write("busy", docs)
+            assert r.status_code == 200, r.text
+            ids += [d["id"] for d in docs[:-1]]
+        return ids
+
+    def read(inst: Instance) -> int:
+        n = 0
+        while not done.is_set():
+            assert inst.search("busy", "writer batch item", 5).status_code == 200
+            n += 1
+        return n
+
+    with cf.ThreadPoolExecutor(6) as pool:
+        readers = [pool.submit(read, inst) for inst in two]
+        writers = [pool.submit(write, k) for k in range(4)]
+        written = {i for w in writers for i in w.result()}
+        done.set()
+        assert all(r.result() > 0 for r in readers)
+    want = written | {"shared"}
+    assert len(want) == 4 * batches * per_batch + 1
+    for inst in two:
+        assert inst.http.get("/collections/busy").json()["documents"] == len(want)
+        for _ in range(8):  # whichever worker answers: its index holds every passage
+            res = inst.search("busy", "writer batch item", 1000).json()["results"]
+            assert {r["id"] for r in res} == want
+        for k in range(4):
+            res = inst.search("busy", "writer", 1000, filter={"writer": k}).json()["results"]
+            assert len(res) == batches * per_batch and {r["metadata"]["writer"] for r in res} == {k}
+    assert "last written by" in a.http.get("/collections/busy/documents/shared").json()["text"]
+
+
+def _error_message(r: httpx.Response) -> str:
+    return r.json()["error"]["message"]
+
+
+def test_postgres_restarted_under_load_gives_503s_then_service_again(two, pg_cluster, url):
+    """Writers and searchers on both instances while the server stops (fast:
+    sessions ended, open transactions rolled back) for longer than a request
+    waits for a connection, then starts again. Every answer is a 200 or a 503
+    with Retry-After and a short reason; service comes back by itself; every
+    write that was answered 200 is there afterwards, whole."""
+    a, b = two
+    assert a.http.put("/collections/load").status_code == 201
+    stop = threading.Event()
+    answers: list[tuple[str, str, int, str, str | None, float]] = []  # (what, id, status, body, Retry-After, at)
+
+    def load(inst: Instance, tag: str) -> None:
+        n = 0
+        while not stop.is_set():
+            doc_id = f"{tag}-{n}"
+            n += 1
+            r = inst.write("load", [{"id": doc_id, "text": f"load document {tag} {n} " + "words " * 30}])
+            answers.append(("write", doc_id, r.status_code, r.text, r.headers.get("Retry-After"), time.monotonic()))
+            r = inst.search("load", f"load document {tag}", 3)
+            answers.append(("search", tag, r.status_code, r.text, r.headers.get("Retry-After"), time.monotonic()))
+
+    threads = [threading.Thread(target=load, args=(inst, f"{tag}{k}")) for inst, tag in ((a, "a"), (b, "b"))
+               for k in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        pg_cluster.stop("fast")
+        down_at = time.monotonic()
+        ready = [inst.http.get("/ready") for inst in two]
+        time.sleep(TIMEOUT_S + 1.5)
+        pg_cluster.start()
+        up_at = time.monotonic()
+        # back by itself: every instance writes again within a few seconds
+        deadline = up_at + 15
+        while time.monotonic() < deadline:
+            recent = [x for x in answers if x[0] == "write" and x[5] > up_at and x[2] == 200]
+            if {x[1][0] for x in recent} == {"a", "b"} and len(recent) >= 8:
+                break
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+        if not pg_cluster.running():
+            pg_cluster.start()
+    statuses = {x[2] for x in answers}
+    assert statuses <= {200, 503}, {x[2]: x[3] for x in answers if x[2] not in (200, 503)}
+    unavailable = [x for x in answers if x[2] == 503]
+    assert unavailable, "no request failed while the server was down"
+    assert all(down_at - 1 <= x[5] <= up_at + 10 for x in unavailable)
+    port = str(urlsplit(url).port)
+    for what, _, _, body, retry, _ in unavailable:
+        assert retry is not None and retry.isdigit(), (what, body)
+        assert "collection store unavailable: the database server" in body, body
+        assert PASSWORD not in body and "postgresql://" not in body and port not in body, body
+    for r in ready:
+        assert r.status_code == 503 and r.headers["Retry-After"].isdigit(), r.text
+        assert _error_message(r).startswith("not ready: collection store unavailable: the database server")
+    recovered = [x for x in answers if x[5] > up_at and x[2] == 200]
+    assert {x[0] for x in recovered} == {"write", "search"}, "service did not come back"
+    # nothing lost: every acknowledged write is there, whole, through both instances
+    acknowledged = [x[1] for x in answers if x[0] == "write" and x[2] == 200]
+    assert len(acknowledged) > 20
+    for i, doc_id in enumerate(acknowledged):
+        r = two[i % 2].http.get(f"/collections/load/documents/{doc_id}")
+        assert r.status_code == 200 and r.json()["passages"] == 1, (doc_id, r.text)
+    for inst in two:
+        assert inst.http.get("/ready").status_code == 200
+        hits = inst.search("load", f"load document {acknowledged[-1].split('-')[0]}", 1).json()["results"]
+        assert hits, "a search after the restart found nothing"
+
+
+# --- the store itself -----------------------------------------------------------------------------------
+
+def test_the_schema_is_versioned_and_migrated_once_by_concurrent_openers(pg_url):
+    import psycopg
+
+    with cf.ThreadPoolExecutor(6) as pool:  # six workers starting at once on a new database
+        stores = list(pool.map(lambda _: CollectionStore(pg_url, FakeClient()), range(6)))
+    stores[0].create("kb")
+    assert [s.list()[0]["name"] for s in stores] == ["kb"] * 6
+    for s in stores:
+        s.close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        versions = conn.execute(f"SELECT version FROM {SCHEMA_TABLE} ORDER BY version").fetchall()
+        assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]  # each migration once
+        tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+        assert tables == {"collections", "documents", "passages", "centroids", "changes", "snapshot_marks",
+                          "change_floor", SCHEMA_TABLE}
+        # a newer version of the service migrated this database: this one must not touch it
+        conn.execute(f"INSERT INTO {SCHEMA_TABLE} (version) VALUES (%s)", (SCHEMA_VERSION + 1,))
+    with pytest.raises(StorageUnavailable) as caught:
+        CollectionStore(pg_url, FakeClient())
+    assert caught.value.reason == NEWER[0]
+    assert store_status(pg_url) == (False, f"collection store unavailable: {NEWER[0]}")
+
+
+def test_an_unreachable_server_is_unavailable_and_its_password_never_shows(tmp_path):
+    lines: list[str] = []
+    sink = logger.add(lines.append, level="DEBUG", format="{message}")
+    try:
+        down = f"postgresql://someone:{PASSWORD}@127.0.0.1:{free_port()}/db"
+        t0 = time.monotonic()
+        with pytest.raises(StorageUnavailable) as caught:
+            CollectionStore(down, FakeClient(), timeout_s=1)
+        assert time.monotonic() - t0 < 10
+        assert caught.value.reason == UNREACHABLE[0]
+        ok, reason = store_status(down)
+        assert not ok and reason == f"collection store unavailable: {UNREACHABLE[0]}"
+        with pytest.raises(ConfigError) as bad:  # libpq quotes what it cannot parse: not the password
+            CollectionStore(f"postgresql://someone:{PASSWORD}%ZZ@127.0.0.1:1/db", FakeClient())
+    finally:
+        logger.remove(sink)
+    for text in (str(caught.value), caught.value.reason, reason, str(bad.value), *lines):
+        assert PASSWORD not in text, text
+    assert any("someone:***@127.0.0.1" in line for line in lines), lines
