@@ -28,7 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import pytest
 
-from retrieval.database import is_postgres
+from retrieval.database import is_postgres, store_status
 from retrieval.documents import Document
 from retrieval.errors import StorageUnavailable
 from retrieval.snapshot import (
@@ -553,3 +553,4 @@ def test_a_database_without_the_snapshot_tables_is_migrated_and_a_newer_one_refu
     with pytest.raises(StorageUnavailable) as caught:
         open_store(where)
     assert caught.value.reason == NEWER[0]
+    assert store_status(where.location) == (False, f"collection store unavailable: {NEWER[0]}")  # /ready
