@@ -1,5 +1,5 @@
 """Shared helpers of the benchmarks: start a sidecar on a private namespace,
-texts of known shape, percentiles, process memory."""
+texts of known shape, percentiles, process memory (RSS, PSS)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,17 @@ def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def pss_mb(pid: int) -> float:
+    """Proportional set size of a process in MiB (from /proc/<pid>/smaps_rollup): its
+    private pages plus, for each page several processes map, its share of it. The PSS of
+    processes sharing one copy of a file add up to about one copy; their RSS count it in each."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 

@@ -24,12 +24,21 @@ removed (``OP_DEL``), in the write's transaction, and a worker replays the
 rows of a collection past the last ``seq`` it has applied. That only works if,
 within a collection, a ``seq`` becomes visible only after every smaller one of
 that collection has: each store says how it guarantees it.
+
+Index snapshots (:mod:`retrieval.snapshot`) add two tables to both stores:
+``snapshot_marks(host, cid, seq, updated)``, the changes each host's newest
+snapshot of a collection covers and when the host last said so, and
+``change_floor(cid, seq)``, up to where a collection's change log was
+compacted away. Both go with their collection. A database that has them is of
+a newer schema version than one that does not, so that a service that knows
+nothing of the floor refuses it instead of replaying a log with a hole.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,8 +167,9 @@ class Database:
         """The vectors of ``n`` random passages of a collection, concatenated."""
         raise NotImplementedError
 
-    def centroids(self, conn, cid: int) -> tuple[int, bytes] | None:
-        """(nlist, float32 bytes) of a collection's IVF quantizer, or None (not trained)."""
+    def centroids(self, conn, cid: int) -> tuple[int, bytes, int] | None:
+        """(nlist, float32 bytes, the passages it was trained on) of a
+        collection's IVF quantizer, or None (not trained)."""
         raise NotImplementedError
 
     def add_centroids(self, conn, cid: int, centroids: np.ndarray, trained_at: int) -> None:
@@ -175,6 +185,63 @@ class Database:
         """Up to ``limit`` entries ``(seq, op, pid, vector)`` of a collection's
         change log with ``after < seq <= upto``, in ``seq`` order. ``vector`` is
         the passage's for an addition whose passage still exists, else None."""
+        raise NotImplementedError
+
+    # --- snapshots: consistent reads, builds, marks and compaction (retrieval.snapshot) ---------
+    def consistent(self, conn) -> AbstractContextManager[None]:
+        """One read-only transaction on ``conn`` (a connection of ``read()``):
+        every statement inside sees the same committed state while writers go
+        on. A worker reads the log's floor and replays the log inside one, so
+        that a compaction cannot slip between the two; a builder reads the
+        passages and the sequence number they are at inside one. Never a
+        write inside it."""
+        raise NotImplementedError
+
+    def log_state(self, conn, cid: int) -> tuple[int, int]:
+        """(the highest sequence number of a collection's change log, the
+        floor up to which its changes were compacted away); 0 for none."""
+        raise NotImplementedError
+
+    def collection_by_id(self, conn, cid: int) -> CollectionRow | None:
+        raise NotImplementedError
+
+    def collection_ids(self, conn) -> set[int]:
+        """The ids of every collection (the snapshot folders of others are removed)."""
+        raise NotImplementedError
+
+    def stream_passages(self, conn, cid: int, chunk: int) -> Iterator[tuple[np.ndarray, bytes]]:
+        """``(ids, their vectors concatenated)`` of every passage of a
+        collection, in id order, ``chunk`` passages at a time, without holding
+        them all in memory. Only inside :meth:`consistent`."""
+        raise NotImplementedError
+
+    def replace_centroids(self, conn, cid: int, centroids: np.ndarray, trained_at: int) -> None:
+        """Replace a collection's quantizer with ones refitted on ``trained_at`` passages."""
+        raise NotImplementedError
+
+    def mark_snapshot(self, conn, host: str, cid: int, seq: int) -> None:
+        """Record that ``host``'s newest snapshot of a collection covers its
+        changes up to ``seq``, and that the host is alive now (by this
+        database's clock: the hosts of one database compare times of one clock)."""
+        raise NotImplementedError
+
+    def touch_mark(self, conn, host: str, cid: int) -> None:
+        """Say that ``host`` is alive now and still serves its mark (its seq stays)."""
+        raise NotImplementedError
+
+    def covered_by_live_hosts(self, conn, cid: int, stale_s: float) -> int | None:
+        """The smallest mark of a collection among the hosts that recorded or
+        touched theirs within the last ``stale_s`` seconds (None: no such
+        host): the changes up to it are in every live host's snapshot."""
+        raise NotImplementedError
+
+    def raise_floor(self, conn, cid: int, seq: int) -> None:
+        """Say that a collection's changes up to ``seq`` may be gone (never lowers it).
+        Committed before those changes are deleted: a reader that misses them sees the floor."""
+        raise NotImplementedError
+
+    def delete_changes(self, conn, cid: int, upto: int, limit: int) -> int:
+        """Delete up to ``limit`` of a collection's changes with ``seq <= upto``; returns how many."""
         raise NotImplementedError
 
 

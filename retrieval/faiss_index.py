@@ -46,6 +46,25 @@ def train_centroids(vectors: np.ndarray, nlist: int, *, seed: int = 1234,
     return np.ascontiguousarray(km.centroids, dtype=np.float32)
 
 
+def search_preassigned(index, query: np.ndarray, k: int, coarse_ids: np.ndarray, coarse_scores: np.ndarray,
+                       params) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and ids of the ``k`` best of one query in an IVF ``index``,
+    scanning the lists ``coarse_ids`` (with ``coarse_scores``) that its
+    quantizer chose already: two indexes over the same centroids then scan
+    the same lists for one quantizer search. ``params`` (SearchParametersIVF,
+    its nprobe equal to the width of ``coarse_ids``) carries a selector; FAISS's
+    Python wrapper of this call refuses parameters, so the C++ method is
+    called directly. Ids of ``-1`` fill what was not found."""
+    query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
+    coarse_ids = np.ascontiguousarray(coarse_ids, dtype=np.int64).reshape(1, -1)
+    coarse_scores = np.ascontiguousarray(coarse_scores, dtype=np.float32).reshape(1, -1)
+    scores = np.empty((1, k), np.float32)
+    ids = np.full((1, k), -1, np.int64)
+    index.search_preassigned_c(1, faiss.swig_ptr(query), k, faiss.swig_ptr(coarse_ids), faiss.swig_ptr(coarse_scores),
+                               faiss.swig_ptr(scores), faiss.swig_ptr(ids), False, params)
+    return scores[0], ids[0]
+
+
 class PassageIndex:
     """A FAISS index of passage ids, ``flat`` or ``ivf`` (from given centroids)."""
 

@@ -59,6 +59,7 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -73,14 +74,13 @@ from shm_protocol.logs import RateLimitedLog
 
 from .database import OP_ADD, OP_DEL, CollectionRow, Database, FilterKey, all_of, redact, url_password
 from .errors import StorageBusy, StorageUnavailable
-from .storage import CANNOT_OPEN, CORRUPT, FULL, IO
+from .storage import CANNOT_OPEN, CORRUPT, FULL, IO, NEWER
 
 #: Reasons a client sees (after "collection store unavailable: "), with the Retry-After they suggest.
 UNREACHABLE = ("the database server cannot be reached", 5)
 RESTARTING = ("the database server is restarting", 5)
 EXHAUSTED = ("the database server is out of resources", 5)
 READ_ONLY = ("the database is read-only", 30)
-NEWER = ("the database was migrated by a newer version of this service", 60)
 
 #: SQLSTATEs of storage failures -> (reason, Retry-After s). Errors of the SQL itself are not here.
 _REASONS = {
@@ -142,6 +142,22 @@ MIGRATIONS: tuple[str, ...] = (
         pid bigint NOT NULL
     );
     CREATE INDEX changes_by_collection ON changes (cid, seq);
+    """,
+    # 2: index snapshots (retrieval.snapshot). The change log may now be compacted up to change_floor:
+    # a service of version 1 would replay it from 0 and miss what was compacted, so it must refuse this
+    # database (it does: the version is newer than it knows).
+    """
+    CREATE TABLE snapshot_marks (
+        host text NOT NULL,
+        cid bigint NOT NULL REFERENCES collections(cid) ON DELETE CASCADE,
+        seq bigint NOT NULL,
+        updated double precision NOT NULL,
+        PRIMARY KEY (host, cid)
+    );
+    CREATE TABLE change_floor (
+        cid bigint PRIMARY KEY REFERENCES collections(cid) ON DELETE CASCADE,
+        seq bigint NOT NULL
+    );
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -376,6 +392,8 @@ class PostgresDatabase(Database):
     def drop_collection(self, conn, cid: int) -> None:
         conn.execute("SELECT 1 FROM collections WHERE cid = %s FOR UPDATE", (cid,))
         conn.execute("DELETE FROM changes WHERE cid = %s", (cid,))
+        conn.execute("DELETE FROM snapshot_marks WHERE cid = %s", (cid,))
+        conn.execute("DELETE FROM change_floor WHERE cid = %s", (cid,))
         conn.execute("DELETE FROM collections WHERE cid = %s", (cid,))
 
     def counts(self, conn, cid: int) -> tuple[int, int]:
@@ -471,9 +489,9 @@ class PostgresDatabase(Database):
         rows = conn.execute("SELECT vector FROM passages WHERE cid = %s ORDER BY random() LIMIT %s", (cid, n))
         return b"".join(r[0] for r in rows)
 
-    def centroids(self, conn, cid: int) -> tuple[int, bytes] | None:
-        row = conn.execute("SELECT nlist, data FROM centroids WHERE cid = %s", (cid,)).fetchone()
-        return None if row is None else (row[0], row[1])
+    def centroids(self, conn, cid: int) -> tuple[int, bytes, int] | None:
+        row = conn.execute("SELECT nlist, data, trained_at FROM centroids WHERE cid = %s", (cid,)).fetchone()
+        return None if row is None else (row[0], row[1], row[2])
 
     def add_centroids(self, conn, cid: int, centroids: np.ndarray, trained_at: int) -> None:
         conn.execute("INSERT INTO centroids (cid, nlist, data, trained_at) VALUES (%s, %s, %s, %s) "
@@ -489,6 +507,72 @@ class PostgresDatabase(Database):
             "SELECT c.seq, c.op, c.pid, p.vector FROM changes c LEFT JOIN passages p ON c.op = %s AND p.pid = c.pid "
             "WHERE c.cid = %s AND c.seq > %s AND c.seq <= %s ORDER BY c.seq LIMIT %s",
             (OP_ADD, cid, after, upto, limit)).fetchall()
+
+    # --- snapshots ---------------------------------------------------------------------------------
+    @contextmanager
+    def consistent(self, conn):
+        # REPEATABLE READ: one snapshot of the database for the whole transaction (READ COMMITTED
+        # takes one per statement). Started by hand on the autocommit connection: one round trip.
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        try:
+            yield
+        finally:
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                try:
+                    conn.execute("ROLLBACK")  # nothing was written: ending the read is all
+                except psycopg.Error:
+                    pass  # a broken connection: the pool drops it
+
+    def log_state(self, conn, cid: int) -> tuple[int, int]:
+        row = conn.execute("SELECT (SELECT coalesce(max(seq), 0) FROM changes WHERE cid = %(cid)s), "
+                           "(SELECT coalesce(max(seq), 0) FROM change_floor WHERE cid = %(cid)s)",
+                           {"cid": cid}).fetchone()
+        return int(row[0]), int(row[1])
+
+    def collection_by_id(self, conn, cid: int) -> CollectionRow | None:
+        row = conn.execute("SELECT cid, name, model, dim, options, created FROM collections WHERE cid = %s",
+                           (cid,)).fetchone()
+        return None if row is None else CollectionRow(*row)
+
+    def collection_ids(self, conn) -> set[int]:
+        return {r[0] for r in conn.execute("SELECT cid FROM collections")}
+
+    def stream_passages(self, conn, cid: int, chunk: int) -> Iterator[tuple[np.ndarray, bytes]]:
+        # A server-side cursor (it needs the transaction of consistent()): the rows come ``chunk`` at a time.
+        with conn.cursor(name="shm_embed_passages", binary=True) as cur:
+            cur.itersize = chunk
+            cur.execute("SELECT pid, vector FROM passages WHERE cid = %s ORDER BY pid", (cid,))
+            while rows := cur.fetchmany(chunk):
+                yield np.fromiter((r[0] for r in rows), np.int64, len(rows)), b"".join(r[1] for r in rows)
+
+    def replace_centroids(self, conn, cid: int, centroids: np.ndarray, trained_at: int) -> None:
+        conn.execute("UPDATE centroids SET nlist = %s, data = %s, trained_at = %s WHERE cid = %s",
+                     (len(centroids), np.ascontiguousarray(centroids, dtype="<f4").tobytes(), trained_at, cid))
+
+    # Times are the server's: hosts whose clocks disagree still compare marks of one clock.
+    def mark_snapshot(self, conn, host: str, cid: int, seq: int) -> None:
+        conn.execute("INSERT INTO snapshot_marks (host, cid, seq, updated) "
+                     "VALUES (%s, %s, %s, extract(epoch FROM clock_timestamp())) "
+                     "ON CONFLICT (host, cid) DO UPDATE SET seq = excluded.seq, updated = excluded.updated",
+                     (host, cid, seq))
+
+    def touch_mark(self, conn, host: str, cid: int) -> None:
+        conn.execute("UPDATE snapshot_marks SET updated = extract(epoch FROM clock_timestamp()) "
+                     "WHERE host = %s AND cid = %s", (host, cid))
+
+    def covered_by_live_hosts(self, conn, cid: int, stale_s: float) -> int | None:
+        return conn.execute("SELECT min(seq) FROM snapshot_marks WHERE cid = %s "
+                            "AND updated >= extract(epoch FROM clock_timestamp()) - %s",
+                            (cid, stale_s)).fetchone()[0]
+
+    def raise_floor(self, conn, cid: int, seq: int) -> None:
+        # greatest(): two hosts' builders compacting at once never lower it.
+        conn.execute("INSERT INTO change_floor (cid, seq) VALUES (%s, %s) "
+                     "ON CONFLICT (cid) DO UPDATE SET seq = greatest(change_floor.seq, excluded.seq)", (cid, seq))
+
+    def delete_changes(self, conn, cid: int, upto: int, limit: int) -> int:
+        return conn.execute("DELETE FROM changes WHERE seq IN (SELECT seq FROM changes WHERE cid = %s "
+                            "AND seq <= %s LIMIT %s)", (cid, upto, limit)).rowcount
 
 
 def store_status(url: str) -> tuple[bool, str]:

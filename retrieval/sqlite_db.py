@@ -18,6 +18,8 @@ import json
 import os
 import sqlite3
 import threading
+import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,10 +29,13 @@ from loguru import logger
 from shm_protocol.config import COLLECTIONS_DB
 
 from .database import OP_ADD, OP_DEL, CollectionRow, Database, FilterKey, all_of
-from .storage import narrow_modes, os_storage_error, prepare_files, storage_error
+from .errors import StorageUnavailable
+from .storage import NEWER, narrow_modes, os_storage_error, prepare_files, storage_error
 
 DB_FILE = COLLECTIONS_DB
-SCHEMA_VERSION = 1
+#: 1: collections, documents, passages, centroids, changes. 2: snapshot_marks and change_floor (the change
+#: log may be compacted). Migrating is creating what is missing: every statement of SCHEMA is "IF NOT EXISTS".
+SCHEMA_VERSION = 2
 _LOG_CHANGE = "INSERT INTO changes (cid, op, pid) VALUES (?, ?, ?)"
 
 SCHEMA = f"""
@@ -75,6 +80,19 @@ CREATE TABLE IF NOT EXISTS changes (
     pid INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS changes_by_collection ON changes(cid, seq);
+-- Per host and collection: the changes its newest snapshot covers (compaction waits for the live hosts).
+CREATE TABLE IF NOT EXISTS snapshot_marks (
+    host TEXT NOT NULL,
+    cid INTEGER NOT NULL REFERENCES collections(cid) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (host, cid)
+);
+-- The changes of a collection up to seq were compacted away: a worker behind it reloads from the tables.
+CREATE TABLE IF NOT EXISTS change_floor (
+    cid INTEGER PRIMARY KEY REFERENCES collections(cid) ON DELETE CASCADE,
+    seq INTEGER NOT NULL
+);
 PRAGMA user_version = {SCHEMA_VERSION};
 """
 
@@ -101,8 +119,14 @@ class SQLiteDatabase(Database):
         self._lock = threading.Lock()
         self._conns: list[sqlite3.Connection] = []
         try:
+            conn = self._conn()
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                self.close()
+                raise StorageUnavailable(f"collection store {self.path}: schema version {version}, this service "
+                                         f"knows up to {SCHEMA_VERSION}", reason=NEWER[0], retry_after_s=NEWER[1])
             # One script, one transaction (executescript commits an open transaction before it runs).
-            self._conn().executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+            conn.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
         except sqlite3.Error as exc:
             self.close()  # a script that failed half-way leaves its transaction, and the write lock, open
             typed = self.storage_error(exc, "opening")
@@ -189,6 +213,8 @@ class SQLiteDatabase(Database):
 
     def drop_collection(self, conn, cid: int) -> None:
         conn.execute("DELETE FROM changes WHERE cid = ?", (cid,))
+        conn.execute("DELETE FROM snapshot_marks WHERE cid = ?", (cid,))
+        conn.execute("DELETE FROM change_floor WHERE cid = ?", (cid,))
         conn.execute("DELETE FROM collections WHERE cid = ?", (cid,))
 
     def counts(self, conn, cid: int) -> tuple[int, int]:
@@ -275,9 +301,9 @@ class SQLiteDatabase(Database):
         rows = conn.execute("SELECT vector FROM passages WHERE cid = ? ORDER BY random() LIMIT ?", (cid, n))
         return b"".join(r[0] for r in rows)
 
-    def centroids(self, conn, cid: int) -> tuple[int, bytes] | None:
-        row = conn.execute("SELECT nlist, data FROM centroids WHERE cid = ?", (cid,)).fetchone()
-        return None if row is None else (row[0], row[1])
+    def centroids(self, conn, cid: int) -> tuple[int, bytes, int] | None:
+        row = conn.execute("SELECT nlist, data, trained_at FROM centroids WHERE cid = ?", (cid,)).fetchone()
+        return None if row is None else (row[0], row[1], row[2])
 
     def add_centroids(self, conn, cid: int, centroids: np.ndarray, trained_at: int) -> None:
         conn.execute("INSERT INTO centroids (cid, nlist, data, trained_at) VALUES (?, ?, ?, ?) "
@@ -293,3 +319,58 @@ class SQLiteDatabase(Database):
             "SELECT c.seq, c.op, c.pid, p.vector FROM changes c LEFT JOIN passages p ON c.op = ? AND p.pid = c.pid "
             "WHERE c.cid = ? AND c.seq > ? AND c.seq <= ? ORDER BY c.seq LIMIT ?",
             (OP_ADD, cid, after, upto, limit))]
+
+    # --- snapshots ---------------------------------------------------------------------------------
+    @contextmanager
+    def consistent(self, conn):
+        # A deferred transaction: its first read fixes the WAL snapshot every later read sees.
+        conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")  # nothing was written: ending the read is all
+
+    def log_state(self, conn, cid: int) -> tuple[int, int]:
+        last, floor = conn.execute(
+            "SELECT coalesce(max(seq), 0), (SELECT coalesce(max(seq), 0) FROM change_floor WHERE cid = ?1) "
+            "FROM changes WHERE cid = ?1", (cid,)).fetchone()
+        return int(last), int(floor)
+
+    def collection_by_id(self, conn, cid: int) -> CollectionRow | None:
+        return _collection(conn.execute("SELECT * FROM collections WHERE cid = ?", (cid,)).fetchone())
+
+    def collection_ids(self, conn) -> set[int]:
+        return {r[0] for r in conn.execute("SELECT cid FROM collections")}
+
+    def stream_passages(self, conn, cid: int, chunk: int) -> Iterator[tuple[np.ndarray, bytes]]:
+        # "+cid" keeps SQLite off the (cid, doc_id) index, which would sort every vector in a
+        # temporary table; the table itself is in id order.
+        cur = conn.execute("SELECT pid, vector FROM passages WHERE +cid = ? ORDER BY pid", (cid,))
+        while rows := cur.fetchmany(chunk):
+            yield np.fromiter((r[0] for r in rows), np.int64, len(rows)), b"".join(r[1] for r in rows)
+
+    def replace_centroids(self, conn, cid: int, centroids: np.ndarray, trained_at: int) -> None:
+        conn.execute("UPDATE centroids SET nlist = ?, data = ?, trained_at = ? WHERE cid = ?",
+                     (len(centroids), np.ascontiguousarray(centroids, dtype="<f4").tobytes(), trained_at, cid))
+
+    # One host uses a SQLite file: its clock is the only one.
+    def mark_snapshot(self, conn, host: str, cid: int, seq: int) -> None:
+        conn.execute("INSERT INTO snapshot_marks (host, cid, seq, updated) VALUES (?, ?, ?, ?) "
+                     "ON CONFLICT (host, cid) DO UPDATE SET seq = excluded.seq, updated = excluded.updated",
+                     (host, cid, seq, time.time()))
+
+    def touch_mark(self, conn, host: str, cid: int) -> None:
+        conn.execute("UPDATE snapshot_marks SET updated = ? WHERE host = ? AND cid = ?", (time.time(), host, cid))
+
+    def covered_by_live_hosts(self, conn, cid: int, stale_s: float) -> int | None:
+        return conn.execute("SELECT min(seq) FROM snapshot_marks WHERE cid = ? AND updated >= ?",
+                            (cid, time.time() - stale_s)).fetchone()[0]
+
+    def raise_floor(self, conn, cid: int, seq: int) -> None:
+        conn.execute("INSERT INTO change_floor (cid, seq) VALUES (?, ?) "
+                     "ON CONFLICT (cid) DO UPDATE SET seq = max(seq, excluded.seq)", (cid, seq))
+
+    def delete_changes(self, conn, cid: int, upto: int, limit: int) -> int:
+        return conn.execute("DELETE FROM changes WHERE seq IN (SELECT seq FROM changes WHERE cid = ? AND seq <= ? "
+                            "LIMIT ?)", (cid, upto, limit)).rowcount

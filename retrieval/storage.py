@@ -39,6 +39,8 @@ CORRUPT = "the database is corrupt"
 FULL = "the disk is full"
 IO = "the disk cannot be read or written"
 CANNOT_OPEN = "the database cannot be opened"
+#: (reason, Retry-After s) of a database whose schema is newer than this code knows.
+NEWER = ("the database was migrated by a newer version of this service", 60)
 
 #: SQLite's primary result codes -> (the reason a client sees, seconds to suggest in Retry-After).
 #: A corrupt file or a full disk needs an operator, so clients are asked to come back later.
@@ -129,6 +131,10 @@ def store_status(db: Path) -> tuple[bool, str]:
         return False, _status_reason(exc, db)
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(STATUS_BUSY_S * 1000)}")
+        from .sqlite_db import SCHEMA_VERSION
+
+        if conn.execute("PRAGMA user_version").fetchone()[0] > SCHEMA_VERSION:
+            return False, f"collection store unavailable: {NEWER[0]}"
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "collections" in tables:
             conn.execute("SELECT count(*) FROM collections").fetchone()

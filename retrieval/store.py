@@ -22,6 +22,12 @@ a write by any worker is visible to the next search in every worker. Passage
 ids are never reused, which makes replay order-free; each database makes sure
 a sequence number is only seen once every smaller one of its collection is
 committed (see :mod:`retrieval.database`).
+
+With snapshots (the default, ``SHM_EMBED_SNAPSHOTS``) that index is a shared,
+memory-mapped snapshot of the collection, kept under the host's data
+directory, plus the changes since it, rebuilt in the background; the change
+log is compacted once every live host's snapshot covers it: see
+:mod:`retrieval.snapshot`. Both stores have them.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from .database import OP_ADD, OP_DEL, CollectionRow, Database, FilterKey, open_d
 from .documents import CollectionOptions, Document, check_name, parse_documents
 from .errors import CollectionConflict, CollectionNotFound
 from .faiss_index import POINTS_PER_CENTROID, PassageIndex, nlist_for, train_centroids
+from .snapshot import DELTA_MAX, STALE_HOST_S, SnapshotManager, load_from_tables
 from .sqlite_db import DB_FILE, SCHEMA, SCHEMA_VERSION  # noqa: F401  (where they were)
 
 #: Passages of an index "ivf" collection before its quantizer is trained (exhaustive until then).
@@ -93,11 +100,18 @@ class CollectionStore:
     """Collections of documents, embedded through ``client`` and searched with FAISS.
 
     ``location`` is a directory (the SQLite store) or a ``postgresql://`` URL
-    (the PostgreSQL store); the rest of the API is the same for both."""
+    (the PostgreSQL store); the rest of the API is the same for both.
+
+    ``snapshots``: serve collections from index snapshots shared by the
+    processes of this host, kept under ``snapshot_dir`` (this host's data
+    directory; for the SQLite store ``location`` unless given). A PostgreSQL
+    store without a ``snapshot_dir`` has none: each process holds its own index."""
 
     def __init__(self, location: str | os.PathLike, client, *, nprobe: int = 32,
                  ivf_min_vectors: int = 50_000, search_threads: int = 1, busy_timeout_s: float = 30.0,
-                 filter_max_values: int = FILTER_MAX_VALUES, pool_size: int = 4, timeout_s: float = 5.0):
+                 filter_max_values: int = FILTER_MAX_VALUES, pool_size: int = 4, timeout_s: float = 5.0,
+                 snapshots: bool = True, snapshot_dir: str | os.PathLike | None = None,
+                 snapshot_delta: int = DELTA_MAX, snapshot_stale_host_s: float = STALE_HOST_S):
         self.client = client
         self.nprobe = nprobe
         self.ivf_min_vectors = ivf_min_vectors
@@ -112,6 +126,12 @@ class CollectionStore:
         self.db: Database = open_database(location, busy_timeout_s=busy_timeout_s, pool_size=pool_size,
                                           timeout_s=timeout_s)
         self.where = self.db.where
+        self.busy_timeout_s, self.timeout_s = busy_timeout_s, timeout_s
+        if snapshot_dir is None and self.db.kind == "sqlite":
+            snapshot_dir = location
+        self.snapshots = (SnapshotManager(self, snapshot_dir, delta_max=snapshot_delta,
+                                          stale_host_s=snapshot_stale_host_s)
+                          if snapshots and snapshot_dir is not None else None)
 
     @classmethod
     def from_settings(cls, settings, client) -> CollectionStore:
@@ -120,7 +140,9 @@ class CollectionStore:
         return cls(location_of(settings), client, nprobe=settings.search_nprobe,
                    ivf_min_vectors=settings.ivf_min_vectors, search_threads=settings.search_threads,
                    filter_max_values=settings.filter_max_values, pool_size=settings.collections_pool,
-                   timeout_s=settings.collections_timeout_s)
+                   timeout_s=settings.collections_timeout_s, snapshots=settings.snapshots,
+                   snapshot_dir=settings.data_dir, snapshot_delta=settings.snapshot_delta,
+                   snapshot_stale_host_s=settings.snapshot_stale_host_s)
 
     @property
     def path(self):
@@ -128,6 +150,8 @@ class CollectionStore:
         return self.db.path
 
     def close(self) -> None:
+        if self.snapshots is not None:
+            self.snapshots.close()
         with self._lock:
             self._loaded.clear()
         self.db.close()
@@ -320,9 +344,16 @@ class CollectionStore:
         return doc
 
     # --- the IVF quantizer -------------------------------------------------------------
+    def _ivf_need(self, options: dict) -> int | None:
+        """Passages at which a collection of these options trains its IVF quantizer (None: never)."""
+        return {"auto": self.ivf_min_vectors, "ivf": IVF_EXPLICIT_MIN}.get(options["index"])
+
     def _maybe_train(self, row: CollectionRow, total: int) -> None:
-        need = {"auto": self.ivf_min_vectors, "ivf": IVF_EXPLICIT_MIN}.get(row.options["index"])
+        need = self._ivf_need(row.options)
         if need is None or total < need:
+            return
+        if self.snapshots is not None:
+            self.snapshots.request_build(row.cid, "the IVF quantizer is due")  # trained there, not in a request
             return
         nlist = nlist_for(total)
         with self.db.read() as conn:
@@ -348,6 +379,8 @@ class CollectionStore:
                     total += self._sync(conn, self._row(conn, name)).index.ntotal
                 except (CollectionNotFound, CollectionConflict):
                     pass
+        if self.snapshots is not None:
+            self.snapshots.sweep()  # snapshots of collections deleted while this worker was away
         return total
 
     def _sync(self, conn, row: CollectionRow) -> _Loaded:
@@ -358,15 +391,25 @@ class CollectionStore:
             if lo is None or lo.cid != cid:
                 lo = self._loaded[name] = _Loaded(cid, dim, self.nprobe)
         with lo.lock:
-            if lo.index.kind == "flat" and row.options.get("index") != "flat":  # "flat" never trains
-                cent = self.db.centroids(conn, cid)
-                if cent is not None:
-                    lo.index = PassageIndex(dim, np.frombuffer(cent[1], dtype="<f4").reshape(-1, dim),
-                                            nprobe=self.nprobe)
-                    lo.seq = 0
-            last = self.db.last_seq(conn, cid)
-            if last > lo.seq:
-                self._replay(conn, lo, last)
+            # One state of the database: a compaction cannot slip between reading the floor and the replay.
+            with self.db.consistent(conn):
+                last, floor = self.db.log_state(conn, cid)
+                shared = self.snapshots is not None and self.snapshots.refresh(lo, floor, row)
+                # "flat" never trains
+                if not shared and lo.index.kind == "flat" and row.options.get("index") != "flat":
+                    cent = self.db.centroids(conn, cid)
+                    if cent is not None:
+                        lo.index = PassageIndex(dim, np.frombuffer(cent[1], dtype="<f4").reshape(-1, dim),
+                                                nprobe=self.nprobe)
+                        lo.seq = 0
+                if lo.seq < floor:  # the log no longer holds what this process missed: read the tables
+                    logger.info("collection {}: applied changes up to {}, the log starts after {}: loading from the "
+                                "tables", name, lo.seq, floor)
+                    lo.index, lo.seq = load_from_tables(self.db, conn, cid, dim, self.nprobe)
+                elif last > lo.seq:
+                    self._replay(conn, lo, last)
+            if self.snapshots is not None:
+                self.snapshots.after_sync(lo, row.options)
         return lo
 
     def _replay(self, conn, lo: _Loaded, last: int) -> None:

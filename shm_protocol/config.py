@@ -200,7 +200,7 @@ class Settings:
     data_dir: str = _setting(
         "SHM_EMBED_DATA_DIR", "./.data",
         "Where vector collections are stored (one SQLite file; every worker of the host shares it) unless "
-        "SHM_EMBED_COLLECTIONS_URL is set.",
+        "SHM_EMBED_COLLECTIONS_URL is set; with either store, this host's index snapshots (index/).",
     )
     collections_url: str = _setting(
         "SHM_EMBED_COLLECTIONS_URL", "",
@@ -235,6 +235,24 @@ class Settings:
     filter_max_values: int = _setting(
         "SHM_EMBED_FILTER_MAX_VALUES", 1000,
         "Values a collection search's filter may list, all keys together (422 above).", minimum=1,
+    )
+    snapshots: bool = _setting(
+        "SHM_EMBED_SNAPSHOTS", True,
+        "true: the workers of a host share one memory-mapped index snapshot per collection (under "
+        "SHM_EMBED_DATA_DIR/index, with either store, rebuilt in the background) and each holds only the changes "
+        "since it; false: every worker holds every collection's vectors in its own memory.",
+    )
+    snapshot_delta: int = _setting(
+        "SHM_EMBED_SNAPSHOT_DELTA", 50_000,
+        "Passages added or removed since a collection's snapshot at which a worker starts a rebuild in the "
+        "background: about what each worker holds of its own between rebuilds (1.5 KB per passage at 384 "
+        "dimensions).", minimum=1,
+    )
+    snapshot_stale_host_s: float = _setting(
+        "SHM_EMBED_SNAPSHOT_STALE_HOST_S", 604800.0,
+        "The change log is compacted up to what every host's snapshot covers, except hosts that have not "
+        "refreshed their mark for this long (down, or gone); their workers reload from the tables if they come "
+        "back.", minimum=60.0,
     )
     search_url: str = _setting(
         "SHM_EMBED_SEARCH_URL", "",

@@ -144,6 +144,8 @@ def test_ivf_collection_trains_once_and_finds_exact_matches(client, store_locati
     store.create("big", {"index": "ivf"})
     texts = [f"record {i} of the catalogue: item {i * 7 % 1000} in aisle {i % 37}" for i in range(1100)]
     store.upsert("big", [{"id": str(i), "text": t} for i, t in enumerate(texts)])
+    if store.snapshots is not None:  # the SQLite store's: a PostgreSQL store without a data directory has none
+        store.snapshots.join()  # the quantizer is trained by the snapshot builder, in the background
     info = store.info("big")
     assert info["index"]["kind"] == "ivf" and info["index"]["nlist"] > 0 and info["passages"] == 1100
     for i in (0, 517, 1099):

@@ -141,3 +141,51 @@ def test_ivf_index_finds_exact_matches_and_agrees_with_flat():
     assert hits / (30 * 10) >= 0.9
     _, got = ivf.search(vecs[5], 10, allowed=np.array([5, 6, 7]))
     assert sorted(got.tolist()) == [5, 6, 7]
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_a_layered_index_answers_as_one_index_of_the_same_passages(tmp_path, kind):
+    """A written, memory-mapped snapshot plus a delta and hidden ids, against
+    one PassageIndex of the live passages (same centroids, same nprobe)."""
+    from retrieval.snapshot import LayeredIndex, Snapshot, SnapshotUnusable, write_snapshot
+
+    rng = np.random.default_rng(3)
+    vecs = _unit(rng, 4000)
+    ids = np.arange(1, 4001) * 3  # sorted, with gaps, as passage ids are
+    cents = train_centroids(vecs, 40) if kind == "ivf" else None
+    snap_index = PassageIndex(16, cents, nprobe=4) if kind == "ivf" else None
+    if snap_index is not None:
+        snap_index.add(ids[:3000], vecs[:3000])
+        faiss_index = snap_index.index
+    else:
+        import faiss
+
+        faiss_index = faiss.IndexFlatIP(16)
+        faiss_index.add(vecs[:3000])
+    meta = {"format": 2, "generation": 1, "cid": 7, "created": 1.5, "dim": 16, "seq": 3000, "kind": kind,
+            "nlist": 0 if cents is None else len(cents), "ntotal": 3000, "trained_at": 3000}
+    write_snapshot(tmp_path, 1, faiss_index, ids[:3000], meta)
+    layered = LayeredIndex(Snapshot(tmp_path / "g000000000001", cid=7, dim=16, created=1.5), nprobe=4)
+    layered.add(ids[3000:], vecs[3000:])  # the passages added since
+    gone = np.concatenate([ids[:3000:7], ids[3000::11]])  # some of the snapshot's, some of the delta's
+    layered.remove(gone)
+    live = ~np.isin(ids, gone)
+    ref = PassageIndex(16, cents, nprobe=4)
+    ref.add(ids[live], vecs[live])
+    assert layered.ntotal == ref.ntotal == int(live.sum())
+    for q in _unit(rng, 15):
+        for k, allowed in ((10, None), (500, None), (10, ids[::5]), (5, ids[:40]), (3, gone[:5])):
+            got, want = layered.search(q, k, allowed), ref.search(q, k, allowed)
+            assert got[1].tolist() == want[1].tolist()
+            assert np.allclose(got[0], want[0], atol=1e-6)
+    with pytest.raises(SnapshotUnusable, match="not a snapshot of collection 8"):
+        Snapshot(tmp_path / "g000000000001", cid=8, dim=16, created=1.5)
+    with pytest.raises(SnapshotUnusable, match="not a snapshot of collection 7"):  # same id, another collection
+        Snapshot(tmp_path / "g000000000001", cid=7, dim=16, created=2.5)
+
+
+def test_snapshot_settings_and_the_library_agree():
+    from retrieval.snapshot import DELTA_MAX, STALE_HOST_S
+    from shm_protocol.config import Settings
+
+    assert (Settings().snapshot_delta, Settings().snapshot_stale_host_s) == (DELTA_MAX, STALE_HOST_S)

@@ -1,0 +1,969 @@
+"""One copy of a collection's vectors per host: shared, memory-mapped index snapshots.
+
+Without snapshots every worker process holds every collection's vectors in
+its own FAISS index (1.5 GB per million passages, per worker). With them:
+
+**Files.** ``SHM_EMBED_DATA_DIR/index/<collection id>/g<generation>/`` holds
+one generation (``index/pg-<hash>/...`` for a PostgreSQL store, see
+:func:`index_root`): ``index.faiss`` (``IndexFlatIP``, or ``IndexIVFFlat``
+with its quantizer, ids inside), ``ids.npy`` (the passage ids it holds,
+sorted; for a flat index also the id of each row) and ``meta.json`` (the
+change-log sequence number it covers, the generation, the collection's id and
+creation time, kind, lists, passages, when its quantizer was trained).
+Folders are 0700 and files 0600, like the database. A builder writes a
+generation into ``.build/``, fsyncs every file and the folder, renames it to
+``g<generation>`` and fsyncs the parent: a generation exists whole or not at
+all, whenever the builder dies.
+
+**Sharing.** A worker opens the newest generation with
+``faiss.read_index(path, IO_FLAG_MMAP_IFC)`` (FAISS 1.15 maps the vectors, the
+inverted lists and their ids read-only from the file instead of copying them)
+and ``numpy.load(mmap_mode="r")``: the kernel's page cache holds one copy that
+every process of the host maps (``MAP_SHARED``, never written), so the
+workers' proportional set sizes (PSS) add up to about one copy. The
+snapshot is never modified in memory (FAISS aborts the process on an add to a
+mapped index); each worker keeps a :class:`LayeredIndex`: the snapshot, a small
+private *delta* index of the passages added since its sequence number (flat
+for a flat snapshot; IVF over the snapshot's own centroids for an IVF one) and
+the set of snapshot passages deleted or replaced since (*hidden*). A search
+asks the snapshot with a FAISS selector that excludes the hidden ids (and
+applies the filter), asks the delta the same, and merges the two top-k lists.
+For an IVF snapshot both scan the lists one quantizer search chose. The
+answer is therefore the one a single index over the same live passages (and
+the same centroids) gives: exact for flat, the same lists probed for IVF.
+
+**Changes.** Replay is unchanged: the store replays the ``changes`` log past
+the sequence number a worker has applied, into the layered index (adds go to
+the delta; deletes go to the delta or to hidden), before every search, so a
+write is visible to the next search in every worker, long before a rebuild.
+
+**Switching.** Before each search a worker stats the collection's folder (one
+system call); when it changed (or changed less than ``RACY_S`` ago, within a
+timestamp's granularity) it lists it again. A newer generation is opened and
+the delta rebuilt from its sequence number on; the old one is unmapped when
+the last search using it is done.
+
+**Rebuilds** happen in a child process (``python -m retrieval.snapshot build``,
+niced), started by a worker's background thread, never inside a request,
+when the changes since the snapshot (delta plus hidden) reach
+``SHM_EMBED_SNAPSHOT_DELTA``, when an ``auto``/``ivf`` collection reaches the
+size at which it trains its IVF quantizer (the builder trains it, in place of
+the write that crossed the size), or when it grew ``RETRAIN_GROWTH`` times
+past the size its quantizer was trained at (the builder refits the centroids
+to a sample of the whole collection; the number of lists stays, so that
+``SHM_EMBED_SEARCH_NPROBE`` keeps trading the same recall for the same time).
+A child rather than a thread: the build reads every vector (one more copy,
+for its duration) and its memory goes back to the system when it exits. One
+builder per host and collection: an ``flock`` on ``build.lock`` taken without
+waiting (the kernel releases it when a builder dies). The builder reads the
+passages and the last sequence number in one read transaction, so the
+snapshot is exactly the state at that number.
+
+**Old generations** are removed by the next builder once no process has them
+open: a reader holds a shared ``flock`` on the generation's folder for as long
+as it maps it; the builder removes a folder only when it gets the exclusive
+lock without waiting. (Removing a mapped file would be safe on Linux anyway:
+the mapping keeps the inode; the lock is about disk space and tidiness.)
+
+**Compaction.** The builder records, in ``snapshot_marks(host, cid, seq,
+updated)``, the sequence number this host's newest snapshot covers; the host
+is a random id kept in ``index/host`` (hostname plus random hex, so a copied
+data directory on another host still needs its own file). It then deletes
+the changes up to the smallest mark among the hosts that updated theirs within
+``SHM_EMBED_SNAPSHOT_STALE_HOST_S`` (workers touch their host's mark every
+quarter of that while they search) and raises ``change_floor(cid, seq)``
+first. A worker whose applied sequence number is below the floor (a new
+worker without a usable snapshot, a host that slept past the horizon, a
+worker without snapshots) cannot replay what it missed: it reloads the
+collection from the ``passages`` table in one read transaction (and asks for a
+build), so compaction never makes it miss a change silently.
+
+**Both stores.** Every statement is a method of the store's
+:class:`retrieval.database.Database` (SQLite or PostgreSQL); "one read
+transaction" is its ``consistent()`` (a deferred transaction on SQLite's WAL,
+``REPEATABLE READ, READ ONLY`` on PostgreSQL). With SQLite the host is the
+only one. With PostgreSQL the hosts of one database each build their own
+snapshots under their own data directory and record their own marks; times
+of marks are the server's clock, so hosts whose clocks disagree still agree
+on who is stale; compaction waits for every live host. A builder process
+gets the store's URL (which may hold a password) in its environment
+(``SHM_EMBED_COLLECTIONS_URL``), never on its command line.
+
+Assumptions: one data directory per host on a local file system (flock and
+rename semantics; not NFS); Linux (``/proc``, ``MAP_SHARED`` page sharing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import fcntl
+import hashlib
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+from loguru import logger
+
+from shm_protocol.errors import ShmEmbedError
+
+from .faiss_index import POINTS_PER_CENTROID, PassageIndex, nlist_for, search_preassigned, train_centroids
+from .storage import DIR_MODE, FILE_MODE
+
+#: The folder under SHM_EMBED_DATA_DIR that holds the snapshots, one folder per collection id.
+INDEX_DIR = "index"
+HOST_FILE = "host"
+LOCK_FILE = "build.lock"
+#: Where a builder writes a generation before renaming it to g<generation>.
+BUILD_DIR = ".build"
+INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.npy", "meta.json"
+_GENERATION = re.compile(r"g(\d{12})")
+#: 2: meta.json holds the collection's creation time (a collection id alone may come from another database).
+FORMAT = 2
+
+#: Changes since its snapshot at which a worker asks for a rebuild, unless the settings say otherwise
+#: (SHM_EMBED_SNAPSHOT_DELTA): what each worker holds of its own between rebuilds.
+DELTA_MAX = 50_000
+#: A host whose mark is older than this is not waited for by compaction (SHM_EMBED_SNAPSHOT_STALE_HOST_S): a week.
+STALE_HOST_S = 7 * 86400.0
+#: The IVF quantizer is refitted when the collection holds this many times the passages it was trained on.
+RETRAIN_GROWTH = 4
+#: Seconds a worker lets pass after a build attempt (its own, or one it found running) before it asks again;
+#: doubled after each failed build, up to BUILD_BACKOFF_MAX_S.
+BUILD_PAUSE_S = 5.0
+BUILD_BACKOFF_MAX_S = 600.0
+#: A folder modified less than this long ago may change again within its timestamp's granularity: list it again.
+RACY_S = 1.0
+#: Workers touch their host's mark this many times per stale-host horizon.
+MARK_TOUCHES = 4
+#: Niceness of a builder process: rebuilds yield the CPU to requests and to the model.
+BUILD_NICE = 10
+#: Rows read from the tables at once, and changes deleted per transaction when compacting.
+_CHUNK = 8192
+_COMPACT_CHUNK = 20_000
+#: The builder's exit status when another builder holds the collection's lock.
+EXIT_BUSY = 3
+#: The variable that gives a builder process its PostgreSQL store (the setting of the same name).
+LOCATION_ENV = "SHM_EMBED_COLLECTIONS_URL"
+_PROJECT = Path(__file__).resolve().parent.parent
+
+
+class SnapshotError(ShmEmbedError):
+    """A snapshot could not be built or opened; searches go on from the tables."""
+
+
+class BuildBusy(SnapshotError):
+    """Another builder of this host is building this collection's snapshot now."""
+
+
+class SnapshotGone(SnapshotError):
+    """The generation was removed between listing and opening it (a newer one exists)."""
+
+
+class SnapshotUnusable(SnapshotError):
+    """The generation's files do not hold what its metadata says (damaged, another collection)."""
+
+
+# --- the tables (every statement is the store's Database's: retrieval.database) ----------
+
+
+def centroids_of(db, conn, cid: int, dim: int) -> tuple[np.ndarray | None, int]:
+    """(a collection's IVF centroids, the passages they were trained on), or (None, 0)."""
+    cent = db.centroids(conn, cid)
+    if cent is None:
+        return None, 0
+    return np.frombuffer(cent[1], dtype="<f4").reshape(-1, dim), int(cent[2])
+
+
+def passages_of(db, conn, cid: int, dim: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, vectors) of every passage of a collection, in chunks, in id order
+    (inside ``db.consistent(conn)``)."""
+    for ids, blob in db.stream_passages(conn, cid, _CHUNK):
+        yield ids, np.frombuffer(blob, dtype="<f4").reshape(len(ids), dim)
+
+
+def load_from_tables(db, conn, cid: int, dim: int, nprobe: int) -> tuple[PassageIndex, int]:
+    """The collection read from the ``passages`` table into a private index,
+    and the sequence number that state is at. Call it inside
+    ``db.consistent(conn)``. For a worker behind the log's floor: replay
+    could not bring it up to date."""
+    centroids, _ = centroids_of(db, conn, cid, dim)
+    index = PassageIndex(dim, centroids, nprobe=nprobe)
+    for ids, vectors in passages_of(db, conn, cid, dim):
+        index.add(ids, vectors)
+    last, floor = db.log_state(conn, cid)
+    return index, max(last, floor)
+
+
+# --- files ------------------------------------------------------------------------------
+
+
+def _private_dir(path: Path) -> None:
+    try:
+        path.mkdir(mode=DIR_MODE)
+    except FileExistsError:
+        return
+    os.chmod(path, DIR_MODE)  # mkdir's mode went through the umask
+
+
+def _private_dirs(path: Path) -> None:
+    """``path`` and its missing parents, each made 0700."""
+    if not path.exists():
+        _private_dirs(path.parent)
+        _private_dir(path)
+
+
+def index_root(data_dir: Path, db) -> Path:
+    """Where this host keeps the snapshots of the store ``db``:
+    ``<data_dir>/index`` for the SQLite store of that directory, a folder of
+    its own under it for any other store (``pg-<hash of server and database>``),
+    so that two stores used from one data directory never share collection
+    folders (their collection ids are the same numbers)."""
+    root = Path(data_dir) / INDEX_DIR
+    if db.kind == "sqlite":
+        if Path(db.dir).resolve() == Path(data_dir).resolve():
+            return root
+        where = str(Path(db.dir).resolve())
+    else:
+        from psycopg.conninfo import conninfo_to_dict
+
+        info = conninfo_to_dict(db.url)  # the server and database, never the user or password
+        where = f"{info.get('host', '')}:{info.get('port', '')}/{info.get('dbname', '')}"
+    prefix = "sqlite" if db.kind == "sqlite" else "pg"
+    return root / f"{prefix}-{hashlib.sha256(where.encode()).hexdigest()[:16]}"
+
+
+def _create(path: Path):
+    """A new file of mode 0600 whatever the umask, open for writing."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    os.fchmod(fd, FILE_MODE)
+    return os.fdopen(fd, "wb")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def host_id(root: Path) -> str:
+    """This host's id for snapshot marks, made once and kept in ``root/host``."""
+    path = root / HOST_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    _private_dirs(root)
+    tmp = root / f".{HOST_FILE}.{os.getpid()}.{threading.get_ident()}"
+    with _create(tmp) as f:
+        f.write(f"{socket.gethostname()}-{uuid.uuid4().hex[:12]}\n".encode())
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)  # first one wins; a link never shows a half-written file
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    return path.read_text().strip()
+
+
+def generations(cdir: Path) -> list[int]:
+    """The complete generations in a collection's folder, oldest first."""
+    try:
+        names = os.listdir(cdir)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(int(m.group(1)) for name in names if (m := _GENERATION.fullmatch(name)))
+
+
+def generation_dir(cdir: Path, gen: int) -> Path:
+    return cdir / f"g{gen:012d}"
+
+
+def write_snapshot(cdir: Path, gen: int, index, ids: np.ndarray, meta: dict) -> Path:
+    """Write a generation whole: into ``.build``, fsynced, renamed, parent fsynced."""
+    tmp = cdir / BUILD_DIR
+    tmp.mkdir(mode=DIR_MODE)
+    os.chmod(tmp, DIR_MODE)
+    _create(tmp / INDEX_FILE).close()  # FAISS (re)opens it with fopen("wb"), which keeps the mode
+    faiss.write_index(index, str(tmp / INDEX_FILE))
+    with _create(tmp / IDS_FILE) as f:
+        np.save(f, np.ascontiguousarray(ids, dtype="<i8"), allow_pickle=False)
+    with _create(tmp / META_FILE) as f:
+        f.write(json.dumps(meta).encode())
+    for name in (INDEX_FILE, IDS_FILE, META_FILE):
+        _fsync(tmp / name)
+    _fsync(tmp)
+    final = generation_dir(cdir, gen)
+    os.rename(tmp, final)
+    _fsync(cdir)
+    return final
+
+
+@contextmanager
+def build_lock(cdir: Path) -> Iterator[None]:
+    """The collection's build lock, taken without waiting (BuildBusy)."""
+    fd = os.open(cdir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BuildBusy(f"{cdir}: another builder holds {LOCK_FILE}") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock (as the kernel does for a builder that dies)
+
+
+def build_running(cdir: Path) -> bool:
+    """Whether a builder holds the collection's lock now."""
+    try:
+        fd = os.open(cdir / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def remove_unused(cdir: Path, keep: int) -> list[int]:
+    """Remove the generations older than ``keep`` that no process has open; returns them."""
+    removed = []
+    for gen in generations(cdir):
+        if gen >= keep:
+            continue
+        path = generation_dir(cdir, gen)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a worker still maps it; a later build removes it
+        else:
+            shutil.rmtree(path)
+            removed.append(gen)
+        finally:
+            os.close(fd)
+    return removed
+
+
+class Snapshot:
+    """One generation, opened read-only and memory-mapped; held open (a shared
+    flock on its folder) until this object is garbage."""
+
+    def __init__(self, path: Path, *, cid: int, dim: int, created: float):
+        self.path = path
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise SnapshotGone(f"{path} was removed") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SnapshotGone(f"{path} is being removed") from None
+        self._release = weakref.finalize(self, os.close, fd)
+        try:
+            meta = json.loads((path / META_FILE).read_text())
+            self.generation, self.seq, self.kind = int(meta["generation"]), int(meta["seq"]), meta["kind"]
+            self.nlist, self.ntotal, self.trained_at = int(meta["nlist"]), int(meta["ntotal"]), int(meta["trained_at"])
+            self.dim = dim
+            if (meta["format"] != FORMAT or meta["cid"] != cid or meta["dim"] != dim or meta["created"] != created
+                    or self.kind not in ("flat", "ivf")):
+                raise SnapshotUnusable(f"{path}: {meta} is not a snapshot of collection {cid} ({dim} dimensions, "
+                                       f"created {created})")
+            # An empty file cannot be mapped; an empty index has nothing to share.
+            mapped = self.ntotal > 0
+            self.ids = np.load(path / IDS_FILE, mmap_mode="r" if mapped else None, allow_pickle=False)
+            self.index = faiss.read_index(str(path / INDEX_FILE), faiss.IO_FLAG_MMAP_IFC if mapped else 0)
+        except FileNotFoundError:
+            self._release()
+            raise SnapshotGone(f"{path} was removed") from None
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            self._release()
+            raise SnapshotUnusable(f"{path}: {exc}") from None
+        except SnapshotError:
+            self._release()
+            raise
+        if self.index.ntotal != self.ntotal or len(self.ids) != self.ntotal or self.index.d != dim:
+            self._release()
+            raise SnapshotUnusable(f"{path}: the index holds {self.index.ntotal} vectors of {self.index.d}, "
+                                   f"the metadata says {self.ntotal} of {dim}")
+
+    def centroids(self) -> np.ndarray:
+        return self.index.quantizer.reconstruct_n(0, self.nlist)
+
+    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(which of ``ids`` this snapshot holds, their rows)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if not self.ntotal or not len(ids):
+            return np.zeros(len(ids), bool), np.empty(0, np.int64)
+        rows = np.minimum(np.searchsorted(self.ids, ids), self.ntotal - 1)
+        found = np.asarray(self.ids[rows]) == ids
+        return found, rows[found]
+
+
+# --- the layered index -----------------------------------------------------------------
+
+
+class LayeredIndex:
+    """A shared snapshot, plus this process's changes since its sequence number:
+    a private delta index of the passages added and the set of snapshot
+    passages removed (hidden). The interface of :class:`PassageIndex`."""
+
+    def __init__(self, base: Snapshot, nprobe: int):
+        self.base = base
+        self.dim, self.kind, self.nlist = base.dim, base.kind, base.nlist
+        self.nprobe = nprobe
+        self.delta = PassageIndex(self.dim, base.centroids() if self.kind == "ivf" else None, nprobe=nprobe)
+        self.hidden: set[int] = set()
+        self._hidden: tuple | None = None  # (ids, the selector that excludes them), made when first needed
+
+    @property
+    def generation(self) -> int:
+        return self.base.generation
+
+    @property
+    def ntotal(self) -> int:
+        return self.base.ntotal - len(self.hidden) + self.delta.ntotal
+
+    @property
+    def pending(self) -> int:
+        """Changes held privately: what a rebuild would fold into the snapshot."""
+        return self.delta.ntotal + len(self.hidden)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        self.delta.add(ids, vectors)  # passage ids are never reused: none of them is in the snapshot
+
+    def remove(self, ids: np.ndarray) -> None:
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(ids):
+            return
+        found, _ = self.base.locate(ids)
+        fresh = set(ids[found].tolist()) - self.hidden
+        if fresh:
+            self.hidden |= fresh
+            self._hidden = None
+        self.delta.remove(ids[~found])
+
+    def _hidden_selector(self) -> tuple:
+        if self._hidden is None:
+            ids = np.fromiter(self.hidden, np.int64, len(self.hidden))
+            keys = self.base.locate(ids)[1] if self.kind == "flat" else ids  # a flat snapshot is searched by row
+            inner = faiss.IDSelectorBatch(keys)
+            self._hidden = (ids, inner, faiss.IDSelectorNot(inner))
+        return self._hidden
+
+    def search(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """What :meth:`PassageIndex.search` answers for an index of the same live passages."""
+        total = self.ntotal
+        if total == 0 or (allowed is not None and len(allowed) == 0):
+            return np.empty(0, np.float32), np.empty(0, np.int64)
+        query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dim)
+        k = max(1, min(k, total))
+        keep = []  # selectors a search's parameters point to: alive until the searches are done
+        base_n = self.base.ntotal - len(self.hidden)
+        base_sel = self._hidden_selector()[2] if self.hidden else None
+        delta_sel = None
+        if allowed is not None:
+            allowed = np.ascontiguousarray(allowed, dtype=np.int64)
+            delta_sel = faiss.IDSelectorBatch(allowed)
+            keys = allowed[~np.isin(allowed, self._hidden_selector()[0])] if self.hidden else allowed
+            if self.kind == "flat":
+                keys = self.base.locate(keys)[1]
+            base_n = min(base_n, len(keys))
+            base_sel = faiss.IDSelectorBatch(keys) if len(keys) else None
+            keep += [delta_sel, base_sel]
+        parts = []
+        if self.kind == "ivf":
+            nprobe = self.nprobe
+            if allowed is not None and len(allowed) * 10 < total:
+                nprobe = self.nlist  # a narrow filter: scan every list (as PassageIndex does)
+            nprobe = min(nprobe, self.nlist)
+            coarse_scores, coarse_ids = self.base.index.quantizer.search(query, nprobe)
+            layers = ((self.base.index, base_n, base_sel), (self.delta.index, self.delta.ntotal, delta_sel))
+            for index, n, sel in layers:
+                if n > 0:
+                    params = faiss.SearchParametersIVF(nprobe=nprobe, sel=sel)
+                    parts.append(search_preassigned(index, query, min(k, n), coarse_ids, coarse_scores, params))
+        else:
+            if base_n > 0:
+                params = faiss.SearchParameters(sel=base_sel) if base_sel is not None else None
+                scores, rows = self.base.index.search(query, min(k, base_n), params=params)
+                found = rows[0] >= 0
+                parts.append((scores[0][found], np.asarray(self.base.ids[rows[0][found]])))
+            if self.delta.ntotal:
+                parts.append(self.delta.search(query, k, allowed))
+        del keep
+        if not parts:
+            return np.empty(0, np.float32), np.empty(0, np.int64)
+        scores = np.concatenate([p[0] for p in parts])
+        ids = np.concatenate([p[1] for p in parts])
+        real = ids >= 0
+        scores, ids = scores[real], ids[real]
+        order = np.argsort(-scores, kind="stable")[:k]
+        return scores[order], ids[order]
+
+
+def _fill(db, conn, cid: int, dim: int, centroids: np.ndarray | None) -> tuple:
+    """(the FAISS index of every passage, what must stay alive with it, their ids in row order)."""
+    holder = PassageIndex(dim, centroids) if centroids is not None else None  # holds the IVF's quantizer
+    index = holder.index if holder is not None else faiss.IndexFlatIP(dim)
+    chunks = []
+    for ids, vectors in passages_of(db, conn, cid, dim):
+        if holder is not None:
+            holder.add(ids, vectors)
+        else:
+            index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        chunks.append(ids)
+    return index, holder, np.concatenate(chunks) if chunks else np.empty(0, np.int64)
+
+
+def _covers(cdir: Path, gen: int, row, seq: int, kind: str, trained_at: int) -> bool:
+    """Whether generation ``gen`` opens and already is what a build now would write."""
+    try:
+        snap = Snapshot(generation_dir(cdir, gen), cid=row.cid, dim=row.dim, created=row.created)
+    except SnapshotError:
+        return False  # damaged, or removed: write a new one
+    return snap.seq == seq and snap.kind == kind and snap.trained_at == trained_at
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the kernel: glibc keeps them, and a worker
+    that dropped its own copy of a big index for a snapshot would go on holding it."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+# --- the manager: one per store, in each process ----------------------------------------
+
+
+@dataclass
+class _State:
+    """What this process knows of one collection's snapshots."""
+
+    dir_key: tuple | None = None  # (inode, mtime) of the folder when it was last listed
+    newest: int | None = None
+    rejected: int | None = None  # a generation found unusable (behind the log's floor, damaged): not retried
+    queued: bool = False  # a build is asked for or running in this process
+    proc: subprocess.Popen | None = None
+    next_build: float = 0.0  # monotonic time before which no build is asked for
+    failures: int = 0  # builds that failed in a row
+    mark_due: float = 0.0  # monotonic time of the next touch of this host's mark
+
+
+class SnapshotManager:
+    """Snapshots of a store's collections: which one a worker serves, when a
+    build is due (in a child process), and the building itself."""
+
+    def __init__(self, store, data_dir: str | os.PathLike, *, delta_max: int = DELTA_MAX,
+                 stale_host_s: float = STALE_HOST_S):
+        self.store = store
+        self.db = store.db
+        #: This host's data directory (the builder's command line names it).
+        self.data_dir = Path(data_dir)
+        self.root = index_root(self.data_dir, self.db)
+        self.delta_max = delta_max
+        self.stale_host_s = stale_host_s
+        self.build_pause_s = BUILD_PAUSE_S
+        self._lock = threading.Lock()
+        self._states: dict[int, _State] = {}
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._host: str | None = None
+
+    @property
+    def host(self) -> str:
+        if self._host is None:
+            self._host = host_id(self.root)
+        return self._host
+
+    def collection_dir(self, cid: int) -> Path:
+        return self.root / str(cid)
+
+    def _state(self, cid: int) -> _State:
+        with self._lock:
+            return self._states.setdefault(cid, _State())
+
+    # --- serving (called by the store under the collection's lock, in a read transaction) ---
+    def _newest(self, cid: int, st: _State) -> int | None:
+        cdir = self.collection_dir(cid)
+        try:
+            info = os.stat(cdir)
+        except FileNotFoundError:
+            st.dir_key = st.newest = None
+            return None
+        key = (info.st_ino, info.st_mtime_ns)
+        if key != st.dir_key:
+            st.newest = max(generations(cdir), default=None)
+            st.dir_key = key if time.time() - info.st_mtime > RACY_S else None
+        return st.newest
+
+    def refresh(self, lo, floor: int, row) -> bool:
+        """Serve ``lo`` (the store's per-collection state of collection ``row``)
+        from the newest usable generation: a newer one replaces its index with
+        a fresh layered index and sets its sequence number to the snapshot's,
+        from where the store replays. Returns whether ``lo.index`` is a snapshot's now."""
+        name = row.name
+        st = self._state(lo.cid)
+        layered = isinstance(lo.index, LayeredIndex)
+        newest = self._newest(lo.cid, st)
+        if newest is None or newest == st.rejected or (layered and lo.index.generation >= newest):
+            return layered
+        try:
+            snap = Snapshot(generation_dir(self.collection_dir(lo.cid), newest), cid=lo.cid, dim=lo.dim,
+                            created=row.created)
+        except SnapshotGone:
+            st.dir_key = None  # list the folder again at the next search
+            return layered
+        except SnapshotUnusable as exc:
+            logger.error("collection {}: snapshot not used: {}", name, exc)
+            st.rejected = newest
+            return layered
+        if snap.seq < floor:
+            logger.warning("collection {}: snapshot generation {} covers the changes up to {}, but the log was "
+                           "compacted up to {}: reading the tables instead", name, newest, snap.seq, floor)
+            st.rejected = newest
+            return layered
+        dropped = 0 if layered else lo.index.ntotal
+        lo.index = LayeredIndex(snap, self.store.nprobe)
+        lo.seq = snap.seq
+        logger.info("collection {}: serving snapshot generation {} ({} passages, {}, changes up to {})",
+                    name, newest, snap.ntotal, snap.kind, snap.seq)
+        if dropped >= self.delta_max:
+            _release_freed_memory()
+        return True
+
+    def after_sync(self, lo, options: dict) -> None:
+        """Ask for a build when one is due (in the background), and keep this host's mark fresh."""
+        index = lo.index
+        layered = isinstance(index, LayeredIndex)
+        why = None
+        if (index.pending if layered else index.ntotal) >= self.delta_max:
+            why = "changes since the snapshot" if layered else "no snapshot yet"
+        elif index.kind == "flat":
+            need = self.store._ivf_need(options)
+            if need is not None and index.ntotal >= need:
+                why = "the IVF quantizer is due"
+        elif layered and index.ntotal >= RETRAIN_GROWTH * max(1, index.base.trained_at):
+            why = "the collection outgrew its quantizer"
+        if why is not None:
+            self.request_build(lo.cid, why)
+        if layered:
+            st = self._state(lo.cid)
+            now = time.monotonic()
+            if now >= st.mark_due:
+                st.mark_due = now + self.stale_host_s / MARK_TOUCHES
+                self._submit(lambda: self._touch_mark(lo.cid))
+
+    # --- background work: one thread per process, one job at a time ---------------------
+    def _submit(self, job) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run_jobs, name="shm-embed-snapshots", daemon=True)
+                self._thread.start()
+            self._jobs.put(job)
+
+    def _run_jobs(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                job()
+            except Exception as exc:  # a failed job only delays a build or a mark
+                logger.warning("snapshots: background job failed: {}", exc)
+            finally:
+                self._jobs.task_done()
+
+    def request_build(self, cid: int, why: str = "asked") -> None:
+        """Build the collection's snapshot in a child process, in the background,
+        unless this process has one asked for or a build ended less than ``build_pause_s`` ago."""
+        st = self._state(cid)
+        with self._lock:
+            if st.queued or time.monotonic() < st.next_build or self._closed:
+                return
+            st.queued = True
+        logger.debug("collection {}: snapshot build asked for ({})", cid, why)
+        self._submit(lambda: self._build_in_child(cid, st))
+
+    def build_command(self, cid: int) -> list[str]:
+        """The command line of a builder process for collection ``cid``. It
+        names this host's data directory; a PostgreSQL store's URL (which may
+        hold a password) goes in the environment instead (:meth:`build_env`)."""
+        s = self.store
+        argv = [sys.executable, "-m", "retrieval.snapshot", "build", str(self.data_dir), str(cid),
+                "--ivf-min-vectors", str(s.ivf_min_vectors), "--stale-host-s", str(self.stale_host_s),
+                "--busy-timeout-s", str(s.busy_timeout_s), "--timeout-s", str(s.timeout_s)]
+        if self.db.kind == "sqlite":
+            argv += ["--sqlite-dir", str(self.db.dir)]
+        return argv
+
+    def build_env(self) -> dict[str, str]:
+        """The environment of a builder process: this one's, with the store's
+        location in ``SHM_EMBED_COLLECTIONS_URL`` (PostgreSQL) or without it
+        (SQLite: the command line names the directory)."""
+        env = dict(os.environ)
+        env.pop(LOCATION_ENV, None)
+        if self.db.kind == "postgresql":
+            env[LOCATION_ENV] = self.db.url
+        return env
+
+    def _build_in_child(self, cid: int, st: _State) -> None:
+        failed = False
+        try:
+            if build_running(self.collection_dir(cid)):
+                return  # another worker's builder is on it; its generation shows up at a later search
+            with self._lock:
+                if self._closed:
+                    return
+                # Its output goes to this process's stderr: a worker's stdout may be a protocol (tests).
+                st.proc = subprocess.Popen(self.build_command(cid), cwd=_PROJECT, env=self.build_env(),
+                                           stdin=subprocess.DEVNULL, stdout=sys.__stderr__.fileno())
+            code = st.proc.wait()
+            failed = code not in (0, EXIT_BUSY, -signal.SIGTERM)
+            if failed:
+                logger.warning("collection {}: snapshot builder exited with status {} (failure {} in a row)", cid,
+                               code, st.failures + 1)
+        except OSError as exc:
+            failed = True
+            logger.warning("collection {}: snapshot builder not started: {}", cid, exc)
+        finally:
+            with self._lock:
+                st.proc = None
+                st.queued = False
+                st.failures = st.failures + 1 if failed else 0
+                # A builder that keeps failing (a full or read-only disk) is not started again every few seconds.
+                pause = min(self.build_pause_s * 2 ** st.failures, BUILD_BACKOFF_MAX_S)
+                st.next_build = time.monotonic() + pause
+
+    def join(self, timeout: float = 300.0) -> None:
+        """Wait until the background jobs asked for so far are done (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout
+        while self._jobs.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if self._jobs.unfinished_tasks:
+            raise TimeoutError(f"snapshot jobs still running after {timeout} s")
+
+    def close(self) -> None:
+        """Stop: builder processes this process started are terminated (a
+        generation is whole or absent whenever a builder stops)."""
+        with self._lock:
+            self._closed = True
+            procs = [st.proc for st in self._states.values() if st.proc is not None]
+            thread = self._thread
+            self._thread = None
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        if thread is not None:
+            self._jobs.put(None)
+            thread.join(10)
+
+    # --- the mark, compaction, tidying ------------------------------------------------------
+    def _touch_mark(self, cid: int) -> None:
+        with self.db.write() as conn:
+            self.db.touch_mark(conn, self.host, cid)
+
+    def mark_and_compact(self, cid: int, seq: int, name: str = "") -> int:
+        """Record that this host's snapshot covers the changes up to ``seq``;
+        delete the changes every live host's snapshot covers. Returns how many."""
+        db = self.db
+        with db.write() as conn:
+            db.mark_snapshot(conn, self.host, cid, seq)
+            upto = db.covered_by_live_hosts(conn, cid, self.stale_host_s)
+            floor = db.log_state(conn, cid)[1]
+            if upto is None or upto <= floor:
+                return 0
+            # The floor first: a reader that sees changes missing sees the floor raised too.
+            db.raise_floor(conn, cid, upto)
+        deleted = 0
+        while True:  # in slices: a SQLite transaction holds the write lock every writer waits for
+            with db.write() as conn:
+                n = db.delete_changes(conn, cid, upto, _COMPACT_CHUNK)
+            deleted += n
+            if n < _COMPACT_CHUNK:
+                break
+        logger.info("collection {}: change log compacted up to {} ({} changes deleted)", name or cid, upto, deleted)
+        return deleted
+
+    def sweep(self) -> list[int]:
+        """Remove the snapshot folders of collections that no longer exist; returns their ids."""
+        try:
+            names = os.listdir(self.root)  # before the query: a folder is only made for an existing collection
+        except FileNotFoundError:
+            return []
+        with self.db.read() as conn:
+            live = self.db.collection_ids(conn)
+        gone = [int(n) for n in names if n.isdigit() and int(n) not in live]
+        for cid in gone:
+            shutil.rmtree(self.collection_dir(cid), ignore_errors=True)
+            logger.info("snapshots of deleted collection {} removed", cid)
+        return gone
+
+    # --- building ----------------------------------------------------------------------------
+    def _quantizer(self, row, total: int) -> tuple[np.ndarray | None, int]:
+        """The collection's IVF centroids and the passages they were trained at:
+        trained now when due, refitted when the collection outgrew them."""
+        db, cid, dim = self.db, row.cid, row.dim
+        with db.read() as conn:
+            centroids, trained_at = centroids_of(db, conn, cid, dim)
+        need = self.store._ivf_need(row.options)
+        if centroids is None and (need is None or total < need):
+            return None, 0
+        if centroids is not None and total < RETRAIN_GROWTH * max(1, trained_at):
+            return centroids, trained_at
+        nlist = nlist_for(total) if centroids is None else len(centroids)
+        with db.read() as conn:
+            blob = db.sample_vectors(conn, cid, min(total, nlist * POINTS_PER_CENTROID))
+        sample = np.frombuffer(blob, dtype="<f4").reshape(-1, dim)
+        t0 = time.perf_counter()
+        fitted = train_centroids(sample, nlist).astype("<f4")
+        with db.write() as conn:
+            if centroids is None:
+                db.add_centroids(conn, cid, fitted, total)
+            else:
+                db.replace_centroids(conn, cid, fitted, total)
+        logger.info("collection {}: IVF quantizer of {} lists {} on {} passages in {:.1f} s", row.name,
+                    len(fitted), "trained" if centroids is None else "refitted", len(sample),
+                    time.perf_counter() - t0)
+        with db.read() as conn:
+            return centroids_of(db, conn, cid, dim)  # another process's training may have come first
+
+    def build(self, cid: int) -> dict | None:
+        """Write a new generation of collection ``cid`` from the tables (when
+        anything changed since the newest), record the mark, compact the log,
+        remove unused generations. Raises BuildBusy when another builder of
+        this host holds the collection. Returns the new generation's metadata."""
+        db = self.db
+        with db.read() as conn:
+            row = db.collection_by_id(conn, cid)
+        if row is None:
+            shutil.rmtree(self.collection_dir(cid), ignore_errors=True)
+            return None
+        cdir = self.collection_dir(cid)
+        _private_dirs(self.root)
+        _private_dir(cdir)
+        with build_lock(cdir):
+            t0 = time.perf_counter()
+            shutil.rmtree(cdir / BUILD_DIR, ignore_errors=True)  # what a builder that died left
+            gens = generations(cdir)
+            with db.read() as conn:
+                total = db.passage_count(conn, cid)
+            centroids, trained_at = self._quantizer(row, total)
+            kind = "flat" if centroids is None else "ivf"
+            meta = None
+            # The passages exactly as the changes up to seq left them.
+            with db.read() as conn, db.consistent(conn):
+                last, floor = db.log_state(conn, cid)
+                seq = max(last, floor)
+                current = bool(gens) and _covers(cdir, gens[-1], row, seq, kind, trained_at)
+                if not current:
+                    index, keep, ids = _fill(db, conn, row.cid, row.dim, centroids)
+            if current:
+                newest = gens[-1]
+            else:
+                newest = (gens[-1] if gens else 0) + 1
+                meta = {"format": FORMAT, "generation": newest, "cid": cid, "created": row.created, "dim": row.dim,
+                        "seq": seq, "kind": kind, "nlist": 0 if centroids is None else len(centroids),
+                        "ntotal": int(index.ntotal), "trained_at": trained_at, "built": time.time()}
+                write_snapshot(cdir, newest, index, ids, meta)
+                del index, keep, ids
+                logger.info("collection {}: snapshot generation {} written ({} passages, {}, changes up to {}) "
+                            "in {:.1f} s", row.name, newest, meta["ntotal"], kind, seq, time.perf_counter() - t0)
+            self.mark_and_compact(cid, seq, row.name)
+            removed = remove_unused(cdir, newest)
+            if removed:
+                logger.info("collection {}: unused snapshot generations {} removed", row.name, removed)
+        self.sweep()
+        return meta
+
+
+# --- the builder process --------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m retrieval.snapshot",
+        description="Build a collection's index snapshot (what workers start). The collection store is the "
+                    f"PostgreSQL database of ${LOCATION_ENV} when it is set (never on a command line: it may hold "
+                    "a password), else the SQLite store under --sqlite-dir (default: DATA_DIR).")
+    sub = ap.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="write a new generation of one collection's snapshot")
+    b.add_argument("data_dir", help="this host's data directory (its snapshots are under index/)")
+    b.add_argument("cid", type=int)
+    b.add_argument("--sqlite-dir", help="the SQLite store's directory (default: DATA_DIR)")
+    b.add_argument("--ivf-min-vectors", type=int, required=True)
+    b.add_argument("--stale-host-s", type=float, default=STALE_HOST_S)
+    b.add_argument("--busy-timeout-s", type=float, required=True)
+    b.add_argument("--timeout-s", type=float, default=5.0)
+    args = ap.parse_args(argv)
+    try:
+        os.nice(BUILD_NICE)
+    except OSError:
+        pass
+    from shm_protocol.config import Settings
+    from shm_protocol.errors import ConfigError
+    from shm_protocol.logs import configure_logging
+
+    try:
+        configure_logging(Settings.from_env(), component="snapshot-builder")
+    except ConfigError:
+        configure_logging(Settings(), component="snapshot-builder")
+    from .store import CollectionStore
+
+    location = os.environ.get(LOCATION_ENV) or args.sqlite_dir or args.data_dir
+    store = None
+    try:
+        # Two connections at most: the passages are read while the quantizer's training is written.
+        store = CollectionStore(location, None, ivf_min_vectors=args.ivf_min_vectors, pool_size=2,
+                                busy_timeout_s=args.busy_timeout_s, timeout_s=args.timeout_s,
+                                snapshot_dir=args.data_dir, snapshot_stale_host_s=args.stale_host_s)
+        store.snapshots.build(args.cid)
+        return 0
+    except BuildBusy:
+        return EXIT_BUSY
+    except Exception as exc:
+        typed = store.db.storage_error(exc, "building a snapshot") if store is not None else None
+        logger.error("collection {}: snapshot build failed: {}", args.cid, typed or exc)  # typed: no password
+        return 1
+    finally:
+        if store is not None:
+            store.close()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    # Run as a module this file is __main__, and the store imports it again as retrieval.snapshot:
+    # main() must be that module's, or its except clauses would name other classes than the ones raised.
+    from retrieval.snapshot import main as _main
+
+    sys.exit(_main())

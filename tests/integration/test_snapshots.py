@@ -1,0 +1,556 @@
+"""One copy of the vectors per host: index snapshots shared by worker
+processes, with real FAISS, real files, real builder and worker processes
+(no sidecar: the stores are written and searched with given vectors).
+
+The tests of what the database holds (answers, replay, rebuilds under
+searches, compaction, the floor, the schema) run against both stores: a
+SQLite data directory of their own, and a database of their own on the
+session's PostgreSQL cluster (tests/postgres.py) with a data directory per
+host. Memory sharing and killed builders are about the files and processes
+of one host, and run on SQLite only."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+import pytest
+
+from retrieval.database import is_postgres, store_status
+from retrieval.documents import Document
+from retrieval.errors import StorageUnavailable
+from retrieval.snapshot import (
+    BUILD_DIR,
+    HOST_FILE,
+    INDEX_DIR,
+    INDEX_FILE,
+    LOCK_FILE,
+    LayeredIndex,
+    build_running,
+    generation_dir,
+    generations,
+)
+from retrieval.sqlite_db import DB_FILE
+from retrieval.storage import NEWER
+from retrieval.store import CollectionStore
+from tests.helpers import REPO
+from tests.postgres import STORES
+from tests.snapshot_worker import LOCATION, VectorClient, served
+
+DIM = 32
+#: 293 MiB of float32 vectors: enough for sharing to show in PSS, few rows to write.
+BIG_N, BIG_DIM = 50_000, 1536
+NEVER = 10**9  # a delta threshold no test reaches: builds happen when the test says
+#: The PostgreSQL stores' URLs carry this password (the test cluster trusts loopback and ignores it):
+#: it must never show on a builder's command line or in its log.
+PASSWORD = "pw-snapshot-never-shown-51c2"
+
+
+@dataclass(frozen=True)
+class Where:
+    """A collection store, and one host's data directory (its snapshots)."""
+
+    location: str
+    data: Path
+
+    @property
+    def postgres(self) -> bool:
+        return is_postgres(self.location)
+
+    def host(self, data: Path) -> Where:
+        """Another host of the same store (SQLite has one host: a test's stand-in for one)."""
+        return Where(self.location, data)
+
+
+@pytest.fixture(params=STORES)
+def where(request, tmp_path) -> Where:
+    if request.param == "sqlite":
+        return Where(str(tmp_path), tmp_path)  # the store's directory is the host's data directory
+    parts = urlsplit(request.getfixturevalue("pg_url"))
+    url = urlunsplit(parts._replace(netloc=f"{parts.username}:{PASSWORD}@{parts.hostname}:{parts.port}"))
+    return Where(url, tmp_path / "host-a")
+
+
+def unit(rng, n: int, dim: int = DIM) -> np.ndarray:
+    v = rng.standard_normal((n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def docs(ids, per_doc: int = 1, metadata=None) -> list[Document]:
+    return [Document(i, "x" * per_doc, None, metadata(i) if metadata else {}, [(j, j + 1) for j in range(per_doc)])
+            for i in ids]
+
+
+def open_store(where: Where | Path, dim: int = DIM, **kwargs) -> CollectionStore:
+    if isinstance(where, Path):
+        where = Where(str(where), where)
+    return CollectionStore(where.location, VectorClient(dim), snapshot_dir=where.data, **kwargs)
+
+
+def cid_of(store: CollectionStore, name: str) -> int:
+    with store.db.read() as conn:
+        return store._row(conn, name).cid
+
+
+def sql(where: Where | Path, statement: str) -> list[tuple]:
+    """Rows of ``statement`` (no parameters) run straight on the store's database, around the store."""
+    location = where.location if isinstance(where, Where) else str(where)
+    if is_postgres(location):
+        import psycopg
+
+        with psycopg.connect(location, autocommit=True) as conn:
+            cur = conn.execute(statement)
+            return [tuple(r) for r in cur] if cur.description else []
+    db = sqlite3.connect(Path(location) / DB_FILE, isolation_level=None)
+    try:
+        return [tuple(r) for r in db.execute(statement)]
+    finally:
+        db.close()
+
+
+def changes(where, cid: int) -> list[int]:
+    return [r[0] for r in sql(where, f"SELECT seq FROM changes WHERE cid = {cid} ORDER BY seq")]
+
+
+def floor_of(store: CollectionStore, cid: int) -> int:
+    with store.db.read() as conn:
+        return store.db.log_state(conn, cid)[1]
+
+
+class Worker:
+    """A worker process searching the store (tests/snapshot_worker.py)."""
+
+    def __init__(self, where: Where | Path, dim: int, log, **kwargs):
+        if isinstance(where, Path):
+            where = Where(str(where), where)
+        self.log = log
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env[LOCATION] = where.location
+        kwargs.setdefault("snapshot_dir", str(where.data))
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "snapshot_worker.py"), str(dim), json.dumps(kwargs)],
+            cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("ab"), text=True)
+
+    def ask(self, timeout: float = 60, **cmd) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            raise TimeoutError(f"worker did not answer {cmd['op']}:\n{self.log.read_text()[-3000:]}")
+        line = self.proc.stdout.readline()
+        assert line, f"worker exited with {self.proc.wait()}:\n{self.log.read_text()[-3000:]}"
+        return json.loads(line)
+
+    def search(self, name: str, vector, top_k: int = 10, filter=None) -> dict:
+        return self.ask(op="search", name=name, vector=np.asarray(vector).tolist(), top_k=top_k, filter=filter)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"op": "exit"}) + "\n")
+                self.proc.stdin.flush()
+                self.proc.wait(20)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """A flat collection of BIG_N vectors of BIG_DIM and its first snapshot; (data dir, some stored vectors)."""
+    path = tmp_path_factory.mktemp("big")
+    store = open_store(path, BIG_DIM, snapshot_delta=NEVER)
+    store.create("big", {"index": "flat"})
+    rng = np.random.default_rng(3)
+    first = None
+    for a in range(0, BIG_N, 5000):
+        vectors = unit(rng, 5000, BIG_DIM)
+        first = vectors[:100:50] if first is None else first
+        store.write_embedded("big", docs([f"d{a + i}" for i in range(0, 5000, 50)], 50), vectors)
+    store.snapshots.build(cid_of(store, "big"))
+    store.close()
+    return path, first
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_a_snapshot_and_the_changes_since_answer_as_one_index(where, kind):
+    """Same ids and scores as a store without snapshots (today's exhaustive or
+    IVF index over the same passages and centroids), after adds, deletes and
+    replacements, filtered or not, and across a switch of generation; old
+    generations go once no process has them open; files are private."""
+    rng = np.random.default_rng(7)
+    writer = open_store(where, snapshots=False, nprobe=4)  # trains the IVF quantizer in the write, as before
+
+    def meta(doc_id):
+        return {"g": int(doc_id[1:]) % 5}
+
+    writer.create("kb", {"index": kind})
+    writer.write_embedded("kb", docs([f"a{i}" for i in range(1500)], 2, meta), unit(rng, 3000))
+    shared = open_store(where, nprobe=4, snapshot_delta=NEVER)
+    cid = cid_of(shared, "kb")
+    old_umask = os.umask(0o022)
+    try:
+        assert shared.snapshots.build(cid)["kind"] == kind
+    finally:
+        os.umask(old_umask)
+    root = shared.snapshots.root
+    cdir = root / str(cid)
+    assert root == where.data / INDEX_DIR if not where.postgres else root.parent == where.data / INDEX_DIR
+    for p in (where.data, root, cdir, generation_dir(cdir, 1)):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o700, p
+    for p in (root / HOST_FILE, cdir / LOCK_FILE, *generation_dir(cdir, 1).iterdir()):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    queries = unit(rng, 12)
+
+    def answers_as_one_index():
+        plain = open_store(where, snapshots=False, nprobe=4)  # a process without snapshots, loading now
+        try:
+            for q in queries:
+                for top_k, flt in ((10, None), (200, None), (10, {"g": 3}), (5, {"g": [1, 2]}), (3, {"g": 9})):
+                    want = plain.search_vector("kb", q, top_k, flt)
+                    got = shared.search_vector("kb", q, top_k, flt)
+                    assert [r["id"] for r in got] == [r["id"] for r in want]
+                    assert np.allclose([r["score"] for r in got], [r["score"] for r in want], atol=1e-6)
+            count = plain.info("kb")["passages"]
+            assert shared._loaded["kb"].index.ntotal == count == plain._loaded["kb"].index.ntotal
+        finally:
+            plain.close()
+
+    answers_as_one_index()
+    assert isinstance(shared._loaded["kb"].index, LayeredIndex) and served(shared, "kb")[0] == 1
+    writer.write_embedded("kb", docs([f"b{i}" for i in range(300)], 2, meta), unit(rng, 600))  # adds
+    for i in range(0, 1500, 30):
+        writer.delete_document("kb", f"a{i}")  # snapshot passages hidden
+    writer.write_embedded("kb", docs([f"a{i}" for i in range(1, 200, 2)], 2, meta), unit(rng, 200))  # replaced
+    writer.delete_document("kb", "b5")  # passages of the delta removed
+    answers_as_one_index()
+    layered = shared._loaded["kb"].index
+    assert layered.delta.ntotal == 600 + 200 - 2 and len(layered.hidden) == 2 * (50 + 100)
+    assert served(shared, "kb")[0] == 1  # all of it without a rebuild
+    del layered
+
+    assert shared.snapshots.build(cid)["generation"] == 2
+    assert generations(cdir) == [1, 2]  # generation 1 is still open in `shared`
+    answers_as_one_index()
+    assert served(shared, "kb")[0] == 2 and shared._loaded["kb"].index.pending == 0
+    assert shared.snapshots.build(cid) is None  # nothing new: no generation; generation 1 is free now
+    assert generations(cdir) == [2]
+    writer.close()
+    shared.close()
+
+
+def test_worker_processes_share_one_copy_of_the_vectors(big, tmp_path):
+    from _common import pss_mb, rss_mb  # bench/_common, on the path through tests.helpers
+
+    path, probes = big
+    copy_mb = BIG_N * BIG_DIM * 4 / 2**20
+    workers = [Worker(path, BIG_DIM, tmp_path / f"w{i}.log", snapshot_delta=NEVER) for i in range(4)]
+    try:
+        for w in workers:
+            answer = w.search("big", probes[0], 3)  # a flat search reads every vector
+            assert answer["results"][0][0] == "d0" and answer["generation"] is not None
+        pss = [pss_mb(w.proc.pid) for w in workers]
+        rss = [rss_mb(w.proc.pid) for w in workers]
+    finally:
+        for w in workers:
+            w.close()
+    private = Worker(path, BIG_DIM, tmp_path / "private.log", snapshots=False)  # today's: a copy of its own
+    try:
+        assert private.search("big", probes[0], 3)["results"][0][0] == "d0"
+        private_pss = pss_mb(private.proc.pid)
+    finally:
+        private.close()
+    print(f"\none copy of the vectors: {copy_mb:.0f} MiB; 4 workers on the snapshot: PSS "
+          f"{' + '.join(f'{p:.0f}' for p in pss)} = {sum(pss):.0f} MiB (RSS {min(rss):.0f}-{max(rss):.0f} each); "
+          f"a worker without snapshots: PSS {private_pss:.0f} MiB")
+    assert min(rss) > copy_mb  # each one maps every page of the vectors and has read them...
+    assert sum(pss) < 2 * copy_mb  # ...and the four hold about one copy between them (four copies: > 4x)
+    assert private_pss > copy_mb
+
+
+def test_a_write_is_visible_to_the_next_search_of_another_process_before_any_rebuild(where, tmp_path):
+    rng = np.random.default_rng(5)
+    store = open_store(where, snapshot_delta=NEVER)
+    store.create("kb", {"index": "flat"})
+    vectors = unit(rng, 2000)
+    store.write_embedded("kb", docs([f"a{i}" for i in range(2000)]), vectors)
+    cid = cid_of(store, "kb")
+    store.snapshots.build(cid)
+    worker = Worker(where, DIM, tmp_path / "worker.log", snapshot_delta=NEVER)
+    try:
+        assert worker.search("kb", vectors[3], 1)["generation"] == 1
+        fresh, moved = unit(rng, 2)
+        store.write_embedded("kb", docs(["fresh"]), fresh[None])
+        store.delete_document("kb", "a3")
+        store.write_embedded("kb", docs(["a4"]), moved[None])  # replaced: a new vector
+        answer = worker.search("kb", fresh, 1)
+        assert answer["results"][0][0] == "fresh" and answer["results"][0][1] == pytest.approx(1.0, abs=1e-5)
+        assert "a3" not in [r[0] for r in worker.search("kb", vectors[3], 50)["results"]]
+        near_old = worker.search("kb", vectors[4], 2000)["results"]
+        assert dict(near_old)["a4"] == pytest.approx(float(moved @ vectors[4]), abs=1e-5)
+        assert worker.search("kb", moved, 1)["results"][0] == ["a4", pytest.approx(1.0, abs=1e-5)]
+        assert answer["generation"] == 1 and generations(store.snapshots.collection_dir(cid)) == [1]  # no rebuild
+    finally:
+        worker.close()
+        store.close()
+
+
+def test_rebuilds_under_concurrent_searches_never_answer_wrong(where):
+    """Searches in threads of one worker while another process writes and
+    the worker's own builder processes write new generations (and compact
+    the log): every document whose write returned before a search began is
+    found by its vector, and no document whose delete returned before is
+    ever in an answer."""
+    rng = np.random.default_rng(11)
+    writer = open_store(where, snapshots=False)
+    writer.create("live", {"index": "flat"})
+    base = unit(rng, 2000)
+    writer.write_embedded("live", docs([f"a{i}" for i in range(2000)]), base)
+    reader = open_store(where, snapshot_delta=150)  # asks for a build every 150 changes
+    reader.snapshots.build_pause_s = 0.2
+    known = {f"a{i}": base[i] for i in range(2000)}  # documents whose write returned, and their vectors
+    gone: set[str] = set()  # documents whose delete returned
+    busy: set[str] = set()  # documents being written or deleted now
+    lock = threading.Lock()
+    errors: list[str] = []
+    seen_generations: set = set()
+    searches = [0]
+    stop = threading.Event()
+
+    def search_loop(seed: int) -> None:
+        r = np.random.default_rng(seed)
+        while not stop.is_set():
+            with lock:
+                ids = [d for d in known if d not in busy]
+                dead = set(gone)
+                doc = ids[int(r.integers(len(ids)))]
+                vector = known[doc]
+            try:
+                got = [x["id"] for x in reader.search_vector("live", vector, 10)]
+            except Exception as exc:
+                errors.append(f"search failed: {exc!r}")
+                return
+            with lock:
+                unchanged = doc not in busy and known.get(doc) is vector
+            if unchanged and (not got or got[0] != doc):
+                errors.append(f"{doc} not found first: {got[:3]}")
+            if dead & set(got):
+                errors.append(f"deleted documents answered: {dead & set(got)}")
+            seen_generations.add(served(reader, "live")[0])
+            searches[0] += 1
+
+    threads = [threading.Thread(target=search_loop, args=(s,)) for s in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 40
+        round_ = 0
+        while time.monotonic() < deadline and (len(seen_generations - {None}) < 3 or round_ < 8) and not errors:
+            new_ids = [f"n{round_}-{i}" for i in range(60)]
+            new_vectors = unit(rng, 60)
+            writer.write_embedded("live", docs(new_ids), new_vectors)
+            with lock:
+                known.update(zip(new_ids, new_vectors))
+                victims = [str(d) for d in rng.choice(sorted(known), 12, replace=False)]
+                busy.update(victims)
+            for d in victims[:8]:
+                writer.delete_document("live", d)
+            replaced = unit(rng, 4)
+            writer.write_embedded("live", docs(victims[8:]), replaced)
+            with lock:
+                for d in victims[:8]:
+                    known.pop(d)
+                    gone.add(d)
+                known.update(zip(victims[8:], replaced))
+                gone.difference_update(victims[8:])
+                busy.clear()
+            round_ += 1
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        reader.close()
+        writer.close()
+    assert not errors, errors[:5]
+    assert len(seen_generations - {None}) >= 3, seen_generations  # it switched generations while searching
+    assert searches[0] > 100
+
+
+def test_a_builder_killed_mid_build_leaves_the_old_snapshot_serving(big, tmp_path):
+    path, _ = big
+    rng = np.random.default_rng(9)
+    store = open_store(path, BIG_DIM, snapshot_delta=NEVER)
+    cid = cid_of(store, "big")
+    cdir = store.snapshots.collection_dir(cid)
+    before = generations(cdir)
+    fresh = unit(rng, 1, BIG_DIM)
+    store.write_embedded("big", docs(["fresh"]), fresh)  # something a new generation would hold
+    log = tmp_path / "builder.log"
+    builder = subprocess.Popen(store.snapshots.build_command(cid), cwd=REPO, env=store.snapshots.build_env(),
+                               stderr=log.open("wb"))
+    deadline = time.monotonic() + 60
+    while not (cdir / BUILD_DIR / INDEX_FILE).exists():  # it is writing the new generation
+        assert builder.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    builder.send_signal(signal.SIGKILL)
+    builder.wait()
+    assert generations(cdir) == before and (cdir / BUILD_DIR).exists()  # the half generation is not one
+    assert not build_running(cdir)  # the kernel released its lock
+    worker = open_store(path, BIG_DIM, snapshot_delta=NEVER)
+    try:
+        best = worker.search_vector("big", fresh[0], 1)[0]
+        assert best["id"] == "fresh" and served(worker, "big")[0] == before[-1]
+        meta = store.snapshots.build(cid)  # a later build succeeds and clears what the killed one left
+        assert meta["generation"] == before[-1] + 1 and not (cdir / BUILD_DIR).exists()
+        assert worker.search_vector("big", fresh[0], 1)[0]["id"] == "fresh"
+        assert served(worker, "big")[0] == meta["generation"]
+    finally:
+        worker.close()
+        store.close()
+
+
+def test_compaction_deletes_only_what_every_live_host_covers(where, tmp_path):
+    """Each host records what its snapshot covers; the log is compacted up to
+    the smallest mark of the hosts seen within the horizon, the floor raised
+    first; marks and floor go with their collection."""
+    rng = np.random.default_rng(2)
+    here = open_store(where, snapshot_delta=NEVER)
+    here.create("kb", {"index": "flat"})
+    cid = cid_of(here, "kb")
+    other = open_store(where.host(tmp_path / "host-b"), snapshot_delta=NEVER)  # another host of the same store
+    assert other.snapshots.host != here.snapshots.host
+
+    def write(n: int) -> int:
+        here.write_embedded("kb", docs([f"d{rng.integers(1 << 40)}" for _ in range(n)]), unit(rng, n))
+        return max(changes(where, cid))
+
+    first = write(100)
+    other.snapshots.mark_and_compact(cid, first - 60)  # the only live mark: up to it goes
+    assert min(changes(where, cid)) == first - 59 and floor_of(here, cid) == first - 60
+    last = write(50)
+    here.snapshots.build(cid)  # this host covers everything, host B does not: nothing more goes
+    assert changes(where, cid)[0] == first - 59 and floor_of(here, cid) == first - 60
+    other.snapshots.mark_and_compact(cid, first + 20)  # B caught up partly
+    assert changes(where, cid)[0] == first + 21 and changes(where, cid)[-1] == last
+    sql(where, f"UPDATE snapshot_marks SET updated = updated - {here.snapshots.stale_host_s + 60} "
+               f"WHERE host = '{other.snapshots.host}'")  # B has been away past the horizon
+    last = write(10)
+    here.snapshots.build(cid)
+    assert changes(where, cid) == [] and floor_of(here, cid) == last
+    marks = dict(sql(where, f"SELECT host, seq FROM snapshot_marks WHERE cid = {cid}"))
+    assert marks == {here.snapshots.host: last, other.snapshots.host: first + 20}
+    other.snapshots.mark_and_compact(cid, first + 30)  # a host back from away never lowers the floor
+    assert floor_of(here, cid) == last
+    here.delete("kb")  # marks and floor go with the collection
+    assert sql(where, "SELECT count(*) FROM snapshot_marks") == [(0,)]
+    assert sql(where, "SELECT count(*) FROM change_floor") == [(0,)]
+    here.close()
+    other.close()
+
+
+def test_a_worker_behind_the_compaction_reloads_from_the_tables(where, tmp_path, capfd):
+    """A process without snapshots, and a worker of a host whose snapshot is
+    older than the log's floor (away past the horizon while another host
+    compacted), cannot replay what they missed: they load the tables, answer
+    what a fresh store answers, and the worker asks for a new generation,
+    which its builder process writes (reaching the store without the URL's
+    password on its command line or in its log)."""
+    rng = np.random.default_rng(4)
+    writer = open_store(where, snapshots=False)
+    writer.create("kb", {"index": "flat"})
+    vectors = unit(rng, 300)
+    writer.write_embedded("kb", docs([f"a{i}" for i in range(300)]), vectors)
+    cid = cid_of(writer, "kb")
+    here = open_store(where, snapshot_delta=NEVER)
+    here.snapshots.build(cid)  # this host's snapshot: the changes up to 300
+    plain = open_store(where, snapshots=False)
+    plain.search_vector("kb", vectors[0], 1)  # applied the changes up to 300
+    added = unit(rng, 50)
+    writer.write_embedded("kb", docs([f"b{i}" for i in range(50)]), added)
+    for i in range(10):
+        writer.delete_document("kb", f"a{i}")
+    writer.write_embedded("kb", docs(["a10"]), unit(rng, 1))
+    sql(where, "UPDATE snapshot_marks SET updated = 0")  # this host was away...
+    other = open_store(where.host(tmp_path / "host-b"), snapshot_delta=NEVER)
+    last = max(changes(where, cid))
+    other.snapshots.mark_and_compact(cid, last)  # ...while another host compacted everything
+    assert changes(where, cid) == []
+    worker = open_store(where, snapshot_delta=20)  # a worker of this host starting now
+    reference = open_store(where, snapshots=False)
+    for store in (plain, worker):
+        for q in (vectors[0], vectors[10], vectors[11], added[7]):
+            want = reference.search_vector("kb", q, 20)
+            assert [r["id"] for r in store.search_vector("kb", q, 20)] == [r["id"] for r in want]
+        assert store._loaded["kb"].seq == last and store._loaded["kb"].index.ntotal == 340
+    assert served(worker, "kb")[0] is None  # not generation 1 plus a replay: that would miss the changes
+    capfd.readouterr()
+    worker.snapshots.join()  # it asked for a build (it holds more than 20 passages of its own)
+    assert worker.search_vector("kb", added[7], 1)[0]["id"] == "b7"
+    assert served(worker, "kb") == (2, last)
+    builder_log = capfd.readouterr().err  # the builder process writes its log to the worker's stderr
+    assert "snapshot generation 2 written" in builder_log
+    argv = worker.snapshots.build_command(cid)
+    assert PASSWORD not in " ".join(argv) and PASSWORD not in builder_log
+    if where.postgres:
+        assert worker.snapshots.build_env()["SHM_EMBED_COLLECTIONS_URL"] == where.location
+    for store in (writer, here, plain, other, worker, reference):
+        store.close()
+
+
+def test_a_database_without_the_snapshot_tables_is_migrated_and_a_newer_one_refused(where):
+    """An existing database of schema version 1 (before snapshots) gets the
+    new tables when a store opens it; one of a newer version than this code
+    knows is refused (as an older service refuses one with snapshots)."""
+    if where.postgres:
+        import psycopg
+
+        from retrieval.postgres_db import MIGRATIONS, SCHEMA_TABLE, SCHEMA_VERSION
+
+        with psycopg.connect(where.location, autocommit=True) as conn, conn.transaction():
+            conn.execute(MIGRATIONS[0])
+            conn.execute(f"CREATE TABLE {SCHEMA_TABLE} (version integer PRIMARY KEY, "
+                         "applied timestamptz NOT NULL DEFAULT now())")
+            conn.execute(f"INSERT INTO {SCHEMA_TABLE} (version) VALUES (1)")
+            conn.execute("INSERT INTO collections (name, model, dim, options, created) "
+                         "VALUES ('old', 'test-vectors', 32, '{\"index\": \"flat\"}', 1)")
+        version = f"SELECT max(version) FROM {SCHEMA_TABLE}"
+        newer = f"INSERT INTO {SCHEMA_TABLE} (version) VALUES ({SCHEMA_VERSION + 1})"
+    else:
+        from retrieval.sqlite_db import SCHEMA, SCHEMA_VERSION
+
+        v1 = SCHEMA.split("-- Per host and collection")[0] + "PRAGMA user_version = 1;"
+        where.data.mkdir(exist_ok=True)
+        db = sqlite3.connect(where.data / DB_FILE)
+        db.executescript(v1)
+        db.execute("INSERT INTO collections (name, model, dim, options, created) "
+                   "VALUES ('old', 'test-vectors', 32, '{\"index\": \"flat\"}', 1)")
+        db.commit()
+        db.close()
+        version = "PRAGMA user_version"
+        newer = f"PRAGMA user_version = {SCHEMA_VERSION + 1}"
+    assert sql(where, version) == [(1,)]
+    store = open_store(where, snapshot_delta=NEVER)
+    assert sql(where, version) == [(SCHEMA_VERSION,)] and SCHEMA_VERSION == 2
+    cid = cid_of(store, "old")
+    store.write_embedded("old", docs(["a", "b"]), unit(np.random.default_rng(1), 2))
+    assert store.snapshots.build(cid)["ntotal"] == 2  # the marks and the floor are there
+    assert floor_of(store, cid) == 2 and changes(where, cid) == []
+    store.close()
+    sql(where, newer)
+    with pytest.raises(StorageUnavailable) as caught:
+        open_store(where)
+    assert caught.value.reason == NEWER[0]
+    assert store_status(where.location) == (False, f"collection store unavailable: {NEWER[0]}")  # /ready
