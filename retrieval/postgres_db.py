@@ -72,7 +72,7 @@ from psycopg.conninfo import conninfo_to_dict
 from shm_protocol.errors import ConfigError, InvalidInput
 from shm_protocol.logs import RateLimitedLog
 
-from .database import OP_ADD, OP_DEL, CollectionRow, Database, FilterKey, all_of, redact, url_password
+from .database import OP_ADD, OP_DEL, CollectionRow, Database, FilterKey, all_of, ambiguous_url, redact, url_secrets
 from .errors import StorageBusy, StorageUnavailable
 from .storage import CANNOT_OPEN, CORRUPT, FULL, IO, NEWER
 
@@ -190,13 +190,11 @@ if _pool_log.level == logging.NOTSET:
 
 
 class _Scrubbed:
-    """Removes a URL's password from text (libpq quotes parts of a URL it cannot parse)."""
+    """Removes a URL's password from text, in every form it has (libpq quotes
+    parts of a URL it cannot parse; a server may quote a parameter)."""
 
     def __init__(self, url: str):
-        from urllib.parse import unquote
-
-        raw = url_password(url)
-        self._secrets = [s for s in {raw, unquote(raw) if raw else None} if s]
+        self._secrets = url_secrets(url)
 
     def __call__(self, text: Any) -> str:
         text = str(text)
@@ -242,6 +240,9 @@ class PostgresDatabase(Database):
         self.url = url
         self.where = redact(url)
         self._scrub = _Scrubbed(url)
+        if ambiguous_url(url):
+            raise ConfigError(f"SHM_EMBED_COLLECTIONS_URL={self.where}: an '@' or '/' in the user name or password "
+                              "must be percent-encoded (%40, %2F)")
         try:
             conninfo_to_dict(url)
         except Exception as exc:  # whatever libpq says, without the password
@@ -580,6 +581,8 @@ def store_status(url: str) -> tuple[bool, str]:
     this service knows; (False, reason) otherwise. One short connection of its
     own (never the workers' pools), a query or two; creates nothing."""
     scrub = _Scrubbed(url)
+    if ambiguous_url(url):
+        return False, "collection store unavailable: the database cannot be read"
     try:
         with psycopg.connect(url, connect_timeout=STATUS_TIMEOUT_S, autocommit=True,
                              fallback_application_name=APPLICATION_NAME) as conn:
