@@ -188,13 +188,14 @@ class Database:
         raise NotImplementedError
 
     # --- snapshots: consistent reads, builds, marks and compaction (retrieval.snapshot) ---------
-    def consistent(self, conn) -> AbstractContextManager[None]:
+    def consistent(self, conn, *, bulk: bool = False) -> AbstractContextManager[None]:
         """One read-only transaction on ``conn`` (a connection of ``read()``):
         every statement inside sees the same committed state while writers go
         on. A worker reads the log's floor and replays the log inside one, so
         that a compaction cannot slip between the two; a builder reads the
-        passages and the sequence number they are at inside one. Never a
-        write inside it."""
+        passages and the sequence number they are at inside one (``bulk``: as
+        long as that takes, without the time limits of a request's statements
+        and transactions). Never a write inside it."""
         raise NotImplementedError
 
     def log_state(self, conn, cid: int) -> tuple[int, int]:

@@ -883,7 +883,7 @@ class SnapshotManager:
             kind = "flat" if centroids is None else "ivf"
             meta = None
             # The passages exactly as the changes up to seq left them.
-            with db.read() as conn, db.consistent(conn):
+            with db.read() as conn, db.consistent(conn, bulk=True):
                 last, floor = db.log_state(conn, cid)
                 seq = max(last, floor)
                 current = bool(gens) and _covers(cdir, gens[-1], row, seq, kind, trained_at)
