@@ -264,9 +264,13 @@ class CollectionStore:
     @_guarded
     def delete(self, name: str) -> None:
         with self.db.write() as conn:
-            self.db.drop_collection(conn, self._row(conn, name, check_model=False).cid)
+            cid = self._row(conn, name, check_model=False).cid
+            self.db.drop_collection(conn, cid)
         with self._lock:
             self._loaded.pop(name, None)
+        if self.snapshots is not None:
+            # Now, not at some later sweep: processes that still map its files keep their data until they unmap.
+            self.snapshots.remove_collection(cid)
         logger.info("collection {} deleted", name)
 
     # --- documents ------------------------------------------------------------------
