@@ -46,14 +46,19 @@ def test_a_url_libpq_would_misread_is_not_shown_at_all(url, secret):
     assert any(secret in s for s in url_secrets(url))
 
 
-def test_the_password_never_shows_in_errors_or_logs_in_any_form():
+def test_the_password_never_shows_in_errors_or_logs_in_any_form(monkeypatch):
     """A server that cannot be reached (no server here: a closed port), and URLs that
     cannot be used: the store's errors, /ready's reason and every log line are free of each secret."""
     from loguru import logger
 
+    import retrieval.postgres_db as pgdb
     from retrieval.errors import StorageUnavailable
     from retrieval.postgres_db import PostgresDatabase, store_status
+    from shm_protocol.logs import RateLimitedLog
     from tests.helpers import free_port
+
+    for name in ("_unreachable_log", "_status_log"):  # every line, whatever other tests logged before
+        monkeypatch.setattr(pgdb, name, RateLimitedLog(0.0))
 
     port = free_port()
     urls = {f"postgresql://someone:Se#cret-1@127.0.0.1:{port}/db": "Se#cret-1",
