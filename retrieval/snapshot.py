@@ -637,7 +637,7 @@ class SnapshotManager:
             st.dir_key = key if time.time() - info.st_mtime > RACY_S else None
         return st.newest
 
-    def refresh(self, lo, floor: int, row) -> bool:
+    def refresh(self, lo, floor: int, row, last: int | None = None) -> bool:
         """Serve ``lo`` (the store's per-collection state of collection ``row``)
         from the newest usable generation: a newer one replaces its index with
         a fresh layered index and sets its sequence number to the snapshot's,
@@ -656,6 +656,13 @@ class SnapshotManager:
             return layered
         except SnapshotUnusable as exc:
             logger.error("collection {}: snapshot not used: {}", name, exc)
+            st.rejected = newest
+            return layered
+        if last is not None and snap.seq > max(last, floor):
+            # The database is behind the snapshot: restored from a backup. Its state wins; a rebuild follows.
+            logger.error("collection {}: snapshot generation {} covers the changes up to {}, but the database's "
+                         "log ends at {} (restored from a backup?): reading the tables instead", name, newest,
+                         snap.seq, max(last, floor))
             st.rejected = newest
             return layered
         if snap.seq < floor:

@@ -398,7 +398,11 @@ class CollectionStore:
             # One state of the database: a compaction cannot slip between reading the floor and the replay.
             with self.db.consistent(conn):
                 last, floor = self.db.log_state(conn, cid)
-                shared = self.snapshots is not None and self.snapshots.refresh(lo, floor, row)
+                if lo.seq > max(last, floor):  # the log went back (a database restored from a backup): start over
+                    logger.warning("collection {}: applied changes up to {}, but the log ends at {}: loading again",
+                                   name, lo.seq, max(last, floor))
+                    lo.index, lo.seq = PassageIndex(dim, nprobe=self.nprobe), 0
+                shared = self.snapshots is not None and self.snapshots.refresh(lo, floor, row, last)
                 # "flat" never trains
                 if not shared and lo.index.kind == "flat" and row.options.get("index") != "flat":
                     cent = self.db.centroids(conn, cid)

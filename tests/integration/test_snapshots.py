@@ -642,3 +642,34 @@ def test_a_collection_deleted_during_a_build_leaves_nothing_and_the_build_succee
     finally:
         other.close()
         store.close()
+
+
+def test_a_database_restored_from_a_backup_is_not_hidden_by_a_newer_snapshot(tmp_path):
+    """The database goes back to a backup while index/ stays: a generation covering changes
+    the restored log never had is refused (and rebuilt), so writes after the restore are found."""
+    rng = np.random.default_rng(14)
+    store = open_store(tmp_path, snapshot_delta=NEVER)
+    store.create("kb", {"index": "flat"})
+    store.write_embedded("kb", docs([f"a{i}" for i in range(50)]), unit(rng, 50))
+    backup = sqlite3.connect(tmp_path / "backup.sqlite3")
+    live = sqlite3.connect(tmp_path / DB_FILE)
+    live.backup(backup)
+    store.write_embedded("kb", docs([f"b{i}" for i in range(50)]), unit(rng, 50))
+    cid = cid_of(store, "kb")
+    store.snapshots.build(cid)
+    store.search_vector("kb", unit(rng, 1)[0], 3)
+    assert served(store, "kb") == (1, 100)
+    backup.backup(live)  # the operator restores the backup; index/ stays
+    live.close()
+    backup.close()
+    fresh = unit(rng, 1)
+    try:
+        store.write_embedded("kb", docs(["after-restore"]), fresh)
+        for s in (store, open_store(tmp_path, snapshot_delta=NEVER)):  # a running worker and a new one
+            assert s.search_vector("kb", fresh[0], 1)[0]["id"] == "after-restore"
+            assert served(s, "kb")[0] is None and s._loaded["kb"].index.ntotal == 51
+            if s is not store:
+                s.close()
+        assert store.snapshots.build(cid)["seq"] == 51  # the builder does not take generation 1 for current
+    finally:
+        store.close()
