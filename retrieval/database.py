@@ -188,13 +188,14 @@ class Database:
         raise NotImplementedError
 
     # --- snapshots: consistent reads, builds, marks and compaction (retrieval.snapshot) ---------
-    def consistent(self, conn) -> AbstractContextManager[None]:
+    def consistent(self, conn, *, bulk: bool = False) -> AbstractContextManager[None]:
         """One read-only transaction on ``conn`` (a connection of ``read()``):
         every statement inside sees the same committed state while writers go
         on. A worker reads the log's floor and replays the log inside one, so
         that a compaction cannot slip between the two; a builder reads the
-        passages and the sequence number they are at inside one. Never a
-        write inside it."""
+        passages and the sequence number they are at inside one (``bulk``: as
+        long as that takes, without the time limits of a request's statements
+        and transactions). Never a write inside it."""
         raise NotImplementedError
 
     def log_state(self, conn, cid: int) -> tuple[int, int]:
@@ -258,18 +259,101 @@ def is_postgres(location: str | os.PathLike) -> bool:
     return isinstance(location, str) and location.startswith(POSTGRES_SCHEMES)
 
 
-_PASSWORD = re.compile(r"(?P<head>[a-z]+://[^:/@?#]*:)(?P<password>[^@/?#]*)@", re.IGNORECASE)
+#: Connection parameters that are secrets: never shown.
+_SECRET_KEYS = ("password", "sslpassword")
+
+
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0] + "://" if "://" in url else ""
+
+
+def ambiguous_url(url: str) -> bool:
+    """Whether libpq would read a ``postgresql://`` URL's credentials other than
+    as written: an ``@`` or ``/`` left unencoded in the user or password makes
+    it take part of the password for a host, port or database name (which it
+    would then quote in its messages)."""
+    rest = url.split("://", 1)[1] if "://" in url else url
+    authority, slash, path = rest.partition("/")  # libpq looks for the '@' up to the first '/'
+    if authority.count("@") > 1:
+        return True
+    # No '@' before the first '/', but one further on before the query: a '/' in the password.
+    return "@" not in authority and "@" in path.split("?", 1)[0]
 
 
 def redact(url: str) -> str:
-    """A database URL with its password replaced by ``***`` (for logs and messages)."""
-    return _PASSWORD.sub(lambda m: f"{m.group('head')}***@", url)
+    """A database URL without its password, for logs and messages: rebuilt
+    from what libpq reads in it (so a password with ``#``, ``?`` or ``@``, or
+    given as ``?password=``, is never part of it), ``***`` where a password
+    was given. A URL libpq cannot read, or would read ambiguously, is shown
+    as its scheme and ``***`` only."""
+    from urllib.parse import quote
+
+    from psycopg.conninfo import conninfo_to_dict
+
+    scheme = _scheme(url)
+    if ambiguous_url(url):
+        return f"{scheme}***"
+    try:
+        info = {k: str(v) for k, v in conninfo_to_dict(url).items()}
+    except Exception:  # libpq's message may quote the URL: nothing of it is shown
+        return f"{scheme}***"
+    hidden = any([info.pop(k, None) is not None for k in _SECRET_KEYS])  # a list: pop every one
+    user, host, port, dbname = (info.pop(k, "") for k in ("user", "host", "port", "dbname"))
+    if "/" in host or "," in host or "," in port:  # a socket folder, several hosts: as parameters
+        info = {"host": host, **({"port": port} if port else {}), **info}
+        host = port = ""
+    netloc = f"[{host}]" if ":" in host else quote(host, safe=".-_")
+    if port:
+        netloc += f":{quote(port, safe='')}"
+    if user or hidden:
+        netloc = quote(user, safe="") + (":***" if hidden else "") + "@" + netloc
+    shown = f"{scheme}{netloc}" + (f"/{quote(dbname, safe='')}" if dbname else "")
+    if info:
+        shown += "?" + "&".join(f"{k}={quote(v, safe='/:,')}" for k, v in info.items())
+    return shown
+
+
+def url_secrets(url: str) -> list[str]:
+    """Every form of the secrets in a database URL that a message could quote:
+    the password as libpq reads it, as written in the URL (percent-encoded,
+    in its user part or in a ``password=`` parameter), and, for an ambiguous
+    URL, everything between its scheme and its last ``@``. Longest first."""
+    from urllib.parse import unquote
+
+    from psycopg.conninfo import conninfo_to_dict
+
+    found = set()
+    try:
+        # An ambiguous URL is never connected to: libpq's reading of it (a piece of the password) is not needed.
+        info = {} if ambiguous_url(url) else conninfo_to_dict(url)
+    except Exception:
+        info = {}
+    found.update(str(info[k]) for k in _SECRET_KEYS if info.get(k))
+    rest = url.split("://", 1)[1] if "://" in url else url
+    authority = rest.split("/", 1)[0]
+    if "@" in authority:
+        userinfo = authority.split("@", 1)[0]
+        if ":" in userinfo:
+            found.add(userinfo.split(":", 1)[1])
+    if ambiguous_url(url) and "@" in rest:
+        found.add(rest.rsplit("@", 1)[0])
+        userinfo = rest.rsplit("@", 1)[0]
+        if ":" in userinfo:
+            found.add(userinfo.split(":", 1)[1])
+    for m in re.finditer(r"[?&](?:ssl)?password=([^&]*)", url):
+        found.add(m.group(1))
+    found |= {unquote(s) for s in found}
+    return sorted((s for s in found if s), key=len, reverse=True)
 
 
 def url_password(url: str) -> str | None:
-    """The password as written in a database URL (percent-encoded), or None."""
-    m = _PASSWORD.match(url)
-    return m.group("password") if m and m.group("password") else None
+    """The password of a database URL as libpq reads it (decoded), or None."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        return conninfo_to_dict(url).get("password") or None
+    except Exception:
+        return None
 
 
 def location_of(settings) -> str:

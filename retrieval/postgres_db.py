@@ -16,7 +16,13 @@ connections would end the parent's sessions) while a new one is opened.
 Connections run in autocommit, so a read sees the latest commit; a write is
 one explicit transaction (``synchronous_commit`` as the server says, on by
 default: durable when it returns). A request waits at most
-``SHM_EMBED_COLLECTIONS_TIMEOUT_S`` for a connection; a server that is down,
+``SHM_EMBED_COLLECTIONS_TIMEOUT_S`` for a connection, a statement runs
+``STATEMENT_TIMEOUTS`` times that at most (``statement_timeout``, never below
+the lock wait), and a client waits for any answer a little longer than that
+(:class:`_Connection`; TCP keepalives and ``tcp_user_timeout`` are on as
+well): a server that is frozen or cut off fails a request in bounded time.
+A builder's long read and a collection's deletion go without those limits
+(:meth:`PostgresDatabase.unbounded`). A server that is down,
 restarting, full or refusing us is a typed StorageUnavailable (HTTP 503 with
 Retry-After and a short reason: never the URL or its password, which only
 ever appears in logs as ``***``). After a connection fails, the pool's idle
@@ -72,7 +78,7 @@ from psycopg.conninfo import conninfo_to_dict
 from shm_protocol.errors import ConfigError, InvalidInput
 from shm_protocol.logs import RateLimitedLog
 
-from .database import OP_ADD, OP_DEL, CollectionRow, Database, FilterKey, all_of, redact, url_password
+from .database import OP_ADD, OP_DEL, CollectionRow, Database, FilterKey, all_of, ambiguous_url, redact, url_secrets
 from .errors import StorageBusy, StorageUnavailable
 from .storage import CANNOT_OPEN, CORRUPT, FULL, IO, NEWER
 
@@ -92,7 +98,10 @@ _REASONS = {
 }
 #: Waits that another writer or the server ended: the write may be tried again (StorageBusy, 503).
 _BUSY = {"55P03": "another writer held the collection too long", "40001": "a conflicting write",
-         "40P01": "a deadlock", "57014": "the statement was cancelled"}
+         "40P01": "a deadlock", "57014": "the statement was cancelled",
+         # The server ended a session whose transaction stalled (a worker or builder stopped, swapped out):
+         # the connection is gone, the pool drops it, and the request may be tried again.
+         "25P03": "a transaction was left idle too long", "25P04": "a transaction ran too long"}
 
 #: Schema changes, in order; the version of a database is how many it has had.
 MIGRATIONS: tuple[str, ...] = (
@@ -167,6 +176,12 @@ SCHEMA_TABLE = "shm_embed_schema"
 
 #: A transaction left idle this long by a stopped worker is ended by the server (its locks with it).
 IDLE_IN_TRANSACTION_S = 60
+#: A statement runs at most this many times SHM_EMBED_COLLECTIONS_TIMEOUT_S (and never less than the
+#: busy timeout plus it, so that a writer waiting for a collection's lock gets its own error first):
+#: the server cancels it (57014, StorageBusy).
+STATEMENT_TIMEOUTS = 4
+#: TCP keepalive probes before a silent peer is declared dead (libpq's keepalives_count).
+KEEPALIVE_PROBES = 3
 #: Connections a pool keeps open while idle.
 POOL_MIN = 1
 #: libpq waits at least this long for a connection (its minimum).
@@ -190,19 +205,47 @@ if _pool_log.level == logging.NOTSET:
 
 
 class _Scrubbed:
-    """Removes a URL's password from text (libpq quotes parts of a URL it cannot parse)."""
+    """Removes a URL's password from text, in every form it has (libpq quotes
+    parts of a URL it cannot parse; a server may quote a parameter)."""
 
     def __init__(self, url: str):
-        from urllib.parse import unquote
-
-        raw = url_password(url)
-        self._secrets = [s for s in {raw, unquote(raw) if raw else None} if s]
+        self._secrets = url_secrets(url)
 
     def __call__(self, text: Any) -> str:
         text = str(text)
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
+
+
+class NoAnswer(psycopg.OperationalError):
+    """The server did not answer within the connection's deadline: it is frozen,
+    or cut off in a way TCP did not report yet. The connection was closed."""
+
+
+_WAIT_TIMEOUT = getattr(psycopg.errors, "_WaitTimeout", ())
+
+
+class _Connection(psycopg.Connection):
+    """A connection that waits at most ``answer_s`` seconds for each answer of the
+    server (None: as long as it takes), then closes itself and raises NoAnswer.
+
+    statement_timeout is the server's to enforce, and TCP keepalives and
+    ``tcp_user_timeout`` only notice a peer whose kernel is gone: a server whose
+    processes are stopped (SIGSTOP, a frozen VM's guest still acking) would hold a
+    request forever without this deadline, set a little past statement_timeout."""
+
+    answer_s: float | None = None
+
+    def wait(self, gen, interval: float = 0.1, timeout: float | None = None):
+        if timeout is not None or self.answer_s is None:
+            return super().wait(gen, interval, timeout)
+        try:
+            return super().wait(gen, interval, self.answer_s)
+        except _WAIT_TIMEOUT:
+            # Half-way through the protocol: the connection cannot be used again (the pool drops it).
+            self.pgconn.finish()
+            raise NoAnswer(f"no answer from the database server within {self.answer_s:g} s") from None
 
 
 def classify(exc: BaseException) -> tuple[str, tuple[str, float] | str] | None:
@@ -242,6 +285,9 @@ class PostgresDatabase(Database):
         self.url = url
         self.where = redact(url)
         self._scrub = _Scrubbed(url)
+        if ambiguous_url(url):
+            raise ConfigError(f"SHM_EMBED_COLLECTIONS_URL={self.where}: an '@' or '/' in the user name or password "
+                              "must be percent-encoded (%40, %2F)")
         try:
             conninfo_to_dict(url)
         except Exception as exc:  # whatever libpq says, without the password
@@ -250,6 +296,9 @@ class PostgresDatabase(Database):
         self.busy_timeout_s = busy_timeout_s
         self.pool_size = pool_size
         self.timeout_s = timeout_s
+        #: What a statement may take on the server, and how long a client waits for any answer.
+        self.statement_timeout_s = max(STATEMENT_TIMEOUTS * timeout_s, busy_timeout_s + timeout_s)
+        self.answer_s = self.statement_timeout_s + max(timeout_s, CONNECT_TIMEOUT_MIN_S)
         self._lock = threading.Lock()
         self._pool_obj = None
         self._pid = 0
@@ -266,10 +315,38 @@ class PostgresDatabase(Database):
     # --- connections and transactions ------------------------------------------
     def _configure(self, conn) -> None:
         """Session settings of every new connection: a writer waits ``busy_timeout_s`` at
-        most for a collection's lock (StorageBusy after, as SQLite's busy timeout)."""
+        most for a collection's lock (StorageBusy after, as SQLite's busy timeout); a
+        statement runs ``statement_timeout_s`` at most; the client waits ``answer_s`` at
+        most for any answer (NoAnswer, StorageUnavailable after)."""
+        conn.answer_s = self.answer_s
         conn.execute("SELECT set_config('lock_timeout', %s, false), "
-                     "set_config('idle_in_transaction_session_timeout', %s, false)",
-                     (f"{int(self.busy_timeout_s * 1000)}ms", f"{IDLE_IN_TRANSACTION_S * 1000}ms"))
+                     "set_config('idle_in_transaction_session_timeout', %s, false), "
+                     "set_config('statement_timeout', %s, false)",
+                     (f"{int(self.busy_timeout_s * 1000)}ms", f"{IDLE_IN_TRANSACTION_S * 1000}ms",
+                      f"{int(self.statement_timeout_s * 1000)}ms"))
+
+    def _connect_kwargs(self) -> dict:
+        """libpq's options of every connection: a connection timeout, and TCP keepalives and a
+        user timeout, so that a server that went away without a word (a partition, a host that
+        died) ends the connection instead of leaving it waiting for ever."""
+        probe = max(1, math.ceil(self.timeout_s))
+        return {"autocommit": True, "fallback_application_name": APPLICATION_NAME,
+                "connect_timeout": max(CONNECT_TIMEOUT_MIN_S, math.ceil(self.timeout_s)),
+                "keepalives": 1, "keepalives_idle": probe, "keepalives_interval": probe,
+                "keepalives_count": KEEPALIVE_PROBES, "tcp_user_timeout": int(self.answer_s * 1000)}
+
+    @contextmanager
+    def unbounded(self, conn):
+        """Inside a transaction on ``conn``: no statement, idle-in-transaction or answer
+        limit until it ends (a builder's read of every passage, a big collection's
+        deletion). A lost server is still noticed by TCP keepalives and the user timeout."""
+        conn.execute("SELECT set_config('statement_timeout', '0', true), "
+                     "set_config('idle_in_transaction_session_timeout', '0', true)")
+        answer_s, conn.answer_s = conn.answer_s, None
+        try:
+            yield
+        finally:
+            conn.answer_s = answer_s
 
     def _pool(self):
         with self._lock:
@@ -282,11 +359,10 @@ class PostgresDatabase(Database):
                 pool = psycopg_pool.ConnectionPool(
                     self.url, min_size=POOL_MIN, max_size=max(POOL_MIN, self.pool_size), open=False,
                     timeout=self.timeout_s, name=f"shm-embed-{os.getpid()}", configure=self._configure,
+                    connection_class=_Connection,
                     # A pool gives up reconnecting after this and starts afresh on the next request,
                     # instead of backing off for minutes after the server is back.
-                    reconnect_timeout=self.timeout_s,
-                    kwargs={"autocommit": True, "fallback_application_name": APPLICATION_NAME,
-                            "connect_timeout": max(CONNECT_TIMEOUT_MIN_S, math.ceil(self.timeout_s))})
+                    reconnect_timeout=self.timeout_s, kwargs=self._connect_kwargs())
                 pool.open(wait=False)
                 self._pool_obj, self._pid = pool, os.getpid()
             return self._pool_obj
@@ -299,7 +375,8 @@ class PostgresDatabase(Database):
                 yield conn
         except BaseException as exc:
             kind = classify(exc)
-            if kind is not None and kind[0] == "unavailable":
+            # After no answer at all the server is frozen: checking the idle connections would wait as long.
+            if kind is not None and kind[0] == "unavailable" and not isinstance(exc, NoAnswer):
                 self._drop_dead(pool)
             raise
 
@@ -391,10 +468,13 @@ class PostgresDatabase(Database):
 
     def drop_collection(self, conn, cid: int) -> None:
         conn.execute("SELECT 1 FROM collections WHERE cid = %s FOR UPDATE", (cid,))
-        conn.execute("DELETE FROM changes WHERE cid = %s", (cid,))
-        conn.execute("DELETE FROM snapshot_marks WHERE cid = %s", (cid,))
-        conn.execute("DELETE FROM change_floor WHERE cid = %s", (cid,))
-        conn.execute("DELETE FROM collections WHERE cid = %s", (cid,))
+        # Deleting millions of passages may take longer than a statement may: no limits for the
+        # deletes (the row lock above was taken within them).
+        with self.unbounded(conn):
+            conn.execute("DELETE FROM changes WHERE cid = %s", (cid,))
+            conn.execute("DELETE FROM snapshot_marks WHERE cid = %s", (cid,))
+            conn.execute("DELETE FROM change_floor WHERE cid = %s", (cid,))
+            conn.execute("DELETE FROM collections WHERE cid = %s", (cid,))
 
     def counts(self, conn, cid: int) -> tuple[int, int]:
         row = conn.execute("SELECT (SELECT count(*) FROM documents WHERE cid = %(cid)s), "
@@ -510,12 +590,16 @@ class PostgresDatabase(Database):
 
     # --- snapshots ---------------------------------------------------------------------------------
     @contextmanager
-    def consistent(self, conn):
+    def consistent(self, conn, *, bulk: bool = False):
         # REPEATABLE READ: one snapshot of the database for the whole transaction (READ COMMITTED
         # takes one per statement). Started by hand on the autocommit connection: one round trip.
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         try:
-            yield
+            if bulk:
+                with self.unbounded(conn):
+                    yield
+            else:
+                yield
         finally:
             if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 try:
@@ -580,9 +664,13 @@ def store_status(url: str) -> tuple[bool, str]:
     this service knows; (False, reason) otherwise. One short connection of its
     own (never the workers' pools), a query or two; creates nothing."""
     scrub = _Scrubbed(url)
+    if ambiguous_url(url):
+        return False, "collection store unavailable: the database cannot be read"
     try:
-        with psycopg.connect(url, connect_timeout=STATUS_TIMEOUT_S, autocommit=True,
-                             fallback_application_name=APPLICATION_NAME) as conn:
+        with _Connection.connect(url, connect_timeout=STATUS_TIMEOUT_S, autocommit=True,
+                                 fallback_application_name=APPLICATION_NAME, keepalives=1,
+                                 tcp_user_timeout=STATUS_TIMEOUT_S * 2000) as conn:
+            conn.answer_s = STATUS_TIMEOUT_S * 2  # a frozen server: not ready, rather than a /ready that hangs
             if conn.execute("SELECT to_regclass(%s)", (SCHEMA_TABLE,)).fetchone()[0] is not None:
                 version = conn.execute(f"SELECT coalesce(max(version), 0) FROM {SCHEMA_TABLE}").fetchone()[0]
                 if version > SCHEMA_VERSION:

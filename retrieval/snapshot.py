@@ -59,11 +59,16 @@ waiting (the kernel releases it when a builder dies). The builder reads the
 passages and the last sequence number in one read transaction, so the
 snapshot is exactly the state at that number.
 
-**Old generations** are removed by the next builder once no process has them
-open: a reader holds a shared ``flock`` on the generation's folder for as long
-as it maps it; the builder removes a folder only when it gets the exclusive
-lock without waiting. (Removing a mapped file would be safe on Linux anyway:
-the mapping keeps the inode; the lock is about disk space and tidiness.)
+**Old generations** are removed once no process has them open: a reader
+holds a shared ``flock`` on the generation's folder for as long as it maps
+it; a worker that switches to a newer generation, and every builder, remove
+the older folders whose exclusive lock they get without waiting (one still
+mapped then goes at the next switch or build). (Removing a mapped file would
+be safe on Linux anyway: the mapping keeps the inode; the lock is about disk
+space and tidiness.) A deleted collection's folder is removed by the store's
+``delete`` at once, by a builder that finds its collection deleted during the
+build (it then exits 0 without a mark), and by every build's sweep (in a
+``finally``) for collections deleted by other hosts.
 
 **Compaction.** The builder records, in ``snapshot_marks(host, cid, seq,
 updated)``, the sequence number this host's newest snapshot covers; the host
@@ -178,6 +183,10 @@ class SnapshotGone(SnapshotError):
 
 class SnapshotUnusable(SnapshotError):
     """The generation's files do not hold what its metadata says (damaged, another collection)."""
+
+
+class CollectionGone(SnapshotError):
+    """The collection was deleted while its snapshot was being built."""
 
 
 # --- the tables (every statement is the store's Database's: retrieval.database) ----------
@@ -586,8 +595,10 @@ class SnapshotManager:
                  stale_host_s: float = STALE_HOST_S):
         self.store = store
         self.db = store.db
-        #: This host's data directory (the builder's command line names it).
-        self.data_dir = Path(data_dir)
+        #: This host's data directory (the builder's command line names it), and the SQLite store's: absolute,
+        #: as the builder runs in the project's folder and this process may change its own later.
+        self.data_dir = Path(data_dir).resolve()
+        self._sqlite_dir = Path(self.db.dir).resolve() if self.db.kind == "sqlite" else None
         self.root = index_root(self.data_dir, self.db)
         self.delta_max = delta_max
         self.stale_host_s = stale_host_s
@@ -626,7 +637,7 @@ class SnapshotManager:
             st.dir_key = key if time.time() - info.st_mtime > RACY_S else None
         return st.newest
 
-    def refresh(self, lo, floor: int, row) -> bool:
+    def refresh(self, lo, floor: int, row, last: int | None = None) -> bool:
         """Serve ``lo`` (the store's per-collection state of collection ``row``)
         from the newest usable generation: a newer one replaces its index with
         a fresh layered index and sets its sequence number to the snapshot's,
@@ -647,19 +658,46 @@ class SnapshotManager:
             logger.error("collection {}: snapshot not used: {}", name, exc)
             st.rejected = newest
             return layered
+        if last is not None and snap.seq > max(last, floor):
+            # The database is behind the snapshot: restored from a backup. Its state wins; a rebuild follows.
+            logger.error("collection {}: snapshot generation {} covers the changes up to {}, but the database's "
+                         "log ends at {} (restored from a backup?): reading the tables instead", name, newest,
+                         snap.seq, max(last, floor))
+            st.rejected = newest
+            return layered
         if snap.seq < floor:
             logger.warning("collection {}: snapshot generation {} covers the changes up to {}, but the log was "
                            "compacted up to {}: reading the tables instead", name, newest, snap.seq, floor)
             st.rejected = newest
             return layered
         dropped = 0 if layered else lo.index.ntotal
-        lo.index = LayeredIndex(snap, self.store.nprobe)
+        lo.index = LayeredIndex(snap, self.store.nprobe)  # the old one's generation is released here
         lo.seq = snap.seq
         logger.info("collection {}: serving snapshot generation {} ({} passages, {}, changes up to {})",
                     name, newest, snap.ntotal, snap.kind, snap.seq)
         if dropped >= self.delta_max:
             _release_freed_memory()
+        self._remove_unused(lo.cid, newest, name)
         return True
+
+    def _remove_unused(self, cid: int, newest: int, name) -> None:
+        """Remove the generations older than ``newest`` that no process maps any more
+        (a worker that switched away from one may have been its last reader)."""
+        try:
+            removed = remove_unused(self.collection_dir(cid), newest)
+        except OSError as exc:  # a later switch or build tries again
+            logger.warning("collection {}: unused snapshot generations not removed: {}", name, exc)
+            return
+        if removed:
+            logger.info("collection {}: unused snapshot generations {} removed", name, removed)
+
+    def remove_collection(self, cid: int) -> None:
+        """Remove a deleted collection's snapshot folder. Safe while processes map its
+        files: a mapping keeps its file's data until it is unmapped."""
+        cdir = self.collection_dir(cid)
+        if cdir.exists():
+            shutil.rmtree(cdir, ignore_errors=True)
+            logger.info("snapshots of deleted collection {} removed", cid)
 
     def after_sync(self, lo, options: dict) -> None:
         """Ask for a build when one is due (in the background), and keep this host's mark fresh."""
@@ -724,8 +762,8 @@ class SnapshotManager:
         argv = [sys.executable, "-m", "retrieval.snapshot", "build", str(self.data_dir), str(cid),
                 "--ivf-min-vectors", str(s.ivf_min_vectors), "--stale-host-s", str(self.stale_host_s),
                 "--busy-timeout-s", str(s.busy_timeout_s), "--timeout-s", str(s.timeout_s)]
-        if self.db.kind == "sqlite":
-            argv += ["--sqlite-dir", str(self.db.dir)]
+        if self._sqlite_dir is not None:
+            argv += ["--sqlite-dir", str(self._sqlite_dir)]
         return argv
 
     def build_env(self) -> dict[str, str]:
@@ -799,6 +837,8 @@ class SnapshotManager:
         delete the changes every live host's snapshot covers. Returns how many."""
         db = self.db
         with db.write() as conn:
+            if db.collection_by_id(conn, cid) is None:  # deleted meanwhile: no mark for it (nor a foreign-key error)
+                raise CollectionGone(f"collection {cid} was deleted")
             db.mark_snapshot(conn, self.host, cid, seq)
             upto = db.covered_by_live_hosts(conn, cid, self.stale_host_s)
             floor = db.log_state(conn, cid)[1]
@@ -862,8 +902,24 @@ class SnapshotManager:
     def build(self, cid: int) -> dict | None:
         """Write a new generation of collection ``cid`` from the tables (when
         anything changed since the newest), record the mark, compact the log,
-        remove unused generations. Raises BuildBusy when another builder of
-        this host holds the collection. Returns the new generation's metadata."""
+        remove unused generations, and (whatever happened) the folders of
+        deleted collections. Raises BuildBusy when another builder of this host
+        holds the collection. Returns the new generation's metadata; None when
+        the collection does not exist, or was deleted during the build (its
+        folder is removed then)."""
+        try:
+            return self._build(cid)
+        finally:
+            try:
+                self.sweep()
+            except Exception as exc:  # the build's own outcome (or error) is what counts
+                logger.warning("snapshots: sweep of deleted collections failed: {}", exc)
+
+    def _exists(self, cid: int) -> bool:
+        with self.db.read() as conn:
+            return self.db.collection_by_id(conn, cid) is not None
+
+    def _build(self, cid: int) -> dict | None:
         db = self.db
         with db.read() as conn:
             row = db.collection_by_id(conn, cid)
@@ -873,38 +929,56 @@ class SnapshotManager:
         cdir = self.collection_dir(cid)
         _private_dirs(self.root)
         _private_dir(cdir)
-        with build_lock(cdir):
-            t0 = time.perf_counter()
-            shutil.rmtree(cdir / BUILD_DIR, ignore_errors=True)  # what a builder that died left
-            gens = generations(cdir)
-            with db.read() as conn:
-                total = db.passage_count(conn, cid)
-            centroids, trained_at = self._quantizer(row, total)
-            kind = "flat" if centroids is None else "ivf"
-            meta = None
-            # The passages exactly as the changes up to seq left them.
-            with db.read() as conn, db.consistent(conn):
-                last, floor = db.log_state(conn, cid)
-                seq = max(last, floor)
-                current = bool(gens) and _covers(cdir, gens[-1], row, seq, kind, trained_at)
-                if not current:
-                    index, keep, ids = _fill(db, conn, row.cid, row.dim, centroids)
-            if current:
-                newest = gens[-1]
-            else:
-                newest = (gens[-1] if gens else 0) + 1
-                meta = {"format": FORMAT, "generation": newest, "cid": cid, "created": row.created, "dim": row.dim,
-                        "seq": seq, "kind": kind, "nlist": 0 if centroids is None else len(centroids),
-                        "ntotal": int(index.ntotal), "trained_at": trained_at, "built": time.time()}
-                write_snapshot(cdir, newest, index, ids, meta)
-                del index, keep, ids
-                logger.info("collection {}: snapshot generation {} written ({} passages, {}, changes up to {}) "
-                            "in {:.1f} s", row.name, newest, meta["ntotal"], kind, seq, time.perf_counter() - t0)
-            self.mark_and_compact(cid, seq, row.name)
-            removed = remove_unused(cdir, newest)
-            if removed:
-                logger.info("collection {}: unused snapshot generations {} removed", row.name, removed)
-        self.sweep()
+        try:
+            with build_lock(cdir):
+                return self._build_locked(cid, row, cdir)
+        except BuildBusy:
+            raise
+        except Exception as exc:
+            # Deleted during the build: its folder may be gone under the builder, or its mark refused.
+            if not isinstance(exc, CollectionGone):
+                try:
+                    gone = not self._exists(cid)
+                except Exception:  # the store cannot say: the build's own error is the one to report
+                    gone = False
+                if not gone:
+                    raise
+            shutil.rmtree(cdir, ignore_errors=True)
+            logger.info("collection {} was deleted during its snapshot build: its snapshots removed", row.name)
+            return None
+
+    def _build_locked(self, cid: int, row, cdir: Path) -> dict | None:
+        db = self.db
+        t0 = time.perf_counter()
+        shutil.rmtree(cdir / BUILD_DIR, ignore_errors=True)  # what a builder that died left
+        gens = generations(cdir)
+        with db.read() as conn:
+            total = db.passage_count(conn, cid)
+        centroids, trained_at = self._quantizer(row, total)
+        kind = "flat" if centroids is None else "ivf"
+        meta = None
+        # The passages exactly as the changes up to seq left them.
+        with db.read() as conn, db.consistent(conn, bulk=True):
+            last, floor = db.log_state(conn, cid)
+            seq = max(last, floor)
+            current = bool(gens) and _covers(cdir, gens[-1], row, seq, kind, trained_at)
+            if not current:
+                index, keep, ids = _fill(db, conn, row.cid, row.dim, centroids)
+        if current:
+            newest = gens[-1]
+        else:
+            newest = (gens[-1] if gens else 0) + 1
+            meta = {"format": FORMAT, "generation": newest, "cid": cid, "created": row.created, "dim": row.dim,
+                    "seq": seq, "kind": kind, "nlist": 0 if centroids is None else len(centroids),
+                    "ntotal": int(index.ntotal), "trained_at": trained_at, "built": time.time()}
+            write_snapshot(cdir, newest, index, ids, meta)
+            del index, keep, ids
+            logger.info("collection {}: snapshot generation {} written ({} passages, {}, changes up to {}) "
+                        "in {:.1f} s", row.name, newest, meta["ntotal"], kind, seq, time.perf_counter() - t0)
+        self.mark_and_compact(cid, seq, row.name)
+        removed = remove_unused(cdir, newest)
+        if removed:
+            logger.info("collection {}: unused snapshot generations {} removed", row.name, removed)
         return meta
 
 

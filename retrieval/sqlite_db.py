@@ -322,7 +322,7 @@ class SQLiteDatabase(Database):
 
     # --- snapshots ---------------------------------------------------------------------------------
     @contextmanager
-    def consistent(self, conn):
+    def consistent(self, conn, *, bulk: bool = False):  # SQLite sets no time limits on a read
         # A deferred transaction: its first read fixes the WAL snapshot every later read sees.
         conn.execute("BEGIN")
         try:

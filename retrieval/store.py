@@ -264,9 +264,13 @@ class CollectionStore:
     @_guarded
     def delete(self, name: str) -> None:
         with self.db.write() as conn:
-            self.db.drop_collection(conn, self._row(conn, name, check_model=False).cid)
+            cid = self._row(conn, name, check_model=False).cid
+            self.db.drop_collection(conn, cid)
         with self._lock:
             self._loaded.pop(name, None)
+        if self.snapshots is not None:
+            # Now, not at some later sweep: processes that still map its files keep their data until they unmap.
+            self.snapshots.remove_collection(cid)
         logger.info("collection {} deleted", name)
 
     # --- documents ------------------------------------------------------------------
@@ -394,7 +398,11 @@ class CollectionStore:
             # One state of the database: a compaction cannot slip between reading the floor and the replay.
             with self.db.consistent(conn):
                 last, floor = self.db.log_state(conn, cid)
-                shared = self.snapshots is not None and self.snapshots.refresh(lo, floor, row)
+                if lo.seq > max(last, floor):  # the log went back (a database restored from a backup): start over
+                    logger.warning("collection {}: applied changes up to {}, but the log ends at {}: loading again",
+                                   name, lo.seq, max(last, floor))
+                    lo.index, lo.seq = PassageIndex(dim, nprobe=self.nprobe), 0
+                shared = self.snapshots is not None and self.snapshots.refresh(lo, floor, row, last)
                 # "flat" never trains
                 if not shared and lo.index.kind == "flat" and row.options.get("index") != "flat":
                     cent = self.db.centroids(conn, cid)

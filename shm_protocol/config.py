@@ -216,7 +216,9 @@ class Settings:
     collections_timeout_s: float = _setting(
         "SHM_EMBED_COLLECTIONS_TIMEOUT_S", 5.0,
         "PostgreSQL only: longest a request waits for a connection (and a connection attempt takes) before it "
-        "is answered 503 with Retry-After.", minimum=0.1,
+        "is answered 503 with Retry-After. A statement runs at most 4 times this (at least the 30 s wait for a "
+        "collection's write lock plus this), and a server that does not answer at all is given up this much "
+        "later (503).", minimum=0.1,
     )
     search_nprobe: int = _setting(
         "SHM_EMBED_SEARCH_NPROBE", 32,

@@ -287,3 +287,107 @@ def test_an_unreachable_server_is_unavailable_and_its_password_never_shows(tmp_p
     for text in (str(caught.value), caught.value.reason, reason, str(bad.value), *lines):
         assert PASSWORD not in text, text
     assert any("someone:***@127.0.0.1" in line for line in lines), lines
+
+
+def _server_processes(cluster) -> list[int]:
+    """The postmaster and every process it started (its backends, its helpers)."""
+    import os
+
+    pm = int((cluster.data / "postmaster.pid").read_text().split()[0])
+    kids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{pid}/stat").read()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pm:
+            kids.append(int(pid))
+    return [pm, *kids]
+
+
+def test_a_frozen_server_fails_a_request_in_bounded_time_and_service_resumes(pg_cluster, pg_url):
+    """Every process of the server stopped (SIGSTOP: its kernel still accepts and acknowledges,
+    as a frozen VM's or a partitioned host's may for a while): a search with a 2 s timeout
+    is a typed 503 within a bounded time, not a request that waits for ever; once the server
+    goes on, so does the service."""
+    import os
+    import signal
+
+    from retrieval.documents import Document
+    from tests.snapshot_worker import VectorClient
+
+    store = CollectionStore(with_password(pg_url), VectorClient(8), timeout_s=TIMEOUT_S, busy_timeout_s=TIMEOUT_S)
+    vectors = np.eye(8, dtype=np.float32)
+    frozen: list[int] = []
+    try:
+        store.create("c", {"index": "flat"})
+        store.write_embedded("c", [Document(f"d{i}", "x", None, {}, [(0, 1)]) for i in range(8)], vectors)
+        assert store.search_vector("c", vectors[3], 1)[0]["id"] == "d3"
+        frozen = _server_processes(pg_cluster)
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        outcome: dict = {}
+
+        def search() -> None:
+            t0 = time.monotonic()
+            try:
+                outcome["result"] = store.search_vector("c", vectors[3], 1)
+            except Exception as exc:
+                outcome["error"] = exc
+            outcome["s"] = time.monotonic() - t0
+
+        thread = threading.Thread(target=search, daemon=True)
+        thread.start()
+        thread.join(20)
+        assert "s" in outcome, "a search against a frozen server still waits after 20 s"
+        assert isinstance(outcome.get("error"), StorageUnavailable), outcome
+        assert outcome["error"].reason == UNREACHABLE[0] and outcome["s"] < 15
+        assert PASSWORD not in str(outcome["error"])
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:  # the pool reconnects in the background
+            try:
+                assert store.search_vector("c", vectors[5], 1)[0]["id"] == "d5"
+                break
+            except StorageUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+    finally:
+        store.close()
+
+
+def test_a_transaction_the_server_ended_for_idleness_is_a_retryable_503(pg_url, monkeypatch):
+    """A worker stalled inside its consistent read for longer than the server lets a
+    transaction idle (60 s; 1 s here) gets StorageBusy (503), not an error of its own;
+    a builder's long read is not limited at all."""
+    import retrieval.postgres_db as pgdb
+    from retrieval.documents import Document
+    from retrieval.errors import StorageBusy
+    from tests.snapshot_worker import VectorClient
+
+    monkeypatch.setattr(pgdb, "IDLE_IN_TRANSACTION_S", 1)
+    store = CollectionStore(pg_url, VectorClient(8), snapshots=False)
+    try:
+        vectors = np.eye(8, dtype=np.float32)
+        store.create("c", {"index": "flat"})
+        store.write_embedded("c", [Document(f"d{i}", "x", None, {}, [(0, 1)]) for i in range(8)], vectors)
+        original = store.db.log_state
+
+        def stalled(conn, cid):
+            time.sleep(1.5)  # stands for a stall of over a minute
+            return original(conn, cid)
+
+        monkeypatch.setattr(store.db, "log_state", stalled)
+        with pytest.raises(StorageBusy):
+            store.search_vector("c", vectors[0], 1)
+        monkeypatch.setattr(store.db, "log_state", original)
+        assert store.search_vector("c", vectors[0], 1)[0]["id"] == "d0"  # the pool dropped the ended session
+        with store.db.read() as conn, store.db.consistent(conn, bulk=True):  # the builder's read
+            time.sleep(1.5)
+            assert store.db.log_state(conn, 1)[0] == 8
+    finally:
+        store.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import sqlite3
 import stat
@@ -41,6 +42,7 @@ from retrieval.snapshot import (
     build_running,
     generation_dir,
     generations,
+    index_root,
 )
 from retrieval.sqlite_db import DB_FILE
 from retrieval.storage import NEWER
@@ -554,3 +556,120 @@ def test_a_database_without_the_snapshot_tables_is_migrated_and_a_newer_one_refu
         open_store(where)
     assert caught.value.reason == NEWER[0]
     assert store_status(where.location) == (False, f"collection store unavailable: {NEWER[0]}")  # /ready
+
+
+def test_a_relative_data_directory_is_where_the_builder_builds(where, tmp_path, monkeypatch):
+    """The builder process runs in the project's folder: a data directory (and a SQLite
+    store) given relative to this process's folder must still be the one it opens."""
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.chdir(run)
+    relative = Path("rel-data")
+    stray = REPO / relative
+    assert not stray.exists()
+    store = CollectionStore(where.location if where.postgres else str(relative), VectorClient(DIM),
+                            snapshot_dir=relative, snapshot_delta=NEVER)
+    try:
+        rng = np.random.default_rng(11)
+        store.create("kb", {"index": "flat"})
+        vectors = unit(rng, 20)
+        store.write_embedded("kb", docs([f"a{i}" for i in range(20)]), vectors)
+        cid = cid_of(store, "kb")
+        store.snapshots.request_build(cid, "test")
+        store.snapshots.join(60)
+        assert generations(index_root(run / relative, store.db) / str(cid)) == [1]
+        assert store.search_vector("kb", vectors[2], 1)[0]["id"] == "a2" and served(store, "kb")[0] == 1
+    finally:
+        store.close()
+        exists = stray.exists()
+        shutil.rmtree(stray, ignore_errors=True)  # what a builder that got the wrong folder made
+    assert not exists, "the builder opened a data directory relative to its own folder"
+
+
+def test_an_old_generation_goes_when_its_last_reader_switches_and_a_deleted_collection_s_folder_at_once(where):
+    rng = np.random.default_rng(12)
+    store = open_store(where, snapshot_delta=NEVER)
+    other = open_store(where, snapshot_delta=NEVER)  # a second reader of this host
+    try:
+        store.create("kb", {"index": "flat"})
+        store.write_embedded("kb", docs([f"a{i}" for i in range(50)]), unit(rng, 50))
+        cid = cid_of(store, "kb")
+        cdir = store.snapshots.collection_dir(cid)
+        store.snapshots.build(cid)
+        store.search_vector("kb", unit(rng, 1)[0], 3)
+        other.search_vector("kb", unit(rng, 1)[0], 3)
+        assert served(store, "kb")[0] == served(other, "kb")[0] == 1
+        store.write_embedded("kb", docs(["b"]), unit(rng, 1))
+        store.snapshots.build(cid)  # both map generation 1: it stays
+        assert generations(cdir) == [1, 2]
+        store.search_vector("kb", unit(rng, 1)[0], 3)  # switches; the other reader still maps 1
+        assert served(store, "kb")[0] == 2 and generations(cdir) == [1, 2]
+        other.search_vector("kb", unit(rng, 1)[0], 3)  # the last reader of 1 switches: 1 goes now
+        assert served(other, "kb")[0] == 2 and generations(cdir) == [2]
+        other.delete("kb")  # while the first store still maps generation 2
+        assert not cdir.exists()
+        assert store.list() == []
+    finally:
+        other.close()
+        store.close()
+
+
+def test_a_collection_deleted_during_a_build_leaves_nothing_and_the_build_succeeds(where, monkeypatch):
+    import retrieval.snapshot as snapshot
+
+    rng = np.random.default_rng(13)
+    store = open_store(where, snapshot_delta=NEVER)
+    other = open_store(where, snapshot_delta=NEVER)
+    try:
+        store.create("kb", {"index": "flat"})
+        store.create("gone-before", {"index": "flat"})
+        store.write_embedded("kb", docs([f"a{i}" for i in range(50)]), unit(rng, 50))
+        cid, stale = cid_of(store, "kb"), cid_of(store, "gone-before")
+        store.snapshots.collection_dir(stale).mkdir(parents=True)  # a folder a sweep must remove
+        sql(where, f"DELETE FROM collections WHERE cid = {stale}")
+        write = snapshot.write_snapshot
+
+        def write_then_delete(*args, **kwargs):
+            out = write(*args, **kwargs)
+            other.delete("kb")  # deleted while the builder writes its generation
+            return out
+
+        monkeypatch.setattr(snapshot, "write_snapshot", write_then_delete)
+        assert store.snapshots.build(cid) is None
+        assert not store.snapshots.collection_dir(cid).exists()
+        assert not store.snapshots.collection_dir(stale).exists()  # the sweep ran
+        assert sql(where, "SELECT count(*) FROM snapshot_marks") == [(0,)]
+    finally:
+        other.close()
+        store.close()
+
+
+def test_a_database_restored_from_a_backup_is_not_hidden_by_a_newer_snapshot(tmp_path):
+    """The database goes back to a backup while index/ stays: a generation covering changes
+    the restored log never had is refused (and rebuilt), so writes after the restore are found."""
+    rng = np.random.default_rng(14)
+    store = open_store(tmp_path, snapshot_delta=NEVER)
+    store.create("kb", {"index": "flat"})
+    store.write_embedded("kb", docs([f"a{i}" for i in range(50)]), unit(rng, 50))
+    backup = sqlite3.connect(tmp_path / "backup.sqlite3")
+    live = sqlite3.connect(tmp_path / DB_FILE)
+    live.backup(backup)
+    store.write_embedded("kb", docs([f"b{i}" for i in range(50)]), unit(rng, 50))
+    cid = cid_of(store, "kb")
+    store.snapshots.build(cid)
+    store.search_vector("kb", unit(rng, 1)[0], 3)
+    assert served(store, "kb") == (1, 100)
+    backup.backup(live)  # the operator restores the backup; index/ stays
+    live.close()
+    backup.close()
+    fresh = unit(rng, 1)
+    try:
+        store.write_embedded("kb", docs(["after-restore"]), fresh)
+        for s in (store, open_store(tmp_path, snapshot_delta=NEVER)):  # a running worker and a new one
+            assert s.search_vector("kb", fresh[0], 1)[0]["id"] == "after-restore"
+            assert served(s, "kb")[0] is None and s._loaded["kb"].index.ntotal == 51
+            if s is not store:
+                s.close()
+        assert store.snapshots.build(cid)["seq"] == 51  # the builder does not take generation 1 for current
+    finally:
+        store.close()
