@@ -177,3 +177,36 @@ def start_web(tmp_path: Path, env: dict, workers: int = 2, **extra) -> WebProc:
             time.sleep(0.1)
     proc.kill()
     raise RuntimeError(f"gunicorn did not answer:\n{log.read_text(errors='replace')}")
+
+
+class FixedVectorClient:
+    """A client without a sidecar, for stores used as a library: 8-dimensional
+    unit vectors, a fixed one per text."""
+
+    def info(self) -> dict:
+        return {"model": "fake", "dimension": 8}
+
+    def embed(self, texts, normalize=True, **_):
+        import numpy as np
+
+        rows = [np.random.default_rng(sum(map(ord, t))).standard_normal(8) for t in texts]
+        return np.array([r / np.linalg.norm(r) for r in rows], dtype=np.float32)
+
+
+def linked_model_folder(src, dest, **config_updates):
+    """A model folder at ``dest`` whose files link to ``src``'s, but for its
+    config_sentence_transformers.json, which gets ``config_updates``."""
+    import json
+    import os
+    from pathlib import Path
+
+    src, dest = Path(src), Path(dest)
+    dest.mkdir(parents=True)
+    name = "config_sentence_transformers.json"
+    for entry in src.iterdir():
+        if entry.name != name:
+            os.symlink(entry, dest / entry.name)
+    cfg = json.loads((src / name).read_text())
+    cfg.update(config_updates)
+    (dest / name).write_text(json.dumps(cfg))
+    return dest

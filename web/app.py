@@ -338,12 +338,17 @@ def _documents(ctx: Context, value, field: str) -> list[str]:
     return texts
 
 
-def _query(ctx: Context, doc: dict) -> str:
+def _rerank_body(ctx: Context, req, field: str) -> tuple[dict, str, list[str]]:
+    """A rerank request's body, its query and its documents (under ``field``),
+    each within the limits of any input."""
+    doc = ctx.read_json(req)
     query = doc.get("query")
     if not isinstance(query, str) or not query:
         raise unprocessable("'query' must be a non-empty string")
-    ctx.texts([query], "query")  # the same limits as any input
-    return query
+    ctx.texts([query], "query")
+    if field not in doc:
+        raise unprocessable(f"'{field}' is required")
+    return doc, query, _documents(ctx, doc[field], field)
 
 
 class Rerank:
@@ -355,11 +360,7 @@ class Rerank:
         self.ctx = ctx
 
     def on_post(self, req, resp):
-        doc = self.ctx.read_json(req)
-        query = _query(self.ctx, doc)
-        if "texts" not in doc:
-            raise unprocessable("'texts' is required")
-        texts = _documents(self.ctx, doc["texts"], "texts")
+        doc, query, texts = _rerank_body(self.ctx, req, "texts")
         res = self.ctx.rerank(query, texts, model=model_field(doc), raw_scores=_bool(doc, "raw_scores", False),
                               truncate=_bool(doc, "truncate", True))
         with_text = _bool(doc, "return_text", False)
@@ -377,11 +378,7 @@ class CohereRerank:
         self.ctx = ctx
 
     def on_post(self, req, resp):
-        doc = self.ctx.read_json(req)
-        query = _query(self.ctx, doc)
-        if "documents" not in doc:
-            raise unprocessable("'documents' is required")
-        texts = _documents(self.ctx, doc["documents"], "documents")
+        doc, query, texts = _rerank_body(self.ctx, req, "documents")
         top_n = doc.get("top_n")
         if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 1):
             raise unprocessable("'top_n' must be a positive integer")

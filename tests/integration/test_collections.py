@@ -22,7 +22,7 @@ from retrieval.documents import CollectionOptions, parse_documents
 from retrieval.errors import CollectionConflict, CollectionNotFound
 from retrieval.store import DB_FILE
 from shm_protocol.errors import InvalidInput
-from tests.helpers import REPO, client_for, cosine_rows, start_sidecar, stop_and_check
+from tests.helpers import REPO, FixedVectorClient, client_for, cosine_rows, start_sidecar, stop_and_check
 
 DOCS = ["The cat sat on the warm mat.", "Paris is the capital of France.",
         "Python is a programming language.", "Bananas are a yellow fruit."]
@@ -231,19 +231,8 @@ def test_the_original_module_level_api(tiny_sidecar, tiny_st, monkeypatch):
     assert min(cosine_rows(local.generate_embeddings(DOCS), tiny_st.encode(DOCS))) >= 0.99999
 
 
-class FakeClient:
-    """A client without a sidecar: 8-dimensional vectors, a fixed one per text."""
-
-    def info(self) -> dict:
-        return {"model": "fake", "dimension": 8}
-
-    def embed(self, texts, normalize=True, **_):
-        rows = [np.random.default_rng(sum(map(ord, t))).standard_normal(8) for t in texts]
-        return np.array([r / np.linalg.norm(r) for r in rows], dtype=np.float32)
-
-
 def test_filters_and_odd_documents_mean_the_same_in_both_stores(store_location):
-    store = CollectionStore(store_location, FakeClient(), filter_max_values=1000)
+    store = CollectionStore(store_location, FixedVectorClient(), filter_max_values=1000)
     store.create("kb")
     store.upsert("kb", [{"id": str(i), "text": f"doc {i}", "metadata": {"n": i, "b": i % 2 == 0, "s": str(i)}}
                         for i in range(12)])
@@ -298,7 +287,7 @@ def test_writers_racing_a_replaying_reader_leave_it_no_change_short(store_locati
     Then four writers commit batches at once while the reader replays between
     their commits: its index must end up holding every passage."""
     batches = 25  # per writer: each commit is another chance to become visible out of order
-    stores = [CollectionStore(store_location, FakeClient()) for _ in range(5)]
+    stores = [CollectionStore(store_location, FixedVectorClient()) for _ in range(5)]
     reader, writers = stores[0], stores[1:]
     reader.create("race", {"index": "flat"})
     probe = np.ones(8, np.float32) / np.sqrt(8)

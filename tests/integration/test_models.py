@@ -8,7 +8,6 @@ load and against hostile slot writes."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -20,7 +19,15 @@ import pytest
 
 from shm_protocol.errors import InvalidInput, ModelNotFound, RequestTooLarge, SlotRejected
 from shm_protocol.layout import SLOT_READY, SlotError
-from tests.helpers import REPO, client_for, cosine_rows, start_sidecar, start_web, stop_and_check
+from tests.helpers import (
+    REPO,
+    client_for,
+    cosine_rows,
+    linked_model_folder,
+    start_sidecar,
+    start_web,
+    stop_and_check,
+)
 
 TEXTS = ["how do shared-memory rings work", "Semaphores wake the waiting worker.", "a", "ünïcödé text",
          "The quick brown fox jumps over the lazy dog. " * 3]
@@ -33,15 +40,8 @@ DOCS = ["Semaphores wake the waiting worker.", "Paris is the capital of France."
 @pytest.fixture(scope="module")
 def prompted_ce(cross_encoder_path, tmp_path_factory):
     """The test's cross-encoder (linked) with a default prompt in its config."""
-    folder = tmp_path_factory.mktemp("ce-prompted") / "ce-prompted"
-    folder.mkdir()
-    for item in cross_encoder_path.iterdir():
-        if item.name != "config_sentence_transformers.json":
-            os.symlink(item, folder / item.name)
-    cfg = json.loads((cross_encoder_path / "config_sentence_transformers.json").read_text())
-    cfg.update(prompts={"query": "Find what answers: ", "short": "q: "}, default_prompt_name="query")
-    (folder / "config_sentence_transformers.json").write_text(json.dumps(cfg))
-    return folder
+    return linked_model_folder(cross_encoder_path, tmp_path_factory.mktemp("ce-prompted") / "ce-prompted",
+                               prompts={"query": "Find what answers: ", "short": "q: "}, default_prompt_name="query")
 
 
 @pytest.fixture(scope="module")

@@ -25,21 +25,20 @@ from retrieval.errors import StorageUnavailable
 from retrieval.postgres_db import NEWER, SCHEMA_TABLE, SCHEMA_VERSION, UNREACHABLE
 from retrieval.store import CollectionStore
 from shm_protocol.errors import ConfigError
-from tests.helpers import SidecarProc, WebProc, free_port, start_sidecar, start_web, stop_and_check
+from tests.helpers import (
+    FixedVectorClient,
+    SidecarProc,
+    WebProc,
+    free_port,
+    start_sidecar,
+    start_web,
+    stop_and_check,
+)
 
 #: A password in the instances' URL: the cluster trusts loopback and ignores it, the tests look for it.
 PASSWORD = "pw-never-shown-7f3a"
 #: How long an instance's request waits for a connection before its 503.
 TIMEOUT_S = 2
-
-
-class FakeClient:
-    def info(self) -> dict:
-        return {"model": "fake", "dimension": 8}
-
-    def embed(self, texts, normalize=True, **_):
-        rows = [np.random.default_rng(sum(map(ord, t))).standard_normal(8) for t in texts]
-        return np.array([r / np.linalg.norm(r) for r in rows], dtype=np.float32)
 
 
 def with_password(url: str, password: str = PASSWORD) -> str:
@@ -249,7 +248,7 @@ def test_the_schema_is_versioned_and_migrated_once_by_concurrent_openers(pg_url)
     import psycopg
 
     with cf.ThreadPoolExecutor(6) as pool:  # six workers starting at once on a new database
-        stores = list(pool.map(lambda _: CollectionStore(pg_url, FakeClient()), range(6)))
+        stores = list(pool.map(lambda _: CollectionStore(pg_url, FixedVectorClient()), range(6)))
     stores[0].create("kb")
     assert [s.list()[0]["name"] for s in stores] == ["kb"] * 6
     for s in stores:
@@ -263,7 +262,7 @@ def test_the_schema_is_versioned_and_migrated_once_by_concurrent_openers(pg_url)
         # a newer version of the service migrated this database: this one must not touch it
         conn.execute(f"INSERT INTO {SCHEMA_TABLE} (version) VALUES (%s)", (SCHEMA_VERSION + 1,))
     with pytest.raises(StorageUnavailable) as caught:
-        CollectionStore(pg_url, FakeClient())
+        CollectionStore(pg_url, FixedVectorClient())
     assert caught.value.reason == NEWER[0]
     assert store_status(pg_url) == (False, f"collection store unavailable: {NEWER[0]}")
 
@@ -275,13 +274,13 @@ def test_an_unreachable_server_is_unavailable_and_its_password_never_shows(tmp_p
         down = f"postgresql://someone:{PASSWORD}@127.0.0.1:{free_port()}/db"
         t0 = time.monotonic()
         with pytest.raises(StorageUnavailable) as caught:
-            CollectionStore(down, FakeClient(), timeout_s=1)
+            CollectionStore(down, FixedVectorClient(), timeout_s=1)
         assert time.monotonic() - t0 < 10
         assert caught.value.reason == UNREACHABLE[0]
         ok, reason = store_status(down)
         assert not ok and reason == f"collection store unavailable: {UNREACHABLE[0]}"
         with pytest.raises(ConfigError) as bad:  # libpq quotes what it cannot parse: not the password
-            CollectionStore(f"postgresql://someone:{PASSWORD}%ZZ@127.0.0.1:1/db", FakeClient())
+            CollectionStore(f"postgresql://someone:{PASSWORD}%ZZ@127.0.0.1:1/db", FixedVectorClient())
     finally:
         logger.remove(sink)
     for text in (str(caught.value), caught.value.reason, reason, str(bad.value), *lines):

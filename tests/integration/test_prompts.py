@@ -6,14 +6,11 @@ marks the model as trained for truncation."""
 
 from __future__ import annotations
 
-import json
-import os
-
 import httpx
 import numpy as np
 import pytest
 
-from tests.helpers import client_for, cosine_rows, start_sidecar, start_web, stop_and_check
+from tests.helpers import client_for, cosine_rows, linked_model_folder, start_sidecar, start_web, stop_and_check
 
 PROMPTS = {"query": "query: ", "passage": "passage: ", "classification": "Classify the topic: "}
 TEXTS = ["how do shared-memory rings work", "Semaphores wake the waiting worker.", "", "ünïcödé text"]
@@ -23,15 +20,8 @@ TEXTS = ["how do shared-memory rings work", "Semaphores wake the waiting worker.
 def prompted_model(real_model_path, tmp_path_factory):
     """The bundled weights (linked, not copied) with prompts, a default prompt
     and the Matryoshka mark in config_sentence_transformers.json."""
-    folder = tmp_path_factory.mktemp("prompted") / "prompted-minilm"
-    folder.mkdir()
-    for entry in real_model_path.iterdir():
-        if entry.name != "config_sentence_transformers.json":
-            os.symlink(entry, folder / entry.name)
-    cfg = json.loads((real_model_path / "config_sentence_transformers.json").read_text())
-    cfg.update(prompts=PROMPTS, default_prompt_name="query", matryoshka_dimensions=[384, 256, 128, 64])
-    (folder / "config_sentence_transformers.json").write_text(json.dumps(cfg))
-    return folder
+    return linked_model_folder(real_model_path, tmp_path_factory.mktemp("prompted") / "prompted-minilm",
+                               prompts=PROMPTS, default_prompt_name="query", matryoshka_dimensions=[384, 256, 128, 64])
 
 
 @pytest.fixture(scope="module")
