@@ -47,7 +47,7 @@ import numpy as np
 from loguru import logger
 
 from shm_protocol.errors import InvalidInput, ModelNotFound, RequestTooLarge
-from shm_protocol.model_files import name_matches
+from shm_protocol.model_files import named, served_models
 
 from .database import OP_ADD, OP_DEL, CollectionRow, Database, FilterKey, open_database
 from .documents import CollectionOptions, Document, check_name, parse_documents
@@ -168,10 +168,8 @@ class CollectionStore:
             info = self._model if self._model is not None and not fresh else self.client.info()
             if getattr(self.client, "mode", "ipc") == "ipc":
                 self._model = info
-            served = [m for m in info.get("models") or [{"name": info["model"], "kind": "embed",
-                                                         "dimension": info["dimension"]}] if m["kind"] == "embed"]
-            match = next((m for m in served if requested is None or m["name"] == requested), None) or next(
-                (m for m in served if requested is not None and name_matches(requested, m["name"])), None)
+            served = [m for m in served_models(info) if m["kind"] == "embed"]
+            match = served[0] if requested is None and served else named(served, requested, lambda m: m["name"])
             if match is not None:
                 return str(match["name"]), int(match["dimension"])
         raise ModelNotFound(f"no embedding model named {requested!r} is served here (served: "

@@ -126,6 +126,22 @@ def name_matches(requested: str, served: str) -> bool:
     return requested in names or any(requested.endswith("/" + n) for n in names)
 
 
+def named(items, requested: str, name_of):
+    """The item whose name (``name_of(item)``) a request's ``model`` names:
+    an exact name first, since a hub id may end in another model's name;
+    then one the request ends in. None when none does."""
+    items = list(items)
+    return next((i for i in items if name_of(i) == requested), None) or next(
+        (i for i in items if name_matches(requested, name_of(i))), None)
+
+
+def served_models(info: dict) -> list[dict]:
+    """The models a client's ``info()`` lists (default first); a client that
+    predates several models (or a stand-in) lists its one."""
+    return info.get("models") or [{"name": info["model"], "kind": "embed", "dimension": info["dimension"],
+                                   "max_seq_length": info.get("max_seq_length")}]
+
+
 def find_model(models: list, requested: str | None, kind: ModelKind):
     """The entry of ``models`` (the header's table, default first) that a
     request for ``kind`` naming ``requested`` gets: None means the first
@@ -139,9 +155,7 @@ def find_model(models: list, requested: str | None, kind: ModelKind):
                 return m
         raise ModelNotFound(f"no model here serves {task} (served: {', '.join(served)})",
                             requested="", served=served)
-    # An exact name first: a hub id may end in another model's name.
-    match = next((m for m in models if m.name == requested), None) or next(
-        (m for m in models if name_matches(requested, m.name)), None)
+    match = named(models, requested, lambda m: m.name)
     if match is not None:
         if match.kind != kind:
             raise ModelNotFound(f"the model '{requested}' serves {match.kind.name.lower()}, not {task}",

@@ -68,9 +68,7 @@ class WorkerTokenizer:
                         "(send truncate=true to cut it)",
                         limit=self.max_seq_length, actual=full, what="tokens",
                     )
-        ids = [e.ids for e in encs]
-        lengths = np.array([len(x) for x in ids], dtype=np.int64)
-        check_token_budget(lengths, max_tokens)
+        ids, lengths = _ids_within_budget(encs, max_tokens)
         return Tokenized(texts, ids, lengths, tokenize_ns)
 
     def tokenize_pairs(self, query: str, documents: list[str], *, truncate: bool,
@@ -91,9 +89,7 @@ class WorkerTokenizer:
                         f"the query with document {i} is over the model's limit of {self.max_seq_length} tokens "
                         "(send truncate=true to cut it)", limit=self.max_seq_length,
                         actual=self.max_seq_length + 1, what="tokens")  # at least: the cut pair is not measured
-        ids = [e.ids for e in encs]
-        lengths = np.array([len(x) for x in ids], dtype=np.int64)
-        check_token_budget(lengths, max_tokens)
+        ids, lengths = _ids_within_budget(encs, max_tokens)
         segments = np.zeros(len(encs), np.int64)
         for i, e in enumerate(encs):
             types = e.type_ids
@@ -149,6 +145,14 @@ class WorkerTokenizer:
                 except UnicodeEncodeError:
                     raise InvalidInput(f"texts[{i}] is not valid Unicode (it has a lone surrogate)") from None
             raise InvalidInput(f"the tokenizer refused the input: {exc}") from exc
+
+
+def _ids_within_budget(encs, max_tokens: int | None) -> tuple[list[list[int]], np.ndarray]:
+    """The encodings' ids and lengths, RequestTooLarge over ``max_tokens`` in all."""
+    ids = [e.ids for e in encs]
+    lengths = np.array([len(x) for x in ids], dtype=np.int64)
+    check_token_budget(lengths, max_tokens)
+    return ids, lengths
 
 
 def check_token_budget(lengths: np.ndarray, max_tokens: int | None) -> None:

@@ -158,6 +158,7 @@ class Embedder:
         self.uses_cpu = not self.is_cuda  # whether a model call keeps the CPU's cores busy
         self._capacity = max(settings.max_batch_tokens, self.info.max_seq_length)
         self._max_texts = settings.max_batch_texts
+        self._types_dirty = 0  # leading entries of the segment-id buffer a call of pairs set (others are 0)
         self._alloc_buffers()
         logger.info(
             "loaded {} ({}, {} {}, max {} tokens) from {} on {} in {:.1f}s with {} torch threads",
@@ -215,6 +216,10 @@ class Embedder:
             for i, (s, split) in enumerate(zip(seqs, segments)):
                 if split:
                     types[i, split: len(s)] = 1
+            self._types_dirty = max(self._types_dirty, size)
+        elif takes_types and self._types_dirty:  # zeros again where a call of pairs left ones
+            self._types_np[: self._types_dirty].fill(0)
+            self._types_dirty = 0
         with torch.inference_mode():
             if self.is_cuda:
                 with torch.cuda.stream(self.stream):
@@ -236,8 +241,6 @@ class Embedder:
                 "attention_mask": torch.from_numpy(mask),
             }
             if takes_types:
-                if not pairs:
-                    self._types_np[:size].fill(0)
                 features["token_type_ids"] = torch.from_numpy(self._types_np[:size].reshape(n, width))
             out = self.model(features)[self._output]
             return out.float().reshape(n, -1).numpy()

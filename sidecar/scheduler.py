@@ -99,7 +99,7 @@ def validate_segments(segments: np.ndarray, offsets: np.ndarray, pairs: bool):
     splits = segments[:n].astype(np.int64)  # a private copy
     if not splits.any():
         return SlotError.NONE, None
-    if not pairs or ((splits != 0) & ((splits < 1) | (splits >= np.diff(offsets)))).any():
+    if not pairs or ((splits != 0) & (splits >= np.diff(offsets))).any():  # unsigned: never below 0
         return SlotError.BAD_SEGMENTS, None
     return SlotError.NONE, splits.tolist()
 
@@ -178,7 +178,7 @@ class Scheduler:
         self._timers = [CallTimer() for _ in models]  # each model's cost per padded token
         # Each model's counters in its table entry, one view per field.
         self._mctr = [RecordViews(model_stats_view(region.header, i)) for i in range(len(models))]
-        self._pairs = [m.info.type_vocab_size > 0 or m.info.kind == ModelKind.RERANK for m in models]
+        self._pairs = [m.info.kind == ModelKind.RERANK for m in models]  # which models take pairs
         self._last_batch_slots = 0
         # How many slots of one batch may have their waiters spin: the cores
         # the model leaves free (a GPU or synthetic model leaves all but this process's).

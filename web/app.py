@@ -25,7 +25,7 @@ from shm_protocol import __version__
 from shm_protocol.client import EmbeddingBackend
 from shm_protocol.config import Settings
 from shm_protocol.errors import ShmEmbedError
-from shm_protocol.model_files import name_matches
+from shm_protocol.model_files import named, served_models
 
 from . import errors
 from .errors import bad_request, too_large, unavailable, unprocessable
@@ -291,13 +291,6 @@ class OpenAIEmbeddings:
                       "usage": {"prompt_tokens": n, "total_tokens": n}}
 
 
-def served_models(info: dict) -> list[dict]:
-    """The models a client's info lists (default first); a client that
-    predates several models lists its one."""
-    return info.get("models") or [{"name": info["model"], "kind": "embed", "dimension": info["dimension"],
-                                   "max_seq_length": info["max_seq_length"]}]
-
-
 class Models:
     """GET /v1/models and /v1/models/{model_id}, in OpenAI's shape, one
     card per served model (the default first)."""
@@ -315,7 +308,7 @@ class Models:
         if model_id is None:
             resp.media = {"object": "list", "data": cards}
             return
-        card = next((c for c in cards if name_matches(model_id, c["id"])), None)
+        card = named(cards, model_id, lambda c: c["id"])
         if card is None:
             raise errors.model_not_found(model_id, [c["id"] for c in cards])
         resp.media = card
