@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 
 venv: $(STAMP)
 
-$(STAMP): requirements.lock setup.cfg pyproject.toml
+$(STAMP): requirements.lock setup.cfg setup.py pyproject.toml shm_protocol/_hotpath.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .

@@ -45,6 +45,9 @@ def on_starting(server):
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     import web.app  # noqa: F401
     import web.wsgi  # noqa: F401
+    from shm_protocol import hotpath
+
+    hotpath.load()  # a build that cannot load stops the service here, naming the fix, not in every request
     from shm_protocol.config import Settings
     from shm_protocol.model_files import model_specs, tokenizer_file
     from shm_protocol.tokenizer import preload_tokenizer

@@ -40,7 +40,7 @@ def main() -> None:
             tx = check_texts([t])
             sess = client._get_session()
             t1 = time.perf_counter_ns()
-            encs = client._tokenizer.encode(tx)
+            encs = client._tokenizers[0].encode(tx)
             t2 = time.perf_counter_ns()
             ids = encs[0].ids
             lengths = np.array([len(ids)], dtype=np.int64)
@@ -51,7 +51,7 @@ def main() -> None:
             t4 = time.perf_counter_ns()
             seq = sess.submit(s, ids, lengths)
             t5 = time.perf_counter_ns()
-            client._await_answer(sess, s, seq)
+            sess._await_answer(s, seq)
             t6 = time.perf_counter_ns()
             q, c = int(sess.v.queue_ns[s]), int(sess.v.compute_ns[s])
             out[:] = sess.v.out[s, :1]

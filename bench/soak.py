@@ -179,7 +179,7 @@ def _hostile_ring(settings: Settings, stop: threading.Event, stats: collections.
                 sess.v.n_texts[s] = rng.integers(1, 5)
                 sess.v.n_tokens[s] = rng.integers(1, 50)
             sess.v.state[s] = SLOT_READY
-            sess.bell.release()
+            sess.bell.post()
             deadline = time.monotonic() + 5
             while int(sess.v.state[s]) not in (SLOT_DONE, SLOT_ERROR) and time.monotonic() < deadline:
                 time.sleep(0.005)

@@ -12,7 +12,6 @@ forks gets a ring of its own on its first call in the child.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import threading
 import time
@@ -23,7 +22,6 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-import posix_ipc
 from loguru import logger
 
 from . import model_files
@@ -31,15 +29,11 @@ from .config import Settings
 from .dropin import SentenceTransformerAPI
 from .errors import (
     InvalidInput,
-    ModelFailed,
     NoRingAvailable,
-    RingFull,
     ShmEmbedError,
-    SidecarTimeout,
     SidecarUnavailable,
-    SlotRejected,
 )
-from .layout import ETA_NONE, ETA_PARK, SLOT_DONE, SLOT_ERROR, Activation, ModelEntry, ModelKind, SlotError
+from .layout import Activation, ModelEntry, ModelKind
 from .region import Region
 from .segments import Names, pid_alive
 from .session import Session
@@ -49,10 +43,6 @@ __all__ = [
     "EmbedResult", "EmbeddingBackend", "EmbeddingClient", "RerankResult", "SentenceTransformerAPI", "WorkerTokenizer",
     "check_texts", "check_token_budget", "preload_tokenizer",
 ]
-
-# First look for a slot's ETA after submitting it; an idle sidecar has picked
-# it up by then. Doubles with each look that finds none.
-PICKUP_LOOK_S = 0.002
 
 
 @dataclass
@@ -197,7 +187,7 @@ class EmbeddingClient(SentenceTransformerAPI):
             region.close()
             raise
         try:
-            sess = Session(region, ring)
+            sess = Session(region, ring, self.settings)
         except BaseException:
             region.rings[ring]["owner_pid"] = 0  # ours, and every slot of a fresh lease is free
             region.close()
@@ -362,7 +352,7 @@ class EmbeddingClient(SentenceTransformerAPI):
         out = np.empty((len(texts), m.dim), dtype=np.float32)
         sess.enter()
         try:
-            queue_ns, compute_ns, used = self._run(sess, tok.ids, tok.lengths, out, m.index)
+            queue_ns, compute_ns, used = sess.run(tok.ids, tok.lengths, out, m.index)
         finally:
             sess.leave()
         return EmbedResult(shape_vectors(out, dims, normalize), tok.lengths, queue_ns, compute_ns, used,
@@ -399,206 +389,13 @@ class EmbeddingClient(SentenceTransformerAPI):
         out = np.empty((len(documents), m.dim), dtype=np.float32)
         sess.enter()
         try:
-            queue_ns, compute_ns, _ = self._run(sess, tok.ids, tok.lengths, out, m.index, tok.segments)
+            queue_ns, compute_ns, _ = sess.run(tok.ids, tok.lengths, out, m.index, tok.segments)
         finally:
             sess.leave()
         scores = np.ascontiguousarray(out[:, 0])
         if not raw_scores:
             scores = activate(scores, m.activation)
         return RerankResult(scores, tok.lengths, m.name, queue_ns, compute_ns, tok.tokenize_ns)
-
-    def _chunks(self, lengths: np.ndarray, p) -> list[tuple[int, int]]:
-        """Split texts into runs that fit one slot (texts and tokens)."""
-        chunks, start, toks = [], 0, 0
-        for i, n in enumerate(lengths.tolist()):
-            if i > start and (i - start >= p.max_texts or toks + n > p.max_tokens):
-                chunks.append((start, i))
-                start, toks = i, 0
-            toks += n
-        chunks.append((start, len(lengths)))
-        return chunks
-
-    def _run(self, sess: Session, id_lists: list[list[int]], lengths: np.ndarray,
-             out: np.ndarray, model: int = 0, segments: np.ndarray | None = None) -> tuple[int, int, int]:
-        chunks = self._chunks(lengths, sess.params)
-        pending: list[tuple[int, int, int, int]] = []  # (slot, seq, start, end)
-        failure: BaseException | None = None
-        queue_ns = compute_ns = 0
-        ci = 0
-        try:
-            while ci < len(chunks) or pending:
-                if ci < len(chunks) and failure is None:
-                    # Take a slot without waiting while we hold parts in flight;
-                    # otherwise wait (bounded) for one.
-                    s = sess.take_slot(None) if pending else self._wait_for_slot(sess)
-                    if s is not None:
-                        a, b = chunks[ci]
-                        ids = id_lists[a] if b - a == 1 else np.fromiter(
-                            itertools.chain.from_iterable(id_lists[a:b]),
-                            dtype=np.int32, count=int(lengths[a:b].sum()),
-                        )
-                        try:
-                            seq = sess.submit(s, ids, lengths[a:b], model,
-                                              None if segments is None else segments[a:b])
-                        except BaseException:
-                            sess.abandon(s)
-                            raise
-                        pending.append((s, seq, a, b))
-                        ci += 1
-                        continue
-                    if not pending:
-                        raise RingFull(
-                            f"all {sess.params.slots_per_ring} slots of this worker's ring stayed busy "
-                            f"for {self.settings.ring_wait_s}s",
-                            retry_after_s=1.0,
-                        )
-                if not pending:
-                    break
-                s, seq, a, b = pending.pop(0)
-                try:
-                    q, c = self._wait(sess, s, seq, out[a:b])
-                    queue_ns, compute_ns = max(queue_ns, q), max(compute_ns, c)
-                except (SlotRejected, SidecarUnavailable) as exc:
-                    failure = failure or exc
-                    if isinstance(exc, SidecarUnavailable):
-                        # Nothing more will come from this sidecar.
-                        for s2, seq2, *_ in pending:
-                            sess.give_up(s2, seq2)
-                        pending.clear()
-        except BaseException:
-            for s2, seq2, *_ in pending:
-                sess.give_up(s2, seq2)
-            raise
-        if failure is not None:
-            raise failure
-        return queue_ns, compute_ns, len(chunks)
-
-    def _wait_for_slot(self, sess: Session) -> int | None:
-        """A free slot within the admission wait, or None (RingFull). Checks
-        the sidecar while waiting: slots held by a dead sidecar never free up,
-        and that is SidecarUnavailable, not RingFull."""
-        deadline = time.monotonic() + self.settings.ring_wait_s
-        while True:
-            s = sess.take_slot(min(0.05, max(0.0, deadline - time.monotonic())))
-            if s is not None:
-                return s
-            sess.region.check_available(self.settings.stale_after_s, thorough=True)
-            if time.monotonic() >= deadline:
-                return None
-
-    def _wait(self, sess: Session, s: int, seq: int, dest: np.ndarray) -> tuple[int, int]:
-        """Wait for slot ``s`` to be answered, copy its vectors into ``dest``.
-        A wait that ends in any exception leaves the slot quarantined."""
-        try:
-            self._await_answer(sess, s, seq)
-        except BaseException:
-            sess.give_up(s, seq)
-            raise
-        v = sess.v
-        queue_ns, compute_ns = int(v.queue_ns[s]), int(v.compute_ns[s])
-        if int(v.state[s]) == SLOT_ERROR:
-            code = int(v.error[s])
-            sess.give_back(s)
-            raise _slot_error(code)
-        dest[:] = v.out[s, : len(dest), : dest.shape[1]]
-        sess.give_back(s)
-        return queue_ns, compute_ns
-
-    def _await_answer(self, sess: Session, s: int, seq: int) -> None:
-        """Spin, then park: block on the semaphore until shortly before the
-        sidecar's ETA for the slot, then poll its state for a bounded time;
-        if the answer is late, block again. The timer wake-up happens while
-        the model still runs, so its cost is hidden. A sidecar that drains
-        (a clean stop) still answers what it holds, so that is waited for."""
-        sem = sess.sems[s]
-        settings = self.settings
-        poll = min(0.05, settings.stale_after_s / 4)
-        spin_ns = settings.spin_us * 1000
-        look = PICKUP_LOOK_S
-        deadline = time.monotonic() + settings.timeout_s
-        if sess.spin and _poll_slot(sess, s, seq, min(settings.idle_poll_us * 1000, int(settings.timeout_s * 1e9)),
-                                    spin_ns):
-            return
-        while True:
-            timeout = poll
-            if spin_ns:
-                eta = int(sess.eta_ns[s])
-                if eta == ETA_NONE:
-                    # Not picked up yet: look again for its ETA, less often the
-                    # longer the queue (under load each look is a wasted wake-up).
-                    timeout, look = look, min(poll, 2 * look)
-                elif eta == ETA_PARK:  # a large batch: its waiters park
-                    spin_ns = 0
-                else:
-                    now = time.monotonic_ns()
-                    wake_at = eta - spin_ns
-                    if now >= wake_at:
-                        if _spin_until_done(sess, s, seq, eta + 2 * spin_ns):
-                            return
-                        spin_ns = 0  # late: park until the post
-                        continue
-                    timeout = min(poll, (wake_at - now) / 1e9)
-            try:
-                sem.acquire(timeout)
-            except posix_ipc.SignalError:  # EINTR: a signal handler ran; wait on
-                continue
-            except posix_ipc.BusyError:
-                if sess.answered(s, seq):  # answered, but its post was lost
-                    return
-                region = sess.region
-                reason = region.unavailable_reason(settings.stale_after_s, thorough=True)
-                if reason is not None and region.state_name == "draining":
-                    # A draining sidecar answers what it holds, unless it died or hangs meanwhile.
-                    reason = region.liveness_reason(settings.stale_after_s, thorough=True)
-                if reason is not None:
-                    raise SidecarUnavailable(f"while waiting for a result: {reason}", reason=reason) from None
-                if time.monotonic() > deadline:
-                    raise SidecarTimeout(f"no answer from the sidecar within {settings.timeout_s}s") from None
-                continue
-            if sess.answered(s, seq):
-                return
-            # A stale post from an abandoned request: keep waiting for ours.
-
-
-#: Waiters that may poll at once under the spin policy: the cores this
-#: process may run on, less one for the sidecar. More queued work than that
-#: and waiters park (they would only take turns on the same cores).
-SPIN_WAITERS = max(1, len(os.sched_getaffinity(0)) - 1)
-
-
-def _poll_slot(sess: Session, s: int, seq: int, budget_ns: int, spin_ns: int) -> bool:
-    """Under the spin policy: poll slot ``s`` from the moment it is submitted
-    until it is answered (True), or until its ETA is far enough away to sleep
-    on, the sidecar asks waiters to park, more work is queued than there are
-    cores to poll on, the sidecar stops being available, or ``budget_ns``
-    passes (False: the caller parks)."""
-    state, seqs, etas, queued = sess.state, sess.seq, sess.eta_ns, sess.queued
-    region = sess.region
-    end = time.monotonic_ns() + budget_ns
-    n = 0
-    while True:
-        if int(state[s]) in (SLOT_DONE, SLOT_ERROR) and int(seqs[s]) == seq:
-            return True
-        now = time.monotonic_ns()
-        eta = int(etas[s])
-        if eta == ETA_PARK or (eta > ETA_PARK and eta - now > 2 * spin_ns) or now > end:
-            return False
-        n += 1
-        if n % 256 == 0 and (int(queued[0]) > SPIN_WAITERS or region.unavailable_reason(1e9) is not None):
-            return False
-        os.sched_yield()
-
-
-def _spin_until_done(sess: Session, s: int, seq: int, until_ns: int) -> bool:
-    """Poll slot ``s`` until it is answered or ``until_ns`` passes. The
-    semaphore's post is left pending; the next take of the slot drains it."""
-    state, seqs = sess.state, sess.seq
-    while True:
-        if int(state[s]) in (SLOT_DONE, SLOT_ERROR) and int(seqs[s]) == seq:
-            return True
-        if time.monotonic_ns() > until_ns:
-            return False
-        os.sched_yield()
 
 
 def shape_vectors(vecs: np.ndarray, dimensions: int | None, normalize: bool) -> np.ndarray:
@@ -624,15 +421,3 @@ def model_card(m: ModelEntry) -> dict:
     """What the client reports about one served model."""
     return {"name": m.name, "kind": m.kind.name.lower(), "dimension": m.dim, "max_seq_length": m.max_seq_length,
             "vocab_size": m.vocab_size, "matryoshka": m.matryoshka, "index": m.index}
-
-
-def _slot_error(code: int) -> Exception:
-    try:
-        err = SlotError(code)
-    except ValueError:
-        return SlotRejected(f"sidecar failed the request with unknown code {code}", code=code)
-    if err == SlotError.MODEL_FAILED:
-        return ModelFailed("the model failed on this batch (see the sidecar's log)", code=code)
-    if err == SlotError.SHUTDOWN:
-        return SidecarUnavailable("the sidecar stopped before serving this request", reason="shutdown")
-    return SlotRejected(f"sidecar rejected the request: {err.name}", code=code)

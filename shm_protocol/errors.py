@@ -106,3 +106,8 @@ class SlotRejected(ShmEmbedError):
 
 class ModelFailed(SlotRejected):
     """The model raised while embedding this batch (e.g. out of memory)."""
+
+
+class HotPathUnavailable(ShmEmbedError):
+    """The compiled hot path (shm_protocol._hotpath) cannot be loaded, or was
+    built from other sources than this layout: rebuild it (pip install -e .)."""

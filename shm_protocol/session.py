@@ -1,22 +1,28 @@
-"""A process's lease on one ring of one sidecar epoch: its slots, their
-semaphores and the doorbell; taking, submitting, giving up and handing back.
-The lease rules are in :mod:`shm_protocol.layout`'s docstring."""
+"""A process's lease on one ring of one sidecar epoch, and the transport
+over it: taking a slot, submitting a request part, waiting for its answer
+and copying it out, giving up and handing the ring back. The object that
+writes a slot also waits for it (as vLLM's ``MessageQueue`` does); the
+steps that run per request are the compiled hot path (:mod:`.hotpath`).
+The lease rules and the order of writes are in :mod:`shm_protocol.layout`'s
+docstring."""
 
 from __future__ import annotations
 
 import itertools
 import os
-import queue
 import threading
 import time
+from collections import deque
 
 import numpy as np
-import posix_ipc
 from loguru import logger
 
-from .errors import ShmEmbedError, SidecarUnavailable
+from . import hotpath
+from .config import Settings
+from .errors import ModelFailed, RingFull, ShmEmbedError, SidecarTimeout, SidecarUnavailable, SlotRejected
 from .layout import (
     ETA_NONE,
+    ETA_PARK,
     SLOT_BUSY,
     SLOT_CLAIMED,
     SLOT_DONE,
@@ -30,13 +36,22 @@ from .layout import (
 )
 from .logs import RateLimitedLog
 from .region import Region
-from .segments import ORPHANED, drain, open_semaphore
+from .segments import ORPHANED
 
 #: Posts a slot's semaphore may legitimately hold before a submit: one per
 #: abandoned request at most. More means someone wrote the semaphore's value
 #: in /dev/shm; draining up to SEM_VALUE_MAX would take minutes, so the slot
 #: is retired instead.
 SLOT_DRAIN_LIMIT = 64
+
+#: First look for a slot's ETA after submitting it; an idle sidecar has picked
+#: it up by then. Doubles with each look that finds none.
+PICKUP_LOOK_S = 0.002
+
+#: Waiters that may poll at once under the spin policy: the cores this
+#: process may run on, less one for the sidecar. More queued work than that
+#: and waiters park (they would only take turns on the same cores).
+SPIN_WAITERS = max(1, len(os.sched_getaffinity(0)) - 1)
 
 #: A doorbell that cannot be rung fails every submit until it is replaced: one line per 5 s.
 _log_bell_failure = RateLimitedLog()
@@ -46,25 +61,33 @@ _IN_FLIGHT = (SLOT_CLAIMED, SLOT_READY, SLOT_BUSY)
 
 
 class Session:
-    """This process's lease on one ring of one sidecar epoch."""
+    """This process's lease on one ring of one sidecar epoch, and the
+    requests that go through it (any thread of the process may run one)."""
 
-    def __init__(self, region: Region, ring: int):
+    def __init__(self, region: Region, ring: int, settings: Settings):
         self.region = region
         self.ring = ring
+        self.settings = settings
         self.pid = os.getpid()
         self.epoch = region.epoch
         names = region.names
         p = region.params
         self.params = p
-        self.bell = open_semaphore(names.bell)
         self._bell_gen_now = region.header["bell_gen"]  # a view: the sidecar bumps it
         self.bell_gen = int(self._bell_gen_now)
-        self.sems = [open_semaphore(names.slot(ring, s)) for s in range(p.slots_per_ring)]
+        self.bell = hotpath.semaphore(names.bell)
+        self.sems = [hotpath.semaphore(names.slot(ring, s)) for s in range(p.slots_per_ring)]
         self.v = SlotViews(region.slots[ring])
         self.spin = int(region.header["wait_policy"]) == WaitPolicy.SPIN
         self.queued = RecordViews(region.header["stats"]).ready_slots  # the sidecar's queue depth
+        self.hot = hotpath.ring(region.slots[ring], queued=self.queued)
         self.state, self.seq, self.eta_ns = self.v.state, self.v.seq, self.v.eta_ns
-        self.free: queue.Queue[int] = queue.Queue()
+        # Free slots: a deque (appends and pops are atomic); a thread that
+        # finds none waits on the condition, which give_back notifies only
+        # when someone waits (the common path takes no lock).
+        self._free: deque[int] = deque()
+        self._free_cv = threading.Condition(threading.Lock())
+        self._free_waiters = 0
         self._seq = itertools.count(int(time.monotonic_ns()))
         self._quarantine: set[int] = set()
         self._q_lock = threading.Lock()
@@ -81,7 +104,7 @@ class Session:
             if int(self.state[s]) in _IN_FLIGHT:
                 self._quarantine.add(s)
             else:
-                self.free.put(s)
+                self._free.append(s)
 
     # -- slots --------------------------------------------------------------------
     def take_slot(self, timeout: float | None) -> int | None:
@@ -90,21 +113,41 @@ class Session:
         while True:
             self._recover_quarantined()
             try:
-                if deadline is None:
-                    s = self.free.get_nowait()
-                else:
-                    s = self.free.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                return None
+                s = self._free.popleft()
+            except IndexError:
+                s = self._wait_free(deadline)
+                if s is None:
+                    return None
             # A post left by an earlier, abandoned request (bounded: see SLOT_DRAIN_LIMIT).
-            if drain(self.sems[s], SLOT_DRAIN_LIMIT) < SLOT_DRAIN_LIMIT:
+            if self.sems[s].drain(SLOT_DRAIN_LIMIT) < SLOT_DRAIN_LIMIT:
                 return s
             logger.error("slot {} of ring {}: its semaphore holds more than {} posts (tampered with); "
                          "the slot is retired", s, self.ring, SLOT_DRAIN_LIMIT)
 
+    def _wait_free(self, deadline: float | None) -> int | None:
+        if deadline is None:
+            return None
+        with self._free_cv:
+            self._free_waiters += 1
+            try:
+                while True:
+                    try:
+                        return self._free.popleft()
+                    except IndexError:
+                        pass
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    self._free_cv.wait(left)
+            finally:
+                self._free_waiters -= 1
+
     def give_back(self, s: int) -> None:
-        self.state[s] = SLOT_FREE
-        self.free.put(s)
+        self.hot.set_state(s, SLOT_FREE)
+        self._free.append(s)
+        if self._free_waiters:
+            with self._free_cv:
+                self._free_cv.notify()
 
     def quarantine(self, s: int) -> None:
         """An abandoned slot stays out of use until the sidecar has finished with it."""
@@ -136,50 +179,192 @@ class Session:
         self.quarantine(s)
 
     def answered(self, s: int, seq: int) -> bool:
-        return int(self.state[s]) in (SLOT_DONE, SLOT_ERROR) and int(self.seq[s]) == seq
+        return self.hot.answered(s, seq)
 
-    def submit(self, s: int, ids: np.ndarray | list[int], lengths: np.ndarray, model: int = 0,
-               segments: np.ndarray | None = None) -> int:
+    def submit(self, s: int, ids, lengths, model: int = 0, segments=None) -> int:
         """Write one part of a request for model ``model`` into slot ``s``
-        (``segments``: where each pair's second part starts, for a reranker)
-        and ring the doorbell."""
-        v = self.v
-        n = len(lengths)
-        ntok = len(ids)
-        v.state[s] = SLOT_CLAIMED
-        v.tokens[s, :ntok] = ids
-        offs = v.offsets[s]
-        offs[0] = 0
-        if n == 1:
-            offs[1] = ntok
-        else:
-            offs[1 : n + 1] = np.cumsum(lengths)
-        if segments is not None:
-            v.segments[s, :n] = segments
-        elif self._segments_dirty[s]:
-            v.segments[s, :] = 0
-        self._segments_dirty[s] = segments is not None
-        v.model[s] = model
-        v.n_texts[s] = n
-        v.n_tokens[s] = ntok
+        (``ids``: int32 ids of its texts back to back, ``lengths``: tokens of
+        each; ``segments``: where each pair's second part starts, for a
+        reranker) and ring the doorbell. NOTE: the payload, then READY
+        (release), then the doorbell: the compiled submit keeps that order."""
         seq = next(self._seq)
-        v.seq[s] = seq
-        v.error[s] = SlotError.NONE
-        v.eta_ns[s] = ETA_NONE
-        v.submit_ns[s] = time.monotonic_ns()
-        # NOTE: state after payload, doorbell after state (see layout's docstring).
-        v.state[s] = SLOT_READY
-        try:
-            if int(self._bell_gen_now) != self.bell_gen:
+        if int(self._bell_gen_now) != self.bell_gen:
+            try:
                 self._reopen_bell()
-            self.bell.release()
-        except (posix_ipc.Error, OSError, ValueError, ShmEmbedError) as exc:
+            except (OSError, ShmEmbedError) as exc:
+                _log_bell_failure("WARNING", "could not reopen the sidecar's new doorbell ({!r})", exc)
+        clear = self._segments_dirty[s] and segments is None
+        self._segments_dirty[s] = segments is not None
+        if not self.hot.submit(s, ids, lengths, model, segments, seq, clear, self.bell):
             # E.g. EOVERFLOW on a doorbell someone pushed to its maximum. The
             # post is only a wake-up: the sidecar scans slot states at least
             # once per heartbeat interval and finds this READY slot anyway.
-            _log_bell_failure("WARNING", "could not ring the sidecar's doorbell ({!r}); it will find the "
-                              "request at its next scan", exc)
+            _log_bell_failure("WARNING", "could not ring the sidecar's doorbell; it will find the "
+                              "request at its next scan")
         return seq
+
+    # -- one request ------------------------------------------------------------------
+    def run(self, id_lists, lengths: np.ndarray, out: np.ndarray, model: int = 0,
+            segments: np.ndarray | None = None) -> tuple[int, int, int]:
+        """Send a request (``id_lists``: one id list per text; ``lengths``
+        their sizes) in as many slots as it needs, keeping every part in
+        flight at once, and copy the answers into ``out`` in order. Returns
+        (queue_ns, compute_ns, slots used): the largest over the parts."""
+        p = self.params
+        if len(lengths) == 1:  # one text (the usual query): one slot, no chunking
+            chunks = [(0, 1)]
+        else:
+            chunks = self._chunks(lengths)
+        pending: list[tuple[int, int, int, int]] = []  # (slot, seq, start, end)
+        failure: BaseException | None = None
+        queue_ns = compute_ns = 0
+        ci = 0
+        try:
+            while ci < len(chunks) or pending:
+                if ci < len(chunks) and failure is None:
+                    # Take a slot without waiting while we hold parts in flight;
+                    # otherwise wait (bounded) for one.
+                    s = self.take_slot(None) if pending else self._wait_for_slot()
+                    if s is not None:
+                        a, b = chunks[ci]
+                        ids = id_lists[a] if b - a == 1 else np.fromiter(
+                            itertools.chain.from_iterable(id_lists[a:b]),
+                            dtype=np.int32, count=int(lengths[a:b].sum()),
+                        )
+                        try:
+                            seq = self.submit(s, ids, lengths[a:b], model,
+                                              None if segments is None else segments[a:b])
+                        except BaseException:
+                            self.abandon(s)
+                            raise
+                        pending.append((s, seq, a, b))
+                        ci += 1
+                        continue
+                    if not pending:
+                        raise RingFull(
+                            f"all {p.slots_per_ring} slots of this worker's ring stayed busy "
+                            f"for {self.settings.ring_wait_s}s",
+                            retry_after_s=1.0,
+                        )
+                if not pending:
+                    break
+                s, seq, a, b = pending.pop(0)
+                try:
+                    q, c = self._collect(s, seq, out[a:b])
+                    queue_ns, compute_ns = max(queue_ns, q), max(compute_ns, c)
+                except (SlotRejected, SidecarUnavailable) as exc:
+                    failure = failure or exc
+                    if isinstance(exc, SidecarUnavailable):
+                        # Nothing more will come from this sidecar.
+                        for s2, seq2, *_ in pending:
+                            self.give_up(s2, seq2)
+                        pending.clear()
+        except BaseException:
+            for s2, seq2, *_ in pending:
+                self.give_up(s2, seq2)
+            raise
+        if failure is not None:
+            raise failure
+        return queue_ns, compute_ns, len(chunks)
+
+    def _chunks(self, lengths: np.ndarray) -> list[tuple[int, int]]:
+        """Split texts into runs that fit one slot (texts and tokens)."""
+        p = self.params
+        chunks, start, toks = [], 0, 0
+        for i, n in enumerate(lengths.tolist()):
+            if i > start and (i - start >= p.max_texts or toks + n > p.max_tokens):
+                chunks.append((start, i))
+                start, toks = i, 0
+            toks += n
+        chunks.append((start, len(lengths)))
+        return chunks
+
+    def _wait_for_slot(self) -> int | None:
+        """A free slot within the admission wait, or None (RingFull). Checks
+        the sidecar while waiting: slots held by a dead sidecar never free up,
+        and that is SidecarUnavailable, not RingFull."""
+        s = self.take_slot(None)
+        if s is not None:
+            return s
+        deadline = time.monotonic() + self.settings.ring_wait_s
+        while True:
+            s = self.take_slot(min(0.05, max(0.0, deadline - time.monotonic())))
+            if s is not None:
+                return s
+            self.region.check_available(self.settings.stale_after_s, thorough=True)
+            if time.monotonic() >= deadline:
+                return None
+
+    def _collect(self, s: int, seq: int, dest: np.ndarray) -> tuple[int, int]:
+        """Wait for slot ``s`` to be answered, copy its vectors into ``dest``.
+        A wait that ends in any exception leaves the slot quarantined."""
+        try:
+            self._await_answer(s, seq)
+        except BaseException:
+            self.give_up(s, seq)
+            raise
+        v = self.v
+        queue_ns, compute_ns = int(v.queue_ns[s]), int(v.compute_ns[s])
+        if int(v.state[s]) == SLOT_ERROR:
+            code = int(v.error[s])
+            self.give_back(s)
+            raise slot_error(code)
+        dest[:] = v.out[s, : len(dest), : dest.shape[1]]
+        self.give_back(s)
+        return queue_ns, compute_ns
+
+    def _await_answer(self, s: int, seq: int) -> None:
+        """Spin, then park: under the spin policy poll the slot from the
+        submit on; else block on the semaphore until shortly before the
+        sidecar's ETA for the slot, then poll its state for a bounded time;
+        if the answer is late, block again. The timer wake-up happens while
+        the model still runs, so its cost is hidden. A sidecar that drains
+        (a clean stop) still answers what it holds, so that is waited for."""
+        hot, sem = self.hot, self.sems[s]
+        settings = self.settings
+        spin_ns = settings.spin_us * 1000
+        if self.spin:
+            polled = hot.poll(s, seq, min(settings.idle_poll_us * 1000, int(settings.timeout_s * 1e9)),
+                              spin_ns, SPIN_WAITERS)
+            if polled == hotpath.POLL_ANSWERED:
+                return
+        poll = min(0.05, settings.stale_after_s / 4)
+        look = PICKUP_LOOK_S
+        deadline = time.monotonic() + settings.timeout_s
+        while True:
+            timeout = poll
+            if spin_ns:
+                eta = int(self.eta_ns[s])
+                if eta == ETA_NONE:
+                    # Not picked up yet: look again for its ETA, less often the
+                    # longer the queue (under load each look is a wasted wake-up).
+                    timeout, look = look, min(poll, 2 * look)
+                elif eta == ETA_PARK:  # a large batch: its waiters park
+                    spin_ns = 0
+                else:
+                    now = time.monotonic_ns()
+                    wake_at = eta - spin_ns
+                    if now >= wake_at:
+                        if hot.spin_until(s, seq, eta + 2 * spin_ns):
+                            return  # the post is left pending; the next take of the slot drains it
+                        spin_ns = 0  # late: park until the post
+                        continue
+                    timeout = min(poll, (wake_at - now) / 1e9)
+            if sem.wait(timeout):
+                if hot.answered(s, seq):
+                    return
+                continue  # a stale post from an abandoned request: keep waiting for ours
+            if hot.answered(s, seq):  # answered, but its post was lost
+                return
+            region = self.region
+            reason = region.unavailable_reason(settings.stale_after_s, thorough=True)
+            if reason is not None and region.state_name == "draining":
+                # A draining sidecar answers what it holds, unless it died or hangs meanwhile.
+                reason = region.liveness_reason(settings.stale_after_s, thorough=True)
+            if reason is not None:
+                raise SidecarUnavailable(f"while waiting for a result: {reason}", reason=reason)
+            if time.monotonic() > deadline:
+                raise SidecarTimeout(f"no answer from the sidecar within {settings.timeout_s}s")
 
     def _reopen_bell(self) -> None:
         """The sidecar replaced a tampered doorbell: post to the new one."""
@@ -188,7 +373,7 @@ class Session:
             if gen == self.bell_gen:
                 return
             self._old_bells.append(self.bell)
-            self.bell = open_semaphore(self.region.names.bell)
+            self.bell = hotpath.semaphore(self.region.names.bell)
             self.bell_gen = gen
 
     def give_up_lease(self) -> None:
@@ -236,11 +421,9 @@ class Session:
     def _finish(self) -> None:
         self.give_up_lease()
         for sem in [self.bell, *self._old_bells, *self.sems]:
-            try:
-                sem.close()
-            except posix_ipc.Error:
-                pass
-        self.v = self.state = self.seq = self.eta_ns = self._bell_gen_now = self.queued = None
+            sem.close()
+        self.hot.release()
+        self.v = self.state = self.seq = self.eta_ns = self._bell_gen_now = self.queued = self.hot = None
         self.region.close()
 
     def release_in_owner(self) -> None:
@@ -256,3 +439,16 @@ class Session:
                 return
             self._closing = True
         self.give_up_lease()
+
+
+def slot_error(code: int) -> Exception:
+    """The typed exception of a slot the sidecar answered with ``code``."""
+    try:
+        err = SlotError(code)
+    except ValueError:
+        return SlotRejected(f"sidecar failed the request with unknown code {code}", code=code)
+    if err == SlotError.MODEL_FAILED:
+        return ModelFailed("the model failed on this batch (see the sidecar's log)", code=code)
+    if err == SlotError.SHUTDOWN:
+        return SidecarUnavailable("the sidecar stopped before serving this request", reason="shutdown")
+    return SlotRejected(f"sidecar rejected the request: {err.name}", code=code)

@@ -47,6 +47,13 @@ class WorkerTokenizer:
         self._tok.no_padding()
         self._tok.enable_truncation(max_length=max_seq_length)
         self._untruncated = None  # made on first need (pairs with a long query)
+        # The compiled tokenizer for ASCII texts, when this is a BERT WordPiece
+        # tokenizer (hotpath.wordpiece); texts that hold an added token's text
+        # ([CLS], [MASK], ...) go to the library, which matches those first.
+        from . import hotpath
+
+        self._fast = hotpath.wordpiece(self._tok.to_str())
+        self._added = tuple(t.content for t in self._tok.get_added_tokens_decoder().values())
 
     def tokenize_request(self, texts: list[str], *, prompt: str | None, truncate: bool,
                          max_tokens: int | None) -> Tokenized:
@@ -57,6 +64,11 @@ class WorkerTokenizer:
         if prompt:
             texts = [prompt + t for t in texts]
         t0 = time.perf_counter_ns()
+        fast = self._encode_fast(texts, truncate)
+        if fast is not None:
+            lengths = np.array([len(x) for x in fast], dtype=np.int64)
+            check_token_budget(lengths, max_tokens)
+            return Tokenized(texts, fast, lengths, time.perf_counter_ns() - t0)
         encs = self.encode(texts) if texts else []
         tokenize_ns = time.perf_counter_ns() - t0
         if not truncate:
@@ -95,6 +107,24 @@ class WorkerTokenizer:
             types = e.type_ids
             segments[i] = types.index(1) if 1 in types else 0
         return Tokenized([d for _, d in pairs], ids, lengths, tokenize_ns, segments)
+
+    def _encode_fast(self, texts: list[str], truncate: bool) -> list[list[int]] | None:
+        """Ids of every text from the compiled tokenizer, or None when any
+        text is not for it (not ASCII, an added token's text inside, or over
+        the limit without ``truncate``: the library then says by how much)."""
+        fast = self._fast
+        if fast is None or not texts:
+            return None
+        out = []
+        limit = self.max_seq_length
+        for t in texts:
+            if not isinstance(t, str) or any(a in t for a in self._added):
+                return None
+            r = fast.encode(t, limit)
+            if r is None or (r[1] and not truncate):
+                return None
+            out.append(r[0])
+        return out
 
     def _pair_queries(self, query: str, documents: list[str], truncate: bool) -> list[str]:
         """The query to pair with each document: the query itself, or, when it

@@ -10,8 +10,10 @@ import sys
 
 from loguru import logger
 
+from shm_protocol import hotpath
 from shm_protocol.config import Settings
 from shm_protocol.errors import ShmEmbedError
+from shm_protocol.hotpath import HotPathUnavailable
 from shm_protocol.logs import configure_logging
 
 
@@ -50,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shm-embed-sidecar: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings, component="sidecar")
+    try:
+        hotpath.load()  # first: a sidecar never starts on a half-working transport
+    except HotPathUnavailable as exc:
+        logger.error("cannot start: {}", exc)
+        return 1
 
     from .server import Sidecar
 

@@ -22,6 +22,7 @@ import numpy as np
 import posix_ipc
 from loguru import logger
 
+from shm_protocol import hotpath
 from shm_protocol.config import Settings
 from shm_protocol.errors import RingTableBusy
 from shm_protocol.layout import (
@@ -30,8 +31,6 @@ from shm_protocol.layout import (
     LATENCY_BUCKETS_S,
     SLOT_BUSY,
     SLOT_CLAIMED,
-    SLOT_DONE,
-    SLOT_ERROR,
     SLOT_FREE,
     SLOT_READY,
     LayoutParams,
@@ -43,7 +42,7 @@ from shm_protocol.layout import (
     model_stats_view,
 )
 from shm_protocol.region import Region
-from shm_protocol.segments import DEV_SHM, Names, create_semaphore, drain, pid_alive
+from shm_protocol.segments import DEV_SHM, Names, create_semaphore, pid_alive
 
 from .planner import CallTimer, admit, fair_order, plan_calls
 
@@ -56,52 +55,6 @@ TRIM_AFTER_TOKENS = 2048
 #: A model call is expected to end within this many times its estimate
 #: before the loop's deadline passes (calls of one size vary by 2x under load).
 CALL_DEADLINE_FACTOR = 4
-
-
-def validate_slot(n_texts: int, n_tokens: int, offsets: np.ndarray, tokens: np.ndarray, p: LayoutParams, *,
-                  max_seq_length: int | None = None, vocab_size: int | None = None):
-    """Check what a worker wrote, against the slot's layout and its model's
-    limits (default: the layout's). Returns (SlotError, offsets, private copy
-    of the ids). The ids are copied out of shared memory *before* they are
-    checked, so a writer cannot change them between check and use."""
-    max_len = p.max_seq_length if max_seq_length is None else max_seq_length
-    vocab = p.vocab_size if vocab_size is None else vocab_size
-    if not (1 <= n_texts <= p.max_texts) or not (1 <= n_tokens <= p.max_tokens):
-        return SlotError.BAD_COUNT, None, None
-    if n_texts == 1:  # one text: the same checks on plain ints
-        if int(offsets[0]) != 0 or int(offsets[1]) != n_tokens:
-            return SlotError.BAD_OFFSETS, None, None
-        if n_tokens > max_len:
-            return SlotError.TOO_LONG, None, None
-        ids = tokens[:n_tokens].copy()
-        if int(ids.view(np.uint32).max()) >= vocab:  # one pass: a negative id reads as >= 2**31
-            return SlotError.BAD_TOKEN, None, None
-        return SlotError.NONE, np.array([0, n_tokens], np.int64), ids
-    offs = offsets[: n_texts + 1].astype(np.int64)
-    ids = np.array(tokens[:n_tokens], dtype=np.int32, copy=True)
-    if offs[0] != 0 or offs[-1] != n_tokens:
-        return SlotError.BAD_OFFSETS, None, None
-    lengths = np.diff(offs)
-    if (lengths <= 0).any():
-        return SlotError.BAD_OFFSETS, None, None
-    if (lengths > max_len).any():
-        return SlotError.TOO_LONG, None, None
-    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-        return SlotError.BAD_TOKEN, None, None
-    return SlotError.NONE, offs, ids
-
-
-def validate_segments(segments: np.ndarray, offsets: np.ndarray, pairs: bool):
-    """Check a slot's segment splits against its (already checked) offsets:
-    a split lies inside its text (past its first token), and only a model
-    that takes pairs gets any. Returns (SlotError, private list of splits or None)."""
-    n = len(offsets) - 1
-    splits = segments[:n].astype(np.int64)  # a private copy
-    if not splits.any():
-        return SlotError.NONE, None
-    if not pairs or ((splits != 0) & (splits >= np.diff(offsets))).any():  # unsigned: never below 0
-        return SlotError.BAD_SEGMENTS, None
-    return SlotError.NONE, splits.tolist()
 
 
 @dataclass
@@ -156,8 +109,8 @@ class Scheduler:
         *,
         v: SlotViews,
         ctr: RecordViews,
-        bell: posix_ipc.Semaphore,
-        flat_sems: list[posix_ipc.Semaphore],
+        bell,
+        flat_sems: list,
         cores: int,
         progress: Callable[..., None],
         model_outcome: Callable[[bool], None],
@@ -170,7 +123,8 @@ class Scheduler:
         self.names = names
         self.v = v
         self.ctr = ctr
-        self.bell = bell  # the current doorbell: _replace_bell swaps it
+        self.bell = bell  # the current doorbell (a hotpath.Sem): _replace_bell swaps it
+        self.hot = hotpath.ring(region.slots)  # scan, take and publish in C, over every slot
         self._flat_sems = flat_sems
         self._progress = progress
         self._model_outcome = model_outcome
@@ -196,30 +150,24 @@ class Scheduler:
         # per slot is all honest workers can owe it; a hostile process could
         # have pushed it to SEM_VALUE_MAX (minutes to drain).
         self._bell_drain_limit = 4 * n_slots + 64
+        self._ready = np.empty(n_slots, np.int64)  # the scan's output
 
     # -- waiting for work -------------------------------------------------------------
     def spin_for_bell(self, until_ns: int) -> bool:
         """Poll the doorbell until ``until_ns``: right after a batch the next
         request usually comes within microseconds, and parking would add a
         wake-up of 100 us or more on a virtual machine."""
-        bell = self.bell
-        while time.monotonic_ns() < until_ns:
-            try:
-                bell.acquire(0)
-                return True
-            except posix_ipc.BusyError:
-                os.sched_yield()
-        return False
+        return self.bell.spin(until_ns)
 
     def _scan(self) -> np.ndarray:
         """READY slots now, each stamped with when the sidecar first saw it."""
         # Drain before the scan: a later post wakes the next scan.
-        if drain(self.bell, self._bell_drain_limit) >= self._bell_drain_limit:
+        if self.bell.drain(self._bell_drain_limit) >= self._bell_drain_limit:
             try:
                 self._replace_bell()
             except Exception as exc:  # keep the old one (drained in bounded steps) and keep serving
                 self._log_fault("ERROR", "could not replace the doorbell: {!r}", exc)
-        ready = np.flatnonzero(self.v.state == SLOT_READY)
+        ready = self._ready[: self.hot.scan(self._ready)].copy()
         if len(ready) == 1:  # the common case of a lone request: plain ints, no temporaries
             f = int(ready[0])
             seq = int(self.v.seq[f])
@@ -255,7 +203,11 @@ class Scheduler:
             new.close()
             posix_ipc.unlink_semaphore(self.names.bell_next)
             raise
-        old, self.bell = self.bell, new
+        try:
+            opened = hotpath.semaphore(self.names.bell)
+        finally:
+            new.close()  # posix_ipc made it (mode, group); the hot path posts and waits on its own handle
+        old, self.bell = self.bell, opened
         old.close()
         self.region.header["bell_gen"] += 1
 
@@ -274,9 +226,7 @@ class Scheduler:
             # lone client (last batch 1) never waits.
             deadline = time.monotonic() + s.max_wait_us / 1e6
             while len(ready) < self._last_batch_slots and (left := deadline - time.monotonic()) > 0:
-                try:
-                    self.bell.acquire(left)
-                except (posix_ipc.BusyError, posix_ipc.SignalError):
+                if not self.bell.wait(left):
                     break
                 ready = self._scan()
         if len(ready) == 1:
@@ -312,42 +262,40 @@ class Scheduler:
         is answered with its error at once and never joins. Valid ones go
         into ``works``, the caller's list, as soon as they are BUSY (so the
         caller answers them whatever happens after)."""
-        p, v = self.params, self.v
+        p, v, hot = self.params, self.v, self.hot
         info = self.models[model].info if 0 <= model < len(self.models) else None
+        pairs = self._pairs[model] if info is not None else False
         t0 = time.monotonic_ns()
         for flat in batch:
-            seq = int(v.seq[flat])
-            v.state[flat] = SLOT_BUSY
             queue_ns = max(0, t0 - int(self._seen_ns[flat]))
             self._seen_ns[flat] = 0
-            # Read once: the counts checked are the counts used (a worker may write at any time).
-            n_texts, n_tokens = int(v.n_texts[flat]), int(v.n_tokens[flat])
-            work = _Work(flat, seq, None, None, n_texts, queue_ns, model)
-            works.append(work)
-            if int(v.cancel[flat]) == seq:  # its waiter gave up: no model time for it
-                works.pop()
-                self._finish(work, SlotError.CANCELLED)
-                continue
-            splits = None
             try:
-                if info is None or int(v.model[flat]) != model:  # read again: a writer may have changed it
-                    code, offs, ids = SlotError.BAD_MODEL, None, None
+                if info is None:  # the batch's model is no served model: refused as a whole
+                    seq = int(v.seq[flat])
+                    hot.set_state(flat, SLOT_BUSY)
+                    code, n_texts, ids, offs, splits = SlotError.BAD_MODEL, 0, None, None, None
                 else:
-                    code, offs, ids = validate_slot(n_texts, n_tokens, v.offsets[flat], v.tokens[flat], p,
-                                                    max_seq_length=info.max_seq_length, vocab_size=info.vocab_size)
-                if code == SlotError.NONE:
-                    code, splits = validate_segments(v.segments[flat], offs, self._pairs[model])
+                    # Taken BUSY, copied out and checked in C, each value read once (see hotpath.c's take).
+                    code, seq, n_texts, ids, offs, splits = hot.take(flat, model, info.max_seq_length,
+                                                                     info.vocab_size, pairs)
+                    code = SlotError(code)
             except Exception as exc:  # a slot's bytes must not be able to raise out of here
                 self.ctr.loop_errors[0] += 1
-                self._log_fault("ERROR", "validating slot {} raised {!r}", flat, exc)
-                code, offs, ids = SlotError.BAD_COUNT, None, None
+                self._log_fault("ERROR", "taking slot {} raised {!r}", flat, exc)
+                seq = int(v.seq[flat])
+                hot.set_state(flat, SLOT_BUSY)
+                code, n_texts, ids, offs, splits = SlotError.BAD_COUNT, 0, None, None, None
+            work = _Work(flat, seq, None, None, n_texts, queue_ns, model)
             if code != SlotError.NONE:
-                works.pop()
                 self._finish(work, code)
-                self._log_fault("WARNING", "rejected slot {} (ring {}): {}", flat % p.slots_per_ring,
-                                flat // p.slots_per_ring, code.name)
+                if code != SlotError.CANCELLED:  # its waiter gave up: no model time for it, nothing to log
+                    self._log_fault("WARNING", "rejected slot {} (ring {}): {}", flat % p.slots_per_ring,
+                                    flat // p.slots_per_ring, code.name)
                 continue
-            work.offsets, work.ids, work.segments = offs, ids, splits
+            work.offsets = np.frombuffer(offs, np.int64)
+            work.ids = np.frombuffer(ids, np.int32)
+            work.segments = splits
+            works.append(work)
 
     def _serve_batch(self, works: list[_Work], model: int) -> None:
         ctr = self.ctr
@@ -475,26 +423,21 @@ class Scheduler:
         """Publish a slot's outcome, only to the request it was taken for.
         NOTE: fields, then state, then post. Returns whether it was published."""
         work.answered = True
-        v, flat = self.v, work.flat
-        if int(v.state[flat]) != SLOT_BUSY or int(v.seq[flat]) != work.seq:
+        flat = work.flat
+        published, posted = self.hot.publish(flat, work.seq, int(code), work.queue_ns, compute_ns, batch_texts,
+                                             self._flat_sems[flat])
+        if not published:
             # Its owner wrote the slot while it was in the model (a hostile or
             # broken worker; the lease rules keep honest ones out): the answer
             # belongs to nobody now.
             self.ctr.stale_answers[0] += 1
             self._log_fault("WARNING", "slot {} changed generation while in the model; answer dropped", flat)
             return False
-        v.error[flat] = code
-        v.queue_ns[flat] = work.queue_ns
-        v.compute_ns[flat] = compute_ns
-        v.batch_texts[flat] = batch_texts
-        v.state[flat] = SLOT_DONE if code == SlotError.NONE else SLOT_ERROR
-        try:
-            self._flat_sems[flat].release()
-        except (posix_ipc.Error, OSError) as exc:
+        if not posted:
             # E.g. EOVERFLOW: someone pushed the semaphore to its maximum. The
             # state is published; the waiter finds it at its next poll.
             self.ctr.loop_errors[0] += 1
-            self._log_fault("ERROR", "posting slot {}'s semaphore failed: {!r}", flat, exc)
+            self._log_fault("ERROR", "posting slot {}'s semaphore failed", flat)
         return True
 
     def _count(self, work: _Work, code: SlotError) -> None:
@@ -550,7 +493,7 @@ class Scheduler:
                             self.ctr.errors[SlotError.REAPED] += 1
                         self.v.state[flat] = SLOT_FREE
                         self._seen_ns[flat] = 0
-                        drain(self._flat_sems[flat], self._bell_drain_limit)
+                        self._flat_sems[flat].drain(self._bell_drain_limit)
                     rings[r]["owner_pid"] = 0
                     self.ctr.rings_reaped[0] += 1
                     logger.info("reaped ring {} of {}", r, "a closed client" if owner < 0 else f"dead pid {owner}")

@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-import posix_ipc
 from loguru import logger
 
+from shm_protocol import hotpath
 from shm_protocol.config import Settings
 from shm_protocol.errors import LayoutMismatch, SidecarUnavailable
 from shm_protocol.layout import (
@@ -122,7 +122,7 @@ class Sidecar:
         self._lock: NamespaceLock | None = None
         self.region: Region | None = None
         self.v: SlotViews | None = None
-        self._bell: posix_ipc.Semaphore | None = None  # until create() hands it to the scheduler
+        self._bell = None  # until create() hands it to the scheduler
         self.scheduler: Scheduler | None = None
         self.epoch = 0
 
@@ -171,7 +171,19 @@ class Sidecar:
         except BaseException:
             self.destroy()
             raise
-        self.flat_sems = [sem for ring in sems for sem in ring]
+        # posix_ipc made them (mode, group); the hot path posts and waits on handles of its own.
+        made = [self._bell, *(sem for ring in sems for sem in ring)]
+        try:
+            handles = [hotpath.semaphore(sem.name) for sem in made]
+        except BaseException:
+            self._bell = None
+            for sem in made:
+                sem.close()
+            self.destroy()
+            raise
+        for sem in made:
+            sem.close()
+        self._bell, self.flat_sems = handles[0], handles[1:]
         self.params = params
         h = region.header
         region.write_models(entries)
@@ -334,14 +346,10 @@ class Sidecar:
             self._progress()
             try:
                 if idle and not sched.spin_for_bell(last_work_ns + spin_ns):
-                    try:
-                        sched.bell.acquire(TRIM_IDLE_S if sched.trim_pending else interval)
-                    except posix_ipc.BusyError:
+                    if not sched.bell.wait(TRIM_IDLE_S if sched.trim_pending else interval):
                         if sched.trim_pending:  # idle since a large batch: give its memory back
                             sched.trim_pending = False
                             trim()
-                    except posix_ipc.SignalError:
-                        continue
                 now = time.monotonic()
                 if now >= next_reap:
                     next_reap = now + interval  # first: a reaper that raises must not run every round

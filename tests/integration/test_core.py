@@ -117,9 +117,9 @@ def test_a_bad_slot_fails_alone_and_the_sidecar_keeps_serving(tiny_sidecar):
         sess.seq[s] = 7
         sess.v.submit_ns[s] = time.monotonic_ns()
         sess.state[s] = SLOT_READY
-        sess.bell.release()
+        sess.bell.post()
         vecs = good.embed(["a good request beside a bad one"])
-        sess.sems[s].acquire(10)
+        assert sess.sems[s].wait(10)
         assert int(sess.v.error[s]) == SlotError.BAD_TOKEN
         assert vecs.shape == (1, good.dimension) and np.isfinite(vecs).all()
         sess.give_back(s)
@@ -142,9 +142,9 @@ def test_sidecar_error_code_becomes_typed_exception(tiny_sidecar):
         seq = 4242
         v.seq[s] = seq
         v.state[s] = SLOT_READY
-        sess.bell.release()
+        sess.bell.post()
         with pytest.raises(SlotRejected) as err:
-            c._wait(sess, s, seq, np.empty((1, c.dimension), np.float32))
+            sess._collect(s, seq, np.empty((1, c.dimension), np.float32))
         assert err.value.code == SlotError.BAD_OFFSETS
 
 

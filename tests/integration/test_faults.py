@@ -159,7 +159,7 @@ def test_random_bytes_in_a_real_slot_fail_alone(tiny_sidecar, tiny_st):
                 sess.v.n_texts[s] = rng.integers(1, 5)
                 sess.v.n_tokens[s] = rng.integers(1, 50)
             sess.state[s] = SLOT_READY
-            sess.bell.release()
+            sess.bell.post()
             want = [f"good {trial}"]
             assert cosine_rows(good.embed(want), tiny_st.encode(want))[0] >= 0.99999
             deadline = time.monotonic() + 5

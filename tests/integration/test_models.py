@@ -174,7 +174,7 @@ def _submit_raw(sess, *, model: int, ids, offsets, segments=None):
     seq = 777_000 + s
     v.seq[s] = seq
     v.state[s] = SLOT_READY
-    sess.bell.release()
+    sess.bell.post()
     return s, seq
 
 
@@ -191,7 +191,7 @@ def test_hostile_model_indexes_and_segments_are_refused_and_serving_goes_on(mult
         ids = [101, 7592, 102] if code != SlotError.BAD_TOKEN else [101, 2 ** 20, 102]
         s, seq = _submit_raw(sess, model=model, ids=ids, offsets=[0, 3], segments=segments)
         with pytest.raises(SlotRejected) as err:
-            c._wait(sess, s, seq, np.empty((1, sess.params.dim), np.float32))
+            sess._collect(s, seq, np.empty((1, sess.params.dim), np.float32))
         assert err.value.code == code
         assert cosine_rows(c.embed(TEXTS[:2]), real_model.encode(TEXTS[:2])).min() >= 0.99999
 

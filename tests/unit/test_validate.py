@@ -1,4 +1,4 @@
-"""The sidecar's check of what a worker wrote, on real slot views."""
+"""The sidecar's check of what a worker wrote (the compiled take), on real slot memory."""
 
 import mmap
 
@@ -7,20 +7,37 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shm_protocol.layout import LayoutParams, SlotError, slots_view
-from sidecar.scheduler import validate_slot
+from shm_protocol import hotpath
+from shm_protocol.layout import SLOT_BUSY, LayoutParams, SlotError, slots_view
 
 P = LayoutParams(n_rings=1, slots_per_ring=1, max_texts=4, max_tokens=64, dim=3, max_seq_length=10, vocab_size=100)
 
 
+def take(slots, n_texts, n_tokens, *, model=0, pairs=False):
+    """The sidecar's take of slot 0 (generation 1, for model ``model``):
+    (code, offsets, ids), the arrays as the scheduler builds them."""
+    s = slots[0]
+    s["n_texts"], s["n_tokens"], s["seq"], s["model"] = n_texts, n_tokens, 1, 0
+    code, seq, _, ids, offs, splits = hotpath.ring(slots).take(0, model, P.max_seq_length, P.vocab_size, pairs)
+    assert seq == 1 and int(s["state"]) == SLOT_BUSY
+    if code != SlotError.NONE:
+        assert ids is None and offs is None
+        return SlotError(code), None, None
+    return SlotError(code), np.frombuffer(offs, np.int64), np.frombuffer(ids, np.int32)
+
+
+def new_slots():
+    return slots_view(mmap.mmap(-1, P.data_bytes), P).reshape(-1)
+
+
 def slot(ids, offsets, n_texts=None, n_tokens=None):
-    buf = mmap.mmap(-1, P.data_bytes)
-    s = slots_view(buf, P)[0, 0]
+    slots = new_slots()
+    s = slots[0]
     s["tokens"][: len(ids)] = ids
     s["offsets"][: len(offsets)] = offsets
     n_texts = len(offsets) - 1 if n_texts is None else n_texts
     n_tokens = len(ids) if n_tokens is None else n_tokens
-    return validate_slot(n_texts, n_tokens, s["offsets"], s["tokens"], P)
+    return take(slots, n_texts, n_tokens)
 
 
 def test_valid_slot_returns_private_copies():
@@ -61,11 +78,11 @@ def test_whatever_a_worker_writes_a_valid_verdict_means_a_safe_slot(lengths, ids
     offsets = np.concatenate([[0], np.cumsum(lengths)]).tolist()
     n_tokens = max(1, min(P.max_tokens, offsets[-1] + n_tokens_shift))
     ids = (ids * (n_tokens // len(ids) + 1))[:n_tokens]
-    buf = mmap.mmap(-1, P.data_bytes)
-    sv = slots_view(buf, P)[0, 0]
+    slots = new_slots()
+    sv = slots[0]
     sv["tokens"][:n_tokens] = ids
     sv["offsets"][: len(offsets)] = np.asarray(offsets) % (1 << 32)
-    code, offs, got = validate_slot(len(lengths), n_tokens, sv["offsets"], sv["tokens"], P)
+    code, offs, got = take(slots, len(lengths), n_tokens)
     safe = (offsets[-1] == n_tokens and all(1 <= n <= P.max_seq_length for n in lengths)
             and all(0 <= i < P.vocab_size for i in ids))
     assert (code == SlotError.NONE) == safe, (code, lengths, n_tokens)
@@ -73,3 +90,28 @@ def test_whatever_a_worker_writes_a_valid_verdict_means_a_safe_slot(lengths, ids
         assert got.min() >= 0 and got.max() < P.vocab_size
         assert (np.diff(offs) > 0).all() and (np.diff(offs) <= P.max_seq_length).all()
         assert got.tolist() == ids
+
+
+@pytest.mark.parametrize("segments,pairs,code", [
+    ([0, 0], False, SlotError.NONE),
+    ([1, 0], True, SlotError.NONE),
+    ([1, 0], False, SlotError.BAD_SEGMENTS),  # pairs for a model that takes none
+    ([2, 0], True, SlotError.BAD_SEGMENTS),  # a split at the end of its text
+    ([0, 2 ** 32 - 1], True, SlotError.BAD_SEGMENTS),  # "negative"
+])
+def test_segment_splits_lie_inside_their_text_and_only_for_pairs(segments, pairs, code):
+    slots = new_slots()
+    s = slots[0]
+    s["tokens"][:5] = [1, 2, 3, 4, 5]
+    s["offsets"][:3] = [0, 2, 5]
+    s["segments"][:2] = segments
+    assert take(slots, 2, 5, pairs=pairs)[0] == code
+
+
+def test_a_slot_of_another_model_or_a_cancelled_one_is_refused_unread():
+    slots = new_slots()
+    slots[0]["tokens"][:2] = [1, 2]
+    slots[0]["offsets"][:2] = [0, 2]
+    assert take(slots, 1, 2, model=1)[0] == SlotError.BAD_MODEL
+    slots[0]["cancel"] = 1  # its waiter gave generation 1 up
+    assert take(slots, 1, 2)[0] == SlotError.CANCELLED
