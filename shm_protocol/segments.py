@@ -222,6 +222,37 @@ def drain(sem: posix_ipc.Semaphore, limit: int = 1 << 62) -> int:
     return n
 
 
+def semaphore_value(sem: posix_ipc.Semaphore) -> int | None:
+    """A semaphore's value, or None where it cannot be read (macOS)."""
+    if not _CAN_READ_VALUE:
+        return None
+    try:
+        return int(sem.value)
+    except (posix_ipc.Error, OSError, AttributeError):
+        return None
+
+
+def reset_semaphore(sem: posix_ipc.Semaphore, name: str, limit: int, *, mode: int,
+                    group: str = "") -> posix_ipc.Semaphore:
+    """Empty a semaphore this process created: drain it when it holds fewer
+    than ``limit`` posts; else someone wrote its value in /dev/shm (draining
+    SEM_VALUE_MAX takes minutes), so unlink it and create a new one under
+    the same name and mode. Returns the semaphore to use from now on (``sem``
+    or the new one, which replaces and closes ``sem``). Only for a semaphore
+    nobody opens meanwhile (a slot of a ring out of the pool): between the
+    unlink and the create the name is absent. If the create fails, the name
+    stays absent and the error is raised; calling again retries."""
+    if drain(sem, limit) < limit:
+        return sem
+    try:
+        posix_ipc.unlink_semaphore(name)
+    except posix_ipc.ExistentialError:
+        pass
+    new = create_semaphore(name, 0, mode=mode, group=group)
+    sem.close()
+    return new
+
+
 def unlink_namespace(names: Names, *, lock: bool = False) -> list[str]:
     """Remove every object of the namespace; return what was removed. The
     lifetime lock segment only with ``lock`` (its holder removes it itself;
@@ -356,7 +387,8 @@ def pid_alive(pid: int) -> bool:
 
 __all__ = [
     "DEV_SHM", "Names", "NamespaceLock", "Segment", "ShmEmbedError", "check_shm_space", "create_semaphore",
-    "open_semaphore", "drain", "unlink_namespace", "locked", "try_lock", "unlock", "pid_alive",
+    "open_semaphore", "drain", "reset_semaphore", "semaphore_value", "unlink_namespace", "locked", "try_lock",
+    "unlock", "pid_alive",
 ]
 
 

@@ -30,7 +30,7 @@ from .layout import (
 )
 from .logs import RateLimitedLog
 from .region import Region
-from .segments import ORPHANED, drain, open_semaphore
+from .segments import ORPHANED, drain, open_semaphore, semaphore_value
 
 #: Posts a slot's semaphore may legitimately hold before a submit: one per
 #: abandoned request at most. More means someone wrote the semaphore's value
@@ -67,6 +67,7 @@ class Session:
         self.free: queue.Queue[int] = queue.Queue()
         self._seq = itertools.count(int(time.monotonic_ns()))
         self._quarantine: set[int] = set()
+        self._retired: set[int] = set()  # slots whose semaphore was tampered with: reset by the reaper
         self._q_lock = threading.Lock()
         self._use_lock = threading.Lock()
         self._users = 0
@@ -99,6 +100,7 @@ class Session:
             # A post left by an earlier, abandoned request (bounded: see SLOT_DRAIN_LIMIT).
             if drain(self.sems[s], SLOT_DRAIN_LIMIT) < SLOT_DRAIN_LIMIT:
                 return s
+            self._retired.add(s)
             logger.error("slot {} of ring {}: its semaphore holds more than {} posts (tampered with); "
                          "the slot is retired", s, self.ring, SLOT_DRAIN_LIMIT)
 
@@ -201,7 +203,20 @@ class Session:
         if rings is None or int(rings[self.ring]["owner_pid"]) != self.pid:
             return
         busy = any(int(self.state[s]) in _IN_FLIGHT for s in range(self.params.slots_per_ring))
-        rings[self.ring]["owner_pid"] = ORPHANED if busy else 0
+        rings[self.ring]["owner_pid"] = ORPHANED if busy or self._semaphores_tampered() else 0
+
+    def _semaphores_tampered(self) -> bool:
+        """Whether a slot's semaphore holds more posts than requests can
+        leave (someone wrote its value in /dev/shm): the ring then goes back
+        through the sidecar's reaper, which resets its semaphores, instead
+        of straight to the next holder, who would find its slots retired."""
+        if self._retired:
+            return True
+        for sem in self.sems:
+            value = semaphore_value(sem)
+            if value is not None and value >= SLOT_DRAIN_LIMIT:
+                return True
+        return False
 
     # -- users and unmapping ------------------------------------------------------
     # NOTE: never unmap or close a semaphore while a thread may still use them:
