@@ -31,6 +31,7 @@ from .config import Settings
 from .dropin import SentenceTransformerAPI
 from .errors import (
     InvalidInput,
+    LayoutMismatch,
     ModelFailed,
     NoRingAvailable,
     RingFull,
@@ -191,13 +192,14 @@ class EmbeddingClient(SentenceTransformerAPI):
         region = Region.attach(self.names)
         try:
             region.check_available(self.settings.stale_after_s, thorough=True)
-            self._load_tokenizer(region)  # before the lease: a failure here must not hold a ring
+            models = checked_models(region)
+            self._load_tokenizer(models)  # before the lease: a failure here must not hold a ring
             ring = self._claim_ring(region)
         except BaseException:
             region.close()
             raise
         try:
-            sess = Session(region, ring)
+            sess = Session(region, ring, models)
         except BaseException:
             region.rings[ring]["owner_pid"] = 0  # ours, and every slot of a fresh lease is free
             region.close()
@@ -207,11 +209,11 @@ class EmbeddingClient(SentenceTransformerAPI):
         )
         return sess
 
-    def _load_tokenizer(self, region: Region) -> None:
+    def _load_tokenizer(self, models: list[ModelEntry]) -> None:
         """Each served model's tokenizer (kept from an earlier epoch when
         the file and limit are the same) and text options."""
         tokenizers, options = {}, {}
-        for m in region.models():
+        for m in models:
             path, limit = m.tokenizer_path, m.max_seq_length
             tok = self._tokenizers.get(m.index)
             if tok is None or tok.path != path or tok.max_seq_length != limit:
@@ -437,6 +439,7 @@ class EmbeddingClient(SentenceTransformerAPI):
                             itertools.chain.from_iterable(id_lists[a:b]),
                             dtype=np.int32, count=int(lengths[a:b].sum()),
                         )
+                        mark_row_ends(sess.v.out[s], b - a, out.shape[1])
                         try:
                             seq = sess.submit(s, ids, lengths[a:b], model,
                                               None if segments is None else segments[a:b])
@@ -500,6 +503,10 @@ class EmbeddingClient(SentenceTransformerAPI):
             code = int(v.error[s])
             sess.give_back(s)
             raise _slot_error(code)
+        if not row_ends_intact(v.out[s], len(dest), dest.shape[1]):
+            sess.give_back(s)
+            raise LayoutMismatch(f"the sidecar's vectors are not {dest.shape[1]} wide, as the model table said "
+                                 "when this client attached (the table was changed in shared memory)")
         dest[:] = v.out[s, : len(dest), : dest.shape[1]]
         sess.give_back(s)
         return queue_ns, compute_ns
@@ -558,6 +565,39 @@ class EmbeddingClient(SentenceTransformerAPI):
             if sess.answered(s, seq):
                 return
             # A stale post from an abandoned request: keep waiting for ours.
+
+
+#: A NaN no model computes (its payload is ours), written around where a
+#: slot's rows should end to see how wide the sidecar wrote them.
+_ROW_MARK = np.array([0x7FC5E171], np.uint32).view(np.float32)[0]
+
+
+def mark_row_ends(out: np.ndarray, n: int, dim: int) -> None:
+    """Before a submit: mark the last column of the ``n`` rows this client
+    expects (``dim`` wide) and the column after it, where the slot has one."""
+    out[:n, dim - 1: dim + 1] = _ROW_MARK
+
+
+def row_ends_intact(out: np.ndarray, n: int, dim: int) -> bool:
+    """After the answer: the sidecar wrote each row exactly ``dim`` wide (it
+    writes by its own model's size, which a model table changed in shared
+    memory may not tell the client): the last column overwritten, the next
+    one still marked. Otherwise the rows would be cut or padded silently."""
+    bits = out[:n, dim - 1: dim + 1].view(np.uint32)
+    mark = _ROW_MARK.view(np.uint32)
+    return bool((bits[:, 0] != mark).all() and (bits.shape[1] == 1 or (bits[:, 1] == mark).all()))
+
+
+def checked_models(region: Region) -> list[ModelEntry]:
+    """The sidecar's model table, read once and checked against the slots'
+    sizes and each model's own folder (LayoutMismatch on a table someone
+    wrote into the control segment). The client keeps this copy for the
+    epoch: a table changed after attach changes no request's shape."""
+    models = region.models()
+    synthetic = region.device == "synthetic"
+    for m in models:
+        model_files.check_entry_files(m, synthetic)
+    return models
 
 
 #: Waiters that may poll at once under the spin policy: the cores this

@@ -23,6 +23,7 @@ from .layout import (
     SLOT_ERROR,
     SLOT_FREE,
     SLOT_READY,
+    ModelEntry,
     RecordViews,
     SlotError,
     SlotViews,
@@ -48,7 +49,7 @@ _IN_FLIGHT = (SLOT_CLAIMED, SLOT_READY, SLOT_BUSY)
 class Session:
     """This process's lease on one ring of one sidecar epoch."""
 
-    def __init__(self, region: Region, ring: int):
+    def __init__(self, region: Region, ring: int, models: list[ModelEntry] | None = None):
         self.region = region
         self.ring = ring
         self.pid = os.getpid()
@@ -73,7 +74,8 @@ class Session:
         self._users = 0
         self._closing = False
         self._old_bells: list = []  # replaced doorbells, closed with the session (a thread may still post)
-        self.models = region.models()  # the model table, fixed for the sidecar's epoch
+        # The model table, fixed for the sidecar's epoch (the caller's checked copy).
+        self.models = region.models() if models is None else models
         # Slots whose segment splits are not all zero (a reranker's request was there): cleared before reuse.
         self._segments_dirty = [True] * p.slots_per_ring
         for s in range(p.slots_per_ring):
