@@ -51,6 +51,8 @@ from shm_protocol.region import Region, wait_until_ready  # noqa: E402
 from shm_protocol.segments import Names, unlink_namespace  # noqa: E402
 
 HUNG_AFTER_S = 30.0
+#: Longest a continued sidecar may take to show it runs again before it counts as up anyway.
+RESUME_WAIT_S = 1.0
 #: Share of requests sent while the sidecar ran (not killed, not stopped) that must be answered correctly.
 UP_RATIO_TARGET = 0.995
 
@@ -145,7 +147,36 @@ class Chaos:
         self.events["sidecar_stalls"] += 1
         time.sleep(rng.uniform(0.3, 2.5))
         self.proc.send_signal(signal.SIGCONT)
+        self._wait_running()
         self._up()
+
+    def _wait_running(self, timeout: float = RESUME_WAIT_S) -> None:
+        """After SIGCONT the sidecar has not run yet: its heartbeat and loop
+        deadline are still those from before the stop until its threads are
+        scheduled again (tens of ms on a busy machine), and workers rightly
+        answer 503 meanwhile. It runs again once it reports itself
+        available; bounded, so a sidecar that never recovers still counts."""
+        stale = Settings.from_env(self.env).stale_after_s
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        try:
+            self._poll_running(stale, deadline)
+        finally:  # reported: a long wait here would be a product fault, not chaos
+            waited_ms = round(1000 * (time.monotonic() - t0))
+            self.events["resume_wait_ms_max"] = max(self.events["resume_wait_ms_max"], waited_ms)
+
+    def _poll_running(self, stale: float, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            try:
+                region = Region.attach(self.names, readonly=True, with_data=False)
+            except Exception:
+                return
+            try:
+                if region.unavailable_reason(stale, thorough=True) is None:
+                    return
+            finally:
+                region.close()
+            time.sleep(0.005)
 
     def was_up(self, t0: float, t1: float) -> bool:
         """Whether the sidecar ran (not killed, not stopped) through all of [t0, t1]."""
@@ -347,7 +378,7 @@ def run_soak(seconds: float, model: str | None, clients: int = 6, workers: int =
         for k in ("sent", "correct", "wrong", "hung", "connection_error", "retried_after_reset",
                   "sidecar_kills", "sidecar_stalls", "worker_kills", "sent_while_up", "correct_while_up",
                   "direct_sent", "direct_correct", "direct_wrong", "timeouts", "direct_unavailable",
-                  "churner_processes", "churner_crashes", "hostile_slots", "leaked_objects",
+                  "churner_processes", "churner_crashes", "hostile_slots", "resume_wait_ms_max", "leaked_objects",
                   "leased_rings_at_end"):
             print(f"  {k:20} {result.get(k, 0)}")
         for k in sorted(x for x in result if x.startswith("http_")):

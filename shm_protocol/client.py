@@ -181,13 +181,14 @@ class EmbeddingClient(SentenceTransformerAPI):
         region = Region.attach(self.names)
         try:
             region.check_available(self.settings.stale_after_s, thorough=True)
-            self._load_tokenizer(region)  # before the lease: a failure here must not hold a ring
+            models = checked_models(region)
+            self._load_tokenizer(models)  # before the lease: a failure here must not hold a ring
             ring = self._claim_ring(region)
         except BaseException:
             region.close()
             raise
         try:
-            sess = Session(region, ring, self.settings)
+            sess = Session(region, ring, self.settings, models)
         except BaseException:
             region.rings[ring]["owner_pid"] = 0  # ours, and every slot of a fresh lease is free
             region.close()
@@ -197,11 +198,11 @@ class EmbeddingClient(SentenceTransformerAPI):
         )
         return sess
 
-    def _load_tokenizer(self, region: Region) -> None:
+    def _load_tokenizer(self, models: list[ModelEntry]) -> None:
         """Each served model's tokenizer (kept from an earlier epoch when
         the file and limit are the same) and text options."""
         tokenizers, options = {}, {}
-        for m in region.models():
+        for m in models:
             path, limit = m.tokenizer_path, m.max_seq_length
             tok = self._tokenizers.get(m.index)
             if tok is None or tok.path != path or tok.max_seq_length != limit:
@@ -396,6 +397,18 @@ class EmbeddingClient(SentenceTransformerAPI):
         if not raw_scores:
             scores = activate(scores, m.activation)
         return RerankResult(scores, tok.lengths, m.name, queue_ns, compute_ns, tok.tokenize_ns)
+
+def checked_models(region: Region) -> list[ModelEntry]:
+    """The sidecar's model table, read once and checked against the slots'
+    sizes and each model's own folder (LayoutMismatch on a table someone
+    wrote into the control segment). The client keeps this copy for the
+    epoch: a table changed after attach changes no request's shape."""
+    models = region.models()
+    synthetic = region.device == "synthetic"
+    for m in models:
+        model_files.check_entry_files(m, synthetic)
+    return models
+
 
 
 def shape_vectors(vecs: np.ndarray, dimensions: int | None, normalize: bool) -> np.ndarray:

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError, InvalidInput, ModelNotFound
+from .errors import ConfigError, InvalidInput, LayoutMismatch, ModelNotFound
 from .layout import MAX_MODELS, MODEL_NAME_BYTES, ModelKind
 
 #: The name the bundled model is reported under.
@@ -268,3 +268,60 @@ def text_options(path: Path, matryoshka: bool = False) -> TextOptions:
                  for cfg in (st, _json(path / "config.json")))
     return TextOptions(prompts, str(default) if default else None, bool(pooling.get("include_prompt", True)),
                        bool(matryoshka or marked))
+
+
+def embedding_dimension(path: Path) -> int | None:
+    """The vector size a sentence-transformers folder gives, read from its
+    module configs (the pooling's word_embedding_dimension times its modes,
+    then each Dense layer's out_features); None when a module could change
+    it in a way these files do not say."""
+    modules = _json(path / "modules.json")  # a list of modules; {} when absent or unreadable
+    if not isinstance(modules, list) or "truncate_dim" in _json(path / "config_sentence_transformers.json"):
+        return None
+    dim = None
+    for module in modules:
+        kind = str(module.get("type", "")) if isinstance(module, dict) else ""
+        if kind.endswith(("Transformer", "Normalize")):
+            continue  # the pooling's word_embedding_dimension says what a transformer gives
+        cfg = _json(path / str(module.get("path", "")) / "config.json") if kind else {}
+        if kind.endswith("Pooling"):
+            mode = cfg.get("pooling_mode")  # newer configs: "mean" or a list; older: one flag per mode
+            modes = (len(mode) if isinstance(mode, list) else 1) if mode else sum(
+                1 for k, v in cfg.items() if k.startswith("pooling_mode_") and v is True)
+            width = cfg.get("word_embedding_dimension", cfg.get("embedding_dimension"))
+            dim = width * max(1, modes) if isinstance(width, int) else None
+        elif kind.endswith("Dense"):
+            dim = cfg.get("out_features") if isinstance(cfg.get("out_features"), int) else None
+        else:
+            dim = None
+        if dim is None:
+            return None
+    return dim
+
+
+def check_entry_files(entry, synthetic: bool = False) -> None:
+    """Raise LayoutMismatch unless a model table entry agrees with the model
+    folder its tokenizer lies in: a cross-encoder's folder is not served as
+    an embedding model (nor an embedding model's as a reranker), and an
+    embedding model's dimension and token limit are the ones its configs
+    give (not for the synthetic backend, whose vectors have a size of their
+    own). A table someone wrote into the control segment would otherwise
+    give vectors of the wrong size, or scores as vectors, without an error."""
+    path = Path(entry.tokenizer_path).parent
+    st = _json(path / "config_sentence_transformers.json")
+    if entry.kind == ModelKind.EMBED and st.get("model_type") == "CrossEncoder":
+        raise LayoutMismatch(f"model table entry {entry.index} ({entry.name!r}) says embedding, but {path} "
+                             "is a cross-encoder")
+    if entry.kind == ModelKind.RERANK and model_kind(path) == ModelKind.EMBED and embedding_dimension(path):
+        raise LayoutMismatch(f"model table entry {entry.index} ({entry.name!r}) says reranker, but {path} "
+                             "is an embedding model")
+    if entry.kind != ModelKind.EMBED or synthetic:
+        return
+    dim = embedding_dimension(path)
+    if dim is not None and dim != entry.dim:
+        raise LayoutMismatch(f"model table entry {entry.index} ({entry.name!r}) says {entry.dim} dimensions, "
+                             f"its folder {path} gives {dim}")
+    limit = _json(path / "sentence_bert_config.json").get("max_seq_length")
+    if isinstance(limit, int) and limit != entry.max_seq_length:
+        raise LayoutMismatch(f"model table entry {entry.index} ({entry.name!r}) says {entry.max_seq_length} "
+                             f"tokens, its folder {path} says {limit}")

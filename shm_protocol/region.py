@@ -140,6 +140,7 @@ class Region:
                     or not 1 <= e.max_seq_length <= p.max_seq_length or not 1 <= e.vocab_size <= p.vocab_size
                     or e.type_vocab_size > MAX_TYPE_VOCAB or not e.name):
                 raise LayoutMismatch(f"{self.names.ctl}: model table entry {e.index} does not fit the layout")
+        check_table_sizes(entries, p, self.names.ctl)
         return entries
 
     def write_models(self, entries: list[ModelEntry]) -> None:
@@ -251,6 +252,18 @@ class Region:
     def occupancy(self) -> np.ndarray:
         """Slot states as an (n_rings, slots_per_ring) array (a copy)."""
         return np.array(self.slots["state"], copy=True)
+
+
+def check_table_sizes(entries: list[ModelEntry], p: LayoutParams, name: str) -> None:
+    """The sidecar sizes the slots for the largest of its models, so the
+    table's largest dimension, token limit and vocabulary are the layout's:
+    an entry shrunk in place (a dimension of 100 where the model gives 384)
+    is LayoutMismatch, not vectors cut short."""
+    for field, size in (("dim", p.dim), ("max_seq_length", p.max_seq_length), ("vocab_size", p.vocab_size)):
+        largest = max(getattr(e, field) for e in entries)
+        if largest != size:
+            raise LayoutMismatch(f"{name}: the model table's largest {field} is {largest}, the slots are sized "
+                                 f"for {size}")
 
 
 def release_rings_of(names: Names, pid: int, timeout: float = 1.0) -> int:

@@ -222,6 +222,32 @@ def drain(sem: posix_ipc.Semaphore, limit: int = 1 << 62) -> int:
     return n
 
 
+def reset_semaphore(sem, name: str, limit: int, *, mode: int, group: str = ""):
+    """Empty a semaphore this process created: drain it when it holds fewer
+    than ``limit`` posts; else someone wrote its value in /dev/shm (draining
+    SEM_VALUE_MAX takes minutes), so unlink it and create a new one under
+    the same name and mode. Returns the semaphore to use from now on (``sem``
+    or the new one, which replaces and closes ``sem``). Only for a semaphore
+    nobody opens meanwhile (a slot of a ring out of the pool): between the
+    unlink and the create the name is absent. If the create fails, the name
+    stays absent and the error is raised; calling again retries."""
+    from . import hotpath
+
+    if sem.drain(limit) < limit:
+        return sem
+    try:
+        posix_ipc.unlink_semaphore(name)
+    except posix_ipc.ExistentialError:
+        pass
+    made = create_semaphore(name, 0, mode=mode, group=group)
+    try:
+        new = hotpath.semaphore(name)  # the hot path's own handle, as for every slot (sidecar.server)
+    finally:
+        made.close()
+    sem.close()
+    return new
+
+
 def unlink_namespace(names: Names, *, lock: bool = False) -> list[str]:
     """Remove every object of the namespace; return what was removed. The
     lifetime lock segment only with ``lock`` (its holder removes it itself;
@@ -356,7 +382,8 @@ def pid_alive(pid: int) -> bool:
 
 __all__ = [
     "DEV_SHM", "Names", "NamespaceLock", "Segment", "ShmEmbedError", "check_shm_space", "create_semaphore",
-    "open_semaphore", "drain", "unlink_namespace", "locked", "try_lock", "unlock", "pid_alive",
+    "open_semaphore", "drain", "reset_semaphore", "unlink_namespace", "locked", "try_lock",
+    "unlock", "pid_alive",
 ]
 
 

@@ -19,7 +19,15 @@ from loguru import logger
 
 from . import hotpath
 from .config import Settings
-from .errors import ModelFailed, RingFull, ShmEmbedError, SidecarTimeout, SidecarUnavailable, SlotRejected
+from .errors import (
+    LayoutMismatch,
+    ModelFailed,
+    RingFull,
+    ShmEmbedError,
+    SidecarTimeout,
+    SidecarUnavailable,
+    SlotRejected,
+)
 from .layout import (
     ETA_NONE,
     ETA_PARK,
@@ -29,6 +37,7 @@ from .layout import (
     SLOT_ERROR,
     SLOT_FREE,
     SLOT_READY,
+    ModelEntry,
     RecordViews,
     SlotError,
     SlotViews,
@@ -64,7 +73,7 @@ class Session:
     """This process's lease on one ring of one sidecar epoch, and the
     requests that go through it (any thread of the process may run one)."""
 
-    def __init__(self, region: Region, ring: int, settings: Settings):
+    def __init__(self, region: Region, ring: int, settings: Settings, models: list[ModelEntry] | None = None):
         self.region = region
         self.ring = ring
         self.settings = settings
@@ -90,12 +99,14 @@ class Session:
         self._free_waiters = 0
         self._seq = itertools.count(int(time.monotonic_ns()))
         self._quarantine: set[int] = set()
+        self._retired: set[int] = set()  # slots whose semaphore was tampered with: reset by the reaper
         self._q_lock = threading.Lock()
         self._use_lock = threading.Lock()
         self._users = 0
         self._closing = False
         self._old_bells: list = []  # replaced doorbells, closed with the session (a thread may still post)
-        self.models = region.models()  # the model table, fixed for the sidecar's epoch
+        # The model table, fixed for the sidecar's epoch (the caller's checked copy).
+        self.models = region.models() if models is None else models
         # Slots whose segment splits are not all zero (a reranker's request was there): cleared before reuse.
         self._segments_dirty = [True] * p.slots_per_ring
         for s in range(p.slots_per_ring):
@@ -121,6 +132,7 @@ class Session:
             # A post left by an earlier, abandoned request (bounded: see SLOT_DRAIN_LIMIT).
             if self.sems[s].drain(SLOT_DRAIN_LIMIT) < SLOT_DRAIN_LIMIT:
                 return s
+            self._retired.add(s)
             logger.error("slot {} of ring {}: its semaphore holds more than {} posts (tampered with); "
                          "the slot is retired", s, self.ring, SLOT_DRAIN_LIMIT)
 
@@ -231,6 +243,7 @@ class Session:
                             itertools.chain.from_iterable(id_lists[a:b]),
                             dtype=np.int32, count=int(lengths[a:b].sum()),
                         )
+                        mark_row_ends(self.v.out[s], b - a, out.shape[1])
                         try:
                             seq = self.submit(s, ids, lengths[a:b], model,
                                               None if segments is None else segments[a:b])
@@ -309,6 +322,10 @@ class Session:
             code = int(v.error[s])
             self.give_back(s)
             raise slot_error(code)
+        if not row_ends_intact(v.out[s], len(dest), dest.shape[1]):
+            self.give_back(s)
+            raise LayoutMismatch(f"the sidecar's vectors are not {dest.shape[1]} wide, as the model table said "
+                                 "when this client attached (the table was changed in shared memory)")
         dest[:] = v.out[s, : len(dest), : dest.shape[1]]
         self.give_back(s)
         return queue_ns, compute_ns
@@ -386,7 +403,22 @@ class Session:
         if rings is None or int(rings[self.ring]["owner_pid"]) != self.pid:
             return
         busy = any(int(self.state[s]) in _IN_FLIGHT for s in range(self.params.slots_per_ring))
-        rings[self.ring]["owner_pid"] = ORPHANED if busy else 0
+        rings[self.ring]["owner_pid"] = ORPHANED if busy or self._semaphores_tampered() else 0
+
+    def _semaphores_tampered(self) -> bool:
+        """Whether a slot's semaphore holds more posts than requests can
+        leave (someone wrote its value in /dev/shm): the ring then goes back
+        through the sidecar's reaper, which resets its semaphores, instead
+        of straight to the next holder, who would find its slots retired."""
+        if self._retired:
+            return True
+        for sem in self.sems:
+            try:
+                if sem.value() >= SLOT_DRAIN_LIMIT:
+                    return True
+            except OSError:  # a value that cannot be read (not on Linux)
+                return False
+        return False
 
     # -- users and unmapping ------------------------------------------------------
     # NOTE: never unmap or close a semaphore while a thread may still use them:
@@ -439,6 +471,27 @@ class Session:
                 return
             self._closing = True
         self.give_up_lease()
+
+
+#: A NaN no model computes (its payload is ours), written around where a
+#: slot's rows should end to see how wide the sidecar wrote them.
+_ROW_MARK = np.array([0x7FC5E171], np.uint32).view(np.float32)[0]
+
+
+def mark_row_ends(out: np.ndarray, n: int, dim: int) -> None:
+    """Before a submit: mark the last column of the ``n`` rows this client
+    expects (``dim`` wide) and the column after it, where the slot has one."""
+    out[:n, dim - 1: dim + 1] = _ROW_MARK
+
+
+def row_ends_intact(out: np.ndarray, n: int, dim: int) -> bool:
+    """After the answer: the sidecar wrote each row exactly ``dim`` wide (it
+    writes by its own model's size, which a model table changed in shared
+    memory may not tell the client): the last column overwritten, the next
+    one still marked. Otherwise the rows would be cut or padded silently."""
+    bits = out[:n, dim - 1: dim + 1].view(np.uint32)
+    mark = _ROW_MARK.view(np.uint32)
+    return bool((bits[:, 0] != mark).all() and (bits.shape[1] == 1 or (bits[:, 1] == mark).all()))
 
 
 def slot_error(code: int) -> Exception:

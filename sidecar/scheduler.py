@@ -42,7 +42,8 @@ from shm_protocol.layout import (
     model_stats_view,
 )
 from shm_protocol.region import Region
-from shm_protocol.segments import DEV_SHM, Names, create_semaphore, pid_alive
+from shm_protocol.segments import DEV_SHM, Names, create_semaphore, pid_alive, reset_semaphore
+from shm_protocol.session import SLOT_DRAIN_LIMIT
 
 from .planner import CallTimer, admit, fair_order, plan_calls
 
@@ -493,7 +494,8 @@ class Scheduler:
                             self.ctr.errors[SlotError.REAPED] += 1
                         self.v.state[flat] = SLOT_FREE
                         self._seen_ns[flat] = 0
-                        self._flat_sems[flat].drain(self._bell_drain_limit)
+                    if not self._reset_ring_semaphores(r):
+                        continue  # out of the pool until a later round manages it
                     rings[r]["owner_pid"] = 0
                     self.ctr.rings_reaped[0] += 1
                     logger.info("reaped ring {} of {}", r, "a closed client" if owner < 0 else f"dead pid {owner}")
@@ -502,3 +504,27 @@ class Scheduler:
                             len(suspects))
             return 0
         return len(suspects)
+
+    def _reset_ring_semaphores(self, r: int) -> bool:
+        """Empty ring ``r``'s slot semaphores before the ring is leased again:
+        posts left by its last holder's abandoned requests are drained; a
+        semaphore someone pushed towards SEM_VALUE_MAX (through /dev/shm) is
+        replaced by a new one under the same name, else every later holder
+        of the ring would find its slots retired. False if one could not be
+        replaced (the ring then stays out of the pool)."""
+        s, spr = self.settings, self.params.slots_per_ring
+        for k in range(spr):
+            flat = r * spr + k
+            old = self._flat_sems[flat]
+            try:
+                new = reset_semaphore(old, self.names.slot(r, k), SLOT_DRAIN_LIMIT, mode=s.ipc_mode, group=s.group)
+            except Exception as exc:  # e.g. a full /dev/shm: keep serving, retry next round
+                self.ctr.loop_errors[0] += 1
+                self._log_fault("ERROR", "could not reset slot {}'s semaphore of ring {}: {!r}", k, r, exc)
+                return False
+            if new is not old:
+                self._flat_sems[flat] = new  # the list the sidecar closes on stop, too
+                self.ctr.loop_errors[0] += 1
+                self._log_fault("ERROR", "slot {} of ring {}: its semaphore held {} posts or more (tampered "
+                                "with); reset it to a new one", k, r, SLOT_DRAIN_LIMIT)
+        return True

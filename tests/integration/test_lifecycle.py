@@ -139,6 +139,54 @@ def test_a_saturated_slot_semaphore_does_not_stop_the_sidecar(synthetic_sidecar)
     c.close()
 
 
+RING_HOLDER = r"""
+import os, sys
+from shm_protocol import EmbeddingClient
+c = EmbeddingClient.connect()
+c.embed(["warm up"])
+print(c.info()["ring"], flush=True)
+sys.stdin.readline()
+if sys.argv[1] == "close":
+    c.close()
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("how", ["killed", "closed"])
+def test_saturated_slot_semaphores_do_not_outlive_the_lease(synthetic_sidecar, how):
+    """Every slot semaphore of a worker's ring pushed to SEM_VALUE_MAX, then
+    the worker is killed (the reaper frees the ring) or closes its client
+    (it hands the ring back): the next holder of the ring is served, because
+    the sidecar resets the semaphores before the ring is leased again. One
+    ring only, so the next client cannot dodge the tampered one."""
+    sc = synthetic_sidecar(us=0, SHM_EMBED_RINGS="1")
+    holder = subprocess.Popen([sys.executable, "-c", RING_HOLDER, how], env=sc.env, cwd=REPO,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        ring = int(holder.stdout.readline())
+        for k in range(sc.settings.slots_per_ring):
+            _set_semaphore_value(sc.names.slot(ring, k), SEM_VALUE_MAX)
+        if how == "killed":
+            holder.kill()
+        else:
+            holder.stdin.write("go\n")
+            holder.stdin.flush()
+        holder.wait(30)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    c = client_for(sc)
+    try:
+        assert c.info()["ring"] == ring
+        for i in range(2 * sc.settings.slots_per_ring):  # every slot of the ring
+            want = [f"next holder {i}"]
+            assert np.allclose(c.embed(want), synthetic_reference(c, want), atol=1e-6)
+    finally:
+        c.close()
+    assert "reset" in sc.log_text()
+
+
 def test_an_inflated_doorbell_does_not_stall_the_loop(synthetic_sidecar):
     """60 million posts written into the doorbell: requests keep being
     answered at once, and the doorbell is replaced rather than drained."""

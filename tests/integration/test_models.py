@@ -27,6 +27,7 @@ from tests.helpers import (
     start_sidecar,
     start_web,
     stop_and_check,
+    synthetic_reference,
 )
 
 TEXTS = ["how do shared-memory rings work", "Semaphores wake the waiting worker.", "a", "ünïcödé text",
@@ -351,5 +352,66 @@ def test_a_reranker_listed_first_is_not_the_default_and_a_tampered_table_is_refu
             assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
         finally:
             web.stop()
+    finally:
+        stop_and_check(sc)
+
+
+def _set_model_field(sc, index: int, field: str, value: int) -> int:
+    """Write one field of the sidecar's model table in place, as a process
+    with write access to the control segment can; returns the old value."""
+    from shm_protocol.region import Region
+
+    region = Region.attach(sc.names, with_data=False)
+    try:
+        old = int(region.header["models"][index][field])
+        region.header["models"][index][field] = value
+        return old
+    finally:
+        region.close()
+
+
+def test_a_table_tampered_within_the_layout_is_refused_and_a_live_client_keeps_its_copy(
+        tiny_model, cross_encoder_path, real_model_path, tmp_path):
+    """Model table entries changed in the control segment to values that
+    still fit the slots: a dimension of 100 for a 384-wide model, a
+    cross-encoder marked as an embedding model. A new client refuses the
+    table (LayoutMismatch, 503 over HTTP); a client attached before keeps its
+    checked copy and its shapes; and where a change cannot be told from the
+    files (two embedding models of the synthetic backend, one narrowed), the
+    request fails rather than returning vectors cut short."""
+    from shm_protocol.errors import LayoutMismatch
+    from shm_protocol.layout import ModelKind
+
+    sc = start_sidecar(tmp_path, None, SHM_EMBED_SYNTHETIC_US="0",
+                       SHM_EMBED_MODELS=f"ce={cross_encoder_path},tiny={tiny_model},mini={real_model_path}")
+    try:
+        live = client_for(sc)
+        want = ["a live client's text"]
+        ref = synthetic_reference(live, want)
+        narrow = [(1, "dim", 100), (2, "dim", 100)]  # both 384-wide models: the slots' width is unused
+        for changes in (narrow, [(0, "kind", int(ModelKind.EMBED))]):
+            olds = [(index, field, _set_model_field(sc, index, field, value)) for index, field, value in changes]
+            with pytest.raises(LayoutMismatch):
+                client_for(sc)
+            web = start_web(tmp_path, sc.env, workers=1)
+            try:
+                r = httpx.post(web.base + "/v1/embeddings", json={"input": "x", "model": "tiny"}, timeout=30)
+                assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable", r.text
+            finally:
+                web.stop()
+            got = live.embed(want, model="tiny")
+            assert got.shape == (1, 384) and np.allclose(got, ref, atol=1e-6)
+            assert live.rerank("q", ["d"]).shape == (1,)
+            for index, field, value in olds:
+                _set_model_field(sc, index, field, value)
+        # Two embedding models of the synthetic backend: the files cannot
+        # tell their size, and the other keeps the largest dimension.
+        _set_model_field(sc, 2, "dim", 100)
+        with client_for(sc) as narrowed:
+            with pytest.raises(LayoutMismatch):
+                narrowed.embed(want, model="mini")
+            assert narrowed.embed(want, model="tiny").shape == (1, 384)
+        assert live.embed(want, model="mini").shape == (1, 384)
+        live.close()
     finally:
         stop_and_check(sc)

@@ -74,3 +74,24 @@ def test_a_model_table_that_does_not_fit_the_layout_is_a_mismatch(tmp_path):
         region.close()
         unlink_namespace(names, lock=True)
     assert HEADER_DTYPE["models"].shape[0] >= 2
+
+
+def test_a_table_entry_is_checked_against_its_model_folder(real_model_path, tiny_model, cross_encoder_path):
+    """What a model folder's files say (its dimension, token limit and kind)
+    against a table entry: the sidecar's own entries pass, changed ones are
+    LayoutMismatch; the synthetic backend's vectors have a size of their own."""
+    from shm_protocol.model_files import check_entry_files, embedding_dimension
+
+    assert embedding_dimension(real_model_path) == 384 and embedding_dimension(tiny_model) == 32
+
+    def table_entry(path, kind=EMBED, dim=384, max_seq_length=256):
+        return ModelEntry(0, "m", kind, dim, max_seq_length, 30522, tokenizer_path=str(path / "tokenizer.json"))
+
+    check_entry_files(table_entry(real_model_path))
+    check_entry_files(table_entry(tiny_model, dim=32))
+    check_entry_files(table_entry(cross_encoder_path, RERANK, dim=1, max_seq_length=512))
+    check_entry_files(table_entry(tiny_model, dim=384), synthetic=True)
+    for bad in (table_entry(real_model_path, dim=100), table_entry(real_model_path, max_seq_length=128),
+                table_entry(cross_encoder_path, dim=1), table_entry(real_model_path, RERANK, dim=1)):
+        with pytest.raises(LayoutMismatch):
+            check_entry_files(bad)
