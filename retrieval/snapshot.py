@@ -128,7 +128,15 @@ from loguru import logger
 
 from shm_protocol.errors import ShmEmbedError
 
-from .faiss_index import POINTS_PER_CENTROID, PassageIndex, nlist_for, search_preassigned, train_centroids
+from .faiss_index import (
+    POINTS_PER_CENTROID,
+    PassageIndex,
+    nlist_for,
+    ranked,
+    search_preassigned,
+    search_ranked,
+    train_centroids,
+)
 from .storage import DIR_MODE, FILE_MODE
 
 #: The folder under SHM_EMBED_DATA_DIR that holds the snapshots, one folder per collection id.
@@ -157,6 +165,11 @@ BUILD_BACKOFF_MAX_S = 600.0
 RACY_S = 1.0
 #: Workers touch their host's mark this many times per stale-host horizon.
 MARK_TOUCHES = 4
+#: A worker asks for a build when it has replayed more than this many times the collection's live passages
+#: (and more than LOG_MIN changes) since its snapshot: the build compacts the change log, which collections
+#: below SHM_EMBED_SNAPSHOT_DELTA would otherwise keep forever, and which every new worker replays.
+LOG_GROWTH = 4
+LOG_MIN = 10_000
 #: Niceness of a builder process: rebuilds yield the CPU to requests and to the model.
 BUILD_NICE = 10
 #: Rows read from the tables at once, and changes deleted per transaction when compacting.
@@ -518,24 +531,29 @@ class LayeredIndex:
             for index, n, sel in layers:
                 if n > 0:
                     params = faiss.SearchParametersIVF(nprobe=nprobe, sel=sel)
-                    parts.append(search_preassigned(index, query, min(k, n), coarse_ids, coarse_scores, params))
+
+                    def search(m, index=index, params=params):
+                        scores, ids = search_preassigned(index, query, m, coarse_ids, coarse_scores, params)
+                        return scores[ids >= 0], ids[ids >= 0]
+
+                    parts.append(search_ranked(search, min(k, n), n))
         else:
             if base_n > 0:
                 params = faiss.SearchParameters(sel=base_sel) if base_sel is not None else None
-                scores, rows = self.base.index.search(query, min(k, base_n), params=params)
-                found = rows[0] >= 0
-                parts.append((scores[0][found], np.asarray(self.base.ids[rows[0][found]])))
+
+                def search(m):
+                    scores, rows = self.base.index.search(query, m, params=params)
+                    found = rows[0] >= 0
+                    return scores[0][found], np.asarray(self.base.ids[rows[0][found]])
+
+                parts.append(search_ranked(search, min(k, base_n), base_n))
             if self.delta.ntotal:
                 parts.append(self.delta.search(query, k, allowed))
         del keep
         if not parts:
             return np.empty(0, np.float32), np.empty(0, np.int64)
-        scores = np.concatenate([p[0] for p in parts])
-        ids = np.concatenate([p[1] for p in parts])
-        real = ids >= 0
-        scores, ids = scores[real], ids[real]
-        order = np.argsort(-scores, kind="stable")[:k]
-        return scores[order], ids[order]
+        # Each layer's k best in the defined order, ties at its cut included: so are the k best of both.
+        return ranked(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), k)
 
 
 def _fill(db, conn, cid: int, dim: int, centroids: np.ndarray | None) -> tuple:

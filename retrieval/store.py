@@ -460,6 +460,7 @@ class CollectionStore:
             limit = lo.index.ntotal if allowed is None else len(allowed)
             k = min(limit, top_k * 4 + 8)
             best: dict[str, tuple[float, int, int]] = {}
+            order: list[tuple[str, tuple[float, int, int]]] = []
             while k > 0:
                 with lo.lock:
                     scores, ids = lo.index.search(qv, k, allowed)
@@ -467,12 +468,20 @@ class CollectionStore:
                 best.clear()
                 for score, pid in zip(scores.tolist(), ids.tolist()):
                     hit = where.get(pid)
-                    if hit is not None and hit[0] not in best:
+                    if hit is None:
+                        continue
+                    # A document's best passage; of equal ones its first (spans start in passage order).
+                    held = best.get(hit[0])
+                    if held is None or score > held[0] or (score == held[0] and hit[1] < held[1]):
                         best[hit[0]] = (score, hit[1], hit[2])
-                if len(best) >= top_k or k >= limit:
+                # Equal scores go by document id, and the cut at top_k must be defined too: the candidates
+                # hold every passage scoring above the last one, so when the top_k-th document scores above
+                # it no document tied with that one is missing; when it scores the same, fetch wider.
+                order = sorted(best.items(), key=lambda kv: (-kv[1][0], kv[0]))
+                if k >= limit or len(ids) < k or (len(order) >= top_k and order[top_k - 1][1][0] > scores[-1]):
                     break
                 k = min(limit, k * 4)
-            chosen = sorted(best.items(), key=lambda kv: -kv[1][0])[:top_k]
+            chosen = order[:top_k]
             docs = self.db.documents_by_id(conn, row.cid, [c[0] for c in chosen])
         out = []
         for doc_id, (score, a, b) in chosen:
