@@ -333,7 +333,7 @@ def test_equal_scores_answer_in_one_defined_order_on_every_path(where, kind, tmp
         assert served(shared, "kb")[0] == 1 and shared._loaded["kb"].index.delta.ntotal == 10
         answers(lambda q, k, f: plain.search_vector("kb", q, k, f))
         for w in workers:
-            answers(lambda q, k, f: w.search("kb", q, k, f)["results"])
+            answers(lambda q, k, f, w=w: w.search("kb", q, k, f)["results"])
         assert workers[0].search("kb", tie, 1)["generation"] == 1
         assert workers[1].search("kb", tie, 1)["generation"] is None
         best = {r["id"]: r["passage"] for r in shared.search_vector("kb", tie, 12)}
