@@ -27,8 +27,9 @@ private *delta* index of the passages added since its sequence number (flat
 for a flat snapshot; IVF over the snapshot's own centroids for an IVF one) and
 the set of snapshot passages deleted or replaced since (*hidden*). A search
 asks the snapshot with a FAISS selector that excludes the hidden ids (and
-applies the filter), asks the delta the same, and merges the two top-k lists.
-For an IVF snapshot both scan the lists one quantizer search chose. The
+applies the filter), asks the delta the same, and merges the two top-k lists
+(each complete at its cut, :func:`retrieval.faiss_index.search_ranked`: equal
+scores order and cut as in one index). For an IVF snapshot both scan the lists one quantizer search chose. The
 answer is therefore the one a single index over the same live passages (and
 the same centroids) gives: exact for flat, the same lists probed for IVF.
 
@@ -46,7 +47,10 @@ the last search using it is done.
 **Rebuilds** happen in a child process (``python -m retrieval.snapshot build``,
 niced), started by a worker's background thread, never inside a request,
 when the changes since the snapshot (delta plus hidden) reach
-``SHM_EMBED_SNAPSHOT_DELTA``, when an ``auto``/``ivf`` collection reaches the
+``SHM_EMBED_SNAPSHOT_DELTA``, when the worker replayed more than ``LOG_GROWTH``
+times the collection's passages (and ``LOG_MIN``) since its snapshot (replaced
+documents keep a small collection's delta small and its log growing: the build
+is what compacts the log), when an ``auto``/``ivf`` collection reaches the
 size at which it trains its IVF quantizer (the builder trains it, in place of
 the write that crossed the size), or when it grew ``RETRAIN_GROWTH`` times
 past the size its quantizer was trained at (the builder refits the centroids
@@ -621,6 +625,7 @@ class SnapshotManager:
         self.delta_max = delta_max
         self.stale_host_s = stale_host_s
         self.build_pause_s = BUILD_PAUSE_S
+        self.log_min = LOG_MIN
         self._lock = threading.Lock()
         self._states: dict[int, _State] = {}
         self._jobs: queue.Queue = queue.Queue()
@@ -690,7 +695,7 @@ class SnapshotManager:
             return layered
         dropped = 0 if layered else lo.index.ntotal
         lo.index = LayeredIndex(snap, self.store.nprobe)  # the old one's generation is released here
-        lo.seq = snap.seq
+        lo.seq, lo.replayed = snap.seq, 0
         logger.info("collection {}: serving snapshot generation {} ({} passages, {}, changes up to {})",
                     name, newest, snap.ntotal, snap.kind, snap.seq)
         if dropped >= self.delta_max:
@@ -730,6 +735,9 @@ class SnapshotManager:
                 why = "the IVF quantizer is due"
         elif layered and index.ntotal >= RETRAIN_GROWTH * max(1, index.base.trained_at):
             why = "the collection outgrew its quantizer"
+        if why is None and lo.replayed > max(LOG_GROWTH * index.ntotal, self.log_min):
+            # Replacements keep a collection small and its log growing: only a build (its mark) compacts the log.
+            why = "the change log outgrew the collection"
         if why is not None:
             self.request_build(lo.cid, why)
         if layered:

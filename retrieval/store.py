@@ -93,6 +93,8 @@ class _Loaded:
         self.dim = dim
         self.seq = 0
         self.index = PassageIndex(dim, nprobe=nprobe)
+        #: Change-log entries replayed into ``index`` since it was made: what a new worker replays too.
+        self.replayed = 0
         self.lock = threading.Lock()
 
 
@@ -399,7 +401,7 @@ class CollectionStore:
                 if lo.seq > max(last, floor):  # the log went back (a database restored from a backup): start over
                     logger.warning("collection {}: applied changes up to {}, but the log ends at {}: loading again",
                                    name, lo.seq, max(last, floor))
-                    lo.index, lo.seq = PassageIndex(dim, nprobe=self.nprobe), 0
+                    lo.index, lo.seq, lo.replayed = PassageIndex(dim, nprobe=self.nprobe), 0, 0
                 shared = self.snapshots is not None and self.snapshots.refresh(lo, floor, row, last)
                 # "flat" never trains
                 if not shared and lo.index.kind == "flat" and row.options.get("index") != "flat":
@@ -407,11 +409,12 @@ class CollectionStore:
                     if cent is not None:
                         lo.index = PassageIndex(dim, np.frombuffer(cent[1], dtype="<f4").reshape(-1, dim),
                                                 nprobe=self.nprobe)
-                        lo.seq = 0
+                        lo.seq = lo.replayed = 0
                 if lo.seq < floor:  # the log no longer holds what this process missed: read the tables
                     logger.info("collection {}: applied changes up to {}, the log starts after {}: loading from the "
                                 "tables", name, lo.seq, floor)
                     lo.index, lo.seq = load_from_tables(self.db, conn, cid, dim, self.nprobe)
+                    lo.replayed = 0
                 elif last > lo.seq:
                     self._replay(conn, lo, last)
             if self.snapshots is not None:
@@ -431,6 +434,7 @@ class CollectionStore:
                 vecs = np.frombuffer(b"".join(r[3] for r in added), dtype="<f4").reshape(len(added), lo.dim)
                 lo.index.add(np.array([r[2] for r in added], dtype=np.int64), vecs)
             lo.seq = rows[-1][0]
+            lo.replayed += len(rows)
         lo.seq = last
 
     @_guarded

@@ -367,7 +367,7 @@ def test_a_small_collection_s_change_log_stays_a_few_times_its_size(where, tmp_p
     bound = max(LOG_GROWTH * n, store.snapshots.log_min)
     longest = 0
     try:
-        for round_ in range(300):  # 600 changes: 30 times the collection
+        for round_ in range(200):  # 400 changes: 20 times the collection
             doc_id = f"d{round_ % n}"
             live[doc_id] = unit(rng, 1)[0]
             store.write_embedded("kb", docs([doc_id]), live[doc_id][None])
