@@ -12,6 +12,12 @@ cosine similarity (1 is identical, higher is closer). Two kinds:
 
 The centroids are trained once per collection and stored with it, so every
 worker builds the same index and answers the same results.
+
+Results come in one defined order: best score first, equal scores by passage
+id. FAISS leaves both the order of equal scores and which of them make a cut
+at ``k`` to its heap, which differs by index layout (a snapshot plus its delta,
+or one index), so each search fetches past ``k`` until the last candidate
+scores below the ``k``-th (:func:`search_ranked`), then sorts and cuts.
 """
 
 from __future__ import annotations
@@ -23,6 +29,28 @@ import numpy as np
 
 #: Training points per centroid: plenty for IVF, and what bounds the k-means sample.
 POINTS_PER_CENTROID = 64
+#: Candidates fetched past k, so that a tie at the k-th score seldom needs a second, wider search.
+TIE_MARGIN = 8
+
+
+def ranked(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` first of ``(scores, ids)`` in the defined order: score descending, then id ascending."""
+    order = np.lexsort((ids, -scores))[:k]
+    return scores[order], ids[order]
+
+
+def search_ranked(search, k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of an index in the defined order. ``search(m)`` answers
+    FAISS's ``m`` best (scores, ids; no ``-1`` filler) of at most ``n``
+    candidates. Every candidate tied with the ``k``-th must be among those
+    fetched for the cut to be defined: fetch wider until the last one fetched
+    scores below the ``k``-th, or all were fetched."""
+    m = min(n, k + TIE_MARGIN)
+    while True:
+        scores, ids = search(m)
+        if m >= n or len(ids) < m or len(ids) <= k or scores[-1] < scores[k - 1]:
+            return ranked(scores, ids, k)
+        m = min(n, 4 * m)
 
 
 def nlist_for(n: int) -> int:
@@ -99,8 +127,8 @@ class PassageIndex:
 
     def search(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Scores and ids of the ``k`` passages nearest to one query, best
-        first; ``allowed`` restricts the search to those ids. No ``-1`` id
-        (FAISS's filler when fewer than ``k`` exist) ever comes back."""
+        first, equal scores by id; ``allowed`` restricts the search to those
+        ids. No ``-1`` id (FAISS's filler when fewer than ``k`` exist) ever comes back."""
         if self.ntotal == 0 or (allowed is not None and len(allowed) == 0):
             return np.empty(0, np.float32), np.empty(0, np.int64)
         query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dim)
@@ -114,6 +142,10 @@ class PassageIndex:
             params = faiss.SearchParametersIVF(nprobe=min(nprobe, self.nlist), sel=sel)
         elif sel is not None:
             params = faiss.SearchParameters(sel=sel)
-        scores, ids = self.index.search(query, k, params=params)
-        keep = ids[0] >= 0
-        return scores[0][keep], ids[0][keep]
+
+        def search(m: int) -> tuple[np.ndarray, np.ndarray]:
+            scores, ids = self.index.search(query, m, params=params)
+            keep = ids[0] >= 0
+            return scores[0][keep], ids[0][keep]
+
+        return search_ranked(search, k, self.ntotal if allowed is None else min(self.ntotal, len(allowed)))

@@ -27,8 +27,9 @@ private *delta* index of the passages added since its sequence number (flat
 for a flat snapshot; IVF over the snapshot's own centroids for an IVF one) and
 the set of snapshot passages deleted or replaced since (*hidden*). A search
 asks the snapshot with a FAISS selector that excludes the hidden ids (and
-applies the filter), asks the delta the same, and merges the two top-k lists.
-For an IVF snapshot both scan the lists one quantizer search chose. The
+applies the filter), asks the delta the same, and merges the two top-k lists
+(each complete at its cut, :func:`retrieval.faiss_index.search_ranked`: equal
+scores order and cut as in one index). For an IVF snapshot both scan the lists one quantizer search chose. The
 answer is therefore the one a single index over the same live passages (and
 the same centroids) gives: exact for flat, the same lists probed for IVF.
 
@@ -46,7 +47,10 @@ the last search using it is done.
 **Rebuilds** happen in a child process (``python -m retrieval.snapshot build``,
 niced), started by a worker's background thread, never inside a request,
 when the changes since the snapshot (delta plus hidden) reach
-``SHM_EMBED_SNAPSHOT_DELTA``, when an ``auto``/``ivf`` collection reaches the
+``SHM_EMBED_SNAPSHOT_DELTA``, when the worker replayed more than ``LOG_GROWTH``
+times the collection's passages (and ``LOG_MIN``) since its snapshot (replaced
+documents keep a small collection's delta small and its log growing: the build
+is what compacts the log), when an ``auto``/``ivf`` collection reaches the
 size at which it trains its IVF quantizer (the builder trains it, in place of
 the write that crossed the size), or when it grew ``RETRAIN_GROWTH`` times
 past the size its quantizer was trained at (the builder refits the centroids
@@ -128,7 +132,15 @@ from loguru import logger
 
 from shm_protocol.errors import ShmEmbedError
 
-from .faiss_index import POINTS_PER_CENTROID, PassageIndex, nlist_for, search_preassigned, train_centroids
+from .faiss_index import (
+    POINTS_PER_CENTROID,
+    PassageIndex,
+    nlist_for,
+    ranked,
+    search_preassigned,
+    search_ranked,
+    train_centroids,
+)
 from .storage import DIR_MODE, FILE_MODE
 
 #: The folder under SHM_EMBED_DATA_DIR that holds the snapshots, one folder per collection id.
@@ -157,6 +169,11 @@ BUILD_BACKOFF_MAX_S = 600.0
 RACY_S = 1.0
 #: Workers touch their host's mark this many times per stale-host horizon.
 MARK_TOUCHES = 4
+#: A worker asks for a build when it has replayed more than this many times the collection's live passages
+#: (and more than LOG_MIN changes) since its snapshot: the build compacts the change log, which collections
+#: below SHM_EMBED_SNAPSHOT_DELTA would otherwise keep forever, and which every new worker replays.
+LOG_GROWTH = 4
+LOG_MIN = 10_000
 #: Niceness of a builder process: rebuilds yield the CPU to requests and to the model.
 BUILD_NICE = 10
 #: Rows read from the tables at once, and changes deleted per transaction when compacting.
@@ -518,24 +535,29 @@ class LayeredIndex:
             for index, n, sel in layers:
                 if n > 0:
                     params = faiss.SearchParametersIVF(nprobe=nprobe, sel=sel)
-                    parts.append(search_preassigned(index, query, min(k, n), coarse_ids, coarse_scores, params))
+
+                    def search(m, index=index, params=params):
+                        scores, ids = search_preassigned(index, query, m, coarse_ids, coarse_scores, params)
+                        return scores[ids >= 0], ids[ids >= 0]
+
+                    parts.append(search_ranked(search, min(k, n), n))
         else:
             if base_n > 0:
                 params = faiss.SearchParameters(sel=base_sel) if base_sel is not None else None
-                scores, rows = self.base.index.search(query, min(k, base_n), params=params)
-                found = rows[0] >= 0
-                parts.append((scores[0][found], np.asarray(self.base.ids[rows[0][found]])))
+
+                def search(m):
+                    scores, rows = self.base.index.search(query, m, params=params)
+                    found = rows[0] >= 0
+                    return scores[0][found], np.asarray(self.base.ids[rows[0][found]])
+
+                parts.append(search_ranked(search, min(k, base_n), base_n))
             if self.delta.ntotal:
                 parts.append(self.delta.search(query, k, allowed))
         del keep
         if not parts:
             return np.empty(0, np.float32), np.empty(0, np.int64)
-        scores = np.concatenate([p[0] for p in parts])
-        ids = np.concatenate([p[1] for p in parts])
-        real = ids >= 0
-        scores, ids = scores[real], ids[real]
-        order = np.argsort(-scores, kind="stable")[:k]
-        return scores[order], ids[order]
+        # Each layer's k best in the defined order, ties at its cut included: so are the k best of both.
+        return ranked(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), k)
 
 
 def _fill(db, conn, cid: int, dim: int, centroids: np.ndarray | None) -> tuple:
@@ -603,6 +625,7 @@ class SnapshotManager:
         self.delta_max = delta_max
         self.stale_host_s = stale_host_s
         self.build_pause_s = BUILD_PAUSE_S
+        self.log_min = LOG_MIN
         self._lock = threading.Lock()
         self._states: dict[int, _State] = {}
         self._jobs: queue.Queue = queue.Queue()
@@ -672,7 +695,7 @@ class SnapshotManager:
             return layered
         dropped = 0 if layered else lo.index.ntotal
         lo.index = LayeredIndex(snap, self.store.nprobe)  # the old one's generation is released here
-        lo.seq = snap.seq
+        lo.seq, lo.replayed = snap.seq, 0
         logger.info("collection {}: serving snapshot generation {} ({} passages, {}, changes up to {})",
                     name, newest, snap.ntotal, snap.kind, snap.seq)
         if dropped >= self.delta_max:
@@ -712,6 +735,9 @@ class SnapshotManager:
                 why = "the IVF quantizer is due"
         elif layered and index.ntotal >= RETRAIN_GROWTH * max(1, index.base.trained_at):
             why = "the collection outgrew its quantizer"
+        if why is None and lo.replayed > max(LOG_GROWTH * index.ntotal, self.log_min):
+            # Replacements keep a collection small and its log growing: only a build (its mark) compacts the log.
+            why = "the change log outgrew the collection"
         if why is not None:
             self.request_build(lo.cid, why)
         if layered:

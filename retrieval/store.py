@@ -93,6 +93,8 @@ class _Loaded:
         self.dim = dim
         self.seq = 0
         self.index = PassageIndex(dim, nprobe=nprobe)
+        #: Change-log entries replayed into ``index`` since it was made: what a new worker replays too.
+        self.replayed = 0
         self.lock = threading.Lock()
 
 
@@ -399,7 +401,7 @@ class CollectionStore:
                 if lo.seq > max(last, floor):  # the log went back (a database restored from a backup): start over
                     logger.warning("collection {}: applied changes up to {}, but the log ends at {}: loading again",
                                    name, lo.seq, max(last, floor))
-                    lo.index, lo.seq = PassageIndex(dim, nprobe=self.nprobe), 0
+                    lo.index, lo.seq, lo.replayed = PassageIndex(dim, nprobe=self.nprobe), 0, 0
                 shared = self.snapshots is not None and self.snapshots.refresh(lo, floor, row, last)
                 # "flat" never trains
                 if not shared and lo.index.kind == "flat" and row.options.get("index") != "flat":
@@ -407,11 +409,12 @@ class CollectionStore:
                     if cent is not None:
                         lo.index = PassageIndex(dim, np.frombuffer(cent[1], dtype="<f4").reshape(-1, dim),
                                                 nprobe=self.nprobe)
-                        lo.seq = 0
+                        lo.seq = lo.replayed = 0
                 if lo.seq < floor:  # the log no longer holds what this process missed: read the tables
                     logger.info("collection {}: applied changes up to {}, the log starts after {}: loading from the "
                                 "tables", name, lo.seq, floor)
                     lo.index, lo.seq = load_from_tables(self.db, conn, cid, dim, self.nprobe)
+                    lo.replayed = 0
                 elif last > lo.seq:
                     self._replay(conn, lo, last)
             if self.snapshots is not None:
@@ -431,6 +434,7 @@ class CollectionStore:
                 vecs = np.frombuffer(b"".join(r[3] for r in added), dtype="<f4").reshape(len(added), lo.dim)
                 lo.index.add(np.array([r[2] for r in added], dtype=np.int64), vecs)
             lo.seq = rows[-1][0]
+            lo.replayed += len(rows)
         lo.seq = last
 
     @_guarded
@@ -460,6 +464,7 @@ class CollectionStore:
             limit = lo.index.ntotal if allowed is None else len(allowed)
             k = min(limit, top_k * 4 + 8)
             best: dict[str, tuple[float, int, int]] = {}
+            order: list[tuple[str, tuple[float, int, int]]] = []
             while k > 0:
                 with lo.lock:
                     scores, ids = lo.index.search(qv, k, allowed)
@@ -467,12 +472,20 @@ class CollectionStore:
                 best.clear()
                 for score, pid in zip(scores.tolist(), ids.tolist()):
                     hit = where.get(pid)
-                    if hit is not None and hit[0] not in best:
+                    if hit is None:
+                        continue
+                    # A document's best passage; of equal ones its first (spans start in passage order).
+                    held = best.get(hit[0])
+                    if held is None or score > held[0] or (score == held[0] and hit[1] < held[1]):
                         best[hit[0]] = (score, hit[1], hit[2])
-                if len(best) >= top_k or k >= limit:
+                # Equal scores go by document id, and the cut at top_k must be defined too: the candidates
+                # hold every passage scoring above the last one, so when the top_k-th document scores above
+                # it no document tied with that one is missing; when it scores the same, fetch wider.
+                order = sorted(best.items(), key=lambda kv: (-kv[1][0], kv[0]))
+                if k >= limit or len(ids) < k or (len(order) >= top_k and order[top_k - 1][1][0] > scores[-1]):
                     break
                 k = min(limit, k * 4)
-            chosen = sorted(best.items(), key=lambda kv: -kv[1][0])[:top_k]
+            chosen = order[:top_k]
             docs = self.db.documents_by_id(conn, row.cid, [c[0] for c in chosen])
         out = []
         for doc_id, (score, a, b) in chosen:

@@ -25,6 +25,7 @@ from shm_protocol.errors import InvalidInput
 
 from .errors import FetchFailed, FetchRefused, SearchBackendFailed
 from .extract import extract
+from .faiss_index import PassageIndex
 from .fetch import USER_AGENT, DeadlineBackend, Fetcher, fetch_deadline
 from .passages import split_passages
 
@@ -165,11 +166,15 @@ def web_search_with_embeddings(query: str, urls: list[str] | None = None, *, top
 
         client = get_embedding_model()
     vecs = client.embed([query] + [p for _, p in passages], normalize=True)
-    scores = vecs[1:] @ vecs[0]
-    for i in np.argsort(-scores, kind="stable")[:top_k].tolist():
+    # Scored as a collection is (a matrix product may score equal passages differently by where their
+    # rows fall), equal scores in passage order: the pages' order as given, then each page's own.
+    index = PassageIndex(vecs.shape[1])
+    index.add(np.arange(len(passages)), vecs[1:])
+    scores, order = index.search(vecs[0], top_k)
+    for score, i in zip(scores.tolist(), order.tolist()):
         page_no, text = passages[i]
         page = out.pages[page_no]
-        out.results.append({"url": page["url"], "title": page["title"], "score": float(scores[i]),
+        out.results.append({"url": page["url"], "title": page["title"], "score": float(score),
                             "snippet": _snippet(text), "passage": text})
     return out
 

@@ -178,6 +178,21 @@ def _failed(doc: dict) -> dict:
     return {f["url"]: f["reason"] for f in doc["failed"]}
 
 
+def test_web_search_lists_equal_scores_in_page_order(servers):
+    """Six pages of the same text score exactly the same (the scores of equal
+    passages must not depend on where their rows fall in a matrix product) and
+    come back in the order the pages were given, a top_k cut keeping the first."""
+    from retrieval import web_search_with_embeddings
+    from tests.helpers import FixedVectorClient
+
+    urls = [f"{servers.pages}/whales/{i}" for i in (5, 2, 6, 1, 4, 3)]
+    settings = Settings.from_env({}, fetch_allow="127.0.0.1")
+    out = web_search_with_embeddings("tropical seas", urls, top_k=4, client=FixedVectorClient(), settings=settings)
+    assert out.failed == [] and len(out.pages) == 6
+    assert [r["url"] for r in out.results] == urls[:4]
+    assert len({r["score"] for r in out.results}) == 1
+
+
 # --- 5: pages that trickle, pages with unusable charsets --------------------------------------------
 
 def test_a_page_that_trickles_its_headers_is_cut_off_and_closed_at_the_deadline(service, servers):

@@ -38,6 +38,7 @@ from retrieval.snapshot import (
     INDEX_DIR,
     INDEX_FILE,
     LOCK_FILE,
+    LOG_GROWTH,
     LayeredIndex,
     build_running,
     generation_dir,
@@ -124,6 +125,36 @@ def sql(where: Where | Path, statement: str) -> list[tuple]:
 
 def changes(where, cid: int) -> list[int]:
     return [r[0] for r in sql(where, f"SELECT seq FROM changes WHERE cid = {cid} ORDER BY seq")]
+
+
+def pairs(answer) -> list[tuple[str, float]]:
+    """(id, score) of each result of a store's answer (dicts) or a worker's ([id, score] lists)."""
+    return [(r["id"], r["score"]) if isinstance(r, dict) else (r[0], r[1]) for r in answer]
+
+
+def assert_defined_order(answer) -> None:
+    """Best first; results of exactly equal score in ascending document id order."""
+    got = pairs(answer)
+    for (a, sa), (b, sb) in zip(got, got[1:]):
+        assert sa > sb or (sa == sb and a < b), f"{a} ({sa!r}) before {b} ({sb!r})"
+
+
+def assert_same_answer(got, want, atol: float = 1e-5) -> None:
+    """Two answers to one query from two paths (snapshot or not, one process or another)
+    agree up to float rounding between SIMD code paths: scores within ``atol``, each run
+    of nearly equal scores the same documents (the last run may be cut by top_k, where
+    a score one rounding apart may fall either side), and each answer in the defined order."""
+    got, want = pairs(got), pairs(want)
+    assert len(got) == len(want), (got, want)
+    assert np.allclose([s for _, s in got], [s for _, s in want], atol=atol, rtol=0), (got, want)
+    assert_defined_order(got)
+    assert_defined_order(want)
+    start = 0
+    for end in range(1, len(want) + 1):
+        if end == len(want) or want[end - 1][1] - want[end][1] > atol:
+            if end < len(want):
+                assert {d for d, _ in got[start:end]} == {d for d, _ in want[start:end]}, (got, want)
+            start = end
 
 
 def floor_of(store: CollectionStore, cid: int) -> int:
@@ -221,9 +252,7 @@ def test_a_snapshot_and_the_changes_since_answer_as_one_index(where, kind):
             for q in queries:
                 for top_k, flt in ((10, None), (200, None), (10, {"g": 3}), (5, {"g": [1, 2]}), (3, {"g": 9})):
                     want = plain.search_vector("kb", q, top_k, flt)
-                    got = shared.search_vector("kb", q, top_k, flt)
-                    assert [r["id"] for r in got] == [r["id"] for r in want]
-                    assert np.allclose([r["score"] for r in got], [r["score"] for r in want], atol=1e-6)
+                    assert_same_answer(shared.search_vector("kb", q, top_k, flt), want)
             count = plain.info("kb")["passages"]
             assert shared._loaded["kb"].index.ntotal == count == plain._loaded["kb"].index.ntotal
         finally:
@@ -250,6 +279,116 @@ def test_a_snapshot_and_the_changes_since_answer_as_one_index(where, kind):
     assert generations(cdir) == [2]
     writer.close()
     shared.close()
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_equal_scores_answer_in_one_defined_order_on_every_path(where, kind, tmp_path):
+    """Documents of identical vectors (exactly equal scores) answer in document id order,
+    the tied passages of one document by passage number, and a top_k that cuts through
+    them keeps the smallest ids: the same answer from a snapshot plus its delta, after a
+    rebuild, from a store without snapshots and from worker processes of both kinds,
+    filtered or not. The later ids are written first, some in the snapshot and some in
+    its delta, so that no insertion or FAISS order gives the defined one by chance."""
+    rng = np.random.default_rng(31)
+    tie, up = unit(rng, 2)
+    near = tie + 0.2 * up
+    near /= np.linalg.norm(near)  # scores 1 for the "top" documents, then the tied ones, then the rest
+
+    def doc(doc_id: str, g: int, passages: int = 1) -> Document:
+        return Document(doc_id, "ab"[:passages], None, {"g": g}, [(j, j + 1) for j in range(passages)])
+
+    tied = [f"t{i:02d}" for i in range(12)]
+    first = [doc(d, i % 2) for i, d in enumerate(tied)][6:][::-1]  # t11 ... t06
+    filler = [doc(f"f{i:04d}", 9) for i in range(1100)]
+    writer = open_store(where, snapshots=False, nprobe=32)
+    writer.create("kb", {"index": kind})
+    writer.write_embedded("kb", first + filler, np.vstack([np.repeat(tie[None], 6, 0), unit(rng, 1100)]))
+    shared = open_store(where, nprobe=32, snapshot_delta=NEVER)
+    cid = cid_of(shared, "kb")
+    assert shared.snapshots.build(cid)["kind"] == kind
+    later = [doc(d, i % 2, 2 if d == "t04" else 1) for i, d in enumerate(tied)][:6][::-1]  # t05 ... t00
+    writer.write_embedded("kb", later, np.repeat(tie[None], 7, 0))
+    writer.write_embedded("kb", [doc("t08", 0)], tie[None])  # moved from the snapshot to the delta
+    writer.write_embedded("kb", [doc("top1", 7), doc("top0", 7)], np.repeat(near[None], 2, 0))
+    plain = open_store(where, snapshots=False, nprobe=32)
+    workers = [Worker(where, DIM, tmp_path / "w-snap.log", snapshot_delta=NEVER, nprobe=32),
+               Worker(where, DIM, tmp_path / "w-plain.log", snapshots=False, nprobe=32)]
+    expected = [(tie, k, None, tied[:k]) for k in (1, 4, 5, 11, 12)]
+    expected += [(tie, 3, {"g": 1}, ["t01", "t03", "t05"]), (tie, 2, {"g": [0, 7]}, ["t00", "t02"]),
+                 (near, 5, None, ["top0", "top1", "t00", "t01", "t02"]),
+                 (near, 4, {"g": [0, 1]}, ["t00", "t01", "t02", "t03"])]
+    queries = unit(rng, 6)
+
+    def answers(search) -> None:
+        for q, top_k, flt, ids in expected:
+            got = search(q, top_k, flt)
+            assert [r[0] for r in pairs(got)] == ids, (top_k, flt)
+            assert_defined_order(got)
+        for q in queries:
+            for top_k in (10, 200):
+                assert_same_answer(search(q, top_k, None), plain.search_vector("kb", q, top_k))
+
+    try:
+        answers(lambda q, k, f: shared.search_vector("kb", q, k, f))
+        assert served(shared, "kb")[0] == 1 and shared._loaded["kb"].index.delta.ntotal == 10
+        answers(lambda q, k, f: plain.search_vector("kb", q, k, f))
+        for w in workers:
+            answers(lambda q, k, f, w=w: w.search("kb", q, k, f)["results"])
+        assert workers[0].search("kb", tie, 1)["generation"] == 1
+        assert workers[1].search("kb", tie, 1)["generation"] is None
+        best = {r["id"]: r["passage"] for r in shared.search_vector("kb", tie, 12)}
+        assert best["t04"] == "a"  # of its two tied passages, the first
+        assert {r["id"]: r["passage"] for r in plain.search_vector("kb", tie, 12)}["t04"] == "a"
+        assert shared.snapshots.build(cid)["generation"] == 2
+        answers(lambda q, k, f: shared.search_vector("kb", q, k, f))  # all of it in the snapshot now
+        assert served(shared, "kb")[0] == 2 and shared._loaded["kb"].index.pending == 0
+    finally:
+        for w in workers:
+            w.close()
+        for store in (writer, shared, plain):
+            store.close()
+
+
+def test_a_small_collection_s_change_log_stays_a_few_times_its_size(where, tmp_path):
+    """A collection far below SHM_EMBED_SNAPSHOT_DELTA whose documents are replaced
+    over and over: a worker that replays more changes than a few times the live
+    passages asks for a snapshot build, which compacts the log, so the log stays
+    bounded however long the history; a new worker process and a new store without
+    snapshots answer the current vectors without replaying the history."""
+    rng = np.random.default_rng(41)
+    store = open_store(where, snapshot_delta=NEVER)
+    store.snapshots.build_pause_s = 0.0  # every build when due: the bound is checked after each search
+    store.snapshots.log_min = 40
+    store.create("kb", {"index": "flat"})
+    n = 20
+    live = dict(zip([f"d{i}" for i in range(n)], unit(rng, n)))
+    store.write_embedded("kb", docs(list(live)), np.array(list(live.values())))
+    cid = cid_of(store, "kb")
+    bound = max(LOG_GROWTH * n, store.snapshots.log_min)
+    longest = 0
+    try:
+        for round_ in range(200):  # 400 changes: 20 times the collection
+            doc_id = f"d{round_ % n}"
+            live[doc_id] = unit(rng, 1)[0]
+            store.write_embedded("kb", docs([doc_id]), live[doc_id][None])
+            assert store.search_vector("kb", live[doc_id], 1)[0]["id"] == doc_id
+            store.snapshots.join()  # a build it asked for is done
+            longest = max(longest, len(changes(where, cid)))
+        assert longest <= bound, f"{longest} changes logged for {n} live passages"
+        assert served(store, "kb")[0] > 1 and floor_of(store, cid) > 0
+        worker = Worker(where, DIM, tmp_path / "worker.log", snapshot_delta=NEVER)
+        plain = open_store(where, snapshots=False)
+        try:
+            for doc_id, vector in live.items():
+                answer = worker.search("kb", vector, 3)
+                assert answer["results"][0][0] == doc_id and answer["generation"] is not None
+                assert plain.search_vector("kb", vector, 1)[0]["id"] == doc_id
+            assert plain._loaded["kb"].index.ntotal == n
+        finally:
+            worker.close()
+            plain.close()
+    finally:
+        store.close()
 
 
 def test_worker_processes_share_one_copy_of_the_vectors(big, tmp_path):

@@ -189,3 +189,66 @@ def test_snapshot_settings_and_the_library_agree():
     from shm_protocol.config import Settings
 
     assert (Settings().snapshot_delta, Settings().snapshot_stale_host_s) == (DELTA_MAX, STALE_HOST_S)
+
+
+def _defined(scores, ids) -> bool:
+    """Best first, and equal scores in ascending id order."""
+    pairs = list(zip(scores.tolist(), ids.tolist()))
+    return all(a[0] > b[0] or (a[0] == b[0] and a[1] < b[1]) for a, b in zip(pairs, pairs[1:]))
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_equal_scores_come_back_in_id_order_and_the_cut_keeps_the_smallest_ids(tmp_path, kind):
+    """Passages of exactly equal score (the same vector), added with the later ids first,
+    some in a snapshot and some in its delta: the answer lists them by id, and a cut
+    of top_k inside them keeps the smallest ids, in a plain index and a layered one."""
+    import faiss
+
+    from retrieval.snapshot import LayeredIndex, Snapshot, write_snapshot
+
+    rng = np.random.default_rng(21)
+    filler = _unit(rng, 600)
+    tie = _unit(rng, 1)[0]
+    tied = np.arange(140, 100, -2)  # 20 ids, the larger added first
+    cents = train_centroids(np.vstack([filler, tie[None]]), 8) if kind == "ivf" else None
+    ref = PassageIndex(16, cents, nprobe=8)
+    ref.add(np.arange(1000, 1600), filler)
+    ref.add(tied, np.repeat(tie[None], len(tied), 0))
+    base_ids = np.concatenate([tied[:10][::-1], np.arange(1000, 1600)])  # a snapshot's ids are sorted
+    base_vecs = np.vstack([np.repeat(tie[None], 10, 0), filler])
+    if kind == "ivf":
+        holder = PassageIndex(16, cents, nprobe=8)
+        holder.add(base_ids, base_vecs)
+        snap_index = holder.index
+    else:
+        snap_index = faiss.IndexFlatIP(16)
+        snap_index.add(base_vecs)
+    meta = {"format": 2, "generation": 1, "cid": 7, "created": 1.5, "dim": 16, "seq": 1, "kind": kind,
+            "nlist": 0 if cents is None else len(cents), "ntotal": len(base_ids), "trained_at": 610}
+    write_snapshot(tmp_path, 1, snap_index, base_ids, meta)
+    layered = LayeredIndex(Snapshot(tmp_path / "g000000000001", cid=7, dim=16, created=1.5), nprobe=8)
+    layered.add(tied[10:], np.repeat(tie[None], 10, 0))  # the smaller ids, in the delta
+    want = np.sort(tied)
+    for index in (ref, layered):
+        for k in (1, 3, 10, 11, 20):
+            scores, ids = index.search(tie, k)
+            assert ids.tolist() == want[:k].tolist() and _defined(scores, ids)
+        scores, ids = index.search(tie, 30)
+        assert ids[:20].tolist() == want.tolist() and _defined(scores, ids)
+        allowed = np.concatenate([tied[::3], np.arange(1000, 1100)])
+        scores, ids = index.search(tie, 4, allowed)
+        assert ids.tolist() == np.sort(tied[::3])[:4].tolist()
+        for q in _unit(rng, 5):
+            assert _defined(*index.search(q, 50))
+
+
+def test_the_in_memory_index_lists_equal_scores_in_document_order():
+    from retrieval.index import build_vector_index, search_index
+    from tests.helpers import FixedVectorClient
+
+    texts = ["b", "same", "c", "same", "same", "d", "same"]
+    built = build_vector_index(texts, client=FixedVectorClient())
+    got = search_index("same", built, top_k=3)
+    assert [r["id"] for r in got] == [1, 3, 4] and [r["rank"] for r in got] == [1, 2, 3]
+    assert len({r["score"] for r in got}) == 1
+    assert [r["id"] for r in search_index("same", built, top_k=5)][:4] == [1, 3, 4, 6]
