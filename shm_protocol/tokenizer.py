@@ -120,6 +120,18 @@ class WorkerTokenizer:
         tokenize_ns = time.perf_counter_ns() - t0
         return Tokenized(list(documents), ids, lengths, tokenize_ns, segments)
 
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        """Character spans of ``text``'s tokens, all of them, without special tokens."""
+        return self._encode_raw([text], "text")[0].offsets
+
+    def window(self, prompt: str | None = None) -> int:
+        """Tokens of one text the model reads after its special tokens and ``prompt``.
+        A prompt's tokens may merge with the text's first ones or not: one spare token."""
+        processor = self._raw().post_processor
+        added = processor.num_special_tokens_to_add(False) if processor is not None else 0
+        spent = len(self._encode_raw([prompt], "prompt")[0]) + 1 if prompt else 0
+        return max(1, self.max_seq_length - added - spent)
+
     def _pair_template(self) -> _PairTemplate:
         template = self._template
         if template is None:
@@ -161,7 +173,7 @@ def _refused(texts: Sequence, exc: Exception, field: str = "texts", first: int =
         try:
             (t if isinstance(t, str) else "".join(t)).encode("utf-8")
         except UnicodeEncodeError:
-            where = field if field == "query" else f"{field}[{i}]"
+            where = f"{field}[{i}]" if field == "texts" else field
             return InvalidInput(f"{where} is not valid Unicode (it has a lone surrogate)")
     return InvalidInput(f"the tokenizer refused the input: {exc}")
 
