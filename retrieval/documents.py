@@ -12,7 +12,7 @@ from typing import Any
 
 from shm_protocol.errors import InvalidInput
 
-from .passages import OVERLAP_WORDS, PASSAGE_WORDS, split_passages
+from .passages import OVERLAP_WORDS, PASSAGE_WORDS, PassageSplitter
 
 #: Characters of a collection's query or document prompt at most (one is copied onto every passage).
 MAX_PROMPT_CHARS = 2048
@@ -79,8 +79,10 @@ def check_name(name: Any) -> None:
                            f"starting with a letter or digit ({NAME_PATTERN})")
 
 
-def parse_documents(documents: Any, opts: CollectionOptions) -> list[Document]:
-    """Check the documents of a write and split each into passages."""
+def parse_documents(documents: Any, opts: CollectionOptions, split: PassageSplitter | None = None) -> list[Document]:
+    """Check the documents of a write and split each into passages (with
+    ``split``, to the collection's model's window; else by words alone)."""
+    split = split or PassageSplitter(opts.passage_words, opts.overlap_words)
     if not isinstance(documents, list) or not documents:
         raise InvalidInput("'documents' must be a non-empty list")
     out, seen = [], set()
@@ -105,7 +107,7 @@ def parse_documents(documents: Any, opts: CollectionOptions) -> list[Document]:
         text = raw.get("text")
         if not isinstance(text, str):
             raise InvalidInput(f"documents[{i}].text must be a string")
-        spans = split_passages(text, opts.passage_words, opts.overlap_words)
+        spans = split(text)
         if not spans:
             raise InvalidInput(f"documents[{i}].text is empty")
         url = raw.get("url")

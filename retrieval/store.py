@@ -53,6 +53,7 @@ from .database import OP_ADD, OP_DEL, CollectionRow, Database, FilterKey, open_d
 from .documents import CollectionOptions, Document, check_name, parse_documents
 from .errors import CollectionConflict, CollectionNotFound
 from .faiss_index import POINTS_PER_CENTROID, PassageIndex, nlist_for, train_centroids
+from .passages import PassageSplitter, splitter_for
 from .snapshot import DELTA_MAX, STALE_HOST_S, SnapshotManager, load_from_tables
 from .sqlite_db import DB_FILE, SCHEMA, SCHEMA_VERSION  # noqa: F401  (where they were)
 
@@ -189,6 +190,10 @@ class CollectionStore:
             out["prompt"] = prompt
         return out
 
+    def _splitter(self, row: CollectionRow, opts: CollectionOptions) -> PassageSplitter:
+        return splitter_for(self.client, row.model, opts.document_prompt, words=opts.passage_words,
+                            overlap=opts.overlap_words)
+
     def _row(self, conn, name: str, *, check_model: bool = True, lock: bool = False) -> CollectionRow:
         """The collection named ``name`` (CollectionNotFound if none); ``lock`` (in a write):
         hold its write lock to the end of the transaction."""
@@ -279,7 +284,8 @@ class CollectionStore:
         """Validate documents and split them into passages (no embedding yet)."""
         with self.db.read() as conn:
             row = self._row(conn, name)
-        docs = parse_documents(documents, CollectionOptions.from_dict(row.options))
+        opts = CollectionOptions.from_dict(row.options)
+        docs = parse_documents(documents, opts, self._splitter(row, opts))
         self.db.check_documents(docs)
         return docs
 
@@ -295,7 +301,7 @@ class CollectionStore:
         with self.db.read() as conn:
             row = self._row(conn, name)
         opts = CollectionOptions.from_dict(row.options)
-        docs = parse_documents(documents, opts)  # at least one document, each of at least one passage
+        docs = parse_documents(documents, opts, self._splitter(row, opts))  # each of at least one passage
         self.db.check_documents(docs)
         passages = [p for d in docs for p in d.passages]
         embed = self._embed_options(row, opts.document_prompt)

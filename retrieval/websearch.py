@@ -27,7 +27,7 @@ from .errors import FetchFailed, FetchRefused, SearchBackendFailed
 from .extract import extract
 from .faiss_index import PassageIndex
 from .fetch import USER_AGENT, DeadlineBackend, Fetcher, fetch_deadline
-from .passages import split_passages
+from .passages import splitter_for
 
 #: Words per passage of a fetched page, and the overlap of neighbours.
 PAGE_PASSAGE_WORDS, PAGE_OVERLAP_WORDS = 120, 20
@@ -130,6 +130,11 @@ def web_search_with_embeddings(query: str, urls: list[str] | None = None, *, top
         pool.shutdown(wait=False, cancel_futures=True)  # fetches still running are abandoned
         if own:
             fetcher.close()
+    if client is None:
+        from compat.fallback import get_embedding_model
+
+        client = get_embedding_model()
+    split = splitter_for(client, words=PAGE_PASSAGE_WORDS, overlap=PAGE_OVERLAP_WORDS)
     passages: list[tuple[int, str]] = []   # (page number, passage)
     for fut, u in futures.items():
         if not fut.done():
@@ -151,7 +156,7 @@ def web_search_with_embeddings(query: str, urls: list[str] | None = None, *, top
             out.failed.append({"url": u, "reason": "the page could not be read (see the server log)"})
             continue
         text = text[:max_chars]
-        spans = split_passages(text, PAGE_PASSAGE_WORDS, PAGE_OVERLAP_WORDS)
+        spans = split(text)
         if not spans:
             out.failed.append({"url": u, "reason": "no text found on the page"})
             continue
@@ -160,11 +165,6 @@ def web_search_with_embeddings(query: str, urls: list[str] | None = None, *, top
                           "truncated": page.truncated})
     if not passages:
         return out
-
-    if client is None:
-        from compat.fallback import get_embedding_model
-
-        client = get_embedding_model()
     vecs = client.embed([query] + [p for _, p in passages], normalize=True)
     # Scored as a collection is (a matrix product may score equal passages differently by where their
     # rows fall), equal scores in passage order: the pages' order as given, then each page's own.

@@ -318,6 +318,13 @@ class EmbeddingClient(SentenceTransformerAPI):
         return self._tokenizers[model_files.find_model(sess.models, model, ModelKind.EMBED).index].encode(
             list(texts))
 
+    def text_tokenizer(self, model: str | None = None, prompt: str | None = None) -> tuple[WorkerTokenizer, str | None]:
+        """An embedding model's tokenizer, and the prompt an embed call with
+        ``prompt`` puts before each text (None: the model's default one)."""
+        sess = self._get_session()
+        m = model_files.find_model(sess.models, model, ModelKind.EMBED)
+        return self._tokenizers[m.index], self._options[m.index].resolve_prompt(prompt, None)
+
     # -- embedding --------------------------------------------------------------------
     def embed(self, texts: Sequence[str], *, truncate: bool = True, normalize: bool = False,
               prompt: str | None = None, prompt_name: str | None = None,

@@ -4,7 +4,7 @@ and the checks every client applies to its texts before they reach a slot."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +46,8 @@ class WorkerTokenizer:
         self._tok = _preloaded.pop(path, None) or Tokenizer.from_file(path)
         self._tok.no_padding()
         self._tok.enable_truncation(max_length=max_seq_length)
-        self._untruncated = None  # made on first need (pairs with a long query)
+        self._untruncated = None  # made on first need (pairs, passages)
+        self._template: _PairTemplate | None = None
         # The compiled tokenizer for ASCII texts, when this is a BERT WordPiece
         # tokenizer (hotpath.wordpiece); texts that hold an added token's text
         # ([CLS], [MASK], ...) go to the library, which matches those first.
@@ -85,28 +86,51 @@ class WorkerTokenizer:
 
     def tokenize_pairs(self, query: str, documents: list[str], *, truncate: bool,
                        max_tokens: int | None) -> Tokenized:
-        """(query, document) pairs tokenized as pairs, as CrossEncoder.predict
-        does (``[CLS] query [SEP] document [SEP]`` for BERT, cut longest part
+        """(query, document) pairs as CrossEncoder.predict tokenizes them
+        (``[CLS] query [SEP] document [SEP]`` for BERT, cut longest part
         first at the model's limit): ids, lengths and where each pair's
         second segment starts. A pair over the limit is RequestTooLarge
-        unless ``truncate``; more than ``max_tokens`` in all too."""
+        unless ``truncate``; more than ``max_tokens`` in all too.
+
+        Each side is tokenized once on its own and the pair is put together
+        here, as the tokenizer's truncation and post-processor would: asking
+        the tokenizer for the truncated pair makes it keep every combination
+        of both sides' overflow windows (gigabytes for two long texts)."""
         t0 = time.perf_counter_ns()
-        pairs = list(zip(self._pair_queries(query, documents, truncate), documents)) if documents else []
-        encs = self.encode(pairs) if pairs else []
-        tokenize_ns = time.perf_counter_ns() - t0
-        if not truncate:
-            for i, e in enumerate(encs):
-                if e.overflowing:
+        pair = self._pair_template()
+        target = self.max_seq_length - pair.added  # content tokens a pair keeps
+        q = self._encode_raw([query], "query")[0]
+        nq = len(q)
+        if not truncate and nq > target:
+            raise RequestTooLarge(f"the query alone has {nq} tokens, over the {target} the model's limit of "
+                                  f"{self.max_seq_length} leaves with a document (send truncate=true to cut it)",
+                                  limit=self.max_seq_length, actual=nq + pair.added, what="tokens")
+        q_ids = q.ids[:target]
+        del q
+        # Each pair has at least the query's tokens (or the limit): a budget
+        # that cannot hold that many is refused before any document is read.
+        floor = min(self.max_seq_length, nq + pair.added)
+        _check_budget_floor(0, floor * len(documents), max_tokens)
+        ids: list[list[int]] = []
+        lengths = np.zeros(len(documents), np.int64)
+        segments = np.zeros(len(documents), np.int64)
+        total = 0
+        for first, last in _batches(documents):
+            for i, d in enumerate(self._encode_raw(documents[first:last], "texts", first), first):
+                nd = len(d)
+                if not truncate and nq + nd > target:
                     raise RequestTooLarge(
-                        f"the query with document {i} is over the model's limit of {self.max_seq_length} tokens "
-                        "(send truncate=true to cut it)", limit=self.max_seq_length,
-                        actual=self.max_seq_length + 1, what="tokens")  # at least: the cut pair is not measured
-        ids, lengths = _ids_within_budget(encs, max_tokens)
-        segments = np.zeros(len(encs), np.int64)
-        for i, e in enumerate(encs):
-            types = e.type_ids
-            segments[i] = types.index(1) if 1 in types else 0
-        return Tokenized([d for _, d in pairs], ids, lengths, tokenize_ns, segments)
+                        f"the query with document {i} has {nq + nd + pair.added} tokens, over the model's limit of "
+                        f"{self.max_seq_length} (send truncate=true to cut it)", limit=self.max_seq_length,
+                        actual=nq + nd + pair.added, what="tokens")
+                a, b = longest_first(nq, nd, target)
+                one, segments[i] = pair.join(q_ids[:a], d.ids[:b])
+                ids.append(one)
+                lengths[i] = len(one)
+                total += len(one)
+            _check_budget_floor(total, floor * (len(documents) - last), max_tokens)
+        tokenize_ns = time.perf_counter_ns() - t0
+        return Tokenized(list(documents), ids, lengths, tokenize_ns, segments)
 
     def _encode_fast(self, texts: list[str], truncate: bool) -> list[list[int]] | None:
         """Ids of every text from the compiled tokenizer, or None when any
@@ -126,29 +150,30 @@ class WorkerTokenizer:
             out.append(r[0])
         return out
 
-    def _pair_queries(self, query: str, documents: list[str], truncate: bool) -> list[str]:
-        """The query to pair with each document: the query itself, or, when it
-        is over the model's limit, cut to as many tokens as that pair can
-        keep. The tokenizer's longest-first truncation keeps at most the
-        limit of either part and gives the odd token to the longer one, so a
-        cut that keeps max(limit, document + 1) tokens gives the very same
-        pair; and a 100,000-character query is not tokenized in full again
-        for each of 2,000 documents. A query over the limit alone is
-        RequestTooLarge unless ``truncate``."""
-        raw = self._raw()
-        q = raw.encode(query, add_special_tokens=False)
-        n = len(q.ids)
-        if n <= self.max_seq_length:
-            return [query] * len(documents)
-        if not truncate:
-            raise RequestTooLarge(f"the query alone has {n} tokens, over the model's limit of {self.max_seq_length} "
-                                  "(send truncate=true to cut it)", limit=self.max_seq_length, actual=n, what="tokens")
-        cuts: dict[int, str] = {}
-        out = []
-        for e in raw.encode_batch(documents, add_special_tokens=False):
-            keep = max(self.max_seq_length, len(e.ids) + 1)
-            out.append(query if keep >= n else cuts.setdefault(keep, query[: q.offsets[keep - 1][1]]))
-        return out
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        """Character spans of ``text``'s tokens, all of them, without special tokens."""
+        return self._encode_raw([text], "text")[0].offsets
+
+    def window(self, prompt: str | None = None) -> int:
+        """Tokens of one text the model reads after its special tokens and ``prompt``.
+        A prompt's tokens may merge with the text's first ones or not: one spare token."""
+        processor = self._raw().post_processor
+        added = processor.num_special_tokens_to_add(False) if processor is not None else 0
+        spent = len(self._encode_raw([prompt], "prompt")[0]) + 1 if prompt else 0
+        return max(1, self.max_seq_length - added - spent)
+
+    def _pair_template(self) -> _PairTemplate:
+        template = self._template
+        if template is None:
+            template = self._template = _PairTemplate.of(self._raw())
+        return template
+
+    def _encode_raw(self, texts: list[str], field: str, first: int = 0) -> list:
+        """Encodings of ``texts`` in full, without special tokens."""
+        try:
+            return self._raw().encode_batch(texts, add_special_tokens=False)
+        except (TypeError, ValueError) as exc:
+            raise _refused(texts, exc, field, first) from exc
 
     def _raw(self):
         """A copy of the tokenizer without truncation, for true token counts."""
@@ -169,12 +194,98 @@ class WorkerTokenizer:
                 return [self._tok.encode(*one) if isinstance(one, tuple) else self._tok.encode(one)]
             return self._tok.encode_batch(texts)
         except (TypeError, ValueError) as exc:
-            for i, t in enumerate(texts):  # name the culprit (a lone surrogate, typically)
-                try:
-                    (t if isinstance(t, str) else "".join(t)).encode("utf-8")
-                except UnicodeEncodeError:
-                    raise InvalidInput(f"texts[{i}] is not valid Unicode (it has a lone surrogate)") from None
-            raise InvalidInput(f"the tokenizer refused the input: {exc}") from exc
+            raise _refused(texts, exc) from exc
+
+
+def _refused(texts: Sequence, exc: Exception, field: str = "texts", first: int = 0) -> InvalidInput:
+    """The tokenizer's refusal of ``texts``, naming the culprit (a lone surrogate, typically)."""
+    for i, t in enumerate(texts, first):
+        try:
+            (t if isinstance(t, str) else "".join(t)).encode("utf-8")
+        except UnicodeEncodeError:
+            where = f"{field}[{i}]" if field == "texts" else field
+            return InvalidInput(f"{where} is not valid Unicode (it has a lone surrogate)")
+    return InvalidInput(f"the tokenizer refused the input: {exc}")
+
+
+#: Characters of documents tokenized at once for pairs: their full encodings
+#: are held together, so this bounds a request's memory, not its length.
+_PAIR_BATCH_CHARS = 1 << 20
+
+
+def _batches(texts: list[str]) -> Iterator[tuple[int, int]]:
+    """Runs ``[first, last)`` of ``texts`` of about _PAIR_BATCH_CHARS each (one text at least)."""
+    first, chars = 0, 0
+    for i, t in enumerate(texts):
+        if i > first and chars + len(t) > _PAIR_BATCH_CHARS:
+            yield first, i
+            first, chars = i, 0
+        chars += len(t)
+    if texts:
+        yield first, len(texts)
+
+
+def longest_first(n1: int, n2: int, target: int) -> tuple[int, int]:
+    """Tokens kept of each side of a pair of ``n1`` and ``n2`` tokens when at
+    most ``target`` fit: the tokenizers library's "longest_first" pair
+    truncation (the shorter side whole if the longer can make room, else
+    half each, the odd token to the longer side, to the second on a tie)."""
+    if n1 + n2 <= target:
+        return n1, n2
+    short, long_ = min(n1, n2), max(n1, n2)
+    long_ = short if short > target else max(short, target - short)
+    if short + long_ > target:
+        short = target // 2
+        long_ = short + target % 2
+    return (long_, short) if n1 > n2 else (short, long_)
+
+
+@dataclass(frozen=True)
+class _PairTemplate:
+    """Where the tokenizer's post-processor puts its special tokens around a
+    pair (read off a probe pair), to build pairs from ids without it."""
+
+    before: list[int]   # ids before the first text
+    between: list[int]  # between the two
+    after: list[int]    # after the second
+    types: tuple[int, int, int, int, int]  # type id of: before, first text, between, second text, after
+
+    @property
+    def added(self) -> int:
+        return len(self.before) + len(self.between) + len(self.after)
+
+    @classmethod
+    def of(cls, raw) -> _PairTemplate:
+        a, b = raw.encode_batch(["a b c", "d e"], add_special_tokens=False)
+        full = raw.post_process(a, b, add_special_tokens=True)
+        ids, types = full.ids, full.type_ids
+        content = [i for i, special in enumerate(full.special_tokens_mask) if not special]
+        if len(content) != len(a) + len(b):
+            raise InvalidInput("this model's tokenizer changes a pair's own tokens, which is not served here")
+        a0, a1, b0, b1 = content[0], content[len(a) - 1] + 1, content[len(a)], content[-1] + 1
+        out = cls(ids[:a0], ids[a1:b0], ids[b1:],
+                  (types[0] if a0 else 0, types[a0], types[a1] if b0 > a1 else 0, types[b0],
+                   types[b1] if b1 < len(ids) else 0))
+        if out.join(a.ids, b.ids)[0] != ids or out.type_ids(len(a), len(b)) != types:
+            raise InvalidInput("this model's tokenizer puts special tokens around a pair in a way not served here")
+        return out
+
+    def type_ids(self, n1: int, n2: int) -> list[int]:
+        t = self.types
+        return ([t[0]] * len(self.before) + [t[1]] * n1 + [t[2]] * len(self.between) + [t[3]] * n2
+                + [t[4]] * len(self.after))
+
+    def join(self, first: list[int], second: list[int]) -> tuple[list[int], int]:
+        """The pair's ids, and where its first type id 1 is (0: none)."""
+        parts = ((self.before, self.types[0]), (first, self.types[1]), (self.between, self.types[2]),
+                 (second, self.types[3]), (self.after, self.types[4]))
+        ids: list[int] = []
+        segment = 0
+        for part, type_id in parts:
+            if type_id == 1 and not segment and part:
+                segment = len(ids)
+            ids += part
+        return ids, segment
 
 
 def _ids_within_budget(encs, max_tokens: int | None) -> tuple[list[list[int]], np.ndarray]:
@@ -183,6 +294,14 @@ def _ids_within_budget(encs, max_tokens: int | None) -> tuple[list[list[int]], n
     lengths = np.array([len(x) for x in ids], dtype=np.int64)
     check_token_budget(lengths, max_tokens)
     return ids, lengths
+
+
+def _check_budget_floor(done: int, rest_at_least: int, max_tokens: int | None) -> None:
+    """RequestTooLarge once ``done`` tokens and at least ``rest_at_least`` more are over ``max_tokens``."""
+    if max_tokens is not None and (total := done + rest_at_least) > max_tokens:
+        some = "at least " if rest_at_least else ""
+        raise RequestTooLarge(f"the inputs have {some}{total} tokens after truncation, over the limit of {max_tokens} "
+                              "per request", limit=max_tokens, actual=total, what="tokens")
 
 
 def check_token_budget(lengths: np.ndarray, max_tokens: int | None) -> None:

@@ -334,3 +334,27 @@ def test_writers_racing_a_replaying_reader_leave_it_no_change_short(store_locati
     assert syncs > 1 and reader._loaded["race"].index.ntotal == total, "the reader's replay skipped changes"
     for s in stores:
         s.close()
+
+
+def test_chinese_and_mixed_documents_are_embedded_to_their_end(real_sidecar, tmp_path):
+    """A Chinese document was one passage (split at spaces, it has none) of
+    which the model read 256 tokens: a phrase near its end was never found.
+    Passages now follow the model's tokens, every one inside its window."""
+    zh = ("共享内存让工作进程和模型进程交换数据，无需复制。"
+          "信号量唤醒等待的工作进程，它读取答案后继续处理下一个请求。") * 60
+    end_zh = "北京烤鸭是一道著名的菜，用果木炉子烤制。"
+    end_en = "The lighthouse keeper paints the stairs blue every spring."
+    th = "หน่วยความจำที่ใช้ร่วมกันช่วยให้กระบวนการทำงานแลกเปลี่ยนข้อมูลได้โดยไม่ต้องคัดลอก " * 150
+    with client_for(real_sidecar) as c:
+        store = CollectionStore(tmp_path, c)
+        store.create("zh")
+        store.upsert("zh", [{"id": "zh", "text": zh + end_zh}, {"id": "mixed", "text": zh + th + end_en},
+                            {"id": "other", "text": "Paris is the capital of France."}])
+        tok = c.text_tokenizer()[0]
+        for doc_id, phrase in (("zh", end_zh), ("mixed", end_en)):
+            passages = store.prepare("zh", [{"id": doc_id, "text": store.get_document("zh", doc_id)["text"]}])[0]
+            assert len(passages.spans) > 10
+            assert max(len(e.ids) for e in tok.encode(passages.passages)) <= tok.max_seq_length
+            best = {r["id"]: r["passage"] for r in store.search("zh", phrase, top_k=3)}
+            assert phrase in best[doc_id]  # its best passage is the one with the phrase
+        store.close()

@@ -111,6 +111,11 @@ def test_rerank_scores_equal_cross_encoder_predict(multi, cross_encoder):
                                    atol=1e-5, rtol=0)
         with pytest.raises(RequestTooLarge, match="the query alone"):
             c.rerank(long_query, DOCS, truncate=False)
+        # both sides long, the query longer or shorter: cut on both sides as predict cuts them
+        long_docs = ["semaphores post the slot " * 150, "a worker waits " * 400, DOCS[1]]
+        for q in (long_query, "why does the waiting worker wake " * 60):
+            np.testing.assert_allclose(c.rerank(q, long_docs), cross_encoder.predict(_ce_pairs(q, long_docs)),
+                                       atol=1e-5, rtol=0)
         res = c.rerank_detailed(QUERY, DOCS)
         assert res.model == "ce" and res.token_counts.max() == 512  # the long pair was cut at the model's limit
         with pytest.raises(RequestTooLarge):

@@ -9,7 +9,7 @@ from retrieval.errors import FetchRefused
 from retrieval.extract import extract
 from retrieval.faiss_index import PassageIndex, nlist_for, train_centroids
 from retrieval.fetch import AddressPolicy
-from retrieval.passages import split_passages
+from retrieval.passages import PassageSplitter, split_passages
 from retrieval.store import CollectionOptions, parse_documents
 from shm_protocol.errors import InvalidInput
 
@@ -25,6 +25,47 @@ def test_passages_cover_the_text_with_overlap():
     assert split_passages("one two", words=100, overlap=20) == [(0, 7)]
     with pytest.raises(ValueError):
         split_passages("x", words=10, overlap=10)
+
+
+ZH = ("共享内存让工作进程和模型进程交换数据，无需复制。信号量唤醒等待的工作进程，它读取答案后继续处理下一个请求。"
+      "每个集合把长文档切成段落，每段单独编码，检索时返回最相近的段落。")
+TH = ("หน่วยความจำที่ใช้ร่วมกันช่วยให้กระบวนการทำงานแลกเปลี่ยนข้อมูลได้โดยไม่ต้องคัดลอก "
+      "สัญญาณปลุกกระบวนการที่รอ แล้วมันอ่านคำตอบและทำงานต่อ ")
+EN = "Shared memory lets the worker hand texts to the model without a copy. A semaphore wakes it. "
+
+
+@pytest.fixture(scope="module")
+def minilm_tok():
+    from shm_protocol.model_files import bundled_model_path, tokenizer_file
+    from shm_protocol.tokenizer import WorkerTokenizer
+
+    return WorkerTokenizer(str(tokenizer_file(bundled_model_path())), 256)
+
+
+@pytest.mark.parametrize("text", [ZH * 40, TH * 200, (ZH + EN + TH) * 15, EN * 60],
+                         ids=["chinese", "thai", "mixed", "english"])
+def test_passages_by_tokens_fit_the_window_and_cover_any_script(minilm_tok, text):
+    window = minilm_tok.window()
+    spans = PassageSplitter(offsets=minilm_tok.token_offsets, window=window)(text)
+    assert len(spans) > 3
+    counts = [len(e.ids) for e in minilm_tok.encode([text[a:b] for a, b in spans])]
+    assert max(counts) <= minilm_tok.max_seq_length and not any(e.overflowing for e in minilm_tok.encode(
+        [text[a:b] for a, b in spans]))
+    assert spans[0][0] == 0 and spans[-1][1] == len(text.rstrip())
+    for (a0, b0), (a1, b1) in zip(spans, spans[1:]):
+        assert a0 < a1 < b0 < b1  # every character in a passage, neighbours overlapping
+    if text.startswith(EN):  # the word cap binds first, and cuts fall between words
+        words = [len(text[a:b].split()) for a, b in spans]
+        assert max(words) == 120 and all(text[b - 1] != " " and text[b] == " " for a, b in spans[:-1])
+    elif text.startswith(ZH):  # the window binds: nearly full passages
+        assert min(counts[:-1]) > 0.8 * minilm_tok.max_seq_length
+
+
+def test_a_window_cut_prefers_a_sentence_end_and_a_prompt_narrows_it(minilm_tok):
+    text = EN * 200
+    split = PassageSplitter(2000, 100, offsets=minilm_tok.token_offsets, window=minilm_tok.window())
+    assert all(text[b - 1] == "." for a, b in split(text)[:-1])
+    assert minilm_tok.window("Represent this passage for retrieval: ") < minilm_tok.window() == 254
 
 
 PAGE = b"""<!doctype html><html><head><title> The Title </title>
