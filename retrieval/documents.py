@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shm_protocol.errors import InvalidInput
+from shm_protocol.text import find_broken_text
 
 from .passages import OVERLAP_WORDS, PASSAGE_WORDS, PassageSplitter
 
@@ -42,6 +43,7 @@ class CollectionOptions:
         unknown = set(raw) - set(cls.__dataclass_fields__)
         if unknown:
             raise InvalidInput(f"unknown collection options: {', '.join(sorted(unknown))}")
+        check_text(raw, "options")
         opts = cls(**raw)
         for key in ("passage_words", "overlap_words"):
             value = getattr(opts, key)
@@ -73,6 +75,17 @@ class Document:
         return [self.text[a:b] for a, b in self.spans]
 
 
+def check_text(value: Any, path: str) -> None:
+    """InvalidInput naming the first string or key in ``value`` (at ``path``)
+    that holds a lone surrogate or U+0000: neither store can keep them as
+    text (PostgreSQL takes neither; SQLite kept half characters that then
+    failed every answer holding them), so both refuse them."""
+    found = find_broken_text(value, path)
+    if found is not None:
+        where, problem = found
+        raise InvalidInput(f"{where} holds {problem}")
+
+
 def check_name(name: Any) -> None:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise InvalidInput(f"collection name {name!r}: 1 to 128 letters, digits, '_', '-' or '.', "
@@ -94,6 +107,7 @@ def parse_documents(documents: Any, opts: CollectionOptions, split: PassageSplit
         unknown = set(raw) - {"id", "text", "url", "metadata"}
         if unknown:
             raise InvalidInput(f"documents[{i}]: unknown fields {', '.join(sorted(unknown))}")
+        check_text(raw, f"documents[{i}]")
         doc_id = raw.get("id")
         if doc_id is None:
             doc_id = uuid.uuid4().hex

@@ -265,6 +265,14 @@ def classify(exc: BaseException) -> tuple[str, tuple[str, float] | str] | None:
     return None
 
 
+#: The escape of a lone surrogate in JSON text (a high one not followed by a
+#: low one, or a low one not after a high one), after an even number of
+#: backslashes (so not an escaped backslash followed by "ud83d"); group 1
+#: keeps those backslashes. An ARE of PostgreSQL.
+_LONE_SURROGATE_ESCAPE = (r"(?<!\\)((?:\\\\)*)(?:\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
+                          r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2})")
+
+
 def _contains_nul(value: Any) -> bool:
     if isinstance(value, str):
         return "\x00" in value
@@ -541,23 +549,30 @@ class PostgresDatabase(Database):
         """As SQLite's: one parameter holds every key's values (one JSON array
         each, expanded once per query) and the keys are ANDed as a balanced
         tree. Values compare as JSON (as ``jsonb``): ``true`` is not ``1``,
-        ``"7"`` is not ``7``, ``1.0`` is ``1``. A string holding U+0000 cannot
-        be stored, so it matches nothing."""
+        ``"7"`` is not ``7``, ``1.0`` is ``1``.
+
+        Metadata holding half a character (stored before text was checked)
+        is read with U+FFFD in its place, as answers show it: PostgreSQL's
+        JSON operators refuse a lone surrogate's escape, and such a row
+        failed every filtered search of its collection."""
         params: dict[str, Any] = {"cid": cid}
         clauses, lists = [], []
         for i, fk in enumerate(keys):
             params[f"k{i}"] = fk.key
-            values = [v for v in fk.values if not _contains_nul(v)]
             alts = []
-            if values:
-                alts.append(f"(d.metadata -> %(k{i})s::text)::jsonb IN "
+            if fk.values:
+                alts.append(f"(m.metadata -> %(k{i})s::text)::jsonb IN "
                             f"(SELECT jsonb_array_elements(%(lists)s::jsonb -> {len(lists)}))")
-                lists.append(values)
+                lists.append(fk.values)
             if fk.null:
-                alts.append(f"coalesce(json_typeof(d.metadata -> %(k{i})s::text), 'null') = 'null'")
-            clauses.append("(" + " OR ".join(alts) + ")" if alts else "FALSE")
+                alts.append(f"coalesce(json_typeof(m.metadata -> %(k{i})s::text), 'null') = 'null'")
+            clauses.append("(" + " OR ".join(alts) + ")")
         params["lists"] = json.dumps(lists, allow_nan=False)
+        params["lone"], params["mended"] = _LONE_SURROGATE_ESCAPE, r"\1\\ufffd"  # \\ is one backslash here
         sql = ("SELECT p.pid FROM passages p JOIN documents d ON d.cid = p.cid AND d.id = p.doc_id "
+               "CROSS JOIN LATERAL (SELECT CASE WHEN strpos(d.metadata::text, '\\u') = 0 THEN d.metadata "
+               "WHEN d.metadata::text !~ %(lone)s THEN d.metadata "
+               "ELSE regexp_replace(d.metadata::text, %(lone)s, %(mended)s, 'g')::json END AS metadata) m "
                "WHERE p.cid = %(cid)s AND " + all_of(clauses))
         return np.array([r[0] for r in conn.execute(sql, params)], dtype=np.int64)
 

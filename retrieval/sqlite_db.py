@@ -97,6 +97,13 @@ PRAGMA user_version = {SCHEMA_VERSION};
 """
 
 
+def _json_kind(json_type: str) -> str:
+    """SQL for the kind of JSON value that ``json_type`` (an SQL expression
+    giving SQLite's json_type) names: numbers are one kind, as are booleans."""
+    return (f"CASE {json_type} WHEN 'true' THEN 'boolean' WHEN 'false' THEN 'boolean' "
+            f"WHEN 'integer' THEN 'number' WHEN 'real' THEN 'number' ELSE {json_type} END")
+
+
 def _collection(row: sqlite3.Row | None) -> CollectionRow | None:
     if row is None:
         return None
@@ -274,14 +281,19 @@ class SQLiteDatabase(Database):
         FROM json_each(...))``, computed once per query) and the keys are
         ANDed as a balanced tree. One ``OR`` per value, as before, made
         SQLite refuse 1,000 values ("Expression tree is too large (maximum
-        depth 1000)") and a chain of 1,000 keys would do the same."""
+        depth 1000)") and a chain of 1,000 keys would do the same.
+
+        Values compare as JSON, as PostgreSQL's ``jsonb`` compares them: a
+        value and its JSON kind together (json_extract alone gives 1 for
+        ``true`` and the text of an object), so ``true`` is not ``1``,
+        ``"7"`` is not ``7``, and ``1.0`` is ``1``."""
         clauses, lists = [], []
         for fk in keys:
             path = f"'$.\"{fk.key}\"'"  # the store allows no character in a key that needs escaping here
             alts = []
             if fk.values:
-                alts.append(f"json_extract(d.metadata, {path}) IN "
-                            f"(SELECT value FROM json_each(?2, '$[{len(lists)}]'))")
+                alts.append(f"(json_extract(d.metadata, {path}), {_json_kind(f'json_type(d.metadata, {path})')}) IN "
+                            f"(SELECT value, {_json_kind('type')} FROM json_each(?2, '$[{len(lists)}]'))")
                 lists.append(fk.values)
             if fk.null:
                 alts.append(f"json_extract(d.metadata, {path}) IS NULL")

@@ -50,7 +50,7 @@ from shm_protocol.errors import InvalidInput, ModelNotFound, RequestTooLarge
 from shm_protocol.model_files import named, served_models
 
 from .database import OP_ADD, OP_DEL, CollectionRow, Database, FilterKey, open_database
-from .documents import CollectionOptions, Document, check_name, parse_documents
+from .documents import CollectionOptions, Document, check_name, check_text, parse_documents
 from .errors import CollectionConflict, CollectionNotFound
 from .faiss_index import POINTS_PER_CENTROID, PassageIndex, nlist_for, train_centroids
 from .passages import PassageSplitter, splitter_for
@@ -509,6 +509,7 @@ class CollectionStore:
         An empty filter is no restriction."""
         if not isinstance(filter, dict):
             raise InvalidInput("'filter' must be an object of metadata keys and values")
+        check_text(filter, "filter")  # nothing stored holds such text, and PostgreSQL cannot compare it
         wanted = {key: want if isinstance(want, list) else [want] for key, want in filter.items()}
         total = sum(len(values) for values in wanted.values())
         if total > self.filter_max_values:

@@ -8,11 +8,7 @@ per worker after the fork.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hmac
-import json
-import re
-import threading
 import time
 import uuid
 
@@ -26,82 +22,17 @@ from shm_protocol.client import EmbeddingBackend
 from shm_protocol.config import Settings
 from shm_protocol.errors import ShmEmbedError
 from shm_protocol.model_files import named, served_models
+from shm_protocol.text import mend
 
-from . import errors
-from .errors import bad_request, too_large, unavailable, unprocessable
+from . import errors, intake
+from .errors import too_large, unavailable, unprocessable
 from .metrics import make_registry, render
 from .retrieval import add_routes
 
-JSON_TYPES = ("application/json",)
 OPEN_PATHS = {"/health"}
-# A body the app refused unread (413, 415, 401, 404...) is read and dropped
-# before the answer goes out, up to this many bytes, so the connection stays
-# usable. Gunicorn drains only 64 KiB itself and then closes with bytes
-# unread, and the kernel's reset can take the 413 with it before the client
-# reads it. Beyond this the connection closes: a client sending that much
-# after a refusal gets no better.
-DRAIN_MAX_BYTES = 16 * 1024 * 1024
-DRAIN_CHUNK = 64 * 1024
-
-
-class BodyBudget:
-    """Request-body bytes this worker holds in reading and parsing, over all
-    its threads, bounded: a request that would go over is refused (503 with
-    Retry-After) rather than queued, so memory stays bounded and the client
-    (or a front proxy) retries where there is room."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.held = 0
-        self._lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def hold(self, n: int):
-        with self._lock:
-            if self.held and self.held + n > self.limit:
-                raise unavailable("the server is reading other large requests; retry shortly")
-            self.held += n
-        try:
-            yield
-        finally:
-            with self._lock:
-                self.held -= n
-
-
-#: A JSON string, quotes included (unrolled: runs of plain bytes in one step).
-#: An unclosed one runs to the end of the body, so no match restarts inside
-#: it: without that, '"' followed by many '\\"' took quadratic time (1 s for
-#: 16 KiB, hours for a MiB). Linear now: a MiB of any mix in under 0.2 s.
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.S)
 #: A prompt is prepended to every input of a request: bounded, so that one
 #: request cannot multiply its body (2,048 inputs x this, at most).
 MAX_PROMPT_CHARS = 2048
-#: Bodies this small cannot amplify into much memory: not counted.
-COUNT_VALUES_ABOVE = 64 * 1024
-
-
-def json_values_upper_bound(raw: bytes) -> int:
-    """About how many values a JSON text holds, at least as many as it
-    does (each value but the first follows a comma, or opens a container;
-    object keys are counted as their values' commas), counted without
-    parsing: strings are cut out first so their commas do not count."""
-    if len(raw) <= COUNT_VALUES_ABOVE:
-        return 0
-    bare = _JSON_STRING.sub(b"s", raw)
-    return bare.count(b",") + bare.count(b"[") + bare.count(b"{") + 1
-
-
-def _read_at_most(stream, n: int) -> bytes:
-    """Up to ``n`` bytes of ``stream``, in pieces (a chunked body's reader
-    returns what one chunk holds)."""
-    parts, got = [], 0
-    while got < n:
-        piece = stream.read(min(n - got, DRAIN_CHUNK * 16))
-        if not piece:
-            break
-        parts.append(piece)
-        got += len(piece)
-    return b"".join(parts)
 
 
 class Context:
@@ -110,7 +41,7 @@ class Context:
     def __init__(self, client, settings: Settings):
         self.client = client
         self.settings = settings
-        self.body_budget = BodyBudget(settings.max_inflight_body_bytes)
+        self.body_budget = intake.BodyBudget(settings.max_inflight_body_bytes)
         self.started = time.time()
         self.counts = {"total_requests": 0, "successful_requests": 0, "failed_requests": 0}
 
@@ -120,48 +51,8 @@ class Context:
         return getattr(self.client, "mode", "ipc")
 
     def read_json(self, req: falcon.Request) -> dict:
-        """The request body as a JSON object, with the limits and errors of
-        the API. A body with a Content-Length is read up to it; a chunked one
-        (no length) is read to its end; either way at most the body limit.
-        The bytes are counted against the worker's in-flight budget while
-        they are read and parsed, and the body's JSON values are counted
-        before parsing, so neither many large bodies at once nor one body of
-        tiny values can take the worker's memory."""
-        ctype = (req.content_type or "").split(";")[0].strip().lower()
-        if ctype not in JSON_TYPES:
-            raise errors.APIError(falcon.HTTP_415, "unsupported_media_type",
-                                  f"Content-Type must be application/json, not {ctype or 'missing'}")
-        limit = self.settings.max_body_bytes
-        declared = req.content_length
-        if declared is not None and declared > limit:
-            raise too_large(f"body of {declared} bytes is over the limit of {limit} bytes "
-                            "(SHM_EMBED_MAX_BODY_BYTES)")
-        chunked = declared is None and "chunked" in (req.get_header("Transfer-Encoding") or "").lower()
-        reserve = limit if chunked else (declared or 0)
-        with self.body_budget.hold(reserve):
-            stream = req.stream if chunked else req.bounded_stream
-            raw = _read_at_most(stream, limit + 1)
-            if len(raw) > limit:
-                raise too_large(f"body is over the limit of {limit} bytes (SHM_EMBED_MAX_BODY_BYTES)")
-            try:
-                # UTF-8 only (RFC 8259), checked first: json.loads(bytes) would also take
-                # UTF-16 or UTF-32, whose bytes the value count below cannot read.
-                text = raw.decode("utf-8-sig")
-            except UnicodeDecodeError as exc:
-                raise bad_request(f"body is not UTF-8: {exc}") from None
-            values = json_values_upper_bound(raw)
-            if values > self.settings.max_json_values:
-                raise too_large(f"body has about {values} JSON values, over the limit of "
-                                f"{self.settings.max_json_values} (SHM_EMBED_MAX_JSON_VALUES)")
-            try:
-                doc = json.loads(text)
-            except ValueError as exc:
-                raise bad_request(f"body is not valid JSON: {exc}") from None
-            except RecursionError:
-                raise bad_request("body is nested too deeply") from None
-        if not isinstance(doc, dict):
-            raise unprocessable("body must be a JSON object")
-        return doc
+        """The request body as a JSON object, within the limits of the API (see intake.read_json)."""
+        return intake.read_json(req, self.settings, self.body_budget)
 
     def texts(self, value, field: str) -> tuple[list[str], bool]:
         """Validate a string-or-list-of-strings field; returns (texts, was_single)."""
@@ -190,8 +81,6 @@ class Context:
             if len(t) > s.max_input_chars:
                 raise too_large(f"input {i} has {len(t)} characters, over the limit of {s.max_input_chars} "
                                 "(SHM_EMBED_MAX_INPUT_CHARS)")
-            if "\x00" in t:
-                raise unprocessable(f"input {i} contains a NUL character")
         return texts, single
 
     def embed(self, texts: list[str], *, truncate: bool = True, normalize: bool = False, **options):
@@ -209,7 +98,8 @@ class Context:
 
     def rerank(self, query: str, documents: list[str], **options):
         """Rerank through the client under this request's token budget;
-        ``options``: model, raw_scores, truncate."""
+        ``options``: model, raw_scores, truncate, prompt, prompt_name (the
+        cross-encoder's prompt goes before the query)."""
         self.counts["total_requests"] += 1
         try:
             res = self.client.rerank_detailed(query, documents, max_tokens=self.settings.max_request_tokens,
@@ -232,13 +122,20 @@ def dump_json(obj) -> bytes:
     with the shortest text that reads back as the same float32: 384 numbers
     take about 13 us instead of 240 us through ``json`` (which writes each
     as a 17-digit double), and the body is about half the size."""
-    return orjson.dumps(obj, default=_json_default, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
+    try:
+        return orjson.dumps(obj, default=_json_default, option=_DUMP_OPTIONS)
+    except orjson.JSONEncodeError:
+        # Half a character stored before text was checked (see shm_protocol.text):
+        # written as U+FFFD rather than failing every answer that holds it.
+        return orjson.dumps(mend(obj), default=_json_default, option=_DUMP_OPTIONS)
 
 
-def text_options(doc: dict) -> dict:
-    """The request's prompt, prompt_name and dimensions, type-checked (the
-    client checks them against the model: unknown prompt names and
-    dimensions a model is not trained for are 422s too)."""
+_DUMP_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+
+
+def prompt_options(doc: dict) -> dict:
+    """The request's prompt and prompt_name, type-checked (the client checks
+    them against the model: an unknown prompt name is a 422 too)."""
     out = {}
     for key in ("prompt", "prompt_name"):
         value = doc.get(key)
@@ -247,6 +144,12 @@ def text_options(doc: dict) -> dict:
         out[key] = value
     if out["prompt"] is not None and len(out["prompt"]) > MAX_PROMPT_CHARS:
         raise too_large(f"'prompt' has {len(out['prompt'])} characters, over the limit of {MAX_PROMPT_CHARS}")
+    return out
+
+
+def text_options(doc: dict) -> dict:
+    """The request's prompt, prompt_name (prompt_options) and dimensions, type-checked."""
+    out = prompt_options(doc)
     dims = doc.get("dimensions")
     if dims is not None and (not isinstance(dims, int) or isinstance(dims, bool)):
         raise unprocessable("'dimensions' must be an integer")
@@ -346,8 +249,8 @@ def _rerank_body(ctx: Context, req, field: str) -> tuple[dict, str, list[str]]:
 
 class Rerank:
     """POST /rerank in text-embeddings-inference's shape: {"query", "texts",
-    "raw_scores", "return_text", "truncate", "model"} -> [{"index", "score",
-    "text"?}], best first."""
+    "raw_scores", "return_text", "truncate", "model", "prompt", "prompt_name"}
+    -> [{"index", "score", "text"?}], best first."""
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
@@ -355,7 +258,7 @@ class Rerank:
     def on_post(self, req, resp):
         doc, query, texts = _rerank_body(self.ctx, req, "texts")
         res = self.ctx.rerank(query, texts, model=model_field(doc), raw_scores=_bool(doc, "raw_scores", False),
-                              truncate=_bool(doc, "truncate", True))
+                              truncate=_bool(doc, "truncate", True), **prompt_options(doc))
         with_text = _bool(doc, "return_text", False)
         order = np.argsort(-res.scores, kind="stable")
         resp.media = [{"index": int(i), "score": float(res.scores[i]), **({"text": texts[i]} if with_text else {})}
@@ -364,8 +267,9 @@ class Rerank:
 
 class CohereRerank:
     """POST /v1/rerank in Cohere's and Jina's shape: {"model", "query",
-    "documents" (strings or {"text"}), "top_n", "return_documents"} ->
-    {"results": [{"index", "relevance_score", "document"?}], best first}."""
+    "documents" (strings or {"text"}), "top_n", "return_documents", "prompt",
+    "prompt_name"} -> {"results": [{"index", "relevance_score", "document"?}],
+    best first}."""
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
@@ -376,7 +280,8 @@ class CohereRerank:
         if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 1):
             raise unprocessable("'top_n' must be a positive integer")
         with_docs = _bool(doc, "return_documents", False)
-        res = self.ctx.rerank(query, texts, model=model_field(doc), truncate=_bool(doc, "truncate", True))
+        res = self.ctx.rerank(query, texts, model=model_field(doc), truncate=_bool(doc, "truncate", True),
+                              **prompt_options(doc))
         order = np.argsort(-res.scores, kind="stable")[: top_n or len(texts)]
         results = [{"index": int(i), "relevance_score": float(res.scores[i]),
                     **({"document": {"text": texts[i]}} if with_docs else {})} for i in order]
@@ -566,27 +471,10 @@ class RequestIdMiddleware:
         t0 = time.perf_counter()
         with logger.contextualize(request_id=rid):
             result = self.app(environ, start)
-            _drain_body(environ)
+            intake.drain_body(environ)
             logger.info("{} {} {} {:.1f}ms", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"),
                         status_box[0].split()[0] if status_box else "-", (time.perf_counter() - t0) * 1e3)
         return result
-
-
-def _drain_body(environ) -> None:
-    """Read and drop what is left of the request body (see DRAIN_MAX_BYTES)."""
-    stream = environ.get("wsgi.input")
-    declared = environ.get("CONTENT_LENGTH") or ""
-    if stream is None or (declared.isdigit() and int(declared) > DRAIN_MAX_BYTES):
-        return
-    drained = 0
-    try:
-        while drained < DRAIN_MAX_BYTES:
-            chunk = stream.read(DRAIN_CHUNK)
-            if not chunk:
-                return
-            drained += len(chunk)
-    except (OSError, ValueError) as exc:  # the client went away, or sent a malformed chunk
-        logger.debug("request body not drained: {}", exc)
 
 
 __all__ = ["create_app"]

@@ -243,8 +243,13 @@ def test_filters_and_odd_documents_mean_the_same_in_both_stores(store_location):
     assert ids({"n": list(range(3, 1003))}) == list(range(3, 12))
     assert ids({**{f"k{i}": None for i in range(999)}, "n": 5}) == [5]  # 1,000 keys: a balanced AND
     assert ids({"b": True, "n": [1.0, 2, 3, 4]}) == [2, 4]  # booleans and numbers compare as in JSON
+    assert ids({"b": 1}) == [] and ids({"b": [0, 1.0]}) == [] and ids({"n": True}) == [] and ids({"n": False}) == []
+    assert ids({"b": [False, 1], "n": [0, 1, 2, 3]}) == [1, 3]  # true is not 1, nor false 0, on either store
     assert ids({"s": "7"}) == [7] and ids({"s": 7}) == [] and ids({"n": "7"}) == []
-    assert ids({"missing": [None, "x"]}) == list(range(12)) and ids({"s": ["x\0", "3"]}) == [3]
+    assert ids({"missing": [None, "x"]}) == list(range(12)) and ids({"s": ["x", "3"]}) == [3]
+    for bad in ("x\0", "\ud83d", "x\udc00"):  # nothing stored holds them: refused alike, naming the place
+        with pytest.raises(InvalidInput, match=r"'filter\.s\[1\]'"):
+            ids({"s": ["3", bad]})
     assert ids({}) == list(range(12))
     with pytest.raises(InvalidInput):
         store.search("kb", "q", 5, {"n": float("nan")})
@@ -257,15 +262,61 @@ def test_filters_and_odd_documents_mean_the_same_in_both_stores(store_location):
         store.upsert("kb", [{"text": "nan", "metadata": {"x": float("nan")}}])  # no JSON: refused by both
     with pytest.raises(CollectionNotFound):
         store.get_document("kb", "no\0such")
-    nul = [{"id": "nul", "text": "a NUL \0 inside"}]
-    if is_postgres(store_location):  # PostgreSQL's text cannot hold U+0000: a 422, nothing written
-        with pytest.raises(InvalidInput, match="U\\+0000"):
-            store.upsert("kb", nul)
-        assert store.info("kb")["documents"] == 13
-    else:
-        store.upsert("kb", nul)
-        assert store.get_document("kb", "nul")["text"] == nul[0]["text"]
+    # PostgreSQL's text cannot hold U+0000, nor UTF-8 half a character: refused by both stores, nothing written
+    good = {"id": "ok", "text": "fine", "url": "u:ok", "metadata": {"k": "v", "deep": [{"x": "y"}]}}
+    for bad, what in (("a NUL \0 inside", "U\\+0000"), ("half \ud83d an emoji", "surrogate")):
+        other = {**good, "id": "bad"}
+        for doc, where in (({**other, "text": bad}, "documents[1].text"), ({**other, "id": bad}, "documents[1].id"),
+                           ({**other, "url": bad}, "documents[1].url"),
+                           ({**other, "metadata": {"k": bad}}, "documents[1].metadata.k"),
+                           ({**other, "metadata": {bad: 1}}, "documents[1].metadata"),
+                           ({**other, "metadata": {"deep": [{"x": bad}]}}, "documents[1].metadata.deep[0].x")):
+            with pytest.raises(InvalidInput, match=what) as err:
+                store.upsert("kb", [good, doc])
+            assert where in str(err.value)
+    assert store.info("kb")["documents"] == 13
     store.close()
+
+
+def test_a_surrogate_already_stored_is_answered_by_both_stores(store_location, tmp_path):
+    """Metadata with half a character, stored before text was checked (here
+    written straight into the table), never fails a search, a filter or a
+    read over HTTP: U+FFFD stands in for it."""
+    from falcon import testing
+
+    from shm_protocol.config import Settings
+    from web.app import create_app
+
+    pg = is_postgres(store_location)
+    settings = Settings.from_env({}, data_dir=str(tmp_path / "web"), collections_url=store_location if pg else "")
+    if not pg:
+        settings = settings.replace(data_dir=store_location)
+
+    class Client(FixedVectorClient):  # what the app asks of a client beyond a store's needs
+        def stats(self):
+            raise NotImplementedError
+
+    store = CollectionStore(store_location, FixedVectorClient())
+    store.create("kb")
+    store.upsert("kb", [{"id": str(i), "text": f"doc {i}", "metadata": {"k": "v", "n": i}} for i in range(3)])
+    with store.db.write() as conn:
+        conn.execute("UPDATE documents SET metadata = " + ("%s::json WHERE id = '1'" if pg else "? WHERE id = '1'"),
+                     ('{"k": "\\ud83d", "\\udc00x": [1], "n": 1, "e": "\\ud83d\\ude00", "lit": "\\\\ud83d"}',))
+    store.close()
+    app = testing.TestClient(create_app(Client(), settings))
+    r = app.simulate_post("/collections/kb/search", json={"query": "an unrelated query", "top_k": 10})
+    assert r.status_code == 200, r.text
+    got = {x["id"]: x["metadata"] for x in r.json["results"]}
+    assert got["1"] == {"k": "\ufffd", "\ufffdx": [1], "n": 1, "e": "\N{GRINNING FACE}", "lit": "\\ud83d"}
+    assert got["0"] == {"k": "v", "n": 0}
+    r = app.simulate_get("/collections/kb/documents/1")
+    assert r.status_code == 200 and r.json["metadata"]["k"] == "\ufffd"
+    for flt, want in (({"k": "v"}, {"0", "2"}), ({"n": 1}, {"1"}), ({"k": None}, set()),
+                      ({"e": "\N{GRINNING FACE}"}, {"1"}), ({"lit": "\\ud83d"}, {"1"})):
+        r = app.simulate_post("/collections/kb/search", json={"query": "q", "filter": flt})
+        assert r.status_code == 200, (flt, r.text)
+        assert {x["id"] for x in r.json["results"]} == want, flt
+    app.app.ctx.retrieval.store.close()
 
 
 def _batch(rng, tag: str, n: int) -> tuple[list, np.ndarray]:

@@ -80,3 +80,42 @@ def test_nul_invalid_utf8_huge_and_nested(app_client, tiny_sidecar):
     ok = post(json.dumps({"inputs": ["still serving"]}))
     assert ok.status_code == 200
     assert tiny_sidecar.proc.poll() is None
+
+
+#: Every route's text fields, with the field to fill: a body template and the path of the field in it.
+TEXT_FIELDS = [
+    ("POST", "/embed", {"inputs": ["x"]}, ("inputs", 0)),
+    ("POST", "/embed", {"inputs": "x", "prompt": "x"}, ("prompt",)),
+    ("POST", "/v1/embeddings", {"input": "x", "model": "x"}, ("model",)),
+    ("POST", "/rerank", {"query": "x", "texts": ["a"]}, ("query",)),
+    ("POST", "/v1/rerank", {"query": "q", "documents": [{"text": "x"}]}, ("documents", 0, "text")),
+    ("PUT", "/collections/fz", {"options": {"query_prompt": "x"}}, ("options", "query_prompt")),
+    ("POST", "/collections/fz/documents", {"documents": [{"id": "x", "text": "t"}]}, ("documents", 0, "id")),
+    ("POST", "/collections/fz/documents", {"documents": [{"text": "t", "url": "x"}]}, ("documents", 0, "url")),
+    ("POST", "/collections/fz/documents", {"documents": [{"text": "t", "metadata": {"k": {"x": "x"}}}]},
+     ("documents", 0, "metadata", "k", "x")),
+    ("POST", "/collections/fz/search", {"query": "q", "filter": {"k": "x"}}, ("filter", "k")),
+    ("POST", "/search/web", {"query": "q", "urls": ["x"]}, ("urls", 0)),
+]
+#: Any text, lone surrogates and NUL included.
+any_char = st.one_of(st.characters(), st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), st.just("\0"))
+any_text = st.one_of(st.text(max_size=30), st.lists(any_char, max_size=12).map("".join))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(route=st.sampled_from(TEXT_FIELDS), text=any_text)
+def test_any_text_in_any_field_is_answered(app_client, route, text):
+    """Whatever text fills a field of any route (half characters and NUL
+    among it), the answer is a 2xx or a 4xx, never a 500; broken text a 422."""
+    method, path, template, field = route
+    body = json.loads(json.dumps(template))
+    *parents, last = field
+    holder = body
+    for step in parents:
+        holder = holder[step]
+    holder[last] = text
+    r = app_client.simulate_request(method, path, body=json.dumps(body),
+                                    headers={"content-type": "application/json"})
+    check(r)
+    if any(0xD800 <= ord(c) <= 0xDFFF or c == "\0" for c in text):
+        assert r.status_code == 422, r.text

@@ -420,3 +420,44 @@ def test_a_table_tampered_within_the_layout_is_refused_and_a_live_client_keeps_i
         live.close()
     finally:
         stop_and_check(sc)
+
+
+def test_http_rerank_applies_prompts_and_refuses_broken_text(multi_web, prompted_ce):
+    """A cross-encoder's prompt_name over HTTP gives predict's scores with
+    that prompt; an unknown one is a 422. Half a character in the query (which
+    was tokenized outside the guarded path), in a document after a long query,
+    or in the model's name is a 422 naming the field, never a 500."""
+    from sentence_transformers import CrossEncoder
+
+    ce = CrossEncoder(str(prompted_ce), device="cpu")
+    pairs = _ce_pairs(QUERY, DOCS[:3])
+    with httpx.Client(base_url=multi_web.base, timeout=60) as h:
+        def scores(path, **extra):
+            field = "texts" if path == "/rerank" else "documents"
+            r = h.post(path, json={"model": "ce-prompted", "query": QUERY, field: DOCS[:3], **extra})
+            assert r.status_code == 200, r.text
+            rows = r.json() if path == "/rerank" else r.json()["results"]
+            key = "score" if path == "/rerank" else "relevance_score"
+            return np.array([x[key] for x in sorted(rows, key=lambda x: x["index"])])
+
+        for path in ("/rerank", "/v1/rerank"):
+            short = scores(path, prompt_name="short")
+            np.testing.assert_allclose(short, ce.predict(pairs, prompt_name="short"), atol=1e-5, rtol=0)
+            assert np.abs(short - scores(path)).max() > 1e-4  # the default prompt gives other scores
+            np.testing.assert_allclose(scores(path, prompt="q: "), short, atol=1e-6, rtol=0)
+            r = h.post(path, json={"model": "ce-prompted", "query": QUERY, "texts": DOCS, "documents": DOCS,
+                                   "prompt_name": "nope"})
+            assert r.status_code == 422 and "nope" in r.json()["error"]["message"], r.text
+
+        long_query = "what wakes a worker " * 200
+        for path, body, where in (
+                ("/rerank", {"query": "half \ud83d", "texts": DOCS}, "'query'"),
+                ("/rerank", {"query": long_query, "texts": ["ok", "x\udc00"]}, "'texts[1]'"),
+                ("/rerank", {"query": QUERY, "texts": DOCS, "model": "ce\ud83d"}, "'model'"),
+                ("/v1/rerank", {"query": QUERY, "documents": [{"text": "\ud83d"}], "model": "ce"},
+                 "'documents[0].text'"),
+                ("/v1/embeddings", {"input": "x", "model": "\ud83d"}, "'model'"),
+                ("/search/web", {"query": "q", "urls": ["http://127.0.0.1/\ud83d"]}, "'urls[0]'")):
+            r = h.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+            assert r.status_code == 422 and where in r.json()["error"]["message"], (path, r.text)
+        assert h.post("/rerank", json={"query": QUERY, "texts": DOCS}).status_code == 200

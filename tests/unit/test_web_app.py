@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
+import sqlite3
 
 import numpy as np
 import pytest
 from falcon import testing
 
 from shm_protocol.client import EmbeddingBackend, EmbedResult, RerankResult
-from shm_protocol.config import Settings
+from shm_protocol.config import COLLECTIONS_DB, Settings
 from shm_protocol.errors import (
     InvalidInput,
     LayoutMismatch,
@@ -31,6 +33,8 @@ from shm_protocol.tokenizer import check_token_budget
 from web.app import create_app
 
 DIM = 8
+#: The fake reranker's prompts (none by default).
+RERANK_PROMPTS = TextOptions(prompts={"short": "q: "})
 
 
 def fake_vector(text: str) -> np.ndarray:
@@ -69,12 +73,15 @@ class FakeClient:
         check_token_budget(counts, max_tokens)
         return EmbedResult(vecs.astype(np.float32), counts, 1000, 2000, 1, 0, "fake-model")
 
-    def rerank_detailed(self, query, documents, *, model=None, raw_scores=False, truncate=True, max_tokens=None):
-        """Scores: the cosine of the fake vectors (raw), through a sigmoid unless raw_scores."""
+    def rerank_detailed(self, query, documents, *, model=None, raw_scores=False, truncate=True, max_tokens=None,
+                        prompt=None, prompt_name=None):
+        """Scores: the cosine of the fake vectors (raw), through a sigmoid unless raw_scores;
+        the reranker's prompt before the query, as the real client puts it."""
         self._check()
         if model is not None and not name_matches(model, "fake-reranker"):
             raise ModelNotFound(f"The model '{model}' does not exist here", requested=model,
                                 served=["fake-model", "fake-reranker"])
+        query = (RERANK_PROMPTS.resolve_prompt(prompt, prompt_name) or "") + query
         q = fake_vector(query)
         raw = np.array([float(fake_vector(d) @ q / np.linalg.norm(fake_vector(d)) / np.linalg.norm(q))
                         for d in documents], np.float32)
@@ -327,3 +334,109 @@ def test_a_search_reranks_no_more_candidates_than_a_request_may_send(app):
     assert all("rerank_score" in r for r in ok.json["results"])
     over = app.simulate_post("/collections/many/search", json={"query": "note", "top_k": 8, "rerank": True})
     assert over.status_code == 413 and "SHM_EMBED_MAX_INPUTS" in over.json["error"]["message"]
+
+
+def test_rerank_applies_the_rerankers_prompts(app, fake):
+    docs = ["cats purr", "dogs bark", "fish swim"]
+    def scores(path, field, key, **extra):
+        r = app.simulate_post(path, json={"query": "pets", field: docs, **extra})
+        assert r.status_code == 200, r.text
+        rows = r.json if isinstance(r.json, list) else r.json["results"]
+        return {x["index"]: x[key] for x in rows}
+
+    for path, field, key in (("/rerank", "texts", "score"), ("/v1/rerank", "documents", "relevance_score")):
+        plain = scores(path, field, key)
+        named = scores(path, field, key, prompt_name="short")
+        assert named != plain  # the prompt went before the query
+        assert named == scores(path, field, key, prompt="q: ")
+        want = fake.rerank_detailed("q: pets", docs).scores
+        assert [named[i] for i in range(3)] == pytest.approx(want.tolist(), abs=1e-6)
+        r = app.simulate_post(path, json={"query": "pets", field: docs, "prompt_name": "no-such-prompt"})
+        assert r.status_code == 422 and "no-such-prompt" in r.json["error"]["message"]
+        for bad in ({"prompt": 3}, {"prompt_name": ["x"]}, {"prompt": "p" * 3000}):
+            assert app.simulate_post(path, json={"query": "pets", field: docs, **bad}).status_code in (413, 422)
+
+
+#: A body of every route that takes one; each of its strings, and each key, is a text field to corrupt.
+ROUTE_BODIES = [
+    ("POST", "/embed", {"inputs": ["a b"], "prompt": "p: ", "prompt_name": "query"}),
+    ("POST", "/v1/embeddings", {"input": "a", "model": "fake-model", "encoding_format": "float", "prompt_name": "q"}),
+    ("POST", "/rerank", {"query": "q", "texts": ["a", "b"], "model": "fake-reranker", "prompt": "p: ",
+                         "prompt_name": "short"}),
+    ("POST", "/v1/rerank", {"query": "q", "documents": ["a", {"text": "b"}], "model": "fake-reranker"}),
+    ("PUT", "/collections/kb", {"options": {"model": "fake-model", "index": "flat", "query_prompt": "q: ",
+                                            "document_prompt": "d: "}}),
+    ("POST", "/collections/kb/documents", {"documents": [
+        {"id": "d1", "text": "some text", "url": "http://x/", "metadata": {"k": "v", "deep": {"l": ["x", {"y": "z"}]}}},
+        "plain text"]}),
+    ("POST", "/collections/kb/search", {"query": "q", "filter": {"k": ["v"]}, "rerank": {"model": "fake-reranker"}}),
+    ("POST", "/search/web", {"query": "q", "urls": ["http://127.0.0.1:9/"], "rerank": {"model": "fake-reranker"}}),
+]
+
+
+def corrupted(value, bad: str, path: str = ""):
+    """(where, copy of ``value``) with one string, or one key, replaced by
+    ``bad``: ``where`` is the JSON path of the string, or of the object whose
+    key it is ("body" for the body's own keys)."""
+    if isinstance(value, str):
+        yield path, bad
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            for where, new in corrupted(v, bad, f"{path}[{i}]"):
+                yield where, [*value[:i], new, *value[i + 1:]]
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            for where, new in corrupted(v, bad, f"{path}.{k}" if path else k):
+                yield where, {**value, k: new}
+            yield path or "body", {(bad if key == k else key): v for key, v in value.items()}
+
+
+@pytest.mark.parametrize("method,path,body", ROUTE_BODIES, ids=[f"{m} {p}" for m, p, _ in ROUTE_BODIES])
+def test_every_text_field_of_every_route_refuses_broken_text(app, method, path, body):
+    """Half an emoji (a lone surrogate, as JavaScript's slice leaves one),
+    or a NUL, anywhere in a body, is a 422 naming the field; bytes that are
+    not UTF-8 are a 400. Never a 500, and nothing reaches the model or the store."""
+    cases = 0
+    for bad, what in (("half \ud83d an emoji", "surrogate"), ("\udc00", "surrogate"), ("a\x00b", "U+0000")):
+        for where, doc in corrupted(body, bad):
+            r = app.simulate_request(method, path, body=json.dumps(doc), headers={"content-type": "application/json"})
+            assert r.status_code == 422, (where, bad, r.text)
+            message = r.json["error"]["message"]
+            assert f"'{where}'" in message or where == "body" and "key of the body" in message, (where, message)
+            assert what in message, message
+            cases += 1
+    assert cases >= 9
+    marker = "\N{SNOWMAN}"
+    raw = json.dumps(next(corrupted(body, marker))[1], ensure_ascii=False).encode()
+    for invalid in (b"\xed\xa0\xbd", b"\xff", b"\xc3"):
+        r = app.simulate_request(method, path, body=raw.replace(marker.encode(), invalid),
+                                 headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "UTF-8" in r.json["error"]["message"], r.text
+    assert app.simulate_get("/collections").json["collections"] == []  # no write got through
+    assert app.simulate_post("/embed", json={"inputs": ["still serving"]}).status_code == 200
+
+
+def test_an_unknown_model_named_with_a_surrogate_is_still_answered(app):
+    """The 404's own message held the name, and could not be written."""
+    for path, body in (("/v1/embeddings", {"input": "x", "model": "\ud83d"}),
+                       ("/rerank", {"query": "q", "texts": ["a"], "model": "x\ud83d"})):
+        r = app.simulate_post(path, body=json.dumps(body), headers={"content-type": "application/json"})
+        assert r.status_code == 422 and "'model'" in r.json["error"]["message"], r.text
+
+
+def test_a_surrogate_already_stored_never_fails_a_read(app, tmp_path):
+    """Metadata stored before text was checked (here written straight into
+    the database) is answered with U+FFFD in place of each half character."""
+    assert app.simulate_put("/collections/kb").status_code == 201
+    docs = [{"id": "a", "text": "red apples", "metadata": {"k": "v"}}, {"id": "b", "text": "blue sky"}]
+    assert app.simulate_post("/collections/kb/documents", json={"documents": docs}).status_code == 200
+    with sqlite3.connect(tmp_path / "data" / COLLECTIONS_DB) as db:
+        db.execute("UPDATE documents SET metadata = ? WHERE id = 'a'", ('{"k": "\\ud83d", "\\udc00x": [1]}',))
+    r = app.simulate_post("/collections/kb/search", json={"query": "an unrelated query", "top_k": 10})
+    assert r.status_code == 200, r.text
+    got = {x["id"]: x["metadata"] for x in r.json["results"]}
+    assert got["a"] == {"k": "\ufffd", "\ufffdx": [1]} and got["b"] == {}
+    r = app.simulate_get("/collections/kb/documents/a")
+    assert r.status_code == 200 and r.json["metadata"]["k"] == "\ufffd"
+    r = app.simulate_post("/collections/kb/search", json={"query": "q", "filter": {"k": "v"}})
+    assert r.status_code == 200 and r.json["results"] == []
