@@ -52,8 +52,9 @@ class LocalEmbedder:
     def info(self) -> dict:
         dim, limit = int(self.model.get_embedding_dimension()), int(self.model.max_seq_length)
         return {"model": self.name, "dimension": dim, "max_seq_length": limit, "device": "cpu (local)",
+                "dtype": "float32",
                 "models": [{"name": self.name, "kind": "embed", "dimension": dim, "max_seq_length": limit,
-                            "matryoshka": self.options.matryoshka, "index": 0}]}
+                            "matryoshka": self.options.matryoshka, "index": 0, "dtype": "float32"}]}
 
     def embed_detailed(self, texts, *, truncate: bool = True, normalize: bool = False,
                        max_tokens: int | None = None, prompt: str | None = None, prompt_name: str | None = None,

@@ -281,6 +281,7 @@ class EmbeddingClient(SentenceTransformerAPI):
             "dimension": default.dim,
             "max_seq_length": default.max_seq_length,
             "vocab_size": default.vocab_size,
+            "dtype": default.dtype,
             "models": [model_card(m) for m in sess.models],
             "device": r.device,
             "epoch": f"{r.epoch:016x}",
@@ -440,4 +441,5 @@ def activate(scores: np.ndarray, activation: Activation) -> np.ndarray:
 def model_card(m: ModelEntry) -> dict:
     """What the client reports about one served model."""
     return {"name": m.name, "kind": m.kind.name.lower(), "dimension": m.dim, "max_seq_length": m.max_seq_length,
-            "vocab_size": m.vocab_size, "matryoshka": m.matryoshka, "index": m.index}
+            "vocab_size": m.vocab_size, "matryoshka": m.matryoshka, "index": m.index,
+            "dtype": m.dtype}

@@ -29,7 +29,7 @@ Control segment::
     |     or scores per pair for a reranker), max_seq_length,      |
     |     vocab_size, type_vocab_size (0: the model takes no       |
     |     segment ids), activation u32 (Activation of scores),     |
-    |     flags u32 (ModelFlag), tokenizer_path[512],              |
+    |     flags u32 (ModelFlag), tokenizer_path[512], dtype[16],   |
     |     stats: MODEL_STATS_DTYPE                                 |
     |     Model 0 is the default.                                  |
     |   liveness: sidecar_pid i32, state u32, epoch u64,           |
@@ -298,6 +298,7 @@ MODEL_DTYPE = np.dtype(
         ("activation", "<u4"),  # Activation of a reranker's scores
         ("flags", "<u4"),  # ModelFlag bits
         ("tokenizer_path", "S512"),
+        ("dtype", "S16"),  # the weights' dtype on the device (float32, bfloat16, float16)
         ("stats", MODEL_STATS_DTYPE),
     ],
     align=True,
@@ -360,6 +361,7 @@ class ModelEntry:
     activation: Activation = Activation.IDENTITY
     flags: ModelFlag = ModelFlag(0)
     tokenizer_path: str = ""
+    dtype: str = "float32"
 
     @property
     def matryoshka(self) -> bool:
@@ -367,7 +369,7 @@ class ModelEntry:
 
     def write(self, rec: np.ndarray) -> None:
         """Fill a MODEL_DTYPE record (the sidecar, before it is READY)."""
-        for f in ("name", "tokenizer_path"):
+        for f in ("name", "tokenizer_path", "dtype"):
             raw = getattr(self, f).encode("utf-8")
             if len(raw) > MODEL_DTYPE[f].itemsize:
                 raise ConfigError(f"model {f} {getattr(self, f)!r} is longer than {MODEL_DTYPE[f].itemsize} bytes")
@@ -384,7 +386,8 @@ class ModelEntry:
 
         return cls(index, text("name"), ModelKind(int(rec["kind"])), int(rec["dim"]), int(rec["max_seq_length"]),
                    int(rec["vocab_size"]), int(rec["type_vocab_size"]), Activation(int(rec["activation"])),
-                   ModelFlag(int(rec["flags"]) & int(ModelFlag.MATRYOSHKA)), text("tokenizer_path"))
+                   ModelFlag(int(rec["flags"]) & int(ModelFlag.MATRYOSHKA)), text("tokenizer_path"),
+                   text("dtype"))
 
 
 def _round_up(n: int, align: int) -> int:

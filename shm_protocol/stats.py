@@ -33,6 +33,7 @@ class Snapshot:
     namespace: str
     model: str
     device: str
+    dtype: str  # the default model's weights on the device
     dim: int
     max_seq_length: int
     sidecar_pid: int
@@ -89,7 +90,7 @@ def _models(region: Region) -> list[dict]:
     for m in entries:
         st = np.array(table[m.index]["stats"], copy=True)
         out.append({"name": m.name, "kind": m.kind.name.lower(), "dimension": m.dim,
-                    "max_seq_length": m.max_seq_length, **{k: int(st[k]) for k in MODEL_COUNTERS}})
+                    "max_seq_length": m.max_seq_length, "dtype": m.dtype, **{k: int(st[k]) for k in MODEL_COUNTERS}})
     return out
 
 
@@ -115,6 +116,7 @@ def snapshot(region: Region, stale_after_s: float = 1.0) -> Snapshot:
         namespace=region.names.namespace,
         model=region.model_name,
         device=region.device,
+        dtype=default["dtype"] if default else "",
         dim=default["dimension"] if default else region.params.dim,
         max_seq_length=default["max_seq_length"] if default else region.params.max_seq_length,
         sidecar_pid=region.sidecar_pid,

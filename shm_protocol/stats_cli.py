@@ -53,7 +53,8 @@ def render(snap: Snapshot, status: str, rate: dict):
                             f"state {snap.state}, epoch {snap.epoch}")
     head.add_row("uptime", f"{snap.uptime_s:.0f} s; heartbeat {snap.heartbeat_age_s * 1e3:.0f} ms ago, "
                            f"loop progress {snap.loop_age_s * 1e3:.0f} ms ago")
-    head.add_row("model", f"{escape(snap.model)} ({snap.dim} dims, max {snap.max_seq_length} tokens) on {snap.device}")
+    head.add_row("model", f"{escape(snap.model)} ({snap.dim} dims, max {snap.max_seq_length} tokens) "
+                          f"on {snap.device} in {escape(snap.dtype)}")
     head.add_row("queue", f"{snap.queue_depth} slots ready, {snap.busy_slots} in the model")
 
     rings = Table(title="rings", show_lines=False)

@@ -56,6 +56,9 @@ def sidecar_env(namespace: str, model: str | None = None, **extra: str) -> dict:
         PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
         PYTHONUNBUFFERED="1",
     )
+    # Tests compare vectors with SentenceTransformer.encode's float32 ones;
+    # the tests of other dtypes ask for them.
+    env.setdefault("SHM_EMBED_DTYPE", "float32")
     if model:
         env["SHM_EMBED_MODEL"] = str(model)
     env.update({k: str(v) for k, v in extra.items()})

@@ -341,7 +341,8 @@ class Info:
         resp.media = {
             "model": info["model"], "dimension": info["dimension"], "max_tokens": info["max_seq_length"],
             "models": served_models(info),
-            "device": info["device"], "version": __version__, "mode": self.ctx.mode,
+            "device": info["device"], "dtype": info.get("dtype", "float32"), "version": __version__,
+            "mode": self.ctx.mode,
             "limits": {"max_inputs": s.max_inputs, "max_input_chars": s.max_input_chars,
                        "max_body_bytes": s.max_body_bytes},
         }

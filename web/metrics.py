@@ -44,8 +44,8 @@ class SidecarCollector:
         if snap is None:
             return
         info = GaugeMetricFamily(f"{PREFIX}_info", "Model served by the sidecar.",
-                                 labels=["model", "device", "version", "epoch"])
-        info.add_metric([snap.model, snap.device, self._version, snap.epoch], 1.0)
+                                 labels=["model", "device", "dtype", "version", "epoch"])
+        info.add_metric([snap.model, snap.device, snap.dtype, self._version, snap.epoch], 1.0)
         yield info
         c = snap.counters
         for name, key, doc in (

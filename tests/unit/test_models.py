@@ -95,3 +95,27 @@ def test_a_table_entry_is_checked_against_its_model_folder(real_model_path, tiny
                 table_entry(cross_encoder_path, dim=1), table_entry(real_model_path, RERANK, dim=1)):
         with pytest.raises(LayoutMismatch):
             check_entry_files(bad)
+
+
+@pytest.mark.parametrize("requested, device, flags, dtype", [
+    ("auto", "cpu", {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, "bfloat16"),  # Sapphire Rapids
+    ("auto", "cpu", {"avx512f", "avx512_bf16"}, "measure"),  # Cooper Lake, Zen 4: timed at load
+    ("auto", "cpu", {"avx2", "fma"}, "float32"),
+    ("auto", "cpu", set(), "float32"),  # flags unknown
+    ("auto", "cuda", set(), "float16"),
+    ("auto", "cuda:1", set(), "float16"),
+    ("float32", "cpu", {"amx_bf16"}, "float32"),  # asked for: exact equality with encode
+    ("bfloat16", "cpu", set(), "bfloat16"),
+])
+def test_dtype_auto_follows_the_device_and_the_cpu_s_features(requested, device, flags, dtype):
+    from sidecar.model import choose_dtype
+
+    assert choose_dtype(requested, device, frozenset(flags)) == dtype
+
+
+def test_float16_on_a_cpu_is_refused_with_the_choices():
+    from shm_protocol.errors import ConfigError
+    from sidecar.model import choose_dtype
+
+    with pytest.raises(ConfigError, match="bfloat16 or auto"):
+        choose_dtype("float16", "cpu", frozenset({"amx_bf16"}))
