@@ -1,7 +1,7 @@
 """Where a request's microseconds go, stage by stage, on the worker's side of
 one short text through a synthetic sidecar (the CPU free during its call):
 
-    python bench/hot_path.py [--requests 3000] [--policy spin|park] [--us 0]
+    python bench/hot_path.py [--requests 3000] [--policy spin|park] [--us 0] [--gap-us 0] [--sleeps]
 
 Stages: check (argument checks and session lookup), tokenize, prepare (ids
 and output buffers), take (a free slot, its semaphore drained), submit (slot
@@ -25,7 +25,12 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--policy", default="spin")
     ap.add_argument("--us", type=int, default=0, help="the synthetic model call, in microseconds")
+    ap.add_argument("--gap-us", type=int, default=0, help="pause before each request (0: back to back)")
+    ap.add_argument("--sleeps", action="store_true",
+                    help="also print what a timed wait of N us really costs here (timer slack, the VM's wake-up)")
     args = ap.parse_args()
+    if args.sleeps:
+        sleep_costs()
     from shm_protocol import EmbeddingClient
     from shm_protocol.tokenizer import check_texts
 
@@ -35,14 +40,16 @@ def main() -> None:
         stages = {k: [] for k in ("check", "tokenize", "prepare", "take", "submit", "wait", "copy-out",
                                   "total", "sidecar queue", "sidecar call", "embed_detailed")}
         for i, t in enumerate(texts):
+            if args.gap_us:
+                time.sleep(args.gap_us / 1e6)
             # The same steps as EmbeddingClient.embed_detailed for one text, timed one by one.
             t0 = time.perf_counter_ns()
             tx = check_texts([t])
             sess = client._get_session()
             t1 = time.perf_counter_ns()
-            encs = client._tokenizers[0].encode(tx)
+            tok = client._tokenizers[0].tokenize_request(tx, prompt=None, truncate=True, max_tokens=None)
             t2 = time.perf_counter_ns()
-            ids = encs[0].ids
+            ids = tok.ids[0]
             lengths = np.array([len(ids)], dtype=np.int64)
             out = np.empty((1, sess.params.dim), np.float32)
             t3 = time.perf_counter_ns()
@@ -58,6 +65,8 @@ def main() -> None:
             sess.give_back(s)
             sess.leave()
             t7 = time.perf_counter_ns()
+            if args.gap_us:
+                time.sleep(args.gap_us / 1e6)
             r0 = time.perf_counter_ns()
             client.embed_detailed([t])
             r1 = time.perf_counter_ns()
@@ -71,8 +80,28 @@ def main() -> None:
             stages["sidecar call"].append(c / 1e3)
         client.close()
     rows = [[k, f"{pct(v, 50):.1f}", f"{pct(v, 99):.1f}"] for k, v in stages.items()]
-    print(f"\n{args.policy} policy, one short text, {len(stages['total'])} requests, synthetic {args.us} us")
+    gap = f"{args.gap_us} us apart" if args.gap_us else "back to back"
+    print(f"\n{args.policy} policy, one short text, {len(stages['total'])} requests {gap}, synthetic {args.us} us")
     print(table(rows, ["stage", "p50 us", "p99 us"]))
+
+
+def sleep_costs() -> None:
+    """What a timed wait of N us costs here, with the kernel's default timer
+    slack (50 us) and with the hot path's (1 us): the basis of how early a
+    waiter wakes before a slot's ETA (SHM_EMBED_SPIN_US)."""
+    from shm_protocol import hotpath
+
+    hp = hotpath.load()
+    rows = []
+    for slack in (50_000, hotpath.TIMER_SLACK_NS):
+        hp.set_timer_slack(slack)  # for this thread's next waits
+        for us in (10, 50, 100, 200, 500, 1000):
+            real = [x / 1e3 for x in hp.sleep_cost(us, 200)]
+            rows.append([f"{slack / 1000:g}", str(us), f"{pct(real, 50) - us:.1f}",
+                         f"{pct(real, 99) - us:.1f}"])
+    hp.set_timer_slack(hotpath.TIMER_SLACK_NS)
+    print("\ntimed sleeps: how late they wake")
+    print(table(rows, ["timer slack us", "sleep us", "late p50 us", "late p99 us"]))
 
 
 if __name__ == "__main__":

@@ -19,11 +19,13 @@ shm-embed's worker tokenizes before it sends, so its overhead includes the
 worker's tokenization (the "transport only" row takes it out).
 
     python bench/protocol_overhead.py [--requests 400] [--block 25] [--work synthetic:0,synthetic:2000,model]
-                                      [--device cpu|cuda]
+                                      [--gap-us 2000] [--device cpu|cuda]
 
 Requests go in alternating blocks, so each transport sees the same machine
-state; within a block they come back to back, as from a worker under steady
-traffic.
+state; within a block they come ``--gap-us`` apart (2 ms by default, as from
+a worker serving traffic; 0 for back to back). The floor row is a plain pair
+of POSIX semaphores between two processes (post, the server wakes, computes
+the same synthetic work, posts back): what no transport can beat.
 """
 
 from __future__ import annotations
@@ -67,6 +69,27 @@ def serve_basemanager(kind: str, us: int, model_path: str, threads: int, device:
     server = mgr.get_server()
     port_q.put(server.address[1])
     server.serve_forever()
+
+
+def serve_pingpong(us: int, names: tuple[str, str], compute, ready) -> None:
+    """The floor: wait on one semaphore, do the synthetic work, post the other."""
+    from shm_protocol import hotpath
+    from sidecar.synthetic import SPIN_TAIL_NS
+
+    req, resp = (hotpath.semaphore(n) for n in names)
+    ready.set()
+    while True:
+        if not req.wait(1.0):
+            continue
+        t0 = time.monotonic_ns()
+        end = t0 + us * 1000
+        left = end - time.monotonic_ns() - SPIN_TAIL_NS
+        if left > 0:
+            time.sleep(left / 1e9)
+        while time.monotonic_ns() < end:
+            pass
+        compute[0] = time.monotonic_ns() - t0
+        resp.post()
 
 
 def serve_http(kind: str, us: int, model_path: str, threads: int, device: str, port_q) -> None:
@@ -151,6 +174,26 @@ def run_work(kind: str, us: int, args, model_path: str, texts: list[str]) -> lis
     mgr = Manager(address=("127.0.0.1", ports[0]), authkey=AUTHKEY)
     mgr.connect()
     remote = mgr.EmbeddingService()
+    import posix_ipc
+
+    from shm_protocol import hotpath
+
+    ping_names = tuple(f"/shm-embed-bench-pp-{os.getpid()}-{k}" for k in ("req", "resp"))
+    made = [posix_ipc.Semaphore(n, posix_ipc.O_CREX, 0o600, 0) for n in ping_names]
+    compute = ctx.RawArray("Q", 1)
+    ping_ready = ctx.Event()
+    if kind == "synthetic":
+        procs.append(ctx.Process(target=serve_pingpong, args=(us, ping_names, compute, ping_ready), daemon=True))
+        procs[-1].start()
+        ping_ready.wait(60)
+    ping_req, ping_resp = (hotpath.semaphore(n) for n in ping_names)
+
+    def via_pingpong(t):
+        t0 = time.perf_counter_ns()
+        ping_req.post()
+        ping_resp.wait(10.0)
+        return time.perf_counter_ns() - t0, int(compute[0]), 0
+
     conn = http.client.HTTPConnection("127.0.0.1", ports[1])
     conn.connect()
     conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as HTTP client libraries set it
@@ -199,6 +242,9 @@ def run_work(kind: str, us: int, args, model_path: str, texts: list[str]) -> lis
             transports["BaseManager over TCP (pickled)"] = via_basemanager
             transports["Gunicorn dirty worker (Unix socket)"] = via_dirty
             transports["HTTP/1.1 on loopback, kept alive"] = via_http
+            if kind == "synthetic":
+                transports["floor: plain semaphore ping-pong"] = via_pingpong
+            gap_s = args.gap_us / 1e6
             results = {name: ([], [], []) for name in transports}
             for fn in transports.values():  # warm every path
                 for t in texts[:20]:
@@ -207,10 +253,12 @@ def run_work(kind: str, us: int, args, model_path: str, texts: list[str]) -> lis
                 for name, fn in transports.items():
                     over, e2e, transport = results[name]
                     for t in texts[b: b + args.block]:
-                        total, compute, tok = fn(t)
-                        over.append((total - compute) / 1e3)
+                        if gap_s:
+                            time.sleep(gap_s)
+                        total, compute_ns, tok = fn(t)
+                        over.append((total - compute_ns) / 1e3)
                         e2e.append(total / 1e3)
-                        transport.append((total - compute - tok) / 1e3)
+                        transport.append((total - compute_ns - tok) / 1e3)
     finally:
         for p in procs:
             p.terminate()
@@ -220,6 +268,10 @@ def run_work(kind: str, us: int, args, model_path: str, texts: list[str]) -> lis
             os.killpg(dirty.pid, signal.SIGTERM)
         stop_process(dirty, timeout=60)
         tmp.cleanup()
+        for sem in (ping_req, ping_resp, *made):
+            sem.close()
+        for n in ping_names:
+            posix_ipc.unlink_semaphore(n)
         q.close()
         q.join_thread()
     base = pct(results["BaseManager over TCP (pickled)"][0], 50)
@@ -258,6 +310,8 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=25, help="requests per transport before switching (1: interleave)")
     ap.add_argument("--work", default="synthetic:0,synthetic:2000,model",
                     help="comma-separated: synthetic:<microseconds> or model")
+    ap.add_argument("--gap-us", type=int, default=2000,
+                    help="pause before each request, in microseconds (0: back to back)")
     args = ap.parse_args()
     from shm_protocol.model_files import bundled_model_path, model_name
 
@@ -268,7 +322,9 @@ def main() -> None:
         rows, shm_p50_us = run_work(kind, int(us or 0), args, model_path, texts)
         what = f"synthetic compute {int(us) / 1000:g} ms (CPU free)" if kind == "synthetic" else \
             f"{model_name(Path(model_path))} on {'the CPU' if args.device == 'cpu' else args.device}"
-        print(f"\n{what}: one short text, {args.requests} requests per transport in blocks of {args.block}")
+        gap = f"{args.gap_us} us apart" if args.gap_us else "back to back"
+        print(f"\n{what}: one short text, {args.requests} requests per transport in blocks of {args.block}, "
+              f"{gap}")
         print(table(rows, ["transport", "overhead p50 us", "overhead p99 us", "transport only p50 us",
                            "end-to-end p50 ms", "BaseManager / this, p50"]))
         if kind == "model":  # the overhead against the forward passes it rides on

@@ -428,7 +428,7 @@ static Py_ssize_t read_ints(PyObject *src, void *dst, Py_ssize_t cap, put_fn put
     return n;
 }
 
-/* submit(slot, ids, lengths, model, segments, seq, bell) -> bool
+/* submit(slot, ids, lengths, model, segments, seq, clear_segments, bell, out_dim, mark) -> bool
  * Worker: write one request's payload, then state = READY (release), then
  * post the doorbell. ``lengths``: tokens of each text (a sequence of ints);
  * ``segments``: pair splits or None (then the split area is zeroed if
@@ -441,8 +441,11 @@ static PyObject *Ring_submit(RingObject *self, PyObject *args) {
     unsigned long long seq;
     int clear_segments;
     PyObject *bell;
-    if (!PyArg_ParseTuple(args, "nOOIOKpO", &slot, &ids, &lengths, &model, &segments, &seq, &clear_segments, &bell))
+    unsigned int out_dim = 0, mark = 0;
+    if (!PyArg_ParseTuple(args, "nOOIOKpO|II", &slot, &ids, &lengths, &model, &segments, &seq, &clear_segments,
+                          &bell, &out_dim, &mark))
         return NULL;
+    if (out_dim > self->dim) return PyErr_SetString(PyExc_ValueError, "out_dim over the slot's dim"), NULL;
     if (!slot_ok(self, slot)) return NULL;
     if (bell != Py_None && !PyObject_TypeCheck(bell, &SemType)) {
         PyErr_SetString(PyExc_TypeError, "bell must be a Sem or None");
@@ -485,6 +488,15 @@ static PyObject *Ring_submit(RingObject *self, PyObject *args) {
         memset(segs, 0, sizeof(uint32_t) * self->max_texts);
     }
     if (lbuf != lens) PyMem_Free(lbuf);
+    if (out_dim > 0) {
+        /* Mark the last column the reader expects and the one after it: the
+         * reader's collect() checks that the sidecar wrote rows exactly that wide. */
+        uint32_t *o = U32(p, self->f.out);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            o[i * self->dim + out_dim - 1] = mark;
+            if (out_dim < self->dim) o[i * self->dim + out_dim] = mark;
+        }
+    }
     *U32(p, self->f.model) = model;
     *U32(p, self->f.n_texts) = (uint32_t)n;
     *U32(p, self->f.n_tokens) = (uint32_t)ntok;
@@ -572,6 +584,60 @@ static PyObject *Ring_answered(RingObject *self, PyObject *args) {
     if (!slot_ok(self, slot)) return NULL;
     if (answered(self, SLOT(self, slot), seq)) Py_RETURN_TRUE;
     Py_RETURN_FALSE;
+}
+
+/* collect(slot, seq, out, mark) -> (code, queue_ns, compute_ns)
+ * Worker, once answered(slot, seq): copy the slot's rows into ``out`` (a
+ * C-contiguous float32 (n, d) buffer) when DONE, after checking that the
+ * sidecar wrote each row exactly d wide (the marks submit() left: the last
+ * column overwritten, the one after still marked); then state = FREE.
+ * code: 0 copied; a SlotError code for ERROR; -1 rows of another width;
+ * -2 not answered for this generation (nothing read, the slot untouched). */
+static PyObject *Ring_collect(RingObject *self, PyObject *args) {
+    Py_ssize_t slot;
+    unsigned long long seq;
+    PyObject *outobj;
+    unsigned int mark;
+    if (!PyArg_ParseTuple(args, "nKOI", &slot, &seq, &outobj, &mark)) return NULL;
+    if (!slot_ok(self, slot)) return NULL;
+    Py_buffer b;
+    if (PyObject_GetBuffer(outobj, &b, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_ND) != 0)
+        return NULL;
+    PyObject *result = NULL;
+    if (b.ndim != 2 || b.itemsize != 4 || b.format == NULL || strcmp(b.format, "f") != 0 ||
+        b.shape[0] < 1 || b.shape[0] > (Py_ssize_t)self->max_texts || b.shape[1] < 1 ||
+        b.shape[1] > (Py_ssize_t)self->dim) {
+        PyErr_SetString(PyExc_ValueError, "out must be float32 (n, d) within the slot's texts and dim");
+        goto done;
+    }
+    char *p = SLOT(self, slot);
+    if (!answered(self, p, seq)) {
+        result = Py_BuildValue("(iKK)", -2, 0ULL, 0ULL);
+        goto done;
+    }
+    uint32_t st = load_acq32(p, self->f.state);
+    uint64_t q = *U64(p, self->f.queue_ns), c = *U64(p, self->f.compute_ns);
+    int code = 0;
+    Py_ssize_t n = b.shape[0], d = b.shape[1];
+    if (st == ST_ERROR) {
+        code = (int)*U32(p, self->f.error);
+    } else {
+        uint32_t *src = U32(p, self->f.out);
+        for (Py_ssize_t i = 0; i < n && code == 0; i++) {
+            uint32_t last = src[i * self->dim + d - 1];
+            if (last == mark || (d < (Py_ssize_t)self->dim && src[i * self->dim + d] != mark)) code = -1;
+        }
+        if (code == 0) {
+            float *dst = (float *)b.buf;
+            for (Py_ssize_t i = 0; i < n; i++)
+                memcpy(dst + i * d, (float *)src + i * self->dim, (size_t)d * 4);
+        }
+    }
+    store_rel32(p, self->f.state, ST_FREE);
+    result = Py_BuildValue("(iKK)", code, (unsigned long long)q, (unsigned long long)c);
+done:
+    PyBuffer_Release(&b);
+    return result;
 }
 
 /* set_state(slot, state): a release store (FREE after the copy-out, BUSY on take). */
@@ -722,6 +788,7 @@ static PyMethodDef Ring_methods[] = {
     {"poll", (PyCFunction)Ring_poll, METH_VARARGS, "Worker: poll a slot under the spin policy."},
     {"spin_until", (PyCFunction)Ring_spin_until, METH_VARARGS, "Worker: poll a slot until a deadline."},
     {"answered", (PyCFunction)Ring_answered, METH_VARARGS, "Whether a slot holds its generation's answer."},
+    {"collect", (PyCFunction)Ring_collect, METH_VARARGS, "Worker: check and copy an answer out, free the slot."},
     {"set_state", (PyCFunction)Ring_set_state, METH_VARARGS, "Release-store a slot's state."},
     {"scan", (PyCFunction)Ring_scan, METH_O, "Sidecar: READY slots into an int64 buffer."},
     {"take", (PyCFunction)Ring_take, METH_VARARGS, "Sidecar: take a slot BUSY, copy out and validate."},
@@ -746,6 +813,91 @@ static PyTypeObject RingType = {
     .tp_dealloc = (destructor)Ring_dealloc,
     .tp_methods = Ring_methods,
     .tp_getset = Ring_getset,
+};
+
+/* ----------------------------------------------------------- Liveness -- */
+
+/* The quick part of the sidecar's liveness rule (region.unavailable_reason),
+ * read from the header in one call: state READY, pid alive (signal 0),
+ * heartbeat fresh, batching loop within its deadline. Every request runs it;
+ * a failure is explained by the Python rule, which gives the reason. */
+#include <signal.h>
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;
+    int has_view;
+    Py_ssize_t state, pid, heartbeat, deadline;
+    uint32_t ready;
+} LivenessObject;
+
+static int Liveness_init(LivenessObject *self, PyObject *args, PyObject *kw) {
+    PyObject *header;
+    Py_ssize_t st, pid, hb, dl;
+    unsigned int ready;
+    if (!PyArg_ParseTuple(args, "OnnnnI", &header, &st, &pid, &hb, &dl, &ready)) return -1;
+    if (self->has_view) return PyErr_SetString(PyExc_RuntimeError, "Liveness already initialised"), -1;
+    if (PyObject_GetBuffer(header, &self->view, PyBUF_C_CONTIGUOUS) != 0) return -1;
+    self->has_view = 1;
+    Py_ssize_t offs[4] = {st, pid, hb, dl}, sizes[4] = {4, 4, 8, 8};
+    for (int i = 0; i < 4; i++)
+        if (offs[i] < 0 || offs[i] + sizes[i] > self->view.len || offs[i] % sizes[i] != 0)
+            return PyErr_SetString(PyExc_ValueError, "header field outside the header"), -1;
+    if (((uintptr_t)self->view.buf) % 8 != 0) return PyErr_SetString(PyExc_ValueError, "header not aligned"), -1;
+    self->state = st;
+    self->pid = pid;
+    self->heartbeat = hb;
+    self->deadline = dl;
+    self->ready = ready;
+    return 0;
+}
+
+static void Liveness_dealloc(LivenessObject *self) {
+    if (self->has_view) PyBuffer_Release(&self->view);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Liveness_release(LivenessObject *self, PyObject *unused) {
+    if (self->has_view) {
+        PyBuffer_Release(&self->view);
+        self->has_view = 0;
+    }
+    Py_RETURN_NONE;
+}
+
+/* ok(stale_ns) -> bool */
+static PyObject *Liveness_ok(LivenessObject *self, PyObject *arg) {
+    unsigned long long stale = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred()) return NULL;
+    if (!self->has_view) Py_RETURN_FALSE;
+    char *h = (char *)self->view.buf;
+    if (atomic_load_explicit((_Atomic uint32_t *)(h + self->state), memory_order_acquire) != self->ready)
+        Py_RETURN_FALSE;
+    int32_t pid = *(volatile int32_t *)(h + self->pid);
+    if (pid <= 0 || (kill(pid, 0) != 0 && errno == ESRCH)) Py_RETURN_FALSE;
+    uint64_t now = now_ns();
+    uint64_t hb = *(volatile uint64_t *)(h + self->heartbeat), dl = *(volatile uint64_t *)(h + self->deadline);
+    if (now > hb && now - hb > stale) Py_RETURN_FALSE;
+    if (now > dl) Py_RETURN_FALSE;
+    Py_RETURN_TRUE;
+}
+
+static PyMethodDef Liveness_methods[] = {
+    {"ok", (PyCFunction)Liveness_ok, METH_O, "ok(stale_ns) -> whether the sidecar serves now."},
+    {"release", (PyCFunction)Liveness_release, METH_NOARGS, "Let go of the header's memory."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject LivenessType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shm_protocol._hotpath.Liveness",
+    .tp_doc = "The quick liveness check of a sidecar's header.",
+    .tp_basicsize = sizeof(LivenessObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Liveness_init,
+    .tp_dealloc = (destructor)Liveness_dealloc,
+    .tp_methods = Liveness_methods,
 };
 
 /* ---------------------------------------------------------- WordPiece -- */
@@ -1022,15 +1174,18 @@ static struct PyModuleDef moduledef = {
 };
 
 PyMODINIT_FUNC PyInit__hotpath(void) {
-    if (PyType_Ready(&SemType) < 0 || PyType_Ready(&RingType) < 0 || PyType_Ready(&WordPieceType) < 0) return NULL;
+    if (PyType_Ready(&SemType) < 0 || PyType_Ready(&RingType) < 0 || PyType_Ready(&WordPieceType) < 0 ||
+        PyType_Ready(&LivenessType) < 0) return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (m == NULL) return NULL;
     Py_INCREF(&SemType);
     Py_INCREF(&RingType);
     Py_INCREF(&WordPieceType);
+    Py_INCREF(&LivenessType);
     if (PyModule_AddObject(m, "Sem", (PyObject *)&SemType) < 0 ||
         PyModule_AddObject(m, "Ring", (PyObject *)&RingType) < 0 ||
-        PyModule_AddObject(m, "WordPiece", (PyObject *)&WordPieceType) < 0) return NULL;
+        PyModule_AddObject(m, "WordPiece", (PyObject *)&WordPieceType) < 0 ||
+        PyModule_AddObject(m, "Liveness", (PyObject *)&LivenessType) < 0) return NULL;
     PyModule_AddIntConstant(m, "ST_FREE", ST_FREE);
     PyModule_AddIntConstant(m, "ST_CLAIMED", ST_CLAIMED);
     PyModule_AddIntConstant(m, "ST_READY", ST_READY);

@@ -140,7 +140,7 @@ class EmbeddingClient(SentenceTransformerAPI):
         sess = self._session
         stale = self.settings.stale_after_s
         pid = os.getpid()
-        if sess is not None and sess.pid == pid and sess.region.unavailable_reason(stale) is None:
+        if sess is not None and sess.pid == pid and sess.live.ok(int(stale * 1e9)):
             return sess
         with self._lock:
             if self._closed:

@@ -16,7 +16,7 @@ from types import ModuleType
 import numpy as np
 
 from .errors import HotPathUnavailable
-from .layout import ETA_NONE, ETA_PARK, SLOT_ALIGN, SLOT_FIELDS, SlotError, SlotState
+from .layout import ETA_NONE, ETA_PARK, SLOT_ALIGN, SLOT_FIELDS, SidecarState, SlotError, SlotState
 
 REBUILD_HINT = ("rebuild it in this environment: pip install -e . (or make venv), which needs gcc and the "
                 "Python headers (Debian/Ubuntu: apt-get install gcc python3-dev)")
@@ -70,6 +70,15 @@ def ring(slots: np.ndarray, *, queued: np.ndarray | None = None):
     flat = slots.reshape(-1)
     return hp.Ring(flat.view(np.uint8), dtype.itemsize, field_offsets(dtype), max_texts, max_tokens, dim,
                    queued if queued is not None else None)
+
+
+def liveness(header: np.ndarray):
+    """The quick liveness check (``_hotpath.Liveness``) of a mapped header
+    (a 0-d HEADER_DTYPE view), at the layout's offsets."""
+    hp = load()
+    fields = header.dtype.fields
+    return hp.Liveness(header.reshape(1).view(np.uint8), fields["state"][1], fields["sidecar_pid"][1],
+                       fields["heartbeat_ns"][1], fields["loop_deadline_ns"][1], int(SidecarState.READY))
 
 
 def semaphore(name: str):

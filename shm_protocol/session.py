@@ -62,6 +62,10 @@ PICKUP_LOOK_S = 0.002
 #: and waiters park (they would only take turns on the same cores).
 SPIN_WAITERS = max(1, len(os.sched_getaffinity(0)) - 1)
 
+#: What Ring.collect returns besides a SlotError code: rows of another width
+#: than the client expects; no answer of this generation in the slot.
+COLLECT_WIDTH, COLLECT_UNANSWERED = -1, -2
+
 #: A doorbell that cannot be rung fails every submit until it is replaced: one line per 5 s.
 _log_bell_failure = RateLimitedLog()
 
@@ -90,6 +94,7 @@ class Session:
         self.spin = int(region.header["wait_policy"]) == WaitPolicy.SPIN
         self.queued = RecordViews(region.header["stats"]).ready_slots  # the sidecar's queue depth
         self.hot = hotpath.ring(region.slots[ring], queued=self.queued)
+        self.live = hotpath.liveness(region.header)
         self.state, self.seq, self.eta_ns = self.v.state, self.v.seq, self.v.eta_ns
         # Free slots: a deque (appends and pops are atomic); a thread that
         # finds none waits on the condition, which give_back notifies only
@@ -156,6 +161,10 @@ class Session:
 
     def give_back(self, s: int) -> None:
         self.hot.set_state(s, SLOT_FREE)
+        self._release(s)
+
+    def _release(self, s: int) -> None:
+        """Slot ``s``, already FREE, is ours to take again."""
         self._free.append(s)
         if self._free_waiters:
             with self._free_cv:
@@ -193,11 +202,12 @@ class Session:
     def answered(self, s: int, seq: int) -> bool:
         return self.hot.answered(s, seq)
 
-    def submit(self, s: int, ids, lengths, model: int = 0, segments=None) -> int:
+    def submit(self, s: int, ids, lengths, model: int = 0, segments=None, out_dim: int = 0) -> int:
         """Write one part of a request for model ``model`` into slot ``s``
         (``ids``: int32 ids of its texts back to back, ``lengths``: tokens of
         each; ``segments``: where each pair's second part starts, for a
-        reranker) and ring the doorbell. NOTE: the payload, then READY
+        reranker) and ring the doorbell. ``out_dim``: the width the answer's
+        rows must have (0: unchecked; see ROW_MARK). NOTE: the payload, then READY
         (release), then the doorbell: the compiled submit keeps that order."""
         seq = next(self._seq)
         if int(self._bell_gen_now) != self.bell_gen:
@@ -207,7 +217,7 @@ class Session:
                 _log_bell_failure("WARNING", "could not reopen the sidecar's new doorbell ({!r})", exc)
         clear = self._segments_dirty[s] and segments is None
         self._segments_dirty[s] = segments is not None
-        if not self.hot.submit(s, ids, lengths, model, segments, seq, clear, self.bell):
+        if not self.hot.submit(s, ids, lengths, model, segments, seq, clear, self.bell, out_dim, ROW_MARK):
             # E.g. EOVERFLOW on a doorbell someone pushed to its maximum. The
             # post is only a wake-up: the sidecar scans slot states at least
             # once per heartbeat interval and finds this READY slot anyway.
@@ -243,10 +253,9 @@ class Session:
                             itertools.chain.from_iterable(id_lists[a:b]),
                             dtype=np.int32, count=int(lengths[a:b].sum()),
                         )
-                        mark_row_ends(self.v.out[s], b - a, out.shape[1])
                         try:
                             seq = self.submit(s, ids, lengths[a:b], model,
-                                              None if segments is None else segments[a:b])
+                                              None if segments is None else segments[a:b], out.shape[1])
                         except BaseException:
                             self.abandon(s)
                             raise
@@ -316,18 +325,17 @@ class Session:
         except BaseException:
             self.give_up(s, seq)
             raise
-        v = self.v
-        queue_ns, compute_ns = int(v.queue_ns[s]), int(v.compute_ns[s])
-        if int(v.state[s]) == SLOT_ERROR:
-            code = int(v.error[s])
-            self.give_back(s)
-            raise slot_error(code)
-        if not row_ends_intact(v.out[s], len(dest), dest.shape[1]):
-            self.give_back(s)
+        # Checked, copied and freed in one compiled step (hotpath.c's collect).
+        code, queue_ns, compute_ns = self.hot.collect(s, seq, dest, ROW_MARK)
+        if code == COLLECT_UNANSWERED:  # someone wrote the slot after its answer: not ours to read
+            self.give_up(s, seq)
+            raise SlotRejected("the slot's answer changed before it was read", code=code)
+        self._release(s)
+        if code == COLLECT_WIDTH:
             raise LayoutMismatch(f"the sidecar's vectors are not {dest.shape[1]} wide, as the model table said "
                                  "when this client attached (the table was changed in shared memory)")
-        dest[:] = v.out[s, : len(dest), : dest.shape[1]]
-        self.give_back(s)
+        if code:
+            raise slot_error(code)
         return queue_ns, compute_ns
 
     def _await_answer(self, s: int, seq: int) -> None:
@@ -455,7 +463,8 @@ class Session:
         for sem in [self.bell, *self._old_bells, *self.sems]:
             sem.close()
         self.hot.release()
-        self.v = self.state = self.seq = self.eta_ns = self._bell_gen_now = self.queued = self.hot = None
+        self.live.release()
+        self.v = self.state = self.seq = self.eta_ns = self._bell_gen_now = self.queued = self.hot = self.live = None
         self.region.close()
 
     def release_in_owner(self) -> None:
@@ -473,25 +482,11 @@ class Session:
         self.give_up_lease()
 
 
-#: A NaN no model computes (its payload is ours), written around where a
-#: slot's rows should end to see how wide the sidecar wrote them.
-_ROW_MARK = np.array([0x7FC5E171], np.uint32).view(np.float32)[0]
-
-
-def mark_row_ends(out: np.ndarray, n: int, dim: int) -> None:
-    """Before a submit: mark the last column of the ``n`` rows this client
-    expects (``dim`` wide) and the column after it, where the slot has one."""
-    out[:n, dim - 1: dim + 1] = _ROW_MARK
-
-
-def row_ends_intact(out: np.ndarray, n: int, dim: int) -> bool:
-    """After the answer: the sidecar wrote each row exactly ``dim`` wide (it
-    writes by its own model's size, which a model table changed in shared
-    memory may not tell the client): the last column overwritten, the next
-    one still marked. Otherwise the rows would be cut or padded silently."""
-    bits = out[:n, dim - 1: dim + 1].view(np.uint32)
-    mark = _ROW_MARK.view(np.uint32)
-    return bool((bits[:, 0] != mark).all() and (bits.shape[1] == 1 or (bits[:, 1] == mark).all()))
+#: A NaN no model computes (its payload is ours), as bits: written around
+#: where a slot's rows should end (submit) to see how wide the sidecar wrote
+#: them (collect): it writes by its own model's size, which a model table
+#: changed in shared memory may not tell the client.
+ROW_MARK = 0x7FC5E171
 
 
 def slot_error(code: int) -> Exception:

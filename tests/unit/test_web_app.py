@@ -102,7 +102,8 @@ class FakeClient:
     def stats(self) -> Snapshot:
         self._check()
         return Snapshot(
-            namespace="fake", model="fake-model", device="fake", dim=DIM, max_seq_length=16, sidecar_pid=1,
+            namespace="fake", model="fake-model", device="fake", dtype="float32", dim=DIM,
+            max_seq_length=16, sidecar_pid=1,
             sidecar_alive=True, state="ready", epoch="00", uptime_s=1.0, heartbeat_age_s=0.01, loop_age_s=0.01,
             unavailable=None,
             counters={k: 0 for k in ("requests", "texts", "tokens", "padded_tokens", "batches", "rings_reaped",
