@@ -1,0 +1,56 @@
+"""Every benchmark under bench/ still runs: each once, in a configuration of
+seconds, as a subprocess (no figure is asserted; the point is that an API
+change that breaks a benchmark fails here, not months later). The three
+whose smallest run costs a minute or more of this suite's 2-core budget
+(model loads in many processes) are imported and their arguments parsed
+instead; the soak runs in test_soak.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+BENCH = REPO / "bench"
+
+RUNS = {
+    "hot_path.py": ["--requests", "210", "--gap-us", "200", "--sleeps"],
+    "protocol_overhead.py": ["--requests", "20", "--block", "10", "--work", "synthetic:0", "--gap-us", "200"],
+    "cpu_split.py": ["--seconds", "1", "--clients", "2", "--rounds", "1"],
+    "search.py": ["--sizes", "1000", "--reps", "10", "--ingest-docs", "10"],
+    "http_latency.py": ["--pairs", "10"],
+    "memory.py": [],
+}
+#: Imported and their --help run: a minute or more each at their smallest.
+IMPORTED = ("throughput.py", "http_load.py", "rerank.py")
+#: Not entry points: imported by the others (or by Gunicorn, for dirty_app).
+HELPERS = ("__init__.py", "_common.py", "overhead_work.py", "dirty_app.py", "gunicorn_dirty.conf.py", "soak.py")
+
+
+def _env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+def test_every_benchmark_is_covered_here():
+    scripts = {p.name for p in BENCH.glob("*.py")}
+    assert scripts == set(RUNS) | set(IMPORTED) | set(HELPERS), scripts ^ (set(RUNS) | set(IMPORTED) | set(HELPERS))
+
+
+@pytest.mark.parametrize("script", sorted(RUNS))
+def test_a_benchmark_runs_in_a_quick_configuration(script):
+    r = subprocess.run([sys.executable, str(BENCH / script), *RUNS[script]], cwd=BENCH, env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert "---" in r.stdout, r.stdout[-3000:]  # it printed its table
+
+
+@pytest.mark.parametrize("script", IMPORTED)
+def test_a_long_benchmark_imports_and_parses_its_arguments(script):
+    r = subprocess.run([sys.executable, str(BENCH / script), "--help"], cwd=BENCH, env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "usage:" in r.stdout, r.stderr[-3000:]
