@@ -14,6 +14,7 @@ slot: queue (doorbell seen to batch taken) and call (the model call).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -35,8 +36,9 @@ def main() -> None:
     from shm_protocol.tokenizer import check_texts
 
     texts = short_queries(args.requests, seed=5)
-    with running_sidecar(SHM_EMBED_SYNTHETIC_US=str(args.us), SHM_EMBED_WAIT_POLICY=args.policy) as (settings, _):
+    with running_sidecar(SHM_EMBED_SYNTHETIC_US=str(args.us), SHM_EMBED_WAIT_POLICY=args.policy) as (settings, proc):
         client = EmbeddingClient.connect(settings)
+        cpu0 = (_cpu_s(proc.pid), _cpu_s(os.getpid()), time.monotonic())
         stages = {k: [] for k in ("check", "tokenize", "prepare", "take", "submit", "wait", "copy-out",
                                   "total", "sidecar queue", "sidecar call", "embed_detailed")}
         for i, t in enumerate(texts):
@@ -78,11 +80,22 @@ def main() -> None:
                 stages[k].append((b - a) / 1e3)
             stages["sidecar queue"].append(q / 1e3)
             stages["sidecar call"].append(c / 1e3)
+        cpu1 = (_cpu_s(proc.pid), _cpu_s(os.getpid()), time.monotonic())
         client.close()
+    wall = cpu1[2] - cpu0[2]
     rows = [[k, f"{pct(v, 50):.1f}", f"{pct(v, 99):.1f}"] for k, v in stages.items()]
     gap = f"{args.gap_us} us apart" if args.gap_us else "back to back"
     print(f"\n{args.policy} policy, one short text, {len(stages['total'])} requests {gap}, synthetic {args.us} us")
     print(table(rows, ["stage", "p50 us", "p99 us"]))
+    print(f"CPU while it ran: the sidecar {100 * (cpu1[0] - cpu0[0]) / wall:.0f}% of a core, this worker "
+          f"{100 * (cpu1[1] - cpu0[1]) / wall:.0f}% (what spinning costs: idle gaps shorter than "
+          f"SHM_EMBED_IDLE_POLL_US are spent polling)")
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def sleep_costs() -> None:
