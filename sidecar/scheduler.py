@@ -308,7 +308,7 @@ class Scheduler:
         t0 = time.monotonic_ns()
         plan = plan_calls([w.lengths() for w in works], min(self.settings.max_batch_tokens,
                                                               self.models[model].capacity_tokens),
-                          self.settings.max_batch_texts)
+                          self.models[model].call_rows)
         if len(works) > self._spin_slots:
             # More waiters than spare cores: spinning ones would take the
             # model's cores, so they park until the post.

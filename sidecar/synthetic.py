@@ -81,6 +81,8 @@ class SyntheticEmbedder:
         )
         self.capacity_tokens = max(settings.max_batch_tokens, self.info.max_seq_length)
         self._out = np.empty((settings.max_batch_texts, self.info.dim), np.float32)
+        # A call's time does not grow with its rows (a GPU's shape): the token budget decides.
+        self.call_rows = min(settings.call_rows or settings.max_batch_texts, settings.max_batch_texts)
 
     def embed(self, seqs: list[np.ndarray], segments: list[int] | None = None) -> np.ndarray:
         end = time.monotonic_ns() + self.call_ns

@@ -265,3 +265,19 @@ def test_two_namespaces_do_not_touch_each_other(fresh_tiny_sidecar):
     assert b.names.dev_shm_entries(), "b's objects survive a's stop"
     with client_for(b) as c:
         assert c.embed(["b serves"]).shape == (1, c.dimension)
+
+
+def test_a_batch_is_cut_into_calls_of_the_measured_or_set_size(fresh_tiny_sidecar, tiny_st):
+    """SHM_EMBED_CALL_ROWS caps the texts of one model call (16 texts in one
+    request: 4 calls of 4); by default each model's is measured at start and
+    logged with the rates it was chosen from."""
+    texts = [f"call rows {i}" for i in range(16)]
+    sc = fresh_tiny_sidecar(SHM_EMBED_CALL_ROWS="4")
+    with client_for(sc) as c:
+        before = c.stats().counters["batches"]
+        got = c.embed(texts)
+        assert c.stats().counters["batches"] - before == 4
+    assert cosine_rows(got, tiny_st.encode(texts)).min() >= 0.99999
+    measured = fresh_tiny_sidecar()
+    log = measured.log.read_text()
+    assert "texts/s by texts per call" in log and "calls of at most" in log, log[-2000:]
