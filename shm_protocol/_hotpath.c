@@ -118,14 +118,16 @@ static PyObject *Sem_wait(SemObject *self, PyObject *arg) {
     if (!sem_ok(self)) return NULL;
     double timeout = PyFloat_AsDouble(arg);
     if (timeout == -1.0 && PyErr_Occurred()) return NULL;
-    if (timeout < 0) timeout = 0;
+    if (!(timeout >= 0)) timeout = 0;  /* NaN too */
+    if (timeout > 1e7) timeout = 1e7;  /* infinity: 115 days, a bound the clock arithmetic holds */
+    sem_t *sem = self->sem;  /* read with the GIL held: close() runs under it */
     uint64_t until = now_ns() + (uint64_t)(timeout * 1e9);
     for (;;) {
         int rc, err;
         struct timespec ts = {(time_t)(until / 1000000000ULL), (long)(until % 1000000000ULL)};
         Py_BEGIN_ALLOW_THREADS
         ensure_slack();
-        rc = sem_clockwait(self->sem, CLOCK_MONOTONIC, &ts);
+        rc = sem_clockwait(sem, CLOCK_MONOTONIC, &ts);
         err = errno;
         Py_END_ALLOW_THREADS
         if (rc == 0) Py_RETURN_TRUE;
@@ -265,8 +267,8 @@ static int Ring_init(RingObject *self, PyObject *args, PyObject *kw) {
         if (o == NULL) return PyErr_Format(PyExc_KeyError, "field %s missing", FIELD_NAMES[i]), -1;
         Py_ssize_t off = PyLong_AsSsize_t(o);
         if (off == -1 && PyErr_Occurred()) return -1;
-        if (off < 0 || off >= slot_bytes) return PyErr_Format(PyExc_ValueError, "field %s outside the slot",
-                                                               FIELD_NAMES[i]), -1;
+        if (off < 0 || off + 8 > slot_bytes || off % 4 != 0)
+            return PyErr_Format(PyExc_ValueError, "field %s outside the slot or unaligned", FIELD_NAMES[i]), -1;
         dst[i] = off;
     }
     /* The arrays must fit in the slot: a wrong geometry would write past it. */
@@ -399,8 +401,14 @@ static Py_ssize_t read_ints(PyObject *src, void *dst, Py_ssize_t cap, put_fn put
         PyBuffer_Release(&b);
         return rc;
     }
-    PyObject *seq = PySequence_Fast(src, "expected a sequence of ints");
-    if (seq == NULL) return -1;
+    /* A tuple of our own: an item's __index__ may run Python code that
+     * changes a list under us, never this copy. */
+    PyObject *seq = PyList_CheckExact(src) || PyTuple_CheckExact(src) || PySequence_Check(src)
+                        ? PySequence_Tuple(src) : NULL;
+    if (seq == NULL) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "expected a sequence of ints");
+        return -1;
+    }
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     if (n > cap) {
         Py_DECREF(seq);
@@ -517,10 +525,14 @@ fail:
     return NULL;
 }
 
-static inline int answered(RingObject *self, char *p, uint64_t seq) {
+/* The slot's state (one acquire load) if it holds generation ``seq``'s
+ * answer (DONE or ERROR), else 0. */
+static inline uint32_t answered_state(RingObject *self, char *p, uint64_t seq) {
     uint32_t st = load_acq32(p, self->f.state);
-    return (st == ST_DONE || st == ST_ERROR) && load_rlx64(p, self->f.seq) == seq;
+    return (st == ST_DONE || st == ST_ERROR) && load_rlx64(p, self->f.seq) == seq ? st : 0;
 }
+
+static inline int answered(RingObject *self, char *p, uint64_t seq) { return answered_state(self, p, seq) != 0; }
 
 /* Poll results. */
 enum { POLL_ANSWERED = 1, POLL_TIMEOUT = 0, POLL_PARK = 2 };
@@ -586,6 +598,9 @@ static PyObject *Ring_answered(RingObject *self, PyObject *args) {
     Py_RETURN_FALSE;
 }
 
+/* What collect() answers for an ERROR slot whose code no sidecar writes. */
+#define FORGED_ERROR 0x7FFFFFFF
+
 /* collect(slot, seq, out, mark) -> (code, queue_ns, compute_ns)
  * Worker, once answered(slot, seq): copy the slot's rows into ``out`` (a
  * C-contiguous float32 (n, d) buffer) when DONE, after checking that the
@@ -611,16 +626,19 @@ static PyObject *Ring_collect(RingObject *self, PyObject *args) {
         goto done;
     }
     char *p = SLOT(self, slot);
-    if (!answered(self, p, seq)) {
+    uint32_t st = answered_state(self, p, seq);  /* the one state this decision is made on */
+    if (st == 0) {
         result = Py_BuildValue("(iKK)", -2, 0ULL, 0ULL);
         goto done;
     }
-    uint32_t st = load_acq32(p, self->f.state);
     uint64_t q = *U64(p, self->f.queue_ns), c = *U64(p, self->f.compute_ns);
     int code = 0;
     Py_ssize_t n = b.shape[0], d = b.shape[1];
     if (st == ST_ERROR) {
-        code = (int)*U32(p, self->f.error);
+        /* An ERROR with no code, or one that would read as our own -1/-2,
+         * was written by someone else: refused, never taken for a vector. */
+        uint32_t err = *(volatile uint32_t *)(p + self->f.error);
+        code = err == 0 || err > 0x7FFFFFFFU ? FORGED_ERROR : (int)err;
     } else {
         uint32_t *src = U32(p, self->f.out);
         for (Py_ssize_t i = 0; i < n && code == 0; i++) {
@@ -727,8 +745,11 @@ static PyObject *Ring_take(RingObject *self, PyObject *args) {
     if (bad) code = E_BAD_SEGMENTS;
     else if (any) {
         splits = PyList_New(n_texts);
-        if (splits != NULL)
-            for (uint32_t i = 0; i < n_texts; i++) PyList_SET_ITEM(splits, i, PyLong_FromUnsignedLong(s[i]));
+        for (uint32_t i = 0; splits != NULL && i < n_texts; i++) {
+            PyObject *v = PyLong_FromUnsignedLong(s[i]);
+            if (v == NULL) Py_CLEAR(splits);
+            else PyList_SET_ITEM(splits, i, v);
+        }
     }
     if (s != sp) PyMem_Free(s);
     if (any && !bad && splits == NULL) goto error;
@@ -1000,7 +1021,8 @@ static int WordPiece_init(WordPieceObject *self, PyObject *args, PyObject *kw) {
         Py_ssize_t len;
         const char *key = PyUnicode_AsUTF8AndSize(k, &len);
         long id = PyLong_AsLong(v);
-        if (id == -1 && PyErr_Occurred()) return -1;
+        if (id == -1 && PyErr_Occurred()) return wp_free(self), -1;
+        if (id < 0 || id > INT32_MAX) return wp_free(self), PyErr_SetString(PyExc_ValueError, "vocabulary id"), -1;
         memcpy(self->arena + at, key, (size_t)len);
         uint32_t i = (uint32_t)fnv1a(key, len, NULL, 0) & self->mask;
         while (self->slot_off[i] != 0) i = (i + 1) & self->mask;  /* keys are unique: a dict's */
@@ -1101,8 +1123,11 @@ static PyObject *WordPiece_encode(WordPieceObject *self, PyObject *args) {
     if (truncated) n = max_len - 1;
     ids[n++] = self->sep;
     PyObject *list = PyList_New(n);
-    if (list != NULL)
-        for (Py_ssize_t k = 0; k < n; k++) PyList_SET_ITEM(list, k, PyLong_FromLong(ids[k]));
+    for (Py_ssize_t k = 0; list != NULL && k < n; k++) {
+        PyObject *v = PyLong_FromLong(ids[k]);
+        if (v == NULL) Py_CLEAR(list);
+        else PyList_SET_ITEM(list, k, v);
+    }
     if (ids != stack_ids) PyMem_Free(ids);
     if (buf != stack_buf) PyMem_Free(buf);
     if (list == NULL) return NULL;

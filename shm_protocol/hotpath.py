@@ -92,7 +92,8 @@ def wordpiece(tokenizer_json: str):
     when ``tokenizer_json`` (a tokenizer.json's text) is of exactly the shape
     it reproduces: BertNormalizer (no accent stripping beyond lowercasing,
     which ASCII has none of), BertPreTokenizer, WordPiece, and a
-    ``[CLS] $A [SEP]`` template. None for anything else: those tokenizers
+    ``[CLS] $A [SEP]`` template, its added tokens matched on the raw text
+    (``normalized: false``, which the caller looks for). None for anything else: those tokenizers
     always run in the tokenizers library."""
     import json
 
@@ -105,6 +106,8 @@ def wordpiece(tokenizer_json: str):
         if pre.get("type") != "BertPreTokenizer" or model.get("type") != "WordPiece":
             return None
         vocab = model["vocab"]
+        if any(t.get("normalized") for t in spec.get("added_tokens") or []):
+            return None  # matched after normalizing (lowercased): only the library does that
         single = post.get("single") if post.get("type") == "TemplateProcessing" else None
         shape = [next(iter(piece)) for piece in single or []]
         if shape != ["SpecialToken", "Sequence", "SpecialToken"]:

@@ -216,8 +216,10 @@ class Session:
             except (OSError, ShmEmbedError) as exc:
                 _log_bell_failure("WARNING", "could not reopen the sidecar's new doorbell ({!r})", exc)
         clear = self._segments_dirty[s] and segments is None
+        self._segments_dirty[s] = True  # until the submit is through: a failed one may leave splits behind
+        sent = self.hot.submit(s, ids, lengths, model, segments, seq, clear, self.bell, out_dim, ROW_MARK)
         self._segments_dirty[s] = segments is not None
-        if not self.hot.submit(s, ids, lengths, model, segments, seq, clear, self.bell, out_dim, ROW_MARK):
+        if not sent:
             # E.g. EOVERFLOW on a doorbell someone pushed to its maximum. The
             # post is only a wake-up: the sidecar scans slot states at least
             # once per heartbeat interval and finds this READY slot anyway.

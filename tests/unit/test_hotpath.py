@@ -29,6 +29,7 @@ from shm_protocol.layout import (
     slots_view,
 )
 from shm_protocol.model_files import bundled_model_path, tokenizer_file
+from shm_protocol.session import ROW_MARK, slot_error
 from shm_protocol.tokenizer import WorkerTokenizer
 
 LAYOUTS = [
@@ -221,3 +222,28 @@ def test_a_build_that_cannot_load_stops_the_sidecar_at_start_naming_the_fix(tmp_
     assert r.returncode == 1, r.stderr[-2000:]
     assert "pip install -e ." in r.stderr and "python3-dev" in r.stderr
     assert not [e for e in os.listdir("/dev/shm") if env["SHM_EMBED_NAMESPACE"] in e]
+
+
+@pytest.mark.parametrize("error", [0, 0xFFFFFFFF, 0xFFFFFFFE])
+def test_an_error_slot_without_a_real_code_is_refused_never_read_as_vectors(error):
+    """Someone sets a submitted slot to ERROR with code 0 (or one that would
+    read as the reader's own signals): the reader refuses it and copies nothing."""
+    p = LAYOUTS[1]
+    slots = new_slots(p)
+    ring = hotpath.ring(slots)
+    ring.submit(0, [101, 7, 102], [3], 0, None, 77, True, None, p.dim, ROW_MARK)
+    slots[0]["out"][0, :] = 0.5
+    slots[0]["state"], slots[0]["error"] = SLOT_ERROR, error
+    out = np.full((1, p.dim), -1.0, np.float32)
+    code, _, _ = ring.collect(0, 77, out, ROW_MARK)
+    assert code > 0 and slot_error(code).__class__.__name__ == "SlotRejected"
+    assert (out == -1.0).all()
+
+
+def test_a_tokenizer_whose_added_tokens_match_after_normalizing_has_no_compiled_path():
+    import json
+
+    spec = json.loads(open(tokenizer_file(bundled_model_path())).read())
+    spec["added_tokens"] = [{**t, "normalized": True} if t["content"] == "[MASK]" else t
+                            for t in spec["added_tokens"]]
+    assert hotpath.wordpiece(json.dumps(spec)) is None
