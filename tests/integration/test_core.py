@@ -276,6 +276,10 @@ def test_a_batch_is_cut_into_calls_of_the_measured_or_set_size(fresh_tiny_sideca
     with client_for(sc) as c:
         before = c.stats().counters["batches"]
         got = c.embed(texts)
+        deadline = time.monotonic() + 5  # the sidecar answers first and counts after
+        while c.stats().counters["batches"] - before < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
         assert c.stats().counters["batches"] - before == 4
     assert cosine_rows(got, tiny_st.encode(texts)).min() >= 0.99999
     measured = fresh_tiny_sidecar()
