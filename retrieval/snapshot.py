@@ -626,8 +626,10 @@ class SnapshotManager:
             return layered
         try:
             snap = Snapshot(path, cid=lo.cid, dim=lo.dim, created=row.created)
-        except (SnapshotGone, SnapshotChanging):
+        except (SnapshotGone, SnapshotChanging) as exc:
             st.dir_key = None  # list the folder again at the next search
+            if isinstance(exc, SnapshotChanging):  # tried again, but a writer that never ends must not keep it away
+                self.request_build(lo.cid, str(exc))
             return layered
         except SnapshotUnusable as exc:
             logger.error("collection {}: snapshot not used: {}", name, exc)
