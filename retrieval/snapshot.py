@@ -9,7 +9,10 @@ one generation (``index/pg-<hash>/...`` for a PostgreSQL store, see
 with its quantizer, ids inside), ``ids.npy`` (the passage ids it holds,
 sorted; for a flat index also the id of each row) and ``meta.json`` (the
 change-log sequence number it covers, the generation, the collection's id and
-creation time, kind, lists, passages, when its quantizer was trained).
+creation time, kind, lists, passages, when its quantizer was trained, the
+size and checksum of each file: checked at every open, see
+:mod:`retrieval.snapshot_files`, as are the read leases that keep a file
+overwritten in place from crashing the workers that map it).
 Folders are 0700 and files 0600, like the database. A builder writes a
 generation into ``.build/``, fsyncs every file and the folder, renames it to
 ``g<generation>`` and fsyncs the parent: a generation exists whole or not at
@@ -120,7 +123,6 @@ import sys
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -129,8 +131,6 @@ from pathlib import Path
 import faiss
 import numpy as np
 from loguru import logger
-
-from shm_protocol.errors import ShmEmbedError
 
 from .faiss_index import (
     POINTS_PER_CENTROID,
@@ -141,6 +141,22 @@ from .faiss_index import (
     search_ranked,
     train_centroids,
 )
+from .snapshot_files import (
+    FORMAT,
+    IDS_FILE,
+    INDEX_FILE,
+    META_FILE,
+    BuildBusy,
+    CollectionGone,
+    OpenGeneration,
+    SnapshotChanging,
+    SnapshotError,
+    SnapshotGone,
+    SnapshotUnusable,
+    file_record,
+    generation_stamp,
+    read_meta,
+)
 from .storage import DIR_MODE, FILE_MODE
 
 #: The folder under SHM_EMBED_DATA_DIR that holds the snapshots, one folder per collection id.
@@ -149,10 +165,8 @@ HOST_FILE = "host"
 LOCK_FILE = "build.lock"
 #: Where a builder writes a generation before renaming it to g<generation>.
 BUILD_DIR = ".build"
-INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.npy", "meta.json"
+_FILES = (META_FILE, INDEX_FILE, IDS_FILE)
 _GENERATION = re.compile(r"g(\d{12})")
-#: 2: meta.json holds the collection's creation time (a collection id alone may come from another database).
-FORMAT = 2
 
 #: Changes since its snapshot at which a worker asks for a rebuild, unless the settings say otherwise
 #: (SHM_EMBED_SNAPSHOT_DELTA): what each worker holds of its own between rebuilds.
@@ -184,26 +198,6 @@ EXIT_BUSY = 3
 #: The variable that gives a builder process its PostgreSQL store (the setting of the same name).
 LOCATION_ENV = "SHM_EMBED_COLLECTIONS_URL"
 _PROJECT = Path(__file__).resolve().parent.parent
-
-
-class SnapshotError(ShmEmbedError):
-    """A snapshot could not be built or opened; searches go on from the tables."""
-
-
-class BuildBusy(SnapshotError):
-    """Another builder of this host is building this collection's snapshot now."""
-
-
-class SnapshotGone(SnapshotError):
-    """The generation was removed between listing and opening it (a newer one exists)."""
-
-
-class SnapshotUnusable(SnapshotError):
-    """The generation's files do not hold what its metadata says (damaged, another collection)."""
-
-
-class CollectionGone(SnapshotError):
-    """The collection was deleted while its snapshot was being built."""
 
 
 # --- the tables (every statement is the store's Database's: retrieval.database) ----------
@@ -334,6 +328,7 @@ def write_snapshot(cdir: Path, gen: int, index, ids: np.ndarray, meta: dict) -> 
     faiss.write_index(index, str(tmp / INDEX_FILE))
     with _create(tmp / IDS_FILE) as f:
         np.save(f, np.ascontiguousarray(ids, dtype="<i8"), allow_pickle=False)
+    meta = dict(meta, files={name: file_record(tmp / name) for name in (INDEX_FILE, IDS_FILE)})
     with _create(tmp / META_FILE) as f:
         f.write(json.dumps(meta).encode())
     for name in (INDEX_FILE, IDS_FILE, META_FILE):
@@ -385,6 +380,10 @@ def remove_unused(cdir: Path, keep: int) -> list[int]:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
             continue
+        except NotADirectoryError:  # a stray file named like a generation: no process maps it
+            path.unlink(missing_ok=True)
+            removed.append(gen)
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -397,48 +396,8 @@ def remove_unused(cdir: Path, keep: int) -> list[int]:
     return removed
 
 
-class Snapshot:
-    """One generation, opened read-only and memory-mapped; held open (a shared
-    flock on its folder) until this object is garbage."""
-
-    def __init__(self, path: Path, *, cid: int, dim: int, created: float):
-        self.path = path
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise SnapshotGone(f"{path} was removed") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise SnapshotGone(f"{path} is being removed") from None
-        self._release = weakref.finalize(self, os.close, fd)
-        try:
-            meta = json.loads((path / META_FILE).read_text())
-            self.generation, self.seq, self.kind = int(meta["generation"]), int(meta["seq"]), meta["kind"]
-            self.nlist, self.ntotal, self.trained_at = int(meta["nlist"]), int(meta["ntotal"]), int(meta["trained_at"])
-            self.dim = dim
-            if (meta["format"] != FORMAT or meta["cid"] != cid or meta["dim"] != dim or meta["created"] != created
-                    or self.kind not in ("flat", "ivf")):
-                raise SnapshotUnusable(f"{path}: {meta} is not a snapshot of collection {cid} ({dim} dimensions, "
-                                       f"created {created})")
-            # An empty file cannot be mapped; an empty index has nothing to share.
-            mapped = self.ntotal > 0
-            self.ids = np.load(path / IDS_FILE, mmap_mode="r" if mapped else None, allow_pickle=False)
-            self.index = faiss.read_index(str(path / INDEX_FILE), faiss.IO_FLAG_MMAP_IFC if mapped else 0)
-        except FileNotFoundError:
-            self._release()
-            raise SnapshotGone(f"{path} was removed") from None
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-            self._release()
-            raise SnapshotUnusable(f"{path}: {exc}") from None
-        except SnapshotError:
-            self._release()
-            raise
-        if self.index.ntotal != self.ntotal or len(self.ids) != self.ntotal or self.index.d != dim:
-            self._release()
-            raise SnapshotUnusable(f"{path}: the index holds {self.index.ntotal} vectors of {self.index.d}, "
-                                   f"the metadata says {self.ntotal} of {dim}")
+class Snapshot(OpenGeneration):
+    """One generation, opened (retrieval/snapshot_files.py), and what a layered index asks of it."""
 
     def centroids(self) -> np.ndarray:
         return self.index.quantizer.reconstruct_n(0, self.nlist)
@@ -575,12 +534,21 @@ def _fill(db, conn, cid: int, dim: int, centroids: np.ndarray | None) -> tuple:
 
 
 def _covers(cdir: Path, gen: int, row, seq: int, kind: str, trained_at: int) -> bool:
-    """Whether generation ``gen`` opens and already is what a build now would write."""
+    """Whether generation ``gen`` already is what a build now would write, and opens
+    with every file matching its checksum (read only when the rest says it is current)."""
+    path = generation_dir(cdir, gen)
     try:
-        snap = Snapshot(generation_dir(cdir, gen), cid=row.cid, dim=row.dim, created=row.created)
-    except SnapshotError:
+        meta = read_meta(path, cid=row.cid, dim=row.dim, created=row.created)
+    except (SnapshotError, OSError, ValueError):
         return False  # damaged, or removed: write a new one
-    return snap.seq == seq and snap.kind == kind and snap.trained_at == trained_at
+    if (meta["seq"], meta["kind"], meta["trained_at"]) != (seq, kind, trained_at):
+        return False
+    try:
+        Snapshot(path, cid=row.cid, dim=row.dim, created=row.created).release()
+    except SnapshotError as exc:
+        logger.warning("collection {}: snapshot generation {} is not kept: {}", row.name, gen, exc)
+        return False
+    return True
 
 
 def _release_freed_memory() -> None:
@@ -601,7 +569,8 @@ class _State:
 
     dir_key: tuple | None = None  # (inode, mtime) of the folder when it was last listed
     newest: int | None = None
-    rejected: int | None = None  # a generation found unusable (behind the log's floor, damaged): not retried
+    #: (a generation found unusable: behind the log's floor, damaged; its files' stamp): not retried unless they change
+    rejected: tuple | None = None
     queued: bool = False  # a build is asked for or running in this process
     proc: subprocess.Popen | None = None
     next_build: float = 0.0  # monotonic time before which no build is asked for
@@ -668,30 +637,39 @@ class SnapshotManager:
         name = row.name
         st = self._state(lo.cid)
         layered = isinstance(lo.index, LayeredIndex)
+        if layered and not lo.index.base.intact():
+            self._let_go(lo, st, name)
+            return False  # not opened again in this search: the writer that waited goes first
         newest = self._newest(lo.cid, st)
-        if newest is None or newest == st.rejected or (layered and lo.index.generation >= newest):
+        if newest is None or (layered and lo.index.generation >= newest):
+            return layered
+        path = generation_dir(self.collection_dir(lo.cid), newest)
+        stamp = generation_stamp(path, _FILES)  # taken before opening: a change after it is seen next time
+        if st.rejected == (newest, stamp):
             return layered
         try:
-            snap = Snapshot(generation_dir(self.collection_dir(lo.cid), newest), cid=lo.cid, dim=lo.dim,
-                            created=row.created)
-        except SnapshotGone:
+            snap = Snapshot(path, cid=lo.cid, dim=lo.dim, created=row.created)
+        except (SnapshotGone, SnapshotChanging) as exc:
             st.dir_key = None  # list the folder again at the next search
+            if isinstance(exc, SnapshotChanging):  # tried again, but a writer that never ends must not keep it away
+                self.request_build(lo.cid, str(exc))
             return layered
         except SnapshotUnusable as exc:
             logger.error("collection {}: snapshot not used: {}", name, exc)
-            st.rejected = newest
+            st.rejected = (newest, stamp)  # tried again if its files change (a copy put back)
+            self.request_build(lo.cid, f"generation {newest} is unusable")
             return layered
         if last is not None and snap.seq > max(last, floor):
             # The database is behind the snapshot: restored from a backup. Its state wins; a rebuild follows.
             logger.error("collection {}: snapshot generation {} covers the changes up to {}, but the database's "
                          "log ends at {} (restored from a backup?): reading the tables instead", name, newest,
                          snap.seq, max(last, floor))
-            st.rejected = newest
+            st.rejected = (newest, stamp)
             return layered
         if snap.seq < floor:
             logger.warning("collection {}: snapshot generation {} covers the changes up to {}, but the log was "
                            "compacted up to {}: reading the tables instead", name, newest, snap.seq, floor)
-            st.rejected = newest
+            st.rejected = (newest, stamp)
             return layered
         dropped = 0 if layered else lo.index.ntotal
         lo.index = LayeredIndex(snap, self.store.nprobe)  # the old one's generation is released here
@@ -702,6 +680,19 @@ class SnapshotManager:
             _release_freed_memory()
         self._remove_unused(lo.cid, newest, name)
         return True
+
+    def _let_go(self, lo, st: _State, name) -> None:
+        """Stop serving a generation another process wants to write or truncate in
+        place (its leases are breaking): unmapped before the writer may go on, so no
+        search ever touches a page it truncated. The tables serve until a snapshot does."""
+        snap = lo.index.base
+        logger.error("collection {}: snapshot generation {} is being written or truncated in place by another "
+                     "process: reading the tables instead (never overwrite a live data directory's snapshot files)",
+                     name, snap.generation)
+        lo.index, lo.seq = PassageIndex(lo.dim, nprobe=self.store.nprobe), 0
+        snap.release()
+        st.dir_key = None
+        self.request_build(lo.cid, f"generation {snap.generation} was changed in place")
 
     def _remove_unused(self, cid: int, newest: int, name) -> None:
         """Remove the generations older than ``newest`` that no process maps any more

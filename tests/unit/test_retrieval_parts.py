@@ -188,7 +188,7 @@ def test_ivf_index_finds_exact_matches_and_agrees_with_flat():
 def test_a_layered_index_answers_as_one_index_of_the_same_passages(tmp_path, kind):
     """A written, memory-mapped snapshot plus a delta and hidden ids, against
     one PassageIndex of the live passages (same centroids, same nprobe)."""
-    from retrieval.snapshot import LayeredIndex, Snapshot, SnapshotUnusable, write_snapshot
+    from retrieval.snapshot import FORMAT, LayeredIndex, Snapshot, SnapshotUnusable, write_snapshot
 
     rng = np.random.default_rng(3)
     vecs = _unit(rng, 4000)
@@ -203,7 +203,7 @@ def test_a_layered_index_answers_as_one_index_of_the_same_passages(tmp_path, kin
 
         faiss_index = faiss.IndexFlatIP(16)
         faiss_index.add(vecs[:3000])
-    meta = {"format": 2, "generation": 1, "cid": 7, "created": 1.5, "dim": 16, "seq": 3000, "kind": kind,
+    meta = {"format": FORMAT, "generation": 1, "cid": 7, "created": 1.5, "dim": 16, "seq": 3000, "kind": kind,
             "nlist": 0 if cents is None else len(cents), "ntotal": 3000, "trained_at": 3000}
     write_snapshot(tmp_path, 1, faiss_index, ids[:3000], meta)
     layered = LayeredIndex(Snapshot(tmp_path / "g000000000001", cid=7, dim=16, created=1.5), nprobe=4)
