@@ -245,7 +245,7 @@ def test_equal_scores_come_back_in_id_order_and_the_cut_keeps_the_smallest_ids(t
     of top_k inside them keeps the smallest ids, in a plain index and a layered one."""
     import faiss
 
-    from retrieval.snapshot import LayeredIndex, Snapshot, write_snapshot
+    from retrieval.snapshot import FORMAT, LayeredIndex, Snapshot, write_snapshot
 
     rng = np.random.default_rng(21)
     filler = _unit(rng, 600)
@@ -264,7 +264,7 @@ def test_equal_scores_come_back_in_id_order_and_the_cut_keeps_the_smallest_ids(t
     else:
         snap_index = faiss.IndexFlatIP(16)
         snap_index.add(base_vecs)
-    meta = {"format": 2, "generation": 1, "cid": 7, "created": 1.5, "dim": 16, "seq": 1, "kind": kind,
+    meta = {"format": FORMAT, "generation": 1, "cid": 7, "created": 1.5, "dim": 16, "seq": 1, "kind": kind,
             "nlist": 0 if cents is None else len(cents), "ntotal": len(base_ids), "trained_at": 610}
     write_snapshot(tmp_path, 1, snap_index, base_ids, meta)
     layered = LayeredIndex(Snapshot(tmp_path / "g000000000001", cid=7, dim=16, created=1.5), nprobe=8)
