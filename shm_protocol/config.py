@@ -98,7 +98,7 @@ class Settings:
     call_rows: int = _setting(
         "SHM_EMBED_CALL_ROWS", 0,
         "Texts per model call at most, below SHM_EMBED_MAX_BATCH_TEXTS. 0: measured for each model at start "
-        "(calls of 1 to 128 texts of 64 tokens; the fewest that reach 95% of the best texts/s: on a CPU that is "
+        "(calls of 1 to 128 texts of 32 tokens; the fewest that reach 95% of the best texts/s: on a CPU that is "
         "16-32, where filling the token budget runs slower per text).", minimum=0,
     )
     max_wait_us: int = _setting(

@@ -219,18 +219,18 @@ class Embedder:
             max_len, path, device, dtype, time.monotonic() - t0, threads,
         )
 
-    def _best_call_rows(self, width: int = 64) -> int:
+    def _best_call_rows(self, width: int = 32) -> int:
         """The fewest texts per call that reach 95% of the best texts/s, over
         calls of 1 to 128 texts of ``width`` tokens (best of 2 each, after a
-        warm-up). A CPU runs best at 16-32 and slower per text beyond; a GPU
+        warm-up; about a second on a 2-core CPU). A CPU runs best at 16-32 and slower per text beyond; a GPU
         keeps gaining, and gets the largest call the budget allows."""
         width = min(width, self.info.max_seq_length)
         rates = {}
-        for rows in (1, 2, 4, 8, 16, 32, 64, 128):
+        self.embed([np.arange(1000, 1000 + width, dtype=np.int32) % self.info.vocab_size] * 8)  # warm-up
+        for rows in (1, 4, 8, 16, 32, 64, 128):
             if rows > self._max_texts or rows * width > self._capacity:
                 break
             seqs = [np.arange(1000, 1000 + width, dtype=np.int32) % self.info.vocab_size] * rows
-            self.embed(seqs)
             best = min(_timed(self.embed, seqs) for _ in range(2))
             rates[rows] = rows / best
         top = max(rates.values())

@@ -59,6 +59,9 @@ def sidecar_env(namespace: str, model: str | None = None, **extra: str) -> dict:
     # Tests compare vectors with SentenceTransformer.encode's float32 ones;
     # the tests of other dtypes ask for them.
     env.setdefault("SHM_EMBED_DTYPE", "float32")
+    # Calls as large as the token budget allows, as before call sizes were
+    # measured (a second per start); the test of the measurement asks for it.
+    env.setdefault("SHM_EMBED_CALL_ROWS", "256")
     if model:
         env["SHM_EMBED_MODEL"] = str(model)
     env.update({k: str(v) for k, v in extra.items()})

@@ -282,6 +282,6 @@ def test_a_batch_is_cut_into_calls_of_the_measured_or_set_size(fresh_tiny_sideca
         time.sleep(0.05)
         assert c.stats().counters["batches"] - before == 4
     assert cosine_rows(got, tiny_st.encode(texts)).min() >= 0.99999
-    measured = fresh_tiny_sidecar()
+    measured = fresh_tiny_sidecar(SHM_EMBED_CALL_ROWS="0")
     log = measured.log.read_text()
     assert "texts/s by texts per call" in log and "calls of at most" in log, log[-2000:]

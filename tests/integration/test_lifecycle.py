@@ -146,7 +146,7 @@ c = EmbeddingClient.connect()
 c.embed(["warm up"])
 print(c.info()["ring"], flush=True)
 sys.stdin.readline()
-if sys.argv[1] == "close":
+if sys.argv[1] == "closed":
     c.close()
 os._exit(0)
 """
@@ -182,9 +182,11 @@ def test_saturated_slot_semaphores_do_not_outlive_the_lease(synthetic_sidecar, h
         for i in range(2 * sc.settings.slots_per_ring):  # every slot of the ring
             want = [f"next holder {i}"]
             assert np.allclose(c.embed(want), synthetic_reference(c, want), atol=1e-6)
+        # Each semaphore replaced counts as a fault the loop survived (its log
+        # line is rate-limited with the others, so the counter is the witness).
+        assert int(c.stats().counters["loop_errors"]) >= sc.settings.slots_per_ring
     finally:
         c.close()
-    assert "reset" in sc.log_text()
 
 
 def test_an_inflated_doorbell_does_not_stall_the_loop(synthetic_sidecar):
