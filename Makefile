@@ -22,7 +22,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/install_test_services.sh
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests/unit

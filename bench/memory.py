@@ -48,7 +48,12 @@ def measure(code: str, env: dict, texts: list[str]) -> tuple[float, bool]:
 
 
 def main() -> None:
-    texts = passages(200, seed=4)
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Resident memory of a client worker, a model worker and the sidecar.")
+    ap.add_argument("--passages", type=int, default=200, help="passages each worker embeds before it is measured")
+    args = ap.parse_args()
+    texts = passages(args.passages, seed=4)
     with running_sidecar() as (settings, proc):
         env = dict(os.environ, SHM_EMBED_NAMESPACE=settings.namespace,
                    PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -60,7 +65,7 @@ def main() -> None:
         ["worker that loads the model itself", f"{local_rss:.0f}", "yes"],
         ["the sidecar (one per host)", f"{sidecar_rss:.0f}", "yes"],
     ]
-    print("\nresident memory after embedding 200 passages")
+    print(f"\nresident memory after embedding {args.passages} passages")
     print(table(rows, ["process", "RSS MiB", "torch imported"]))
     print(f"client worker / model worker: {client_rss / local_rss:.2f}")
     for n in (4, 8, 16):

@@ -1,8 +1,8 @@
 """Every benchmark under bench/ still runs: each once, in a configuration of
 seconds, as a subprocess (no figure is asserted; the point is that an API
-change that breaks a benchmark fails here, not months later). The three
-whose smallest run costs a minute or more of this suite's 2-core budget
-(model loads in many processes) are imported and their arguments parsed
+change that breaks a benchmark fails here, not months later). The five
+whose smallest run costs 20 s or more of this suite's 2-core budget
+(model loads in several processes) are imported and their arguments parsed
 instead; the soak runs in test_soak.py."""
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ RUNS = {
     "protocol_overhead.py": ["--requests", "20", "--block", "10", "--work", "synthetic:0", "--gap-us", "200"],
     "cpu_split.py": ["--seconds", "1", "--clients", "2", "--rounds", "1"],
     "search.py": ["--sizes", "1000", "--reps", "10", "--ingest-docs", "10"],
-    "http_latency.py": ["--pairs", "10"],
-    "memory.py": [],
 }
-#: Imported and their --help run: a minute or more each at their smallest.
-IMPORTED = ("throughput.py", "http_load.py", "rerank.py")
+#: Imported and their --help run: 20 s to a minute or more each at their
+#: smallest (model loads in several processes), past this suite's budget.
+IMPORTED = ("throughput.py", "http_load.py", "rerank.py", "http_latency.py", "memory.py")
 #: Not entry points: imported by the others (or by Gunicorn, for dirty_app).
 HELPERS = ("__init__.py", "_common.py", "overhead_work.py", "dirty_app.py", "gunicorn_dirty.conf.py", "soak.py")
 
