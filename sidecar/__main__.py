@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     notify = systemd_notifier()
     try:
-        from .model import load_models
+        from .loader import load_models
 
         sidecar = Sidecar(settings, load_models(settings), notify=notify)
     except ShmEmbedError as exc:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from dataclasses import dataclass
 
 import numpy as np
 from loguru import logger
@@ -19,8 +18,9 @@ from loguru import logger
 from shm_protocol import model_files
 from shm_protocol.config import Settings
 from shm_protocol.errors import ConfigError
-from shm_protocol.layout import Activation, ModelEntry, ModelFlag, ModelKind
+from shm_protocol.layout import Activation, ModelKind
 
+from .backend import ModelInfo, model_specs
 from .errors import DeviceError, ModelLoadError
 
 
@@ -66,47 +66,6 @@ def choose_dtype(requested: str, device: str, flags: frozenset[str]) -> str:
     if "avx512_bf16" in flags:
         return "measure"
     return "float32"
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    path: str
-    tokenizer_path: str
-    dim: int  # vector size; a reranker's scores per pair
-    max_seq_length: int
-    vocab_size: int
-    device: str
-    kind: ModelKind = ModelKind.EMBED
-    type_vocab_size: int = 0  # segment ids a reranker takes (0: pairs go without them)
-    activation: Activation = Activation.IDENTITY
-    matryoshka: bool = False
-    dtype: str = "float32"  # the weights' dtype on the device
-
-    def entry(self, index: int) -> ModelEntry:
-        """This model's entry in the header's model table."""
-        return ModelEntry(index, self.name, self.kind, self.dim, self.max_seq_length, self.vocab_size,
-                          self.type_vocab_size, self.activation,
-                          ModelFlag.MATRYOSHKA if self.matryoshka else ModelFlag(0), self.tokenizer_path,
-                          self.dtype)
-
-
-def model_specs(settings: Settings) -> list[model_files.ModelSpec]:
-    try:
-        return model_files.model_specs(settings)
-    except ConfigError as exc:
-        raise ModelLoadError(str(exc)) from None
-
-
-def load_models(settings: Settings) -> list:
-    """Every model the settings name, loaded, default first: the synthetic
-    backend's stand-ins when SHM_EMBED_SYNTHETIC_US >= 0, else torch models."""
-    specs = model_specs(settings)
-    if settings.synthetic_us >= 0:
-        from .synthetic import SyntheticEmbedder
-
-        return [SyntheticEmbedder(settings, spec) for spec in specs]
-    return [Embedder(settings, spec) for spec in specs]
 
 
 def _timed(fn, *args) -> float:

@@ -137,7 +137,7 @@ class Scheduler:
         self._last_batch_slots = 0
         # How many slots of one batch may have their waiters spin: the cores
         # the model leaves free (a GPU or synthetic model leaves all but this process's).
-        uses_cpu = any(getattr(m, "uses_cpu", True) for m in models)
+        uses_cpu = any(m.uses_cpu for m in models)
         model_cores = (settings.torch_threads or cores) if uses_cpu else 1
         self._spin_slots = max(1, cores - model_cores)
         #: A large model call ran since the heap was last trimmed (the loop clears it when it trims).

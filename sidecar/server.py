@@ -112,7 +112,7 @@ class Sidecar:
         self._stop = threading.Event()
         self._cores = cores = len(os.sched_getaffinity(0))  # the cores this process may use, not the host's
         self.wait_policy = choose_wait_policy(
-            settings.wait_policy, any(getattr(m, "uses_cpu", True) for m in self.models), cores)
+            settings.wait_policy, any(m.uses_cpu for m in self.models), cores)
         self._stall_ns = int(settings.loop_stall_s * 1e9)
         # The loop's deadline, kept here and only published: the heartbeat
         # thread must not trust a header field every worker can write.

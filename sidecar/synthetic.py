@@ -20,7 +20,7 @@ from shm_protocol import model_files
 from shm_protocol.config import Settings
 from shm_protocol.layout import Activation, ModelKind
 
-from .model import ModelInfo
+from .backend import ModelInfo
 
 #: The last stretch of a synthetic call is spun rather than slept: a sleep
 #: overshoots by 50-100 us on virtual machines, and the call should end on time.
