@@ -3,6 +3,7 @@ and the checks every client applies to its texts before they reach a slot."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,27 @@ def preload_tokenizer(path: str) -> None:
     from tokenizers import Tokenizer
 
     _preloaded[path] = Tokenizer.from_file(path)
+
+
+# Compiled tokenizers by file (path, size, mtime): immutable, so every client
+# of a process shares one (building one from a 700 kB tokenizer.json takes
+# 20-30 ms, which a process attaching many clients would pay each time).
+_compiled: dict = {}
+
+
+def _compiled_tokenizer(path: str, tok):
+    """The compiled WordPiece for the tokenizer at ``path`` (loaded as
+    ``tok``), or None when it is of another shape (hotpath.wordpiece)."""
+    from . import hotpath
+
+    try:
+        st = os.stat(path)
+        key = (path, st.st_size, st.st_mtime_ns)
+    except OSError:
+        return hotpath.wordpiece(tok.to_str())
+    if key not in _compiled:
+        _compiled[key] = hotpath.wordpiece(tok.to_str())
+    return _compiled[key]
 
 
 @dataclass
@@ -51,9 +73,7 @@ class WorkerTokenizer:
         # The compiled tokenizer for ASCII texts, when this is a BERT WordPiece
         # tokenizer (hotpath.wordpiece); texts that hold an added token's text
         # ([CLS], [MASK], ...) go to the library, which matches those first.
-        from . import hotpath
-
-        self._fast = hotpath.wordpiece(self._tok.to_str())
+        self._fast = _compiled_tokenizer(path, self._tok)
         self._added = tuple(t.content for t in self._tok.get_added_tokens_decoder().values())
 
     def tokenize_request(self, texts: list[str], *, prompt: str | None, truncate: bool,
