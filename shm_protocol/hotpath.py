@@ -15,7 +15,7 @@ from types import ModuleType
 
 import numpy as np
 
-from .errors import HotPathUnavailable
+from .errors import HotPathUnavailable, SidecarUnavailable
 from .layout import ETA_NONE, ETA_PARK, SLOT_ALIGN, SLOT_FIELDS, SidecarState, SlotError, SlotState
 
 REBUILD_HINT = ("rebuild it in this environment: pip install -e . (or make venv), which needs gcc and the "
@@ -83,8 +83,16 @@ def liveness(header: np.ndarray):
 
 def semaphore(name: str):
     """This process's own handle on an existing named semaphore (for the hot
-    path's posts and waits; posix_ipc keeps creating and removing them)."""
-    return load().Sem(name)
+    path's posts and waits; posix_ipc keeps creating and removing them).
+    SidecarUnavailable when it is gone or this user may not open it."""
+    hp = load()
+    try:
+        return hp.Sem(name)
+    except FileNotFoundError:
+        raise SidecarUnavailable(f"no semaphore {name}: the sidecar is gone", reason="absent") from None
+    except PermissionError:
+        raise SidecarUnavailable(f"semaphore {name} exists but this user may not open it",
+                                 reason="permission") from None
 
 
 def wordpiece(tokenizer_json: str):

@@ -192,36 +192,6 @@ def create_semaphore(name: str, initial: int, *, mode: int, group: str = "") -> 
     return sem
 
 
-def open_semaphore(name: str) -> posix_ipc.Semaphore:
-    try:
-        return posix_ipc.Semaphore(name)
-    except posix_ipc.ExistentialError:
-        raise SidecarUnavailable(f"no semaphore {name}: the sidecar is gone", reason="absent") from None
-    except posix_ipc.PermissionsError:
-        raise SidecarUnavailable(f"semaphore {name} exists but this user may not open it",
-                                 reason="permission") from None
-
-
-#: Whether a semaphore's value can be read (sem_getvalue; not on macOS).
-_CAN_READ_VALUE = bool(getattr(posix_ipc, "SEMAPHORE_VALUE_SUPPORTED", False))
-
-
-def drain(sem: posix_ipc.Semaphore, limit: int = 1 << 62) -> int:
-    """Take pending posts without blocking, at most ``limit``; return how
-    many. A hostile process can push a semaphore to SEM_VALUE_MAX with one
-    write to /dev/shm, and draining that takes minutes: callers bound it."""
-    if _CAN_READ_VALUE and sem.value == 0:  # the usual case, without raising BusyError
-        return 0
-    n = 0
-    while n < limit:
-        try:
-            sem.acquire(0)
-        except posix_ipc.BusyError:
-            return n
-        n += 1
-    return n
-
-
 def reset_semaphore(sem, name: str, limit: int, *, mode: int, group: str = ""):
     """Empty a semaphore this process created: drain it when it holds fewer
     than ``limit`` posts; else someone wrote its value in /dev/shm (draining
@@ -382,7 +352,7 @@ def pid_alive(pid: int) -> bool:
 
 __all__ = [
     "DEV_SHM", "Names", "NamespaceLock", "Segment", "ShmEmbedError", "check_shm_space", "create_semaphore",
-    "open_semaphore", "drain", "reset_semaphore", "unlink_namespace", "locked", "try_lock",
+    "reset_semaphore", "unlink_namespace", "locked", "try_lock",
     "unlock", "pid_alive",
 ]
 

@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shm_protocol import hotpath
+from shm_protocol.errors import SidecarUnavailable
 from shm_protocol.layout import (
     SLOT_BUSY,
     SLOT_DONE,
@@ -158,7 +159,7 @@ def test_semaphores_post_wait_time_out_drain_and_spin():
         sem.close()
         with pytest.raises(ValueError, match="closed"):
             sem.post()
-        with pytest.raises(FileNotFoundError):
+        with pytest.raises(SidecarUnavailable):
             hotpath.semaphore(name + "-absent")
     finally:
         made.close()
