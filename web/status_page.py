@@ -35,13 +35,20 @@ canvas { width: 100%; height: 180px; display: block; }
 <span id="note"></span>
 </header>
 <main>
-<section><h2>Texts and requests per second</h2><canvas data-chart="throughput" width="560" height="180"></canvas></section>
-<section><h2>Queue depth (slots ready at the sidecar)</h2><canvas data-chart="queue_depth" width="560" height="180"></canvas></section>
-<section><h2>Batch size (texts per model call, last 60 s)</h2><canvas data-chart="batch_size" width="560" height="180"></canvas></section>
-<section><h2>Queue and compute latency, seconds (last 60 s)</h2><canvas data-chart="latency" width="560" height="180"></canvas></section>
-<section><h2>Rings leased and busy slots</h2><canvas data-chart="rings" width="560" height="180"></canvas></section>
-<section><h2>Texts per second, by model</h2><canvas data-chart="models" width="560" height="180"></canvas></section>
-<section id="cache-section" hidden><h2>Cache hit rate</h2><canvas data-chart="cache" width="560" height="180"></canvas></section>
+<section><h2>Texts and requests per second</h2>
+<canvas data-chart="throughput" width="560" height="180"></canvas></section>
+<section><h2>Queue depth (slots ready at the sidecar)</h2>
+<canvas data-chart="queue_depth" width="560" height="180"></canvas></section>
+<section><h2>Batch size (texts per model call, last 60 s)</h2>
+<canvas data-chart="batch_size" width="560" height="180"></canvas></section>
+<section><h2>Queue and compute latency, seconds (last 60 s)</h2>
+<canvas data-chart="latency" width="560" height="180"></canvas></section>
+<section><h2>Rings leased and busy slots</h2>
+<canvas data-chart="rings" width="560" height="180"></canvas></section>
+<section><h2>Texts per second, by model</h2>
+<canvas data-chart="models" width="560" height="180"></canvas></section>
+<section id="cache-section" hidden><h2>Cache hit rate</h2>
+<canvas data-chart="cache" width="560" height="180"></canvas></section>
 </main>
 <script>
 'use strict';

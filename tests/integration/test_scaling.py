@@ -11,8 +11,6 @@ import pytest
 
 from tests.helpers import leased_rings, start_web
 
-from _common import child_pids  # noqa: E402  (bench/_common.py, on the path through tests.helpers)
-
 SCALING = {"WEB_MIN_WORKERS": "1", "WEB_MAX_WORKERS": "3", "WEB_THREADS": "2", "WEB_SCALE_UP_AFTER_S": "0.5",
            "WEB_SCALE_DOWN_AFTER_S": "2"}
 
@@ -71,6 +69,8 @@ class Load:
 
 
 def test_workers_follow_a_load_ramp_and_a_quiet_period(slow_sidecar, tmp_path):
+    from _common import child_pids  # bench/_common.py, on the path once tests.helpers is imported
+
     w = start_web(tmp_path, slow_sidecar.env, workers=1, **SCALING)
     loads = []
     try:

@@ -32,7 +32,8 @@ def find_chromium() -> str:
 def page_dom(chromium: str, url: str, profile, polls: int) -> str:
     """The page's DOM after ``polls`` seconds of virtual time (a poll a second)."""
     cmd = [chromium, "--headless=new", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-           "--disable-extensions", f"--user-data-dir={profile}", f"--virtual-time-budget={polls * 1000}", "--dump-dom", url]
+           "--disable-extensions", f"--user-data-dir={profile}", f"--virtual-time-budget={polls * 1000}",
+           "--dump-dom", url]
     if os.geteuid() == 0:
         cmd.insert(1, "--no-sandbox")  # Chromium refuses to run as root with its sandbox
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=90)

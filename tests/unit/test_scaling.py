@@ -7,9 +7,8 @@ import pytest
 
 from shm_protocol.config import Settings
 from shm_protocol.errors import ConfigError
-from web.scaling import BusyMeter, RingLoad, ScalePolicy, busy_share, check_rings
-
 from tests.helpers import new_namespace
+from web.scaling import BusyMeter, RingLoad, ScalePolicy, busy_share, check_rings
 
 
 def policy(**kw) -> ScalePolicy:
