@@ -3,6 +3,7 @@ sidecar of the synthetic backend; short thresholds through the environment."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -78,6 +79,9 @@ def test_workers_follow_a_load_ramp_and_a_quiet_period(slow_sidecar, tmp_path):
         loads.append(Load(w.base, threads=8))
         wait_for(lambda: len(child_pids(w.proc.pid)) == 3, 12, "3 workers under load")
         ramp = loads[-1].close()
+        # The scaler runs in the master's own loop: still one thread, no segment left mapped.
+        assert os.listdir(f"/proc/{w.proc.pid}/task") == [str(w.proc.pid)]
+        assert "/dev/shm/" not in open(f"/proc/{w.proc.pid}/maps").read()
         # Quiet: a request now and then while workers are retired.
         loads.append(Load(w.base, threads=1, pause=0.2))
         wait_for(lambda: len(child_pids(w.proc.pid)) == 1, 12, "back to 1 worker")
