@@ -106,3 +106,44 @@ def test_too_few_rings_for_the_most_workers_refuses_to_start(slow_sidecar, tmp_p
     message = str(failed.value)
     assert "WEB_MAX_WORKERS=4 workers need 4 rings, but the sidecar serving" in message
     assert "has 3: raise SHM_EMBED_RINGS" in message and "exited with 1" in message
+
+
+class FakeArbiter:
+    """What the Scaler uses of Gunicorn's arbiter: its workers, their count, its log."""
+
+    def __init__(self, pids: list[int], threads: int):
+        self.WORKERS = dict.fromkeys(pids)
+        self.num_workers = len(pids)
+        self.cfg = type("Cfg", (), {"threads": threads})()
+        self.lines: list[str] = []
+        self.log = type("Log", (), {"info": self._log, "warning": self._log, "exception": self._log})()
+
+    def _log(self, message, *args):
+        self.lines.append(message % args)
+
+
+def test_the_master_reads_what_a_worker_publishes_in_its_ring(slow_sidecar):
+    """A client of this process stands for a worker: its meter writes into its
+    ring's row, and the master's tick (on the same made-up clock) reads it."""
+    from shm_protocol.client import EmbeddingClient
+    from web.scaling import BusyMeter, Scaler
+
+    now = [10**12]
+    settings = slow_sidecar.settings.replace(min_workers=1, max_workers=3, scale_up_after_s=0.0,
+                                             scale_down_after_s=0.0)
+    arbiter = FakeArbiter([os.getpid()], threads=2)
+    scaler = Scaler(arbiter, settings, clock=lambda: now[0])
+    with EmbeddingClient.connect(settings) as client:
+        meter = BusyMeter(client.publish_load, clock=lambda: now[0])
+        scaler.tick()  # the first reading
+        meter.begin()
+        meter.begin()  # both threads busy for a second
+        now[0] += 10**9
+        scaler.tick()
+        assert arbiter.num_workers == 2, arbiter.lines
+        assert arbiter.lines == ["workers 1 -> 2 (threads busy: 100%)"]
+        meter.end()
+        meter.end()
+        now[0] += 10**9
+        scaler.tick()
+        assert arbiter.num_workers == 1 and arbiter.lines[-1] == "workers 2 -> 1 (threads busy: 0%)"
