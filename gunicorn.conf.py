@@ -1,9 +1,12 @@
 """Gunicorn settings for the shm-embed web service.
 
 Flat settings read from the environment, then hooks. The app is built in
-each worker after the fork (no preload): the master never maps a segment,
-starts a thread or touches CUDA. It only imports the web code and loads the
-tokenizer before forking, so the workers share those pages.
+each worker after the fork (no preload): the master never keeps a segment
+mapped (it maps the control segment for a moment to check the rings, to
+release a dead worker's ring, and once a second to read the workers' load
+when they scale), starts no thread and never touches CUDA. It only imports
+the web code and loads the tokenizer before forking, so the workers share
+those pages.
 """
 
 import os
@@ -42,11 +45,11 @@ def on_starting(server):
     """In the master, before the first fork: import what every worker
     imports and load the models' tokenizers, so the workers share those pages
     copy-on-write (a worker's PSS 37 -> 18 MiB) instead of each making its own.
-    Nothing here maps a segment, imports torch or starts a thread: numpy's
-    BLAS is held to one thread (the web workers leave the cores to the
-    sidecar anyway)."""
+    Refuses to start when the sidecar's rings cannot cover WEB_MAX_WORKERS.
+    Nothing here keeps a segment mapped, imports torch or starts a thread:
+    numpy's BLAS is held to one thread (the web workers leave the cores to
+    the sidecar anyway)."""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    from shm_protocol.config import Settings
     from shm_protocol.errors import ConfigError
     from web.scaling import check_rings
 
