@@ -150,6 +150,11 @@ class FallbackClient(SentenceTransformerAPI):
             raise SidecarUnavailable("IPC is off (USE_IPC_EMBEDDING=false)", reason="disabled")
         return self.ipc.stats()
 
+    def publish_load(self, inflight: int, busy_ns: int, at_ns: int) -> None:
+        """EmbeddingClient.publish_load, into the sidecar ring this process holds (if any)."""
+        if self.ipc is not None:
+            self.ipc.publish_load(inflight, busy_ns, at_ns)
+
     def close(self) -> None:
         if self.ipc is not None:
             self.ipc.close()

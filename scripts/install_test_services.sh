@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the services the integration tests run for real: nginx (for
-# tests/integration/test_nginx.py) and PostgreSQL's server (for the
+# tests/integration/test_nginx.py), PostgreSQL's server (for the
 # collection tests against PostgreSQL: tests/postgres.py makes a throwaway
-# cluster with its initdb and pg_ctl). Idempotent and quiet. It never fails
+# cluster with its initdb and pg_ctl) and headless Chromium (for
+# tests/integration/test_status_page.py, which loads the status page in it). Idempotent and quiet. It never fails
 # the build: where it cannot install, it says why in one line and exits 0,
 # and the tests that need the service skip with that reason.
 #
@@ -12,11 +13,14 @@
 # tried first and `nginx-light` only where `nginx` is not a package. The
 # package `postgresql` pulls the distribution's current server
 # (postgresql-15 on bookworm); its tools land in /usr/lib/postgresql/<v>/bin.
+# The package `chromium` runs headless as it is (no X server); without its
+# recommended packages it is about 25 packages.
 set -u
 
 say() { echo "install_test_services: $*"; }
 
 have_nginx() { command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; }
+have_chromium() { command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; }
 
 # The server's tools, where tests/postgres.py looks for them: `pg_config --bindir`,
 # PATH, or /usr/lib/postgresql/*/bin.
@@ -38,6 +42,7 @@ have_postgres() {
 missing=()
 have_nginx || missing+=(nginx)
 have_postgres || missing+=(postgresql)
+have_chromium || missing+=(chromium)
 if [ ${#missing[@]} = 0 ]; then
     exit 0
 fi
@@ -72,6 +77,7 @@ packages_of() {
     case "$1" in
         nginx) echo "nginx nginx-light" ;;
         postgresql) echo "postgresql" ;;
+        chromium) echo "chromium" ;;
     esac
 }
 
@@ -121,6 +127,13 @@ for service in "${missing[@]}"; do
                 say "installed PostgreSQL $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sed 's|.*/postgresql/||; s|/bin||' | tr '\n' ' ')"
             else
                 say "PostgreSQL's server still not found after installing; the postgresql tests will skip"
+            fi
+            ;;
+        chromium)
+            if have_chromium; then
+                say "installed $(chromium --version 2>/dev/null | head -1)"
+            else
+                say "chromium still not found after installing; the status page test will skip"
             fi
             ;;
     esac

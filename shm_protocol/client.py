@@ -232,6 +232,9 @@ class EmbeddingClient(SentenceTransformerAPI):
                     region.rings[r]["owner_pid"] = pid
                     region.rings[r]["leases"] += 1
                     region.rings[r]["claimed_ns"] = time.time_ns()
+                    region.rings[r]["inflight"] = 0
+                    region.rings[r]["busy_ns"] = 0
+                    region.rings[r]["busy_at_ns"] = time.monotonic_ns()
                     return r
                 dead = [int(o) for o in owners if not pid_alive(int(o))]
             if time.monotonic() > deadline:
@@ -250,6 +253,27 @@ class EmbeddingClient(SentenceTransformerAPI):
         if sess is not None and sess.pid == os.getpid():
             self._finalizer.detach()
             sess.close()
+
+    def publish_load(self, inflight: int, busy_ns: int, at_ns: int) -> None:
+        """Write this process's load into its ring's row (layout: RING_DTYPE),
+        where the Gunicorn master reads it to scale the workers: requests in
+        progress, and request-nanoseconds spent up to ``at_ns`` (monotonic).
+        Nothing without a ring of this process's own; never attaches."""
+        sess = self._session
+        if sess is None or sess.pid != os.getpid():
+            return
+        try:
+            sess.enter()
+        except SidecarUnavailable:
+            return
+        try:
+            row = sess.region.rings[sess.ring]
+            if int(row["owner_pid"]) == sess.pid:
+                row["busy_ns"] = busy_ns
+                row["busy_at_ns"] = at_ns
+                row["inflight"] = inflight
+        finally:
+            sess.leave()
 
     def __enter__(self) -> EmbeddingClient:
         return self

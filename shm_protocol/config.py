@@ -177,6 +177,40 @@ class Settings:
     )
     # --- web service -------------------------------------------------------------
     bind: str = _setting("SHM_EMBED_BIND", "127.0.0.1:8000", "Address Gunicorn listens on.")
+    web_concurrency: int = _setting(
+        "WEB_CONCURRENCY", 0,
+        "Gunicorn worker processes (each leases one ring of the sidecar); 0: min(4, 2 x CPU cores + 1).", minimum=0,
+    )
+    min_workers: int = _setting(
+        "WEB_MIN_WORKERS", 0,
+        "Fewest Gunicorn workers, and how many start; 0: WEB_CONCURRENCY.", minimum=0,
+    )
+    max_workers: int = _setting(
+        "WEB_MAX_WORKERS", 0,
+        "Most Gunicorn workers; 0: WEB_CONCURRENCY (or WEB_MIN_WORKERS when above). Above WEB_MIN_WORKERS the "
+        "master adds workers while their threads are busy and retires them when load stays low; the sidecar "
+        "needs at least this many rings (SHM_EMBED_RINGS), or the web service refuses to start.", minimum=0,
+    )
+    scale_up_busy: float = _setting(
+        "WEB_SCALE_UP_BUSY", 0.75,
+        "Share of the workers' threads busy (requests in progress, averaged over a second) at or above which "
+        "workers are added, once it has lasted WEB_SCALE_UP_AFTER_S.", minimum=0.01,
+    )
+    scale_down_busy: float = _setting(
+        "WEB_SCALE_DOWN_BUSY", 0.25,
+        "Share of the workers' threads busy at or below which one worker is retired, once it has lasted "
+        "WEB_SCALE_DOWN_AFTER_S (and only if the others would stay below WEB_SCALE_UP_BUSY).", minimum=0.0,
+    )
+    scale_up_after_s: float = _setting(
+        "WEB_SCALE_UP_AFTER_S", 2.0,
+        "Seconds the load stays at or above WEB_SCALE_UP_BUSY before workers are added; the clock restarts "
+        "after every change, so it is also the cool-down between two additions.", minimum=0.0,
+    )
+    scale_down_after_s: float = _setting(
+        "WEB_SCALE_DOWN_AFTER_S", 60.0,
+        "Seconds the load stays at or below WEB_SCALE_DOWN_BUSY before one worker is retired (gracefully: its "
+        "requests finish, its ring goes back); the clock restarts after every change.", minimum=0.0,
+    )
     api_key: str = _setting(
         "SHM_EMBED_API_KEY", "", "When set, every endpoint but /health needs 'Authorization: Bearer <key>'.",
         secret=True,
@@ -346,6 +380,13 @@ class Settings:
             raise ConfigError("SHM_EMBED_COLLECTIONS_URL: must be a postgresql:// URL (or empty for SQLite)")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"SHM_EMBED_DEVICE={self.device!r}: must be auto, cpu, cuda or cuda:N")
+        fewest, most = self.worker_range
+        if most < fewest:
+            raise ConfigError(f"WEB_MAX_WORKERS={most}: must be at least WEB_MIN_WORKERS ({fewest})")
+        if not self.scale_down_busy < self.scale_up_busy <= 1:
+            raise ConfigError(
+                f"WEB_SCALE_DOWN_BUSY={self.scale_down_busy}, WEB_SCALE_UP_BUSY={self.scale_up_busy}: need "
+                "0 <= WEB_SCALE_DOWN_BUSY < WEB_SCALE_UP_BUSY <= 1")
         if self.max_inflight_body_bytes < self.max_body_bytes:
             raise ConfigError(
                 f"SHM_EMBED_MAX_INFLIGHT_BODY_BYTES={self.max_inflight_body_bytes}: must be at least "
@@ -359,6 +400,13 @@ class Settings:
                 "longest a healthy idle loop stays quiet "
                 "(SHM_EMBED_HEARTBEAT_S + SPIN_US or IDLE_POLL_US + MAX_WAIT_US)"
             )
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(fewest, most) Gunicorn workers, from WEB_MIN_WORKERS, WEB_MAX_WORKERS and WEB_CONCURRENCY."""
+        base = self.web_concurrency or min(4, 2 * (os.cpu_count() or 1) + 1)
+        fewest = self.min_workers or base
+        return fewest, self.max_workers or max(base, fewest)
 
     @property
     def ipc_mode(self) -> int:

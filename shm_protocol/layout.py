@@ -40,7 +40,8 @@ Control segment::
     |   stats: STATS_DTYPE (counters and histograms, sidecar-only) |
     +--------------------------------------------------------------+  CTL header itemsize
     | RING_DTYPE x n_rings: owner_pid i32, leases u64,             |
-    |                       claimed_ns u64                         |
+    |                       claimed_ns u64, inflight u32,          |
+    |                       busy_ns u64, busy_at_ns u64            |
     +--------------------------------------------------------------+
 
 Data segment: ``n_rings x slots_per_ring`` slots of ``slot_dtype(...)``,
@@ -86,6 +87,11 @@ Leases, generations and liveness (the rules every reader and writer keeps):
   the sidecar's hands marks its ring ORPHANED instead of free, and the reaper
   frees it between batches. A client keeps its ring across a stall of the
   same sidecar (same ``epoch``); a new epoch means a new lease.
+* **Load.** The owner of a ring publishes how busy it is in its row
+  (``inflight``, ``busy_ns``, ``busy_at_ns``; reset when it claims the ring)
+  for the Gunicorn master, which adds and retires workers from it
+  (web/scaling.py). The three stores are not one atomic write: a reader
+  takes them as an estimate and clamps what it derives.
 * **Generation.** ``seq`` is the request's generation, unique per client.
   The sidecar reads it when it takes the slot and publishes only if the slot
   is still BUSY with that generation; the waiter accepts DONE/ERROR only with
@@ -342,7 +348,12 @@ HEADER_DTYPE = np.dtype(
 )
 
 RING_DTYPE = np.dtype(
-    [("owner_pid", "<i4"), ("leases", "<u8"), ("claimed_ns", "<u8")],
+    [("owner_pid", "<i4"), ("leases", "<u8"), ("claimed_ns", "<u8"),
+     # The owner's load, written by the owner alone (its HTTP requests, not
+     # its slots) and read by the Gunicorn master that scales the workers:
+     # requests in progress, and request-nanoseconds spent up to busy_at_ns
+     # (monotonic). Busy up to now = busy_ns + inflight x (now - busy_at_ns).
+     ("inflight", "<u4"), ("busy_ns", "<u8"), ("busy_at_ns", "<u8")],
     align=True,
 )
 

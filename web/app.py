@@ -24,7 +24,7 @@ from shm_protocol.errors import ShmEmbedError
 from shm_protocol.model_files import named, served_models
 from shm_protocol.text import mend
 
-from . import errors, intake
+from . import errors, intake, status
 from .errors import too_large, unavailable, unprocessable
 from .metrics import make_registry, render
 from .retrieval import add_routes
@@ -445,6 +445,7 @@ def create_app(client: EmbeddingBackend, settings: Settings) -> falcon.App:
     app.add_route("/embedding/stats", EmbeddingStats(ctx))
     app.add_route("/metrics", Metrics(ctx))
     ctx.retrieval = add_routes(app, ctx)
+    status.add_routes(app, ctx)
     wrapped = RequestIdMiddleware(app)
     wrapped.ctx = ctx
     return wrapped

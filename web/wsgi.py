@@ -17,6 +17,8 @@ from shm_protocol.config import Settings
 from shm_protocol.errors import ShmEmbedError
 from shm_protocol.logs import configure_logging
 
+from .scaling import BusyMeter
+
 _state: dict = {}
 
 
@@ -30,7 +32,22 @@ def application():
     _state["client"] = client
     app = create_app(client, settings)
     _state["ctx"] = app.ctx
+    _state["meter"] = BusyMeter(client.publish_load)  # into this worker's ring, for the master's scaler
     return app
+
+
+def request_started() -> None:
+    """A request starts in this worker (Gunicorn's pre_request)."""
+    meter = _state.get("meter")
+    if meter is not None:
+        meter.begin()
+
+
+def request_finished() -> None:
+    """A request of this worker is done (Gunicorn's post_request)."""
+    meter = _state.get("meter")
+    if meter is not None:
+        meter.end()
 
 
 def attach() -> None:
