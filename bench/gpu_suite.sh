@@ -46,8 +46,11 @@ step() {
 }
 
 # --- the environment ---------------------------------------------------------------------
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || echo "nvidia-smi: not found"; } \
-    | tee -a "$LOG"
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$LOG"
+else
+    say "nvidia-smi: not on this host"
+fi
 if [ ! -x "$PY" ]; then
     cuda_python=""
     for candidate in python3.11 python3 python3.12; do
