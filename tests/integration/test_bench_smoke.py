@@ -54,3 +54,13 @@ def test_a_long_benchmark_imports_and_parses_its_arguments(script):
     r = subprocess.run([sys.executable, str(BENCH / script), "--help"], cwd=BENCH, env=_env(),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "usage:" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--setups", "shm-embed,bogus"], "accepted: shm-embed, per-worker, dirty-workers, infinity, vllm"),
+    (["--device", "cpu", "--dtype", "float16"], "--dtype float16 needs a CUDA device"),
+])
+def test_http_load_refuses_a_setup_or_dtype_it_cannot_run(args, message):
+    r = subprocess.run([sys.executable, str(BENCH / "http_load.py"), *args], cwd=BENCH, env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-3000:]
