@@ -35,7 +35,7 @@ import time
 import urllib.request
 
 from _common import REPO, children_by_parent, passages, pct, running_sidecar, short_queries, stop_process, table
-from _peers import PeerUnavailable, infinity_python, infinity_server, vllm_python, vllm_server
+from _peers import SERVED_NAME, PeerUnavailable, infinity_python, infinity_server, vllm_python, vllm_server
 
 WORKERS = 4
 SETUPS = ("shm-embed", "per-worker", "dirty-workers", "infinity", "vllm")
@@ -225,7 +225,7 @@ def run_setup(setup: str, sets: dict, cells: list, args, env: dict, peers: Peers
                       else vllm_server(python, bundled_model_path(), args.dtype, env))
             peer, url = stack.enter_context(server)
             extra_pids = [peer.pid]
-            proc, base = start_gunicorn(conf, dict(env, BENCH_PEER_URL=url, BENCH_PEER_MODEL="all-MiniLM-L6-v2"),
+            proc, base = start_gunicorn(conf, dict(env, BENCH_PEER_URL=url, BENCH_PEER_MODEL=SERVED_NAME),
                                         "bench.peer_apps:remote_application()")
         stack.callback(stop_process, proc, timeout=60)
         results = {(set_name, clients, per): load(base, texts, clients, per, args.seconds)
