@@ -1,7 +1,8 @@
 """The comparison setups of bench/http_load.py, as Gunicorn apps.
 
 * :class:`EmbedApp`: a Gunicorn "dirty app" (gunicorn >= 25) holding the model
-  in the dirty worker pool; HTTP workers call it over gunicorn's own socket.
+  in the dirty worker pool, on SHM_EMBED_DEVICE at SHM_EMBED_DTYPE; HTTP
+  workers call it over gunicorn's own socket.
 * ``dirty_application()``: the same Falcon app as shm-embed, with a backend
   that calls the dirty app.
 * :class:`OverheadApp`: the dirty app of bench/protocol_overhead.py, serving
@@ -31,10 +32,14 @@ class EmbedApp(DirtyApp):
         import torch
         from sentence_transformers import SentenceTransformer
 
+        from bench.peer_apps import place_model
         from shm_protocol.model_files import bundled_model_path
 
         torch.set_num_threads(int(os.environ.get("SHM_EMBED_TORCH_THREADS") or os.cpu_count()))
-        self.model = SentenceTransformer(str(bundled_model_path()), device="cpu")
+        model = SentenceTransformer(str(bundled_model_path()), device="cpu")
+        # The setup's device and dtype, as the sidecar's (SHM_EMBED_DEVICE, SHM_EMBED_DTYPE)
+        self.model = place_model(model, os.environ.get("SHM_EMBED_DEVICE", "cpu"),
+                                 os.environ.get("SHM_EMBED_DTYPE", "float32"))
         self.tok = self.model.tokenizer
 
     def embed(self, texts, normalize=False):
@@ -84,7 +89,8 @@ class DirtyBackend:
         return EmbedResult(np.asarray(out["vectors"], np.float32), np.asarray(out["tokens"]), 0, 0, 0)
 
     def info(self):
-        return {"model": "all-MiniLM-L6-v2", "dimension": 384, "max_seq_length": 256, "device": "cpu"}
+        return {"model": "all-MiniLM-L6-v2", "dimension": 384, "max_seq_length": 256,
+                "device": os.environ.get("SHM_EMBED_DEVICE", "cpu")}
 
     def stats(self):
         from shm_protocol.errors import SidecarUnavailable

@@ -26,8 +26,9 @@ RUNS = {
 #: Imported and their --help run: 20 s to a minute or more each at their
 #: smallest (model loads in several processes), past this suite's budget.
 IMPORTED = ("throughput.py", "http_load.py", "rerank.py", "http_latency.py", "memory.py")
-#: Not entry points: imported by the others (or by Gunicorn, for dirty_app).
-HELPERS = ("__init__.py", "_common.py", "overhead_work.py", "dirty_app.py", "gunicorn_dirty.conf.py", "soak.py")
+#: Not entry points: imported by the others (or by Gunicorn, for dirty_app and peer_apps).
+HELPERS = ("__init__.py", "_common.py", "_peers.py", "overhead_work.py", "dirty_app.py", "peer_apps.py",
+           "gunicorn_dirty.conf.py", "soak.py")
 
 
 def _env() -> dict:
@@ -53,3 +54,13 @@ def test_a_long_benchmark_imports_and_parses_its_arguments(script):
     r = subprocess.run([sys.executable, str(BENCH / script), "--help"], cwd=BENCH, env=_env(),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "usage:" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--setups", "shm-embed,bogus"], "accepted: shm-embed, per-worker, dirty-workers, infinity, vllm"),
+    (["--device", "cpu", "--dtype", "float16"], "--dtype float16 needs a CUDA device"),
+])
+def test_http_load_refuses_a_setup_or_dtype_it_cannot_run(args, message):
+    r = subprocess.run([sys.executable, str(BENCH / "http_load.py"), *args], cwd=BENCH, env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-3000:]
