@@ -161,7 +161,7 @@ class Embedder:
         self.device = torch.device(device)
         self.is_cuda = self.device.type == "cuda"
         self.uses_cpu = not self.is_cuda  # whether a model call keeps the CPU's cores busy
-        self._capacity = max(settings.max_batch_tokens, self.info.max_seq_length)
+        self._capacity = max(settings.call_tokens, self.info.max_seq_length)
         self._max_texts = settings.max_batch_texts
         self._types_dirty = 0  # leading entries of the segment-id buffer a call of pairs set (others are 0)
         self._alloc_buffers()
