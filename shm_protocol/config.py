@@ -111,7 +111,7 @@ class Settings:
         "Texts per model call at most, below SHM_EMBED_MAX_BATCH_TEXTS; N > 0 fixes it. 0: measured for each "
         "model at start (calls of 1 to 128 texts of 32 tokens; the fewest that reach 95% of the best texts/s: on "
         "a CPU that is 16-32, where filling the token budget runs slower per text), then refined while serving "
-        "from the texts/s of the calls it runs, per size and width of call (see docs/call-sizing.md).", minimum=0,
+        "from the texts/s of the calls it runs, per size and width of call (see docs/model-calls.md).", minimum=0,
     )
     cuda_graphs: str = _setting(
         "SHM_EMBED_CUDA_GRAPHS", "auto",
