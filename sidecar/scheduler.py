@@ -311,7 +311,8 @@ class Scheduler:
             self._serve_one(works[0], model)
             return
         t0 = time.monotonic_ns()
-        plan = plan_calls([w.lengths() for w in works], self.models[model].capacity_tokens,
+        plan = plan_calls([w.lengths() for w in works], min(self.settings.call_tokens,
+                                                              self.models[model].capacity_tokens),
                           self._sizers[model].rows)
         if len(works) > self._spin_slots:
             # More waiters than spare cores: spinning ones would take the
