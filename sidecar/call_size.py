@@ -75,7 +75,7 @@ class CallSizer:
 
     @staticmethod
     def width_bucket(width: int) -> int:
-        """Widths 17-32 share a bucket, 33-64 the next, and so on."""
+        """Widths 16-31 share a bucket, 32-63 the next, and so on."""
         return int(width).bit_length()
 
     # -- samples --------------------------------------------------------------------
@@ -142,6 +142,7 @@ class CallSizer:
         parts = []
         for bucket in sorted(self._rates):
             table = self._rates[bucket]
-            size = max(table, key=table.get)
-            parts.append(f"{1 << (bucket - 1)}-{(1 << bucket) - 1} tokens: {size} ({table[size]:.0f} texts/s)")
+            size = self.best(1 << (bucket - 1))
+            rate = f"{table[size]:.0f} texts/s" if size in table else "the start size, not measured here yet"
+            parts.append(f"{1 << (bucket - 1)}-{(1 << bucket) - 1} tokens: {size} ({rate})")
         return ", ".join(parts)

@@ -158,6 +158,11 @@ class Scheduler:
         self._bell_drain_limit = 4 * n_slots + 64
         self._ready = np.empty(n_slots, np.int64)  # the scan's output
 
+    def call_sizes(self) -> list[str]:
+        """Each model's best texts per call by width, as measured so far (for the log)."""
+        return [f"{m.info.name}: {sizer.describe()}" for m, sizer in zip(self.models, self._sizers)
+                if not sizer.fixed and sizer.describe()]
+
     # -- waiting for work -------------------------------------------------------------
     def spin_for_bell(self, until_ns: int) -> bool:
         """Poll the doorbell until ``until_ns``: right after a batch the next

@@ -262,6 +262,8 @@ class Sidecar:
         try:
             self._loop()
             self._drain()
+            for line in self.scheduler.call_sizes():
+                logger.info("texts per call learnt: {}", line)
         finally:
             self._stop.set()
             hb.join(timeout=2)

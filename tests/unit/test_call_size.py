@@ -80,3 +80,10 @@ def test_sizes_are_powers_of_two_up_to_the_largest_allowed():
     assert (sizer.size_of(63), sizer.size_of(64), sizer.size_of(99), sizer.size_of(100)) == (32, 64, 64, 100)
     with pytest.raises(ValueError):
         CallSizer(0, 8)
+
+
+def test_describe_names_the_best_size_of_each_width():
+    sizer = CallSizer(32, 256)
+    assert sizer.describe() == ""
+    serve(sizer, 400, 200, 32)
+    assert sizer.describe().startswith("32-63 tokens: 32 (") and "texts/s" in sizer.describe()
