@@ -90,16 +90,36 @@ class Settings:
     torch_threads: int = _setting(
         "SHM_EMBED_TORCH_THREADS", 0, "torch intra-op threads in the sidecar; 0 means one per CPU core.", minimum=0
     )
-    max_batch_tokens: int = _setting(
-        "SHM_EMBED_MAX_BATCH_TOKENS", 16384,
-        "Token budget of one model call, padding included (texts x longest text).", minimum=1,
+    admit_tokens: int = _setting(
+        "SHM_EMBED_ADMIT_TOKENS", 16384,
+        "Token ids one batch takes from the rings at most, counted as the slots hold them (unpadded, every "
+        "text of every slot); the oldest ready slot always joins however large. Replaces "
+        "SHM_EMBED_MAX_BATCH_TOKENS (still read, with a deprecation warning, for this and "
+        "SHM_EMBED_CALL_TOKENS).", minimum=1,
     )
-    max_batch_texts: int = _setting("SHM_EMBED_MAX_BATCH_TEXTS", 256, "Texts in one model call at most.", minimum=1)
+    call_tokens: int = _setting(
+        "SHM_EMBED_CALL_TOKENS", 16384,
+        "Padded tokens of one model call at most (texts x its longest text); a batch is cut into calls under "
+        "it. The staging buffers (pinned on CUDA) hold this many token ids, or the model's max sequence "
+        "length if that is more.", minimum=1,
+    )
+    max_batch_texts: int = _setting(
+        "SHM_EMBED_MAX_BATCH_TEXTS", 256, "Texts in one batch, and in one model call, at most.", minimum=1
+    )
     call_rows: int = _setting(
         "SHM_EMBED_CALL_ROWS", 0,
-        "Texts per model call at most, below SHM_EMBED_MAX_BATCH_TEXTS. 0: measured for each model at start "
-        "(calls of 1 to 128 texts of 32 tokens; the fewest that reach 95% of the best texts/s: on a CPU that is "
-        "16-32, where filling the token budget runs slower per text).", minimum=0,
+        "Texts per model call at most, below SHM_EMBED_MAX_BATCH_TEXTS; N > 0 fixes it. 0: measured for each "
+        "model at start (calls of 1 to 128 texts of 32 tokens; the fewest that reach 95% of the best texts/s: on "
+        "a CPU that is 16-32, where filling the token budget runs slower per text), then refined while serving "
+        "from the texts/s of the calls it runs, per size and width of call (see docs/model-calls.md).", minimum=0,
+    )
+    cuda_graphs: str = _setting(
+        "SHM_EMBED_CUDA_GRAPHS", "auto",
+        "auto: on a CUDA device, each embedding or reranking model captures one CUDA graph per bucket of "
+        "(texts, padded width) at start and replays it for calls that fit (small calls are launch-bound: a "
+        "replay saves the kernel launches); a model that cannot be captured runs eagerly, with a log line. "
+        "off: every call runs eagerly. No effect on a CPU.",
+        choices=("auto", "off"),
     )
     max_wait_us: int = _setting(
         "SHM_EMBED_MAX_WAIT_US", 4000,
@@ -343,7 +363,7 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read every setting from ``env`` (default ``os.environ``); keyword
         arguments override. Raises ConfigError naming the variable at fault."""
-        env = os.environ if env is None else env
+        env = _with_aliases(os.environ if env is None else env)
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             var = f.metadata["env"]
@@ -412,6 +432,33 @@ class Settings:
     def ipc_mode(self) -> int:
         """File mode of every shared-memory object this deployment creates."""
         return 0o660 if self.group else 0o600
+
+
+#: Variables of earlier releases, each read for the settings that replaced
+#: it (those set themselves win), with a deprecation warning.
+DEPRECATED_ALIASES: dict[str, tuple[str, ...]] = {
+    # One number meant three things: the unpadded admission sum, the padded
+    # per-call budget, and the staging buffers' size (the last two are one now).
+    "SHM_EMBED_MAX_BATCH_TOKENS": ("SHM_EMBED_ADMIT_TOKENS", "SHM_EMBED_CALL_TOKENS"),
+}
+
+
+def _with_aliases(env: Mapping[str, str]) -> Mapping[str, str]:
+    """``env`` with each deprecated variable's value copied to the settings
+    that replaced it, where those are not set themselves."""
+    old = [var for var in DEPRECATED_ALIASES if var in env]
+    if not old:
+        return env
+    from loguru import logger
+
+    merged = dict(env)
+    for var in old:
+        new_vars = DEPRECATED_ALIASES[var]
+        for new_var in new_vars:
+            merged.setdefault(new_var, env[var])
+        logger.warning("{} is deprecated: set {} instead (it is read for those of them not set)", var,
+                       " and ".join(new_vars))
+    return merged
 
 
 def _parse(var: str, raw: str, kind: type) -> Any:

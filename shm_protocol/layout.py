@@ -336,7 +336,7 @@ HEADER_DTYPE = np.dtype(
         ("epoch", "<u8"),
         ("heartbeat_ns", "<u8"),
         ("started_ns", "<u8"),
-        ("max_batch_tokens", "<u4"),
+        ("max_batch_tokens", "<u4"),  # SHM_EMBED_ADMIT_TOKENS: the unpadded admission budget
         ("max_batch_texts", "<u4"),
         ("loop_ns", "<u8"),  # monotonic: the batching loop's last sign of progress
         ("loop_deadline_ns", "<u8"),  # monotonic: the loop shows progress again before this

@@ -10,7 +10,8 @@ from .backend import Backend, model_specs
 
 def load_models(settings: Settings) -> list[Backend]:
     """Every model the settings name, loaded, default first: the synthetic
-    backend's stand-ins when SHM_EMBED_SYNTHETIC_US >= 0, else torch models."""
+    backend's stand-ins when SHM_EMBED_SYNTHETIC_US >= 0, else torch models
+    (on CUDA with their calls captured as CUDA graphs, SHM_EMBED_CUDA_GRAPHS)."""
     specs = model_specs(settings)
     if settings.synthetic_us >= 0:
         from .synthetic import SyntheticEmbedder  # no torch: imported only when served
@@ -18,4 +19,12 @@ def load_models(settings: Settings) -> list[Backend]:
         return [SyntheticEmbedder(settings, spec) for spec in specs]
     from .model import Embedder  # imports torch
 
-    return [Embedder(settings, spec) for spec in specs]
+    models: list[Backend] = []
+    for spec in specs:
+        model = Embedder(settings, spec)
+        if model.is_cuda and settings.cuda_graphs == "auto":
+            from .cuda_graphs import GraphedEmbedder
+
+            model = GraphedEmbedder(model)  # captured per bucket; eager, with a log line, where it cannot be
+        models.append(model)
+    return models

@@ -125,6 +125,7 @@ class Embedder:
             raise ModelLoadError(str(exc)) from None
         transformer = model[0]
         hf_model = getattr(transformer, "auto_model", None) or model.transformers_model
+        self.hf_model = hf_model  # the transformers model inside (its config names the attention kernel)
         vocab = hf_model.get_input_embeddings().num_embeddings
         tokenizer = getattr(model, "tokenizer", None)
         self._input_names = set(getattr(transformer, "model_input_names", None)
@@ -161,7 +162,7 @@ class Embedder:
         self.device = torch.device(device)
         self.is_cuda = self.device.type == "cuda"
         self.uses_cpu = not self.is_cuda  # whether a model call keeps the CPU's cores busy
-        self._capacity = max(settings.max_batch_tokens, self.info.max_seq_length)
+        self._capacity = max(settings.call_tokens, self.info.max_seq_length)
         self._max_texts = settings.max_batch_texts
         self._types_dirty = 0  # leading entries of the segment-id buffer a call of pairs set (others are 0)
         self._alloc_buffers()
@@ -245,6 +246,24 @@ class Embedder:
     def capacity_tokens(self) -> int:
         """Padded tokens one call may hold."""
         return self._capacity
+
+    @property
+    def max_texts(self) -> int:
+        """Texts one call may hold."""
+        return self._max_texts
+
+    @property
+    def takes_types(self) -> bool:
+        """Whether the model takes segment ids (token_type_ids)."""
+        return "token_type_ids" in self._input_names
+
+    def forward(self, features: dict) -> object:
+        """The model on a padded batch already on the device (``input_ids``,
+        ``attention_mask`` and, where it takes them, ``token_type_ids``, each
+        rows x width): a float32 tensor of one row per text, on the device.
+        What :mod:`sidecar.cuda_graphs` captures."""
+        out = self.model(features)[self._output]
+        return out.float().reshape(features["input_ids"].shape[0], -1)
 
     def embed(self, seqs: list[np.ndarray], segments: list[int] | None = None) -> np.ndarray:
         """Vectors (float32, one row per sequence) of already-validated token

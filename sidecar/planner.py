@@ -8,6 +8,7 @@ numbers and arrays, and the unit tests do the same.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,10 +67,13 @@ class Plan:
         return last
 
 
-def plan_calls(text_lengths: list[list[int]], budget_tokens: int, max_texts: int) -> Plan:
+def plan_calls(text_lengths: list[list[int]], budget_tokens: int,
+               max_texts: int | Callable[[int, int], int]) -> Plan:
     """Sort every text of the batch by length (longest first: padding stays
     small) and cut the run into calls of at most ``budget_tokens`` padded
-    tokens and ``max_texts`` texts. ``text_lengths[w]`` are work w's texts."""
+    tokens and ``max_texts`` texts. ``text_lengths[w]`` are work w's texts.
+    ``max_texts`` may be a function of a call's width and the texts still to
+    plan (a :meth:`sidecar.call_size.CallSizer.rows`), asked once per call."""
     items = [(n, wi, i) for wi, lengths in enumerate(text_lengths) for i, n in enumerate(lengths)]
     items.sort(key=lambda t: -t[0])
     calls: list[tuple[int, int, int]] = []
@@ -79,7 +83,8 @@ def plan_calls(text_lengths: list[list[int]], budget_tokens: int, max_texts: int
     start = 0
     while start < len(items):
         width = items[start][0]
-        end = min(len(items), start + max(1, min(max_texts, budget // width)))
+        rows = max_texts(width, len(items) - start) if callable(max_texts) else max_texts
+        end = min(len(items), start + max(1, min(rows, budget // width)))
         calls.append((start, end, width))
         start = end
     return Plan(items, calls)

@@ -45,6 +45,7 @@ from shm_protocol.region import Region
 from shm_protocol.segments import DEV_SHM, Names, create_semaphore, pid_alive, reset_semaphore
 from shm_protocol.session import SLOT_DRAIN_LIMIT
 
+from .call_size import CallSizer
 from .planner import CallTimer, admit, fair_order, plan_calls
 
 #: A model call of at least this many padded tokens leaves hundreds of MB of
@@ -131,6 +132,10 @@ class Scheduler:
         self._model_outcome = model_outcome
         self._log_fault = log_fault
         self._timers = [CallTimer() for _ in models]  # each model's cost per padded token
+        # Each model's texts per call, refined from the texts/s its calls reach
+        # (fixed where SHM_EMBED_CALL_ROWS sets it).
+        self._sizers = [CallSizer(m.call_rows, settings.max_batch_texts, fixed=settings.call_rows > 0)
+                        for m in models]
         # Each model's counters in its table entry, one view per field.
         self._mctr = [RecordViews(model_stats_view(region.header, i)) for i in range(len(models))]
         self._pairs = [m.info.kind == ModelKind.RERANK for m in models]  # which models take pairs
@@ -152,6 +157,11 @@ class Scheduler:
         # have pushed it to SEM_VALUE_MAX (minutes to drain).
         self._bell_drain_limit = 4 * n_slots + 64
         self._ready = np.empty(n_slots, np.int64)  # the scan's output
+
+    def call_sizes(self) -> list[str]:
+        """Each model's best texts per call by width, as measured so far (for the log)."""
+        return [f"{m.info.name}: {sizer.describe()}" for m, sizer in zip(self.models, self._sizers)
+                if not sizer.fixed and sizer.describe()]
 
     # -- waiting for work -------------------------------------------------------------
     def spin_for_bell(self, until_ns: int) -> bool:
@@ -242,7 +252,7 @@ class Scheduler:
             models = self.v.model[order]
             if (models != model).any():
                 order = [f for f, m in zip(order, models.tolist()) if m == model]
-        batch = admit(order, self.v.n_texts, self.v.n_tokens, s.max_batch_texts, s.max_batch_tokens)
+        batch = admit(order, self.v.n_texts, self.v.n_tokens, s.max_batch_texts, s.admit_tokens)
         works: list[_Work] = []
         try:
             self._take(batch, works, model)
@@ -306,9 +316,9 @@ class Scheduler:
             self._serve_one(works[0], model)
             return
         t0 = time.monotonic_ns()
-        plan = plan_calls([w.lengths() for w in works], min(self.settings.max_batch_tokens,
+        plan = plan_calls([w.lengths() for w in works], min(self.settings.call_tokens,
                                                               self.models[model].capacity_tokens),
-                          self.models[model].call_rows)
+                          self._sizers[model].rows)
         if len(works) > self._spin_slots:
             # More waiters than spare cores: spinning ones would take the
             # model's cores, so they park until the post.
@@ -390,6 +400,7 @@ class Scheduler:
         self._model_outcome(True)  # first: a loop counted as wedged may show progress again
         self._progress()
         timer.record(rows, width, call_ns)
+        self._sizers[model].record(rows, width, call_ns / 1e9)
         return vecs, call_ns
 
     def _account(self, model: int, rows: int, width: int, call_ns: int) -> None:

@@ -188,7 +188,7 @@ class Sidecar:
         h = region.header
         region.write_models(entries)
         region.set_text_field("device", infos[0].device)
-        h["max_batch_tokens"] = s.max_batch_tokens
+        h["max_batch_tokens"] = s.admit_tokens  # the admission budget (SHM_EMBED_ADMIT_TOKENS)
         h["max_batch_texts"] = s.max_batch_texts
         h["wait_policy"] = self.wait_policy
         h["sidecar_pid"] = os.getpid()
@@ -262,6 +262,8 @@ class Sidecar:
         try:
             self._loop()
             self._drain()
+            for line in self.scheduler.call_sizes():
+                logger.info("texts per call learnt: {}", line)
         finally:
             self._stop.set()
             hb.join(timeout=2)

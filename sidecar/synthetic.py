@@ -79,7 +79,7 @@ class SyntheticEmbedder:
             activation=Activation.SIGMOID if rerank else Activation.IDENTITY,
             matryoshka=spec.matryoshka or model_files.text_options(path).matryoshka,
         )
-        self.capacity_tokens = max(settings.max_batch_tokens, self.info.max_seq_length)
+        self.capacity_tokens = max(settings.call_tokens, self.info.max_seq_length)
         self._out = np.empty((settings.max_batch_texts, self.info.dim), np.float32)
         # A call's time does not grow with its rows (a GPU's shape): the token budget decides.
         self.call_rows = min(settings.call_rows or settings.max_batch_texts, settings.max_batch_texts)

@@ -1,9 +1,9 @@
 """Every benchmark under bench/ still runs: each once, in a configuration of
 seconds, as a subprocess (no figure is asserted; the point is that an API
-change that breaks a benchmark fails here, not months later). The five
+change that breaks a benchmark fails here, not months later). The six
 whose smallest run costs 20 s or more of this suite's 2-core budget
-(model loads in several processes) are imported and their arguments parsed
-instead; the soak runs in test_soak.py."""
+(model loads in several processes, or in several dtypes) are imported and
+their arguments parsed instead; the soak runs in test_soak.py."""
 
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ RUNS = {
     "search.py": ["--sizes", "1000", "--reps", "10", "--ingest-docs", "10"],
 }
 #: Imported and their --help run: 20 s to a minute or more each at their
-#: smallest (model loads in several processes), past this suite's budget.
-IMPORTED = ("throughput.py", "http_load.py", "rerank.py", "http_latency.py", "memory.py")
+#: smallest (model loads in several processes, or two models in every
+#: dtype for fidelity.py), past this suite's budget.
+IMPORTED = ("throughput.py", "http_load.py", "rerank.py", "http_latency.py", "memory.py", "fidelity.py")
 #: Not entry points: imported by the others (or by Gunicorn, for dirty_app and peer_apps).
 HELPERS = ("__init__.py", "_common.py", "_peers.py", "overhead_work.py", "dirty_app.py", "peer_apps.py",
            "gunicorn_dirty.conf.py", "soak.py")

@@ -285,3 +285,8 @@ def test_a_batch_is_cut_into_calls_of_the_measured_or_set_size(fresh_tiny_sideca
     measured = fresh_tiny_sidecar(SHM_EMBED_CALL_ROWS="0")
     log = measured.log.read_text()
     assert "texts/s by texts per call" in log and "calls of at most" in log, log[-2000:]
+    # Refined while serving: the sizes learnt per width are logged at stop.
+    with client_for(measured) as c:
+        assert cosine_rows(c.embed(texts), tiny_st.encode(texts)).min() >= 0.99999
+    measured.stop()
+    assert "texts per call learnt: " in measured.log.read_text(), measured.log.read_text()[-2000:]

@@ -91,3 +91,61 @@ def test_cuda_float16_stays_close(tmp_path, real_model):
         assert cos.min() >= 0.999, float(cos.min())
     finally:
         stop_and_check(sc)
+
+
+def test_cuda_sidecar_captures_its_calls_as_graphs(cuda_sidecar):
+    log = cuda_sidecar.log.read_text()
+    assert "CUDA graphs" in log and "runs eagerly" not in log, log[-3000:]
+
+
+@pytest.fixture(scope="module")
+def fp16_pair(real_model_path):
+    """The bundled model on CUDA in float16, eager and with its calls captured."""
+    from shm_protocol.config import Settings
+    from sidecar.cuda_graphs import GraphedEmbedder
+    from sidecar.model import Embedder
+
+    inner = Embedder(Settings.from_env({"SHM_EMBED_MODEL": str(real_model_path), "SHM_EMBED_DEVICE": "cuda",
+                                        "SHM_EMBED_DTYPE": "float16", "SHM_EMBED_CALL_ROWS": "64"}))
+    return inner, GraphedEmbedder(inner)
+
+
+def test_cuda_graph_replays_give_the_eager_vectors(fp16_pair, real_model):
+    inner, graphed = fp16_pair
+    assert graphed.graphed and inner.info.dtype == "float16"
+    texts = VARIED + mixed_batch(200, seed=7)
+    ids = real_model.tokenizer(texts, truncation=True, max_length=inner.info.max_seq_length)["input_ids"]
+    seqs = [np.asarray(x, np.int32) for x in ids]
+    worst = 1.0
+    start = 0
+    for rows in (1, 2, 3, 8, 13, 32, 64, 1, 5):
+        batch = seqs[start: start + rows]
+        start += rows
+        got = graphed.embed(batch).copy()
+        want = inner.embed(batch).copy()
+        worst = min(worst, float(cosine_rows(got, want).min()))
+    assert graphed.replays >= 8
+    assert worst >= 0.999, worst
+
+
+def test_cuda_graph_batch_of_one_timing(fp16_pair, real_model):
+    """Not a limit (timing varies by host): prints a lone text's call time
+    eager and replayed, and checks the replay is not slower by much."""
+    import time
+
+    inner, graphed = fp16_pair
+    seq = [np.asarray(real_model.tokenizer(["a lone query about shared memory"])["input_ids"][0], np.int32)]
+
+    def median_us(backend) -> float:
+        for _ in range(20):
+            backend.embed(seq)
+        times = []
+        for _ in range(200):
+            t0 = time.perf_counter()
+            backend.embed(seq)
+            times.append(time.perf_counter() - t0)
+        return 1e6 * float(np.median(times))
+
+    eager, replay = median_us(inner), median_us(graphed)
+    print(f"\nbatch of 1 ({len(seq[0])} tokens), float16: eager {eager:.0f} us, CUDA graph {replay:.0f} us")
+    assert replay <= 1.5 * eager, (eager, replay)

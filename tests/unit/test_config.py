@@ -38,3 +38,22 @@ def test_every_setting_is_documented_in_the_table():
     for f in dataclasses.fields(Settings):
         assert f"`{f.metadata['env']}`" in table
         assert f.metadata["doc"]
+
+
+def test_the_old_batch_token_variable_sets_both_budgets_with_a_warning():
+    from loguru import logger
+
+    warnings: list[str] = []
+    sink = logger.add(warnings.append, level="WARNING", format="{message}")
+    try:
+        old = Settings.from_env({"SHM_EMBED_MAX_BATCH_TOKENS": "4096"})
+        mixed = Settings.from_env({"SHM_EMBED_MAX_BATCH_TOKENS": "4096", "SHM_EMBED_CALL_TOKENS": "2048"})
+    finally:
+        logger.remove(sink)
+    assert (old.admit_tokens, old.call_tokens) == (4096, 4096)
+    assert (mixed.admit_tokens, mixed.call_tokens) == (4096, 2048)  # the new name wins where set
+    assert len(warnings) == 2 and "SHM_EMBED_MAX_BATCH_TOKENS is deprecated" in warnings[0]
+    new = Settings.from_env({"SHM_EMBED_ADMIT_TOKENS": "100", "SHM_EMBED_CALL_TOKENS": "200"})
+    assert (new.admit_tokens, new.call_tokens) == (100, 200)
+    with pytest.raises(ConfigError, match="SHM_EMBED_ADMIT_TOKENS"):
+        Settings.from_env({"SHM_EMBED_MAX_BATCH_TOKENS": "0"})
