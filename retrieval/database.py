@@ -41,7 +41,6 @@ import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -354,44 +353,3 @@ def url_password(url: str) -> str | None:
         return conninfo_to_dict(url).get("password") or None
     except Exception:
         return None
-
-
-def location_of(settings) -> str:
-    """Where ``settings`` keep collections: the PostgreSQL URL, or the SQLite data directory."""
-    return settings.collections_url or str(settings.data_dir)
-
-
-def store_status(location: str | os.PathLike) -> tuple[bool, str]:
-    """(True, "ok") when the store at ``location`` can be read or was never
-    made; (False, reason) otherwise. Creates nothing; for ``/ready``."""
-    if is_postgres(location):
-        from .postgres_db import store_status as pg_status
-
-        return pg_status(str(location))
-    from shm_protocol.config import COLLECTIONS_DB
-
-    from .storage import store_status as sqlite_status
-
-    return sqlite_status(Path(location) / COLLECTIONS_DB)
-
-
-def store_exists(location: str | os.PathLike) -> bool:
-    """Whether anything may be stored at ``location`` yet (a SQLite file is only
-    made on first use; a PostgreSQL server always counts: its schema is the
-    service's to create at start)."""
-    if is_postgres(location):
-        return True
-    from shm_protocol.config import COLLECTIONS_DB
-
-    return (Path(location) / COLLECTIONS_DB).exists()
-
-
-def open_database(location: str | os.PathLike, **options) -> Database:
-    """The database at ``location``: a ``postgresql://`` URL, or a directory for SQLite."""
-    if is_postgres(location):
-        from .postgres_db import PostgresDatabase
-
-        return PostgresDatabase(str(location), **{k: v for k, v in options.items() if k in PostgresDatabase.OPTIONS})
-    from .sqlite_db import SQLiteDatabase
-
-    return SQLiteDatabase(location, **{k: v for k, v in options.items() if k in SQLiteDatabase.OPTIONS})

@@ -135,6 +135,7 @@ from loguru import logger
 from .faiss_index import (
     POINTS_PER_CENTROID,
     PassageIndex,
+    ivf_need,
     nlist_for,
     ranked,
     search_preassigned,
@@ -721,7 +722,7 @@ class SnapshotManager:
         if (index.pending if layered else index.ntotal) >= self.delta_max:
             why = "changes since the snapshot" if layered else "no snapshot yet"
         elif index.kind == "flat":
-            need = self.store._ivf_need(options)
+            need = ivf_need(options, self.store.ivf_min_vectors)
             if need is not None and index.ntotal >= need:
                 why = "the IVF quantizer is due"
         elif layered and index.ntotal >= RETRAIN_GROWTH * max(1, index.base.trained_at):
@@ -894,7 +895,7 @@ class SnapshotManager:
         db, cid, dim = self.db, row.cid, row.dim
         with db.read() as conn:
             centroids, trained_at = centroids_of(db, conn, cid, dim)
-        need = self.store._ivf_need(row.options)
+        need = ivf_need(row.options, self.store.ivf_min_vectors)
         if centroids is None and (need is None or total < need):
             return None, 0
         if centroids is not None and total < RETRAIN_GROWTH * max(1, trained_at):

@@ -49,16 +49,15 @@ from loguru import logger
 from shm_protocol.errors import InvalidInput, ModelNotFound, RequestTooLarge
 from shm_protocol.model_files import named, served_models
 
-from .database import OP_ADD, OP_DEL, CollectionRow, Database, FilterKey, open_database
+from .database import OP_ADD, OP_DEL, CollectionRow, Database, FilterKey
 from .documents import CollectionOptions, Document, check_name, check_text, parse_documents
 from .errors import CollectionConflict, CollectionNotFound
-from .faiss_index import POINTS_PER_CENTROID, PassageIndex, nlist_for, train_centroids
+from .factory import location_of, open_database
+from .faiss_index import POINTS_PER_CENTROID, PassageIndex, ivf_need, nlist_for, train_centroids
 from .passages import PassageSplitter, splitter_for
 from .snapshot import DELTA_MAX, STALE_HOST_S, SnapshotManager, load_from_tables
 from .sqlite_db import DB_FILE, SCHEMA, SCHEMA_VERSION  # noqa: F401  (where they were)
 
-#: Passages of an index "ivf" collection before its quantizer is trained (exhaustive until then).
-IVF_EXPLICIT_MIN = 1000
 MAX_TOP_K = 1000
 #: Change-log entries read per query while replaying.
 _REPLAY_CHUNK = 8192
@@ -138,8 +137,6 @@ class CollectionStore:
 
     @classmethod
     def from_settings(cls, settings, client) -> CollectionStore:
-        from .database import location_of
-
         return cls(location_of(settings), client, nprobe=settings.search_nprobe,
                    ivf_min_vectors=settings.ivf_min_vectors, search_threads=settings.search_threads,
                    filter_max_values=settings.filter_max_values, pool_size=settings.collections_pool,
@@ -354,12 +351,8 @@ class CollectionStore:
         return doc
 
     # --- the IVF quantizer -------------------------------------------------------------
-    def _ivf_need(self, options: dict) -> int | None:
-        """Passages at which a collection of these options trains its IVF quantizer (None: never)."""
-        return {"auto": self.ivf_min_vectors, "ivf": IVF_EXPLICIT_MIN}.get(options["index"])
-
     def _maybe_train(self, row: CollectionRow, total: int) -> None:
-        need = self._ivf_need(row.options)
+        need = ivf_need(row.options, self.ivf_min_vectors)
         if need is None or total < need:
             return
         if self.snapshots is not None:

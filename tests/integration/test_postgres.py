@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from loguru import logger
 
-from retrieval.database import store_status
 from retrieval.errors import StorageUnavailable
+from retrieval.factory import store_status
 from retrieval.postgres_db import NEWER, SCHEMA_TABLE, SCHEMA_VERSION, UNREACHABLE
 from retrieval.store import CollectionStore
 from shm_protocol.errors import ConfigError

@@ -29,9 +29,10 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import pytest
 
-from retrieval.database import is_postgres, store_status
+from retrieval.database import is_postgres
 from retrieval.documents import Document
 from retrieval.errors import StorageUnavailable
+from retrieval.factory import store_status
 from retrieval.snapshot import (
     BUILD_DIR,
     HOST_FILE,
