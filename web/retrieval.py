@@ -41,7 +41,7 @@ class Retrieval:
         """This worker's page Fetcher."""
         with self._lock:
             if self._fetcher is None:
-                from retrieval.fetch import Fetcher
+                from retrieval.websearch.fetch import Fetcher
 
                 self._fetcher = Fetcher(self.ctx.settings)
             return self._fetcher
@@ -205,7 +205,7 @@ class WebSearch(_Resource):
         doc = self.r.body(req)
         query = self.query(doc)
         spec = rerank_spec(doc)
-        from retrieval.websearch import web_search_with_embeddings
+        from retrieval.websearch.websearch import web_search_with_embeddings
 
         result = web_search_with_embeddings(query, doc.get("urls"), top_k=_int(doc, "top_k", 5),
                                             client=self.r.ctx.client, settings=self.r.ctx.settings,

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from retrieval.errors import FetchRefused
-from retrieval.extract import extract
 from retrieval.faiss_index import PassageIndex, nlist_for, train_centroids
-from retrieval.fetch import AddressPolicy
 from retrieval.passages import PassageSplitter, split_passages
 from retrieval.store import CollectionOptions, parse_documents
+from retrieval.websearch.extract import extract
+from retrieval.websearch.fetch import AddressPolicy
 from shm_protocol.errors import InvalidInput
 
 
@@ -284,7 +284,7 @@ def test_equal_scores_come_back_in_id_order_and_the_cut_keeps_the_smallest_ids(t
 
 
 def test_the_in_memory_index_lists_equal_scores_in_document_order():
-    from retrieval.index import build_vector_index, search_index
+    from compat.index import build_vector_index, search_index
     from tests.helpers import FixedVectorClient
 
     texts = ["b", "same", "c", "same", "same", "d", "same"]
