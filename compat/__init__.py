@@ -20,7 +20,7 @@ _WHERE = {
     "VectorIndex": ".index", "build_vector_index": ".original", "search_index": ".original",
     "web_search_with_embeddings": ".original", "fast_web_search_with_embeddings": ".original",
     "WebSearchResult": "retrieval.websearch.websearch",
-    "CollectionOptions": "retrieval.documents", "CollectionStore": "retrieval.store",
+    "CollectionOptions": "retrieval.collections.documents", "CollectionStore": "retrieval.collections.store",
 }
 
 __all__ = sorted(_WHERE)

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from compat.index import build_vector_index, search_index
-from retrieval.database import is_postgres
-from retrieval.documents import CollectionOptions, parse_documents
+from retrieval.collections.database import is_postgres
+from retrieval.collections.documents import CollectionOptions, parse_documents
+from retrieval.collections.store import DB_FILE, CollectionStore
 from retrieval.errors import CollectionConflict, CollectionNotFound
-from retrieval.store import DB_FILE, CollectionStore
 from shm_protocol.errors import InvalidInput
 from tests.helpers import REPO, FixedVectorClient, client_for, cosine_rows, start_sidecar, stop_and_check
 

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from retrieval.store import DB_FILE, SCHEMA
+from retrieval.collections.store import DB_FILE, SCHEMA
 from shm_protocol.config import Settings
 from tests.helpers import (
     REPO,

@@ -29,11 +29,10 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import pytest
 
-from retrieval.database import is_postgres
-from retrieval.documents import Document
-from retrieval.errors import StorageUnavailable
-from retrieval.factory import store_status
-from retrieval.snapshot import (
+from retrieval.collections.database import is_postgres
+from retrieval.collections.documents import Document
+from retrieval.collections.factory import store_status
+from retrieval.collections.snapshot import (
     BUILD_DIR,
     HOST_FILE,
     INDEX_DIR,
@@ -46,9 +45,10 @@ from retrieval.snapshot import (
     generations,
     index_root,
 )
-from retrieval.sqlite_db import DB_FILE
-from retrieval.storage import NEWER
-from retrieval.store import CollectionStore
+from retrieval.collections.sqlite_db import DB_FILE
+from retrieval.collections.storage import NEWER
+from retrieval.collections.store import CollectionStore
+from retrieval.errors import StorageUnavailable
 from tests.helpers import REPO
 from tests.postgres import STORES
 from tests.snapshot_worker import LOCATION, VectorClient, served
@@ -659,7 +659,7 @@ def test_a_database_without_the_snapshot_tables_is_migrated_and_a_newer_one_refu
     if where.postgres:
         import psycopg
 
-        from retrieval.postgres_db import MIGRATIONS, SCHEMA_TABLE, SCHEMA_VERSION
+        from retrieval.collections.postgres_db import MIGRATIONS, SCHEMA_TABLE, SCHEMA_VERSION
 
         with psycopg.connect(where.location, autocommit=True) as conn, conn.transaction():
             conn.execute(MIGRATIONS[0])
@@ -671,7 +671,7 @@ def test_a_database_without_the_snapshot_tables_is_migrated_and_a_newer_one_refu
         version = f"SELECT max(version) FROM {SCHEMA_TABLE}"
         newer = f"INSERT INTO {SCHEMA_TABLE} (version) VALUES ({SCHEMA_VERSION + 1})"
     else:
-        from retrieval.sqlite_db import SCHEMA, SCHEMA_VERSION
+        from retrieval.collections.sqlite_db import SCHEMA, SCHEMA_VERSION
 
         v1 = SCHEMA.split("-- Per host and collection")[0] + "PRAGMA user_version = 1;"
         where.data.mkdir(exist_ok=True)
@@ -755,7 +755,7 @@ def test_an_old_generation_goes_when_its_last_reader_switches_and_a_deleted_coll
 
 
 def test_a_collection_deleted_during_a_build_leaves_nothing_and_the_build_succeeds(where, monkeypatch):
-    import retrieval.snapshot as snapshot
+    import retrieval.collections.snapshot as snapshot
 
     rng = np.random.default_rng(13)
     store = open_store(where, snapshot_delta=NEVER)

@@ -11,7 +11,7 @@ sorted; for a flat index also the id of each row) and ``meta.json`` (the
 change-log sequence number it covers, the generation, the collection's id and
 creation time, kind, lists, passages, when its quantizer was trained, the
 size and checksum of each file: checked at every open, see
-:mod:`retrieval.snapshot_files`, as are the read leases that keep a file
+:mod:`retrieval.collections.snapshot_files`, as are the read leases that keep a file
 overwritten in place from crashing the workers that map it).
 Folders are 0700 and files 0600, like the database. A builder writes a
 generation into ``.build/``, fsyncs every file and the folder, renames it to
@@ -47,7 +47,7 @@ timestamp's granularity) it lists it again. A newer generation is opened and
 the delta rebuilt from its sequence number on; the old one is unmapped when
 the last search using it is done.
 
-**Rebuilds** happen in a child process (``python -m retrieval.snapshot build``,
+**Rebuilds** happen in a child process (``python -m retrieval.collections.snapshot build``,
 niced), started by a worker's background thread, never inside a request,
 when the changes since the snapshot (delta plus hidden) reach
 ``SHM_EMBED_SNAPSHOT_DELTA``, when the worker replayed more than ``LOG_GROWTH``
@@ -91,7 +91,7 @@ collection from the ``passages`` table in one read transaction (and asks for a
 build), so compaction never makes it miss a change silently.
 
 **Both stores.** Every statement is a method of the store's
-:class:`retrieval.database.Database` (SQLite or PostgreSQL); "one read
+:class:`retrieval.collections.database.Database` (SQLite or PostgreSQL); "one read
 transaction" is its ``consistent()`` (a deferred transaction on SQLite's WAL,
 ``REPEATABLE READ, READ ONLY`` on PostgreSQL). With SQLite the host is the
 only one. With PostgreSQL the hosts of one database each build their own
@@ -132,7 +132,7 @@ import faiss
 import numpy as np
 from loguru import logger
 
-from .faiss_index import (
+from ..faiss_index import (
     POINTS_PER_CENTROID,
     PassageIndex,
     ivf_need,
@@ -198,10 +198,10 @@ _COMPACT_CHUNK = 20_000
 EXIT_BUSY = 3
 #: The variable that gives a builder process its PostgreSQL store (the setting of the same name).
 LOCATION_ENV = "SHM_EMBED_COLLECTIONS_URL"
-_PROJECT = Path(__file__).resolve().parent.parent
+_PROJECT = Path(__file__).resolve().parents[2]
 
 
-# --- the tables (every statement is the store's Database's: retrieval.database) ----------
+# --- the tables (every statement is the store's Database's: retrieval.collections.database) ----------
 
 
 def centroids_of(db, conn, cid: int, dim: int) -> tuple[np.ndarray | None, int]:
@@ -398,7 +398,7 @@ def remove_unused(cdir: Path, keep: int) -> list[int]:
 
 
 class Snapshot(OpenGeneration):
-    """One generation, opened (retrieval/snapshot_files.py), and what a layered index asks of it."""
+    """One generation, opened (retrieval/collections/snapshot_files.py), and what a layered index asks of it."""
 
     def centroids(self) -> np.ndarray:
         return self.index.quantizer.reconstruct_n(0, self.nlist)
@@ -777,7 +777,7 @@ class SnapshotManager:
         names this host's data directory; a PostgreSQL store's URL (which may
         hold a password) goes in the environment instead (:meth:`build_env`)."""
         s = self.store
-        argv = [sys.executable, "-m", "retrieval.snapshot", "build", str(self.data_dir), str(cid),
+        argv = [sys.executable, "-m", "retrieval.collections.snapshot", "build", str(self.data_dir), str(cid),
                 "--ivf-min-vectors", str(s.ivf_min_vectors), "--stale-host-s", str(self.stale_host_s),
                 "--busy-timeout-s", str(s.busy_timeout_s), "--timeout-s", str(s.timeout_s)]
         if self._sqlite_dir is not None:
@@ -1005,7 +1005,7 @@ class SnapshotManager:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m retrieval.snapshot",
+        prog="python -m retrieval.collections.snapshot",
         description="Build a collection's index snapshot (what workers start). The collection store is the "
                     f"PostgreSQL database of ${LOCATION_ENV} when it is set (never on a command line: it may hold "
                     "a password), else the SQLite store under --sqlite-dir (default: DATA_DIR).")
@@ -1054,8 +1054,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    # Run as a module this file is __main__, and the store imports it again as retrieval.snapshot:
+    # Run as a module this file is __main__, and the store imports it again as retrieval.collections.snapshot:
     # main() must be that module's, or its except clauses would name other classes than the ones raised.
-    from retrieval.snapshot import main as _main
+    from retrieval.collections.snapshot import main as _main
 
     sys.exit(_main())

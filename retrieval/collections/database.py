@@ -1,4 +1,4 @@
-"""Where collections are kept: the SQL side of :class:`retrieval.store.CollectionStore`.
+"""Where collections are kept: the SQL side of :class:`retrieval.collections.store.CollectionStore`.
 
 Two stores hold the same tables (``collections``, ``documents``, ``passages``
 with their vectors as little-endian float32 bytes, ``centroids`` and the
@@ -6,10 +6,10 @@ change log ``changes``) and keep the same promises (a write is one
 transaction, durable when it returns; a writer killed half-way leaves the
 previous state):
 
-- :class:`retrieval.sqlite_db.SQLiteDatabase`, one file under
+- :class:`retrieval.collections.sqlite_db.SQLiteDatabase`, one file under
   ``SHM_EMBED_DATA_DIR`` that every worker of one host shares: the embedded
   default;
-- :class:`retrieval.postgres_db.PostgresDatabase`, a PostgreSQL server that
+- :class:`retrieval.collections.postgres_db.PostgresDatabase`, a PostgreSQL server that
   the workers of every host share (``SHM_EMBED_COLLECTIONS_URL``).
 
 :class:`Database` is what the store asks of either: connections and
@@ -25,7 +25,7 @@ rows of a collection past the last ``seq`` it has applied. That only works if,
 within a collection, a ``seq`` becomes visible only after every smaller one of
 that collection has: each store says how it guarantees it.
 
-Index snapshots (:mod:`retrieval.snapshot`) add two tables to both stores:
+Index snapshots (:mod:`retrieval.collections.snapshot`) add two tables to both stores:
 ``snapshot_marks(host, cid, seq, updated)``, the changes each host's newest
 snapshot of a collection covers and when the host last said so, and
 ``change_floor(cid, seq)``, up to where a collection's change log was
@@ -186,7 +186,7 @@ class Database:
         the passage's for an addition whose passage still exists, else None."""
         raise NotImplementedError
 
-    # --- snapshots: consistent reads, builds, marks and compaction (retrieval.snapshot) ---------
+    # --- snapshots: consistent reads, builds, marks and compaction (retrieval.collections.snapshot) ---------
     def consistent(self, conn, *, bulk: bool = False) -> AbstractContextManager[None]:
         """One read-only transaction on ``conn`` (a connection of ``read()``):
         every statement inside sees the same committed state while writers go

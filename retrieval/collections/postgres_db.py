@@ -1,7 +1,7 @@
 """The shared collection store: PostgreSQL, for every worker of every host.
 
 ``SHM_EMBED_COLLECTIONS_URL=postgresql://user:password@host:5432/db`` puts the
-tables of :mod:`retrieval.sqlite_db` in PostgreSQL (vectors as ``bytea``;
+tables of :mod:`retrieval.collections.sqlite_db` in PostgreSQL (vectors as ``bytea``;
 metadata and options as ``json``, kept as written, like SQLite's text).
 Workers on any number of hosts behind a load balancer then see the same
 collections, and each replays the shared change log into its own FAISS
@@ -78,8 +78,8 @@ from psycopg.conninfo import conninfo_to_dict
 from shm_protocol.errors import ConfigError, InvalidInput
 from shm_protocol.logs import RateLimitedLog
 
+from ..errors import StorageBusy, StorageUnavailable
 from .database import OP_ADD, OP_DEL, CollectionRow, Database, FilterKey, all_of, ambiguous_url, redact, url_secrets
-from .errors import StorageBusy, StorageUnavailable
 from .storage import CANNOT_OPEN, CORRUPT, FULL, IO, NEWER
 
 #: Reasons a client sees (after "collection store unavailable: "), with the Retry-After they suggest.
@@ -152,7 +152,7 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX changes_by_collection ON changes (cid, seq);
     """,
-    # 2: index snapshots (retrieval.snapshot). The change log may now be compacted up to change_floor:
+    # 2: index snapshots (retrieval.collections.snapshot). The change log may now be compacted up to change_floor:
     # a service of version 1 would replay it from 0 and miss what was compacted, so it must refuse this
     # database (it does: the version is newer than it knows).
     """

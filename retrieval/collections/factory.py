@@ -1,7 +1,7 @@
-"""Which :class:`retrieval.database.Database` a location means, and what
+"""Which :class:`retrieval.collections.database.Database` a location means, and what
 ``/ready`` asks of it before the store is opened: a ``postgresql://`` URL is
-the PostgreSQL store (:mod:`retrieval.postgres_db`), anything else the
-directory of the SQLite store (:mod:`retrieval.sqlite_db`). Each store's
+the PostgreSQL store (:mod:`retrieval.collections.postgres_db`), anything else the
+directory of the SQLite store (:mod:`retrieval.collections.sqlite_db`). Each store's
 module is imported only when its kind is asked for, so checking a SQLite
 store never imports psycopg."""
 

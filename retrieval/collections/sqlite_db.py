@@ -9,7 +9,7 @@ queue on SQLite's one write lock, for ``busy_timeout_s`` at most
 holds it from its first statement to its commit, so sequence numbers
 (``AUTOINCREMENT``) become visible in the order they were handed out. Each
 thread of a process has its own connection. The files are private (see
-:mod:`retrieval.storage`, which also turns SQLite's failures into typed errors).
+:mod:`retrieval.collections.storage`, which also turns SQLite's failures into typed errors).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from loguru import logger
 from shm_protocol.config import COLLECTIONS_DB
 from shm_protocol.logs import RateLimitedLog
 
+from ..errors import StorageBusy, StorageUnavailable
 from .database import OP_ADD, OP_DEL, CollectionRow, Database, FilterKey, all_of
-from .errors import StorageBusy, StorageUnavailable
 from .storage import NEWER, narrow_modes, os_storage_error, prepare_files, storage_error
 
 DB_FILE = COLLECTIONS_DB

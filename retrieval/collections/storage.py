@@ -23,7 +23,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from .errors import StorageBusy, StorageUnavailable
+from ..errors import StorageBusy, StorageUnavailable
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
