@@ -25,7 +25,7 @@ rows of a collection past the last ``seq`` it has applied. That only works if,
 within a collection, a ``seq`` becomes visible only after every smaller one of
 that collection has: each store says how it guarantees it.
 
-Index snapshots (:mod:`retrieval.collections.snapshot`) add two tables to both stores:
+Index snapshots (:mod:`retrieval.collections.snapshot_manager`) add two tables to both stores:
 ``snapshot_marks(host, cid, seq, updated)``, the changes each host's newest
 snapshot of a collection covers and when the host last said so, and
 ``change_floor(cid, seq)``, up to where a collection's change log was
@@ -186,7 +186,7 @@ class Database:
         the passage's for an addition whose passage still exists, else None."""
         raise NotImplementedError
 
-    # --- snapshots: consistent reads, builds, marks and compaction (retrieval.collections.snapshot) ---------
+    # --- snapshots: consistent reads, builds, marks and compaction (retrieval.collections.snapshot_manager) ---------
     def consistent(self, conn, *, bulk: bool = False) -> AbstractContextManager[None]:
         """One read-only transaction on ``conn`` (a connection of ``read()``):
         every statement inside sees the same committed state while writers go

@@ -152,9 +152,9 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX changes_by_collection ON changes (cid, seq);
     """,
-    # 2: index snapshots (retrieval.collections.snapshot). The change log may now be compacted up to change_floor:
-    # a service of version 1 would replay it from 0 and miss what was compacted, so it must refuse this
-    # database (it does: the version is newer than it knows).
+    # 2: index snapshots (retrieval.collections.snapshot_manager). The change log may now be compacted up
+    # to change_floor: a service of version 1 would replay it from 0 and miss what was compacted, so it
+    # must refuse this database (it does: the version is newer than it knows).
     """
     CREATE TABLE snapshot_marks (
         host text NOT NULL,

@@ -27,7 +27,7 @@ With snapshots (the default, ``SHM_EMBED_SNAPSHOTS``) that index is a shared,
 memory-mapped snapshot of the collection, kept under the host's data
 directory, plus the changes since it, rebuilt in the background; the change
 log is compacted once every live host's snapshot covers it: see
-:mod:`retrieval.collections.snapshot`. Both stores have them.
+:mod:`retrieval.collections.snapshot_manager`. Both stores have them.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ from ..passages import PassageSplitter, splitter_for
 from .database import OP_ADD, OP_DEL, CollectionRow, Database, FilterKey
 from .documents import CollectionOptions, Document, check_name, check_text, parse_documents
 from .factory import location_of, open_database
-from .snapshot import DELTA_MAX, STALE_HOST_S, SnapshotManager, load_from_tables
+from .snapshot_index import load_from_tables
+from .snapshot_manager import DELTA_MAX, STALE_HOST_S, SnapshotManager
 from .sqlite_db import DB_FILE, SCHEMA, SCHEMA_VERSION  # noqa: F401  (where they were)
 
 MAX_TOP_K = 1000

@@ -32,19 +32,19 @@ import pytest
 from retrieval.collections.database import is_postgres
 from retrieval.collections.documents import Document
 from retrieval.collections.factory import store_status
-from retrieval.collections.snapshot import (
+from retrieval.collections.snapshot_disk import (
     BUILD_DIR,
     HOST_FILE,
     INDEX_DIR,
-    INDEX_FILE,
     LOCK_FILE,
-    LOG_GROWTH,
-    LayeredIndex,
     build_running,
     generation_dir,
     generations,
     index_root,
 )
+from retrieval.collections.snapshot_files import INDEX_FILE
+from retrieval.collections.snapshot_index import LayeredIndex
+from retrieval.collections.snapshot_manager import LOG_GROWTH
 from retrieval.collections.sqlite_db import DB_FILE
 from retrieval.collections.storage import NEWER
 from retrieval.collections.store import CollectionStore
@@ -755,7 +755,7 @@ def test_an_old_generation_goes_when_its_last_reader_switches_and_a_deleted_coll
 
 
 def test_a_collection_deleted_during_a_build_leaves_nothing_and_the_build_succeeds(where, monkeypatch):
-    import retrieval.collections.snapshot as snapshot
+    import retrieval.collections.snapshot_manager as snapshot_manager
 
     rng = np.random.default_rng(13)
     store = open_store(where, snapshot_delta=NEVER)
@@ -767,14 +767,14 @@ def test_a_collection_deleted_during_a_build_leaves_nothing_and_the_build_succee
         cid, stale = cid_of(store, "kb"), cid_of(store, "gone-before")
         store.snapshots.collection_dir(stale).mkdir(parents=True)  # a folder a sweep must remove
         sql(where, f"DELETE FROM collections WHERE cid = {stale}")
-        write = snapshot.write_snapshot
+        write = snapshot_manager.write_snapshot
 
         def write_then_delete(*args, **kwargs):
             out = write(*args, **kwargs)
             other.delete("kb")  # deleted while the builder writes its generation
             return out
 
-        monkeypatch.setattr(snapshot, "write_snapshot", write_then_delete)
+        monkeypatch.setattr(snapshot_manager, "write_snapshot", write_then_delete)
         assert store.snapshots.build(cid) is None
         assert not store.snapshots.collection_dir(cid).exists()
         assert not store.snapshots.collection_dir(stale).exists()  # the sweep ran

@@ -188,7 +188,9 @@ def test_ivf_index_finds_exact_matches_and_agrees_with_flat():
 def test_a_layered_index_answers_as_one_index_of_the_same_passages(tmp_path, kind):
     """A written, memory-mapped snapshot plus a delta and hidden ids, against
     one PassageIndex of the live passages (same centroids, same nprobe)."""
-    from retrieval.collections.snapshot import FORMAT, LayeredIndex, Snapshot, SnapshotUnusable, write_snapshot
+    from retrieval.collections.snapshot_disk import write_snapshot
+    from retrieval.collections.snapshot_files import FORMAT, SnapshotUnusable
+    from retrieval.collections.snapshot_index import LayeredIndex, Snapshot
 
     rng = np.random.default_rng(3)
     vecs = _unit(rng, 4000)
@@ -226,7 +228,7 @@ def test_a_layered_index_answers_as_one_index_of_the_same_passages(tmp_path, kin
 
 
 def test_snapshot_settings_and_the_library_agree():
-    from retrieval.collections.snapshot import DELTA_MAX, STALE_HOST_S
+    from retrieval.collections.snapshot_manager import DELTA_MAX, STALE_HOST_S
     from shm_protocol.config import Settings
 
     assert (Settings().snapshot_delta, Settings().snapshot_stale_host_s) == (DELTA_MAX, STALE_HOST_S)
@@ -245,7 +247,9 @@ def test_equal_scores_come_back_in_id_order_and_the_cut_keeps_the_smallest_ids(t
     of top_k inside them keeps the smallest ids, in a plain index and a layered one."""
     import faiss
 
-    from retrieval.collections.snapshot import FORMAT, LayeredIndex, Snapshot, write_snapshot
+    from retrieval.collections.snapshot_disk import write_snapshot
+    from retrieval.collections.snapshot_files import FORMAT
+    from retrieval.collections.snapshot_index import LayeredIndex, Snapshot
 
     rng = np.random.default_rng(21)
     filler = _unit(rng, 600)

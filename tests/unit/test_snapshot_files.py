@@ -1,6 +1,6 @@
 """A snapshot generation's files: checksums, the verification cache, read
 leases that hold off an in-place writer, and the checks of a generation's
-structure (retrieval/collections/snapshot_files.py, retrieval.collections.snapshot.Snapshot)."""
+structure (retrieval/collections/snapshot_files.py, retrieval.collections.snapshot_index.Snapshot)."""
 
 from __future__ import annotations
 
@@ -14,16 +14,20 @@ import numpy as np
 import pytest
 
 from retrieval.collections import snapshot_files
-from retrieval.collections.snapshot import (
+from retrieval.collections.snapshot_disk import write_snapshot
+from retrieval.collections.snapshot_files import (
     FORMAT,
     IDS_FILE,
     INDEX_FILE,
     META_FILE,
-    Snapshot,
+    SnapshotChanging,
+    SnapshotFile,
     SnapshotUnusable,
-    write_snapshot,
+    file_record,
+    read_verified,
+    verify,
 )
-from retrieval.collections.snapshot_files import SnapshotChanging, SnapshotFile, file_record, read_verified, verify
+from retrieval.collections.snapshot_index import Snapshot
 
 
 def _file(tmp_path, data: bytes = bytes(range(256)) * 64):
