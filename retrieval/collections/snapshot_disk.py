@@ -19,7 +19,6 @@ generation into ``.build/``, fsyncs every file and the folder, renames it to
 ``g<generation>`` and fsyncs the parent: a generation exists whole or not at
 all, whenever the builder dies.
 
-
 **Locks.** One builder per host and collection: an ``flock`` on
 ``build.lock`` taken without waiting (the kernel releases it when a builder
 dies). A reader holds a shared ``flock`` on a generation's folder for as long

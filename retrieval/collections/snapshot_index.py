@@ -26,7 +26,6 @@ the same centroids) gives: exact for flat, the same lists probed for IVF.
 the sequence number a worker has applied, into the layered index (adds go to
 the delta; deletes go to the delta or to hidden), before every search, so a
 write is visible to the next search in every worker, long before a rebuild.
-
 """
 
 from __future__ import annotations
