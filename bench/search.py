@@ -61,9 +61,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, passages, pct, pss_mb, running_sidecar, short_queries, table  # noqa: E402
 
-from retrieval.database import redact  # noqa: E402
+from retrieval.collections.database import redact  # noqa: E402
+from retrieval.collections.store import CollectionStore, Document  # noqa: E402
 from retrieval.faiss_index import PassageIndex  # noqa: E402
-from retrieval.store import CollectionStore, Document  # noqa: E402
 from shm_protocol.client import EmbeddingClient  # noqa: E402
 from shm_protocol.config import Settings  # noqa: E402
 from shm_protocol.logs import configure_logging  # noqa: E402

@@ -53,6 +53,16 @@ def search_ranked(search, k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         m = min(n, 4 * m)
 
 
+#: Passages of an index "ivf" collection before its quantizer is trained (exhaustive until then).
+IVF_EXPLICIT_MIN = 1000
+
+
+def ivf_need(options: dict, ivf_min_vectors: int) -> int | None:
+    """Passages at which a collection of these options trains its IVF quantizer
+    (None: never); ``ivf_min_vectors`` is the store's threshold for ``auto``."""
+    return {"auto": ivf_min_vectors, "ivf": IVF_EXPLICIT_MIN}.get(options["index"])
+
+
 def nlist_for(n: int) -> int:
     """Inverted lists for a collection trained at ``n`` vectors: about 4 sqrt(n)."""
     return int(min(16384, max(16, 4 * math.sqrt(n))))

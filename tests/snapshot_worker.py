@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from retrieval.store import CollectionStore
+from retrieval.collections.store import CollectionStore
 
 #: The variable that names the store.
 LOCATION = "SNAPSHOT_WORKER_STORE"

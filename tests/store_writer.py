@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from retrieval.store import CollectionOptions, CollectionStore, parse_documents
+from retrieval.collections.store import CollectionOptions, CollectionStore, parse_documents
 from shm_protocol.client import EmbeddingClient
 
 

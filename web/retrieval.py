@@ -31,7 +31,7 @@ class Retrieval:
         """This worker's CollectionStore."""
         with self._lock:
             if self._store is None:
-                from retrieval.store import CollectionStore
+                from retrieval.collections.store import CollectionStore
 
                 self._store = CollectionStore.from_settings(self.ctx.settings, self.ctx.client)
             return self._store
@@ -41,7 +41,7 @@ class Retrieval:
         """This worker's page Fetcher."""
         with self._lock:
             if self._fetcher is None:
-                from retrieval.fetch import Fetcher
+                from retrieval.websearch.fetch import Fetcher
 
                 self._fetcher = Fetcher(self.ctx.settings)
             return self._fetcher
@@ -51,7 +51,7 @@ class Retrieval:
         (False, reason) when it cannot (a corrupt file, a full disk, a
         PostgreSQL server that is down...): for /ready. Never creates the
         store, imports no FAISS, reads a page or two."""
-        from retrieval.database import location_of, store_status
+        from retrieval.collections.factory import location_of, store_status
 
         return store_status(location_of(self.ctx.settings))
 
@@ -59,7 +59,7 @@ class Retrieval:
         """Open the store and load every stored collection now; nothing (and no
         import) when no SQLite store was ever made. A PostgreSQL store is
         opened, its schema created or migrated, at every worker's start."""
-        from retrieval.database import location_of, store_exists
+        from retrieval.collections.factory import location_of, store_exists
 
         if self._store is None and not store_exists(location_of(self.ctx.settings)):
             return 0
@@ -205,7 +205,7 @@ class WebSearch(_Resource):
         doc = self.r.body(req)
         query = self.query(doc)
         spec = rerank_spec(doc)
-        from retrieval.websearch import web_search_with_embeddings
+        from retrieval.websearch.websearch import web_search_with_embeddings
 
         result = web_search_with_embeddings(query, doc.get("urls"), top_k=_int(doc, "top_k", 5),
                                             client=self.r.ctx.client, settings=self.r.ctx.settings,

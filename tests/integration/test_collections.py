@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval import CollectionStore, build_vector_index, search_index
-from retrieval.database import is_postgres
-from retrieval.documents import CollectionOptions, parse_documents
+from compat.index import build_vector_index, search_index
+from retrieval.collections.database import is_postgres
+from retrieval.collections.documents import CollectionOptions, parse_documents
+from retrieval.collections.store import DB_FILE, CollectionStore
 from retrieval.errors import CollectionConflict, CollectionNotFound
-from retrieval.store import DB_FILE
 from shm_protocol.errors import InvalidInput
 from tests.helpers import REPO, FixedVectorClient, client_for, cosine_rows, start_sidecar, stop_and_check
 
@@ -209,6 +209,7 @@ def test_a_writer_killed_mid_write_leaves_a_readable_collection(tiny_sidecar, cl
 
 
 def test_the_original_module_level_api(tiny_sidecar, tiny_st, monkeypatch):
+    import compat
     from compat import fallback
     from tests.helpers import new_namespace
 
@@ -221,6 +222,11 @@ def test_the_original_module_level_api(tiny_sidecar, tiny_st, monkeypatch):
     vecs = fallback.generate_embeddings(DOCS, batch_size=2)
     assert vecs.shape == (4, tiny_st.get_embedding_dimension())
     assert min(cosine_rows(vecs, tiny_st.encode(DOCS))) >= 0.99999
+    # the original's retrieval calls take no client: they look the same one up
+    index, _, metadata = compat.build_vector_index(DOCS)
+    assert index.client is model
+    hits = compat.search_index(DOCS[2], index.index, metadata, 2)  # a bare FAISS index: no client with it
+    assert [h["id"] for h in hits][0] == 2 and [h["rank"] for h in hits] == [1, 2]
     model.close()
 
     # no sidecar on the namespace: a local model, as the original fell back at connect time

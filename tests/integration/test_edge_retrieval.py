@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from retrieval.store import DB_FILE, SCHEMA
+from retrieval.collections.store import DB_FILE, SCHEMA
 from shm_protocol.config import Settings
 from tests.helpers import (
     REPO,
@@ -182,7 +182,7 @@ def test_web_search_lists_equal_scores_in_page_order(servers):
     """Six pages of the same text score exactly the same (the scores of equal
     passages must not depend on where their rows fall in a matrix product) and
     come back in the order the pages were given, a top_k cut keeping the first."""
-    from retrieval import web_search_with_embeddings
+    from retrieval.websearch.websearch import web_search_with_embeddings
     from tests.helpers import FixedVectorClient
 
     urls = [f"{servers.pages}/whales/{i}" for i in (5, 2, 6, 1, 4, 3)]

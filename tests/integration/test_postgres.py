@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from loguru import logger
 
-from retrieval.database import store_status
+from retrieval.collections.factory import store_status
+from retrieval.collections.postgres_db import NEWER, SCHEMA_TABLE, SCHEMA_VERSION, UNREACHABLE
+from retrieval.collections.store import CollectionStore
 from retrieval.errors import StorageUnavailable
-from retrieval.postgres_db import NEWER, SCHEMA_TABLE, SCHEMA_VERSION, UNREACHABLE
-from retrieval.store import CollectionStore
 from shm_protocol.errors import ConfigError
 from tests.helpers import (
     FixedVectorClient,
@@ -312,7 +312,7 @@ def test_a_frozen_server_fails_a_request_in_bounded_time_and_service_resumes(pg_
     import os
     import signal
 
-    from retrieval.documents import Document
+    from retrieval.collections.documents import Document
     from tests.snapshot_worker import VectorClient
 
     store = CollectionStore(with_password(pg_url), VectorClient(8), timeout_s=TIMEOUT_S, busy_timeout_s=TIMEOUT_S)
@@ -363,8 +363,8 @@ def test_a_transaction_the_server_ended_for_idleness_is_a_retryable_503(pg_url, 
     """A worker stalled inside its consistent read for longer than the server lets a
     transaction idle (60 s; 1 s here) gets StorageBusy (503), not an error of its own;
     a builder's long read is not limited at all."""
-    import retrieval.postgres_db as pgdb
-    from retrieval.documents import Document
+    import retrieval.collections.postgres_db as pgdb
+    from retrieval.collections.documents import Document
     from retrieval.errors import StorageBusy
     from tests.snapshot_worker import VectorClient
 

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from loguru import logger
 
-from retrieval.snapshot import IDS_FILE, INDEX_FILE, META_FILE, generation_dir, generations
+from retrieval.collections.snapshot_disk import generation_dir, generations
+from retrieval.collections.snapshot_files import IDS_FILE, INDEX_FILE, META_FILE
 from tests.integration.test_snapshots import NEVER, Worker, cid_of, docs, open_store, unit
 from tests.snapshot_worker import served
 

@@ -29,25 +29,26 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import pytest
 
-from retrieval.database import is_postgres, store_status
-from retrieval.documents import Document
-from retrieval.errors import StorageUnavailable
-from retrieval.snapshot import (
+from retrieval.collections.database import is_postgres
+from retrieval.collections.documents import Document
+from retrieval.collections.factory import store_status
+from retrieval.collections.snapshot_disk import (
     BUILD_DIR,
     HOST_FILE,
     INDEX_DIR,
-    INDEX_FILE,
     LOCK_FILE,
-    LOG_GROWTH,
-    LayeredIndex,
     build_running,
     generation_dir,
     generations,
     index_root,
 )
-from retrieval.sqlite_db import DB_FILE
-from retrieval.storage import NEWER
-from retrieval.store import CollectionStore
+from retrieval.collections.snapshot_files import INDEX_FILE
+from retrieval.collections.snapshot_index import LayeredIndex
+from retrieval.collections.snapshot_manager import LOG_GROWTH
+from retrieval.collections.sqlite_db import DB_FILE
+from retrieval.collections.storage import NEWER
+from retrieval.collections.store import CollectionStore
+from retrieval.errors import StorageUnavailable
 from tests.helpers import REPO
 from tests.postgres import STORES
 from tests.snapshot_worker import LOCATION, VectorClient, served
@@ -658,7 +659,7 @@ def test_a_database_without_the_snapshot_tables_is_migrated_and_a_newer_one_refu
     if where.postgres:
         import psycopg
 
-        from retrieval.postgres_db import MIGRATIONS, SCHEMA_TABLE, SCHEMA_VERSION
+        from retrieval.collections.postgres_db import MIGRATIONS, SCHEMA_TABLE, SCHEMA_VERSION
 
         with psycopg.connect(where.location, autocommit=True) as conn, conn.transaction():
             conn.execute(MIGRATIONS[0])
@@ -670,7 +671,7 @@ def test_a_database_without_the_snapshot_tables_is_migrated_and_a_newer_one_refu
         version = f"SELECT max(version) FROM {SCHEMA_TABLE}"
         newer = f"INSERT INTO {SCHEMA_TABLE} (version) VALUES ({SCHEMA_VERSION + 1})"
     else:
-        from retrieval.sqlite_db import SCHEMA, SCHEMA_VERSION
+        from retrieval.collections.sqlite_db import SCHEMA, SCHEMA_VERSION
 
         v1 = SCHEMA.split("-- Per host and collection")[0] + "PRAGMA user_version = 1;"
         where.data.mkdir(exist_ok=True)
@@ -754,7 +755,7 @@ def test_an_old_generation_goes_when_its_last_reader_switches_and_a_deleted_coll
 
 
 def test_a_collection_deleted_during_a_build_leaves_nothing_and_the_build_succeeds(where, monkeypatch):
-    import retrieval.snapshot as snapshot
+    import retrieval.collections.snapshot_manager as snapshot_manager
 
     rng = np.random.default_rng(13)
     store = open_store(where, snapshot_delta=NEVER)
@@ -766,14 +767,14 @@ def test_a_collection_deleted_during_a_build_leaves_nothing_and_the_build_succee
         cid, stale = cid_of(store, "kb"), cid_of(store, "gone-before")
         store.snapshots.collection_dir(stale).mkdir(parents=True)  # a folder a sweep must remove
         sql(where, f"DELETE FROM collections WHERE cid = {stale}")
-        write = snapshot.write_snapshot
+        write = snapshot_manager.write_snapshot
 
         def write_then_delete(*args, **kwargs):
             out = write(*args, **kwargs)
             other.delete("kb")  # deleted while the builder writes its generation
             return out
 
-        monkeypatch.setattr(snapshot, "write_snapshot", write_then_delete)
+        monkeypatch.setattr(snapshot_manager, "write_snapshot", write_then_delete)
         assert store.snapshots.build(cid) is None
         assert not store.snapshots.collection_dir(cid).exists()
         assert not store.snapshots.collection_dir(stale).exists()  # the sweep ran

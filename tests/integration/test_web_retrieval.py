@@ -15,7 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from retrieval import CollectionStore, web_search_with_embeddings
+from retrieval.collections.store import CollectionStore
+from retrieval.websearch.websearch import web_search_with_embeddings
 from shm_protocol.config import Settings
 from tests.helpers import client_for, start_sidecar, start_web, stop_and_check
 from tests.postgres import STORES

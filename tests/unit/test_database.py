@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from retrieval.database import ambiguous_url, is_postgres, redact, url_password, url_secrets
+from retrieval.collections.database import ambiguous_url, is_postgres, redact, url_password, url_secrets
 from shm_protocol.config import Settings
 from shm_protocol.errors import ConfigError
 
@@ -51,9 +51,9 @@ def test_the_password_never_shows_in_errors_or_logs_in_any_form(monkeypatch):
     cannot be used: the store's errors, /ready's reason and every log line are free of each secret."""
     from loguru import logger
 
-    import retrieval.postgres_db as pgdb
+    import retrieval.collections.postgres_db as pgdb
+    from retrieval.collections.postgres_db import PostgresDatabase, store_status
     from retrieval.errors import StorageUnavailable
-    from retrieval.postgres_db import PostgresDatabase, store_status
     from shm_protocol.logs import RateLimitedLog
     from tests.helpers import free_port
 

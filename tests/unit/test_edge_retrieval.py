@@ -12,10 +12,10 @@ import stat
 
 import pytest
 
+from retrieval.collections.store import DB_FILE, CollectionStore, check_name
 from retrieval.errors import FetchRefused
-from retrieval.extract import decode, extract, text_codec
-from retrieval.fetch import AddressPolicy
-from retrieval.store import DB_FILE, CollectionStore, check_name
+from retrieval.websearch.extract import decode, extract, text_codec
+from retrieval.websearch.fetch import AddressPolicy
 from shm_protocol.errors import InvalidInput
 from tests.helpers import FixedVectorClient
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from retrieval.collections.store import CollectionOptions, parse_documents
 from retrieval.errors import FetchRefused
-from retrieval.extract import extract
 from retrieval.faiss_index import PassageIndex, nlist_for, train_centroids
-from retrieval.fetch import AddressPolicy
 from retrieval.passages import PassageSplitter, split_passages
-from retrieval.store import CollectionOptions, parse_documents
+from retrieval.websearch.extract import extract
+from retrieval.websearch.fetch import AddressPolicy
 from shm_protocol.errors import InvalidInput
 
 
@@ -188,7 +188,9 @@ def test_ivf_index_finds_exact_matches_and_agrees_with_flat():
 def test_a_layered_index_answers_as_one_index_of_the_same_passages(tmp_path, kind):
     """A written, memory-mapped snapshot plus a delta and hidden ids, against
     one PassageIndex of the live passages (same centroids, same nprobe)."""
-    from retrieval.snapshot import FORMAT, LayeredIndex, Snapshot, SnapshotUnusable, write_snapshot
+    from retrieval.collections.snapshot_disk import write_snapshot
+    from retrieval.collections.snapshot_files import FORMAT, SnapshotUnusable
+    from retrieval.collections.snapshot_index import LayeredIndex, Snapshot
 
     rng = np.random.default_rng(3)
     vecs = _unit(rng, 4000)
@@ -226,7 +228,7 @@ def test_a_layered_index_answers_as_one_index_of_the_same_passages(tmp_path, kin
 
 
 def test_snapshot_settings_and_the_library_agree():
-    from retrieval.snapshot import DELTA_MAX, STALE_HOST_S
+    from retrieval.collections.snapshot_manager import DELTA_MAX, STALE_HOST_S
     from shm_protocol.config import Settings
 
     assert (Settings().snapshot_delta, Settings().snapshot_stale_host_s) == (DELTA_MAX, STALE_HOST_S)
@@ -245,7 +247,9 @@ def test_equal_scores_come_back_in_id_order_and_the_cut_keeps_the_smallest_ids(t
     of top_k inside them keeps the smallest ids, in a plain index and a layered one."""
     import faiss
 
-    from retrieval.snapshot import FORMAT, LayeredIndex, Snapshot, write_snapshot
+    from retrieval.collections.snapshot_disk import write_snapshot
+    from retrieval.collections.snapshot_files import FORMAT
+    from retrieval.collections.snapshot_index import LayeredIndex, Snapshot
 
     rng = np.random.default_rng(21)
     filler = _unit(rng, 600)
@@ -284,7 +288,7 @@ def test_equal_scores_come_back_in_id_order_and_the_cut_keeps_the_smallest_ids(t
 
 
 def test_the_in_memory_index_lists_equal_scores_in_document_order():
-    from retrieval.index import build_vector_index, search_index
+    from compat.index import build_vector_index, search_index
     from tests.helpers import FixedVectorClient
 
     texts = ["b", "same", "c", "same", "same", "d", "same"]

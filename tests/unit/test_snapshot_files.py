@@ -1,6 +1,6 @@
 """A snapshot generation's files: checksums, the verification cache, read
 leases that hold off an in-place writer, and the checks of a generation's
-structure (retrieval/snapshot_files.py, retrieval.snapshot.Snapshot)."""
+structure (retrieval/collections/snapshot_files.py, retrieval.collections.snapshot_index.Snapshot)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,21 @@ import faiss
 import numpy as np
 import pytest
 
-from retrieval import snapshot_files
-from retrieval.snapshot import FORMAT, IDS_FILE, INDEX_FILE, META_FILE, Snapshot, SnapshotUnusable, write_snapshot
-from retrieval.snapshot_files import SnapshotChanging, SnapshotFile, file_record, read_verified, verify
+from retrieval.collections import snapshot_files
+from retrieval.collections.snapshot_disk import write_snapshot
+from retrieval.collections.snapshot_files import (
+    FORMAT,
+    IDS_FILE,
+    INDEX_FILE,
+    META_FILE,
+    SnapshotChanging,
+    SnapshotFile,
+    SnapshotUnusable,
+    file_record,
+    read_verified,
+    verify,
+)
+from retrieval.collections.snapshot_index import Snapshot
 
 
 def _file(tmp_path, data: bytes = bytes(range(256)) * 64):

@@ -1,10 +1,10 @@
 """Vector collections, shared by every worker of a host, or of many hosts.
 
-Where they are kept is a :class:`retrieval.database.Database`: by default one
+Where they are kept is a :class:`retrieval.collections.database.Database`: by default one
 SQLite file under ``SHM_EMBED_DATA_DIR`` that every worker of the host shares
-(:mod:`retrieval.sqlite_db`), or, with ``SHM_EMBED_COLLECTIONS_URL``, a
+(:mod:`retrieval.collections.sqlite_db`), or, with ``SHM_EMBED_COLLECTIONS_URL``, a
 PostgreSQL server that the workers of every host share
-(:mod:`retrieval.postgres_db`). Either way every write (a batch of documents,
+(:mod:`retrieval.collections.postgres_db`). Either way every write (a batch of documents,
 a delete) is one transaction, durable when it returns, and a writer killed
 half-way leaves the previous state. The tables are plain SQL that any later
 vector store can read: ``collections``, ``documents``, ``passages`` (vectors
@@ -13,7 +13,7 @@ the storage itself (a corrupt file, a full disk, a server that is down) is a
 typed :class:`StorageUnavailable`; this module holds no SQL of its own.
 
 Names, options and documents are checked (and documents split into
-passages) by :mod:`retrieval.documents` before anything here runs.
+passages) by :mod:`retrieval.collections.documents` before anything here runs.
 
 Each worker keeps a FAISS index per collection in memory (see
 :mod:`retrieval.faiss_index`) and brings it up to date before every search by
@@ -21,13 +21,13 @@ replaying the ``changes`` log past the last sequence number it has applied, so
 a write by any worker is visible to the next search in every worker. Passage
 ids are never reused, which makes replay order-free; each database makes sure
 a sequence number is only seen once every smaller one of its collection is
-committed (see :mod:`retrieval.database`).
+committed (see :mod:`retrieval.collections.database`).
 
 With snapshots (the default, ``SHM_EMBED_SNAPSHOTS``) that index is a shared,
 memory-mapped snapshot of the collection, kept under the host's data
 directory, plus the changes since it, rebuilt in the background; the change
 log is compacted once every live host's snapshot covers it: see
-:mod:`retrieval.snapshot`. Both stores have them.
+:mod:`retrieval.collections.snapshot_manager`. Both stores have them.
 """
 
 from __future__ import annotations
@@ -49,16 +49,16 @@ from loguru import logger
 from shm_protocol.errors import InvalidInput, ModelNotFound, RequestTooLarge
 from shm_protocol.model_files import named, served_models
 
-from .database import OP_ADD, OP_DEL, CollectionRow, Database, FilterKey, open_database
+from ..errors import CollectionConflict, CollectionNotFound
+from ..faiss_index import POINTS_PER_CENTROID, PassageIndex, ivf_need, nlist_for, train_centroids
+from ..passages import PassageSplitter, splitter_for
+from .database import OP_ADD, OP_DEL, CollectionRow, Database, FilterKey
 from .documents import CollectionOptions, Document, check_name, check_text, parse_documents
-from .errors import CollectionConflict, CollectionNotFound
-from .faiss_index import POINTS_PER_CENTROID, PassageIndex, nlist_for, train_centroids
-from .passages import PassageSplitter, splitter_for
-from .snapshot import DELTA_MAX, STALE_HOST_S, SnapshotManager, load_from_tables
+from .factory import location_of, open_database
+from .snapshot_index import load_from_tables
+from .snapshot_manager import DELTA_MAX, STALE_HOST_S, SnapshotManager
 from .sqlite_db import DB_FILE, SCHEMA, SCHEMA_VERSION  # noqa: F401  (where they were)
 
-#: Passages of an index "ivf" collection before its quantizer is trained (exhaustive until then).
-IVF_EXPLICIT_MIN = 1000
 MAX_TOP_K = 1000
 #: Change-log entries read per query while replaying.
 _REPLAY_CHUNK = 8192
@@ -138,8 +138,6 @@ class CollectionStore:
 
     @classmethod
     def from_settings(cls, settings, client) -> CollectionStore:
-        from .database import location_of
-
         return cls(location_of(settings), client, nprobe=settings.search_nprobe,
                    ivf_min_vectors=settings.ivf_min_vectors, search_threads=settings.search_threads,
                    filter_max_values=settings.filter_max_values, pool_size=settings.collections_pool,
@@ -354,12 +352,8 @@ class CollectionStore:
         return doc
 
     # --- the IVF quantizer -------------------------------------------------------------
-    def _ivf_need(self, options: dict) -> int | None:
-        """Passages at which a collection of these options trains its IVF quantizer (None: never)."""
-        return {"auto": self.ivf_min_vectors, "ivf": IVF_EXPLICIT_MIN}.get(options["index"])
-
     def _maybe_train(self, row: CollectionRow, total: int) -> None:
-        need = self._ivf_need(row.options)
+        need = ivf_need(row.options, self.ivf_min_vectors)
         if need is None or total < need:
             return
         if self.snapshots is not None:

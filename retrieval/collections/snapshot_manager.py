@@ -1,45 +1,14 @@
 """One copy of a collection's vectors per host: shared, memory-mapped index snapshots.
 
 Without snapshots every worker process holds every collection's vectors in
-its own FAISS index (1.5 GB per million passages, per worker). With them:
+its own FAISS index (1.5 GB per million passages, per worker). With them the
+host keeps one copy, which its workers map.
 
-**Files.** ``SHM_EMBED_DATA_DIR/index/<collection id>/g<generation>/`` holds
-one generation (``index/pg-<hash>/...`` for a PostgreSQL store, see
-:func:`index_root`): ``index.faiss`` (``IndexFlatIP``, or ``IndexIVFFlat``
-with its quantizer, ids inside), ``ids.npy`` (the passage ids it holds,
-sorted; for a flat index also the id of each row) and ``meta.json`` (the
-change-log sequence number it covers, the generation, the collection's id and
-creation time, kind, lists, passages, when its quantizer was trained, the
-size and checksum of each file: checked at every open, see
-:mod:`retrieval.snapshot_files`, as are the read leases that keep a file
-overwritten in place from crashing the workers that map it).
-Folders are 0700 and files 0600, like the database. A builder writes a
-generation into ``.build/``, fsyncs every file and the folder, renames it to
-``g<generation>`` and fsyncs the parent: a generation exists whole or not at
-all, whenever the builder dies.
-
-**Sharing.** A worker opens the newest generation with
-``faiss.read_index(path, IO_FLAG_MMAP_IFC)`` (FAISS 1.15 maps the vectors, the
-inverted lists and their ids read-only from the file instead of copying them)
-and ``numpy.load(mmap_mode="r")``: the kernel's page cache holds one copy that
-every process of the host maps (``MAP_SHARED``, never written), so the
-workers' proportional set sizes (PSS) add up to about one copy. The
-snapshot is never modified in memory (FAISS aborts the process on an add to a
-mapped index); each worker keeps a :class:`LayeredIndex`: the snapshot, a small
-private *delta* index of the passages added since its sequence number (flat
-for a flat snapshot; IVF over the snapshot's own centroids for an IVF one) and
-the set of snapshot passages deleted or replaced since (*hidden*). A search
-asks the snapshot with a FAISS selector that excludes the hidden ids (and
-applies the filter), asks the delta the same, and merges the two top-k lists
-(each complete at its cut, :func:`retrieval.faiss_index.search_ranked`: equal
-scores order and cut as in one index). For an IVF snapshot both scan the lists one quantizer search chose. The
-answer is therefore the one a single index over the same live passages (and
-the same centroids) gives: exact for flat, the same lists probed for IVF.
-
-**Changes.** Replay is unchanged: the store replays the ``changes`` log past
-the sequence number a worker has applied, into the layered index (adds go to
-the delta; deletes go to the delta or to hidden), before every search, so a
-write is visible to the next search in every worker, long before a rebuild.
+**Modules.** The files of a generation (:mod:`.snapshot_disk`: folders,
+writing, locks; :mod:`.snapshot_files`: checksums, leases, opening); what a
+worker searches (:mod:`.snapshot_index`); this module, which decides which
+generation a worker serves and when one is built, and builds it; and the
+builder process (:mod:`.snapshot_builder`).
 
 **Switching.** Before each search a worker stats the collection's folder (one
 system call); when it changed (or changed less than ``RACY_S`` ago, within a
@@ -47,7 +16,7 @@ timestamp's granularity) it lists it again. A newer generation is opened and
 the delta rebuilt from its sequence number on; the old one is unmapped when
 the last search using it is done.
 
-**Rebuilds** happen in a child process (``python -m retrieval.snapshot build``,
+**Rebuilds** happen in a child process (``python -m retrieval.collections.snapshot_builder build``,
 niced), started by a worker's background thread, never inside a request,
 when the changes since the snapshot (delta plus hidden) reach
 ``SHM_EMBED_SNAPSHOT_DELTA``, when the worker replayed more than ``LOG_GROWTH``
@@ -91,7 +60,7 @@ collection from the ``passages`` table in one read transaction (and asks for a
 build), so compaction never makes it miss a change silently.
 
 **Both stores.** Every statement is a method of the store's
-:class:`retrieval.database.Database` (SQLite or PostgreSQL); "one read
+:class:`retrieval.collections.database.Database` (SQLite or PostgreSQL); "one read
 transaction" is its ``consistent()`` (a deferred transaction on SQLite's WAL,
 ``REPEATABLE READ, READ ONLY`` on PostgreSQL). With SQLite the host is the
 only one. With PostgreSQL the hosts of one database each build their own
@@ -107,24 +76,15 @@ rename semantics; not NFS); Linux (``/proc``, ``MAP_SHARED`` page sharing).
 
 from __future__ import annotations
 
-import argparse
 import ctypes
-import fcntl
-import hashlib
-import json
 import os
 import queue
-import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,41 +92,33 @@ import faiss
 import numpy as np
 from loguru import logger
 
-from .faiss_index import (
-    POINTS_PER_CENTROID,
-    PassageIndex,
-    nlist_for,
-    ranked,
-    search_preassigned,
-    search_ranked,
-    train_centroids,
+from ..faiss_index import POINTS_PER_CENTROID, PassageIndex, ivf_need, nlist_for, train_centroids
+from .snapshot_disk import (
+    BUILD_DIR,
+    GENERATION_FILES,
+    build_lock,
+    build_running,
+    generation_dir,
+    generations,
+    host_id,
+    index_root,
+    private_dir,
+    private_dirs,
+    remove_unused,
+    write_snapshot,
 )
 from .snapshot_files import (
     FORMAT,
-    IDS_FILE,
-    INDEX_FILE,
-    META_FILE,
     BuildBusy,
     CollectionGone,
-    OpenGeneration,
     SnapshotChanging,
     SnapshotError,
     SnapshotGone,
     SnapshotUnusable,
-    file_record,
     generation_stamp,
     read_meta,
 )
-from .storage import DIR_MODE, FILE_MODE
-
-#: The folder under SHM_EMBED_DATA_DIR that holds the snapshots, one folder per collection id.
-INDEX_DIR = "index"
-HOST_FILE = "host"
-LOCK_FILE = "build.lock"
-#: Where a builder writes a generation before renaming it to g<generation>.
-BUILD_DIR = ".build"
-_FILES = (META_FILE, INDEX_FILE, IDS_FILE)
-_GENERATION = re.compile(r"g(\d{12})")
+from .snapshot_index import LayeredIndex, Snapshot, centroids_of, passages_of
 
 #: Changes since its snapshot at which a worker asks for a rebuild, unless the settings say otherwise
 #: (SHM_EMBED_SNAPSHOT_DELTA): what each worker holds of its own between rebuilds.
@@ -188,335 +140,15 @@ MARK_TOUCHES = 4
 #: below SHM_EMBED_SNAPSHOT_DELTA would otherwise keep forever, and which every new worker replays.
 LOG_GROWTH = 4
 LOG_MIN = 10_000
-#: Niceness of a builder process: rebuilds yield the CPU to requests and to the model.
-BUILD_NICE = 10
-#: Rows read from the tables at once, and changes deleted per transaction when compacting.
-_CHUNK = 8192
+#: Changes deleted per transaction when compacting.
 _COMPACT_CHUNK = 20_000
 #: The builder's exit status when another builder holds the collection's lock.
 EXIT_BUSY = 3
 #: The variable that gives a builder process its PostgreSQL store (the setting of the same name).
 LOCATION_ENV = "SHM_EMBED_COLLECTIONS_URL"
-_PROJECT = Path(__file__).resolve().parent.parent
-
-
-# --- the tables (every statement is the store's Database's: retrieval.database) ----------
-
-
-def centroids_of(db, conn, cid: int, dim: int) -> tuple[np.ndarray | None, int]:
-    """(a collection's IVF centroids, the passages they were trained on), or (None, 0)."""
-    cent = db.centroids(conn, cid)
-    if cent is None:
-        return None, 0
-    return np.frombuffer(cent[1], dtype="<f4").reshape(-1, dim), int(cent[2])
-
-
-def passages_of(db, conn, cid: int, dim: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, vectors) of every passage of a collection, in chunks, in id order
-    (inside ``db.consistent(conn)``)."""
-    for ids, blob in db.stream_passages(conn, cid, _CHUNK):
-        yield ids, np.frombuffer(blob, dtype="<f4").reshape(len(ids), dim)
-
-
-def load_from_tables(db, conn, cid: int, dim: int, nprobe: int) -> tuple[PassageIndex, int]:
-    """The collection read from the ``passages`` table into a private index,
-    and the sequence number that state is at. Call it inside
-    ``db.consistent(conn)``. For a worker behind the log's floor: replay
-    could not bring it up to date."""
-    centroids, _ = centroids_of(db, conn, cid, dim)
-    index = PassageIndex(dim, centroids, nprobe=nprobe)
-    for ids, vectors in passages_of(db, conn, cid, dim):
-        index.add(ids, vectors)
-    last, floor = db.log_state(conn, cid)
-    return index, max(last, floor)
-
-
-# --- files ------------------------------------------------------------------------------
-
-
-def _private_dir(path: Path) -> None:
-    try:
-        path.mkdir(mode=DIR_MODE)
-    except FileExistsError:
-        return
-    os.chmod(path, DIR_MODE)  # mkdir's mode went through the umask
-
-
-def _private_dirs(path: Path) -> None:
-    """``path`` and its missing parents, each made 0700."""
-    if not path.exists():
-        _private_dirs(path.parent)
-        _private_dir(path)
-
-
-def index_root(data_dir: Path, db) -> Path:
-    """Where this host keeps the snapshots of the store ``db``:
-    ``<data_dir>/index`` for the SQLite store of that directory, a folder of
-    its own under it for any other store (``pg-<hash of server and database>``),
-    so that two stores used from one data directory never share collection
-    folders (their collection ids are the same numbers)."""
-    root = Path(data_dir) / INDEX_DIR
-    if db.kind == "sqlite":
-        if Path(db.dir).resolve() == Path(data_dir).resolve():
-            return root
-        where = str(Path(db.dir).resolve())
-    else:
-        from psycopg.conninfo import conninfo_to_dict
-
-        info = conninfo_to_dict(db.url)  # the server and database, never the user or password
-        where = f"{info.get('host', '')}:{info.get('port', '')}/{info.get('dbname', '')}"
-    prefix = "sqlite" if db.kind == "sqlite" else "pg"
-    return root / f"{prefix}-{hashlib.sha256(where.encode()).hexdigest()[:16]}"
-
-
-def _create(path: Path):
-    """A new file of mode 0600 whatever the umask, open for writing."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
-    os.fchmod(fd, FILE_MODE)
-    return os.fdopen(fd, "wb")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def host_id(root: Path) -> str:
-    """This host's id for snapshot marks, made once and kept in ``root/host``."""
-    path = root / HOST_FILE
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        pass
-    _private_dirs(root)
-    tmp = root / f".{HOST_FILE}.{os.getpid()}.{threading.get_ident()}"
-    with _create(tmp) as f:
-        f.write(f"{socket.gethostname()}-{uuid.uuid4().hex[:12]}\n".encode())
-        f.flush()
-        os.fsync(f.fileno())
-    try:
-        os.link(tmp, path)  # first one wins; a link never shows a half-written file
-    except FileExistsError:
-        pass
-    finally:
-        os.unlink(tmp)
-    return path.read_text().strip()
-
-
-def generations(cdir: Path) -> list[int]:
-    """The complete generations in a collection's folder, oldest first."""
-    try:
-        names = os.listdir(cdir)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    return sorted(int(m.group(1)) for name in names if (m := _GENERATION.fullmatch(name)))
-
-
-def generation_dir(cdir: Path, gen: int) -> Path:
-    return cdir / f"g{gen:012d}"
-
-
-def write_snapshot(cdir: Path, gen: int, index, ids: np.ndarray, meta: dict) -> Path:
-    """Write a generation whole: into ``.build``, fsynced, renamed, parent fsynced."""
-    tmp = cdir / BUILD_DIR
-    tmp.mkdir(mode=DIR_MODE)
-    os.chmod(tmp, DIR_MODE)
-    _create(tmp / INDEX_FILE).close()  # FAISS (re)opens it with fopen("wb"), which keeps the mode
-    faiss.write_index(index, str(tmp / INDEX_FILE))
-    with _create(tmp / IDS_FILE) as f:
-        np.save(f, np.ascontiguousarray(ids, dtype="<i8"), allow_pickle=False)
-    meta = dict(meta, files={name: file_record(tmp / name) for name in (INDEX_FILE, IDS_FILE)})
-    with _create(tmp / META_FILE) as f:
-        f.write(json.dumps(meta).encode())
-    for name in (INDEX_FILE, IDS_FILE, META_FILE):
-        _fsync(tmp / name)
-    _fsync(tmp)
-    final = generation_dir(cdir, gen)
-    os.rename(tmp, final)
-    _fsync(cdir)
-    return final
-
-
-@contextmanager
-def build_lock(cdir: Path) -> Iterator[None]:
-    """The collection's build lock, taken without waiting (BuildBusy)."""
-    fd = os.open(cdir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BuildBusy(f"{cdir}: another builder holds {LOCK_FILE}") from None
-        yield
-    finally:
-        os.close(fd)  # releases the lock (as the kernel does for a builder that dies)
-
-
-def build_running(cdir: Path) -> bool:
-    """Whether a builder holds the collection's lock now."""
-    try:
-        fd = os.open(cdir / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
-def remove_unused(cdir: Path, keep: int) -> list[int]:
-    """Remove the generations older than ``keep`` that no process has open; returns them."""
-    removed = []
-    for gen in generations(cdir):
-        if gen >= keep:
-            continue
-        path = generation_dir(cdir, gen)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue
-        except NotADirectoryError:  # a stray file named like a generation: no process maps it
-            path.unlink(missing_ok=True)
-            removed.append(gen)
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # a worker still maps it; a later build removes it
-        else:
-            shutil.rmtree(path)
-            removed.append(gen)
-        finally:
-            os.close(fd)
-    return removed
-
-
-class Snapshot(OpenGeneration):
-    """One generation, opened (retrieval/snapshot_files.py), and what a layered index asks of it."""
-
-    def centroids(self) -> np.ndarray:
-        return self.index.quantizer.reconstruct_n(0, self.nlist)
-
-    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(which of ``ids`` this snapshot holds, their rows)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        if not self.ntotal or not len(ids):
-            return np.zeros(len(ids), bool), np.empty(0, np.int64)
-        rows = np.minimum(np.searchsorted(self.ids, ids), self.ntotal - 1)
-        found = np.asarray(self.ids[rows]) == ids
-        return found, rows[found]
-
-
-# --- the layered index -----------------------------------------------------------------
-
-
-class LayeredIndex:
-    """A shared snapshot, plus this process's changes since its sequence number:
-    a private delta index of the passages added and the set of snapshot
-    passages removed (hidden). The interface of :class:`PassageIndex`."""
-
-    def __init__(self, base: Snapshot, nprobe: int):
-        self.base = base
-        self.dim, self.kind, self.nlist = base.dim, base.kind, base.nlist
-        self.nprobe = nprobe
-        self.delta = PassageIndex(self.dim, base.centroids() if self.kind == "ivf" else None, nprobe=nprobe)
-        self.hidden: set[int] = set()
-        self._hidden: tuple | None = None  # (ids, the selector that excludes them), made when first needed
-
-    @property
-    def generation(self) -> int:
-        return self.base.generation
-
-    @property
-    def ntotal(self) -> int:
-        return self.base.ntotal - len(self.hidden) + self.delta.ntotal
-
-    @property
-    def pending(self) -> int:
-        """Changes held privately: what a rebuild would fold into the snapshot."""
-        return self.delta.ntotal + len(self.hidden)
-
-    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        self.delta.add(ids, vectors)  # passage ids are never reused: none of them is in the snapshot
-
-    def remove(self, ids: np.ndarray) -> None:
-        ids = np.asarray(ids, dtype=np.int64)
-        if not len(ids):
-            return
-        found, _ = self.base.locate(ids)
-        fresh = set(ids[found].tolist()) - self.hidden
-        if fresh:
-            self.hidden |= fresh
-            self._hidden = None
-        self.delta.remove(ids[~found])
-
-    def _hidden_selector(self) -> tuple:
-        if self._hidden is None:
-            ids = np.fromiter(self.hidden, np.int64, len(self.hidden))
-            keys = self.base.locate(ids)[1] if self.kind == "flat" else ids  # a flat snapshot is searched by row
-            inner = faiss.IDSelectorBatch(keys)
-            self._hidden = (ids, inner, faiss.IDSelectorNot(inner))
-        return self._hidden
-
-    def search(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """What :meth:`PassageIndex.search` answers for an index of the same live passages."""
-        total = self.ntotal
-        if total == 0 or (allowed is not None and len(allowed) == 0):
-            return np.empty(0, np.float32), np.empty(0, np.int64)
-        query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dim)
-        k = max(1, min(k, total))
-        keep = []  # selectors a search's parameters point to: alive until the searches are done
-        base_n = self.base.ntotal - len(self.hidden)
-        base_sel = self._hidden_selector()[2] if self.hidden else None
-        delta_sel = None
-        if allowed is not None:
-            allowed = np.ascontiguousarray(allowed, dtype=np.int64)
-            delta_sel = faiss.IDSelectorBatch(allowed)
-            keys = allowed[~np.isin(allowed, self._hidden_selector()[0])] if self.hidden else allowed
-            if self.kind == "flat":
-                keys = self.base.locate(keys)[1]
-            base_n = min(base_n, len(keys))
-            base_sel = faiss.IDSelectorBatch(keys) if len(keys) else None
-            keep += [delta_sel, base_sel]
-        parts = []
-        if self.kind == "ivf":
-            nprobe = self.nprobe
-            if allowed is not None and len(allowed) * 10 < total:
-                nprobe = self.nlist  # a narrow filter: scan every list (as PassageIndex does)
-            nprobe = min(nprobe, self.nlist)
-            coarse_scores, coarse_ids = self.base.index.quantizer.search(query, nprobe)
-            layers = ((self.base.index, base_n, base_sel), (self.delta.index, self.delta.ntotal, delta_sel))
-            for index, n, sel in layers:
-                if n > 0:
-                    params = faiss.SearchParametersIVF(nprobe=nprobe, sel=sel)
-
-                    def search(m, index=index, params=params):
-                        scores, ids = search_preassigned(index, query, m, coarse_ids, coarse_scores, params)
-                        return scores[ids >= 0], ids[ids >= 0]
-
-                    parts.append(search_ranked(search, min(k, n), n))
-        else:
-            if base_n > 0:
-                params = faiss.SearchParameters(sel=base_sel) if base_sel is not None else None
-
-                def search(m):
-                    scores, rows = self.base.index.search(query, m, params=params)
-                    found = rows[0] >= 0
-                    return scores[0][found], np.asarray(self.base.ids[rows[0][found]])
-
-                parts.append(search_ranked(search, min(k, base_n), base_n))
-            if self.delta.ntotal:
-                parts.append(self.delta.search(query, k, allowed))
-        del keep
-        if not parts:
-            return np.empty(0, np.float32), np.empty(0, np.int64)
-        # Each layer's k best in the defined order, ties at its cut included: so are the k best of both.
-        return ranked(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), k)
+#: The module a builder process runs (named, not imported: it imports the store, which imports this module).
+BUILDER_MODULE = "retrieval.collections.snapshot_builder"
+_PROJECT = Path(__file__).resolve().parents[2]
 
 
 def _fill(db, conn, cid: int, dim: int, centroids: np.ndarray | None) -> tuple:
@@ -644,7 +276,7 @@ class SnapshotManager:
         if newest is None or (layered and lo.index.generation >= newest):
             return layered
         path = generation_dir(self.collection_dir(lo.cid), newest)
-        stamp = generation_stamp(path, _FILES)  # taken before opening: a change after it is seen next time
+        stamp = generation_stamp(path, GENERATION_FILES)  # taken before opening: a change after it is seen next time
         if st.rejected == (newest, stamp):
             return layered
         try:
@@ -721,7 +353,7 @@ class SnapshotManager:
         if (index.pending if layered else index.ntotal) >= self.delta_max:
             why = "changes since the snapshot" if layered else "no snapshot yet"
         elif index.kind == "flat":
-            need = self.store._ivf_need(options)
+            need = ivf_need(options, self.store.ivf_min_vectors)
             if need is not None and index.ntotal >= need:
                 why = "the IVF quantizer is due"
         elif layered and index.ntotal >= RETRAIN_GROWTH * max(1, index.base.trained_at):
@@ -776,7 +408,7 @@ class SnapshotManager:
         names this host's data directory; a PostgreSQL store's URL (which may
         hold a password) goes in the environment instead (:meth:`build_env`)."""
         s = self.store
-        argv = [sys.executable, "-m", "retrieval.snapshot", "build", str(self.data_dir), str(cid),
+        argv = [sys.executable, "-m", BUILDER_MODULE, "build", str(self.data_dir), str(cid),
                 "--ivf-min-vectors", str(s.ivf_min_vectors), "--stale-host-s", str(self.stale_host_s),
                 "--busy-timeout-s", str(s.busy_timeout_s), "--timeout-s", str(s.timeout_s)]
         if self._sqlite_dir is not None:
@@ -894,7 +526,7 @@ class SnapshotManager:
         db, cid, dim = self.db, row.cid, row.dim
         with db.read() as conn:
             centroids, trained_at = centroids_of(db, conn, cid, dim)
-        need = self.store._ivf_need(row.options)
+        need = ivf_need(row.options, self.store.ivf_min_vectors)
         if centroids is None and (need is None or total < need):
             return None, 0
         if centroids is not None and total < RETRAIN_GROWTH * max(1, trained_at):
@@ -944,8 +576,8 @@ class SnapshotManager:
             shutil.rmtree(self.collection_dir(cid), ignore_errors=True)
             return None
         cdir = self.collection_dir(cid)
-        _private_dirs(self.root)
-        _private_dir(cdir)
+        private_dirs(self.root)
+        private_dir(cdir)
         try:
             with build_lock(cdir):
                 return self._build_locked(cid, row, cdir)
@@ -997,64 +629,3 @@ class SnapshotManager:
         if removed:
             logger.info("collection {}: unused snapshot generations {} removed", row.name, removed)
         return meta
-
-
-# --- the builder process --------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m retrieval.snapshot",
-        description="Build a collection's index snapshot (what workers start). The collection store is the "
-                    f"PostgreSQL database of ${LOCATION_ENV} when it is set (never on a command line: it may hold "
-                    "a password), else the SQLite store under --sqlite-dir (default: DATA_DIR).")
-    sub = ap.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="write a new generation of one collection's snapshot")
-    b.add_argument("data_dir", help="this host's data directory (its snapshots are under index/)")
-    b.add_argument("cid", type=int)
-    b.add_argument("--sqlite-dir", help="the SQLite store's directory (default: DATA_DIR)")
-    b.add_argument("--ivf-min-vectors", type=int, required=True)
-    b.add_argument("--stale-host-s", type=float, default=STALE_HOST_S)
-    b.add_argument("--busy-timeout-s", type=float, required=True)
-    b.add_argument("--timeout-s", type=float, default=5.0)
-    args = ap.parse_args(argv)
-    try:
-        os.nice(BUILD_NICE)
-    except OSError:
-        pass
-    from shm_protocol.config import Settings
-    from shm_protocol.errors import ConfigError
-    from shm_protocol.logs import configure_logging
-
-    try:
-        configure_logging(Settings.from_env(), component="snapshot-builder")
-    except ConfigError:
-        configure_logging(Settings(), component="snapshot-builder")
-    from .store import CollectionStore
-
-    location = os.environ.get(LOCATION_ENV) or args.sqlite_dir or args.data_dir
-    store = None
-    try:
-        # Two connections at most: the passages are read while the quantizer's training is written.
-        store = CollectionStore(location, None, ivf_min_vectors=args.ivf_min_vectors, pool_size=2,
-                                busy_timeout_s=args.busy_timeout_s, timeout_s=args.timeout_s,
-                                snapshot_dir=args.data_dir, snapshot_stale_host_s=args.stale_host_s)
-        store.snapshots.build(args.cid)
-        return 0
-    except BuildBusy:
-        return EXIT_BUSY
-    except Exception as exc:
-        typed = store.db.storage_error(exc, "building a snapshot") if store is not None else None
-        logger.error("collection {}: snapshot build failed: {}", args.cid, typed or exc)  # typed: no password
-        return 1
-    finally:
-        if store is not None:
-            store.close()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    # Run as a module this file is __main__, and the store imports it again as retrieval.snapshot:
-    # main() must be that module's, or its except clauses would name other classes than the ones raised.
-    from retrieval.snapshot import main as _main
-
-    sys.exit(_main())

@@ -23,11 +23,11 @@ from loguru import logger
 from shm_protocol.config import Settings
 from shm_protocol.errors import InvalidInput
 
-from .errors import FetchFailed, FetchRefused, SearchBackendFailed
+from ..errors import FetchFailed, FetchRefused, SearchBackendFailed
+from ..faiss_index import PassageIndex
+from ..passages import splitter_for
 from .extract import extract
-from .faiss_index import PassageIndex
 from .fetch import USER_AGENT, DeadlineBackend, Fetcher, fetch_deadline
-from .passages import splitter_for
 
 #: Words per passage of a fetched page, and the overlap of neighbours.
 PAGE_PASSAGE_WORDS, PAGE_OVERLAP_WORDS = 120, 20
@@ -88,12 +88,13 @@ def _snippet(text: str) -> str:
     return text[: cut if cut > 0 else SNIPPET_CHARS] + "…"
 
 
-def web_search_with_embeddings(query: str, urls: list[str] | None = None, *, top_k: int = 5, client=None,
+def web_search_with_embeddings(query: str, urls: list[str] | None = None, *, client, top_k: int = 5,
                                settings: Settings | None = None, fetcher: Fetcher | None = None,
                                max_concurrent: int | None = None,
                                max_chars: int = MAX_PAGE_CHARS) -> WebSearchResult:
     """Rank the passages of ``urls`` (or of the configured search endpoint's
-    results for ``query``) by cosine similarity to ``query``.
+    results for ``query``) by cosine similarity to ``query``, embedding with
+    ``client`` (an EmbeddingClient, or anything with ``embed`` and ``info``).
     ``max_concurrent`` and ``max_chars`` (characters of a page embedded) keep
     the original's keywords; the result unpacks as its ``(text, urls)``."""
     settings = settings or Settings.from_env()
@@ -130,10 +131,6 @@ def web_search_with_embeddings(query: str, urls: list[str] | None = None, *, top
         pool.shutdown(wait=False, cancel_futures=True)  # fetches still running are abandoned
         if own:
             fetcher.close()
-    if client is None:
-        from compat.fallback import get_embedding_model
-
-        client = get_embedding_model()
     split = splitter_for(client, words=PAGE_PASSAGE_WORDS, overlap=PAGE_OVERLAP_WORDS)
     passages: list[tuple[int, str]] = []   # (page number, passage)
     for fut, u in futures.items():
@@ -177,10 +174,3 @@ def web_search_with_embeddings(query: str, urls: list[str] | None = None, *, top
         out.results.append({"url": page["url"], "title": page["title"], "score": float(score),
                             "snippet": _snippet(text), "passage": text})
     return out
-
-
-def fast_web_search_with_embeddings(search_query: str, model=None, max_concurrent: int = 5,
-                                    max_chars: int = MAX_PAGE_CHARS) -> WebSearchResult:
-    """The original's variant that was handed a model: the same search,
-    embedding with ``model`` (a client, or anything with ``embed``)."""
-    return web_search_with_embeddings(search_query, client=model, max_concurrent=max_concurrent, max_chars=max_chars)

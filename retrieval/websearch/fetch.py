@@ -43,7 +43,7 @@ from loguru import logger
 
 from shm_protocol import __version__
 
-from .errors import FetchFailed, FetchRefused
+from ..errors import FetchFailed, FetchRefused
 
 TEXT_TYPES = ("text/html", "application/xhtml+xml", "text/plain")
 REDIRECTS = (301, 302, 303, 307, 308)

@@ -13,7 +13,7 @@ from typing import Any
 from shm_protocol.errors import InvalidInput
 from shm_protocol.text import find_broken_text
 
-from .passages import OVERLAP_WORDS, PASSAGE_WORDS, PassageSplitter
+from ..passages import OVERLAP_WORDS, PASSAGE_WORDS, PassageSplitter
 
 #: Characters of a collection's query or document prompt at most (one is copied onto every passage).
 MAX_PROMPT_CHARS = 2048

@@ -1,4 +1,4 @@
-"""Where collections are kept: the SQL side of :class:`retrieval.store.CollectionStore`.
+"""Where collections are kept: the SQL side of :class:`retrieval.collections.store.CollectionStore`.
 
 Two stores hold the same tables (``collections``, ``documents``, ``passages``
 with their vectors as little-endian float32 bytes, ``centroids`` and the
@@ -6,10 +6,10 @@ change log ``changes``) and keep the same promises (a write is one
 transaction, durable when it returns; a writer killed half-way leaves the
 previous state):
 
-- :class:`retrieval.sqlite_db.SQLiteDatabase`, one file under
+- :class:`retrieval.collections.sqlite_db.SQLiteDatabase`, one file under
   ``SHM_EMBED_DATA_DIR`` that every worker of one host shares: the embedded
   default;
-- :class:`retrieval.postgres_db.PostgresDatabase`, a PostgreSQL server that
+- :class:`retrieval.collections.postgres_db.PostgresDatabase`, a PostgreSQL server that
   the workers of every host share (``SHM_EMBED_COLLECTIONS_URL``).
 
 :class:`Database` is what the store asks of either: connections and
@@ -25,7 +25,7 @@ rows of a collection past the last ``seq`` it has applied. That only works if,
 within a collection, a ``seq`` becomes visible only after every smaller one of
 that collection has: each store says how it guarantees it.
 
-Index snapshots (:mod:`retrieval.snapshot`) add two tables to both stores:
+Index snapshots (:mod:`retrieval.collections.snapshot_manager`) add two tables to both stores:
 ``snapshot_marks(host, cid, seq, updated)``, the changes each host's newest
 snapshot of a collection covers and when the host last said so, and
 ``change_floor(cid, seq)``, up to where a collection's change log was
@@ -41,7 +41,6 @@ import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -187,7 +186,7 @@ class Database:
         the passage's for an addition whose passage still exists, else None."""
         raise NotImplementedError
 
-    # --- snapshots: consistent reads, builds, marks and compaction (retrieval.snapshot) ---------
+    # --- snapshots: consistent reads, builds, marks and compaction (retrieval.collections.snapshot_manager) ---------
     def consistent(self, conn, *, bulk: bool = False) -> AbstractContextManager[None]:
         """One read-only transaction on ``conn`` (a connection of ``read()``):
         every statement inside sees the same committed state while writers go
@@ -354,44 +353,3 @@ def url_password(url: str) -> str | None:
         return conninfo_to_dict(url).get("password") or None
     except Exception:
         return None
-
-
-def location_of(settings) -> str:
-    """Where ``settings`` keep collections: the PostgreSQL URL, or the SQLite data directory."""
-    return settings.collections_url or str(settings.data_dir)
-
-
-def store_status(location: str | os.PathLike) -> tuple[bool, str]:
-    """(True, "ok") when the store at ``location`` can be read or was never
-    made; (False, reason) otherwise. Creates nothing; for ``/ready``."""
-    if is_postgres(location):
-        from .postgres_db import store_status as pg_status
-
-        return pg_status(str(location))
-    from shm_protocol.config import COLLECTIONS_DB
-
-    from .storage import store_status as sqlite_status
-
-    return sqlite_status(Path(location) / COLLECTIONS_DB)
-
-
-def store_exists(location: str | os.PathLike) -> bool:
-    """Whether anything may be stored at ``location`` yet (a SQLite file is only
-    made on first use; a PostgreSQL server always counts: its schema is the
-    service's to create at start)."""
-    if is_postgres(location):
-        return True
-    from shm_protocol.config import COLLECTIONS_DB
-
-    return (Path(location) / COLLECTIONS_DB).exists()
-
-
-def open_database(location: str | os.PathLike, **options) -> Database:
-    """The database at ``location``: a ``postgresql://`` URL, or a directory for SQLite."""
-    if is_postgres(location):
-        from .postgres_db import PostgresDatabase
-
-        return PostgresDatabase(str(location), **{k: v for k, v in options.items() if k in PostgresDatabase.OPTIONS})
-    from .sqlite_db import SQLiteDatabase
-
-    return SQLiteDatabase(location, **{k: v for k, v in options.items() if k in SQLiteDatabase.OPTIONS})

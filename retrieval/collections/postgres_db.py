@@ -1,7 +1,7 @@
 """The shared collection store: PostgreSQL, for every worker of every host.
 
 ``SHM_EMBED_COLLECTIONS_URL=postgresql://user:password@host:5432/db`` puts the
-tables of :mod:`retrieval.sqlite_db` in PostgreSQL (vectors as ``bytea``;
+tables of :mod:`retrieval.collections.sqlite_db` in PostgreSQL (vectors as ``bytea``;
 metadata and options as ``json``, kept as written, like SQLite's text).
 Workers on any number of hosts behind a load balancer then see the same
 collections, and each replays the shared change log into its own FAISS
@@ -52,10 +52,10 @@ The schema is created and migrated when a process first opens the store:
 the version. A database of a newer version than this code knows is refused.
 pgvector is not used: FAISS in each worker searches, PostgreSQL only stores.
 
-psycopg is imported here, at the top, and this module only when a store
-needs it: psycopg's modules import each other, and two threads of a worker
-importing two of them at once (the warm-up and a request) could see one half
-initialised; Python serialises the import of this one module.
+psycopg is imported here, at the top, and this module only when a store needs
+it: two threads of a worker importing two of psycopg's modules at once (the
+warm-up and a request) could see one half initialised; Python serialises the
+import of this one module.
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ from psycopg.conninfo import conninfo_to_dict
 from shm_protocol.errors import ConfigError, InvalidInput
 from shm_protocol.logs import RateLimitedLog
 
+from ..errors import StorageBusy, StorageUnavailable
 from .database import OP_ADD, OP_DEL, CollectionRow, Database, FilterKey, all_of, ambiguous_url, redact, url_secrets
-from .errors import StorageBusy, StorageUnavailable
 from .storage import CANNOT_OPEN, CORRUPT, FULL, IO, NEWER
 
 #: Reasons a client sees (after "collection store unavailable: "), with the Retry-After they suggest.
@@ -152,9 +152,9 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX changes_by_collection ON changes (cid, seq);
     """,
-    # 2: index snapshots (retrieval.snapshot). The change log may now be compacted up to change_floor:
-    # a service of version 1 would replay it from 0 and miss what was compacted, so it must refuse this
-    # database (it does: the version is newer than it knows).
+    # 2: index snapshots (retrieval.collections.snapshot_manager). The change log may now be compacted up
+    # to change_floor: a service of version 1 would replay it from 0 and miss what was compacted, so it
+    # must refuse this database (it does: the version is newer than it knows).
     """
     CREATE TABLE snapshot_marks (
         host text NOT NULL,
@@ -274,13 +274,11 @@ _LONE_SURROGATE_ESCAPE = (r"(?<!\\)((?:\\\\)*)(?:\\u[dD][89abAB][0-9a-fA-F]{2}(?
 
 
 def _contains_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
     if isinstance(value, dict):
-        return any(_contains_nul(k) or _contains_nul(v) for k, v in value.items())
+        value = [*value.keys(), *value.values()]
     if isinstance(value, list):
         return any(_contains_nul(v) for v in value)
-    return False
+    return isinstance(value, str) and "\x00" in value
 
 
 class PostgresDatabase(Database):
@@ -301,9 +299,7 @@ class PostgresDatabase(Database):
         except Exception as exc:  # whatever libpq says, without the password
             raise ConfigError(f"SHM_EMBED_COLLECTIONS_URL={self.where}: not a PostgreSQL URL "
                               f"({self._scrub(exc).strip()})") from None
-        self.busy_timeout_s = busy_timeout_s
-        self.pool_size = pool_size
-        self.timeout_s = timeout_s
+        self.busy_timeout_s, self.pool_size, self.timeout_s = busy_timeout_s, pool_size, timeout_s
         #: What a statement may take on the server, and how long a client waits for any answer.
         self.statement_timeout_s = max(STATEMENT_TIMEOUTS * timeout_s, busy_timeout_s + timeout_s)
         self.answer_s = self.statement_timeout_s + max(timeout_s, CONNECT_TIMEOUT_MIN_S)

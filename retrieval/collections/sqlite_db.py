@@ -9,7 +9,7 @@ queue on SQLite's one write lock, for ``busy_timeout_s`` at most
 holds it from its first statement to its commit, so sequence numbers
 (``AUTOINCREMENT``) become visible in the order they were handed out. Each
 thread of a process has its own connection. The files are private (see
-:mod:`retrieval.storage`, which also turns SQLite's failures into typed errors).
+:mod:`retrieval.collections.storage`, which also turns SQLite's failures into typed errors).
 """
 
 from __future__ import annotations
@@ -27,12 +27,16 @@ import numpy as np
 from loguru import logger
 
 from shm_protocol.config import COLLECTIONS_DB
+from shm_protocol.logs import RateLimitedLog
 
+from ..errors import StorageBusy, StorageUnavailable
 from .database import OP_ADD, OP_DEL, CollectionRow, Database, FilterKey, all_of
-from .errors import StorageUnavailable
 from .storage import NEWER, narrow_modes, os_storage_error, prepare_files, storage_error
 
 DB_FILE = COLLECTIONS_DB
+#: A read for /ready waits this long at most for a lock (a WAL reader only waits during recovery).
+STATUS_BUSY_S = 0.5
+_status_log = RateLimitedLog(60.0)
 #: 1: collections, documents, passages, centroids, changes. 2: snapshot_marks and change_floor (the change
 #: log may be compacted). Migrating is creating what is missing: every statement of SCHEMA is "IF NOT EXISTS".
 SCHEMA_VERSION = 2
@@ -386,3 +390,39 @@ class SQLiteDatabase(Database):
     def delete_changes(self, conn, cid: int, upto: int, limit: int) -> int:
         return conn.execute("DELETE FROM changes WHERE seq IN (SELECT seq FROM changes WHERE cid = ? AND seq <= ? "
                             "LIMIT ?)", (cid, upto, limit)).rowcount
+
+
+def store_status(db: Path) -> tuple[bool, str]:
+    """(True, "ok") when the database can be read, or when there is none yet
+    (it is made on the first use); (False, reason) otherwise. Reads a page or
+    two: cheap enough for every /ready probe; never creates the file."""
+    if not db.exists():
+        return True, "ok"
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=STATUS_BUSY_S, isolation_level=None,
+                               check_same_thread=False)
+    except sqlite3.Error as exc:
+        return False, _status_reason(exc, db)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(STATUS_BUSY_S * 1000)}")
+        if conn.execute("PRAGMA user_version").fetchone()[0] > SCHEMA_VERSION:
+            return False, f"collection store unavailable: {NEWER[0]}"
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "collections" in tables:
+            conn.execute("SELECT count(*) FROM collections").fetchone()
+        return True, "ok"
+    except sqlite3.Error as exc:
+        return False, _status_reason(exc, db)
+    finally:
+        conn.close()
+
+
+def _status_reason(exc: sqlite3.Error, db: Path) -> str:
+    _status_log("ERROR", "collection store {}: readiness check: {} ({})", db, exc,
+                getattr(exc, "sqlite_errorname", type(exc).__name__))
+    typed = storage_error(exc, db, log=False)
+    if isinstance(typed, StorageUnavailable):
+        return f"collection store unavailable: {typed.reason}"
+    if isinstance(typed, StorageBusy):
+        return "collection store is busy"
+    return "collection store unavailable: the database cannot be read"

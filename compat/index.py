@@ -1,5 +1,7 @@
 """In-memory indexes in a worker: the original ``build_vector_index`` and
-``search_index``, done right.
+``search_index``, done right. Both embed through the client they are given
+(:mod:`compat.original` looks the process's client up for the original's
+calls, which passed none).
 
 Vectors are normalised and searched by inner product, so ``score`` is a cosine
 similarity, highest first (the original returned L2 distances labelled as
@@ -16,9 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.faiss_index import PassageIndex
 from shm_protocol.errors import InvalidInput
-
-from .faiss_index import PassageIndex
 
 #: Characters of a document the ``content`` field of a result shows (as the original did).
 PREVIEW_CHARS = 500
@@ -45,17 +46,15 @@ class VectorIndex:
 
 
 def _client(client):
-    if client is not None:
-        return client
-    from compat.fallback import get_embedding_model
-
-    return get_embedding_model()
+    if client is None:
+        raise InvalidInput("no embedding client: pass client=, or use compat.original, which looks it up")
+    return client
 
 
 def build_vector_index(docs: Sequence[str], urls: Sequence[str | None] | None = None,
-                       metadata: Sequence[dict | None] | None = None, *, client=None) -> VectorIndex:
-    """Embed ``docs`` (one batched call through the sidecar) into an exact
-    cosine index. ``urls`` and ``metadata``, when given, run parallel to ``docs``."""
+                       metadata: Sequence[dict | None] | None = None, *, client) -> VectorIndex:
+    """Embed ``docs`` with ``client`` (one batched call through the sidecar)
+    into an exact cosine index. ``urls`` and ``metadata``, when given, run parallel to ``docs``."""
     if isinstance(docs, str) or not all(isinstance(d, str) for d in docs):
         raise InvalidInput("docs must be a list of strings")
     docs = list(docs)
@@ -87,7 +86,8 @@ def search_index(query: str, index, metadata: Any = None, top_k: int = 3, *, cli
     metadata entry plus ``score`` (cosine similarity), ``relevance_score``
     (the same number, under the original's name) and ``rank`` (1 is best).
 
-    Called as ``search_index(query, index, top_k=3)`` with a
+    The query is embedded with ``client``, else with the client ``index``
+    was built with. Called as ``search_index(query, index, top_k=3)`` with a
     :class:`VectorIndex`, or the original way, ``search_index(query, index,
     metadata, top_k)``, with the first and last items of its tuple."""
     if isinstance(metadata, int) and not isinstance(metadata, bool):

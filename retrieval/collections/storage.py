@@ -11,7 +11,6 @@ sees are shared with the PostgreSQL store).
   (HTTP 503) whose ``reason`` is all a client sees; the SQLite message and
   the path go to the log. Errors of the SQL itself are not storage failures
   and stay what they are.
-- :func:`store_status` checks the database for ``/ready`` without creating it.
 """
 
 from __future__ import annotations
@@ -24,16 +23,12 @@ from pathlib import Path
 
 from loguru import logger
 
-from shm_protocol.logs import RateLimitedLog
-
-from .errors import StorageBusy, StorageUnavailable
+from ..errors import StorageBusy, StorageUnavailable
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 #: The files SQLite keeps next to a WAL database.
 SIDE_FILES = ("-wal", "-shm")
-#: A read for /ready waits this long at most for a lock (a WAL reader only waits during recovery).
-STATUS_BUSY_S = 0.5
 
 CORRUPT = "the database is corrupt"
 FULL = "the disk is full"
@@ -53,7 +48,6 @@ _REASONS = {
 _BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 _OS_REASONS = {errno.ENOSPC: (FULL, 30), errno.EDQUOT: (FULL, 30), errno.EIO: (IO, 5)}
 #: /ready is probed every few seconds: a store that stays broken is logged once a minute from there.
-_status_log = RateLimitedLog(60.0)
 
 
 def _code(exc: sqlite3.Error) -> int | None:
@@ -116,41 +110,3 @@ def narrow_modes(db: Path) -> None:
                                FILE_MODE)
         except FileNotFoundError:
             pass
-
-
-def store_status(db: Path) -> tuple[bool, str]:
-    """(True, "ok") when the database can be read, or when there is none yet
-    (it is made on the first use); (False, reason) otherwise. Reads a page or
-    two: cheap enough for every /ready probe; never creates the file."""
-    if not db.exists():
-        return True, "ok"
-    try:
-        conn = sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=STATUS_BUSY_S, isolation_level=None,
-                               check_same_thread=False)
-    except sqlite3.Error as exc:
-        return False, _status_reason(exc, db)
-    try:
-        conn.execute(f"PRAGMA busy_timeout = {int(STATUS_BUSY_S * 1000)}")
-        from .sqlite_db import SCHEMA_VERSION
-
-        if conn.execute("PRAGMA user_version").fetchone()[0] > SCHEMA_VERSION:
-            return False, f"collection store unavailable: {NEWER[0]}"
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if "collections" in tables:
-            conn.execute("SELECT count(*) FROM collections").fetchone()
-        return True, "ok"
-    except sqlite3.Error as exc:
-        return False, _status_reason(exc, db)
-    finally:
-        conn.close()
-
-
-def _status_reason(exc: sqlite3.Error, db: Path) -> str:
-    _status_log("ERROR", "collection store {}: readiness check: {} ({})", db, exc,
-                getattr(exc, "sqlite_errorname", type(exc).__name__))
-    typed = storage_error(exc, db, log=False)
-    if isinstance(typed, StorageUnavailable):
-        return f"collection store unavailable: {typed.reason}"
-    if isinstance(typed, StorageBusy):
-        return "collection store is busy"
-    return "collection store unavailable: the database cannot be read"
