@@ -18,7 +18,7 @@ import numpy as np
 from loguru import logger
 
 from . import hotpath
-from .cache import CacheReader
+from .cache import KEY_WORDS, CacheReader
 from .config import Settings
 from .errors import (
     LayoutMismatch,
@@ -115,6 +115,7 @@ class Session:
         self.models = region.models() if models is None else models
         # The epoch's embedding cache (None: the sidecar keeps none); lookups count on this ring.
         self.cache = CacheReader.attach(names, self.epoch, ring)
+        self._key_words = region.slots[ring]["cache_keys"].view(np.uint64)  # (slots, max_texts * KEY_WORDS)
         # Slots whose segment splits are not all zero (a reranker's request was there): cleared before reuse.
         self._segments_dirty = [True] * p.slots_per_ring
         for s in range(p.slots_per_ring):
@@ -262,7 +263,8 @@ class Session:
                         )
                         try:
                             # Before READY (the submit's release store publishes them); zero: not cached.
-                            self.v.cache_keys[s, :b - a] = 0 if cache_keys is None else cache_keys[a:b]
+                            self._key_words[s, :KEY_WORDS * (b - a)] = (0 if cache_keys is None
+                                                                        else cache_keys[a:b].ravel())
                             seq = self.submit(s, ids, lengths[a:b], model,
                                               None if segments is None else segments[a:b], out.shape[1])
                         except BaseException:
@@ -476,6 +478,7 @@ class Session:
         if self.cache is not None:
             self.cache.close()
         self.v = self.state = self.seq = self.eta_ns = self._bell_gen_now = self.queued = self.hot = self.live = None
+        self._key_words = None
         self.region.close()
 
     def release_in_owner(self) -> None:

@@ -14,9 +14,16 @@ import numpy as np
 import xxhash
 from loguru import logger
 
+from shm_protocol.cache import KEY_WORDS
 from shm_protocol.config import Settings
-from shm_protocol.layout import CACHE_CHECKSUM_SEED, CACHE_MAGIC, CacheGeometry, cache_view
+from shm_protocol.layout import CACHE_CHECKSUM_SEED, CACHE_KEY_DTYPE, CACHE_MAGIC, CacheGeometry, cache_view
 from shm_protocol.segments import Names, Segment
+
+#: Which word of a key is which (CACHE_KEY_DTYPE's fields, in order).
+_LO_WORD, _LENGTH_WORD = CACHE_KEY_DTYPE.names.index("hash_lo"), CACHE_KEY_DTYPE.names.index("length")
+
+#: Versions wrap below this (odd ones, plus one, stay within 64 bits).
+_VERSION_WRAP = 1 << 63
 
 
 class CacheWriter:
@@ -30,7 +37,6 @@ class CacheWriter:
         dtype = geometry.entry_dtype
         self._entry_bytes = dtype.itemsize
         self._tags = entries["key"]["hash_lo"]
-        self._keys = entries["key"]
         self._versions = entries["version"]
         self._raw = entries.view(np.uint8).reshape(geometry.n_buckets, geometry.ways, dtype.itemsize)
         self._hands = np.zeros(geometry.n_buckets, np.uint8)  # this process's own: nobody else moves them
@@ -39,7 +45,8 @@ class CacheWriter:
         self._scratch = np.zeros(1, dtype)
         self._scratch_bytes = self._scratch.view(np.uint8)
         self._body_at = int(dtype.fields["checksum"][1])  # everything after the version
-        self._covered_at = int(dtype.fields["key"][1])
+        self._covered_at = self._key_at = int(dtype.fields["key"][1])
+        self._key_end = self._key_at + CACHE_KEY_DTYPE.itemsize
         counters = self.header
         self._inserts = counters["inserts"].reshape(1)
         self._evictions = counters["evictions"].reshape(1)
@@ -65,31 +72,38 @@ class CacheWriter:
 
     def close(self) -> None:
         """Unmap (the namespace's unlink removes the name)."""
-        self.header = self._ref = self._tags = self._keys = self._versions = self._raw = None
+        self.header = self._ref = self._tags = self._versions = self._raw = None
         self._inserts = self._evictions = self._bytes = None
         self._segment.close()
 
     def keys_of(self, slot_keys: np.ndarray) -> np.ndarray | None:
-        """A private copy of a taken slot's keys (``cache_keys[:n_texts]``),
-        or None when its worker asked for nothing to be cached."""
-        if not slot_keys["length"].any():
+        """A private copy of a taken slot's keys (``cache_keys[:n_texts]``)
+        as rows of 64-bit words, or None when its worker asked for nothing
+        to be cached (every length zero)."""
+        words = slot_keys.view(np.uint64).reshape(len(slot_keys), KEY_WORDS)
+        if not words[:, _LENGTH_WORD].any():
             return None
-        return slot_keys.copy()
+        return words.copy()
 
-    def store(self, key: np.void, model: int, dim: int, n_tokens: int, vector: np.ndarray) -> bool:
+    def store(self, key: np.ndarray, model: int, dim: int, n_tokens: int, vector: np.ndarray) -> bool:
         """Store ``vector`` (the first ``dim`` floats of model ``model``'s
-        answer) under ``key``; False when the key asks for no caching or is
-        there already. NOTE: version odd, entry, version even."""
-        if not int(key["length"]) or dim > self.geometry.dim:
+        answer) under ``key`` (KEY_WORDS words); False when the key asks for
+        no caching or is there already. NOTE: version odd, entry, version even."""
+        if not int(key[_LENGTH_WORD]) or dim > self.geometry.dim:
             return False
-        lo = int(key["hash_lo"])
+        lo = int(key[_LO_WORD])
         bucket = lo % self.geometry.n_buckets
         tags = self._tags[bucket].tolist()
-        if lo in tags and self._keys[bucket, tags.index(lo)] == key:
-            return False  # two workers missed the same text at once: one entry is enough
-        way, evicted = self._victim(bucket)
+        key_bytes = key.view(np.uint8)
+        if lo in tags and np.array_equal(self._raw[bucket, tags.index(lo), self._key_at: self._key_end], key_bytes):
+            way, evicted = tags.index(lo), False
+            if self._intact(bucket, way):
+                return False  # two workers missed the same text at once: one entry is enough
+            self._bytes[0] -= self._entry_bytes  # damaged (bytes written into the segment): rewritten in place
+        else:
+            way, evicted = self._victim(bucket)
         rec = self._scratch
-        rec["key"][0] = key
+        self._scratch_bytes[self._key_at: self._key_end] = key_bytes
         rec["epoch"][0] = self.epoch
         rec["model"][0] = model
         rec["dim"][0] = dim
@@ -98,7 +112,9 @@ class CacheWriter:
         rec["vector"][0, dim:] = 0
         body = self._scratch_bytes
         rec["checksum"][0] = xxhash.xxh64_intdigest(body[self._covered_at:].data, CACHE_CHECKSUM_SEED)
-        odd = (int(self._versions[bucket, way]) + 1) | 1
+        # Below 2**63, so that the even one after it fits too (a version
+        # written by someone else may be anything).
+        odd = ((int(self._versions[bucket, way]) + 1) | 1) % _VERSION_WRAP
         self._versions[bucket, way] = odd
         self._raw[bucket, way, self._body_at:] = body[self._body_at:]
         self._versions[bucket, way] = odd + 1
@@ -109,6 +125,15 @@ class CacheWriter:
         else:
             self._bytes[0] += self._entry_bytes
         return True
+
+    def _intact(self, bucket: int, way: int) -> bool:
+        """Whether an entry reads back as a reader would accept it (even
+        version, checksum holds)."""
+        version = int(self._versions[bucket, way])
+        entry = self._raw[bucket, way]
+        checksum = int(entry[self._body_at: self._covered_at].view("<u8")[0])
+        return bool(version and not version & 1 and xxhash.xxh64_intdigest(
+            entry[self._covered_at:].tobytes(), CACHE_CHECKSUM_SEED) == checksum)
 
     def _victim(self, bucket: int) -> tuple[int, bool]:
         """The way to write in ``bucket`` and whether it evicts an entry: an

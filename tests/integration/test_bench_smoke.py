@@ -25,7 +25,7 @@ RUNS = {
 }
 #: Imported and their --help run: 20 s to a minute or more each at their
 #: smallest (model loads in several processes), past this suite's budget.
-IMPORTED = ("throughput.py", "http_load.py", "rerank.py", "http_latency.py", "memory.py")
+IMPORTED = ("throughput.py", "http_load.py", "rerank.py", "http_latency.py", "memory.py", "cache.py")
 #: Not entry points: imported by the others (or by Gunicorn, for dirty_app).
 HELPERS = ("__init__.py", "_common.py", "overhead_work.py", "dirty_app.py", "gunicorn_dirty.conf.py", "soak.py")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shm_protocol.cache import CacheReader, read_cache_stats, text_key
+from shm_protocol.cache import KEY_WORDS, CacheReader, read_cache_stats, text_key
 from shm_protocol.config import Settings
 from shm_protocol.layout import (
     CACHE_KEY_DTYPE,
@@ -45,7 +45,7 @@ def vector_of(text: str) -> np.ndarray:
 
 def insert(writer: CacheWriter, text: str, model: ModelEntry = MODEL, prompt=None, truncate=True,
            epoch: int = EPOCH, n_tokens: int = 7) -> bool:
-    key = np.array([text_key(cache_key_material(model.name, epoch, prompt, truncate), text)], CACHE_KEY_DTYPE)[0]
+    key = np.array(text_key(cache_key_material(model.name, epoch, prompt, truncate), text), np.uint64)
     return writer.store(key, model.index, model.dim, n_tokens, vector_of(text))
 
 
@@ -63,7 +63,7 @@ def test_insert_then_lookup_gives_the_vector_and_tokens_and_counts(cache):
     assert found.missing == [1] and found.texts == ["absent"]
     assert np.array_equal(out[0], vector_of("hello"))
     assert found.lengths.tolist() == [7, 0]
-    assert found.keys[0]["length"] > 0
+    assert found.keys.shape == (1, KEY_WORDS) and found.keys[0, CACHE_KEY_DTYPE.names.index("length")] > 0
     stats = read_cache_stats(names)
     assert (stats["hits"], stats["misses"], stats["inserts"], stats["evictions"]) == (1, 1, 1, 0)
     assert stats["bytes"] == writer.geometry.entry_dtype.itemsize
