@@ -186,8 +186,9 @@ its ``ways`` entries (CLOCK within the bucket).
   On a hit, set the entry's reference bit. Misses go to the ring with their
   keys in ``cache_keys``; texts that all hit never touch the ring.
 * Sidecar insert, after it published the answer: a bucket entry with the
-  same key is left alone; else an empty entry, else the CLOCK hand's victim
-  (the first entry whose reference bit is clear, clearing bits it passes).
+  same key is left alone (rewritten in place if it no longer checks out);
+  else an empty entry, else the CLOCK hand's victim (the first entry whose
+  reference bit is clear, clearing bits it passes).
   NOTE: ``version`` odd, then the entry (checksum included), then
   ``version`` even (the next one): a reader that overlaps the write sees the
   version change, or an odd one.
