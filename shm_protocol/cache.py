@@ -121,6 +121,9 @@ class CacheReader:
             segment = Segment.attach(names.cache)
         except SidecarUnavailable:
             return None
+        except (OSError, ValueError) as exc:  # e.g. an empty file under the name: no cache, still a client
+            logger.warning("embedding cache not used: {} cannot be mapped ({})", names.cache, exc)
+            return None
         try:
             check_cache_prefix(segment.mm, names.cache)
             header = np.frombuffer(segment.mm, dtype=CACHE_HEADER_DTYPE, count=1)[0]
@@ -230,6 +233,8 @@ def read_cache_stats(names: Names) -> dict:
         segment = Segment.attach(names.cache, readonly=True)
     except SidecarUnavailable:
         return {"enabled": False}
+    except (OSError, ValueError) as exc:
+        return {"enabled": False, "error": str(exc)}
     try:
         check_cache_prefix(segment.mm, names.cache)
         header = np.frombuffer(segment.mm, dtype=CACHE_HEADER_DTYPE, count=1)[0]

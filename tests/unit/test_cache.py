@@ -3,6 +3,8 @@ sidecar's writer and a worker's reader, without a sidecar process."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -162,3 +164,19 @@ def test_cache_off_creates_nothing():
     assert CacheWriter.create(names, settings, n_rings=2, dim=DIM, epoch=EPOCH) is None
     assert read_cache_stats(names) == {"enabled": False}
     assert names.dev_shm_entries() == []
+
+
+def test_an_empty_or_foreign_segment_under_the_name_is_no_cache():
+    import posix_ipc
+
+    names = Names(new_namespace())
+    for size in (0, 4096):
+        shm = posix_ipc.SharedMemory(names.cache, posix_ipc.O_CREX, size=size)
+        if size:
+            os.write(shm.fd, os.urandom(size))
+        shm.close_fd()
+        try:
+            assert CacheReader.attach(names, EPOCH, ring=0) is None
+            assert read_cache_stats(names)["enabled"] is False
+        finally:
+            posix_ipc.unlink_shared_memory(names.cache)
