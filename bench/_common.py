@@ -77,8 +77,12 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: flo
 
 @contextlib.contextmanager
 def running_sidecar(model: str | None = None, **env_extra):
-    """Start a sidecar on a fresh namespace; yield its Settings; stop it."""
+    """Start a sidecar on a fresh namespace; yield its Settings; stop it.
+    The embedding cache is off unless SHM_EMBED_CACHE_MB is given: the
+    benchmarks send the same texts again and measure the round trip and the
+    model (bench/cache.py measures the cache)."""
     ns = f"shm-embed-bench-{uuid.uuid4().hex[:8]}"
+    env_extra.setdefault("SHM_EMBED_CACHE_MB", 0)
     env = dict(os.environ, SHM_EMBED_NAMESPACE=ns, SHM_EMBED_LOG_LEVEL="WARNING",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if model:

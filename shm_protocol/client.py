@@ -314,6 +314,7 @@ class EmbeddingClient(SentenceTransformerAPI):
             "slots_per_ring": p.slots_per_ring,
             "slot_texts": p.max_texts,
             "slot_tokens": p.max_tokens,
+            "cache": sess.cache.stats() if sess.cache is not None else {"enabled": False},
         }
 
     def stats(self):
@@ -380,15 +381,28 @@ class EmbeddingClient(SentenceTransformerAPI):
         dims = opts.check_dimensions(dimensions, m.dim, m.name)
         if not texts:
             return EmbedResult(np.empty((0, dims or m.dim), np.float32), np.empty(0, np.int64), 0, 0, 0, 0, m.name)
-        tok = self._tokenizers[m.index].tokenize_request(texts, prompt=prompt, truncate=truncate,
-                                                         max_tokens=max_tokens)
         out = np.empty((len(texts), m.dim), dtype=np.float32)
+        # Texts found in the embedding cache are answered here, before any tokenizing (shm_protocol.cache).
+        found = sess.cache.lookup(texts, out, m, prompt, truncate) if sess.cache is not None else None
+        if found is not None and not found.missing:
+            check_token_budget(found.lengths, max_tokens)
+            return EmbedResult(shape_vectors(out, dims, normalize), found.lengths, 0, 0, 0, 0, m.name)
+        tok = self._tokenizers[m.index].tokenize_request(texts if found is None else found.texts, prompt=prompt,
+                                                         truncate=truncate, max_tokens=max_tokens)
+        part = out if found is None else np.empty((len(found.missing), m.dim), dtype=np.float32)
+        lengths = tok.lengths if found is None else found.lengths
+        if found is not None:
+            lengths[found.missing] = tok.lengths
+            check_token_budget(lengths, max_tokens)
         sess.enter()
         try:
-            queue_ns, compute_ns, used = sess.run(tok.ids, tok.lengths, out, m.index)
+            queue_ns, compute_ns, used = sess.run(tok.ids, tok.lengths, part, m.index,
+                                                  cache_keys=None if found is None else found.keys)
         finally:
             sess.leave()
-        return EmbedResult(shape_vectors(out, dims, normalize), tok.lengths, queue_ns, compute_ns, used,
+        if found is not None:
+            out[found.missing] = part
+        return EmbedResult(shape_vectors(out, dims, normalize), lengths, queue_ns, compute_ns, used,
                            tok.tokenize_ns, m.name)
 
     # -- reranking --------------------------------------------------------------------

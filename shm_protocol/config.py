@@ -166,6 +166,12 @@ class Settings:
         "A sidecar whose batching loop stays wedged this long removes its objects and exits (status 70) so "
         "that its supervisor (systemd, make run) starts a fresh one; 0 never exits.", minimum=0.0,
     )
+    cache_mb: int = _setting(
+        "SHM_EMBED_CACHE_MB", 64,
+        "Size in MiB of the host-wide embedding cache (one shared-memory segment per namespace, made new and "
+        "empty by each sidecar start): workers answer texts found there without tokenizing or a round trip to "
+        "the sidecar. 0 turns it off.", minimum=0,
+    )
     synthetic_us: int = _setting(
         "SHM_EMBED_SYNTHETIC_US", -1,
         "-1 serves the model. N >= 0 serves the synthetic backend instead: no torch, each model call takes N "

@@ -12,6 +12,7 @@ Objects of one deployment (``NS`` is the namespace, default ``shm-embed``)::
     /NS-s<RING>-<SLOT>   one semaphore per slot: posted by the sidecar when done
     /NS-lock             empty segment; the live sidecar holds a lock on it for
                          its whole life (one sidecar per namespace)
+    /NS-cache            embedding cache segment (absent when SHM_EMBED_CACHE_MB=0)
 
 Control segment::
 
@@ -54,6 +55,8 @@ each padded to a multiple of 64 bytes (a cache line)::
     | offsets u32[max_texts + 1]   text i is tokens[offsets[i]:offsets[i+1]]
     | segments u32[max_texts]      a pair's second segment starts at token |
     |                              segments[i] of text i (0: one segment)  |
+    | cache_keys CACHE_KEY_DTYPE[max_texts]  text i's cache key; all zero: |
+    |                              not to be cached (see the cache below)  |
     | tokens  i32[max_tokens]      ragged token ids, no padding            |
     | out     f32[max_texts, dim]  one vector (or a pair's scores, the     |
     |                              model's dim of them) per text           |
@@ -145,6 +148,56 @@ post/wait is the memory barrier that publishes everything written before it.
   drained and ignored; a wait that times out looks at ``state`` too, so a
   post that failed costs one poll interval, not the request); copy ``out``
   rows; then ``state = FREE``.
+
+Embedding cache segment (``/NS-cache``, sized by SHM_EMBED_CACHE_MB). Only
+the sidecar writes entries; workers read them without locks::
+
+    +--------------------------------------------------------------+  0
+    | CACHE_HEADER_DTYPE: magic[8] "SHMECACH" | version u32 |      |
+    |   header_bytes u32 | layout_hash u64 | epoch u64 (the        |
+    |   sidecar's; a new epoch makes a new, empty segment) |        |
+    |   n_buckets, ways, dim, entry_bytes, n_rings (u32) |         |
+    |   inserts, evictions, bytes u64 (sidecar-only counters)     |
+    +--------------------------------------------------------------+  header itemsize
+    | CACHE_RING_DTYPE x n_rings: hits u64, misses u64; each ring's |
+    |   counters are written only by the worker that leases it    |
+    +--------------------------------------------------------------+
+    | ref u8[n_buckets, ways]: CLOCK reference bits, set by a     |
+    |   worker's hit, cleared by the sidecar's hand (not checked: |
+    |   a wrong bit only changes which entry is evicted)          |
+    +--------------------------------------------------------------+  rounded up to SLOT_ALIGN
+    | cache_entry_dtype(dim) x n_buckets x ways                    |
+    |   version u64    seqlock: 0 never written, odd being written |
+    |   checksum u64   xxh64(CACHE_CHECKSUM_SEED) of every byte    |
+    |                  from ``key`` to the end of the entry        |
+    |   key CACHE_KEY_DTYPE: hash_lo, hash_hi (xxh3_128 of the key |
+    |       material), check (xxh64, CACHE_CHECK_SEED, of the same |
+    |       bytes), length (of those bytes)                        |
+    |   epoch u64 | model u32 (table index) | dim u32 (the model's) |
+    |   n_tokens u32 (after truncation) | vector f32[dim]          |
+    +--------------------------------------------------------------+
+
+The key material (``cache_key_material``) is the model's name, the epoch,
+the prompt, the truncate flag and the text's UTF-8 bytes: everything that
+changes the vector the sidecar computes. ``dimensions`` and ``normalize``
+are applied by the client after the answer, so a hit serves them all.
+Text ``i`` of a request lives in bucket ``hash_lo % n_buckets``, in any of
+its ``ways`` entries (CLOCK within the bucket).
+
+* Worker lookup, before it tokenizes: find ``hash_lo`` among the bucket's
+  keys; read ``version`` (odd or 0: a miss); copy the entry; read
+  ``version`` again (changed: a miss); the copy's key, epoch, model and dim
+  must be the request's and its checksum must hold, else a miss. Random
+  bytes written into the segment are a miss, never another text's vector.
+  On a hit, set the entry's reference bit. Misses go to the ring with their
+  keys in ``cache_keys``; texts that all hit never touch the ring.
+* Sidecar insert, after it published the answer: a bucket entry with the
+  same key is left alone (rewritten in place if it no longer checks out);
+  else an empty entry, else the CLOCK hand's victim (the first entry whose
+  reference bit is clear, clearing bits it passes).
+  NOTE: ``version`` odd, then the entry (checksum included), then
+  ``version`` even (the next one): a reader that overlaps the write sees the
+  version change, or an odd one.
 """
 
 from __future__ import annotations
@@ -157,7 +210,7 @@ import numpy as np
 from .errors import ConfigError, LayoutMismatch, SidecarUnavailable
 
 MAGIC = b"SHMEMBED"
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 #: Alignment of every slot, in bytes.
 SLOT_ALIGN = 64
@@ -357,6 +410,161 @@ RING_DTYPE = np.dtype(
     align=True,
 )
 
+# -- the embedding cache (see "Embedding cache segment" above) ---------------------------
+
+CACHE_MAGIC = b"SHMECACH"
+CACHE_VERSION = 1
+#: Entries per bucket (CLOCK within a bucket).
+CACHE_WAYS = 8
+#: Seed of a key's second, independent hash (xxh64): a 128-bit hash that
+#: collides must also collide here, at the same length, to mix two texts up.
+CACHE_CHECK_SEED = 0x5EED_C0DE_CAC4E
+#: Seed of an entry's checksum (xxh64 over key, epoch, model, dim, tokens, vector).
+CACHE_CHECKSUM_SEED = 0x0C4EC_5A11
+
+#: One text's key, as a worker sends it in a slot and the entry stores it.
+CACHE_KEY_DTYPE = np.dtype(
+    [("hash_lo", "<u8"), ("hash_hi", "<u8"), ("check", "<u8"), ("length", "<u8")], align=True)
+
+CACHE_HEADER_DTYPE = np.dtype(
+    [
+        ("magic", "S8"),
+        ("version", "<u4"),
+        ("header_bytes", "<u4"),
+        ("layout_hash", "<u8"),  # CACHE_LAYOUT_HASH of the writer
+        ("epoch", "<u8"),  # the sidecar's epoch; entries of another are never served
+        ("n_buckets", "<u4"),
+        ("ways", "<u4"),
+        ("dim", "<u4"),  # floats of an entry's vector: the largest embedding model's
+        ("entry_bytes", "<u4"),
+        ("n_rings", "<u4"),  # entries of the ring counters table
+        ("inserts", "<u8"),  # sidecar-only counters from here on
+        ("evictions", "<u8"),
+        ("bytes", "<u8"),  # bytes of the entries in use
+    ],
+    align=True,
+)
+
+#: Hit and miss counters of one ring, written only by the worker that leases it.
+CACHE_RING_DTYPE = np.dtype([("hits", "<u8"), ("misses", "<u8")], align=True)
+
+
+def cache_entry_dtype(dim: int) -> np.dtype:
+    """One cache entry for vectors of ``dim`` floats, padded to SLOT_ALIGN."""
+    packed = np.dtype(
+        [
+            ("version", "<u8"),  # seqlock: 0 never written, odd while being written
+            ("checksum", "<u8"),  # xxh64(CACHE_CHECKSUM_SEED) of the bytes from "key" to the end
+            ("key", CACHE_KEY_DTYPE),
+            ("epoch", "<u8"),
+            ("model", "<u4"),
+            ("dim", "<u4"),  # the model's vector size (the first dim floats of vector)
+            ("n_tokens", "<u4"),
+            ("vector", "<f4", (dim,)),
+        ],
+        align=True,
+    )
+    fields = packed.fields
+    return np.dtype({"names": list(packed.names), "formats": [fields[n][0] for n in packed.names],
+                     "offsets": [fields[n][1] for n in packed.names],
+                     "itemsize": _round_up(packed.itemsize, SLOT_ALIGN)})
+
+
+#: The fields of an entry a reader compares with its request, in entry
+#: order and contiguous: key, epoch, model, dim (packed as one struct).
+CACHE_MATCH_FIELDS = ("key", "epoch", "model", "dim")
+
+
+@dataclass(frozen=True)
+class CacheGeometry:
+    """Where everything lies in a cache segment of these parameters."""
+
+    n_buckets: int
+    dim: int
+    n_rings: int
+    ways: int = CACHE_WAYS
+
+    @property
+    def entry_dtype(self) -> np.dtype:
+        return cache_entry_dtype(self.dim)
+
+    @property
+    def rings_offset(self) -> int:
+        return CACHE_HEADER_DTYPE.itemsize
+
+    @property
+    def ref_offset(self) -> int:
+        return self.rings_offset + CACHE_RING_DTYPE.itemsize * self.n_rings
+
+    @property
+    def entries_offset(self) -> int:
+        return _round_up(self.ref_offset + self.n_buckets * self.ways, SLOT_ALIGN)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.entries_offset + self.entry_dtype.itemsize * self.n_buckets * self.ways
+
+    @classmethod
+    def for_budget(cls, budget_bytes: int, dim: int, n_rings: int) -> CacheGeometry:
+        """The most buckets that fit ``budget_bytes``; ConfigError below one bucket."""
+        probe = cls(1, dim, n_rings)
+        per_bucket = probe.entry_dtype.itemsize * probe.ways + probe.ways
+        fixed = probe.entries_offset + SLOT_ALIGN  # header, ring counters, rounding
+        n_buckets = (budget_bytes - fixed) // per_bucket
+        if n_buckets < 1:
+            raise ConfigError(f"SHM_EMBED_CACHE_MB: {budget_bytes} bytes hold no bucket of {CACHE_WAYS} "
+                              f"vectors of {dim} floats; raise it, or 0 to turn the cache off")
+        return cls(int(n_buckets), dim, n_rings)
+
+    @classmethod
+    def from_header(cls, header: np.ndarray) -> CacheGeometry:
+        return cls(int(header["n_buckets"]), int(header["dim"]), int(header["n_rings"]), int(header["ways"]))
+
+    def write_header(self, header: np.ndarray) -> None:
+        header["version"] = CACHE_VERSION
+        header["header_bytes"] = CACHE_HEADER_DTYPE.itemsize
+        header["layout_hash"] = CACHE_LAYOUT_HASH
+        for f in ("n_buckets", "dim", "n_rings", "ways"):
+            header[f] = getattr(self, f)
+        header["entry_bytes"] = self.entry_dtype.itemsize
+
+
+def cache_key_material(model: str, epoch: int, prompt: str | None, truncate: bool) -> bytes:
+    """What comes before a text's UTF-8 bytes in its cache key (the same for
+    every text of a request): model name, epoch, prompt, truncate flag. Each
+    variable part goes after its length, so that no two requests whose
+    parts differ give the same bytes."""
+    name = model.encode("utf-8", "surrogatepass")
+    pre = (prompt or "").encode("utf-8", "surrogatepass")
+    return b"".join((len(name).to_bytes(4, "little"), name, epoch.to_bytes(8, "little"),
+                     len(pre).to_bytes(4, "little"), pre, b"\x01" if truncate else b"\x00"))
+
+
+def cache_view(buf, geometry: CacheGeometry):
+    """(header 0-d view, ring counters, reference bits (n_buckets, ways),
+    entries (n_buckets, ways)) over a mapped cache segment."""
+    header = np.frombuffer(buf, dtype=CACHE_HEADER_DTYPE, count=1).reshape(())
+    rings = np.frombuffer(buf, dtype=CACHE_RING_DTYPE, count=geometry.n_rings, offset=geometry.rings_offset)
+    ref = np.frombuffer(buf, dtype=np.uint8, count=geometry.n_buckets * geometry.ways,
+                        offset=geometry.ref_offset).reshape(geometry.n_buckets, geometry.ways)
+    entries = np.frombuffer(buf, dtype=geometry.entry_dtype, count=geometry.n_buckets * geometry.ways,
+                            offset=geometry.entries_offset).reshape(geometry.n_buckets, geometry.ways)
+    return header, rings, ref, entries
+
+
+def check_cache_prefix(buf, name: str) -> None:
+    """Raise LayoutMismatch unless ``buf`` is a cache segment of this build's layout."""
+    if len(buf) < CACHE_HEADER_DTYPE.itemsize:
+        raise LayoutMismatch(f"{name}: segment is {len(buf)} bytes, smaller than a cache header")
+    header = np.frombuffer(buf, dtype=CACHE_HEADER_DTYPE, count=1)[0]
+    if bytes(header["magic"]) != CACHE_MAGIC:
+        raise LayoutMismatch(f"{name}: bad magic {bytes(header['magic'])!r}, not an shm-embed cache segment")
+    if (int(header["version"]), int(header["layout_hash"]), int(header["header_bytes"])) != (
+            CACHE_VERSION, CACHE_LAYOUT_HASH, CACHE_HEADER_DTYPE.itemsize):
+        raise LayoutMismatch(f"{name}: cache layout version {int(header['version'])} "
+                             f"(fingerprint {int(header['layout_hash']):016x}), this build "
+                             f"{CACHE_VERSION} ({CACHE_LAYOUT_HASH:016x})")
+
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -421,6 +629,7 @@ def _slot_fields(max_texts: int, max_tokens: int, dim: int) -> list:
         ("model", "<u4"),  # index into the header's model table
         ("offsets", "<u4", (max_texts + 1,)),
         ("segments", "<u4", (max_texts,)),  # where a pair's second segment starts in text i (0: none)
+        ("cache_keys", CACHE_KEY_DTYPE, (max_texts,)),  # each text's cache key (all zero: not to be cached)
         ("tokens", "<i4", (max_tokens,)),
         ("out", "<f4", (max_texts, dim)),
     ]
@@ -489,6 +698,18 @@ def _layout_hash() -> int:
 
 
 LAYOUT_HASH = _layout_hash()
+
+
+def _cache_layout_hash() -> int:
+    """A fingerprint of every field of the cache segment (as _layout_hash)."""
+    import hashlib
+
+    text = repr((CACHE_HEADER_DTYPE.descr, CACHE_RING_DTYPE.descr, cache_entry_dtype(1).descr, CACHE_WAYS,
+                 CACHE_CHECK_SEED, CACHE_CHECKSUM_SEED))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+CACHE_LAYOUT_HASH = _cache_layout_hash()
 
 
 def check_prefix(buf, name: str) -> None:

@@ -53,6 +53,11 @@ class Names:
         return f"/{self.namespace}-bell-next"
 
     @property
+    def cache(self) -> str:
+        """The embedding cache segment (shm_protocol.cache)."""
+        return f"/{self.namespace}-cache"
+
+    @property
     def lock(self) -> str:
         return f"/{self.namespace}-lock"
 
@@ -62,7 +67,7 @@ class Names:
     def owns_dev_shm_entry(self, entry: str) -> bool:
         """Whether a /dev/shm file name belongs to this namespace (and no other)."""
         ns = re.escape(self.namespace)
-        return re.fullmatch(rf"(sem\.)?{ns}-(ctl|data|bell|bell-next|lock|s\d+-\d+)", entry) is not None
+        return re.fullmatch(rf"(sem\.)?{ns}-(ctl|data|cache|bell|bell-next|lock|s\d+-\d+)", entry) is not None
 
     def dev_shm_entries(self) -> list[str]:
         """This namespace's objects now present in /dev/shm."""
@@ -224,6 +229,7 @@ def unlink_namespace(names: Names, *, lock: bool = False) -> list[str]:
     this is for cleaning up after a sidecar that was killed)."""
     removed = []
     fixed = [(names.ctl, posix_ipc.unlink_shared_memory), (names.data, posix_ipc.unlink_shared_memory),
+             (names.cache, posix_ipc.unlink_shared_memory),
              (names.bell, posix_ipc.unlink_semaphore), (names.bell_next, posix_ipc.unlink_semaphore)]
     if lock:
         fixed.append((names.lock, posix_ipc.unlink_shared_memory))

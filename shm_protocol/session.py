@@ -18,6 +18,7 @@ import numpy as np
 from loguru import logger
 
 from . import hotpath
+from .cache import KEY_WORDS, CacheReader
 from .config import Settings
 from .errors import (
     LayoutMismatch,
@@ -112,6 +113,9 @@ class Session:
         self._old_bells: list = []  # replaced doorbells, closed with the session (a thread may still post)
         # The model table, fixed for the sidecar's epoch (the caller's checked copy).
         self.models = region.models() if models is None else models
+        # The epoch's embedding cache (None: the sidecar keeps none); lookups count on this ring.
+        self.cache = CacheReader.attach(names, self.epoch, ring)
+        self._key_words = region.slots[ring]["cache_keys"].view(np.uint64)  # (slots, max_texts * KEY_WORDS)
         # Slots whose segment splits are not all zero (a reranker's request was there): cleared before reuse.
         self._segments_dirty = [True] * p.slots_per_ring
         for s in range(p.slots_per_ring):
@@ -229,11 +233,13 @@ class Session:
 
     # -- one request ------------------------------------------------------------------
     def run(self, id_lists, lengths: np.ndarray, out: np.ndarray, model: int = 0,
-            segments: np.ndarray | None = None) -> tuple[int, int, int]:
+            segments: np.ndarray | None = None, cache_keys: np.ndarray | None = None) -> tuple[int, int, int]:
         """Send a request (``id_lists``: one id list per text; ``lengths``
         their sizes) in as many slots as it needs, keeping every part in
         flight at once, and copy the answers into ``out`` in order. Returns
-        (queue_ns, compute_ns, slots used): the largest over the parts."""
+        (queue_ns, compute_ns, slots used): the largest over the parts.
+        ``cache_keys``: each text's embedding cache key, for the sidecar to
+        store its vector under (None: nothing is cached)."""
         p = self.params
         if len(lengths) == 1:  # one text (the usual query): one slot, no chunking
             chunks = [(0, 1)]
@@ -256,6 +262,9 @@ class Session:
                             dtype=np.int32, count=int(lengths[a:b].sum()),
                         )
                         try:
+                            # Before READY (the submit's release store publishes them); zero: not cached.
+                            self._key_words[s, :KEY_WORDS * (b - a)] = (0 if cache_keys is None
+                                                                        else cache_keys[a:b].ravel())
                             seq = self.submit(s, ids, lengths[a:b], model,
                                               None if segments is None else segments[a:b], out.shape[1])
                         except BaseException:
@@ -466,7 +475,10 @@ class Session:
             sem.close()
         self.hot.release()
         self.live.release()
+        if self.cache is not None:
+            self.cache.close()
         self.v = self.state = self.seq = self.eta_ns = self._bell_gen_now = self.queued = self.hot = self.live = None
+        self._key_words = None
         self.region.close()
 
     def release_in_owner(self) -> None:

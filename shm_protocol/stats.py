@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .cache import read_cache_stats
 from .errors import LayoutMismatch
 from .layout import (
     BATCH_TEXTS_BUCKETS,
@@ -56,6 +57,8 @@ class Snapshot:
     rings: list = field(default_factory=list)
     #: Per served model (default first): name, kind, dimension, max_seq_length and MODEL_STATS_COUNTERS.
     models: list = field(default_factory=list)
+    #: The embedding cache's counters (shm_protocol.cache.cache_stats); {"enabled": False} without one.
+    cache: dict = field(default_factory=lambda: {"enabled": False})
 
     def percentiles(self) -> dict:
         """p50/p90/p99 of each histogram (bucket upper bounds; None when empty)."""
@@ -138,4 +141,5 @@ def snapshot(region: Region, stale_after_s: float = 1.0) -> Snapshot:
         busy_slots=int(st["busy_slots"]),
         rings=rings,
         models=models,
+        cache=read_cache_stats(region.names),
     )

@@ -56,6 +56,14 @@ def render(snap: Snapshot, status: str, rate: dict):
     head.add_row("model", f"{escape(snap.model)} ({snap.dim} dims, max {snap.max_seq_length} tokens) "
                           f"on {snap.device} in {escape(snap.dtype)}")
     head.add_row("queue", f"{snap.queue_depth} slots ready, {snap.busy_slots} in the model")
+    cache = snap.cache
+    if cache.get("enabled"):
+        rate = f"{cache['hit_rate']:.1%}" if cache["hit_rate"] is not None else "-"
+        head.add_row("cache", f"{cache['hits']:,} hits, {cache['misses']:,} misses ({rate}); {cache['inserts']:,} "
+                              f"inserts, {cache['evictions']:,} evictions; {cache['bytes'] / 2**20:.1f} of "
+                              f"{cache['capacity_bytes'] / 2**20:.1f} MiB in use")
+    else:
+        head.add_row("cache", "off")
 
     rings = Table(title="rings", show_lines=False)
     for col in ("ring", "owner pid", "owner", "free", "claimed", "ready", "busy", "done", "error"):

@@ -45,6 +45,7 @@ from shm_protocol.region import Region
 from shm_protocol.segments import DEV_SHM, Names, create_semaphore, pid_alive, reset_semaphore
 from shm_protocol.session import SLOT_DRAIN_LIMIT
 
+from .cache_writer import CacheWriter
 from .call_size import CallSizer
 from .planner import CallTimer, admit, fair_order, plan_calls
 
@@ -74,6 +75,7 @@ class _Work:
     remaining: int = 0
     answered: bool = False
     call_ns: int = 0  # the model calls its texts rode in, together (published as compute_ns)
+    cache_keys: np.ndarray | None = None  # its texts' embedding cache keys (a copy), when it sent any
     last_call: int = -1
 
     def __post_init__(self) -> None:
@@ -117,6 +119,7 @@ class Scheduler:
         progress: Callable[..., None],
         model_outcome: Callable[[bool], None],
         log_fault: Callable[..., None],
+        cache: CacheWriter | None = None,
     ):
         self.settings = settings
         self.models = models  # loaded models, by their index in the header's table
@@ -131,6 +134,7 @@ class Scheduler:
         self._progress = progress
         self._model_outcome = model_outcome
         self._log_fault = log_fault
+        self.cache = cache  # the embedding cache, which answered texts are stored in (None: off)
         self._timers = [CallTimer() for _ in models]  # each model's cost per padded token
         # Each model's texts per call, refined from the texts/s its calls reach
         # (fixed where SHM_EMBED_CALL_ROWS sets it).
@@ -306,6 +310,8 @@ class Scheduler:
             work.offsets = np.frombuffer(offs, np.int64)
             work.ids = np.frombuffer(ids, np.int32)
             work.segments = splits
+            if self.cache is not None and not pairs:
+                work.cache_keys = self.cache.keys_of(v.cache_keys[flat, :n_texts])
             works.append(work)
 
     def _serve_batch(self, works: list[_Work], model: int) -> None:
@@ -363,6 +369,8 @@ class Scheduler:
             self._account(model, end - start, width, call_ns)
             for w in published:
                 self._count(w, SlotError.NONE)
+            if self.cache is not None:
+                self._cache_answers(model, [(works[wi], i, k) for k, (_, wi, i) in enumerate(chunk)], vecs)
 
     def _serve_one(self, w: _Work, model: int) -> None:
         """The batch of a lone one-text request (the latency floor): the same
@@ -383,6 +391,20 @@ class Scheduler:
         self._account(model, 1, width, w.call_ns)
         if published:
             self._count(w, SlotError.NONE)
+        if self.cache is not None:
+            self._cache_answers(model, [(w, 0, 0)], vecs)
+
+    def _cache_answers(self, model: int, rows: list, vecs: np.ndarray) -> None:
+        """Store answered texts (``rows``: work, text index, row of ``vecs``)
+        in the embedding cache, after their waiters have them."""
+        dim = self.models[model].info.dim
+        try:
+            for w, i, k in rows:
+                if w.cache_keys is not None:
+                    self.cache.store(w.cache_keys[i], model, dim, int(w.offsets[i + 1] - w.offsets[i]), vecs[k])
+        except Exception as exc:  # the cache must not be able to fail the loop
+            self.ctr.loop_errors[0] += 1
+            self._log_fault("ERROR", "storing answers in the embedding cache raised {!r}", exc)
 
     def _call(self, model: int, seqs: list[np.ndarray], segments: list[int] | None,
               width: int) -> tuple[np.ndarray, int]:

@@ -29,6 +29,7 @@ from shm_protocol.layout import (
     MODEL_DTYPE,
     SLOT_CLAIMED,
     LayoutParams,
+    ModelKind,
     RecordViews,
     SidecarState,
     SlotViews,
@@ -45,6 +46,7 @@ from shm_protocol.segments import (
     unlink_namespace,
 )
 
+from .cache_writer import CacheWriter
 from .scheduler import Scheduler
 
 #: After a large model call (the scheduler's TRIM_AFTER_TOKENS) glibc keeps
@@ -124,6 +126,7 @@ class Sidecar:
         self.v: SlotViews | None = None
         self._bell = None  # until create() hands it to the scheduler
         self.scheduler: Scheduler | None = None
+        self.cache: CacheWriter | None = None
         self.epoch = 0
 
     # -- lifecycle --------------------------------------------------------------------
@@ -195,6 +198,13 @@ class Sidecar:
         self.epoch = int.from_bytes(os.urandom(8), "little") >> 1 | 1
         h["epoch"] = self.epoch
         region.epoch = self.epoch
+        embed_dims = [i.dim for i in infos if i.kind == ModelKind.EMBED]
+        try:
+            self.cache = CacheWriter.create(self.names, s, n_rings=params.n_rings, dim=max(embed_dims, default=0),
+                                            epoch=self.epoch)
+        except BaseException:
+            self.destroy()
+            raise
         h["started_ns"] = time.time_ns()
         h["heartbeat_ns"] = time.monotonic_ns()
         self.v = SlotViews(region.slots.reshape(-1))
@@ -204,6 +214,7 @@ class Sidecar:
             s, self.models, params, region, self.names,
             v=self.v, ctr=self.ctr, bell=self._bell, flat_sems=self.flat_sems, cores=self._cores,
             progress=self._progress, model_outcome=self._model_outcome, log_fault=self._log_fault,
+            cache=self.cache,
         )
         self._bell = None  # the scheduler's from here on: it replaces a tampered doorbell
         self._progress()
@@ -225,6 +236,9 @@ class Sidecar:
         if bell is not None:
             bell.close()
         self._unlink_own()
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
         if self.region is not None:
             self.v = self.ctr = self.hv = self.scheduler = None  # its views too: the mappings can go
             self.region.close()

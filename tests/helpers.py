@@ -62,6 +62,9 @@ def sidecar_env(namespace: str, model: str | None = None, **extra: str) -> dict:
     # Calls as large as the token budget allows, as before call sizes were
     # measured (a second per start); the test of the measurement asks for it.
     env.setdefault("SHM_EMBED_CALL_ROWS", "256")
+    # Every text goes to the sidecar, as the tests of the round trip expect
+    # (they send the same texts again); tests/*/test_cache.py turn the cache on.
+    env.setdefault("SHM_EMBED_CACHE_MB", "0")
     if model:
         env["SHM_EMBED_MODEL"] = str(model)
     env.update({k: str(v) for k, v in extra.items()})

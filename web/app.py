@@ -342,7 +342,7 @@ class Info:
             "model": info["model"], "dimension": info["dimension"], "max_tokens": info["max_seq_length"],
             "models": served_models(info),
             "device": info["device"], "dtype": info.get("dtype", "float32"), "version": __version__,
-            "mode": self.ctx.mode,
+            "mode": self.ctx.mode, "cache": info.get("cache", {"enabled": False}),
             "limits": {"max_inputs": s.max_inputs, "max_input_chars": s.max_input_chars,
                        "max_body_bytes": s.max_body_bytes},
         }

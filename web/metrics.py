@@ -62,6 +62,7 @@ class SidecarCollector:
             m.add_metric([], c[key])
             yield m
         yield from _model_metrics(snap)
+        yield from _cache_metrics(snap.cache)
         errs = CounterMetricFamily(f"{PREFIX}_errors", "Slots failed by the sidecar, by kind.", labels=["kind"])
         for kind, n in snap.errors.items():
             errs.add_metric([kind], n)
@@ -112,6 +113,25 @@ def _model_metrics(snap):
         for m in snap.models:
             fam.add_metric([m["name"]], m[key] * scale)
         yield fam
+
+
+def _cache_metrics(cache: dict):
+    """The embedding cache's series (none while it is off)."""
+    if not cache.get("enabled"):
+        return
+    for name, doc in (("hits", "Texts workers answered from the embedding cache."),
+                      ("misses", "Texts workers looked up in the embedding cache and sent to the sidecar."),
+                      ("inserts", "Vectors the sidecar stored in the embedding cache."),
+                      ("evictions", "Entries the embedding cache replaced to make room.")):
+        fam = CounterMetricFamily(f"{PREFIX}_cache_{name}", doc)
+        fam.add_metric([], cache[name])
+        yield fam
+    for name, key, doc in (("bytes", "bytes", "Bytes of the embedding cache's entries in use."),
+                           ("capacity_bytes", "capacity_bytes", "Bytes of entries the embedding cache holds."),
+                           ("capacity_entries", "capacity_entries", "Entries the embedding cache holds.")):
+        g = GaugeMetricFamily(f"{PREFIX}_cache_{name}", doc)
+        g.add_metric([], cache[key])
+        yield g
 
 
 def make_registry(snapshot_fn, version: str) -> CollectorRegistry:
