@@ -50,8 +50,8 @@ def status_document(snapshot_fn) -> dict:
         "compute_seconds": {"bounds": list(LATENCY_BUCKETS_S), "counts": snap.compute_hist},
         "models": [{k: m[k] for k in ("name", "kind", "dtype", "requests", "texts", "errors")} for m in snap.models],
     }
-    cache = snap.as_dict().get("cache")  # the sidecar's cache figures, when this build has a cache
-    if cache is not None:
+    cache = snap.cache  # the sidecar's cache figures, when it runs one
+    if cache.get("enabled"):
         doc["cache"] = cache
     return doc
 

@@ -14,7 +14,6 @@ from falcon import testing
 
 from shm_protocol.config import Settings
 from shm_protocol.errors import SidecarUnavailable
-from shm_protocol.stats import Snapshot
 from tests.helpers import REPO
 from tests.unit.test_web_app import FakeClient
 from web.app import create_app
@@ -63,15 +62,11 @@ def test_json_has_the_figures_and_the_sidecar_state(fake, tmp_path):
     assert r.json["sidecar"]["reason"] and "counters" not in r.json
 
 
-def test_json_passes_the_cache_figures_on_when_the_snapshot_has_them(fake, tmp_path):
-    @dataclasses.dataclass
-    class CachedSnapshot(Snapshot):
-        cache: dict = dataclasses.field(default_factory=dict)
-
+def test_json_passes_the_cache_figures_on_when_the_sidecar_runs_a_cache(fake, tmp_path):
     plain = fake.stats()
-    cached = CachedSnapshot(**plain.__dict__, cache={"hits": 7, "misses": 3})
-    fake.stats = lambda: cached
-    assert client_app(fake, tmp_path).simulate_get("/status.json").json["cache"] == {"hits": 7, "misses": 3}
+    figures = {"enabled": True, "hits": 7, "misses": 3}
+    fake.stats = lambda: dataclasses.replace(plain, cache=figures)
+    assert client_app(fake, tmp_path).simulate_get("/status.json").json["cache"] == figures
 
 
 def test_status_needs_the_api_key(fake, tmp_path):
