@@ -121,22 +121,30 @@ class FallbackClient(SentenceTransformerAPI):
                     raise
         return getattr(self.local, name)(*args, **kwargs)
 
-    def embed_detailed(self, texts, *, truncate: bool = True, normalize: bool = False, **options) -> EmbedResult:
-        """EmbeddingClient.embed_detailed, with its options (max_tokens, prompt, prompt_name, dimensions)."""
-        return self._call("embed_detailed", texts, truncate=truncate, normalize=normalize, **options)
+    def embed_detailed(self, texts, *, truncate: bool = True, normalize: bool = False, max_tokens: int | None = None,
+                       prompt: str | None = None, prompt_name: str | None = None, dimensions: int | None = None,
+                       model: str | None = None) -> EmbedResult:
+        """EmbeddingClient.embed_detailed, through the sidecar or the local model."""
+        return self._call("embed_detailed", texts, truncate=truncate, normalize=normalize, max_tokens=max_tokens,
+                          prompt=prompt, prompt_name=prompt_name, dimensions=dimensions, model=model)
 
-    def embed(self, texts, *, truncate: bool = True, normalize: bool = False, **options) -> np.ndarray:
-        return self.embed_detailed(texts, truncate=truncate, normalize=normalize, **options).vectors
+    def embed(self, texts, *, truncate: bool = True, normalize: bool = False, prompt: str | None = None,
+              prompt_name: str | None = None, dimensions: int | None = None, model: str | None = None) -> np.ndarray:
+        return self.embed_detailed(texts, truncate=truncate, normalize=normalize, prompt=prompt,
+                                   prompt_name=prompt_name, dimensions=dimensions, model=model).vectors
 
     def info(self) -> dict:
         return self._call("info")
 
-    def rerank_detailed(self, query, documents, **options):
+    def rerank_detailed(self, query, documents, *, model: str | None = None, raw_scores: bool = False,
+                        truncate: bool = True, max_tokens: int | None = None, prompt: str | None = None,
+                        prompt_name: str | None = None):
         """EmbeddingClient.rerank_detailed: the sidecar's rerankers only (no local one)."""
         if self.ipc is None:  # permanent in this configuration: a 422, not a 503 to retry
             raise ModelNotFound("reranking needs the sidecar's cross-encoders, and IPC is off "
                                 "(USE_IPC_EMBEDDING=false)", requested="", served=[])
-        return self.ipc.rerank_detailed(query, documents, **options)
+        return self.ipc.rerank_detailed(query, documents, model=model, raw_scores=raw_scores, truncate=truncate,
+                                        max_tokens=max_tokens, prompt=prompt, prompt_name=prompt_name)
 
     def rerank(self, query, documents, **options) -> np.ndarray:
         return self.rerank_detailed(query, documents, **options).scores

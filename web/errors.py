@@ -48,6 +48,11 @@ class APIError(falcon.HTTPError):
         return {"error": body}
 
 
+class UndeclaredRoute(TypeError):
+    """A route's responder was added without its Operation (web.schema): the
+    app would serve what its OpenAPI document does not describe."""
+
+
 def model_not_found(requested: str, served: list[str], message: str | None = None) -> APIError:
     """OpenAI's answer to a model it does not serve."""
     return APIError(falcon.HTTP_404, "invalid_request_error",

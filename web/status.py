@@ -16,13 +16,26 @@ import hashlib
 import re
 import time
 
-import falcon
-
 from shm_protocol.errors import ShmEmbedError
 from shm_protocol.layout import BATCH_TEXTS_BUCKETS, LATENCY_BUCKETS_S
 
 from .errors import sidecar_unavailable_message
+from .schema import BOOLEAN, NUMBER, Operation, Reply, obj
 from .status_page import PAGE
+
+STATUS_PAGE = Operation(
+    summary="The live status page: charts of the figures /metrics has, redrawn every second",
+    tag="operations",
+    replies=(Reply("One self-contained HTML page (no external assets).", media_type="text/html"),),
+)
+
+STATUS_JSON = Operation(
+    summary="The figures the status page polls: counters, histograms, queue, rings, models, cache",
+    tag="operations",
+    replies=(Reply("The sidecar's figures; only its state while it is down.",
+                   obj({"time": NUMBER, "sidecar": obj({"up": BOOLEAN}, additionalProperties=True)},
+                       additionalProperties=True)),),
+)
 
 
 def status_document(snapshot_fn) -> dict:
@@ -72,6 +85,7 @@ class StatusPage:
                        f"style-src {_csp_hash(PAGE, 'style')}; connect-src 'self'; base-uri 'none'; "
                        "form-action 'none'; frame-ancestors 'none'")
 
+    @STATUS_PAGE
     def on_get(self, req, resp):
         resp.content_type = "text/html; charset=utf-8"
         resp.data = self.body
@@ -86,11 +100,13 @@ class StatusJSON:
     def __init__(self, ctx):
         self.ctx = ctx
 
+    @STATUS_JSON
     def on_get(self, req, resp):
         resp.media = status_document(self.ctx.client.stats)
         resp.set_header("Cache-Control", "no-store")
 
 
-def add_routes(app: falcon.App, ctx) -> None:
-    app.add_route("/status", StatusPage())
-    app.add_route("/status.json", StatusJSON(ctx))
+def add_routes(routes, ctx) -> None:
+    """Add the page and its JSON to ``routes`` (web.openapi.RouteTable)."""
+    routes.add("/status", StatusPage())
+    routes.add("/status.json", StatusJSON(ctx))

@@ -336,7 +336,7 @@ def _assert_storage_503(r: httpx.Response, reason: str, data) -> None:
 
 
 def test_a_corrupt_database_is_a_503_with_a_short_reason(tmp_path, sidecar):
-    from web.retrieval import Retrieval
+    from web.collections_api import Retrieval
 
     data = tmp_path / "data"
     status = Retrieval(SimpleNamespace(settings=Settings.from_env({}, data_dir=str(data)))).store_status

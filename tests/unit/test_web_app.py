@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import inspect
 import json
 import sqlite3
 
@@ -90,8 +91,10 @@ class FakeClient:
         scores = raw if raw_scores else (1 / (1 + np.exp(-raw))).astype(np.float32)
         return RerankResult(scores, counts, "fake-reranker", 0, 0)
 
-    def embed(self, texts, *, truncate=True, normalize=False, **options):
-        return self.embed_detailed(texts, truncate=truncate, normalize=normalize, **options).vectors
+    def embed(self, texts, *, truncate=True, normalize=False, prompt=None, prompt_name=None, dimensions=None,
+              model=None):
+        return self.embed_detailed(texts, truncate=truncate, normalize=normalize, prompt=prompt,
+                                   prompt_name=prompt_name, dimensions=dimensions, model=model).vectors
 
     def info(self) -> dict:
         self._check()
@@ -127,13 +130,27 @@ def app(fake, tmp_path):
     return testing.TestClient(create_app(fake, settings))
 
 
+def protocol_methods(protocol) -> list[str]:
+    return sorted(name for name, value in vars(protocol).items() if inspect.isfunction(value)
+                  and not name.startswith("_"))
+
+
 def test_the_fake_and_the_real_clients_are_embedding_backends(fake, tmp_path):
+    """Each client has every method of the protocol with the same parameters:
+    names, kinds (positional, keyword-only) and defaults, in order."""
     from compat.fallback import FallbackClient
     from shm_protocol.client import EmbeddingClient
 
+    assert {"embed_detailed", "rerank_detailed", "info", "stats", "close"} <= set(protocol_methods(EmbeddingBackend))
     settings = Settings.from_env({}, data_dir=str(tmp_path))
     for client in (fake, EmbeddingClient(settings), FallbackClient(settings.replace(use_ipc=False))):
         assert isinstance(client, EmbeddingBackend), type(client).__name__
+        for name in protocol_methods(EmbeddingBackend):
+            want = inspect.signature(getattr(EmbeddingBackend, name)).parameters.values()
+            got = inspect.signature(getattr(type(client), name)).parameters.values()
+            # A parameter's name may differ only where it is positional (self, texts).
+            key = lambda p: (p.name if p.kind != p.POSITIONAL_OR_KEYWORD else "", p.kind, p.default)  # noqa: E731
+            assert [key(p) for p in got] == [key(p) for p in want], (type(client).__name__, name)
 
 
 def test_embed_returns_normalized_vectors_in_order(app, fake):
