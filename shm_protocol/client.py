@@ -24,7 +24,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from loguru import logger
 
-from . import model_files
+from . import long_inputs, model_files, tokens
 from .config import Settings
 from .dropin import SentenceTransformerAPI
 from .errors import (
@@ -83,13 +83,21 @@ class EmbeddingBackend(Protocol):
     """What the web app and retrieval need from an embedding client: the
     sidecar's :class:`EmbeddingClient`, the local fallback, or a fake in tests."""
 
-    def embed_detailed(self, texts: Sequence[str], *, truncate: bool = True, normalize: bool = False,
+    def embed_detailed(self, texts: Sequence[str], *, truncate: bool | None = None, normalize: bool = False,
                        max_tokens: int | None = None, prompt: str | None = None, prompt_name: str | None = None,
-                       dimensions: int | None = None, model: str | None = None) -> EmbedResult: ...
+                       dimensions: int | None = None, model: str | None = None,
+                       truncation_direction: str | None = None, chunk: bool | None = None) -> EmbedResult: ...
 
-    def embed(self, texts: Sequence[str], *, truncate: bool = True, normalize: bool = False,
+    def embed(self, texts: Sequence[str], *, truncate: bool | None = None, normalize: bool = False,
               prompt: str | None = None, prompt_name: str | None = None,
-              dimensions: int | None = None, model: str | None = None) -> np.ndarray: ...
+              dimensions: int | None = None, model: str | None = None, **options) -> np.ndarray: ...
+
+    def tokenize(self, texts: Sequence[str], *, model: str | None = None, add_special_tokens: bool = True,
+                 prompt: str | None = None, prompt_name: str | None = None) -> list: ...
+
+    def decode(self, ids, *, model: str | None = None, skip_special_tokens: bool = True) -> list[str]: ...
+
+    def prompts(self, model: str | None = None) -> dict[str, str]: ...
 
     def info(self) -> dict: ...
 
@@ -314,10 +322,30 @@ class EmbeddingClient(SentenceTransformerAPI):
         ``name`` would use (None: the default); ModelNotFound otherwise."""
         return model_card(model_files.find_model(self._get_session().models, name, ModelKind[kind.upper()]))
 
-    def tokenize(self, texts: Sequence[str], *, model: str | None = None) -> list:
+    def tokenize(self, texts: Sequence[str], *, model: str | None = None, add_special_tokens: bool = True,
+                 prompt: str | None = None, prompt_name: str | None = None) -> list[tokens.TokenizedText]:
+        """The tokens of each of ``texts`` as an embed call with the same
+        prompt options would read it (untruncated; see :mod:`.tokens`),
+        from this process's copy of the model's tokenizer: no round trip."""
         sess = self._get_session()
-        return self._tokenizers[model_files.find_model(sess.models, model, ModelKind.EMBED).index].encode(
-            list(texts))
+        m = model_files.find_model(sess.models, model, ModelKind.EMBED)
+        prompt = self._options[m.index].resolve_prompt(prompt, prompt_name)
+        return tokens.tokenize_texts(self._tokenizers[m.index], texts, prompt=prompt,
+                                     add_special_tokens=add_special_tokens)
+
+    def prompts(self, model: str | None = None) -> dict[str, str]:
+        """The prompts of an embedding model (``model`` by name, None: the
+        default), by name, as its config_sentence_transformers.json lists them."""
+        m = model_files.find_model(self._get_session().models, model, ModelKind.EMBED)
+        return dict(self._options[m.index].prompts)
+
+    def decode(self, ids, *, model: str | None = None, skip_special_tokens: bool = True) -> list[str]:
+        """The text of token ``ids`` (a list of ids, or a list of such lists:
+        one string per list); InvalidInput for an id outside the vocabulary."""
+        sess = self._get_session()
+        m = model_files.find_model(sess.models, model, ModelKind.EMBED)
+        return tokens.decode_ids(self._tokenizers[m.index], ids, vocab_size=m.vocab_size,
+                                 skip_special_tokens=skip_special_tokens)
 
     def text_tokenizer(self, model: str | None = None, prompt: str | None = None) -> tuple[WorkerTokenizer, str | None]:
         """An embedding model's tokenizer, and the prompt an embed call with
@@ -327,23 +355,30 @@ class EmbeddingClient(SentenceTransformerAPI):
         return self._tokenizers[m.index], self._options[m.index].resolve_prompt(prompt, None)
 
     # -- embedding --------------------------------------------------------------------
-    def embed(self, texts: Sequence[str], *, truncate: bool = True, normalize: bool = False,
+    def embed(self, texts: Sequence[str], *, truncate: bool | None = None, normalize: bool = False,
               prompt: str | None = None, prompt_name: str | None = None,
-              dimensions: int | None = None, model: str | None = None) -> np.ndarray:
-        """Vectors of ``texts`` (float32, one row per text, in order)."""
+              dimensions: int | None = None, model: str | None = None, **options) -> np.ndarray:
+        """Vectors of ``texts`` (float32, one row per text, in order);
+        ``options``: truncation_direction, chunk (see embed_detailed)."""
         return self.embed_detailed(texts, truncate=truncate, normalize=normalize, prompt=prompt,
-                                   prompt_name=prompt_name, dimensions=dimensions, model=model).vectors
+                                   prompt_name=prompt_name, dimensions=dimensions, model=model, **options).vectors
 
     def embed_detailed(
-        self, texts: Sequence[str], *, truncate: bool = True, normalize: bool = False,
+        self, texts: Sequence[str], *, truncate: bool | None = None, normalize: bool = False,
         max_tokens: int | None = None, prompt: str | None = None, prompt_name: str | None = None,
-        dimensions: int | None = None, model: str | None = None,
+        dimensions: int | None = None, model: str | None = None, truncation_direction: str | None = None,
+        chunk: bool | None = None,
     ) -> EmbedResult:
         """Vectors and details of ``texts``, as ``SentenceTransformer.encode``
         gives them: ``prompt`` (a literal prefix) or ``prompt_name`` (one of the
         model's prompts; the model's default prompt when neither is given) is
         prepended to each text; ``dimensions`` cuts the vectors (Matryoshka
-        models only) before ``normalize``. ``max_tokens`` caps the tokens
+        models only) before ``normalize``. A text over the model's limit is
+        cut at its end (``truncate=True``) or start (with
+        ``truncation_direction="left"``), refused (``truncate=False``:
+        RequestTooLarge) or embedded in windows whose vectors are averaged
+        (``chunk=True``; see :mod:`.long_inputs`); options left None follow
+        SHM_EMBED_LONG_INPUTS. ``max_tokens`` caps the tokens
         (after truncation) the call may send, over all texts: RequestTooLarge
         above it, before anything reaches the sidecar (the web service's
         per-request budget). ``model`` picks one of the sidecar's embedding
@@ -356,15 +391,18 @@ class EmbeddingClient(SentenceTransformerAPI):
         dims = opts.check_dimensions(dimensions, m.dim, m.name)
         if not texts:
             return EmbedResult(np.empty((0, dims or m.dim), np.float32), np.empty(0, np.int64), 0, 0, 0, 0, m.name)
-        tok = self._tokenizers[m.index].tokenize_request(texts, prompt=prompt, truncate=truncate,
-                                                         max_tokens=max_tokens)
-        out = np.empty((len(texts), m.dim), dtype=np.float32)
+        policy = long_inputs.resolve_policy(truncate, truncation_direction, chunk, self.settings.long_inputs)
+        tok = self._tokenizers[m.index].tokenize_request(texts, prompt=prompt, truncate=True,
+                                                         max_tokens=max_tokens, policy=policy)
+        out = np.empty((len(tok.ids), m.dim), dtype=np.float32)
         sess.enter()
         try:
             queue_ns, compute_ns, used = sess.run(tok.ids, tok.lengths, out, m.index)
         finally:
             sess.leave()
-        return EmbedResult(shape_vectors(out, dims, normalize), tok.lengths, queue_ns, compute_ns, used,
+        if tok.owners is not None:
+            out = long_inputs.combine_windows(out, tok.owners, tok.weights, len(texts))
+        return EmbedResult(shape_vectors(out, dims, normalize), tok.token_counts, queue_ns, compute_ns, used,
                            tok.tokenize_ns, m.name)
 
     # -- reranking --------------------------------------------------------------------

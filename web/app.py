@@ -24,8 +24,9 @@ from shm_protocol.errors import ShmEmbedError
 from shm_protocol.model_files import named, served_models
 from shm_protocol.text import mend
 
-from . import errors, intake
+from . import cohere, errors, intake, tokens
 from .errors import too_large, unavailable, unprocessable
+from .long_inputs import long_input_options
 from .metrics import make_registry, render
 from .retrieval import add_routes
 
@@ -83,9 +84,10 @@ class Context:
                                 "(SHM_EMBED_MAX_INPUT_CHARS)")
         return texts, single
 
-    def embed(self, texts: list[str], *, truncate: bool = True, normalize: bool = False, **options):
+    def embed(self, texts: list[str], *, truncate: bool | None = True, normalize: bool = False, **options):
         """Embed through the client under this request's token budget;
-        ``options``: prompt, prompt_name, dimensions, model (see text_options)."""
+        ``options``: prompt, prompt_name, dimensions, model (see text_options),
+        truncation_direction, chunk (see long_input_options)."""
         self.counts["total_requests"] += 1
         try:
             res = self.client.embed_detailed(texts, truncate=truncate, normalize=normalize,
@@ -291,8 +293,8 @@ class CohereRerank:
 
 
 class Embed:
-    """POST /embed: {"inputs": str | [str], "normalize": bool, "truncate": bool, "prompt": str,
-    "prompt_name": str, "dimensions": int} -> [[float]]."""
+    """POST /embed: {"inputs": str | [str], "normalize": bool, "truncate": bool, "truncation_direction":
+    "right" | "left", "chunk": bool, "prompt": str, "prompt_name": str, "dimensions": int} -> [[float]]."""
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
@@ -303,8 +305,7 @@ class Embed:
             raise unprocessable("'inputs' is required")
         texts, _ = self.ctx.texts(doc["inputs"], "inputs")
         normalize = _bool(doc, "normalize", True)
-        truncate = _bool(doc, "truncate", True)
-        res = self.ctx.embed(texts, truncate=truncate, normalize=normalize, **text_options(doc))
+        res = self.ctx.embed(texts, normalize=normalize, **long_input_options(doc), **text_options(doc))
         resp.media = res.vectors  # float32 (n, dim), written by dump_json
 
 
@@ -445,6 +446,8 @@ def create_app(client: EmbeddingBackend, settings: Settings) -> falcon.App:
     app.add_route("/embedding/stats", EmbeddingStats(ctx))
     app.add_route("/metrics", Metrics(ctx))
     ctx.retrieval = add_routes(app, ctx)
+    tokens.add_routes(app, ctx)
+    cohere.add_routes(app, ctx)
     wrapped = RequestIdMiddleware(app)
     wrapped.ctx = ctx
     return wrapped
