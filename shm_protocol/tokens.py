@@ -70,10 +70,11 @@ def check_ids(ids, vocab_size: int, field: str = "ids") -> list[list[int]]:
     entry at fault otherwise."""
     if not isinstance(ids, list):
         raise InvalidInput(f"'{field}' must be a list of token ids or a list of such lists")
-    rows = ids if ids and all(isinstance(row, list) for row in ids) else [ids]
+    nested = [isinstance(row, list) for row in ids]
+    if any(nested) and not all(nested):
+        raise InvalidInput(f"'{field}' must be a list of token ids or a list of such lists, not a mix")
+    rows = ids if ids and all(nested) else [ids]
     for r, row in enumerate(rows):
-        if not isinstance(row, list):
-            raise InvalidInput(f"'{field}' must be a list of token ids or a list of such lists, not a mix")
         for j, token_id in enumerate(row):
             where = f"{field}[{r}][{j}]" if rows is ids else f"{field}[{j}]"
             if not isinstance(token_id, int) or isinstance(token_id, bool):
