@@ -101,8 +101,7 @@ class WorkerTokenizer:
             if policy not in long_inputs.POLICIES:
                 raise InvalidInput(f"unknown long-input policy {policy!r}: {', '.join(long_inputs.POLICIES)}")
             if policy in (long_inputs.TRUNCATE_LEFT, long_inputs.CHUNK):
-                return self._tokenize_long(texts if not prompt else [prompt + t for t in texts], policy,
-                                           max_tokens)
+                return self._tokenize_long(texts, prompt, policy, max_tokens)
             truncate = policy == long_inputs.TRUNCATE
         if prompt:
             texts = [prompt + t for t in texts]
@@ -174,12 +173,20 @@ class WorkerTokenizer:
         tokenize_ns = time.perf_counter_ns() - t0
         return Tokenized(list(documents), ids, lengths, tokenize_ns, segments)
 
-    def _tokenize_long(self, texts: list[str], policy: str, max_tokens: int | None) -> Tokenized:
-        """``texts`` (prompts prepended) cut at their start (TRUNCATE_LEFT) or
-        into windows (CHUNK) of the model's limit, special tokens around each."""
+    def _tokenize_long(self, texts: list[str], prompt: str | None, policy: str,
+                       max_tokens: int | None) -> Tokenized:
+        """``texts`` with ``prompt`` prepended, cut at their start
+        (TRUNCATE_LEFT: the prompt's tokens are kept, the text's first ones
+        go) or into windows (CHUNK: the prompt is in the first window only)
+        of the model's limit, special tokens around each."""
         t0 = time.perf_counter_ns()
+        if prompt:
+            texts = [prompt + t for t in texts]
         before, after = self.single_template()
         room = self.max_seq_length - len(before) - len(after)
+        kept = self._encode_raw([prompt], "prompt")[0].ids if prompt else []
+        if len(kept) >= room:
+            kept = []
         ids: list[list[int]] = []
         owners: list[int] = []
         weights: list[int] = []
@@ -187,7 +194,10 @@ class WorkerTokenizer:
             for i, enc in enumerate(self._encode_raw(texts[first:last], "texts", first), first):
                 content = enc.ids
                 if policy == long_inputs.TRUNCATE_LEFT:
-                    ids.append(before + content[max(0, len(content) - room):] + after)
+                    # A prompt whose tokens merge with the text's is cut like the text.
+                    head = kept if content[:len(kept)] == kept else []
+                    rest = content[len(head):]
+                    ids.append(before + head + rest[max(0, len(rest) - (room - len(head))):] + after)
                     continue
                 for run in long_inputs.windows(content, room):
                     ids.append(before + run + after)

@@ -70,6 +70,9 @@ def test_left_and_right_truncation_keep_the_end_and_the_start(tok):
     assert right.ids == [[101] + content[:LIMIT - 2] + [102]]
     with pytest.raises(RequestTooLarge, match=f"limit is {LIMIT}"):
         tok.tokenize_request([LONG], prompt=None, truncate=True, max_tokens=None, policy="refuse")
+    prompted = tok.tokenize_request([LONG], prompt="query: ", truncate=True, max_tokens=None, policy="truncate_left")
+    query = tok.encode_untruncated(["query: "], add_special_tokens=False)[0].ids
+    assert prompted.ids == [[101] + query + content[-(LIMIT - 2 - len(query)):] + [102]]  # the prompt is kept
 
 
 def test_weighted_mean_of_windows():
