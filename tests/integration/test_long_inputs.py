@@ -220,3 +220,19 @@ def test_cohere_truncate_and_output_dimension(sidecar, http):
 ])
 def test_cohere_embed_refuses_bad_input(http, doc, status, contains):
     error(post(http, "/v2/embed", doc), status, contains)
+
+
+def test_the_local_fallback_cuts_and_chunks_alike(sidecar, short_st):
+    from compat.fallback import FallbackClient
+    from shm_protocol.config import Settings
+
+    path, _ = short_st
+    local = FallbackClient(Settings.from_env({}, use_ipc=False, model=str(path)))
+    with client_for(sidecar) as c:
+        for options in ({"chunk": True}, {"truncation_direction": "left"}, {"truncate": True}):
+            want = c.embed([LONG, "x y"], model="short", **options)
+            assert np.abs(local.embed([LONG, "x y"], **options) - want).max() <= 1e-5, options
+        assert [t.ids for t in local.tokenize([LONG])] == [t.ids for t in c.tokenize([LONG], model="short")]
+    assert local.decode([[101, 7592, 102]]) == ["hello"]
+    with pytest.raises(InvalidInput, match="30521"):
+        local.decode([30522])
