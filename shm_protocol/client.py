@@ -326,12 +326,20 @@ class EmbeddingClient(SentenceTransformerAPI):
                  prompt: str | None = None, prompt_name: str | None = None) -> list[tokens.TokenizedText]:
         """The tokens of each of ``texts`` as an embed call with the same
         prompt options would read it (untruncated; see :mod:`.tokens`),
-        from this process's copy of the model's tokenizer: no round trip."""
-        sess = self._get_session()
-        m = model_files.find_model(sess.models, model, ModelKind.EMBED)
+        from this process's copy of the model's tokenizer: no round trip.
+        ``model``: any served model, a reranker too (None: the default)."""
+        m = self._any_model(model)
         prompt = self._options[m.index].resolve_prompt(prompt, prompt_name)
         return tokens.tokenize_texts(self._tokenizers[m.index], texts, prompt=prompt,
                                      add_special_tokens=add_special_tokens)
+
+    def _any_model(self, model: str | None) -> ModelEntry:
+        """The served model ``model`` names, of either kind (None: the default)."""
+        models = self._get_session().models
+        if model is None:
+            return model_files.default_model(models)
+        found = model_files.named(models, model, lambda m: m.name)
+        return found if found is not None else model_files.find_model(models, model, ModelKind.EMBED)
 
     def prompts(self, model: str | None = None) -> dict[str, str]:
         """The prompts of an embedding model (``model`` by name, None: the
@@ -341,9 +349,9 @@ class EmbeddingClient(SentenceTransformerAPI):
 
     def decode(self, ids, *, model: str | None = None, skip_special_tokens: bool = True) -> list[str]:
         """The text of token ``ids`` (a list of ids, or a list of such lists:
-        one string per list); InvalidInput for an id outside the vocabulary."""
-        sess = self._get_session()
-        m = model_files.find_model(sess.models, model, ModelKind.EMBED)
+        one string per list); InvalidInput for an id outside the vocabulary.
+        ``model``: any served model, a reranker too (None: the default)."""
+        m = self._any_model(model)
         return tokens.decode_ids(self._tokenizers[m.index], ids, vocab_size=m.vocab_size,
                                  skip_special_tokens=skip_special_tokens)
 
