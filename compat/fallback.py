@@ -96,10 +96,10 @@ class LocalEmbedder:
             return self.model(features)["sentence_embedding"].float().numpy()
 
     def tokenize(self, texts, *, model: str | None = None, add_special_tokens: bool = True,
-                 prompt: str | None = None, prompt_name: str | None = None) -> list:
+                 prompt: str | None = None, prompt_name: str | None = None, max_tokens: int | None = None) -> list:
         self._check_model(model)
         return tokens.tokenize_texts(self.tok, texts, prompt=self.options.resolve_prompt(prompt, prompt_name),
-                                     add_special_tokens=add_special_tokens)
+                                     add_special_tokens=add_special_tokens, max_tokens=max_tokens)
 
     def decode(self, ids, *, model: str | None = None, skip_special_tokens: bool = True) -> list[str]:
         self._check_model(model)

@@ -93,7 +93,8 @@ class EmbeddingBackend(Protocol):
               dimensions: int | None = None, model: str | None = None, **options) -> np.ndarray: ...
 
     def tokenize(self, texts: Sequence[str], *, model: str | None = None, add_special_tokens: bool = True,
-                 prompt: str | None = None, prompt_name: str | None = None) -> list: ...
+                 prompt: str | None = None, prompt_name: str | None = None,
+                 max_tokens: int | None = None) -> list: ...
 
     def decode(self, ids, *, model: str | None = None, skip_special_tokens: bool = True) -> list[str]: ...
 
@@ -323,15 +324,17 @@ class EmbeddingClient(SentenceTransformerAPI):
         return model_card(model_files.find_model(self._get_session().models, name, ModelKind[kind.upper()]))
 
     def tokenize(self, texts: Sequence[str], *, model: str | None = None, add_special_tokens: bool = True,
-                 prompt: str | None = None, prompt_name: str | None = None) -> list[tokens.TokenizedText]:
+                 prompt: str | None = None, prompt_name: str | None = None,
+                 max_tokens: int | None = None) -> list[tokens.TokenizedText]:
         """The tokens of each of ``texts`` as an embed call with the same
         prompt options would read it (untruncated; see :mod:`.tokens`),
         from this process's copy of the model's tokenizer: no round trip.
-        ``model``: any served model, a reranker too (None: the default)."""
+        ``model``: any served model, a reranker too (None: the default);
+        RequestTooLarge past ``max_tokens`` in all."""
         m = self._any_model(model)
         prompt = self._options[m.index].resolve_prompt(prompt, prompt_name)
         return tokens.tokenize_texts(self._tokenizers[m.index], texts, prompt=prompt,
-                                     add_special_tokens=add_special_tokens)
+                                     add_special_tokens=add_special_tokens, max_tokens=max_tokens)
 
     def _any_model(self, model: str | None) -> ModelEntry:
         """The served model ``model`` names, of either kind (None: the default)."""

@@ -156,7 +156,7 @@ class WorkerTokenizer:
         lengths = np.zeros(len(documents), np.int64)
         segments = np.zeros(len(documents), np.int64)
         total = 0
-        for first, last in _batches(documents):
+        for first, last in batches(documents):
             for i, d in enumerate(self._encode_raw(documents[first:last], "texts", first), first):
                 nd = len(d)
                 if not truncate and nq + nd > target:
@@ -190,7 +190,7 @@ class WorkerTokenizer:
         ids: list[list[int]] = []
         owners: list[int] = []
         weights: list[int] = []
-        for first, last in _batches(texts):
+        for first, last in batches(texts):
             for i, enc in enumerate(self._encode_raw(texts[first:last], "texts", first), first):
                 content = enc.ids
                 if policy == long_inputs.TRUNCATE_LEFT:
@@ -324,7 +324,7 @@ def _refused(texts: Sequence, exc: Exception, field: str = "texts", first: int =
 _PAIR_BATCH_CHARS = 1 << 20
 
 
-def _batches(texts: list[str]) -> Iterator[tuple[int, int]]:
+def batches(texts: list[str]) -> Iterator[tuple[int, int]]:
     """Runs ``[first, last)`` of ``texts`` of about _PAIR_BATCH_CHARS each (one text at least)."""
     first, chars = 0, 0
     for i, t in enumerate(texts):

@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import InvalidInput
-from .tokenizer import WorkerTokenizer, check_texts
+from .errors import InvalidInput, RequestTooLarge
+from .tokenizer import WorkerTokenizer, batches, check_texts
 
 
 @dataclass(frozen=True)
@@ -44,13 +44,25 @@ class TokenizedText:
 
 
 def tokenize_texts(tok: WorkerTokenizer, texts: Sequence[str], *, prompt: str | None = None,
-                   add_special_tokens: bool = True) -> list[TokenizedText]:
-    """The tokens of each of ``texts`` (``prompt`` prepended), untruncated."""
+                   add_special_tokens: bool = True, max_tokens: int | None = None) -> list[TokenizedText]:
+    """The tokens of each of ``texts`` (``prompt`` prepended), untruncated;
+    RequestTooLarge past ``max_tokens`` in all, found before the tokens of
+    more than about a MiB of text are held (a token object takes about 200
+    bytes: a 16 MiB body would otherwise take a worker gigabytes)."""
     texts = check_texts(texts)
     if not isinstance(add_special_tokens, bool):
         raise InvalidInput(f"add_special_tokens={add_special_tokens!r}: must be true or false")
     read = [prompt + t for t in texts] if prompt else texts
-    encodings = tok.encode_untruncated(read, add_special_tokens)
+    encodings: list = []
+    total = 0
+    for first, last in batches(read):
+        batch = tok.encode_untruncated(read[first:last], add_special_tokens)
+        encodings += batch
+        total += sum(len(enc.ids) for enc in batch)
+        if max_tokens is not None and total > max_tokens:
+            raise RequestTooLarge(f"the inputs have {'at least ' if last < len(read) else ''}{total} tokens, over "
+                                  f"the limit of {max_tokens} per request", limit=max_tokens, actual=total,
+                                  what="tokens")
     out = []
     for text, enc in zip(read, encodings):
         tokens = []

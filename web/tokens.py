@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import falcon
 
-from .errors import too_large, unprocessable
+from .errors import unprocessable
 
 
 def _flag(doc: dict, key: str, default: bool) -> bool:
@@ -40,12 +40,8 @@ class Tokenize:
         texts, _ = self.ctx.texts(doc["inputs"], "inputs")
         tokenized = self.ctx.client.tokenize(
             texts, model=_optional_string(doc, "model"), prompt_name=_optional_string(doc, "prompt_name"),
-            add_special_tokens=_flag(doc, "add_special_tokens", True))
-        total = sum(len(t.tokens) for t in tokenized)
-        limit = self.ctx.settings.max_request_tokens
-        if total > limit:
-            raise too_large(f"the inputs have {total} tokens, over the limit of {limit} per request "
-                            "(SHM_EMBED_MAX_REQUEST_TOKENS)")
+            add_special_tokens=_flag(doc, "add_special_tokens", True),
+            max_tokens=self.ctx.settings.max_request_tokens)  # 413 above
         resp.media = [[token.as_dict() for token in t.tokens] for t in tokenized]
 
 

@@ -43,7 +43,7 @@ def sidecar(short_st, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def http(sidecar, tmp_path_factory):
-    web = start_web(tmp_path_factory.mktemp("web16"), sidecar.env, workers=1)
+    web = start_web(tmp_path_factory.mktemp("web16"), sidecar.env, workers=1, SHM_EMBED_MAX_REQUEST_TOKENS=2000)
     with httpx.Client(base_url=web.base, timeout=30) as client:
         yield client
     assert web.stop() == 0
@@ -154,6 +154,7 @@ def test_tokenize_and_decode_in_teis_shape(http, short_st):
     ("/tokenize", {"inputs": "a", "add_special_tokens": "no"}, 422, "'add_special_tokens' must be true or false"),
     ("/tokenize", {"inputs": "a", "prompt_name": "nope", "model": "prompted"}, 422, "prompts: passage, query"),
     ("/tokenize", {"inputs": "a", "model": "other"}, 404, "'other' does not exist"),
+    ("/tokenize", {"inputs": [LONG] * 40}, 413, "over the limit of 2000 per request"),
     ("/decode", {}, 422, "'ids' is required"),
     ("/decode", {"ids": [1, 30522]}, 422, "'ids[1]' is 30522; token ids of this model are 0 to 30521"),
     ("/decode", {"ids": [[7], [-3]]}, 422, "'ids[1][0]' is -3"),

@@ -95,6 +95,8 @@ def test_tokens_carry_offsets_into_the_text_the_model_reads(tok):
     assert len(plain.ids) > LIMIT and not any(t.special for t in plain.tokens)  # not truncated
     assert decode_ids(tok, [one.ids, plain.ids[:3]], vocab_size=30522) == ["query : hello world!", "the quick brown"]
     assert decode_ids(tok, one.ids[:2], vocab_size=30522, skip_special_tokens=False) == ["[CLS] query"]
+    with pytest.raises(RequestTooLarge, match=f"{len(plain.ids)} tokens, over the limit of 20"):
+        tokenize_texts(tok, [LONG], add_special_tokens=False, max_tokens=20)
 
 
 @pytest.mark.parametrize("ids, match", [

@@ -112,11 +112,12 @@ class FakeClient:
         self._model(model)
         return dict(EMBED_PROMPTS.prompts)
 
-    def tokenize(self, texts, *, model=None, add_special_tokens=True, prompt=None, prompt_name=None):
+    def tokenize(self, texts, *, model=None, add_special_tokens=True, prompt=None, prompt_name=None,
+                 max_tokens=None):
         self._check()
         self._model(model)
         return tokenize_texts(bundled_tokenizer(), texts, prompt=EMBED_PROMPTS.resolve_prompt(prompt, prompt_name),
-                              add_special_tokens=add_special_tokens)
+                              add_special_tokens=add_special_tokens, max_tokens=max_tokens)
 
     def decode(self, ids, *, model=None, skip_special_tokens=True):
         self._check()
