@@ -16,7 +16,7 @@ import time
 import numpy as np
 from loguru import logger
 
-from shm_protocol import model_files
+from shm_protocol import long_inputs, model_files, tokens
 from shm_protocol.client import EmbeddingClient, EmbedResult, shape_vectors
 from shm_protocol.config import Settings
 from shm_protocol.dropin import SentenceTransformerAPI
@@ -56,9 +56,61 @@ class LocalEmbedder:
                 "models": [{"name": self.name, "kind": "embed", "dimension": dim, "max_seq_length": limit,
                             "matryoshka": self.options.matryoshka, "index": 0, "dtype": "float32"}]}
 
-    def embed_detailed(self, texts, *, truncate: bool = True, normalize: bool = False,
+    def embed_detailed(self, texts, *, truncate: bool | None = None, normalize: bool = False,
                        max_tokens: int | None = None, prompt: str | None = None, prompt_name: str | None = None,
-                       dimensions: int | None = None, model: str | None = None) -> EmbedResult:
+                       dimensions: int | None = None, model: str | None = None,
+                       truncation_direction: str | None = None, chunk: bool | None = None) -> EmbedResult:
+        self._check_model(model)
+        texts = check_texts(texts)
+        dim = int(self.model.get_embedding_dimension())
+        prompt = self.options.resolve_prompt(prompt, prompt_name)
+        dims = self.options.check_dimensions(dimensions, dim, self.name)
+        policy = long_inputs.resolve_policy(truncate, truncation_direction, chunk, self.settings.long_inputs)
+        tok = self.tok.tokenize_request(texts, prompt=prompt, truncate=True, max_tokens=max_tokens, policy=policy)
+        t0 = time.perf_counter_ns()
+        with self.lock:
+            if not texts:
+                vecs = np.empty((0, dim), np.float32)
+            elif policy in (long_inputs.TRUNCATE_LEFT, long_inputs.CHUNK):  # cut from ids, not from text
+                vecs = self._encode_ids(tok.ids)
+            else:  # prompt="": the prompt (or the model's default) is in the texts already
+                vecs = self.model.encode(tok.texts, prompt="", convert_to_numpy=True)
+        vecs = np.asarray(vecs, dtype=np.float32)
+        if tok.owners is not None:
+            vecs = long_inputs.combine_windows(vecs, tok.owners, tok.weights, len(texts))
+        vecs = shape_vectors(vecs, dims, normalize)
+        return EmbedResult(vecs, tok.token_counts, 0, time.perf_counter_ns() - t0, 0, tok.tokenize_ns, self.name)
+
+    def _encode_ids(self, rows: list[list[int]]) -> np.ndarray:
+        """The model's vectors of token ids as given (special tokens included)."""
+        import torch
+
+        width = max(len(row) for row in rows)
+        input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for i, row in enumerate(rows):
+            input_ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, :len(row)] = 1
+        features = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(input_ids)}
+        with torch.inference_mode():
+            return self.model(features)["sentence_embedding"].float().numpy()
+
+    def tokenize(self, texts, *, model: str | None = None, add_special_tokens: bool = True,
+                 prompt: str | None = None, prompt_name: str | None = None, max_tokens: int | None = None) -> list:
+        self._check_model(model)
+        return tokens.tokenize_texts(self.tok, texts, prompt=self.options.resolve_prompt(prompt, prompt_name),
+                                     add_special_tokens=add_special_tokens, max_tokens=max_tokens)
+
+    def decode(self, ids, *, model: str | None = None, skip_special_tokens: bool = True) -> list[str]:
+        self._check_model(model)
+        return tokens.decode_ids(self.tok, ids, vocab_size=self.tok.vocab_size,
+                                 skip_special_tokens=skip_special_tokens)
+
+    def prompts(self, model: str | None = None) -> dict[str, str]:
+        self._check_model(model)
+        return dict(self.options.prompts)
+
+    def _check_model(self, model: str | None) -> None:
         if model is not None and not model_files.name_matches(model, self.name):
             if not self.settings.use_ipc:  # this model is all there is: a 404, for good
                 raise ModelNotFound(f"The model '{model}' does not exist here; this service serves '{self.name}'",
@@ -66,17 +118,6 @@ class LocalEmbedder:
             # The sidecar may serve it once it is back: a 503 to retry, not a 404.
             raise SidecarUnavailable(f"the model {model!r} is served by the sidecar only, which is unavailable; "
                                      f"the local fallback serves {self.name!r}", reason="fallback")
-        texts = check_texts(texts)
-        dim = int(self.model.get_embedding_dimension())
-        prompt = self.options.resolve_prompt(prompt, prompt_name)
-        dims = self.options.check_dimensions(dimensions, dim, self.name)
-        tok = self.tok.tokenize_request(texts, prompt=prompt, truncate=truncate, max_tokens=max_tokens)
-        t0 = time.perf_counter_ns()
-        with self.lock:  # prompt="": the prompt (or the model's default) is in the texts already
-            vecs = (self.model.encode(tok.texts, prompt="", convert_to_numpy=True)
-                    if texts else np.empty((0, dim), np.float32))
-        vecs = shape_vectors(np.asarray(vecs, dtype=np.float32), dims, normalize)
-        return EmbedResult(vecs, tok.lengths, 0, time.perf_counter_ns() - t0, 0, tok.tokenize_ns, self.name)
 
 
 class FallbackClient(SentenceTransformerAPI):
@@ -121,17 +162,32 @@ class FallbackClient(SentenceTransformerAPI):
                     raise
         return getattr(self.local, name)(*args, **kwargs)
 
-    def embed_detailed(self, texts, *, truncate: bool = True, normalize: bool = False, max_tokens: int | None = None,
-                       prompt: str | None = None, prompt_name: str | None = None, dimensions: int | None = None,
-                       model: str | None = None) -> EmbedResult:
+    def embed_detailed(self, texts, *, truncate: bool | None = None, normalize: bool = False,
+                       max_tokens: int | None = None, prompt: str | None = None, prompt_name: str | None = None,
+                       dimensions: int | None = None, model: str | None = None,
+                       truncation_direction: str | None = None, chunk: bool | None = None) -> EmbedResult:
         """EmbeddingClient.embed_detailed, through the sidecar or the local model."""
         return self._call("embed_detailed", texts, truncate=truncate, normalize=normalize, max_tokens=max_tokens,
-                          prompt=prompt, prompt_name=prompt_name, dimensions=dimensions, model=model)
+                          prompt=prompt, prompt_name=prompt_name, dimensions=dimensions, model=model,
+                          truncation_direction=truncation_direction, chunk=chunk)
 
-    def embed(self, texts, *, truncate: bool = True, normalize: bool = False, prompt: str | None = None,
-              prompt_name: str | None = None, dimensions: int | None = None, model: str | None = None) -> np.ndarray:
+    def embed(self, texts, *, truncate: bool | None = None, normalize: bool = False, prompt: str | None = None,
+              prompt_name: str | None = None, dimensions: int | None = None, model: str | None = None,
+              **options) -> np.ndarray:
         return self.embed_detailed(texts, truncate=truncate, normalize=normalize, prompt=prompt,
-                                   prompt_name=prompt_name, dimensions=dimensions, model=model).vectors
+                                   prompt_name=prompt_name, dimensions=dimensions, model=model, **options).vectors
+
+    def tokenize(self, texts, *, model: str | None = None, add_special_tokens: bool = True,
+                 prompt: str | None = None, prompt_name: str | None = None, max_tokens: int | None = None) -> list:
+        """EmbeddingClient.tokenize (the worker's tokenizer, no round trip)."""
+        return self._call("tokenize", texts, model=model, add_special_tokens=add_special_tokens, prompt=prompt,
+                          prompt_name=prompt_name, max_tokens=max_tokens)
+
+    def decode(self, ids, *, model: str | None = None, skip_special_tokens: bool = True) -> list[str]:
+        return self._call("decode", ids, model=model, skip_special_tokens=skip_special_tokens)
+
+    def prompts(self, model: str | None = None) -> dict[str, str]:
+        return self._call("prompts", model)
 
     def info(self) -> dict:
         return self._call("info")

@@ -151,11 +151,12 @@ class CacheReader:
 
     # -- lookups ----------------------------------------------------------------------
     def lookup(self, texts: list[str], out: np.ndarray, model: ModelEntry, prompt: str | None,
-               truncate: bool) -> CacheLookup:
+               policy: str) -> CacheLookup:
         """Look each text up (``prompt`` before it, as the sidecar would see
         it); write each hit's vector into ``out[i, :model.dim]``. The rest is
-        returned as missing, with the keys the sidecar stores their vectors under."""
-        prefix = cache_key_material(model.name, self.epoch, prompt, truncate)
+        returned as missing, with the keys the sidecar stores their vectors under.
+        ``policy``: the request's long-input policy (shm_protocol.long_inputs)."""
+        prefix = cache_key_material(model.name, self.epoch, prompt, policy)
         expected_tail = (self.epoch, model.index, model.dim)
         lengths = np.zeros(len(texts), np.int64)
         missing, keys = [], []

@@ -24,7 +24,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from loguru import logger
 
-from . import model_files
+from . import long_inputs, model_files, tokens
 from .config import Settings
 from .dropin import SentenceTransformerAPI
 from .errors import (
@@ -83,13 +83,22 @@ class EmbeddingBackend(Protocol):
     """What the web app and retrieval need from an embedding client: the
     sidecar's :class:`EmbeddingClient`, the local fallback, or a fake in tests."""
 
-    def embed_detailed(self, texts: Sequence[str], *, truncate: bool = True, normalize: bool = False,
+    def embed_detailed(self, texts: Sequence[str], *, truncate: bool | None = None, normalize: bool = False,
                        max_tokens: int | None = None, prompt: str | None = None, prompt_name: str | None = None,
-                       dimensions: int | None = None, model: str | None = None) -> EmbedResult: ...
+                       dimensions: int | None = None, model: str | None = None,
+                       truncation_direction: str | None = None, chunk: bool | None = None) -> EmbedResult: ...
 
-    def embed(self, texts: Sequence[str], *, truncate: bool = True, normalize: bool = False,
+    def embed(self, texts: Sequence[str], *, truncate: bool | None = None, normalize: bool = False,
               prompt: str | None = None, prompt_name: str | None = None,
-              dimensions: int | None = None, model: str | None = None) -> np.ndarray: ...
+              dimensions: int | None = None, model: str | None = None, **options) -> np.ndarray: ...
+
+    def tokenize(self, texts: Sequence[str], *, model: str | None = None, add_special_tokens: bool = True,
+                 prompt: str | None = None, prompt_name: str | None = None,
+                 max_tokens: int | None = None) -> list: ...
+
+    def decode(self, ids, *, model: str | None = None, skip_special_tokens: bool = True) -> list[str]: ...
+
+    def prompts(self, model: str | None = None) -> dict[str, str]: ...
 
     def rerank_detailed(self, query: str, documents: Sequence[str], *, model: str | None = None,
                         raw_scores: bool = False, truncate: bool = True, max_tokens: int | None = None,
@@ -343,10 +352,40 @@ class EmbeddingClient(SentenceTransformerAPI):
         ``name`` would use (None: the default); ModelNotFound otherwise."""
         return model_card(model_files.find_model(self._get_session().models, name, ModelKind[kind.upper()]))
 
-    def tokenize(self, texts: Sequence[str], *, model: str | None = None) -> list:
-        sess = self._get_session()
-        return self._tokenizers[model_files.find_model(sess.models, model, ModelKind.EMBED).index].encode(
-            list(texts))
+    def tokenize(self, texts: Sequence[str], *, model: str | None = None, add_special_tokens: bool = True,
+                 prompt: str | None = None, prompt_name: str | None = None,
+                 max_tokens: int | None = None) -> list[tokens.TokenizedText]:
+        """The tokens of each of ``texts`` as an embed call with the same
+        prompt options would read it (untruncated; see :mod:`.tokens`),
+        from this process's copy of the model's tokenizer: no round trip.
+        ``model``: any served model, a reranker too (None: the default);
+        RequestTooLarge past ``max_tokens`` in all."""
+        m = self._any_model(model)
+        prompt = self._options[m.index].resolve_prompt(prompt, prompt_name)
+        return tokens.tokenize_texts(self._tokenizers[m.index], texts, prompt=prompt,
+                                     add_special_tokens=add_special_tokens, max_tokens=max_tokens)
+
+    def _any_model(self, model: str | None) -> ModelEntry:
+        """The served model ``model`` names, of either kind (None: the default)."""
+        models = self._get_session().models
+        if model is None:
+            return model_files.default_model(models)
+        found = model_files.named(models, model, lambda m: m.name)
+        return found if found is not None else model_files.find_model(models, model, ModelKind.EMBED)
+
+    def prompts(self, model: str | None = None) -> dict[str, str]:
+        """The prompts of an embedding model (``model`` by name, None: the
+        default), by name, as its config_sentence_transformers.json lists them."""
+        m = model_files.find_model(self._get_session().models, model, ModelKind.EMBED)
+        return dict(self._options[m.index].prompts)
+
+    def decode(self, ids, *, model: str | None = None, skip_special_tokens: bool = True) -> list[str]:
+        """The text of token ``ids`` (a list of ids, or a list of such lists:
+        one string per list); InvalidInput for an id outside the vocabulary.
+        ``model``: any served model, a reranker too (None: the default)."""
+        m = self._any_model(model)
+        return tokens.decode_ids(self._tokenizers[m.index], ids, vocab_size=m.vocab_size,
+                                 skip_special_tokens=skip_special_tokens)
 
     def text_tokenizer(self, model: str | None = None, prompt: str | None = None) -> tuple[WorkerTokenizer, str | None]:
         """An embedding model's tokenizer, and the prompt an embed call with
@@ -356,23 +395,30 @@ class EmbeddingClient(SentenceTransformerAPI):
         return self._tokenizers[m.index], self._options[m.index].resolve_prompt(prompt, None)
 
     # -- embedding --------------------------------------------------------------------
-    def embed(self, texts: Sequence[str], *, truncate: bool = True, normalize: bool = False,
+    def embed(self, texts: Sequence[str], *, truncate: bool | None = None, normalize: bool = False,
               prompt: str | None = None, prompt_name: str | None = None,
-              dimensions: int | None = None, model: str | None = None) -> np.ndarray:
-        """Vectors of ``texts`` (float32, one row per text, in order)."""
+              dimensions: int | None = None, model: str | None = None, **options) -> np.ndarray:
+        """Vectors of ``texts`` (float32, one row per text, in order);
+        ``options``: truncation_direction, chunk (see embed_detailed)."""
         return self.embed_detailed(texts, truncate=truncate, normalize=normalize, prompt=prompt,
-                                   prompt_name=prompt_name, dimensions=dimensions, model=model).vectors
+                                   prompt_name=prompt_name, dimensions=dimensions, model=model, **options).vectors
 
     def embed_detailed(
-        self, texts: Sequence[str], *, truncate: bool = True, normalize: bool = False,
+        self, texts: Sequence[str], *, truncate: bool | None = None, normalize: bool = False,
         max_tokens: int | None = None, prompt: str | None = None, prompt_name: str | None = None,
-        dimensions: int | None = None, model: str | None = None,
+        dimensions: int | None = None, model: str | None = None, truncation_direction: str | None = None,
+        chunk: bool | None = None,
     ) -> EmbedResult:
         """Vectors and details of ``texts``, as ``SentenceTransformer.encode``
         gives them: ``prompt`` (a literal prefix) or ``prompt_name`` (one of the
         model's prompts; the model's default prompt when neither is given) is
         prepended to each text; ``dimensions`` cuts the vectors (Matryoshka
-        models only) before ``normalize``. ``max_tokens`` caps the tokens
+        models only) before ``normalize``. A text over the model's limit is
+        cut at its end (``truncate=True``) or start (with
+        ``truncation_direction="left"``), refused (``truncate=False``:
+        RequestTooLarge) or embedded in windows whose vectors are averaged
+        (``chunk=True``; see :mod:`.long_inputs`); options left None follow
+        SHM_EMBED_LONG_INPUTS. ``max_tokens`` caps the tokens
         (after truncation) the call may send, over all texts: RequestTooLarge
         above it, before anything reaches the sidecar (the web service's
         per-request budget). ``model`` picks one of the sidecar's embedding
@@ -385,27 +431,36 @@ class EmbeddingClient(SentenceTransformerAPI):
         dims = opts.check_dimensions(dimensions, m.dim, m.name)
         if not texts:
             return EmbedResult(np.empty((0, dims or m.dim), np.float32), np.empty(0, np.int64), 0, 0, 0, 0, m.name)
+        policy = long_inputs.resolve_policy(truncate, truncation_direction, chunk, self.settings.long_inputs)
         out = np.empty((len(texts), m.dim), dtype=np.float32)
-        # Texts found in the embedding cache are answered here, before any tokenizing (shm_protocol.cache).
-        found = sess.cache.lookup(texts, out, m, prompt, truncate) if sess.cache is not None else None
+        # Texts found in the embedding cache are answered here, before any
+        # tokenizing (shm_protocol.cache). Chunked texts are not cached: the
+        # sidecar sees only their windows.
+        found = None
+        if sess.cache is not None and policy != long_inputs.CHUNK:
+            found = sess.cache.lookup(texts, out, m, prompt, policy)
         if found is not None and not found.missing:
             check_token_budget(found.lengths, max_tokens)
             return EmbedResult(shape_vectors(out, dims, normalize), found.lengths, 0, 0, 0, 0, m.name)
         tok = self._tokenizers[m.index].tokenize_request(texts if found is None else found.texts, prompt=prompt,
-                                                         truncate=truncate, max_tokens=max_tokens)
-        part = out if found is None else np.empty((len(found.missing), m.dim), dtype=np.float32)
-        lengths = tok.lengths if found is None else found.lengths
+                                                         truncate=True, max_tokens=max_tokens, policy=policy)
+        rows = np.empty((len(tok.ids), m.dim), dtype=np.float32)  # a row per text, or per window when chunked
+        lengths = tok.token_counts if found is None else found.lengths
         if found is not None:
-            lengths[found.missing] = tok.lengths
+            lengths[found.missing] = tok.token_counts
             check_token_budget(lengths, max_tokens)
         sess.enter()
         try:
-            queue_ns, compute_ns, used = sess.run(tok.ids, tok.lengths, part, m.index,
+            queue_ns, compute_ns, used = sess.run(tok.ids, tok.lengths, rows, m.index,
                                                   cache_keys=None if found is None else found.keys)
         finally:
             sess.leave()
-        if found is not None:
-            out[found.missing] = part
+        if tok.owners is not None:  # chunked (never with the cache): each text's windows averaged
+            rows = long_inputs.combine_windows(rows, tok.owners, tok.weights, len(texts))
+        if found is None:
+            out = rows
+        else:
+            out[found.missing] = rows
         return EmbedResult(shape_vectors(out, dims, normalize), lengths, queue_ns, compute_ns, used,
                            tok.tokenize_ns, m.name)
 

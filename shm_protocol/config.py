@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .long_inputs import POLICIES
 
 #: The file under SHM_EMBED_DATA_DIR that holds every collection.
 COLLECTIONS_DB = "collections.sqlite3"
@@ -192,6 +193,14 @@ class Settings:
     stale_after_s: float = _setting(
         "SHM_EMBED_STALE_AFTER_S", 1.0,
         "Heartbeat age after which a sidecar counts as hung and requests fail fast.", minimum=0.05,
+    )
+    long_inputs: str = _setting(
+        "SHM_EMBED_LONG_INPUTS", "truncate",
+        "What becomes of a text over the model's token limit when a request does not say (its truncate, "
+        "truncation_direction and chunk fields): truncate (cut at the end), truncate_left (cut at the start), "
+        "refuse (413 naming the limit) or chunk (embed windows of the limit and average them, weighted by "
+        "their tokens). See docs/long-inputs-and-quantization.md.",
+        choices=POLICIES,
     )
     use_ipc: bool = _setting(
         "USE_IPC_EMBEDDING", True, "false: every worker embeds with its own local model (no sidecar)."

@@ -178,8 +178,9 @@ the sidecar writes entries; workers read them without locks::
     +--------------------------------------------------------------+
 
 The key material (``cache_key_material``) is the model's name, the epoch,
-the prompt, the truncate flag and the text's UTF-8 bytes: everything that
-changes the vector the sidecar computes. ``dimensions`` and ``normalize``
+the prompt, the long-input policy (``truncate``, ``truncate_left`` or
+``refuse``; chunked texts are not cached) and the text's UTF-8 bytes:
+everything that changes the vector the sidecar computes. ``dimensions`` and ``normalize``
 are applied by the client after the answer, so a hit serves them all.
 Text ``i`` of a request lives in bucket ``hash_lo % n_buckets``, in any of
 its ``ways`` entries (CLOCK within the bucket).
@@ -529,15 +530,15 @@ class CacheGeometry:
         header["entry_bytes"] = self.entry_dtype.itemsize
 
 
-def cache_key_material(model: str, epoch: int, prompt: str | None, truncate: bool) -> bytes:
+def cache_key_material(model: str, epoch: int, prompt: str | None, policy: str) -> bytes:
     """What comes before a text's UTF-8 bytes in its cache key (the same for
-    every text of a request): model name, epoch, prompt, truncate flag. Each
-    variable part goes after its length, so that no two requests whose
+    every text of a request): model name, epoch, prompt, long-input policy.
+    Each variable part goes after its length, so that no two requests whose
     parts differ give the same bytes."""
-    name = model.encode("utf-8", "surrogatepass")
-    pre = (prompt or "").encode("utf-8", "surrogatepass")
-    return b"".join((len(name).to_bytes(4, "little"), name, epoch.to_bytes(8, "little"),
-                     len(pre).to_bytes(4, "little"), pre, b"\x01" if truncate else b"\x00"))
+    parts = [model.encode("utf-8", "surrogatepass"), (prompt or "").encode("utf-8", "surrogatepass"),
+             policy.encode("ascii")]
+    return b"".join((len(parts[0]).to_bytes(4, "little"), parts[0], epoch.to_bytes(8, "little"),
+                     len(parts[1]).to_bytes(4, "little"), parts[1], len(parts[2]).to_bytes(4, "little"), parts[2]))
 
 
 def cache_view(buf, geometry: CacheGeometry):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import long_inputs
 from .errors import InvalidInput, RequestTooLarge
 
 # Tokenizers loaded before a fork (by the Gunicorn master), by file path: the
@@ -55,6 +56,17 @@ class Tokenized:
     lengths: np.ndarray  # int64, tokens per text after truncation
     tokenize_ns: int
     segments: np.ndarray | None = None  # pairs: where each pair's second segment starts (its first type id 1)
+    # Chunked texts (long_inputs.CHUNK): ids and lengths are per window, and
+    # these give each window's text index and content tokens.
+    owners: np.ndarray | None = None
+    weights: np.ndarray | None = None
+
+    @property
+    def token_counts(self) -> np.ndarray:
+        """Tokens each text sends to the model (all its windows')."""
+        if self.owners is None:
+            return self.lengths
+        return np.bincount(self.owners, weights=self.lengths, minlength=len(self.texts)).astype(np.int64)
 
 
 class WorkerTokenizer:
@@ -70,6 +82,7 @@ class WorkerTokenizer:
         self._tok.enable_truncation(max_length=max_seq_length)
         self._untruncated = None  # made on first need (pairs, passages)
         self._template: _PairTemplate | None = None
+        self._single: tuple[list[int], list[int]] | None = None  # special ids before and after one text
         # The compiled tokenizer for ASCII texts, when this is a BERT WordPiece
         # tokenizer (hotpath.wordpiece); texts that hold an added token's text
         # ([CLS], [MASK], ...) go to the library, which matches those first.
@@ -77,11 +90,19 @@ class WorkerTokenizer:
         self._added = tuple(t.content for t in self._tok.get_added_tokens_decoder().values())
 
     def tokenize_request(self, texts: list[str], *, prompt: str | None, truncate: bool,
-                         max_tokens: int | None) -> Tokenized:
+                         max_tokens: int | None, policy: str | None = None) -> Tokenized:
         """Prepend ``prompt``, tokenize, and apply the request's checks: an
         input over the model's limit is RequestTooLarge unless ``truncate``,
         and so are more than ``max_tokens`` tokens in all (check_token_budget).
+        ``policy`` (one of long_inputs.POLICIES) overrides ``truncate``: cut
+        at the end or the start, refuse, or cut into windows (Tokenized.owners).
         Every client (the sidecar's and the local fallback) prepares texts here."""
+        if policy is not None:
+            if policy not in long_inputs.POLICIES:
+                raise InvalidInput(f"unknown long-input policy {policy!r}: {', '.join(long_inputs.POLICIES)}")
+            if policy in (long_inputs.TRUNCATE_LEFT, long_inputs.CHUNK):
+                return self._tokenize_long(texts, prompt, policy, max_tokens)
+            truncate = policy == long_inputs.TRUNCATE
         if prompt:
             texts = [prompt + t for t in texts]
         t0 = time.perf_counter_ns()
@@ -98,7 +119,7 @@ class WorkerTokenizer:
                     full = len(e.ids) + sum(len(o.ids) for o in e.overflowing) - 2 * len(e.overflowing)
                     raise RequestTooLarge(
                         f"input {i} has about {full} tokens; the model's limit is {self.max_seq_length} "
-                        "(send truncate=true to cut it)",
+                        "(send truncate=true to cut it, or chunk=true to embed it in windows)",
                         limit=self.max_seq_length, actual=full, what="tokens",
                     )
         ids, lengths = _ids_within_budget(encs, max_tokens)
@@ -135,7 +156,7 @@ class WorkerTokenizer:
         lengths = np.zeros(len(documents), np.int64)
         segments = np.zeros(len(documents), np.int64)
         total = 0
-        for first, last in _batches(documents):
+        for first, last in batches(documents):
             for i, d in enumerate(self._encode_raw(documents[first:last], "texts", first), first):
                 nd = len(d)
                 if not truncate and nq + nd > target:
@@ -151,6 +172,60 @@ class WorkerTokenizer:
             _check_budget_floor(total, floor * (len(documents) - last), max_tokens)
         tokenize_ns = time.perf_counter_ns() - t0
         return Tokenized(list(documents), ids, lengths, tokenize_ns, segments)
+
+    def _tokenize_long(self, texts: list[str], prompt: str | None, policy: str,
+                       max_tokens: int | None) -> Tokenized:
+        """``texts`` with ``prompt`` prepended, cut at their start
+        (TRUNCATE_LEFT: the prompt's tokens are kept, the text's first ones
+        go) or into windows (CHUNK: the prompt is in the first window only)
+        of the model's limit, special tokens around each."""
+        t0 = time.perf_counter_ns()
+        if prompt:
+            texts = [prompt + t for t in texts]
+        before, after = self.single_template()
+        room = self.max_seq_length - len(before) - len(after)
+        kept = self._encode_raw([prompt], "prompt")[0].ids if prompt else []
+        if len(kept) >= room:
+            kept = []
+        ids: list[list[int]] = []
+        owners: list[int] = []
+        weights: list[int] = []
+        for first, last in batches(texts):
+            for i, enc in enumerate(self._encode_raw(texts[first:last], "texts", first), first):
+                content = enc.ids
+                if policy == long_inputs.TRUNCATE_LEFT:
+                    # A prompt whose tokens merge with the text's is cut like the text.
+                    head = kept if content[:len(kept)] == kept else []
+                    rest = content[len(head):]
+                    ids.append(before + head + rest[max(0, len(rest) - (room - len(head))):] + after)
+                    continue
+                for run in long_inputs.windows(content, room):
+                    ids.append(before + run + after)
+                    owners.append(i)
+                    weights.append(len(run))
+        lengths = np.array([len(x) for x in ids], dtype=np.int64)
+        check_token_budget(lengths, max_tokens)
+        if policy == long_inputs.TRUNCATE_LEFT:
+            return Tokenized(texts, ids, lengths, time.perf_counter_ns() - t0)
+        return Tokenized(texts, ids, lengths, time.perf_counter_ns() - t0, owners=np.array(owners, np.int64),
+                         weights=np.array(weights, np.int64))
+
+    def single_template(self) -> tuple[list[int], list[int]]:
+        """The special token ids the tokenizer puts before and after one
+        text (read off a probe text), to build truncated texts and windows
+        from ids as its truncation and post-processor would."""
+        single = self._single
+        if single is None:
+            raw = self._raw()
+            probe = raw.encode("a b c", add_special_tokens=False)
+            full = raw.post_process(probe, None, add_special_tokens=True)
+            content = [i for i, special in enumerate(full.special_tokens_mask) if not special]
+            start = content[0] if content else 0
+            if full.ids[start:start + len(probe.ids)] != probe.ids or len(content) != len(probe.ids):
+                raise InvalidInput("this model's tokenizer changes a text's own tokens around its special "
+                                   "tokens, which left truncation and chunking do not serve")
+            single = self._single = (full.ids[:start], full.ids[start + len(probe.ids):])
+        return single
 
     def _encode_fast(self, texts: list[str], truncate: bool) -> list[list[int]] | None:
         """Ids of every text from the compiled tokenizer, or None when any
@@ -169,6 +244,22 @@ class WorkerTokenizer:
                 return None
             out.append(r[0])
         return out
+
+    def encode_untruncated(self, texts: list[str], add_special_tokens: bool = True) -> list:
+        """Encodings of ``texts`` in full, special tokens added if asked."""
+        try:
+            return self._raw().encode_batch(texts, add_special_tokens=add_special_tokens)
+        except (TypeError, ValueError) as exc:
+            raise _refused(texts, exc) from exc
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids this tokenizer knows (its added tokens included)."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def decode(self, rows: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
+        """The text of each row of ids (checked below vocab_size by the caller)."""
+        return self._tok.decode_batch(rows, skip_special_tokens=skip_special_tokens)
 
     def token_offsets(self, text: str) -> list[tuple[int, int]]:
         """Character spans of ``text``'s tokens, all of them, without special tokens."""
@@ -233,7 +324,7 @@ def _refused(texts: Sequence, exc: Exception, field: str = "texts", first: int =
 _PAIR_BATCH_CHARS = 1 << 20
 
 
-def _batches(texts: list[str]) -> Iterator[tuple[int, int]]:
+def batches(texts: list[str]) -> Iterator[tuple[int, int]]:
     """Runs ``[first, last)`` of ``texts`` of about _PAIR_BATCH_CHARS each (one text at least)."""
     first, chars = 0, 0
     for i, t in enumerate(texts):

@@ -110,7 +110,9 @@ def synthetic_reference(client, texts):
 
     from sidecar.synthetic import synthetic_vector
 
-    return np.stack([synthetic_vector(np.asarray(e.ids), client.dimension) for e in client.tokenize(texts)])
+    tok, prompt = client.text_tokenizer()  # the ids an embed call sends: truncated at the model's limit
+    ids = tok.tokenize_request(list(texts), prompt=prompt, truncate=True, max_tokens=None).ids
+    return np.stack([synthetic_vector(np.asarray(row), client.dimension) for row in ids])
 
 
 def leased_rings(names) -> list[int]:

@@ -16,7 +16,7 @@ from falcon.routing import CompiledRouter
 from shm_protocol.client import EmbeddingBackend
 from shm_protocol.config import Settings
 
-from . import collections_api, errors, openapi, status
+from . import cohere, collections_api, errors, openapi, status, tokens
 from .context import Context, dump_json
 from .embeddings import Embed, OpenAIEmbeddings
 from .middleware import AuthMiddleware, RequestIdMiddleware
@@ -54,6 +54,8 @@ def create_app(client: EmbeddingBackend, settings: Settings) -> RequestIdMiddlew
     ctx.retrieval = collections_api.add_routes(routes, ctx)
     routes.add("/search/web", WebSearch(ctx))
     status.add_routes(routes, ctx)
+    tokens.add_routes(routes, ctx)
+    cohere.add_routes(routes, ctx)
     spec = openapi.add_routes(routes)
     spec.body = dump_json(openapi.document(routes, settings))
     app.add_middleware(AuthMiddleware(settings.api_key, router, routes.open_routes()))

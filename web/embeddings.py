@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 
+from .long_inputs import LONG_INPUT_FIELDS, long_input_options
 from .schema import (
     INTEGER,
     MAX_PROMPT_CHARS,
@@ -66,8 +67,7 @@ EMBED = Operation(
     body=Body(
         (Field("inputs", Texts(), "The texts to embed: a string or a list of strings.", required=True),
          Field("normalize", Boolean(), "Make each vector unit length.", default=True),
-         Field("truncate", Boolean(), "Cut inputs longer than the model's limit; false: such an input is a 413.",
-               default=True),
+         *LONG_INPUT_FIELDS,
          *TEXT_OPTIONS),
         example={"inputs": ["shared memory is fast"], "normalize": True},
     ),
@@ -106,7 +106,8 @@ class OpenAIEmbeddings:
 
 
 class Embed:
-    """POST /embed: {"inputs", "normalize", "truncate", "prompt", "prompt_name", "dimensions", "model"} -> [[float]]."""
+    """POST /embed: {"inputs", "normalize", "truncate", "truncation_direction", "chunk", "prompt",
+    "prompt_name", "dimensions", "model"} -> [[float]]."""
 
     def __init__(self, ctx):
         self.ctx = ctx
@@ -114,6 +115,6 @@ class Embed:
     @EMBED
     def on_post(self, req, resp):
         args = EMBED.body.read(self.ctx, req)
-        res = self.ctx.embed(args["inputs"], truncate=args["truncate"], normalize=args["normalize"],
+        res = self.ctx.embed(args["inputs"], normalize=args["normalize"], **long_input_options(args),
                              **text_options(args))
         resp.media = res.vectors  # float32 (n, dim), written by dump_json

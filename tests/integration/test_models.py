@@ -461,3 +461,11 @@ def test_http_rerank_applies_prompts_and_refuses_broken_text(multi_web, prompted
             r = h.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
             assert r.status_code == 422 and where in r.json()["error"]["message"], (path, r.text)
         assert h.post("/rerank", json={"query": QUERY, "texts": DOCS}).status_code == 200
+
+
+def test_tokenize_and_decode_serve_a_reranker_too(multi):
+    with client_for(multi) as c:
+        [one] = c.tokenize(["a b"], model="ce-prompted", prompt_name="short")
+        assert one.text == "q: a b" and c.decode([one.ids], model="ce") == ["q : a b"]
+        with pytest.raises(ModelNotFound):
+            c.tokenize(["a"], model="nope")

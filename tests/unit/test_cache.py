@@ -45,15 +45,15 @@ def vector_of(text: str) -> np.ndarray:
     return np.random.default_rng(abs(hash(text)) % 2**32).standard_normal(DIM).astype(np.float32)
 
 
-def insert(writer: CacheWriter, text: str, model: ModelEntry = MODEL, prompt=None, truncate=True,
+def insert(writer: CacheWriter, text: str, model: ModelEntry = MODEL, prompt=None, policy="truncate",
            epoch: int = EPOCH, n_tokens: int = 7) -> bool:
-    key = np.array(text_key(cache_key_material(model.name, epoch, prompt, truncate), text), np.uint64)
+    key = np.array(text_key(cache_key_material(model.name, epoch, prompt, policy), text), np.uint64)
     return writer.store(key, model.index, model.dim, n_tokens, vector_of(text))
 
 
-def lookup(reader: CacheReader, texts, model: ModelEntry = MODEL, prompt=None, truncate=True):
+def lookup(reader: CacheReader, texts, model: ModelEntry = MODEL, prompt=None, policy="truncate"):
     out = np.zeros((len(texts), model.dim), np.float32)
-    found = reader.lookup(list(texts), out, model, prompt, truncate)
+    found = reader.lookup(list(texts), out, model, prompt, policy)
     return found, out
 
 
@@ -72,12 +72,12 @@ def test_insert_then_lookup_gives_the_vector_and_tokens_and_counts(cache):
     assert stats == reader.stats()
 
 
-def test_the_key_covers_model_prompt_truncate_and_epoch(cache):
+def test_the_key_covers_model_prompt_long_input_policy_and_epoch(cache):
     writer, reader, _ = cache
     insert(writer, "text")
     assert lookup(reader, ["text"], model=OTHER)[0].missing == [0]
     assert lookup(reader, ["text"], prompt="query: ")[0].missing == [0]
-    assert lookup(reader, ["text"], truncate=False)[0].missing == [0]
+    assert lookup(reader, ["text"], policy="truncate_left")[0].missing == [0]
     insert(writer, "old epoch", epoch=EPOCH + 2)  # an entry stamped with this epoch, keyed with another
     assert lookup(reader, ["old epoch"])[0].missing == [0]
     assert lookup(reader, ["text"])[0].missing == []
@@ -113,8 +113,9 @@ def test_clock_evicts_within_the_bucket_and_keeps_referenced_entries(cache):
 def test_a_torn_or_damaged_entry_is_a_miss_never_a_wrong_vector(cache):
     writer, reader, _ = cache
     insert(writer, "victim")
-    bucket = text_key(cache_key_material("tiny", EPOCH, None, True), "victim")[0] % writer.geometry.n_buckets
-    way = writer._tags[bucket].tolist().index(text_key(cache_key_material("tiny", EPOCH, None, True), "victim")[0])
+    tag = text_key(cache_key_material("tiny", EPOCH, None, "truncate"), "victim")[0]
+    bucket = tag % writer.geometry.n_buckets
+    way = writer._tags[bucket].tolist().index(tag)
     versions = writer._versions
     good = int(versions[bucket, way])
     versions[bucket, way] = good + 1  # a write in progress (odd)

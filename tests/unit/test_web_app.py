@@ -28,14 +28,25 @@ from shm_protocol.errors import (
     SidecarTimeout,
     SidecarUnavailable,
 )
-from shm_protocol.model_files import TextOptions, name_matches
+from shm_protocol.model_files import TextOptions, bundled_model_path, name_matches, tokenizer_file
 from shm_protocol.stats import Snapshot
-from shm_protocol.tokenizer import check_token_budget
+from shm_protocol.tokenizer import WorkerTokenizer, check_token_budget
+from shm_protocol.tokens import decode_ids, tokenize_texts
 from web.app import create_app
 
 DIM = 8
 #: The fake reranker's prompts (none by default).
 RERANK_PROMPTS = TextOptions(prompts={"short": "q: "})
+#: The fake embedding model's prompts, for Cohere's input_type.
+EMBED_PROMPTS = TextOptions(prompts={"query": "query: ", "passage": "passage: "})
+_tokenizers: list[WorkerTokenizer] = []
+
+
+def bundled_tokenizer() -> WorkerTokenizer:
+    """The bundled model's tokenizer (the fake's tokens are real ones), at the fake's limit of 16."""
+    if not _tokenizers:
+        _tokenizers.append(WorkerTokenizer(str(tokenizer_file(bundled_model_path())), 16))
+    return _tokenizers[0]
 
 
 def fake_vector(text: str) -> np.ndarray:
@@ -61,11 +72,14 @@ class FakeClient:
                                 requested=model, served=["fake-model"])
 
     def embed_detailed(self, texts, *, truncate=True, normalize=False, max_tokens=None, prompt=None,
-                       prompt_name=None, dimensions=None, model=None) -> EmbedResult:
+                       prompt_name=None, dimensions=None, model=None, truncation_direction=None,
+                       chunk=None) -> EmbedResult:
         self._check()
         self._model(model)
         self.calls.append({"texts": list(texts), "truncate": truncate, "normalize": normalize, "prompt": prompt,
-                           "prompt_name": prompt_name, "dimensions": dimensions})
+                           "prompt_name": prompt_name, "dimensions": dimensions,
+                           **({"truncation_direction": truncation_direction} if truncation_direction else {}),
+                           **({"chunk": chunk} if chunk is not None else {})})
         TextOptions().check_dimensions(dimensions, DIM, "fake-model")  # as the real clients check it
         vecs = np.stack([fake_vector(t) for t in texts]) if texts else np.empty((0, DIM), np.float32)
         if normalize:
@@ -95,6 +109,24 @@ class FakeClient:
               model=None):
         return self.embed_detailed(texts, truncate=truncate, normalize=normalize, prompt=prompt,
                                    prompt_name=prompt_name, dimensions=dimensions, model=model).vectors
+
+    def prompts(self, model=None) -> dict:
+        self._check()
+        self._model(model)
+        return dict(EMBED_PROMPTS.prompts)
+
+    def tokenize(self, texts, *, model=None, add_special_tokens=True, prompt=None, prompt_name=None,
+                 max_tokens=None):
+        self._check()
+        self._model(model)
+        return tokenize_texts(bundled_tokenizer(), texts, prompt=EMBED_PROMPTS.resolve_prompt(prompt, prompt_name),
+                              add_special_tokens=add_special_tokens, max_tokens=max_tokens)
+
+    def decode(self, ids, *, model=None, skip_special_tokens=True):
+        self._check()
+        self._model(model)
+        return decode_ids(bundled_tokenizer(), ids, vocab_size=bundled_tokenizer().vocab_size,
+                          skip_special_tokens=skip_special_tokens)
 
     def info(self) -> dict:
         self._check()
