@@ -42,8 +42,8 @@ COHERE_EMBED = Operation(
                "of that purpose where it has one, else the texts are embedded as they are."),
          Field("embedding_types", Passed(array({"enum": list(EMBEDDING_TYPES)}, minItems=1)),
                "The types to answer with.", default=["float"]),
-         Field("truncate", String(enum=(*TRUNCATE_MODES, *(m.lower() for m in TRUNCATE_MODES))),
-               "A text over the model's limit: END cuts its end, START its start, NONE refuses it (413).",
+         Field("truncate", String(enum=tuple(TRUNCATE_MODES), ignore_case=True),
+               "A text over the model's limit: END cuts its end, START its start, NONE refuses it (413); any case.",
                default="END"),
          Field("output_dimension", Integer(minimum=1), "Cut each vector to this many dimensions (Matryoshka "
                "models only), then make it unit length again.")),
@@ -72,7 +72,7 @@ class CohereEmbed:
         model, texts = args["model"], args["texts"]
         prompt_name = prompt_name_for(args["input_type"], self.ctx.client.prompts(model))
         res = self.ctx.embed(texts, normalize=True, prompt_name=prompt_name, dimensions=args["output_dimension"],
-                             model=model, **TRUNCATE_MODES[args["truncate"].upper()])
+                             model=model, **TRUNCATE_MODES[args["truncate"]])
         n = res.total_tokens
         resp.media = {
             "id": uuid.uuid4().hex,

@@ -16,6 +16,7 @@ document shows the limits the service enforces.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,12 +51,15 @@ class Kind:
 class String(Kind):
     """A string: ``enum`` its accepted values, ``min_length`` 1 for a
     non-empty one, ``max_length`` a fixed limit, or ``input_limit`` the
-    per-input limit of the settings (SHM_EMBED_MAX_INPUT_CHARS)."""
+    per-input limit of the settings (SHM_EMBED_MAX_INPUT_CHARS).
+    ``ignore_case``: an ``enum`` value in any case is taken, as its listed
+    spelling (TEI's "Right", Cohere's "end")."""
 
     enum: tuple[str, ...] = ()
     min_length: int = 0
     max_length: int | None = None
     input_limit: bool = False
+    ignore_case: bool = False
 
     def _limit(self, settings: Settings) -> tuple[int | None, str]:
         if self.input_limit:
@@ -63,6 +67,8 @@ class String(Kind):
         return self.max_length, ""
 
     def check(self, value, where, settings):
+        if self.enum and self.ignore_case and isinstance(value, str):
+            value = next((v for v in self.enum if v.lower() == value.lower()), value)
         if self.enum and value not in self.enum:
             raise unprocessable(f"'{where}' must be {_quoted(self.enum)}")
         if not isinstance(value, str):
@@ -76,7 +82,11 @@ class String(Kind):
 
     def schema(self, settings):
         out: dict = {"type": "string"}
-        if self.enum:
+        if self.enum and self.ignore_case:
+            # JSON Schema's patterns are ECMA-262's, which have no inline flags: [Rr][Ii]...
+            out["pattern"] = "^(" + "|".join("".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else re.escape(c)
+                                                     for c in v) for v in self.enum) + ")$"
+        elif self.enum:
             out["enum"] = list(self.enum)
         if self.min_length:
             out["minLength"] = self.min_length

@@ -71,7 +71,7 @@ class FakeClient:
             raise ModelNotFound(f"The model '{model}' does not exist here; this service serves 'fake-model'",
                                 requested=model, served=["fake-model"])
 
-    def embed_detailed(self, texts, *, truncate=True, normalize=False, max_tokens=None, prompt=None,
+    def embed_detailed(self, texts, *, truncate=None, normalize=False, max_tokens=None, prompt=None,
                        prompt_name=None, dimensions=None, model=None, truncation_direction=None,
                        chunk=None) -> EmbedResult:
         self._check()
@@ -105,10 +105,10 @@ class FakeClient:
         scores = raw if raw_scores else (1 / (1 + np.exp(-raw))).astype(np.float32)
         return RerankResult(scores, counts, "fake-reranker", 0, 0)
 
-    def embed(self, texts, *, truncate=True, normalize=False, prompt=None, prompt_name=None, dimensions=None,
-              model=None):
+    def embed(self, texts, *, truncate=None, normalize=False, prompt=None, prompt_name=None, dimensions=None,
+              model=None, **options):
         return self.embed_detailed(texts, truncate=truncate, normalize=normalize, prompt=prompt,
-                                   prompt_name=prompt_name, dimensions=dimensions, model=model).vectors
+                                   prompt_name=prompt_name, dimensions=dimensions, model=model, **options).vectors
 
     def prompts(self, model=None) -> dict:
         self._check()
