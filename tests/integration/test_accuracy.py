@@ -6,7 +6,9 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 
+from shm_protocol.processes import rss_mb
 from tests.helpers import client_for, cosine_rows
 
 VARIED = [
@@ -45,6 +47,7 @@ def test_varied_texts_match_sentence_transformers(real_sidecar, real_model):
     assert cos.min() >= 0.99999, dict(zip(VARIED, cos.round(6)))
 
 
+@pytest.mark.slow  # 40-60 s on 2 cores
 def test_batch_of_1000_mixed_lengths_matches(real_sidecar, real_model):
     texts = mixed_batch(1000)
     with client_for(real_sidecar) as c:
@@ -86,11 +89,6 @@ def test_official_openai_client_gets_the_same_vectors(real_sidecar, real_model, 
         w.stop()
 
 
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
-
-
 def test_sidecar_gives_back_the_memory_of_a_large_batch(real_sidecar):
     import time
 
@@ -101,10 +99,10 @@ def test_sidecar_gives_back_the_memory_of_a_large_batch(real_sidecar):
     with client_for(real_sidecar) as c:
         c.embed(["warm"])
         time.sleep(0.5)
-        before = _rss_mb(pid)
+        before = rss_mb(pid)
         c.embed(texts)  # model calls of 64 texts x 200 tokens: hundreds of MB of activations
         time.sleep(0.5)  # idle: the loop trims the heap after 50 ms
-        after = _rss_mb(pid)
+        after = rss_mb(pid)
     assert after - before < 80, f"sidecar RSS {before:.0f} -> {after:.0f} MiB after a large batch"
 
 

@@ -16,12 +16,11 @@ import httpx
 import numpy as np
 import pytest
 
+from shm_protocol.processes import child_pids
 from tests.helpers import client_for, start_web, synthetic_reference
 
 
 def worker_pids(master: int) -> list[int]:
-    from _common import child_pids  # bench/_common, on the path through tests.helpers
-
     return child_pids(master)
 
 

@@ -48,6 +48,7 @@ from retrieval.snapshot import (
 from retrieval.sqlite_db import DB_FILE
 from retrieval.storage import NEWER
 from retrieval.store import CollectionStore
+from shm_protocol.processes import pss_mb, rss_mb
 from tests.helpers import REPO
 from tests.postgres import STORES
 from tests.snapshot_worker import LOCATION, VectorClient, served
@@ -392,8 +393,6 @@ def test_a_small_collection_s_change_log_stays_a_few_times_its_size(where, tmp_p
 
 
 def test_worker_processes_share_one_copy_of_the_vectors(big, tmp_path):
-    from _common import pss_mb, rss_mb  # bench/_common, on the path through tests.helpers
-
     path, probes = big
     copy_mb = BIG_N * BIG_DIM * 4 / 2**20
     workers = [Worker(path, BIG_DIM, tmp_path / f"w{i}.log", snapshot_delta=NEVER) for i in range(4)]

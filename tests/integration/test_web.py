@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from shm_protocol.processes import child_pids
 from tests.helpers import cosine_rows, start_sidecar, start_web
 
 LIMITS = dict(SHM_EMBED_MAX_INPUTS="50", SHM_EMBED_MAX_INPUT_CHARS="5000", SHM_EMBED_MAX_BODY_BYTES="200000")
@@ -153,8 +154,6 @@ def test_master_holds_no_segment_no_torch_no_thread(web):
     assert "/dev/shm/" not in maps
     assert "libtorch" not in maps
     assert os.listdir(f"/proc/{w.proc.pid}/task") == [str(w.proc.pid)]
-    from _common import child_pids
-
     assert any("/dev/shm/" in open(f"/proc/{pid}/maps").read() for pid in child_pids(w.proc.pid))
 
 

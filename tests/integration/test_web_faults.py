@@ -10,14 +10,14 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 
+from shm_protocol.processes import child_pids
 from shm_protocol.region import Region
 from tests.helpers import cosine_rows, start_web
 
 
 def worker_pids(master: int) -> list[int]:
-    from _common import child_pids  # bench/_common, on the path through tests.helpers
-
     return child_pids(master)
 
 
@@ -91,6 +91,7 @@ def test_hup_reload_loses_no_request(tiny_sidecar, tmp_path):
         w.stop()
 
 
+@pytest.mark.slow  # 24-30 s on 2 cores: a local model loads in each worker
 def test_local_fallback_while_the_sidecar_is_down(fresh_tiny_sidecar, tiny_st, tmp_path):
     sc = fresh_tiny_sidecar()
     w = start_web(tmp_path, sc.env, workers=1, SHM_EMBED_FALLBACK="local")
