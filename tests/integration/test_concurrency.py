@@ -9,6 +9,8 @@ import random
 import threading
 import time
 
+import pytest
+
 from tests.helpers import cosine_rows
 
 DURATION_S = float(os.environ.get("SHM_EMBED_TEST_SOAK_S", "20"))
@@ -58,6 +60,7 @@ def worker(settings, ref, seconds, seed, q):
     q.put(counts)
 
 
+@pytest.mark.slow  # 30 s on 2 cores: DURATION_S of load, then the checks
 def test_many_processes_and_threads_no_cross_talk(fresh_tiny_sidecar, tiny_st):
     sc = fresh_tiny_sidecar(SHM_EMBED_SLOTS_PER_RING="3", SHM_EMBED_SLOT_TEXTS="32")
     ref = tiny_st.encode(pool_texts())

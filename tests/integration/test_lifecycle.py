@@ -402,6 +402,7 @@ def test_two_sidecars_started_at_once_leave_exactly_one_serving(tmp_path):
                     p.wait()
 
 
+@pytest.mark.slow  # 42-67 s on 2 cores
 def test_clients_of_one_process_attaching_at_once_never_share_a_ring(synthetic_sidecar):
     sc = synthetic_sidecar(us=0)
     switch = sys.getswitchinterval()
