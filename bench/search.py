@@ -358,16 +358,16 @@ def host_bench(args) -> None:
             try:
                 pss = [pss_mb(w.proc.pid) for w in workers]
                 ms, recall = [], []
-                for w in workers:  # one at a time: the latency of a search, not of the CPU shared by N
-                    out = w.ask("queries", path=str(qpath))
+                for worker in workers:  # one at a time: the latency of a search, not of the CPU shared by N
+                    out = worker.ask("queries", path=str(qpath))
                     ms += out["ms"]
                     recall += [len(set(ids) & want) / 10 for ids, want in zip(out["ids"], exact)]
                 rows.append([mode, f"{sum(pss):,.0f}", f"{sum(pss) / copy_mb:.2f}x",
                              " / ".join(f"{p:,.0f}" for p in pss),
                              f"{pct(ms, 50):.2f} / {pct(ms, 99):.2f}", f"{np.mean(recall):.3f}", f"{load_s:.1f} s"])
             finally:
-                for w in workers:
-                    w.close()
+                for worker in workers:
+                    worker.close()
         print(f"\n{nw} workers, {n:,} passages, top 10 documents (milliseconds p50 / p99, each worker in turn):")
         print(table(rows, ["mode", "workers' PSS MiB", "/ one copy", "each", "search p50 / p99 ms", "recall@10",
                            "first load"]))
@@ -382,8 +382,8 @@ def host_bench(args) -> None:
                 extra = clustered(count - count % PER_DOC, dim, rng)
 
                 def replay(workers=workers):
-                    for w in workers:
-                        w.ask("one", vector=queries[1].tolist())
+                    for worker in workers:
+                        worker.ask("one", vector=queries[1].tolist())
 
                 t0 = time.perf_counter()
                 write_s = fill(writer, name, extra, start=start, batch=WRITE_BATCH, between=replay)
@@ -395,8 +395,8 @@ def host_bench(args) -> None:
                                    f"{len(extra) / wall_s:,.0f}", f"{sum(pss):,.0f}"])
                 start += len(extra)
             finally:
-                for w in workers:
-                    w.close()
+                for worker in workers:
+                    worker.close()
         print(f"\nWrites with {nw} live workers (batches of {WRITE_BATCH:,} passages; each worker searches after "
               f"each batch):")
         print(table(write_rows, ["mode", "passages", "written/s (the writes alone)", "/s (with the workers' replay)",

@@ -56,12 +56,12 @@ def local_requester(model_path, kind, seed, start_at, seconds, q):
 
 def run_procs(target, first_arg, kind, procs, seconds) -> tuple[float, list[float]]:
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
+    queue = ctx.Queue()
     start_at = time.time() + 25 + 2 * procs  # time for every process to import and load
-    ps = [ctx.Process(target=target, args=(first_arg, kind, i, start_at, seconds, q)) for i in range(procs)]
+    ps = [ctx.Process(target=target, args=(first_arg, kind, i, start_at, seconds, queue)) for i in range(procs)]
     for p in ps:
         p.start()
-    results = [q.get(timeout=600) for _ in ps]
+    results = [queue.get(timeout=600) for _ in ps]
     for p in ps:
         p.join(60)
     total = sum(n for n, _ in results)

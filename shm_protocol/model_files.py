@@ -150,9 +150,9 @@ def find_model(models: list, requested: str | None, kind: ModelKind):
     served = [m.name for m in models]
     task = "reranking" if kind == ModelKind.RERANK else "embedding"
     if requested is None:
-        for m in models:
-            if m.kind == kind:
-                return m
+        for model in models:
+            if model.kind == kind:
+                return model
         raise ModelNotFound(f"no model here serves {task} (served: {', '.join(served)})",
                             requested="", served=served)
     match = named(models, requested, lambda m: m.name)

@@ -97,19 +97,19 @@ def _models(region: Region) -> list[dict]:
 def snapshot(region: Region, stale_after_s: float = 1.0) -> Snapshot:
     """Copy the counters out of a mapped control segment (read-only is enough);
     judge liveness by the same rule as the workers, with ``stale_after_s``."""
-    h = region.header
-    st = np.array(h["stats"], copy=True)
+    header = region.header
+    st = np.array(header["stats"], copy=True)
     rings = []
     occupancy = region.occupancy() if region.slots is not None else None
-    for r in range(region.params.n_rings):
-        owner = int(region.rings[r]["owner_pid"])
-        row = {"ring": r, "owner_pid": owner, "owner_alive": owner > 0 and pid_alive(owner),
-               "leases": int(region.rings[r]["leases"])}
+    for ring_index in range(region.params.n_rings):
+        owner = int(region.rings[ring_index]["owner_pid"])
+        row = {"ring": ring_index, "owner_pid": owner, "owner_alive": owner > 0 and pid_alive(owner),
+               "leases": int(region.rings[ring_index]["leases"])}
         if occupancy is not None:
-            states = occupancy[r]
+            states = occupancy[ring_index]
             row["slots"] = {s.name.lower(): int((states == int(s)).sum()) for s in SlotState}
         rings.append(row)
-    started = int(h["started_ns"])
+    started = int(header["started_ns"])
     models = _models(region)
     default = next((m for m in models if m["kind"] == "embed"), models[0]) if models else None
     return Snapshot(

@@ -60,12 +60,12 @@ def render(snap: Snapshot, status: str, rate: dict):
     rings = Table(title="rings", show_lines=False)
     for col in ("ring", "owner pid", "owner", "free", "claimed", "ready", "busy", "done", "error"):
         rings.add_column(col, justify="right")
-    for r in snap.rings:
-        if r["owner_pid"] == 0 and not any(v for k, v in r.get("slots", {}).items() if k != "free"):
+    for ring in snap.rings:
+        if ring["owner_pid"] == 0 and not any(v for k, v in ring.get("slots", {}).items() if k != "free"):
             continue
-        slots = r.get("slots", {})
-        owner = "orphaned" if r["owner_pid"] < 0 else ("alive" if r["owner_alive"] else "dead")
-        rings.add_row(str(r["ring"]), str(r["owner_pid"]), owner,
+        slots = ring.get("slots", {})
+        owner = "orphaned" if ring["owner_pid"] < 0 else ("alive" if ring["owner_alive"] else "dead")
+        rings.add_row(str(ring["ring"]), str(ring["owner_pid"]), owner,
                       *(str(slots.get(k, "-")) for k in ("free", "claimed", "ready", "busy", "done", "error")))
 
     counters = Table(title="totals")

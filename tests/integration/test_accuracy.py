@@ -65,9 +65,9 @@ def test_official_openai_client_gets_the_same_vectors(real_sidecar, real_model, 
 
     from tests.helpers import start_web
 
-    w = start_web(tmp_path, real_sidecar.env, workers=2)
+    web = start_web(tmp_path, real_sidecar.env, workers=2)
     try:
-        client = OpenAI(base_url=w.base + "/v1", api_key="unused", max_retries=0)
+        client = OpenAI(base_url=web.base + "/v1", api_key="unused", max_retries=0)
         texts = VARIED[:6] + mixed_batch(20)
         ref = real_model.encode(texts)
         import base64
@@ -86,7 +86,7 @@ def test_official_openai_client_gets_the_same_vectors(real_sidecar, real_model, 
         one = client.embeddings.create(model="all-MiniLM-L6-v2", input="just one")
         assert cosine_rows([one.data[0].embedding], real_model.encode(["just one"]))[0] >= 0.99999
     finally:
-        w.stop()
+        web.stop()
 
 
 def test_sidecar_gives_back_the_memory_of_a_large_batch(real_sidecar):
@@ -115,9 +115,9 @@ def test_langchain_openai_embeddings_get_the_same_vectors(real_sidecar, real_mod
 
     from tests.helpers import start_web
 
-    w = start_web(tmp_path, real_sidecar.env, workers=1)
+    web = start_web(tmp_path, real_sidecar.env, workers=1)
     try:
-        emb = OpenAIEmbeddings(model="all-MiniLM-L6-v2", base_url=w.base + "/v1", api_key="unused",
+        emb = OpenAIEmbeddings(model="all-MiniLM-L6-v2", base_url=web.base + "/v1", api_key="unused",
                                check_embedding_ctx_length=False, max_retries=0)
         texts = VARIED[:6] + mixed_batch(10, seed=3)
         got = np.array(emb.embed_documents(texts), dtype=np.float32)
@@ -125,7 +125,7 @@ def test_langchain_openai_embeddings_get_the_same_vectors(real_sidecar, real_mod
         one = np.array(emb.embed_query("a question about shared memory"), dtype=np.float32)
         assert cosine_rows([one], real_model.encode(["a question about shared memory"]))[0] >= 0.99999
     finally:
-        w.stop()
+        web.stop()
 
 
 def test_dtype_auto_is_what_this_cpu_runs_best_and_stays_close_to_float32(real_model, tmp_path):
@@ -143,14 +143,14 @@ def test_dtype_auto_is_what_this_cpu_runs_best_and_stays_close_to_float32(real_m
     want = choose_dtype("auto", "cpu", cpu_flags())
     sc = start_sidecar(tmp_path, None, SHM_EMBED_DTYPE="auto")
     try:
-        with client_for(sc) as c:
-            info = c.info()
+        with client_for(sc) as client:
+            info = client.info()
             assert info["dtype"] == (want if want != "measure" else info["dtype"]) and info["dtype"] in (
                 "float32", "bfloat16")
             assert info["models"][0]["dtype"] == info["dtype"]
             texts = VARIED + mixed_batch(64, seed=11)
-            got = c.embed(texts)
-            snap = snapshot(c._get_session().region)
+            got = client.embed(texts)
+            snap = snapshot(client._get_session().region)
             assert snap.dtype == info["dtype"]
         cli = subprocess.run([sys.executable, "-m", "shm_protocol.stats_cli", "--json"], env=sc.env,
                              capture_output=True, text=True, timeout=60)

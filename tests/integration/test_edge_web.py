@@ -141,13 +141,13 @@ def test_hostile_bodies_cost_linear_time_and_no_more_than_they_say(web):
     with httpx.Client(base_url=w.base, timeout=30) as http:
         t0 = time.monotonic()
         hostile = b'{"inputs": ["' + b'\\"' * (1 << 20)
-        r = http.post("/embed", content=hostile, headers={"content-type": "application/json"})
-        assert r.status_code == 400 and time.monotonic() - t0 < 5
+        response = http.post("/embed", content=hostile, headers={"content-type": "application/json"})
+        assert response.status_code == 400 and time.monotonic() - t0 < 5
         utf16 = ('{"inputs": ["\u2200", ' + "[]," * 200_000 + '"x"]}').encode("utf-16-le")
-        r = http.post("/embed", content=utf16, headers={"content-type": "application/json"})
-        assert r.status_code == 400  # read as UTF-8 only: not JSON there, refused before any value is built
-        r = http.post("/embed", json={"inputs": ["a"] * 100, "prompt": "x" * 100_000})
-        assert r.status_code == 413 and "prompt" in r.json()["error"]["message"]
+        response = http.post("/embed", content=utf16, headers={"content-type": "application/json"})
+        assert response.status_code == 400  # read as UTF-8 only: not JSON there, refused before any value is built
+        response = http.post("/embed", json={"inputs": ["a"] * 100, "prompt": "x" * 100_000})
+        assert response.status_code == 413 and "prompt" in response.json()["error"]["message"]
         assert http.post("/embed", json={"inputs": ["still serving"]}).status_code == 200
 
 
@@ -157,12 +157,12 @@ def test_a_request_over_the_token_budget_is_a_413(web):
         small = http.post("/embed", json={"inputs": ["a few words"] * 3})
         assert small.status_code == 200
         for path, key in (("/embed", "inputs"), ("/v1/embeddings", "input")):
-            r = http.post(path, json={key: ["several words in each of these texts"] * 8})
-            assert r.status_code == 413, (path, r.text)
-            assert "tokens" in r.json()["error"]["message"]
+            response = http.post(path, json={key: ["several words in each of these texts"] * 8})
+            assert response.status_code == 413, (path, response.text)
+            assert "tokens" in response.json()["error"]["message"]
         # Truncated inputs count as what is embedded: 256 tokens each at most.
-        r = http.post("/embed", json={"inputs": ["word " * 1000]})
-        assert r.status_code == 413
+        response = http.post("/embed", json={"inputs": ["word " * 1000]})
+        assert response.status_code == 413
 
 
 def test_unavailable_answers_do_not_name_the_namespace_pid_or_segments(web):
@@ -191,15 +191,16 @@ def test_documents_obey_the_per_text_limit_and_the_request_budget(web):
     with httpx.Client(base_url=w.base, timeout=30) as http:
         assert http.put("/collections/kb").status_code == 201
         for huge in ({"id": "huge", "text": "word " * 200_000}, "word " * 200_000):  # an object, or a bare string
-            r = http.post("/collections/kb/documents", json={"documents": [huge]})
-            assert r.status_code == 413 and "SHM_EMBED_MAX_INPUT_CHARS" in r.json()["error"]["message"]
+            response = http.post("/collections/kb/documents", json={"documents": [huge]})
+            assert response.status_code == 413 and "SHM_EMBED_MAX_INPUT_CHARS" in response.json()["error"]["message"]
         # 60 passages of 100 new words each (120-word passages, 20 overlapping): over 50 inputs.
         many = " ".join(f"w{i}" for i in range(6100))
-        r = http.post("/collections/kb/documents", json={"documents": [{"id": "many", "text": many}]})
-        assert r.status_code == 413 and "passages" in r.json()["error"]["message"], r.text
+        response = http.post("/collections/kb/documents", json={"documents": [{"id": "many", "text": many}]})
+        assert response.status_code == 413 and "passages" in response.json()["error"]["message"], response.text
         # 30 passages fit the count, not the 3,000-token budget (about 7,000 tokens).
-        r = http.post("/collections/kb/documents", json={"documents": [{"id": "toks", "text": many[:len(many) // 2]}]})
-        assert r.status_code == 413 and "tokens" in r.json()["error"]["message"], r.text
+        response = http.post("/collections/kb/documents",
+                             json={"documents": [{"id": "toks", "text": many[:len(many) // 2]}]})
+        assert response.status_code == 413 and "tokens" in response.json()["error"]["message"], response.text
         assert http.get("/collections/kb").json()["documents"] == 0  # nothing half-written
         ok = http.post("/collections/kb/documents", json={"documents": [{"id": "fine", "text": "a short one"}]})
         assert ok.status_code == 200, ok.text

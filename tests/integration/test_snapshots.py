@@ -333,8 +333,8 @@ def test_equal_scores_answer_in_one_defined_order_on_every_path(where, kind, tmp
         answers(lambda q, k, f: shared.search_vector("kb", q, k, f))
         assert served(shared, "kb")[0] == 1 and shared._loaded["kb"].index.delta.ntotal == 10
         answers(lambda q, k, f: plain.search_vector("kb", q, k, f))
-        for w in workers:
-            answers(lambda q, k, f, w=w: w.search("kb", q, k, f)["results"])
+        for worker in workers:
+            answers(lambda q, k, f, worker=worker: worker.search("kb", q, k, f)["results"])
         assert workers[0].search("kb", tie, 1)["generation"] == 1
         assert workers[1].search("kb", tie, 1)["generation"] is None
         best = {r["id"]: r["passage"] for r in shared.search_vector("kb", tie, 12)}
@@ -344,8 +344,8 @@ def test_equal_scores_answer_in_one_defined_order_on_every_path(where, kind, tmp
         answers(lambda q, k, f: shared.search_vector("kb", q, k, f))  # all of it in the snapshot now
         assert served(shared, "kb")[0] == 2 and shared._loaded["kb"].index.pending == 0
     finally:
-        for w in workers:
-            w.close()
+        for worker in workers:
+            worker.close()
         for store in (writer, shared, plain):
             store.close()
 
@@ -397,14 +397,14 @@ def test_worker_processes_share_one_copy_of_the_vectors(big, tmp_path):
     copy_mb = BIG_N * BIG_DIM * 4 / 2**20
     workers = [Worker(path, BIG_DIM, tmp_path / f"w{i}.log", snapshot_delta=NEVER) for i in range(4)]
     try:
-        for w in workers:
-            answer = w.search("big", probes[0], 3)  # a flat search reads every vector
+        for worker in workers:
+            answer = worker.search("big", probes[0], 3)  # a flat search reads every vector
             assert answer["results"][0][0] == "d0" and answer["generation"] is not None
         pss = [pss_mb(w.proc.pid) for w in workers]
         rss = [rss_mb(w.proc.pid) for w in workers]
     finally:
-        for w in workers:
-            w.close()
+        for worker in workers:
+            worker.close()
     private = Worker(path, BIG_DIM, tmp_path / "private.log", snapshots=False)  # today's: a copy of its own
     try:
         assert private.search("big", probes[0], 3)["results"][0][0] == "d0"
@@ -491,8 +491,8 @@ def test_rebuilds_under_concurrent_searches_never_answer_wrong(where):
             searches[0] += 1
 
     threads = [threading.Thread(target=search_loop, args=(s,)) for s in range(2)]
-    for t in threads:
-        t.start()
+    for thread in threads:
+        thread.start()
     try:
         deadline = time.monotonic() + 40
         round_ = 0
@@ -519,8 +519,8 @@ def test_rebuilds_under_concurrent_searches_never_answer_wrong(where):
             time.sleep(0.1)
     finally:
         stop.set()
-        for t in threads:
-            t.join()
+        for thread in threads:
+            thread.join()
         reader.close()
         writer.close()
     assert not errors, errors[:5]

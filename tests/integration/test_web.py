@@ -195,27 +195,27 @@ def test_stats_and_metrics_are_the_host_view(web):
 
 
 def test_api_key(tiny_sidecar, tmp_path):
-    w = start_web(tmp_path, tiny_sidecar.env, workers=1, SHM_EMBED_API_KEY="s3cret")
+    web = start_web(tmp_path, tiny_sidecar.env, workers=1, SHM_EMBED_API_KEY="s3cret")
     try:
-        with httpx.Client(base_url=w.base, timeout=30) as http:
+        with httpx.Client(base_url=web.base, timeout=30) as http:
             assert http.get("/health").status_code == 200
             assert_error(post(http, "/embed", {"inputs": "x"}), 401)
-            r = http.post("/embed", content=b'{"inputs": "x"}', headers={"content-type": "application/json",
+            response = http.post("/embed", content=b'{"inputs": "x"}', headers={"content-type": "application/json",
                                                                         "authorization": "Bearer wrong"})
-            assert_error(r, 401)
-            r = http.post("/embed", content=b'{"inputs": "x"}', headers={"content-type": "application/json",
+            assert_error(response, 401)
+            response = http.post("/embed", content=b'{"inputs": "x"}', headers={"content-type": "application/json",
                                                                         "authorization": "Bearer s3cret"})
-            assert r.status_code == 200
+            assert response.status_code == 200
     finally:
-        w.stop()
+        web.stop()
 
 
 def test_ring_full_is_429_with_retry_after(tiny_model, tmp_path):
     sc = start_sidecar(tmp_path, str(tiny_model), SHM_EMBED_SLOTS_PER_RING="1", SHM_EMBED_SLOT_TEXTS="4",
                        SHM_EMBED_TORCH_THREADS="1")
-    w = start_web(tmp_path, sc.env, workers=1, WEB_THREADS="6", SHM_EMBED_RING_WAIT_S="0.05")
+    web = start_web(tmp_path, sc.env, workers=1, WEB_THREADS="6", SHM_EMBED_RING_WAIT_S="0.05")
     try:
-        with httpx.Client(base_url=w.base, timeout=60) as http:
+        with httpx.Client(base_url=web.base, timeout=60) as http:
             body = {"inputs": ["a longer text to keep the only slot busy " * 5] * 400}
             with cf.ThreadPoolExecutor(6) as pool:
                 rs = list(pool.map(lambda _: post(http, "/embed", body), range(6)))
@@ -226,15 +226,15 @@ def test_ring_full_is_429_with_retry_after(tiny_model, tmp_path):
             assert_error(r429, 429, kind="rate_limited")
             assert post(http, "/embed", {"inputs": "after"}).status_code == 200
     finally:
-        w.stop()
+        web.stop()
         sc.stop()
 
 
 def test_sidecar_down_is_503_then_recovers(fresh_tiny_sidecar, tmp_path):
     sc = fresh_tiny_sidecar()
-    w = start_web(tmp_path, sc.env, workers=2)
+    web = start_web(tmp_path, sc.env, workers=2)
     try:
-        with httpx.Client(base_url=w.base, timeout=30) as http:
+        with httpx.Client(base_url=web.base, timeout=30) as http:
             assert post(http, "/embed", {"inputs": "up"}).status_code == 200
             sc.stop()
             r = post(http, "/embed", {"inputs": "down"})
@@ -248,4 +248,4 @@ def test_sidecar_down_is_503_then_recovers(fresh_tiny_sidecar, tmp_path):
             for _ in range(4):  # both workers re-attach on their next call
                 assert post(http, "/embed", {"inputs": "back"}).status_code == 200
     finally:
-        w.stop()
+        web.stop()

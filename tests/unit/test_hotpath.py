@@ -52,13 +52,13 @@ def test_what_c_submits_numpy_reads_at_the_layouts_offsets(p):
     ids = np.arange(5, 5 + min(p.max_tokens, 12), dtype=np.int32)
     lengths = [len(ids) - 2, 2] if p.max_texts > 1 else [len(ids)]
     assert ring.submit(flat, ids, np.array(lengths), 1, [0, 1][: len(lengths)], 987654321, True, None)
-    s = slots[flat]
-    assert int(s["state"]) == SLOT_READY and int(s["seq"]) == 987654321 and int(s["model"]) == 1
-    assert int(s["n_texts"]) == len(lengths) and int(s["n_tokens"]) == len(ids)
-    assert s["offsets"][: len(lengths) + 1].tolist() == [0, *np.cumsum(lengths).tolist()]
-    assert s["tokens"][: len(ids)].tolist() == ids.tolist()
-    assert s["segments"][: len(lengths)].tolist() == [0, 1][: len(lengths)]
-    assert int(s["eta_ns"]) == 0 and int(s["error"]) == 0 and int(s["submit_ns"]) > 0
+    slot = slots[flat]
+    assert int(slot["state"]) == SLOT_READY and int(slot["seq"]) == 987654321 and int(slot["model"]) == 1
+    assert int(slot["n_texts"]) == len(lengths) and int(slot["n_tokens"]) == len(ids)
+    assert slot["offsets"][: len(lengths) + 1].tolist() == [0, *np.cumsum(lengths).tolist()]
+    assert slot["tokens"][: len(ids)].tolist() == ids.tolist()
+    assert slot["segments"][: len(lengths)].tolist() == [0, 1][: len(lengths)]
+    assert int(slot["eta_ns"]) == 0 and int(slot["error"]) == 0 and int(slot["submit_ns"]) > 0
     assert all(int(other["state"]) == 0 for other in slots[:flat])  # nothing written elsewhere
 
 
@@ -67,33 +67,33 @@ def test_what_c_publishes_numpy_reads_and_only_to_its_generation(p):
     slots = new_slots(p)
     ring = hotpath.ring(slots)
     flat = len(slots) - 1
-    s = slots[flat]
-    s["seq"] = 42
-    s["state"] = SLOT_BUSY
+    slot = slots[flat]
+    slot["seq"] = 42
+    slot["state"] = SLOT_BUSY
     assert ring.publish(flat, 41, 0, 1, 2, 3, None) == (False, False)  # another generation: nothing written
-    assert int(s["state"]) == SLOT_BUSY and int(s["queue_ns"]) == 0
+    assert int(slot["state"]) == SLOT_BUSY and int(slot["queue_ns"]) == 0
     assert ring.publish(flat, 42, int(SlotError.TOO_LONG), 111, 222, 7, None) == (True, False)
-    assert int(s["state"]) == SLOT_ERROR and int(s["error"]) == SlotError.TOO_LONG
-    assert (int(s["queue_ns"]), int(s["compute_ns"]), int(s["batch_texts"])) == (111, 222, 7)
+    assert int(slot["state"]) == SLOT_ERROR and int(slot["error"]) == SlotError.TOO_LONG
+    assert (int(slot["queue_ns"]), int(slot["compute_ns"]), int(slot["batch_texts"])) == (111, 222, 7)
     assert ring.answered(flat, 42) and not ring.answered(flat, 41)
-    s["state"] = SLOT_BUSY
-    assert ring.publish(flat, 42, 0, 1, 2, 3, None)[0] and int(s["state"]) == SLOT_DONE
+    slot["state"] = SLOT_BUSY
+    assert ring.publish(flat, 42, 0, 1, 2, 3, None)[0] and int(slot["state"]) == SLOT_DONE
 
 
 @pytest.mark.parametrize("p", LAYOUTS)
 def test_what_numpy_writes_c_takes_at_the_layouts_offsets(p):
     slots = new_slots(p)
     flat = len(slots) - 1
-    s = slots[flat]
+    slot = slots[flat]
     ids = [7, 8, 9, 10]
-    s["tokens"][:4] = ids
-    s["offsets"][:3] = [0, 1, 4] if p.max_texts > 1 else [0, 4, 0]
-    s["n_texts"] = 2 if p.max_texts > 1 else 1
-    s["n_tokens"], s["seq"], s["model"] = 4, 5, 0
+    slot["tokens"][:4] = ids
+    slot["offsets"][:3] = [0, 1, 4] if p.max_texts > 1 else [0, 4, 0]
+    slot["n_texts"] = 2 if p.max_texts > 1 else 1
+    slot["n_tokens"], slot["seq"], slot["model"] = 4, 5, 0
     code, seq, n, got_ids, offs, splits = hotpath.ring(slots).take(flat, 0, p.max_seq_length, p.vocab_size, False)
-    assert (code, seq, n) == (SlotError.NONE, 5, int(s["n_texts"])) and int(s["state"]) == SLOT_BUSY
+    assert (code, seq, n) == (SlotError.NONE, 5, int(slot["n_texts"])) and int(slot["state"]) == SLOT_BUSY
     assert np.frombuffer(got_ids, np.int32).tolist() == ids
-    assert np.frombuffer(offs, np.int64).tolist() == s["offsets"][: n + 1].tolist()
+    assert np.frombuffer(offs, np.int64).tolist() == slot["offsets"][: n + 1].tolist()
     assert splits is None
 
 
@@ -190,14 +190,14 @@ def test_the_compiled_tokenizer_gives_the_librarys_ids_or_steps_aside():
     tok = WorkerTokenizer(str(tokenizer_file(bundled_model_path())), 256)
     assert tok._fast is not None
     checked = 0
-    for t in _texts(4000, seed=5) + ["", " ", "[CLS] x", "a\x0bb", "naïve café", "x" * 101, "x" * 100]:
-        fast = tok._encode_fast([t], truncate=True)
+    for text in _texts(4000, seed=5) + ["", " ", "[CLS] x", "a\x0bb", "naïve café", "x" * 101, "x" * 100]:
+        fast = tok._encode_fast([text], truncate=True)
         if fast is None:
-            assert not t.isascii() or any(a in t for a in tok._added) or any(
-                ord(c) < 32 and c not in "\t\n\r" or ord(c) == 127 for c in t)
+            assert not text.isascii() or any(a in text for a in tok._added) or any(
+                ord(c) < 32 and c not in "\t\n\r" or ord(c) == 127 for c in text)
             continue
         checked += 1
-        assert fast[0] == tok._tok.encode(t).ids, t
+        assert fast[0] == tok._tok.encode(text).ids, text
     assert checked > 3000  # printable ASCII has vertical tabs and form feeds: the library takes those
 
 
