@@ -72,10 +72,10 @@ def parse_model_specs(raw: str) -> list[tuple[str, str, tuple[str, ...]]]:
     names = [e[0] for e in entries]
     if not entries or len(entries) > MAX_MODELS or len(set(names)) != len(names):
         raise ConfigError(f"SHM_EMBED_MODELS={raw!r}: 1 to {MAX_MODELS} entries with distinct names")
-    for a in names:
-        for b in names:
-            if a != b and name_matches(a, b):  # "org/e5" would also answer to "e5"'s requests
-                raise ConfigError(f"SHM_EMBED_MODELS: the name {a!r} ends in another model's name {b!r}; "
+    for name in names:
+        for other in names:
+            if name != other and name_matches(name, other):  # "org/e5" would also answer to "e5"'s requests
+                raise ConfigError(f"SHM_EMBED_MODELS: the name {name!r} ends in another model's name {other!r}; "
                                   "a request naming one could reach the other")
     return entries
 

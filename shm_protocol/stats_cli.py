@@ -72,18 +72,18 @@ def render(snap: Snapshot, status: str, rate: dict):
     counters.add_column("counter")
     counters.add_column("total", justify="right")
     counters.add_column("per second", justify="right")
-    for k in COUNTERS:
-        counters.add_row(k, f"{snap.counters[k]:,}", f"{rate[k]:.1f}" if k in rate else "-")
-    for k, v in snap.errors.items():
-        counters.add_row(f"errors: {k}", f"{v:,}", "-")
+    for counter in COUNTERS:
+        counters.add_row(counter, f"{snap.counters[counter]:,}", f"{rate[counter]:.1f}" if counter in rate else "-")
+    for kind, count in snap.errors.items():
+        counters.add_row(f"errors: {kind}", f"{count:,}", "-")
 
     per_model = Table(title="models")
     for col in ("model", "kind", "requests", "texts", "tokens", "batches", "errors", "mean call"):
         per_model.add_column(col, justify="right")
-    for m in snap.models:
-        mean = m["compute_ns_sum"] / m["batches"] / 1e9 if m["batches"] else None
-        counts = (f"{m[k]:,}" for k in ("requests", "texts", "tokens", "batches", "errors"))
-        per_model.add_row(escape(m["name"]), m["kind"], *counts, _fmt_s(mean))
+    for model in snap.models:
+        mean = model["compute_ns_sum"] / model["batches"] / 1e9 if model["batches"] else None
+        counts = (f"{model[k]:,}" for k in ("requests", "texts", "tokens", "batches", "errors"))
+        per_model.add_row(escape(model["name"]), model["kind"], *counts, _fmt_s(mean))
 
     pct = snap.percentiles()
     lat = Table(title="latency and batches (histogram bucket bounds)")
