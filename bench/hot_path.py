@@ -62,7 +62,7 @@ def main() -> None:
             t5 = time.perf_counter_ns()
             sess._await_answer(slot, seq)
             t6 = time.perf_counter_ns()
-            q, c = int(sess.v.queue_ns[slot]), int(sess.v.compute_ns[slot])
+            queue_ns, compute_ns = int(sess.v.queue_ns[slot]), int(sess.v.compute_ns[slot])
             out[:] = sess.v.out[slot, :1]
             sess.give_back(slot)
             sess.leave()
@@ -78,8 +78,8 @@ def main() -> None:
                             ("submit", t4, t5), ("wait", t5, t6), ("copy-out", t6, t7), ("total", t0, t7),
                             ("embed_detailed", r0, r1)):
                 stages[k].append((b - a) / 1e3)
-            stages["sidecar queue"].append(q / 1e3)
-            stages["sidecar call"].append(c / 1e3)
+            stages["sidecar queue"].append(queue_ns / 1e3)
+            stages["sidecar call"].append(compute_ns / 1e3)
         cpu1 = (_cpu_s(proc.pid), _cpu_s(os.getpid()), time.monotonic())
         client.close()
     wall = cpu1[2] - cpu0[2]

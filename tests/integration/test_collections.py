@@ -183,18 +183,18 @@ def test_a_writer_killed_mid_write_leaves_a_readable_collection(tiny_sidecar, cl
     store.create("crash", {"passage_words": 8, "overlap_words": 0})
     per_batch = 400
     for round_ in range(3):
-        p = _writer(tiny_sidecar, "big", store_location, "crash", f"r{round_}", 0, per_batch)
+        writer = _writer(tiny_sidecar, "big", store_location, "crash", f"r{round_}", 0, per_batch)
         committed = 0
         deadline = time.monotonic() + 60
         while committed < 2 and time.monotonic() < deadline:
-            line = p.stdout.readline()
+            line = writer.stdout.readline()
             if not line:
                 break
             committed += 1
         time.sleep(0.05 + 0.1 * round_)  # somewhere inside the next transaction
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        assert committed == 2, p.stderr.read()[-3000:]
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        assert committed == 2, writer.stderr.read()[-3000:]
         if not is_postgres(store_location):
             assert query(store_location, "PRAGMA integrity_check") == [("ok",)]
         per_doc = query(store_location, "SELECT count(*) FROM passages GROUP BY doc_id")

@@ -23,7 +23,7 @@ def pool_texts() -> list[str]:
     return [f"text {i}: " + " ".join(rng.choice(words) for _ in range(rng.randint(0, 80))) for i in range(400)]
 
 
-def worker(settings, ref, seconds, seed, q):
+def worker(settings, ref, seconds, seed, results):
     from shm_protocol import EmbeddingClient
 
     texts = pool_texts()
@@ -57,7 +57,7 @@ def worker(settings, ref, seconds, seed, q):
         if thread.is_alive():
             counts["hung"] = True
     client.close()
-    q.put(counts)
+    results.put(counts)
 
 
 @pytest.mark.slow  # 30 s on 2 cores: DURATION_S of load, then the checks

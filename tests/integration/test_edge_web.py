@@ -82,12 +82,12 @@ def test_a_chunked_body_over_the_limit_is_a_413(web):
 
 def test_a_body_of_tiny_json_values_is_refused_before_it_is_parsed(web):
     """16 MiB of '{}' items took a worker from 175 to 603 MiB before its 422."""
-    _, w = web()
+    _, instance = web()
     body = b'{"inputs": [' + b"{}," * (5 * 1024 * 1024) + b"{}]}"  # 15 MiB, 5 million objects
     assert len(body) < 16 * 1024 * 1024
-    pid = worker_pids(w.proc.pid)[0]
+    pid = worker_pids(instance.proc.pid)[0]
     before = rss_mb(pid)
-    with httpx.Client(base_url=w.base, timeout=60) as http:
+    with httpx.Client(base_url=instance.base, timeout=60) as http:
         r = http.post("/embed", content=body, headers={"content-type": "application/json"})
         assert r.status_code == 413, r.text
         assert "SHM_EMBED_MAX_JSON_VALUES" in r.json()["error"]["message"]
@@ -97,7 +97,7 @@ def test_a_body_of_tiny_json_values_is_refused_before_it_is_parsed(web):
         ok = http.post("/embed", json={"inputs": ["still serving"]})
         assert ok.status_code == 200
     # Legitimate large bodies still pass: many strings with commas inside them.
-    with httpx.Client(base_url=w.base, timeout=60) as http:
+    with httpx.Client(base_url=instance.base, timeout=60) as http:
         texts = ["one, two, three, four, five, six, seven " * 20 for _ in range(200)]
         assert http.post("/embed", json={"inputs": texts}).status_code == 200
 
@@ -106,16 +106,16 @@ def test_large_bodies_at_once_are_bounded_per_worker(web):
     """While one 1 MiB body is being read, a second is refused with 503 and
     Retry-After instead of being held in memory beside it; the first then
     completes normally."""
-    _, w = web(SHM_EMBED_MAX_BODY_BYTES=str(1 << 20), SHM_EMBED_MAX_INFLIGHT_BODY_BYTES=str(1 << 20),
-               SHM_EMBED_MAX_INPUT_CHARS="1000000", WEB_THREADS="4")
-    host, port = w.base.removeprefix("http://").split(":")
+    _, instance = web(SHM_EMBED_MAX_BODY_BYTES=str(1 << 20), SHM_EMBED_MAX_INFLIGHT_BODY_BYTES=str(1 << 20),
+                      SHM_EMBED_MAX_INPUT_CHARS="1000000", WEB_THREADS="4")
+    host, port = instance.base.removeprefix("http://").split(":")
     body = json.dumps({"inputs": ["z" * 900_000]}).encode()
     slow = socket.create_connection((host, int(port)), timeout=10)
     try:
         slow.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:1000])
         time.sleep(0.5)  # the first request now holds its 1 MiB reservation, reading
-        with httpx.Client(base_url=w.base, timeout=10) as http:
+        with httpx.Client(base_url=instance.base, timeout=10) as http:
             r = http.post("/embed", content=body, headers={"content-type": "application/json"})
         assert r.status_code == 503, r.text
         assert r.headers.get("retry-after")
@@ -129,7 +129,7 @@ def test_large_bodies_at_once_are_bounded_per_worker(web):
         assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
     finally:
         slow.close()
-    with httpx.Client(base_url=w.base, timeout=10) as http:  # the budget was given back
+    with httpx.Client(base_url=instance.base, timeout=10) as http:  # the budget was given back
         assert http.post("/embed", content=body, headers={"content-type": "application/json"}).status_code == 200
 
 
@@ -166,12 +166,12 @@ def test_a_request_over_the_token_budget_is_a_413(web):
 
 
 def test_unavailable_answers_do_not_name_the_namespace_pid_or_segments(web):
-    sc, w = web()
+    sc, instance = web()
     pid = sc.proc.pid
     ns = sc.settings.namespace
     os.kill(pid, signal.SIGKILL)
     sc.proc.wait(10)
-    with httpx.Client(base_url=w.base, timeout=10) as http:
+    with httpx.Client(base_url=instance.base, timeout=10) as http:
         bodies = [http.post("/embed", json={"inputs": ["hello"]}), http.get("/ready"),
                   http.get("/embedding/health"), http.get("/embedding/stats"),
                   http.post("/v1/embeddings", json={"input": "hello"})]
@@ -180,7 +180,7 @@ def test_unavailable_answers_do_not_name_the_namespace_pid_or_segments(web):
         text = r.text
         assert ns not in text and str(pid) not in text and "/dev/shm" not in text and "sem." not in text, text
         assert "sidecar" in text  # still says what is wrong, in general terms
-    log = w.log.read_text(errors="replace")
+    log = instance.log.read_text(errors="replace")
     assert str(pid) in log or ns in log  # the details are in the server's log
 
 

@@ -134,8 +134,8 @@ def test_four_writers_on_two_instances_lose_nothing(two):
             docs = [{"id": f"w{k}-{n}-{i}", "text": f"writer {k} batch {n} item {i}", "metadata": {"writer": k}}
                     for i in range(per_batch)]
             docs.append({"id": "shared", "text": f"the shared document, last written by {k} in batch {n}"})
-            r = inst.write("busy", docs)
-            assert r.status_code == 200, r.text
+            write_response = inst.write("busy", docs)
+            assert write_response.status_code == 200, write_response.text
             ids += [d["id"] for d in docs[:-1]]
         return ids
 

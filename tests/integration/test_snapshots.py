@@ -469,12 +469,12 @@ def test_rebuilds_under_concurrent_searches_never_answer_wrong(where):
     stop = threading.Event()
 
     def search_loop(seed: int) -> None:
-        r = np.random.default_rng(seed)
+        generator = np.random.default_rng(seed)
         while not stop.is_set():
             with lock:
                 ids = [d for d in known if d not in busy]
                 dead = set(gone)
-                doc = ids[int(r.integers(len(ids)))]
+                doc = ids[int(generator.integers(len(ids)))]
                 vector = known[doc]
             try:
                 got = [x["id"] for x in reader.search_vector("live", vector, 10)]
@@ -504,14 +504,14 @@ def test_rebuilds_under_concurrent_searches_never_answer_wrong(where):
                 known.update(zip(new_ids, new_vectors))
                 victims = [str(d) for d in rng.choice(sorted(known), 12, replace=False)]
                 busy.update(victims)
-            for d in victims[:8]:
-                writer.delete_document("live", d)
+            for victim in victims[:8]:
+                writer.delete_document("live", victim)
             replaced = unit(rng, 4)
             writer.write_embedded("live", docs(victims[8:]), replaced)
             with lock:
-                for d in victims[:8]:
-                    known.pop(d)
-                    gone.add(d)
+                for victim in victims[:8]:
+                    known.pop(victim)
+                    gone.add(victim)
                 known.update(zip(victims[8:], replaced))
                 gone.difference_update(victims[8:])
                 busy.clear()

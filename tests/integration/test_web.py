@@ -148,13 +148,13 @@ def test_master_holds_no_segment_no_torch_no_thread(web):
     """The master only imports the web code and loads the tokenizer before
     forking: it maps no shared-memory segment, loads no torch and runs one
     thread, while its workers have the rings mapped."""
-    http, w = web
+    http, instance = web
     assert post(http, "/embed", {"inputs": "warm"}).status_code == 200
-    maps = open(f"/proc/{w.proc.pid}/maps").read()
+    maps = open(f"/proc/{instance.proc.pid}/maps").read()
     assert "/dev/shm/" not in maps
     assert "libtorch" not in maps
-    assert os.listdir(f"/proc/{w.proc.pid}/task") == [str(w.proc.pid)]
-    assert any("/dev/shm/" in open(f"/proc/{pid}/maps").read() for pid in child_pids(w.proc.pid))
+    assert os.listdir(f"/proc/{instance.proc.pid}/task") == [str(instance.proc.pid)]
+    assert any("/dev/shm/" in open(f"/proc/{pid}/maps").read() for pid in child_pids(instance.proc.pid))
 
 
 def test_unknown_path_and_method_are_json(web):
@@ -164,12 +164,12 @@ def test_unknown_path_and_method_are_json(web):
 
 
 def test_request_id_in_and_out(web):
-    http, w = web
+    http, instance = web
     r = post(http, "/embed", {"inputs": "id test"}, headers={"X-Request-ID": "req-abc-123"})
     assert r.headers["X-Request-ID"] == "req-abc-123"
     generated = http.get("/health").headers["X-Request-ID"]
     assert len(generated) == 32
-    assert "req-abc-123" in w.log.read_text()
+    assert "req-abc-123" in instance.log.read_text()
 
 
 def test_stats_and_metrics_are_the_host_view(web):

@@ -307,13 +307,13 @@ def test_rerank_in_tei_and_cohere_shapes_best_first(app, fake):
     raw = app.simulate_post("/rerank", json={"query": "pets", "texts": docs, "raw_scores": True}).json
     assert "text" not in raw[0] and all(-1.0 <= x["score"] <= 1.0 for x in raw)
     assert {x["score"] for x in raw} != {x["score"] for x in response.json}  # raw logits, not sigmoids
-    c = app.simulate_post("/v1/rerank", json={"model": "fake-reranker", "query": "pets", "top_n": 2,
-                                              "documents": [{"text": d} for d in docs], "return_documents": True})
-    assert c.status_code == 200 and c.json["model"] == "fake-reranker"
-    assert [x["index"] for x in c.json["results"]] == order[:2]
-    assert c.json["results"][0]["document"] == {"text": docs[order[0]]}
-    assert c.json["results"][0]["relevance_score"] == pytest.approx(float(want[order[0]]), abs=1e-6)
-    assert c.json["usage"]["total_tokens"] > 0
+    cohere = app.simulate_post("/v1/rerank", json={"model": "fake-reranker", "query": "pets", "top_n": 2,
+                                                   "documents": [{"text": d} for d in docs], "return_documents": True})
+    assert cohere.status_code == 200 and cohere.json["model"] == "fake-reranker"
+    assert [x["index"] for x in cohere.json["results"]] == order[:2]
+    assert cohere.json["results"][0]["document"] == {"text": docs[order[0]]}
+    assert cohere.json["results"][0]["relevance_score"] == pytest.approx(float(want[order[0]]), abs=1e-6)
+    assert cohere.json["usage"]["total_tokens"] > 0
     for body, status in (({"query": "q", "documents": docs, "model": "nope"}, 404),
                          ({"query": "", "documents": docs}, 422), ({"query": "q"}, 422),
                          ({"query": "q", "documents": "one string"}, 422),
