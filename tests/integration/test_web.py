@@ -179,10 +179,10 @@ def test_stats_and_metrics_are_the_host_view(web):
     time.sleep(0.2)  # the sidecar answers first and counts after: let the last count land
     seen = [http.get("/embedding/stats").json() for _ in range(6)]
     assert len({json.dumps({k: s[k] for k in ("counters", "errors", "epoch")}) for s in seen}) == 1
-    s = seen[0]
-    assert s["status"] == "ok" and s["counters"]["texts"] >= 15 and s["successful_requests"] >= 5
-    assert {"p50", "p99"} <= set(s["percentiles"]["compute_seconds"])
-    assert sum(1 for r in s["rings"] if r["owner_alive"]) >= 1
+    stats = seen[0]
+    assert stats["status"] == "ok" and stats["counters"]["texts"] >= 15 and stats["successful_requests"] >= 5
+    assert {"p50", "p99"} <= set(stats["percentiles"]["compute_seconds"])
+    assert sum(1 for r in stats["rings"] if r["owner_alive"]) >= 1
     eh = http.get("/embedding/health").json()
     assert eh["status"] == "ok" and eh["embedding_server"] == "connected"
     text = http.get("/metrics").text
