@@ -24,8 +24,10 @@ test: $(STAMP)
 	bash scripts/install_test_services.sh
 	$(PY) -m pytest -q --durations=15 tests
 
+# Unit tests and the integration tests that take seconds: what is marked slow
+# (over ~10 s each on 2 cores) or needs CUDA is left out.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q -m "not slow and not cuda" tests
 
 bench: $(STAMP)
 	$(PY) bench/protocol_overhead.py

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import signal
 import subprocess
 import sys
 import uuid
@@ -20,6 +19,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from shm_protocol.config import Settings  # noqa: E402
+from shm_protocol.processes import (  # noqa: E402,F401  (the benchmarks import them from here)
+    child_pids,
+    children_by_parent,
+    proc_stat,
+    pss_mb,
+    rss_mb,
+    stop_process,
+)
 from shm_protocol.region import wait_until_ready  # noqa: E402
 from shm_protocol.segments import Names, unlink_namespace  # noqa: E402
 
@@ -41,38 +48,6 @@ def passages(n: int, seed: int = 1, lo: int = 8, hi: int = 60) -> list[str]:
 
 def pct(values, q) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
-
-
-def rss_mb(pid: int) -> float:
-    """Resident set size of a process in MiB (from /proc)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def pss_mb(pid: int) -> float:
-    """Proportional set size of a process in MiB (from /proc/<pid>/smaps_rollup): its
-    private pages plus, for each page several processes map, its share of it. The PSS of
-    processes sharing one copy of a file add up to about one copy; their RSS count it in each."""
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-    """Send ``sig`` to ``proc`` if it still runs, wait up to ``timeout``
-    seconds, then kill it; returns its exit code."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
 
 
 @contextlib.contextmanager
@@ -106,27 +81,3 @@ def table(rows: list[list], header: list[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def proc_stat(pid: int) -> list[str]:
-    """The fields of /proc/<pid>/stat after the command name (which may hold
-    spaces): index 1 is the parent pid, 11 and 12 user and system clock ticks."""
-    stat = open(f"/proc/{pid}/stat").read()
-    return stat[stat.rindex(")") + 2:].split()
-
-
-def children_by_parent() -> dict[int, list[int]]:
-    """Every process's pid under its parent's pid (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                children.setdefault(int(proc_stat(int(d))[1]), []).append(int(d))
-            except (OSError, ValueError):
-                pass  # gone meanwhile
-    return children
-
-
-def child_pids(parent: int) -> list[int]:
-    """Pids of the direct children of ``parent``."""
-    return children_by_parent().get(parent, [])

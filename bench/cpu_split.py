@@ -55,10 +55,10 @@ def main() -> None:
                 pids = {"sidecar": sidecar.pid, **{f"worker {i + 1}": w for i, w in enumerate(workers)}}
                 c0 = {k: cpu_seconds(p) for k, p in pids.items()}
                 own0, s0, t0 = own_cpu_seconds(), stats(base), time.monotonic()
-                r = load(base, texts, args.clients, 1, args.seconds)
+                measured = load(base, texts, args.clients, 1, args.seconds)
                 elapsed, own1, s1 = time.monotonic() - t0, own_cpu_seconds(), stats(base)
                 c1 = {k: cpu_seconds(p) for k, p in pids.items()}
-                n = max(1.0, r["tps"] * elapsed)
+                requests = max(1.0, measured["tps"] * elapsed)
                 used = {k: c1[k] - c0[k] for k in pids}
                 workers_cpu = sum(v for k, v in used.items() if k.startswith("worker"))
                 batches = max(1, s1["counters"]["batches"] - s0["counters"]["batches"])
@@ -66,9 +66,9 @@ def main() -> None:
                 compute_s = (s1["compute_ns_sum"] - s0["compute_ns_sum"]) / 1e9
                 queue_s = (s1["queue_ns_sum"] - s0["queue_ns_sum"]) / 1e9
                 rows.append([
-                    rnd, f"{r['tps']:.1f}", f"{r['p99']:.0f}",
-                    f"{used['sidecar'] / n * 1e3:.2f}", f"{workers_cpu / n * 1e3:.2f}",
-                    f"{(own1 - own0) / n * 1e3:.2f}",
+                    rnd, f"{measured['tps']:.1f}", f"{measured['p99']:.0f}",
+                    f"{used['sidecar'] / requests * 1e3:.2f}", f"{workers_cpu / requests * 1e3:.2f}",
+                    f"{(own1 - own0) / requests * 1e3:.2f}",
                     f"{used['sidecar'] / elapsed:.2f}", f"{workers_cpu / elapsed:.2f}",
                     f"{texts_done / batches:.1f}", f"{compute_s / batches * 1e3:.1f}",
                     f"{compute_s / elapsed:.2f}", f"{queue_s / max(1, texts_done) * 1e3:.1f}",

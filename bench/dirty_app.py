@@ -56,13 +56,13 @@ class OverheadApp(DirtyApp):
     def init(self):
         from bench.overhead_work import Work
 
-        e = os.environ
-        self.work = Work(e["BENCH_WORK_KIND"], int(e["BENCH_WORK_US"]), e["BENCH_MODEL_PATH"],
-                         int(e["BENCH_THREADS"]), e.get("BENCH_DEVICE", "cpu"))
-        tmp = e["BENCH_SOCKET_FILE"] + ".tmp"
+        env = os.environ
+        self.work = Work(env["BENCH_WORK_KIND"], int(env["BENCH_WORK_US"]), env["BENCH_MODEL_PATH"],
+                         int(env["BENCH_THREADS"]), env.get("BENCH_DEVICE", "cpu"))
+        tmp = env["BENCH_SOCKET_FILE"] + ".tmp"
         with open(tmp, "w") as f:
-            f.write(e["GUNICORN_DIRTY_SOCKET"])
-        os.replace(tmp, e["BENCH_SOCKET_FILE"])
+            f.write(env["GUNICORN_DIRTY_SOCKET"])
+        os.replace(tmp, env["BENCH_SOCKET_FILE"])
 
     def embed(self, texts):
         vecs, compute_ns = self.work(texts)

@@ -41,12 +41,12 @@ def main() -> None:
         cpu0 = (_cpu_s(proc.pid), _cpu_s(os.getpid()), time.monotonic())
         stages = {k: [] for k in ("check", "tokenize", "prepare", "take", "submit", "wait", "copy-out",
                                   "total", "sidecar queue", "sidecar call", "embed_detailed")}
-        for i, t in enumerate(texts):
+        for i, text in enumerate(texts):
             if args.gap_us:
                 time.sleep(args.gap_us / 1e6)
             # The same steps as EmbeddingClient.embed_detailed for one text, timed one by one.
             t0 = time.perf_counter_ns()
-            tx = check_texts([t])
+            tx = check_texts([text])
             sess = client._get_session()
             t1 = time.perf_counter_ns()
             tok = client._tokenizers[0].tokenize_request(tx, prompt=None, truncate=True, max_tokens=None)
@@ -56,21 +56,21 @@ def main() -> None:
             out = np.empty((1, sess.params.dim), np.float32)
             t3 = time.perf_counter_ns()
             sess.enter()
-            s = sess.take_slot(None)
+            slot = sess.take_slot(None)
             t4 = time.perf_counter_ns()
-            seq = sess.submit(s, ids, lengths)
+            seq = sess.submit(slot, ids, lengths)
             t5 = time.perf_counter_ns()
-            sess._await_answer(s, seq)
+            sess._await_answer(slot, seq)
             t6 = time.perf_counter_ns()
-            q, c = int(sess.v.queue_ns[s]), int(sess.v.compute_ns[s])
-            out[:] = sess.v.out[s, :1]
-            sess.give_back(s)
+            queue_ns, compute_ns = int(sess.v.queue_ns[slot]), int(sess.v.compute_ns[slot])
+            out[:] = sess.v.out[slot, :1]
+            sess.give_back(slot)
             sess.leave()
             t7 = time.perf_counter_ns()
             if args.gap_us:
                 time.sleep(args.gap_us / 1e6)
             r0 = time.perf_counter_ns()
-            client.embed_detailed([t])
+            client.embed_detailed([text])
             r1 = time.perf_counter_ns()
             if i < 200:
                 continue
@@ -78,8 +78,8 @@ def main() -> None:
                             ("submit", t4, t5), ("wait", t5, t6), ("copy-out", t6, t7), ("total", t0, t7),
                             ("embed_detailed", r0, r1)):
                 stages[k].append((b - a) / 1e3)
-            stages["sidecar queue"].append(q / 1e3)
-            stages["sidecar call"].append(c / 1e3)
+            stages["sidecar queue"].append(queue_ns / 1e3)
+            stages["sidecar call"].append(compute_ns / 1e3)
         cpu1 = (_cpu_s(proc.pid), _cpu_s(os.getpid()), time.monotonic())
         client.close()
     wall = cpu1[2] - cpu0[2]

@@ -48,13 +48,13 @@ def main() -> None:
                 body = json.dumps({"inputs": [text], "normalize": True})
                 t0 = time.perf_counter()
                 conn.request("POST", "/embed", body, {"content-type": "application/json"})
-                r = conn.getresponse()
-                r.read()
+                response = conn.getresponse()
+                response.read()
                 t1 = time.perf_counter()
                 model.encode([text], normalize_embeddings=True)
                 t2 = time.perf_counter()
-                if r.status != 200:
-                    raise RuntimeError(f"HTTP {r.status}")
+                if response.status != 200:
+                    raise RuntimeError(f"HTTP {response.status}")
                 if i >= 20:  # warm-up
                     http_ms.append((t1 - t0) * 1e3)
                     local_ms.append((t2 - t1) * 1e3)

@@ -156,16 +156,16 @@ def run_work(kind: str, us: int, args, model_path: str, texts: list[str]) -> lis
     from shm_protocol import EmbeddingClient
 
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=fn, args=(kind, us, model_path, args.threads, args.device, q), daemon=True)
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=fn, args=(kind, us, model_path, args.threads, args.device, queue), daemon=True)
              for fn in (serve_basemanager, serve_http)]
     tmp = tempfile.TemporaryDirectory(prefix="overhead-")
     socket_file = os.path.join(tmp.name, "dirty-socket")
     dirty = start_dirty(kind, us, model_path, args, socket_file)
     ports = []
-    for p in procs:
-        p.start()
-        ports.append(q.get(timeout=300))
+    for proc in procs:
+        proc.start()
+        ports.append(queue.get(timeout=300))
 
     class Manager(BaseManager):
         pass
@@ -260,8 +260,8 @@ def run_work(kind: str, us: int, args, model_path: str, texts: list[str]) -> lis
                         e2e.append(total / 1e3)
                         transport.append((total - compute_ns - tok) / 1e3)
     finally:
-        for p in procs:
-            p.terminate()
+        for proc in procs:
+            proc.terminate()
         conn.close()
         dirty_conn.close()
         if dirty.poll() is None:  # the master and its dirty arbiter and workers: one process group
@@ -272,8 +272,8 @@ def run_work(kind: str, us: int, args, model_path: str, texts: list[str]) -> lis
             sem.close()
         for n in ping_names:
             posix_ipc.unlink_semaphore(n)
-        q.close()
-        q.join_thread()
+        queue.close()
+        queue.join_thread()
     base = pct(results["BaseManager over TCP (pickled)"][0], 50)
     shm = next(v for name, v in results.items() if name.startswith("shm"))
     for name, (over, e2e, transport) in results.items():

@@ -106,15 +106,15 @@ def main() -> None:
         with EmbeddingClient.connect(s1) as c1, EmbeddingClient.connect(s2) as c2, \
                 EmbeddingClient.connect(s3) as c3:
             clients = dict(zip(names, (c1, c2, c3)))
-            for c in clients.values():
+            for client in clients.values():
                 for k in range(args.batches):  # warm every batch shape
-                    c.embed(texts[32 * k: 32 * (k + 1)])
+                    client.embed(texts[32 * k: 32 * (k + 1)])
             for b in range(args.blocks):
                 for name in names[b % 3:] + names[: b % 3]:
-                    c = clients[name]
+                    client = clients[name]
                     t0 = time.perf_counter()
                     for k in range(args.batches):
-                        c.embed(texts[32 * k: 32 * (k + 1)])
+                        client.embed(texts[32 * k: 32 * (k + 1)])
                     rates[name].append(len(texts) / (time.perf_counter() - t0))
 
     n = len(docs)

@@ -122,12 +122,12 @@ def fill(store: CollectionStore, name: str, vecs: np.ndarray, start: int = 0, ba
     spans = [(m.start(), m.end()) for m in __import__("re").finditer(r"(?:\S+\s*){8}", text)][:PER_DOC]
     spans = [(a, b - (1 if text[b - 1:b] == " " else 0)) for a, b in spans]
     spent = 0.0
-    for a in range(0, len(vecs), batch):
-        b = min(len(vecs), a + batch)
+    for begin in range(0, len(vecs), batch):
+        end = min(len(vecs), begin + batch)
         t0 = time.perf_counter()
         docs = [Document(f"d{i // PER_DOC}", text, None, {"shard": (i // PER_DOC) % 10}, spans)
-                for i in range(start + a, start + b, PER_DOC)]
-        store.write_embedded(name, docs, vecs[a:b])
+                for i in range(start + begin, start + end, PER_DOC)]
+        store.write_embedded(name, docs, vecs[begin:end])
         spent += time.perf_counter() - t0
         if between is not None:
             between()
@@ -319,7 +319,7 @@ def start_workers(n: int, data: Path, dim: int, snapshots: bool, touch: np.ndarr
 
 
 def host_bench(args) -> None:
-    n, dim, nw = args.passages - args.passages % PER_DOC, 384, args.workers
+    n_passages, dim, nw = args.passages - args.passages % PER_DOC, 384, args.workers
     os.environ.setdefault("SHM_EMBED_LOG_LEVEL", "WARNING")  # the workers' too: they inherit it
     name = NAME
     if args.store_url:  # the workers' and builders' store too: they inherit the environment
@@ -328,15 +328,15 @@ def host_bench(args) -> None:
     configure_logging(Settings.from_env(), component="bench")
     data = Path(tempfile.mkdtemp(prefix="shm-embed-bench-host-"))
     print(f"Collection store: {redact(args.store_url) if args.store_url else 'SQLite, ' + str(data)}")
-    copy_mb = n * dim * 4 / 2**20
+    copy_mb = n_passages * dim * 4 / 2**20
     writer = None
     try:
-        rng = np.random.default_rng(n)
-        vecs = clustered(n, dim, rng)
+        rng = np.random.default_rng(n_passages)
+        vecs = clustered(n_passages, dim, rng)
         writer = open_store(data, dim, snapshots=False)  # the bulk write trains the quantizer as before
         writer.create(name, {"passage_words": 8, "overlap_words": 0})
         fill_s = fill(writer, name, vecs)
-        print(f"{n:,} passages of {dim} dimensions written in {fill_s:.0f} s ({n / fill_s:,.0f}/s); "
+        print(f"{n_passages:,} passages of {dim} dimensions written in {fill_s:.0f} s ({n_passages / fill_s:,.0f}/s); "
               f"one copy of the vectors: {copy_mb:,.0f} MiB")
         builder = open_store(data, dim, snapshots=True)
         with builder.db.read() as conn:
@@ -345,7 +345,7 @@ def host_bench(args) -> None:
         meta = builder.snapshots.build(cid)
         build_s = time.perf_counter() - t0
         print(f"snapshot built in {build_s:.0f} s: {meta['kind']}, {meta['nlist']} lists, {meta['ntotal']:,} passages")
-        picks = rng.integers(0, n, args.reps)
+        picks = rng.integers(0, n_passages, args.reps)
         queries = vecs[picks] + 0.3 * rng.standard_normal((args.reps, dim)).astype(np.float32)
         queries /= np.linalg.norm(queries, axis=1, keepdims=True)
         qpath = data / "queries.npy"
@@ -358,21 +358,22 @@ def host_bench(args) -> None:
             try:
                 pss = [pss_mb(w.proc.pid) for w in workers]
                 ms, recall = [], []
-                for w in workers:  # one at a time: the latency of a search, not of the CPU shared by N
-                    out = w.ask("queries", path=str(qpath))
+                for worker in workers:  # one at a time: the latency of a search, not of the CPU shared by N
+                    out = worker.ask("queries", path=str(qpath))
                     ms += out["ms"]
                     recall += [len(set(ids) & want) / 10 for ids, want in zip(out["ids"], exact)]
                 rows.append([mode, f"{sum(pss):,.0f}", f"{sum(pss) / copy_mb:.2f}x",
                              " / ".join(f"{p:,.0f}" for p in pss),
                              f"{pct(ms, 50):.2f} / {pct(ms, 99):.2f}", f"{np.mean(recall):.3f}", f"{load_s:.1f} s"])
             finally:
-                for w in workers:
-                    w.close()
-        print(f"\n{nw} workers, {n:,} passages, top 10 documents (milliseconds p50 / p99, each worker in turn):")
+                for worker in workers:
+                    worker.close()
+        print(f"\n{nw} workers, {n_passages:,} passages, top 10 documents "
+              "(milliseconds p50 / p99, each worker in turn):")
         print(table(rows, ["mode", "workers' PSS MiB", "/ one copy", "each", "search p50 / p99 ms", "recall@10",
                            "first load"]))
-        start = n
-        count = min(WRITE_DEFAULT, n // 2) if args.write_passages is None else args.write_passages
+        start = n_passages
+        count = min(WRITE_DEFAULT, n_passages // 2) if args.write_passages is None else args.write_passages
         for snapshots in (False, True):
             mode = "one shared snapshot" if snapshots else "an index per worker"
             if snapshots:  # the host would have folded the writes of the other mode into a snapshot by now
@@ -382,8 +383,8 @@ def host_bench(args) -> None:
                 extra = clustered(count - count % PER_DOC, dim, rng)
 
                 def replay(workers=workers):
-                    for w in workers:
-                        w.ask("one", vector=queries[1].tolist())
+                    for worker in workers:
+                        worker.ask("one", vector=queries[1].tolist())
 
                 t0 = time.perf_counter()
                 write_s = fill(writer, name, extra, start=start, batch=WRITE_BATCH, between=replay)
@@ -395,8 +396,8 @@ def host_bench(args) -> None:
                                    f"{len(extra) / wall_s:,.0f}", f"{sum(pss):,.0f}"])
                 start += len(extra)
             finally:
-                for w in workers:
-                    w.close()
+                for worker in workers:
+                    worker.close()
         print(f"\nWrites with {nw} live workers (batches of {WRITE_BATCH:,} passages; each worker searches after "
               f"each batch):")
         print(table(write_rows, ["mode", "passages", "written/s (the writes alone)", "/s (with the workers' replay)",

@@ -22,19 +22,19 @@ def _texts(kind: str, n: int, seed: int) -> list[str]:
     return short_queries(n, seed) if kind == "queries" else passages(n, seed)
 
 
-def _closed_loop(embed, kind, seed, start_at, seconds, q) -> None:
+def _closed_loop(embed, kind, seed, start_at, seconds, results) -> None:
     """One requester: one text at a time, from start_at for seconds."""
     texts = _texts(kind, 2000, seed)
     embed(texts[:2])
     while time.time() < start_at:
         time.sleep(0.001)
-    n, stop, lat = 0, start_at + seconds, []
+    count, stop, lat = 0, start_at + seconds, []
     while time.time() < stop:
         t0 = time.perf_counter()
-        embed([texts[n % len(texts)]])
+        embed([texts[count % len(texts)]])
         lat.append(time.perf_counter() - t0)
-        n += 1
-    q.put((n, lat))
+        count += 1
+    results.put((count, lat))
 
 
 def shm_requester(settings, kind, seed, start_at, seconds, q):
@@ -45,23 +45,23 @@ def shm_requester(settings, kind, seed, start_at, seconds, q):
     client.close()
 
 
-def local_requester(model_path, kind, seed, start_at, seconds, q):
+def local_requester(model_path, kind, seed, start_at, seconds, results):
     import torch
     from sentence_transformers import SentenceTransformer
 
     torch.set_num_threads(1)
     model = SentenceTransformer(model_path, device="cpu")
-    _closed_loop(model.encode, kind, seed, start_at, seconds, q)
+    _closed_loop(model.encode, kind, seed, start_at, seconds, results)
 
 
 def run_procs(target, first_arg, kind, procs, seconds) -> tuple[float, list[float]]:
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
+    queue = ctx.Queue()
     start_at = time.time() + 25 + 2 * procs  # time for every process to import and load
-    ps = [ctx.Process(target=target, args=(first_arg, kind, i, start_at, seconds, q)) for i in range(procs)]
+    ps = [ctx.Process(target=target, args=(first_arg, kind, i, start_at, seconds, queue)) for i in range(procs)]
     for p in ps:
         p.start()
-    results = [q.get(timeout=600) for _ in ps]
+    results = [queue.get(timeout=600) for _ in ps]
     for p in ps:
         p.join(60)
     total = sum(n for n, _ in results)
@@ -77,12 +77,12 @@ def ceiling(model_path: str, kind: str, seconds: float, batch: int = 32) -> floa
     model = SentenceTransformer(model_path, device="cpu")
     texts = _texts(kind, 4000, 99)
     model.encode(texts[:64], batch_size=batch)
-    n, t0 = 0, time.perf_counter()
+    count, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        chunk = texts[(n % 3000): (n % 3000) + 10 * batch]
+        chunk = texts[(count % 3000): (count % 3000) + 10 * batch]
         model.encode(chunk, batch_size=batch)
-        n += len(chunk)
-    rate = n / (time.perf_counter() - t0)
+        count += len(chunk)
+    rate = count / (time.perf_counter() - t0)
     del model
     return rate
 

@@ -72,10 +72,10 @@ def parse_model_specs(raw: str) -> list[tuple[str, str, tuple[str, ...]]]:
     names = [e[0] for e in entries]
     if not entries or len(entries) > MAX_MODELS or len(set(names)) != len(names):
         raise ConfigError(f"SHM_EMBED_MODELS={raw!r}: 1 to {MAX_MODELS} entries with distinct names")
-    for a in names:
-        for b in names:
-            if a != b and name_matches(a, b):  # "org/e5" would also answer to "e5"'s requests
-                raise ConfigError(f"SHM_EMBED_MODELS: the name {a!r} ends in another model's name {b!r}; "
+    for name in names:
+        for other in names:
+            if name != other and name_matches(name, other):  # "org/e5" would also answer to "e5"'s requests
+                raise ConfigError(f"SHM_EMBED_MODELS: the name {name!r} ends in another model's name {other!r}; "
                                   "a request naming one could reach the other")
     return entries
 
@@ -150,9 +150,9 @@ def find_model(models: list, requested: str | None, kind: ModelKind):
     served = [m.name for m in models]
     task = "reranking" if kind == ModelKind.RERANK else "embedding"
     if requested is None:
-        for m in models:
-            if m.kind == kind:
-                return m
+        for model in models:
+            if model.kind == kind:
+                return model
         raise ModelNotFound(f"no model here serves {task} (served: {', '.join(served)})",
                             requested="", served=served)
     match = named(models, requested, lambda m: m.name)

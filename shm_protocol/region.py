@@ -126,21 +126,22 @@ class Region:
     def models(self) -> list[ModelEntry]:
         """The model table the sidecar wrote (model 0 is the default). A table
         no sidecar would write (a corrupt or hostile header) is LayoutMismatch."""
-        n = int(self.header["n_models"])
-        if not 1 <= n <= MAX_MODELS:
-            raise LayoutMismatch(f"{self.names.ctl}: {n} models in the header, expected 1 to {MAX_MODELS}")
+        n_models = int(self.header["n_models"])
+        if not 1 <= n_models <= MAX_MODELS:
+            raise LayoutMismatch(f"{self.names.ctl}: {n_models} models in the header, expected 1 to {MAX_MODELS}")
         table = self.header["models"]
         try:
-            entries = [ModelEntry.read(i, table[i]) for i in range(n)]
+            entries = [ModelEntry.read(i, table[i]) for i in range(n_models)]
         except ValueError as exc:
             raise LayoutMismatch(f"{self.names.ctl}: a model table entry no sidecar writes ({exc})") from None
-        p = self.params
-        for e in entries:  # the slots are sized for every model: an entry beyond them was not written by a sidecar
-            if (not 1 <= e.dim <= p.dim or (e.kind == ModelKind.RERANK and e.dim != 1)
-                    or not 1 <= e.max_seq_length <= p.max_seq_length or not 1 <= e.vocab_size <= p.vocab_size
-                    or e.type_vocab_size > MAX_TYPE_VOCAB or not e.name):
-                raise LayoutMismatch(f"{self.names.ctl}: model table entry {e.index} does not fit the layout")
-        check_table_sizes(entries, p, self.names.ctl)
+        params = self.params
+        for entry in entries:  # the slots are sized for every model: an entry beyond them was not written by a sidecar
+            if (not 1 <= entry.dim <= params.dim or (entry.kind == ModelKind.RERANK and entry.dim != 1)
+                    or not 1 <= entry.max_seq_length <= params.max_seq_length
+                    or not 1 <= entry.vocab_size <= params.vocab_size
+                    or entry.type_vocab_size > MAX_TYPE_VOCAB or not entry.name):
+                raise LayoutMismatch(f"{self.names.ctl}: model table entry {entry.index} does not fit the layout")
+        check_table_sizes(entries, params, self.names.ctl)
         return entries
 
     def write_models(self, entries: list[ModelEntry]) -> None:
@@ -148,8 +149,8 @@ class Region:
         if not 1 <= len(entries) <= MAX_MODELS:
             raise ValueError(f"{len(entries)} models: one sidecar serves 1 to {MAX_MODELS}")
         table = self.header["models"]
-        for e in entries:
-            e.write(table[e.index])
+        for entry in entries:
+            entry.write(table[entry.index])
         self.header["n_models"] = len(entries)
 
     @property
@@ -254,13 +255,14 @@ class Region:
         return np.array(self.slots["state"], copy=True)
 
 
-def check_table_sizes(entries: list[ModelEntry], p: LayoutParams, name: str) -> None:
+def check_table_sizes(entries: list[ModelEntry], params: LayoutParams, name: str) -> None:
     """The sidecar sizes the slots for the largest of its models, so the
     table's largest dimension, token limit and vocabulary are the layout's:
     an entry shrunk in place (a dimension of 100 where the model gives 384)
     is LayoutMismatch, not vectors cut short."""
-    for field, size in (("dim", p.dim), ("max_seq_length", p.max_seq_length), ("vocab_size", p.vocab_size)):
-        largest = max(getattr(e, field) for e in entries)
+    for field, size in (("dim", params.dim), ("max_seq_length", params.max_seq_length),
+                        ("vocab_size", params.vocab_size)):
+        largest = max(getattr(entry, field) for entry in entries)
         if largest != size:
             raise LayoutMismatch(f"{name}: the model table's largest {field} is {largest}, the slots are sized "
                                  f"for {size}")

@@ -71,11 +71,11 @@ class Snapshot:
                 for name, (counts, bounds) in hists.items()}
 
     def as_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items()}
-        d["percentiles"] = self.percentiles()
+        fields = dict(self.__dict__)
+        fields["percentiles"] = self.percentiles()
         batches = self.counters["batches"]
-        d["mean_batch_texts"] = (self.counters["texts"] / batches) if batches else None
-        return d
+        fields["mean_batch_texts"] = (self.counters["texts"] / batches) if batches else None
+        return fields
 
 
 #: Each model's counters, as the stats CLI, /embedding/stats and /metrics show them.
@@ -90,29 +90,30 @@ def _models(region: Region) -> list[dict]:
         return []
     table = region.header["models"]
     out = []
-    for m in entries:
-        st = np.array(table[m.index]["stats"], copy=True)
-        out.append({"name": m.name, "kind": m.kind.name.lower(), "dimension": m.dim,
-                    "max_seq_length": m.max_seq_length, "dtype": m.dtype, **{k: int(st[k]) for k in MODEL_COUNTERS}})
+    for entry in entries:
+        model_stats = np.array(table[entry.index]["stats"], copy=True)
+        out.append({"name": entry.name, "kind": entry.kind.name.lower(), "dimension": entry.dim,
+                    "max_seq_length": entry.max_seq_length, "dtype": entry.dtype,
+                    **{counter: int(model_stats[counter]) for counter in MODEL_COUNTERS}})
     return out
 
 
 def snapshot(region: Region, stale_after_s: float = 1.0) -> Snapshot:
     """Copy the counters out of a mapped control segment (read-only is enough);
     judge liveness by the same rule as the workers, with ``stale_after_s``."""
-    h = region.header
-    st = np.array(h["stats"], copy=True)
+    header = region.header
+    header_stats = np.array(header["stats"], copy=True)
     rings = []
     occupancy = region.occupancy() if region.slots is not None else None
-    for r in range(region.params.n_rings):
-        owner = int(region.rings[r]["owner_pid"])
-        row = {"ring": r, "owner_pid": owner, "owner_alive": owner > 0 and pid_alive(owner),
-               "leases": int(region.rings[r]["leases"])}
+    for ring_index in range(region.params.n_rings):
+        owner = int(region.rings[ring_index]["owner_pid"])
+        row = {"ring": ring_index, "owner_pid": owner, "owner_alive": owner > 0 and pid_alive(owner),
+               "leases": int(region.rings[ring_index]["leases"])}
         if occupancy is not None:
-            states = occupancy[r]
+            states = occupancy[ring_index]
             row["slots"] = {s.name.lower(): int((states == int(s)).sum()) for s in SlotState}
         rings.append(row)
-    started = int(h["started_ns"])
+    started = int(header["started_ns"])
     models = _models(region)
     default = next((m for m in models if m["kind"] == "embed"), models[0]) if models else None
     return Snapshot(
@@ -130,15 +131,15 @@ def snapshot(region: Region, stale_after_s: float = 1.0) -> Snapshot:
         heartbeat_age_s=region.heartbeat_age_s(),
         loop_age_s=region.loop_age_s(),
         unavailable=region.unavailable_reason(stale_after_s, thorough=True),
-        counters={k: int(st[k]) for k in COUNTERS},
-        errors={e.name.lower(): int(st["errors"][int(e)]) for e in SlotError if e != SlotError.NONE},
-        batch_texts_hist=[int(x) for x in st["batch_texts_hist"]],
-        queue_hist=[int(x) for x in st["queue_hist"]],
-        compute_hist=[int(x) for x in st["compute_hist"]],
-        queue_ns_sum=int(st["queue_ns_sum"]),
-        compute_ns_sum=int(st["compute_ns_sum"]),
-        queue_depth=int(st["ready_slots"]),
-        busy_slots=int(st["busy_slots"]),
+        counters={k: int(header_stats[k]) for k in COUNTERS},
+        errors={e.name.lower(): int(header_stats["errors"][int(e)]) for e in SlotError if e != SlotError.NONE},
+        batch_texts_hist=[int(x) for x in header_stats["batch_texts_hist"]],
+        queue_hist=[int(x) for x in header_stats["queue_hist"]],
+        compute_hist=[int(x) for x in header_stats["compute_hist"]],
+        queue_ns_sum=int(header_stats["queue_ns_sum"]),
+        compute_ns_sum=int(header_stats["compute_ns_sum"]),
+        queue_depth=int(header_stats["ready_slots"]),
+        busy_slots=int(header_stats["busy_slots"]),
         rings=rings,
         models=models,
         cache=read_cache_stats(region.names),

@@ -68,30 +68,30 @@ def render(snap: Snapshot, status: str, rate: dict):
     rings = Table(title="rings", show_lines=False)
     for col in ("ring", "owner pid", "owner", "free", "claimed", "ready", "busy", "done", "error"):
         rings.add_column(col, justify="right")
-    for r in snap.rings:
-        if r["owner_pid"] == 0 and not any(v for k, v in r.get("slots", {}).items() if k != "free"):
+    for ring in snap.rings:
+        if ring["owner_pid"] == 0 and not any(v for k, v in ring.get("slots", {}).items() if k != "free"):
             continue
-        slots = r.get("slots", {})
-        owner = "orphaned" if r["owner_pid"] < 0 else ("alive" if r["owner_alive"] else "dead")
-        rings.add_row(str(r["ring"]), str(r["owner_pid"]), owner,
+        slots = ring.get("slots", {})
+        owner = "orphaned" if ring["owner_pid"] < 0 else ("alive" if ring["owner_alive"] else "dead")
+        rings.add_row(str(ring["ring"]), str(ring["owner_pid"]), owner,
                       *(str(slots.get(k, "-")) for k in ("free", "claimed", "ready", "busy", "done", "error")))
 
     counters = Table(title="totals")
     counters.add_column("counter")
     counters.add_column("total", justify="right")
     counters.add_column("per second", justify="right")
-    for k in COUNTERS:
-        counters.add_row(k, f"{snap.counters[k]:,}", f"{rate[k]:.1f}" if k in rate else "-")
-    for k, v in snap.errors.items():
-        counters.add_row(f"errors: {k}", f"{v:,}", "-")
+    for counter in COUNTERS:
+        counters.add_row(counter, f"{snap.counters[counter]:,}", f"{rate[counter]:.1f}" if counter in rate else "-")
+    for kind, count in snap.errors.items():
+        counters.add_row(f"errors: {kind}", f"{count:,}", "-")
 
     per_model = Table(title="models")
     for col in ("model", "kind", "requests", "texts", "tokens", "batches", "errors", "mean call"):
         per_model.add_column(col, justify="right")
-    for m in snap.models:
-        mean = m["compute_ns_sum"] / m["batches"] / 1e9 if m["batches"] else None
-        counts = (f"{m[k]:,}" for k in ("requests", "texts", "tokens", "batches", "errors"))
-        per_model.add_row(escape(m["name"]), m["kind"], *counts, _fmt_s(mean))
+    for model in snap.models:
+        mean = model["compute_ns_sum"] / model["batches"] / 1e9 if model["batches"] else None
+        counts = (f"{model[k]:,}" for k in ("requests", "texts", "tokens", "batches", "errors"))
+        per_model.add_row(escape(model["name"]), model["kind"], *counts, _fmt_s(mean))
 
     pct = snap.percentiles()
     lat = Table(title="latency and batches (histogram bucket bounds)")

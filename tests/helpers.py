@@ -16,13 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))  # the benchmarks' helpers (soak, child_pids)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from _common import stop_process  # noqa: E402  (bench/_common.py)
-
 from shm_protocol.config import Settings  # noqa: E402
+from shm_protocol.processes import stop_process  # noqa: E402
 from shm_protocol.segments import Names, unlink_namespace  # noqa: E402
 
 

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shm_protocol.processes import child_pids
 from tests.helpers import REPO, free_port
 
 SHIPPED = REPO / "deploy" / "nginx" / "shm-embed.conf"
@@ -134,9 +135,6 @@ class Nginx:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"nginx exited with {self.proc.returncode}:\n{self.error_log()}")
             if self._answers():
-                # bench/_common, on the path through tests.helpers
-                from _common import child_pids
-
                 self.workers = child_pids(self.proc.pid)
                 return self
             time.sleep(0.05)
@@ -159,8 +157,6 @@ class Nginx:
         """SIGQUIT (graceful), then SIGKILL for the master and its workers; checks they are gone."""
         if self.proc is None:
             return
-        from _common import child_pids
-
         workers = set(self.workers)
         if self.proc.poll() is None:
             workers.update(child_pids(self.proc.pid))

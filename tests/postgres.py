@@ -117,12 +117,13 @@ class Cluster:
         env = dict(os.environ, LC_ALL="C", LANG="C")
         if self.account is not None:
             env["HOME"] = str(self.root)
-        r = subprocess.run([str(self.bindir / args[0]), *args[1:]], capture_output=True, text=True, timeout=timeout,
-                           env=env, cwd=self.root, check=False, **ids)
-        if r.returncode != 0:
-            raise RuntimeError(f"{' '.join(args[:2])} failed ({r.returncode}):\n{r.stdout}{r.stderr}\n"
+        completed = subprocess.run([str(self.bindir / args[0]), *args[1:]], capture_output=True, text=True,
+                                   timeout=timeout, env=env, cwd=self.root, check=False, **ids)
+        if completed.returncode != 0:
+            raise RuntimeError(f"{' '.join(args[:2])} failed ({completed.returncode}):\n"
+                               f"{completed.stdout}{completed.stderr}\n"
                                f"{self.server_log()[-3000:]}")
-        return r
+        return completed
 
     def server_log(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

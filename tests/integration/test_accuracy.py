@@ -6,7 +6,9 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 
+from shm_protocol.processes import rss_mb
 from tests.helpers import client_for, cosine_rows
 
 VARIED = [
@@ -45,6 +47,7 @@ def test_varied_texts_match_sentence_transformers(real_sidecar, real_model):
     assert cos.min() >= 0.99999, dict(zip(VARIED, cos.round(6)))
 
 
+@pytest.mark.slow  # 15-25 s on 2 cores
 def test_batch_of_300_mixed_lengths_matches(real_sidecar, real_model):
     """300 texts of 0-400 words span a dozen slots and several model calls."""
     texts = mixed_batch(300)
@@ -63,9 +66,9 @@ def test_official_openai_client_gets_the_same_vectors(real_sidecar, real_model, 
 
     from tests.helpers import start_web
 
-    w = start_web(tmp_path, real_sidecar.env, workers=2)
+    web = start_web(tmp_path, real_sidecar.env, workers=2)
     try:
-        client = OpenAI(base_url=w.base + "/v1", api_key="unused", max_retries=0)
+        client = OpenAI(base_url=web.base + "/v1", api_key="unused", max_retries=0)
         texts = VARIED[:6] + mixed_batch(20)
         ref = real_model.encode(texts)
         import base64
@@ -84,12 +87,7 @@ def test_official_openai_client_gets_the_same_vectors(real_sidecar, real_model, 
         one = client.embeddings.create(model="all-MiniLM-L6-v2", input="just one")
         assert cosine_rows([one.data[0].embedding], real_model.encode(["just one"]))[0] >= 0.99999
     finally:
-        w.stop()
-
-
-def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+        web.stop()
 
 
 def test_sidecar_gives_back_the_memory_of_a_large_batch(real_sidecar):
@@ -102,10 +100,10 @@ def test_sidecar_gives_back_the_memory_of_a_large_batch(real_sidecar):
     with client_for(real_sidecar) as c:
         c.embed(["warm"])
         time.sleep(0.5)
-        before = _rss_mb(pid)
+        before = rss_mb(pid)
         c.embed(texts)  # model calls of 64 texts x 200 tokens: hundreds of MB of activations
         time.sleep(0.5)  # idle: the loop trims the heap after 50 ms
-        after = _rss_mb(pid)
+        after = rss_mb(pid)
     assert after - before < 80, f"sidecar RSS {before:.0f} -> {after:.0f} MiB after a large batch"
 
 
@@ -118,9 +116,9 @@ def test_langchain_openai_embeddings_get_the_same_vectors(real_sidecar, real_mod
 
     from tests.helpers import start_web
 
-    w = start_web(tmp_path, real_sidecar.env, workers=1)
+    web = start_web(tmp_path, real_sidecar.env, workers=1)
     try:
-        emb = OpenAIEmbeddings(model="all-MiniLM-L6-v2", base_url=w.base + "/v1", api_key="unused",
+        emb = OpenAIEmbeddings(model="all-MiniLM-L6-v2", base_url=web.base + "/v1", api_key="unused",
                                check_embedding_ctx_length=False, max_retries=0)
         texts = VARIED[:6] + mixed_batch(10, seed=3)
         got = np.array(emb.embed_documents(texts), dtype=np.float32)
@@ -128,7 +126,7 @@ def test_langchain_openai_embeddings_get_the_same_vectors(real_sidecar, real_mod
         one = np.array(emb.embed_query("a question about shared memory"), dtype=np.float32)
         assert cosine_rows([one], real_model.encode(["a question about shared memory"]))[0] >= 0.99999
     finally:
-        w.stop()
+        web.stop()
 
 
 def test_dtype_auto_is_what_this_cpu_runs_best_and_stays_close_to_float32(real_model, tmp_path):
@@ -146,14 +144,14 @@ def test_dtype_auto_is_what_this_cpu_runs_best_and_stays_close_to_float32(real_m
     want = choose_dtype("auto", "cpu", cpu_flags())
     sc = start_sidecar(tmp_path, None, SHM_EMBED_DTYPE="auto")
     try:
-        with client_for(sc) as c:
-            info = c.info()
+        with client_for(sc) as client:
+            info = client.info()
             assert info["dtype"] == (want if want != "measure" else info["dtype"]) and info["dtype"] in (
                 "float32", "bfloat16")
             assert info["models"][0]["dtype"] == info["dtype"]
             texts = VARIED + mixed_batch(64, seed=11)
-            got = c.embed(texts)
-            snap = snapshot(c._get_session().region)
+            got = client.embed(texts)
+            snap = snapshot(client._get_session().region)
             assert snap.dtype == info["dtype"]
         cli = subprocess.run([sys.executable, "-m", "shm_protocol.stats_cli", "--json"], env=sc.env,
                              capture_output=True, text=True, timeout=60)

@@ -48,10 +48,10 @@ def test_search_index_returns_every_document_once_with_cosine_scores(client, tin
     assert sorted(r["id"] for r in res) == [0, 1, 2, 3]  # more asked than exist: each once
     assert [r["rank"] for r in res] == [1, 2, 3, 4]
     assert [r["id"] for r in res] == list(np.argsort(-want))
-    for r in res:
-        assert r["score"] == pytest.approx(float(want[r["id"]]), abs=1e-4)
-        assert r["relevance_score"] == r["score"] and r["url"] == f"https://example.org/{r['id']}"
-        assert r["full_content"] == DOCS[r["id"]] and r["length"] == len(DOCS[r["id"]])
+    for result in res:
+        assert result["score"] == pytest.approx(float(want[result["id"]]), abs=1e-4)
+        assert result["relevance_score"] == result["score"] and result["url"] == f"https://example.org/{result['id']}"
+        assert result["full_content"] == DOCS[result["id"]] and result["length"] == len(DOCS[result["id"]])
     # the original's calling convention: a tuple out, (query, index, metadata, top_k) in
     index, embeddings, metadata = build_vector_index(DOCS, client=client)
     assert embeddings.shape[0] == 4 and len(metadata) == 4
@@ -183,18 +183,18 @@ def test_a_writer_killed_mid_write_leaves_a_readable_collection(tiny_sidecar, cl
     store.create("crash", {"passage_words": 8, "overlap_words": 0})
     per_batch = 400
     for round_ in range(3):
-        p = _writer(tiny_sidecar, "big", store_location, "crash", f"r{round_}", 0, per_batch)
+        writer = _writer(tiny_sidecar, "big", store_location, "crash", f"r{round_}", 0, per_batch)
         committed = 0
         deadline = time.monotonic() + 60
         while committed < 2 and time.monotonic() < deadline:
-            line = p.stdout.readline()
+            line = writer.stdout.readline()
             if not line:
                 break
             committed += 1
         time.sleep(0.05 + 0.1 * round_)  # somewhere inside the next transaction
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        assert committed == 2, p.stderr.read()[-3000:]
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        assert committed == 2, writer.stderr.read()[-3000:]
         if not is_postgres(store_location):
             assert query(store_location, "PRAGMA integrity_check") == [("ok",)]
         per_doc = query(store_location, "SELECT count(*) FROM passages GROUP BY doc_id")
@@ -310,18 +310,18 @@ def test_a_surrogate_already_stored_is_answered_by_both_stores(store_location, t
                      ('{"k": "\\ud83d", "\\udc00x": [1], "n": 1, "e": "\\ud83d\\ude00", "lit": "\\\\ud83d"}',))
     store.close()
     app = testing.TestClient(create_app(Client(), settings))
-    r = app.simulate_post("/collections/kb/search", json={"query": "an unrelated query", "top_k": 10})
-    assert r.status_code == 200, r.text
-    got = {x["id"]: x["metadata"] for x in r.json["results"]}
+    response = app.simulate_post("/collections/kb/search", json={"query": "an unrelated query", "top_k": 10})
+    assert response.status_code == 200, response.text
+    got = {x["id"]: x["metadata"] for x in response.json["results"]}
     assert got["1"] == {"k": "\ufffd", "\ufffdx": [1], "n": 1, "e": "\N{GRINNING FACE}", "lit": "\\ud83d"}
     assert got["0"] == {"k": "v", "n": 0}
-    r = app.simulate_get("/collections/kb/documents/1")
-    assert r.status_code == 200 and r.json["metadata"]["k"] == "\ufffd"
+    response = app.simulate_get("/collections/kb/documents/1")
+    assert response.status_code == 200 and response.json["metadata"]["k"] == "\ufffd"
     for flt, want in (({"k": "v"}, {"0", "2"}), ({"n": 1}, {"1"}), ({"k": None}, set()),
                       ({"e": "\N{GRINNING FACE}"}, {"1"}), ({"lit": "\\ud83d"}, {"1"})):
-        r = app.simulate_post("/collections/kb/search", json={"query": "q", "filter": flt})
-        assert r.status_code == 200, (flt, r.text)
-        assert {x["id"] for x in r.json["results"]} == want, flt
+        response = app.simulate_post("/collections/kb/search", json={"query": "q", "filter": flt})
+        assert response.status_code == 200, (flt, response.text)
+        assert {x["id"] for x in response.json["results"]} == want, flt
     app.app.ctx.retrieval.store.close()
 
 
@@ -376,14 +376,14 @@ def test_writers_racing_a_replaying_reader_leave_it_no_change_short(store_locati
             errors.append(exc)
 
     threads = [threading.Thread(target=write, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
+    for thread in threads:
+        thread.start()
     syncs = 0
     while any(t.is_alive() for t in threads):
         reader.search_vector("race", probe, 1)
         syncs += 1
-    for t in threads:
-        t.join()
+    for thread in threads:
+        thread.join()
     assert not errors, errors
     reader.search_vector("race", probe, 1)
     total = 12 + 4 * batches * 20 * 2
@@ -402,12 +402,12 @@ def test_chinese_and_mixed_documents_are_embedded_to_their_end(real_sidecar, tmp
     end_zh = "北京烤鸭是一道著名的菜，用果木炉子烤制。"
     end_en = "The lighthouse keeper paints the stairs blue every spring."
     th = "หน่วยความจำที่ใช้ร่วมกันช่วยให้กระบวนการทำงานแลกเปลี่ยนข้อมูลได้โดยไม่ต้องคัดลอก " * 150
-    with client_for(real_sidecar) as c:
-        store = CollectionStore(tmp_path, c)
+    with client_for(real_sidecar) as client:
+        store = CollectionStore(tmp_path, client)
         store.create("zh")
         store.upsert("zh", [{"id": "zh", "text": zh + end_zh}, {"id": "mixed", "text": zh + th + end_en},
                             {"id": "other", "text": "Paris is the capital of France."}])
-        tok = c.text_tokenizer()[0]
+        tok = client.text_tokenizer()[0]
         for doc_id, phrase in (("zh", end_zh), ("mixed", end_en)):
             passages = store.prepare("zh", [{"id": doc_id, "text": store.get_document("zh", doc_id)["text"]}])[0]
             assert len(passages.spans) > 10

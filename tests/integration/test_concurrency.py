@@ -9,6 +9,8 @@ import random
 import threading
 import time
 
+import pytest
+
 from tests.helpers import cosine_rows
 
 DURATION_S = float(os.environ.get("SHM_EMBED_TEST_SOAK_S", "20"))
@@ -21,7 +23,7 @@ def pool_texts() -> list[str]:
     return [f"text {i}: " + " ".join(rng.choice(words) for _ in range(rng.randint(0, 80))) for i in range(400)]
 
 
-def worker(settings, ref, seconds, seed, q):
+def worker(settings, ref, seconds, seed, results):
     from shm_protocol import EmbeddingClient
 
     texts = pool_texts()
@@ -48,29 +50,30 @@ def worker(settings, ref, seconds, seed, q):
                 counts["bad"] += int((cos < 0.9999).sum())
 
     threads = [threading.Thread(target=run, args=(seed * 100 + t,)) for t in range(THREADS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(seconds + 30)
-        if t.is_alive():
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(seconds + 30)
+        if thread.is_alive():
             counts["hung"] = True
     client.close()
-    q.put(counts)
+    results.put(counts)
 
 
+@pytest.mark.slow  # 30 s on 2 cores: DURATION_S of load, then the checks
 def test_many_processes_and_threads_no_cross_talk(fresh_tiny_sidecar, tiny_st):
     sc = fresh_tiny_sidecar(SHM_EMBED_SLOTS_PER_RING="3", SHM_EMBED_SLOT_TEXTS="32")
     ref = tiny_st.encode(pool_texts())
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(sc.settings, ref, DURATION_S, i, q)) for i in range(PROCS)]
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=worker, args=(sc.settings, ref, DURATION_S, i, queue)) for i in range(PROCS)]
     t0 = time.monotonic()
-    for p in procs:
-        p.start()
-    results = [q.get(timeout=DURATION_S + 120) for _ in procs]
-    for p in procs:
-        p.join(30)
-        assert p.exitcode == 0
+    for proc in procs:
+        proc.start()
+    results = [queue.get(timeout=DURATION_S + 120) for _ in procs]
+    for proc in procs:
+        proc.join(30)
+        assert proc.exitcode == 0
     assert time.monotonic() - t0 >= DURATION_S
     total = {k: sum(r.get(k, 0) for r in results) for k in ("requests", "texts", "bad", "errors")}
     assert not any(r.get("hung") for r in results)

@@ -61,17 +61,17 @@ def test_encode_is_a_drop_in_for_sentence_transformers(tiny_sidecar, tiny_st):
 
 
 def test_empty_list_and_bad_types(tiny_sidecar):
-    with client_for(tiny_sidecar) as c:
-        assert c.embed([]).shape == (0, c.dimension)
+    with client_for(tiny_sidecar) as client:
+        assert client.embed([]).shape == (0, client.dimension)
         with pytest.raises(InvalidInput):
-            c.embed("not a list")
+            client.embed("not a list")
         with pytest.raises(InvalidInput, match=r"texts\[1\]"):
-            c.embed(["ok", 3])
+            client.embed(["ok", 3])
         with pytest.raises(RequestTooLarge) as err:
-            c.embed(["word " * 400], truncate=False)
+            client.embed(["word " * 400], truncate=False)
         assert err.value.limit == 256 and err.value.actual > 256
         assert isinstance(err.value, ShmEmbedError)
-        assert c.embed(["still serving"]).shape == (1, c.dimension)
+        assert client.embed(["still serving"]).shape == (1, client.dimension)
 
 
 def test_objects_are_owner_only(tiny_sidecar):
@@ -108,21 +108,21 @@ def test_a_bad_slot_fails_alone_and_the_sidecar_keeps_serving(tiny_sidecar):
     """Write garbage straight into a real slot of a ring leased to this test."""
     with client_for(tiny_sidecar) as good, client_for(tiny_sidecar) as bad:
         sess = bad._get_session()
-        s = sess.take_slot(1)
+        slot = sess.take_slot(1)
         vocab = sess.params.vocab_size
-        sess.v.tokens[s, :3] = [101, vocab + 5, 102]  # an id past the vocabulary
-        sess.v.offsets[s, :2] = [0, 3]
-        sess.v.n_texts[s] = 1
-        sess.v.n_tokens[s] = 3
-        sess.seq[s] = 7
-        sess.v.submit_ns[s] = time.monotonic_ns()
-        sess.state[s] = SLOT_READY
+        sess.v.tokens[slot, :3] = [101, vocab + 5, 102]  # an id past the vocabulary
+        sess.v.offsets[slot, :2] = [0, 3]
+        sess.v.n_texts[slot] = 1
+        sess.v.n_tokens[slot] = 3
+        sess.seq[slot] = 7
+        sess.v.submit_ns[slot] = time.monotonic_ns()
+        sess.state[slot] = SLOT_READY
         sess.bell.post()
         vecs = good.embed(["a good request beside a bad one"])
-        assert sess.sems[s].wait(10)
-        assert int(sess.v.error[s]) == SlotError.BAD_TOKEN
+        assert sess.sems[slot].wait(10)
+        assert int(sess.v.error[slot]) == SlotError.BAD_TOKEN
         assert vecs.shape == (1, good.dimension) and np.isfinite(vecs).all()
-        sess.give_back(s)
+        sess.give_back(slot)
         assert good.embed(["after"]).shape == (1, good.dimension)
     assert tiny_sidecar.proc.poll() is None
 
@@ -131,20 +131,20 @@ def test_sidecar_error_code_becomes_typed_exception(tiny_sidecar):
     """A slot whose offsets lie is answered with SlotRejected, not a hang.
     The lie is written before the slot is READY (tampering after the
     doorbell would race the sidecar)."""
-    with client_for(tiny_sidecar) as c:
-        sess = c._get_session()
-        s = sess.take_slot(1)
-        v = sess.v
-        v.tokens[s, :2] = [101, 102]
-        v.offsets[s, :2] = [0, 5]  # offsets[-1] != n_tokens
-        v.n_texts[s] = 1
-        v.n_tokens[s] = 2
+    with client_for(tiny_sidecar) as client:
+        sess = client._get_session()
+        slot = sess.take_slot(1)
+        views = sess.v
+        views.tokens[slot, :2] = [101, 102]
+        views.offsets[slot, :2] = [0, 5]  # offsets[-1] != n_tokens
+        views.n_texts[slot] = 1
+        views.n_tokens[slot] = 2
         seq = 4242
-        v.seq[s] = seq
-        v.state[s] = SLOT_READY
+        views.seq[slot] = seq
+        views.state[slot] = SLOT_READY
         sess.bell.post()
         with pytest.raises(SlotRejected) as err:
-            sess._collect(s, seq, np.empty((1, c.dimension), np.float32))
+            sess._collect(slot, seq, np.empty((1, client.dimension), np.float32))
         assert err.value.code == SlotError.BAD_OFFSETS
 
 
@@ -187,24 +187,24 @@ def test_dead_process_ring_is_reaped(tiny_sidecar):
 
 
 def test_forked_child_gets_its_own_ring(tiny_sidecar):
-    with client_for(tiny_sidecar) as c:
-        parent_ring = c.info()["ring"]
-        r, w = os.pipe()
+    with client_for(tiny_sidecar) as client:
+        parent_ring = client.info()["ring"]
+        read_fd, write_fd = os.pipe()
         pid = os.fork()
         if pid == 0:  # child
             try:
-                ring = c.info()["ring"]
-                ok = c.embed(["child"]).shape == (1, c.dimension)
-                os.write(w, f"{ring} {int(ok)}".encode())
+                ring = client.info()["ring"]
+                ok = client.embed(["child"]).shape == (1, client.dimension)
+                os.write(write_fd, f"{ring} {int(ok)}".encode())
             finally:
                 os._exit(0)
-        os.close(w)
+        os.close(write_fd)
         _, status = os.waitpid(pid, 0)
-        child_ring, ok = map(int, os.read(r, 100).split())
+        child_ring, ok = map(int, os.read(read_fd, 100).split())
         assert status == 0 and ok == 1
         assert child_ring != parent_ring
-        assert c.info()["ring"] == parent_ring
-        assert c.embed(["parent"]).shape == (1, c.dimension)
+        assert client.info()["ring"] == parent_ring
+        assert client.embed(["parent"]).shape == (1, client.dimension)
 
 
 def test_second_sidecar_on_a_live_namespace_refuses(tiny_sidecar, tmp_path):
@@ -234,27 +234,27 @@ def test_clean_stop_answers_in_flight_and_unlinks_everything(fresh_tiny_sidecar)
 
     sc = fresh_tiny_sidecar()
     results, errors = [], []
-    c = client_for(sc)
+    client = client_for(sc)
 
     def hammer():
         for _ in range(200):
             try:
-                results.append(c.embed(["in flight " * 20] * 10).shape)
+                results.append(client.embed(["in flight " * 20] * 10).shape)
             except SidecarUnavailable as exc:
                 errors.append(exc)
                 return
 
     threads = [threading.Thread(target=hammer) for _ in range(3)]
-    for t in threads:
-        t.start()
+    for thread in threads:
+        thread.start()
     time.sleep(0.5)
     assert sc.stop(signal.SIGTERM) == 0
-    for t in threads:
-        t.join(10)
-        assert not t.is_alive()
+    for thread in threads:
+        thread.join(10)
+        assert not thread.is_alive()
     assert results, "requests were served before the stop"
     assert sc.names.dev_shm_entries() == []
-    c.close()
+    client.close()
 
 
 def test_two_namespaces_do_not_touch_each_other(fresh_tiny_sidecar):
@@ -273,14 +273,14 @@ def test_a_batch_is_cut_into_calls_of_the_measured_or_set_size(fresh_tiny_sideca
     logged with the rates it was chosen from."""
     texts = [f"call rows {i}" for i in range(16)]
     sc = fresh_tiny_sidecar(SHM_EMBED_CALL_ROWS="4")
-    with client_for(sc) as c:
-        before = c.stats().counters["batches"]
-        got = c.embed(texts)
+    with client_for(sc) as client:
+        before = client.stats().counters["batches"]
+        got = client.embed(texts)
         deadline = time.monotonic() + 5  # the sidecar answers first and counts after
-        while c.stats().counters["batches"] - before < 4 and time.monotonic() < deadline:
+        while client.stats().counters["batches"] - before < 4 and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(0.05)
-        assert c.stats().counters["batches"] - before == 4
+        assert client.stats().counters["batches"] - before == 4
     assert cosine_rows(got, tiny_st.encode(texts)).min() >= 0.99999
     measured = fresh_tiny_sidecar(SHM_EMBED_CALL_ROWS="0")
     log = measured.log.read_text()

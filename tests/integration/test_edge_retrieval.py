@@ -255,19 +255,20 @@ def test_a_filter_is_capped_with_a_422_and_works_at_the_cap(service):
     assert http.post("/collections/filters/documents", json={"documents": docs}).status_code == 200
 
     def ids(flt):
-        r = http.post("/collections/filters/search", json={"query": "document", "top_k": 50, "filter": flt})
-        assert r.status_code == 200, r.text
-        return sorted(int(x["id"][1:]) for x in r.json()["results"])
+        response = http.post("/collections/filters/search", json={"query": "document", "top_k": 50, "filter": flt})
+        assert response.status_code == 200, response.text
+        return sorted(int(x["id"][1:]) for x in response.json()["results"])
 
     assert ids({"n": list(range(5, 1005))}) == list(range(5, 20))  # 1,000 values of one key
     many_keys = {f"k{i}": None for i in range(999)}  # 999 keys nobody has (null matches), and one more
     assert ids({**many_keys, "n": 3}) == [3]
     assert ids({"tag": ["t1", "t2"], "n": [1, 2, 3, 4, None]}) == [1, 2, 4]
-    r = http.post("/collections/filters/search", json={"query": "document", "filter": {"n": list(range(1001))}})
-    assert r.status_code == 422, r.text
-    assert "1000" in r.json()["error"]["message"] and "SHM_EMBED_FILTER_MAX_VALUES" in r.json()["error"]["message"]
-    r = http.post("/collections/filters/search", json={"query": "document", "filter": {"n\n": 1}})
-    assert r.status_code == 422, r.text
+    response = http.post("/collections/filters/search", json={"query": "document", "filter": {"n": list(range(1001))}})
+    assert response.status_code == 422, response.text
+    message = response.json()["error"]["message"]
+    assert "1000" in message and "SHM_EMBED_FILTER_MAX_VALUES" in message
+    response = http.post("/collections/filters/search", json={"query": "document", "filter": {"n\n": 1}})
+    assert response.status_code == 422, response.text
 
 
 def test_a_collection_name_with_a_final_newline_is_refused(service):
@@ -347,13 +348,13 @@ def test_a_corrupt_database_is_a_503_with_a_short_reason(tmp_path, sidecar):
     web = start_web(tmp_path, _web_env(sidecar), workers=1, SHM_EMBED_DATA_DIR=data)
     try:
         with httpx.Client(base_url=web.base, timeout=30) as http:
-            for r in (http.get("/collections"), http.put("/collections/kb"),
-                      http.post("/collections/kb/search", json={"query": "x"})):
-                _assert_storage_503(r, "the database is corrupt", data)
+            for response in (http.get("/collections"), http.put("/collections/kb"),
+                             http.post("/collections/kb/search", json={"query": "x"})):
+                _assert_storage_503(response, "the database is corrupt", data)
             _malformed_db(data / DB_FILE.replace(".sqlite3", "-new.sqlite3"))
             os.replace(data / DB_FILE.replace(".sqlite3", "-new.sqlite3"), data / DB_FILE)
-            for r in (http.get("/collections"), http.get("/collections/kb")):
-                _assert_storage_503(r, "the database is corrupt", data)
+            for response in (http.get("/collections"), http.get("/collections/kb")):
+                _assert_storage_503(response, "the database is corrupt", data)
             assert status() == (False, "collection store unavailable: the database is corrupt")
             assert http.get("/health").status_code == 200
     finally:
@@ -402,16 +403,16 @@ def test_a_full_disk_is_a_503_and_leaves_the_store_readable(tmp_path, sidecar):
             assert http.post("/collections/kb/documents", json={"documents": first}).status_code == 200
             filler = " ".join(f"word{i}" for i in range(60))
             docs = [{"id": f"d{i}", "text": f"{filler} {i}"} for i in range(600)]  # about 2 MB with the vectors
-            r = http.post("/collections/kb/documents", json={"documents": docs})
-            _assert_storage_503(r, "the disk is full", data)
+            response = http.post("/collections/kb/documents", json={"documents": docs})
+            _assert_storage_503(response, "the disk is full", data)
             # the failed write let go of its transaction: the next one fails as fast, it does not queue
             t0 = time.monotonic()
-            r = http.post("/collections/kb/documents", json={"documents": docs})
-            _assert_storage_503(r, "the disk is full", data)
+            response = http.post("/collections/kb/documents", json={"documents": docs})
+            _assert_storage_503(response, "the disk is full", data)
             assert time.monotonic() - t0 < 10
             assert http.get("/collections/kb").json()["documents"] == 1  # readable, nothing half-written
-            r = http.post("/collections/kb/search", json={"query": "first document"})
-            assert r.status_code == 200 and r.json()["results"][0]["id"] == "first", r.text
+            response = http.post("/collections/kb/search", json={"query": "first document"})
+            assert response.status_code == 200 and response.json()["results"][0]["id"] == "first", response.text
     finally:
         assert web.stop() == 0
     assert "database or disk is full" in web.log.read_text(errors="replace")

@@ -16,12 +16,11 @@ import httpx
 import numpy as np
 import pytest
 
+from shm_protocol.processes import child_pids
 from tests.helpers import client_for, start_web, synthetic_reference
 
 
 def worker_pids(master: int) -> list[int]:
-    from _common import child_pids  # bench/_common, on the path through tests.helpers
-
     return child_pids(master)
 
 
@@ -83,12 +82,12 @@ def test_a_chunked_body_over_the_limit_is_a_413(web):
 
 def test_a_body_of_tiny_json_values_is_refused_before_it_is_parsed(web):
     """16 MiB of '{}' items took a worker from 175 to 603 MiB before its 422."""
-    _, w = web()
+    _, instance = web()
     body = b'{"inputs": [' + b"{}," * (5 * 1024 * 1024) + b"{}]}"  # 15 MiB, 5 million objects
     assert len(body) < 16 * 1024 * 1024
-    pid = worker_pids(w.proc.pid)[0]
+    pid = worker_pids(instance.proc.pid)[0]
     before = rss_mb(pid)
-    with httpx.Client(base_url=w.base, timeout=60) as http:
+    with httpx.Client(base_url=instance.base, timeout=60) as http:
         r = http.post("/embed", content=body, headers={"content-type": "application/json"})
         assert r.status_code == 413, r.text
         assert "SHM_EMBED_MAX_JSON_VALUES" in r.json()["error"]["message"]
@@ -98,7 +97,7 @@ def test_a_body_of_tiny_json_values_is_refused_before_it_is_parsed(web):
         ok = http.post("/embed", json={"inputs": ["still serving"]})
         assert ok.status_code == 200
     # Legitimate large bodies still pass: many strings with commas inside them.
-    with httpx.Client(base_url=w.base, timeout=60) as http:
+    with httpx.Client(base_url=instance.base, timeout=60) as http:
         texts = ["one, two, three, four, five, six, seven " * 20 for _ in range(200)]
         assert http.post("/embed", json={"inputs": texts}).status_code == 200
 
@@ -107,16 +106,16 @@ def test_large_bodies_at_once_are_bounded_per_worker(web):
     """While one 1 MiB body is being read, a second is refused with 503 and
     Retry-After instead of being held in memory beside it; the first then
     completes normally."""
-    _, w = web(SHM_EMBED_MAX_BODY_BYTES=str(1 << 20), SHM_EMBED_MAX_INFLIGHT_BODY_BYTES=str(1 << 20),
-               SHM_EMBED_MAX_INPUT_CHARS="1000000", WEB_THREADS="4")
-    host, port = w.base.removeprefix("http://").split(":")
+    _, instance = web(SHM_EMBED_MAX_BODY_BYTES=str(1 << 20), SHM_EMBED_MAX_INFLIGHT_BODY_BYTES=str(1 << 20),
+                      SHM_EMBED_MAX_INPUT_CHARS="1000000", WEB_THREADS="4")
+    host, port = instance.base.removeprefix("http://").split(":")
     body = json.dumps({"inputs": ["z" * 900_000]}).encode()
     slow = socket.create_connection((host, int(port)), timeout=10)
     try:
         slow.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:1000])
         time.sleep(0.5)  # the first request now holds its 1 MiB reservation, reading
-        with httpx.Client(base_url=w.base, timeout=10) as http:
+        with httpx.Client(base_url=instance.base, timeout=10) as http:
             r = http.post("/embed", content=body, headers={"content-type": "application/json"})
         assert r.status_code == 503, r.text
         assert r.headers.get("retry-after")
@@ -130,7 +129,7 @@ def test_large_bodies_at_once_are_bounded_per_worker(web):
         assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
     finally:
         slow.close()
-    with httpx.Client(base_url=w.base, timeout=10) as http:  # the budget was given back
+    with httpx.Client(base_url=instance.base, timeout=10) as http:  # the budget was given back
         assert http.post("/embed", content=body, headers={"content-type": "application/json"}).status_code == 200
 
 
@@ -142,13 +141,13 @@ def test_hostile_bodies_cost_linear_time_and_no_more_than_they_say(web):
     with httpx.Client(base_url=w.base, timeout=30) as http:
         t0 = time.monotonic()
         hostile = b'{"inputs": ["' + b'\\"' * (1 << 20)
-        r = http.post("/embed", content=hostile, headers={"content-type": "application/json"})
-        assert r.status_code == 400 and time.monotonic() - t0 < 5
+        response = http.post("/embed", content=hostile, headers={"content-type": "application/json"})
+        assert response.status_code == 400 and time.monotonic() - t0 < 5
         utf16 = ('{"inputs": ["\u2200", ' + "[]," * 200_000 + '"x"]}').encode("utf-16-le")
-        r = http.post("/embed", content=utf16, headers={"content-type": "application/json"})
-        assert r.status_code == 400  # read as UTF-8 only: not JSON there, refused before any value is built
-        r = http.post("/embed", json={"inputs": ["a"] * 100, "prompt": "x" * 100_000})
-        assert r.status_code == 413 and "prompt" in r.json()["error"]["message"]
+        response = http.post("/embed", content=utf16, headers={"content-type": "application/json"})
+        assert response.status_code == 400  # read as UTF-8 only: not JSON there, refused before any value is built
+        response = http.post("/embed", json={"inputs": ["a"] * 100, "prompt": "x" * 100_000})
+        assert response.status_code == 413 and "prompt" in response.json()["error"]["message"]
         assert http.post("/embed", json={"inputs": ["still serving"]}).status_code == 200
 
 
@@ -158,21 +157,21 @@ def test_a_request_over_the_token_budget_is_a_413(web):
         small = http.post("/embed", json={"inputs": ["a few words"] * 3})
         assert small.status_code == 200
         for path, key in (("/embed", "inputs"), ("/v1/embeddings", "input")):
-            r = http.post(path, json={key: ["several words in each of these texts"] * 8})
-            assert r.status_code == 413, (path, r.text)
-            assert "tokens" in r.json()["error"]["message"]
+            response = http.post(path, json={key: ["several words in each of these texts"] * 8})
+            assert response.status_code == 413, (path, response.text)
+            assert "tokens" in response.json()["error"]["message"]
         # Truncated inputs count as what is embedded: 256 tokens each at most.
-        r = http.post("/embed", json={"inputs": ["word " * 1000]})
-        assert r.status_code == 413
+        response = http.post("/embed", json={"inputs": ["word " * 1000]})
+        assert response.status_code == 413
 
 
 def test_unavailable_answers_do_not_name_the_namespace_pid_or_segments(web):
-    sc, w = web()
+    sc, instance = web()
     pid = sc.proc.pid
     ns = sc.settings.namespace
     os.kill(pid, signal.SIGKILL)
     sc.proc.wait(10)
-    with httpx.Client(base_url=w.base, timeout=10) as http:
+    with httpx.Client(base_url=instance.base, timeout=10) as http:
         bodies = [http.post("/embed", json={"inputs": ["hello"]}), http.get("/ready"),
                   http.get("/embedding/health"), http.get("/embedding/stats"),
                   http.post("/v1/embeddings", json={"input": "hello"})]
@@ -181,7 +180,7 @@ def test_unavailable_answers_do_not_name_the_namespace_pid_or_segments(web):
         text = r.text
         assert ns not in text and str(pid) not in text and "/dev/shm" not in text and "sem." not in text, text
         assert "sidecar" in text  # still says what is wrong, in general terms
-    log = w.log.read_text(errors="replace")
+    log = instance.log.read_text(errors="replace")
     assert str(pid) in log or ns in log  # the details are in the server's log
 
 
@@ -192,15 +191,16 @@ def test_documents_obey_the_per_text_limit_and_the_request_budget(web):
     with httpx.Client(base_url=w.base, timeout=30) as http:
         assert http.put("/collections/kb").status_code == 201
         for huge in ({"id": "huge", "text": "word " * 200_000}, "word " * 200_000):  # an object, or a bare string
-            r = http.post("/collections/kb/documents", json={"documents": [huge]})
-            assert r.status_code == 413 and "SHM_EMBED_MAX_INPUT_CHARS" in r.json()["error"]["message"]
+            response = http.post("/collections/kb/documents", json={"documents": [huge]})
+            assert response.status_code == 413 and "SHM_EMBED_MAX_INPUT_CHARS" in response.json()["error"]["message"]
         # 60 passages of 100 new words each (120-word passages, 20 overlapping): over 50 inputs.
         many = " ".join(f"w{i}" for i in range(6100))
-        r = http.post("/collections/kb/documents", json={"documents": [{"id": "many", "text": many}]})
-        assert r.status_code == 413 and "passages" in r.json()["error"]["message"], r.text
+        response = http.post("/collections/kb/documents", json={"documents": [{"id": "many", "text": many}]})
+        assert response.status_code == 413 and "passages" in response.json()["error"]["message"], response.text
         # 30 passages fit the count, not the 3,000-token budget (about 7,000 tokens).
-        r = http.post("/collections/kb/documents", json={"documents": [{"id": "toks", "text": many[:len(many) // 2]}]})
-        assert r.status_code == 413 and "tokens" in r.json()["error"]["message"], r.text
+        response = http.post("/collections/kb/documents",
+                             json={"documents": [{"id": "toks", "text": many[:len(many) // 2]}]})
+        assert response.status_code == 413 and "tokens" in response.json()["error"]["message"], response.text
         assert http.get("/collections/kb").json()["documents"] == 0  # nothing half-written
         ok = http.post("/collections/kb/documents", json={"documents": [{"id": "fine", "text": "a short one"}]})
         assert ok.status_code == 200, ok.text

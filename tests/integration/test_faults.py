@@ -35,17 +35,17 @@ def test_sidecar_sigkill_mid_batch_fails_fast_then_recovers(fresh_tiny_sidecar, 
     stop = threading.Event()
     texts = ["kill me " * 30] * 40
     threads = [threading.Thread(target=_hammer, args=(c, stop, outcomes, texts)) for c in clients for _ in range(2)]
-    for t in threads:
-        t.start()
+    for thread in threads:
+        thread.start()
     time.sleep(1.0)
     sc.proc.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     sc.proc.wait()
     time.sleep(1.5)
     stop.set()
-    for t in threads:
-        t.join(10)
-        assert not t.is_alive(), "a request hung after the sidecar died"
+    for thread in threads:
+        thread.join(10)
+        assert not thread.is_alive(), "a request hung after the sidecar died"
     kinds = {k for k, _ in outcomes}
     assert kinds <= {"ok", "unavailable"}, kinds
     failed = [d for k, d in outcomes if k == "unavailable"]
@@ -54,40 +54,40 @@ def test_sidecar_sigkill_mid_batch_fails_fast_then_recovers(fresh_tiny_sidecar, 
     assert time.monotonic() - killed_at < 5
     # A new sidecar (new epoch): every client re-attaches on its next call.
     sc2 = fresh_tiny_sidecar(namespace=sc.settings.namespace)
-    for c in clients:
-        got = c.embed(["back again"])
+    for client in clients:
+        got = client.embed(["back again"])
         assert cosine_rows(got, tiny_st.encode(["back again"]))[0] >= 0.99999
-        c.close()
+        client.close()
     assert sc2.proc.poll() is None
 
 
 def test_sigstop_is_noticed_and_sigcont_serves_again(fresh_tiny_sidecar):
     sc = fresh_tiny_sidecar()
-    c = client_for(sc, stale_after_s=0.5)
-    assert c.embed(["before"]).shape[0] == 1
+    client = client_for(sc, stale_after_s=0.5)
+    assert client.embed(["before"]).shape[0] == 1
     sc.proc.send_signal(signal.SIGSTOP)
     try:
         time.sleep(0.8)
         t0 = time.monotonic()
         with pytest.raises(SidecarUnavailable, match="heartbeat"):
-            c.embed(["while stopped"])
+            client.embed(["while stopped"])
         assert time.monotonic() - t0 < 0.5, "a stopped sidecar is refused at once, not waited for"
     finally:
         sc.proc.send_signal(signal.SIGCONT)
     time.sleep(0.3)
-    assert c.embed(["after"]).shape[0] == 1
-    c.close()
+    assert client.embed(["after"]).shape[0] == 1
+    client.close()
 
 
 def test_request_waiting_when_sidecar_stops_fails_within_bound(fresh_tiny_sidecar):
     sc = fresh_tiny_sidecar()
-    c = client_for(sc, stale_after_s=0.5)
+    client = client_for(sc, stale_after_s=0.5)
     result = {}
 
     def big():
         t0 = time.monotonic()
         try:
-            c.embed(["long wait " * 50] * 3000)
+            client.embed(["long wait " * 50] * 3000)
             result["outcome"] = "ok"
         except SidecarUnavailable:
             result["outcome"] = "unavailable"
@@ -103,7 +103,7 @@ def test_request_waiting_when_sidecar_stops_fails_within_bound(fresh_tiny_sideca
     assert not th.is_alive()
     assert result["outcome"] == "unavailable"
     assert time.monotonic() - stopped_at < 2.0
-    c.close()
+    client.close()
 
 
 def test_another_user_cannot_open_the_segments(tiny_sidecar):
@@ -148,24 +148,24 @@ def test_random_bytes_in_a_real_slot_fail_alone(tiny_sidecar, tiny_st):
     with client_for(tiny_sidecar) as bad, client_for(tiny_sidecar) as good:
         sess = bad._get_session()
         for trial in range(20):
-            s = sess.take_slot(1)
-            raw = sess.region.slots[sess.ring, s]
+            slot = sess.take_slot(1)
+            raw = sess.region.slots[sess.ring, slot]
             view = raw.view(np.uint8) if raw.ndim else np.frombuffer(raw.tobytes(), np.uint8)
             buf = np.frombuffer(sess.region._data.mm, np.uint8)
             item = sess.params.slot_dtype.itemsize
-            start = (sess.ring * sess.params.slots_per_ring + s) * item
+            start = (sess.ring * sess.params.slots_per_ring + slot) * item
             buf[start: start + item] = rng.integers(0, 256, item, dtype=np.uint8)
             if trial % 2:  # sometimes plausible counts with garbage offsets and ids
-                sess.v.n_texts[s] = rng.integers(1, 5)
-                sess.v.n_tokens[s] = rng.integers(1, 50)
-            sess.state[s] = SLOT_READY
+                sess.v.n_texts[slot] = rng.integers(1, 5)
+                sess.v.n_tokens[slot] = rng.integers(1, 50)
+            sess.state[slot] = SLOT_READY
             sess.bell.post()
             want = [f"good {trial}"]
             assert cosine_rows(good.embed(want), tiny_st.encode(want))[0] >= 0.99999
             deadline = time.monotonic() + 5
-            while int(sess.state[s]) not in (SLOT_DONE, SLOT_ERROR) and time.monotonic() < deadline:
+            while int(sess.state[slot]) not in (SLOT_DONE, SLOT_ERROR) and time.monotonic() < deadline:
                 time.sleep(0.005)
-            assert int(sess.state[s]) in (SLOT_DONE, SLOT_ERROR)
-            sess.give_back(s)
+            assert int(sess.state[slot]) in (SLOT_DONE, SLOT_ERROR)
+            sess.give_back(slot)
             del view, buf
     assert tiny_sidecar.proc.poll() is None

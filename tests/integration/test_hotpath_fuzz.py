@@ -23,17 +23,17 @@ def _good_worker(settings, seed: int, seconds: float, out) -> None:
 
     rng = np.random.default_rng(seed)
     answers = wrong = failed = 0
-    with EmbeddingClient.connect(settings) as c:
+    with EmbeddingClient.connect(settings) as client:
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             texts = [f"good {seed} {int(x)}" for x in rng.integers(0, 10**9, rng.integers(1, 4))]
             try:
-                got = c.embed(texts)
+                got = client.embed(texts)
             except Exception:
                 failed += 1
                 continue
             answers += 1
-            wrong += int(not np.allclose(got, synthetic_reference(c, texts), atol=1e-6))
+            wrong += int(not np.allclose(got, synthetic_reference(client, texts), atol=1e-6))
     out.put((answers, wrong, failed))
 
 
@@ -42,8 +42,8 @@ def test_random_bytes_in_slots_under_load_fail_alone(synthetic_sidecar):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     good = [ctx.Process(target=_good_worker, args=(sc.settings, seed, SECONDS, results)) for seed in (1, 2)]
-    for p in good:
-        p.start()
+    for proc in good:
+        proc.start()
     rng = np.random.default_rng(9)
     hostile_slots = answered = 0
     codes: dict[int, int] = {}
@@ -55,33 +55,33 @@ def test_random_bytes_in_slots_under_load_fail_alone(synthetic_sidecar):
         time.sleep(1.0)  # the good workers are attached and busy
         end = time.monotonic() + SECONDS - 2
         while time.monotonic() < end:
-            s = sess.take_slot(1)
-            assert s is not None
-            start = (sess.ring * spr + s) * item
+            slot = sess.take_slot(1)
+            assert slot is not None
+            start = (sess.ring * spr + slot) * item
             data[start: start + item] = rng.integers(0, 256, item, dtype=np.uint8)
             if hostile_slots % 2:  # plausible counts: the offsets, ids and splits get checked
-                sess.v.n_texts[s] = rng.integers(1, 5)
-                sess.v.n_tokens[s] = rng.integers(1, 60)
-                sess.v.model[s] = 0
-            sess.v.cancel[s] = 0
-            sess.v.seq[s] = 10**12 + hostile_slots
-            sess.state[s] = SLOT_READY
+                sess.v.n_texts[slot] = rng.integers(1, 5)
+                sess.v.n_tokens[slot] = rng.integers(1, 60)
+                sess.v.model[slot] = 0
+            sess.v.cancel[slot] = 0
+            sess.v.seq[slot] = 10**12 + hostile_slots
+            sess.state[slot] = SLOT_READY
             sess.bell.post()
             hostile_slots += 1
             deadline = time.monotonic() + 5
-            while int(sess.state[s]) not in (SLOT_DONE, SLOT_ERROR) and time.monotonic() < deadline:
+            while int(sess.state[slot]) not in (SLOT_DONE, SLOT_ERROR) and time.monotonic() < deadline:
                 time.sleep(0.0005)
-            state = int(sess.state[s])
+            state = int(sess.state[slot])
             assert state in (SLOT_DONE, SLOT_ERROR), f"hostile slot {hostile_slots} never answered"
             answered += 1
-            code = int(sess.v.error[s]) if state == SLOT_ERROR else 0
+            code = int(sess.v.error[slot]) if state == SLOT_ERROR else 0
             codes[code] = codes.get(code, 0) + 1
-            sess.give_back(s)
+            sess.give_back(slot)
         del data
     totals = [results.get(timeout=60) for _ in good]
-    for p in good:
-        p.join(30)
-        assert p.exitcode == 0
+    for proc in good:
+        proc.join(30)
+        assert proc.exitcode == 0
     assert sc.proc.poll() is None, "the sidecar died"
     assert hostile_slots >= 50 and answered == hostile_slots
     assert set(codes) - {0} <= {int(e) for e in SlotError}, codes

@@ -58,10 +58,10 @@ def test_stalls_keep_each_clients_ring_and_every_answer_right(synthetic_sidecar)
     outcomes = {"ok": 0, "unavailable": 0, "wrong": 0, "other": []}
     stop = threading.Event()
 
-    def hammer(c):
+    def hammer(client):
         while not stop.is_set():
             try:
-                got = c.embed(texts)
+                got = client.embed(texts)
                 outcomes["ok" if np.allclose(got, ref, atol=1e-6) else "wrong"] += 1
             except SidecarUnavailable:
                 outcomes["unavailable"] += 1
@@ -70,8 +70,8 @@ def test_stalls_keep_each_clients_ring_and_every_answer_right(synthetic_sidecar)
                 outcomes["other"].append(repr(exc))
 
     threads = [threading.Thread(target=hammer, args=(c,)) for c in clients for _ in range(2)]
-    for t in threads:
-        t.start()
+    for thread in threads:
+        thread.start()
     try:
         for _ in range(6):
             time.sleep(0.3)
@@ -83,14 +83,14 @@ def test_stalls_keep_each_clients_ring_and_every_answer_right(synthetic_sidecar)
     finally:
         sc.proc.send_signal(signal.SIGCONT)
         stop.set()
-        for t in threads:
-            t.join(10)
+        for thread in threads:
+            thread.join(10)
     assert outcomes["wrong"] == 0 and not outcomes["other"], outcomes
     assert outcomes["ok"] > 50 and outcomes["unavailable"] > 0, outcomes
     assert [c.info()["ring"] for c in clients] == rings, "a stall of the same sidecar must not move a client"
     assert len(leased_rings(sc.names)) == len(clients)
-    for c in clients:
-        c.close()
+    for client in clients:
+        client.close()
     assert leased_rings(sc.names) == []
 
 
@@ -120,23 +120,23 @@ def test_a_saturated_slot_semaphore_does_not_stop_the_sidecar(synthetic_sidecar)
     with EOVERFLOW; it logs, counts and keeps serving; the waiter still gets
     its answer and the client retires the tampered slot."""
     sc = synthetic_sidecar(us=0)
-    c = client_for(sc)
-    sess = c._get_session()
+    client = client_for(sc)
+    sess = client._get_session()
     want = ["answered despite the semaphore"]
-    s = sess.take_slot(1)
-    _set_semaphore_value(sc.names.slot(sess.ring, s), SEM_VALUE_MAX)
-    ids = np.asarray(c.tokenize(want)[0].ids, np.int32)
-    seq = sess.submit(s, ids, np.array([len(ids)]))
-    assert _wait_for(lambda: sess.answered(s, seq), 5), "the slot is answered although its post failed"
-    assert np.allclose(sess.v.out[s, :1], synthetic_reference(c, want), atol=1e-6)
-    sess.give_back(s)
+    slot = sess.take_slot(1)
+    _set_semaphore_value(sc.names.slot(sess.ring, slot), SEM_VALUE_MAX)
+    ids = np.asarray(client.tokenize(want)[0].ids, np.int32)
+    seq = sess.submit(slot, ids, np.array([len(ids)]))
+    assert _wait_for(lambda: sess.answered(slot, seq), 5), "the slot is answered although its post failed"
+    assert np.allclose(sess.v.out[slot, :1], synthetic_reference(client, want), atol=1e-6)
+    sess.give_back(slot)
     assert sc.proc.poll() is None, "the sidecar died of one failed post"
     for i in range(6):  # every slot of the ring, the tampered one included, is tried
         more = [f"after {i}"]
-        assert np.allclose(c.embed(more), synthetic_reference(c, more), atol=1e-6)
-    assert int(c.stats().counters["loop_errors"]) >= 1
+        assert np.allclose(client.embed(more), synthetic_reference(client, more), atol=1e-6)
+    assert int(client.stats().counters["loop_errors"]) >= 1
     assert "posting slot" in sc.log_text()
-    c.close()
+    client.close()
 
 
 RING_HOLDER = r"""
@@ -176,38 +176,38 @@ def test_saturated_slot_semaphores_do_not_outlive_the_lease(synthetic_sidecar, h
         if holder.poll() is None:
             holder.kill()
             holder.wait()
-    c = client_for(sc)
+    client = client_for(sc)
     try:
-        assert c.info()["ring"] == ring
+        assert client.info()["ring"] == ring
         for i in range(2 * sc.settings.slots_per_ring):  # every slot of the ring
             want = [f"next holder {i}"]
-            assert np.allclose(c.embed(want), synthetic_reference(c, want), atol=1e-6)
+            assert np.allclose(client.embed(want), synthetic_reference(client, want), atol=1e-6)
         # Each semaphore replaced counts as a fault the loop survived (its log
         # line is rate-limited with the others, so the counter is the witness).
-        assert int(c.stats().counters["loop_errors"]) >= sc.settings.slots_per_ring
+        assert int(client.stats().counters["loop_errors"]) >= sc.settings.slots_per_ring
     finally:
-        c.close()
+        client.close()
 
 
 def test_an_inflated_doorbell_does_not_stall_the_loop(synthetic_sidecar):
     """60 million posts written into the doorbell: requests keep being
     answered at once, and the doorbell is replaced rather than drained."""
     sc = synthetic_sidecar(us=0)
-    c = client_for(sc)
+    client = client_for(sc)
     want = ["ring the bell"]
-    ref = synthetic_reference(c, want)
-    assert np.allclose(c.embed(want), ref, atol=1e-6)
+    ref = synthetic_reference(client, want)
+    assert np.allclose(client.embed(want), ref, atol=1e-6)
     _set_semaphore_value(sc.names.bell, 60_000_000)
     worst = 0.0
     for _ in range(20):
         t0 = time.monotonic()
-        assert np.allclose(c.embed(want), ref, atol=1e-6)
+        assert np.allclose(client.embed(want), ref, atol=1e-6)
         worst = max(worst, time.monotonic() - t0)
     assert worst < 1.0, f"a request took {worst:.2f}s behind the inflated doorbell"
     other = client_for(sc)  # a client attached after the replacement posts to the new doorbell
     assert np.allclose(other.embed(want), ref, atol=1e-6)
-    assert c.stats().unavailable is None
-    c.close()
+    assert client.stats().unavailable is None
+    client.close()
     other.close()
 
 
@@ -227,9 +227,9 @@ def test_a_stopped_lock_holder_blocks_neither_the_loop_nor_attaches_forever(synt
     does not wait for the lock), a new client gets RingTableBusy after the
     lock timeout instead of hanging, and the ring is reaped once the holder is gone."""
     sc = synthetic_sidecar(us=1000)
-    c = client_for(sc)
+    client = client_for(sc)
     want = ["served while the table is locked"]
-    ref = synthetic_reference(c, want)
+    ref = synthetic_reference(client, want)
     holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, sc.settings.namespace], env=sc.env, cwd=REPO,
                               stdout=subprocess.PIPE, text=True)
     region = Region.attach(sc.names, with_data=False)
@@ -240,9 +240,9 @@ def test_a_stopped_lock_holder_blocks_neither_the_loop_nor_attaches_forever(synt
         t_end = time.monotonic() + 1.5
         while time.monotonic() < t_end:
             t0 = time.monotonic()
-            assert np.allclose(c.embed(want), ref, atol=1e-6)
+            assert np.allclose(client.embed(want), ref, atol=1e-6)
             assert time.monotonic() - t0 < 0.5
-        assert c.stats().unavailable is None, "the loop kept its deadline"
+        assert client.stats().unavailable is None, "the loop kept its deadline"
         assert int(region.rings[orphan]["owner_pid"]) == ORPHANED, "nobody could reap under the held lock"
         t0 = time.monotonic()
         with pytest.raises(RingTableBusy):
@@ -258,7 +258,7 @@ def test_a_stopped_lock_holder_blocks_neither_the_loop_nor_attaches_forever(synt
         region.close()
     with client_for(sc) as late:
         assert np.allclose(late.embed(want), ref, atol=1e-6)
-    c.close()
+    client.close()
 
 
 def test_a_wedged_loop_fails_fast_stops_the_watchdog_and_is_replaced(synthetic_sidecar, tmp_path):
@@ -283,10 +283,10 @@ def test_a_wedged_loop_fails_fast_stops_the_watchdog_and_is_replaced(synthetic_s
             return got
 
         assert "WATCHDOG=1" in messages(0.6), "a healthy loop feeds the watchdog"
-        c = client_for(sc, timeout_s=30)
+        client = client_for(sc, timeout_s=30)
         t0 = time.monotonic()
         with pytest.raises(SidecarUnavailable, match="wedged"):
-            c.embed(["this call never ends"])
+            client.embed(["this call never ends"])
         assert time.monotonic() - t0 < 3, "a wedged loop must fail requests fast, not after the timeout"
         messages(0.1)  # what was sent before the wedge
         stats = subprocess.run([sys.executable, "-m", "shm_protocol.stats_cli", "--json"], env=sc.env, cwd=REPO,
@@ -295,7 +295,7 @@ def test_a_wedged_loop_fails_fast_stops_the_watchdog_and_is_replaced(synthetic_s
         assert "WATCHDOG=1" not in messages(0.6), "the watchdog is still fed while the loop is wedged"
         assert sc.proc.wait(15) == 70
         assert sc.names.dev_shm_entries() == [], "a sidecar that gives up removes its objects"
-        c.close()
+        client.close()
     finally:
         sock.close()
 
@@ -396,12 +396,13 @@ def test_two_sidecars_started_at_once_leave_exactly_one_serving(tmp_path):
             assert alive[0].wait(30) == 0
             assert Names(ns).dev_shm_entries() == []
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
 
 
+@pytest.mark.slow  # 42-67 s on 2 cores
 def test_clients_of_one_process_attaching_at_once_never_share_a_ring(synthetic_sidecar):
     sc = synthetic_sidecar(us=0)
     switch = sys.getswitchinterval()
@@ -426,14 +427,14 @@ def test_an_unknown_state_value_reads_as_unavailable_everywhere(synthetic_sideca
     from web.app import create_app
 
     sc = synthetic_sidecar(us=0)
-    c = client_for(sc)
-    app = testing.TestClient(create_app(c, sc.settings.replace(data_dir=str(tmp_path / "data"))))
+    client = client_for(sc)
+    app = testing.TestClient(create_app(client, sc.settings.replace(data_dir=str(tmp_path / "data"))))
     assert app.simulate_get("/ready").status_code == 200
     region = Region.attach(sc.names, with_data=False)
     try:
         region.header["state"] = 77
         with pytest.raises(SidecarUnavailable, match="unknown"):
-            c.embed(["x"])
+            client.embed(["x"])
         r = app.simulate_get("/ready")
         assert r.status_code == 503 and r.json["error"], r.text
         assert app.simulate_post("/embed", json={"inputs": ["x"]}).status_code == 503
@@ -448,8 +449,8 @@ def test_an_unknown_state_value_reads_as_unavailable_everywhere(synthetic_sideca
         region.header["state"] = SidecarState.READY
         region.close()
     want = ["serving again"]
-    assert np.allclose(c.embed(want), synthetic_reference(c, want), atol=1e-6)
-    c.close()
+    assert np.allclose(client.embed(want), synthetic_reference(client, want), atol=1e-6)
+    client.close()
 
 
 def test_make_run_restarts_a_sidecar_that_exits(tmp_path):
@@ -472,13 +473,13 @@ def test_make_run_restarts_a_sidecar_that_exits(tmp_path):
     def embed(text: str):
         req = urllib.request.Request(base + "/embed", data=json.dumps({"inputs": [text]}).encode(),
                                      headers={"content-type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return np.asarray(json.loads(r.read()), np.float32)
+        with urllib.request.urlopen(req, timeout=10) as response:
+            return np.asarray(json.loads(response.read()), np.float32)
 
     def serving() -> bool:
         try:
-            with urllib.request.urlopen(base + "/ready", timeout=2) as r:
-                return r.status == 200
+            with urllib.request.urlopen(base + "/ready", timeout=2) as response:
+                return response.status == 200
         except OSError:
             return False
 
@@ -526,14 +527,14 @@ def test_a_doorbell_at_its_maximum_loses_no_request_and_no_slot(synthetic_sideca
     request still gets its answer (the sidecar scans slot states anyway) and
     the slot comes back to the ring, until the sidecar replaces the doorbell."""
     sc = synthetic_sidecar(us=0)
-    c = client_for(sc)
-    sess = c._get_session()
+    client = client_for(sc)
+    sess = client._get_session()
     for i in range(12):
         _set_semaphore_value(sc.names.bell, SEM_VALUE_MAX)
         want = [f"full doorbell {i}"]
-        assert np.allclose(c.embed(want), synthetic_reference(c, want), atol=1e-6)
+        assert np.allclose(client.embed(want), synthetic_reference(client, want), atol=1e-6)
     assert len(sess._free) == sess.params.slots_per_ring and not sess._quarantine
-    c.close()
+    client.close()
 
 
 def test_a_tokenizer_the_worker_cannot_read_leases_no_ring(synthetic_sidecar, tmp_path):
@@ -555,12 +556,12 @@ def test_a_request_given_up_on_is_not_computed(synthetic_sidecar):
     stall or a slow batch leaves is only work someone still waits for."""
     sc = synthetic_sidecar(us=600_000, SHM_EMBED_SLOT_TEXTS="2")
     busy, quick = client_for(sc), client_for(sc, timeout_s=0.15)
-    t = threading.Thread(target=busy.embed, args=(["a long model call"],))
-    t.start()
+    thread = threading.Thread(target=busy.embed, args=(["a long model call"],))
+    thread.start()
     time.sleep(0.1)  # the long call is in the model now
     with pytest.raises(SidecarUnavailable):  # SidecarTimeout
         quick.embed(["given", "up", "on", "in", "three slots"])  # 2 + 2 + 1 texts: every part is cancelled
-    t.join(10)
+    thread.join(10)
     assert _wait_for(lambda: busy.stats().errors["cancelled"] == 3, 3), busy.stats().errors
     assert busy.stats().counters["batches"] == 1, "the cancelled request ran the model"
     want = ["after the cancel"]

@@ -64,29 +64,29 @@ def _ce_pairs(query, docs):
 
 
 def test_the_header_lists_every_model_and_a_call_picks_one_by_name(multi, real_model, tiny_st):
-    with client_for(multi) as c:
-        cards = c.models()
+    with client_for(multi) as client:
+        cards = client.models()
         assert [(m["name"], m["kind"], m["dimension"]) for m in cards] == [
             ("minilm", "embed", 384), ("tiny", "embed", 32), ("ce", "rerank", 1), ("ce-prompted", "rerank", 1)]
-        assert c.info()["model"] == "minilm" and c.dimension == 384
-        assert cosine_rows(c.embed(TEXTS), real_model.encode(TEXTS)).min() >= 0.99999
-        tiny = c.embed(TEXTS, model="tiny")
+        assert client.info()["model"] == "minilm" and client.dimension == 384
+        assert cosine_rows(client.embed(TEXTS), real_model.encode(TEXTS)).min() >= 0.99999
+        tiny = client.embed(TEXTS, model="tiny")
         assert tiny.shape == (len(TEXTS), 32)
         assert cosine_rows(tiny, tiny_st.encode(TEXTS)).min() >= 0.99999
-        assert c.embed_detailed(TEXTS[:1], model="tiny").model == "tiny"
-        assert cosine_rows(c.embed(TEXTS, model="org/minilm"), real_model.encode(TEXTS)).min() >= 0.99999
-        for call, kw in ((c.embed, {"model": "nope"}), (c.embed, {"model": "ce"})):
+        assert client.embed_detailed(TEXTS[:1], model="tiny").model == "tiny"
+        assert cosine_rows(client.embed(TEXTS, model="org/minilm"), real_model.encode(TEXTS)).min() >= 0.99999
+        for call, kw in ((client.embed, {"model": "nope"}), (client.embed, {"model": "ce"})):
             with pytest.raises(ModelNotFound):
                 call(TEXTS, **kw)
         with pytest.raises(ModelNotFound):
-            c.rerank(QUERY, DOCS, model="minilm")  # an embedding model does not rerank
+            client.rerank(QUERY, DOCS, model="minilm")  # an embedding model does not rerank
         # ";matryoshka" in SHM_EMBED_MODELS marks one model only
         assert [m["matryoshka"] for m in cards] == [False, True, False, False]
-        cut = c.embed(TEXTS, model="tiny", dimensions=16, normalize=True)
+        cut = client.embed(TEXTS, model="tiny", dimensions=16, normalize=True)
         want = tiny_st.encode(TEXTS, truncate_dim=16, normalize_embeddings=True)
         assert cut.shape == (len(TEXTS), 16) and cosine_rows(cut, want).min() >= 0.99999
         with pytest.raises(InvalidInput, match="Matryoshka"):
-            c.embed(TEXTS, dimensions=128)
+            client.embed(TEXTS, dimensions=128)
 
 
 def test_rerank_scores_equal_cross_encoder_predict(multi, cross_encoder):
@@ -95,32 +95,32 @@ def test_rerank_scores_equal_cross_encoder_predict(multi, cross_encoder):
     pairs = _ce_pairs(QUERY, DOCS)
     want = cross_encoder.predict(pairs)
     want_raw = cross_encoder.predict(pairs, activation_fn=torch.nn.Identity())
-    with client_for(multi) as c:
-        got = c.rerank(QUERY, DOCS)
+    with client_for(multi) as client:
+        got = client.rerank(QUERY, DOCS)
         assert got.dtype == np.float32 and got.shape == (len(DOCS),)
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
-        np.testing.assert_allclose(c.rerank(QUERY, DOCS, raw_scores=True), want_raw, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(client.rerank(QUERY, DOCS, raw_scores=True), want_raw, atol=1e-5, rtol=0)
         # one pair alone (the sidecar's one-text path) and many (batched)
-        np.testing.assert_allclose(c.rerank(QUERY, DOCS[:1], model="ce"), want[:1], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(client.rerank(QUERY, DOCS[:1], model="ce"), want[:1], atol=1e-5, rtol=0)
         many = [f"document number {i} about workers and semaphores" for i in range(150)]
-        np.testing.assert_allclose(c.rerank(QUERY, many), cross_encoder.predict(_ce_pairs(QUERY, many)),
+        np.testing.assert_allclose(client.rerank(QUERY, many), cross_encoder.predict(_ce_pairs(QUERY, many)),
                                    atol=1e-5, rtol=0)
         # a query over the model's limit: cut once, the same pairs as predict's
         long_query = "why does the waiting worker wake " * 200
-        np.testing.assert_allclose(c.rerank(long_query, DOCS), cross_encoder.predict(_ce_pairs(long_query, DOCS)),
+        np.testing.assert_allclose(client.rerank(long_query, DOCS), cross_encoder.predict(_ce_pairs(long_query, DOCS)),
                                    atol=1e-5, rtol=0)
         with pytest.raises(RequestTooLarge, match="the query alone"):
-            c.rerank(long_query, DOCS, truncate=False)
+            client.rerank(long_query, DOCS, truncate=False)
         # both sides long, the query longer or shorter: cut on both sides as predict cuts them
         long_docs = ["semaphores post the slot " * 150, "a worker waits " * 400, DOCS[1]]
         for q in (long_query, "why does the waiting worker wake " * 60):
-            np.testing.assert_allclose(c.rerank(q, long_docs), cross_encoder.predict(_ce_pairs(q, long_docs)),
+            np.testing.assert_allclose(client.rerank(q, long_docs), cross_encoder.predict(_ce_pairs(q, long_docs)),
                                        atol=1e-5, rtol=0)
-        res = c.rerank_detailed(QUERY, DOCS)
+        res = client.rerank_detailed(QUERY, DOCS)
         assert res.model == "ce" and res.token_counts.max() == 512  # the long pair was cut at the model's limit
         with pytest.raises(RequestTooLarge):
-            c.rerank(QUERY, DOCS, truncate=False)
-        assert c.rerank(QUERY, []).shape == (0,)
+            client.rerank(QUERY, DOCS, truncate=False)
+        assert client.rerank(QUERY, []).shape == (0,)
 
 
 def test_models_under_concurrent_load_never_cross_talk(multi, real_model, tiny_st, cross_encoder):
@@ -167,21 +167,21 @@ def test_models_under_concurrent_load_never_cross_talk(multi, real_model, tiny_s
 
 
 def _submit_raw(sess, *, model: int, ids, offsets, segments=None):
-    s = sess.take_slot(1)
-    v = sess.v
-    v.tokens[s, : len(ids)] = ids
-    v.offsets[s, : len(offsets)] = offsets
-    v.segments[s, :] = 0
+    slot = sess.take_slot(1)
+    views = sess.v
+    views.tokens[slot, : len(ids)] = ids
+    views.offsets[slot, : len(offsets)] = offsets
+    views.segments[slot, :] = 0
     if segments is not None:
-        v.segments[s, : len(segments)] = segments
-    v.model[s] = model
-    v.n_texts[s] = len(offsets) - 1
-    v.n_tokens[s] = len(ids)
-    seq = 777_000 + s
-    v.seq[s] = seq
-    v.state[s] = SLOT_READY
+        views.segments[slot, : len(segments)] = segments
+    views.model[slot] = model
+    views.n_texts[slot] = len(offsets) - 1
+    views.n_tokens[slot] = len(ids)
+    seq = 777_000 + slot
+    views.seq[slot] = seq
+    views.state[slot] = SLOT_READY
     sess.bell.post()
-    return s, seq
+    return slot, seq
 
 
 @pytest.mark.parametrize("model, segments, code", [
@@ -192,14 +192,14 @@ def _submit_raw(sess, *, model: int, ids, offsets, segments=None):
 ])
 def test_hostile_model_indexes_and_segments_are_refused_and_serving_goes_on(multi, real_model, model, segments,
                                                                             code):
-    with client_for(multi) as c:
-        sess = c._get_session()
+    with client_for(multi) as client:
+        sess = client._get_session()
         ids = [101, 7592, 102] if code != SlotError.BAD_TOKEN else [101, 2 ** 20, 102]
         s, seq = _submit_raw(sess, model=model, ids=ids, offsets=[0, 3], segments=segments)
         with pytest.raises(SlotRejected) as err:
             sess._collect(s, seq, np.empty((1, sess.params.dim), np.float32))
         assert err.value.code == code
-        assert cosine_rows(c.embed(TEXTS[:2]), real_model.encode(TEXTS[:2])).min() >= 0.99999
+        assert cosine_rows(client.embed(TEXTS[:2]), real_model.encode(TEXTS[:2])).min() >= 0.99999
 
 
 @pytest.fixture(scope="module")
@@ -212,38 +212,38 @@ def multi_web(multi, models_env, tmp_path_factory):
 
 def test_http_serves_every_model_and_reranks_in_both_shapes(multi, multi_web, real_model, tiny_st, cross_encoder):
     web = multi_web
-    with httpx.Client(base_url=web.base, timeout=60) as h:
-        cards = h.get("/v1/models").json()["data"]
+    with httpx.Client(base_url=web.base, timeout=60) as http_client:
+        cards = http_client.get("/v1/models").json()["data"]
         assert [(m["id"], m["kind"]) for m in cards] == [("minilm", "embed"), ("tiny", "embed"),
                                                          ("ce", "rerank"), ("ce-prompted", "rerank")]
-        assert h.get("/v1/models/ce").json()["dimension"] == 1
-        r = h.post("/v1/embeddings", json={"input": TEXTS, "model": "tiny"}).json()
+        assert http_client.get("/v1/models/ce").json()["dimension"] == 1
+        r = http_client.post("/v1/embeddings", json={"input": TEXTS, "model": "tiny"}).json()
         assert r["model"] == "tiny"
         got = np.array([d["embedding"] for d in r["data"]])
         assert cosine_rows(got, tiny_st.encode(TEXTS)).min() >= 0.99999
-        got = np.array(h.post("/embed", json={"inputs": TEXTS}).json())  # the default model
+        got = np.array(http_client.post("/embed", json={"inputs": TEXTS}).json())  # the default model
         assert cosine_rows(got, real_model.encode(TEXTS)).min() >= 0.99999
-        nf = h.post("/v1/embeddings", json={"input": "x", "model": "ce"})
+        nf = http_client.post("/v1/embeddings", json={"input": "x", "model": "ce"})
         assert nf.status_code == 404 and nf.json()["error"]["code"] == "model_not_found"
 
         want = cross_encoder.predict(_ce_pairs(QUERY, DOCS))
         order = list(np.argsort(-want, kind="stable"))
-        tei = h.post("/rerank", json={"query": QUERY, "texts": DOCS, "return_text": True}).json()
+        tei = http_client.post("/rerank", json={"query": QUERY, "texts": DOCS, "return_text": True}).json()
         assert [x["index"] for x in tei] == order
         assert np.abs(np.array([x["score"] for x in tei]) - want[order]).max() <= 1e-5
         assert tei[0]["text"] == DOCS[order[0]]
-        co = h.post("/v1/rerank", json={"model": "ce", "query": QUERY, "documents": DOCS, "top_n": 3}).json()
+        co = http_client.post("/v1/rerank", json={"model": "ce", "query": QUERY, "documents": DOCS, "top_n": 3}).json()
         assert [x["index"] for x in co["results"]] == order[:3] and co["model"] == "ce"
         assert np.abs(np.array([x["relevance_score"] for x in co["results"]]) - want[order[:3]]).max() <= 1e-5
-        bad = h.post("/v1/rerank", json={"model": "minilm", "query": QUERY, "documents": DOCS})
+        bad = http_client.post("/v1/rerank", json={"model": "minilm", "query": QUERY, "documents": DOCS})
         assert bad.status_code == 404
 
-        info = h.get("/info").json()
+        info = http_client.get("/info").json()
         assert [m["name"] for m in info["models"]] == ["minilm", "tiny", "ce", "ce-prompted"]
-        metrics = h.get("/metrics").text
+        metrics = http_client.get("/metrics").text
         assert 'shm_embed_model_requests_total{model="ce"}' in metrics
         assert 'shm_embed_model_info{dimension="32",kind="embed",max_tokens="256",model="tiny"}' in metrics
-        stats = h.get("/embedding/stats").json()
+        stats = http_client.get("/embedding/stats").json()
         per = {m["name"]: m for m in stats["models"]}
         assert per["ce"]["texts"] >= len(DOCS) and per["tiny"]["texts"] >= len(TEXTS)
     cli = subprocess.run([sys.executable, "-m", "shm_protocol.stats_cli", "--json"], env=multi.env, cwd=REPO,
@@ -259,37 +259,39 @@ def test_collections_use_their_model_and_prompts_and_searches_rerank(multi_web, 
     passages = ["Semaphores wake the waiting worker.", "Paris is the capital of France.",
                 "The sidecar batches slots from every worker.", "Bananas are a yellow fruit."]
     opts = {"model": "tiny", "query_prompt": "query: ", "document_prompt": "passage: "}
-    with httpx.Client(base_url=multi_web.base, timeout=60) as h:
-        made = h.put("/collections/prompted", json={"options": opts})
+    with httpx.Client(base_url=multi_web.base, timeout=60) as http_client:
+        made = http_client.put("/collections/prompted", json={"options": opts})
         assert made.status_code == 201, made.text
         assert made.json()["model"] == "tiny" and made.json()["dimension"] == 32
-        assert h.put("/collections/prompted", json={"options": opts}).status_code == 200  # the same again
-        assert h.put("/collections/prompted", json={"options": {**opts, "query_prompt": "q: "}}).status_code == 409
-        assert h.put("/collections/wrong", json={"options": {"model": "ce"}}).status_code == 404
+        assert http_client.put("/collections/prompted", json={"options": opts}).status_code == 200  # the same again
+        changed = {"options": {**opts, "query_prompt": "q: "}}
+        assert http_client.put("/collections/prompted", json=changed).status_code == 409
+        assert http_client.put("/collections/wrong", json={"options": {"model": "ce"}}).status_code == 404
         docs = [{"id": str(i), "text": t} for i, t in enumerate(passages)]
-        up = h.post("/collections/prompted/documents", json={"documents": docs})
+        up = http_client.post("/collections/prompted/documents", json={"documents": docs})
         assert up.status_code == 200, up.text
         query = "what wakes a worker"
-        res = h.post("/collections/prompted/search", json={"query": query, "top_k": 4}).json()["results"]
+        res = http_client.post("/collections/prompted/search", json={"query": query, "top_k": 4}).json()["results"]
         q = tiny_st.encode([query], prompt="query: ", normalize_embeddings=True)[0]
         d = tiny_st.encode(passages, prompt="passage: ", normalize_embeddings=True)
         want = {str(i): float(d[i] @ q) for i in range(len(passages))}
         assert len(res) == 4
-        for r in res:
-            assert r["score"] == pytest.approx(want[r["id"]], abs=1e-4)
-        reranked = h.post("/collections/prompted/search",
-                          json={"query": query, "top_k": 4, "rerank": {"model": "ce", "top_n": 2}}).json()["results"]
+        for result in res:
+            assert result["score"] == pytest.approx(want[result["id"]], abs=1e-4)
+        reranked = http_client.post(
+            "/collections/prompted/search",
+            json={"query": query, "top_k": 4, "rerank": {"model": "ce", "top_n": 2}}).json()["results"]
         scores = cross_encoder.predict([(query, p) for p in passages])
         best = [str(i) for i in np.argsort(-scores, kind="stable")[:2]]
         assert [r["id"] for r in reranked] == best
-        for r in reranked:
-            assert r["rerank_score"] == pytest.approx(float(scores[int(r["id"])]), abs=1e-5)
-            assert r["score"] == pytest.approx(want[r["id"]], abs=1e-4)
+        for result in reranked:
+            assert result["rerank_score"] == pytest.approx(float(scores[int(result["id"])]), abs=1e-5)
+            assert result["score"] == pytest.approx(want[result["id"]], abs=1e-4)
         for bad in ({"model": 3}, {"top_n": 0}, {"other": 1}, "yes"):
-            r = h.post("/collections/prompted/search", json={"query": query, "rerank": bad})
-            assert r.status_code == 422, bad
-        r = h.post("/collections/prompted/search", json={"query": query, "rerank": {"model": "tiny"}})
-        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+            result = http_client.post("/collections/prompted/search", json={"query": query, "rerank": bad})
+            assert result.status_code == 422, bad
+        result = http_client.post("/collections/prompted/search", json={"query": query, "rerank": {"model": "tiny"}})
+        assert result.status_code == 404 and result.json()["error"]["code"] == "model_not_found"
 
 
 def test_web_search_reranks_its_passages(multi_web, cross_encoder):
@@ -323,12 +325,12 @@ def test_a_cross_encoders_prompts_go_before_the_query_as_predict_puts_them(multi
 
     ce = CrossEncoder(str(prompted_ce), device="cpu")
     pairs = _ce_pairs(QUERY, DOCS)
-    with client_for(multi) as c:
-        np.testing.assert_allclose(c.rerank(QUERY, DOCS, model="ce-prompted"), ce.predict(pairs),
+    with client_for(multi) as client:
+        np.testing.assert_allclose(client.rerank(QUERY, DOCS, model="ce-prompted"), ce.predict(pairs),
                                    atol=1e-5, rtol=0)  # the default prompt
-        np.testing.assert_allclose(c.rerank(QUERY, DOCS, model="ce-prompted", prompt_name="short"),
+        np.testing.assert_allclose(client.rerank(QUERY, DOCS, model="ce-prompted", prompt_name="short"),
                                    ce.predict(pairs, prompt_name="short"), atol=1e-5, rtol=0)
-        np.testing.assert_allclose(c.rerank(QUERY, DOCS, model="ce-prompted", prompt=""),
+        np.testing.assert_allclose(client.rerank(QUERY, DOCS, model="ce-prompted", prompt=""),
                                    ce.predict(pairs, prompt=""), atol=1e-5, rtol=0)
 
 
@@ -431,12 +433,12 @@ def test_http_rerank_applies_prompts_and_refuses_broken_text(multi_web, prompted
 
     ce = CrossEncoder(str(prompted_ce), device="cpu")
     pairs = _ce_pairs(QUERY, DOCS[:3])
-    with httpx.Client(base_url=multi_web.base, timeout=60) as h:
+    with httpx.Client(base_url=multi_web.base, timeout=60) as http_client:
         def scores(path, **extra):
             field = "texts" if path == "/rerank" else "documents"
-            r = h.post(path, json={"model": "ce-prompted", "query": QUERY, field: DOCS[:3], **extra})
-            assert r.status_code == 200, r.text
-            rows = r.json() if path == "/rerank" else r.json()["results"]
+            response = http_client.post(path, json={"model": "ce-prompted", "query": QUERY, field: DOCS[:3], **extra})
+            assert response.status_code == 200, response.text
+            rows = response.json() if path == "/rerank" else response.json()["results"]
             key = "score" if path == "/rerank" else "relevance_score"
             return np.array([x[key] for x in sorted(rows, key=lambda x: x["index"])])
 
@@ -445,9 +447,10 @@ def test_http_rerank_applies_prompts_and_refuses_broken_text(multi_web, prompted
             np.testing.assert_allclose(short, ce.predict(pairs, prompt_name="short"), atol=1e-5, rtol=0)
             assert np.abs(short - scores(path)).max() > 1e-4  # the default prompt gives other scores
             np.testing.assert_allclose(scores(path, prompt="q: "), short, atol=1e-6, rtol=0)
-            r = h.post(path, json={"model": "ce-prompted", "query": QUERY, "texts": DOCS, "documents": DOCS,
-                                   "prompt_name": "nope"})
-            assert r.status_code == 422 and "nope" in r.json()["error"]["message"], r.text
+            response = http_client.post(path, json={"model": "ce-prompted", "query": QUERY, "texts": DOCS,
+                                                    "documents": DOCS,
+                                                    "prompt_name": "nope"})
+            assert response.status_code == 422 and "nope" in response.json()["error"]["message"], response.text
 
         long_query = "what wakes a worker " * 200
         for path, body, where in (
@@ -458,9 +461,9 @@ def test_http_rerank_applies_prompts_and_refuses_broken_text(multi_web, prompted
                  "'documents[0].text'"),
                 ("/v1/embeddings", {"input": "x", "model": "\ud83d"}, "'model'"),
                 ("/search/web", {"query": "q", "urls": ["http://127.0.0.1/\ud83d"]}, "'urls[0]'")):
-            r = h.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
-            assert r.status_code == 422 and where in r.json()["error"]["message"], (path, r.text)
-        assert h.post("/rerank", json={"query": QUERY, "texts": DOCS}).status_code == 200
+            response = http_client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+            assert response.status_code == 422 and where in response.json()["error"]["message"], (path, response.text)
+        assert http_client.post("/rerank", json={"query": QUERY, "texts": DOCS}).status_code == 200
 
 
 def test_tokenize_and_decode_serve_a_reranker_too(multi):

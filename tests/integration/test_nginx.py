@@ -89,15 +89,15 @@ def test_health_answers_through_nginx_while_64_slow_header_connections_are_open(
     sc = synthetic_sidecar(us=0)
     with contextlib.ExitStack() as stack:
         # 2 workers x 2 threads: four slow clients are enough to take every thread.
-        w = start_web(tmp_path, sc.env, workers=2, WEB_THREADS=2)
-        stack.callback(w.stop)
+        web = start_web(tmp_path, sc.env, workers=2, WEB_THREADS=2)
+        stack.callback(web.stop)
         # Both workers serve (each leased its ring before its first request):
         # a worker still starting would take /health with free threads.
         deadline = time.monotonic() + 30
         while len(leased_rings(sc.names)) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(leased_rings(sc.names)) == 2, leased_rings(sc.names)
-        ng = make_nginx(tmp_path, [hostport(w.base)])
+        ng = make_nginx(tmp_path, [hostport(web.base)])
         stack.callback(ng.stop)
         ng.start()
 
@@ -113,15 +113,15 @@ def test_health_answers_through_nginx_while_64_slow_header_connections_are_open(
 
         # The same attack on Gunicorn directly: each of its threads blocks on a
         # connection whose headers never end, so /health waits behind them.
-        assert get_health(port_of(w.base), timeout=5)[0] == 200
-        slow = SlowHeaders(port_of(w.base), 64)
+        assert get_health(port_of(web.base), timeout=5)[0] == 200
+        slow = SlowHeaders(port_of(web.base), 64)
         try:
             time.sleep(1.2)
-            direct = get_health(port_of(w.base), timeout=2)
+            direct = get_health(port_of(web.base), timeout=2)
         finally:
             slow.close()
         assert direct[0] != 200 or direct[1] > 1.0, f"Gunicorn alone answered /health fast under the attack: {direct}"
-        assert w.proc.poll() is None
+        assert web.proc.poll() is None
 
 
 def test_nginx_keeps_or_makes_request_ids_and_refuses_oversized_bodies_in_json(synthetic_sidecar, tmp_path):
@@ -141,12 +141,12 @@ def test_nginx_keeps_or_makes_request_ids_and_refuses_oversized_bodies_in_json(s
             assert r.status_code == 200 and len(r.json()[0]) == sc.settings.synthetic_dim
         # A declared body over client_max_body_size (16 MiB, the app's
         # default SHM_EMBED_MAX_BODY_BYTES) is refused before it is read.
-        with socket.create_connection(("127.0.0.1", ng.port), timeout=5) as s:
-            s.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                      b"Content-Length: %d\r\n\r\n" % (16 * 1024 * 1024 + 1))
+        with socket.create_connection(("127.0.0.1", ng.port), timeout=5) as sock:
+            sock.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % (16 * 1024 * 1024 + 1))
             raw = b""
             while b"\r\n\r\n" not in raw or not raw.rstrip().endswith(b"}"):
-                chunk = s.recv(65536)
+                chunk = sock.recv(65536)
                 if not chunk:
                     break
                 raw += chunk
@@ -186,8 +186,8 @@ def test_two_instances_behind_nginx_survive_a_sidecar_sigkill(synthetic_sidecar,
 
     def stop_load():
         stop.set()
-        for t in threads:
-            t.join(15)
+        for thread in threads:
+            thread.join(15)
 
     with contextlib.ExitStack() as stack:
         w1 = start_web(tmp_path, dict(victim.env, SHM_EMBED_DATA_DIR=str(tmp_path / "data1")), workers=2)

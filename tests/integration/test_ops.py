@@ -29,19 +29,19 @@ def stats_cli(namespace: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_stats_cli_counts_what_the_load_sent(fresh_tiny_sidecar):
     sc = fresh_tiny_sidecar()
-    with client_for(sc) as c:
+    with client_for(sc) as client:
         for i in range(37):
-            c.embed([f"stats {i}", "two", "three"])
+            client.embed([f"stats {i}", "two", "three"])
         out = stats_cli(sc.settings.namespace, "--json")
         assert out.returncode == 0, out.stderr
         doc = json.loads(out.stdout)
         assert doc["healthy"] is True and doc["status"] == "serving"
         assert doc["counters"]["requests"] == 37
         assert doc["counters"]["texts"] == 111
-        tokens = sum(len(e.ids) for i in range(37) for e in c.tokenize([f"stats {i}", "two", "three"]))
+        tokens = sum(len(e.ids) for i in range(37) for e in client.tokenize([f"stats {i}", "two", "three"]))
         assert doc["counters"]["tokens"] == tokens
         assert sum(doc["batch_texts_hist"]) == doc["counters"]["batches"] >= 1
-        ring = c.info()["ring"]
+        ring = client.info()["ring"]
         row = next(r for r in doc["rings"] if r["ring"] == ring)
         assert row["owner_pid"] == os.getpid() and row["owner_alive"] is True
         assert row["slots"]["free"] == sc.settings.slots_per_ring

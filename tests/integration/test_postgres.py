@@ -91,40 +91,40 @@ def two(tmp_path_factory, url):
 
 
 def test_a_document_written_through_one_instance_is_found_through_the_other(two):
-    a, b = two
+    first, second = two
     for inst in two:
-        r = inst.http.get("/ready")
-        assert r.status_code == 200 and r.json()["store"] == "ok", r.text
-    assert a.http.put("/collections/shared").status_code == 201
-    assert b.http.put("/collections/shared").status_code == 200  # made through the other instance
-    r = a.write("shared", [{"id": "giraffe", "text": "Giraffes have long necks.", "metadata": {"via": "a"}},
-                           {"id": "whale", "text": "Whales sing long songs.", "metadata": {"via": "a"}}])
-    assert r.status_code == 200, r.text
+        written = inst.http.get("/ready")
+        assert written.status_code == 200 and written.json()["store"] == "ok", written.text
+    assert first.http.put("/collections/shared").status_code == 201
+    assert second.http.put("/collections/shared").status_code == 200  # made through the other instance
+    written = first.write("shared", [{"id": "giraffe", "text": "Giraffes have long necks.", "metadata": {"via": "a"}},
+                                     {"id": "whale", "text": "Whales sing long songs.", "metadata": {"via": "a"}}])
+    assert written.status_code == 200, written.text
     t0 = time.monotonic()
     found = 0
     while found < 6:  # several searches in a row, whichever of B's workers answers
-        hits = b.search("shared", "Giraffes have long necks.", 1).json()["results"]
+        hits = second.search("shared", "Giraffes have long necks.", 1).json()["results"]
         found = found + 1 if hits and hits[0]["id"] == "giraffe" else 0
         assert found or time.monotonic() - t0 < 1.0, "a write through A was not found through B within a second"
     assert hits[0]["metadata"] == {"via": "a"} and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
-    assert b.http.get("/collections/shared/documents/giraffe").json()["text"] == "Giraffes have long necks."
+    assert second.http.get("/collections/shared/documents/giraffe").json()["text"] == "Giraffes have long necks."
     # and the other way round: deleted through B, gone through A
-    assert b.http.delete("/collections/shared/documents/giraffe").status_code == 200
+    assert second.http.delete("/collections/shared/documents/giraffe").status_code == 200
     for _ in range(6):
-        assert [h["id"] for h in a.search("shared", "Giraffes have long necks.", 5).json()["results"]] == ["whale"]
-    assert a.http.get("/collections/shared/documents/giraffe").status_code == 404
-    assert [c["name"] for c in b.http.get("/collections").json()["collections"]] == ["shared"]
-    assert b.http.delete("/collections/shared").status_code == 200
-    assert a.http.get("/collections/shared").status_code == 404
-    assert a.search("shared", "x").status_code == 404
+        assert [h["id"] for h in first.search("shared", "Giraffes have long necks.", 5).json()["results"]] == ["whale"]
+    assert first.http.get("/collections/shared/documents/giraffe").status_code == 404
+    assert [c["name"] for c in second.http.get("/collections").json()["collections"]] == ["shared"]
+    assert second.http.delete("/collections/shared").status_code == 200
+    assert first.http.get("/collections/shared").status_code == 404
+    assert first.search("shared", "x").status_code == 404
 
 
 def test_four_writers_on_two_instances_lose_nothing(two):
     """Two writers per instance, while readers search through both (so every
     worker replays the change log between other writers' commits); then every
     document is found through every worker of both instances."""
-    a, b = two
-    assert a.http.put("/collections/busy").status_code == 201
+    first, b = two
+    assert first.http.put("/collections/busy").status_code == 201
     batches, per_batch = 12, 8
     done = threading.Event()
 
@@ -134,8 +134,8 @@ def test_four_writers_on_two_instances_lose_nothing(two):
             docs = [{"id": f"w{k}-{n}-{i}", "text": f"writer {k} batch {n} item {i}", "metadata": {"writer": k}}
                     for i in range(per_batch)]
             docs.append({"id": "shared", "text": f"the shared document, last written by {k} in batch {n}"})
-            r = inst.write("busy", docs)
-            assert r.status_code == 200, r.text
+            write_response = inst.write("busy", docs)
+            assert write_response.status_code == 200, write_response.text
             ids += [d["id"] for d in docs[:-1]]
         return ids
 
@@ -162,7 +162,7 @@ def test_four_writers_on_two_instances_lose_nothing(two):
         for k in range(4):
             res = inst.search("busy", "writer", 1000, filter={"writer": k}).json()["results"]
             assert len(res) == batches * per_batch and {r["metadata"]["writer"] for r in res} == {k}
-    assert "last written by" in a.http.get("/collections/busy/documents/shared").json()["text"]
+    assert "last written by" in first.http.get("/collections/busy/documents/shared").json()["text"]
 
 
 def _error_message(r: httpx.Response) -> str:
@@ -175,8 +175,8 @@ def test_postgres_restarted_under_load_gives_503s_then_service_again(two, pg_clu
     waits for a connection, then starts again. Every answer is a 200 or a 503
     with Retry-After and a short reason; service comes back by itself; every
     write that was answered 200 is there afterwards, whole."""
-    a, b = two
-    assert a.http.put("/collections/load").status_code == 201
+    first, second = two
+    assert first.http.put("/collections/load").status_code == 201
     stop = threading.Event()
     answers: list[tuple[str, str, int, str, str | None, float]] = []  # (what, id, status, body, Retry-After, at)
 
@@ -185,15 +185,17 @@ def test_postgres_restarted_under_load_gives_503s_then_service_again(two, pg_clu
         while not stop.is_set():
             doc_id = f"{tag}-{n}"
             n += 1
-            r = inst.write("load", [{"id": doc_id, "text": f"load document {tag} {n} " + "words " * 30}])
-            answers.append(("write", doc_id, r.status_code, r.text, r.headers.get("Retry-After"), time.monotonic()))
-            r = inst.search("load", f"load document {tag}", 3)
-            answers.append(("search", tag, r.status_code, r.text, r.headers.get("Retry-After"), time.monotonic()))
+            result = inst.write("load", [{"id": doc_id, "text": f"load document {tag} {n} " + "words " * 30}])
+            answers.append(("write", doc_id, result.status_code, result.text, result.headers.get("Retry-After"),
+                            time.monotonic()))
+            result = inst.search("load", f"load document {tag}", 3)
+            answers.append(("search", tag, result.status_code, result.text, result.headers.get("Retry-After"),
+                            time.monotonic()))
 
-    threads = [threading.Thread(target=load, args=(inst, f"{tag}{k}")) for inst, tag in ((a, "a"), (b, "b"))
+    threads = [threading.Thread(target=load, args=(inst, f"{tag}{k}")) for inst, tag in ((first, "a"), (second, "b"))
                for k in range(2)]
-    for t in threads:
-        t.start()
+    for thread in threads:
+        thread.start()
     try:
         time.sleep(1.0)
         pg_cluster.stop("fast")
@@ -211,8 +213,8 @@ def test_postgres_restarted_under_load_gives_503s_then_service_again(two, pg_clu
             time.sleep(0.2)
     finally:
         stop.set()
-        for t in threads:
-            t.join(60)
+        for thread in threads:
+            thread.join(60)
         if not pg_cluster.running():
             pg_cluster.start()
     statuses = {x[2] for x in answers}
@@ -225,17 +227,17 @@ def test_postgres_restarted_under_load_gives_503s_then_service_again(two, pg_clu
         assert retry is not None and retry.isdigit(), (what, body)
         assert "collection store unavailable: the database server" in body, body
         assert PASSWORD not in body and "postgresql://" not in body and port not in body, body
-    for r in ready:
-        assert r.status_code == 503 and r.headers["Retry-After"].isdigit(), r.text
-        assert _error_message(r).startswith("not ready: collection store unavailable: the database server")
+    for result in ready:
+        assert result.status_code == 503 and result.headers["Retry-After"].isdigit(), result.text
+        assert _error_message(result).startswith("not ready: collection store unavailable: the database server")
     recovered = [x for x in answers if x[5] > up_at and x[2] == 200]
     assert {x[0] for x in recovered} == {"write", "search"}, "service did not come back"
     # nothing lost: every acknowledged write is there, whole, through both instances
     acknowledged = [x[1] for x in answers if x[0] == "write" and x[2] == 200]
     assert len(acknowledged) > 20
     for i, doc_id in enumerate(acknowledged):
-        r = two[i % 2].http.get(f"/collections/load/documents/{doc_id}")
-        assert r.status_code == 200 and r.json()["passages"] == 1, (doc_id, r.text)
+        result = two[i % 2].http.get(f"/collections/load/documents/{doc_id}")
+        assert result.status_code == 200 and result.json()["passages"] == 1, (doc_id, result.text)
     for inst in two:
         assert inst.http.get("/ready").status_code == 200
         hits = inst.search("load", f"load document {acknowledged[-1].split('-')[0]}", 1).json()["results"]

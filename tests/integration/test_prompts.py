@@ -39,7 +39,7 @@ def prompted_sidecar(prompted_model, tmp_path_factory):
 
 
 def test_client_applies_prompts_as_sentence_transformers(prompted_sidecar, prompted_st):
-    with client_for(prompted_sidecar) as c:
+    with client_for(prompted_sidecar) as client:
         cases = [
             ({}, {}),  # the model's default prompt ("query")
             ({"prompt_name": "passage"}, {"prompt_name": "passage"}),
@@ -47,64 +47,65 @@ def test_client_applies_prompts_as_sentence_transformers(prompted_sidecar, promp
             ({"prompt": ""}, {"prompt": ""}),  # an explicit empty prompt: none
         ]
         for ours, theirs in cases:
-            got = c.embed(TEXTS, **ours)
+            got = client.embed(TEXTS, **ours)
             ref = prompted_st.encode(TEXTS, **theirs)
             assert cosine_rows(got, ref).min() >= 0.99999, ours
         # The prompts change the vectors (the test would not see a dropped prompt otherwise).
         plain = prompted_st.encode(TEXTS, prompt="")
-        assert cosine_rows(c.embed(TEXTS, prompt_name="passage"), plain).min() < 0.999
+        assert cosine_rows(client.embed(TEXTS, prompt_name="passage"), plain).min() < 0.999
         # The drop-in takes SentenceTransformer.encode's arguments.
-        one = c.encode(TEXTS[0], prompt_name="classification", truncate_dim=64, normalize_embeddings=True)
+        one = client.encode(TEXTS[0], prompt_name="classification", truncate_dim=64, normalize_embeddings=True)
         ref = prompted_st.encode(TEXTS[0], prompt_name="classification", truncate_dim=64, normalize_embeddings=True)
         assert one.shape == (64,) and float(np.dot(one, ref)) >= 0.99999
         with pytest.raises(Exception, match="unknown prompt_name 'nope'"):
-            c.embed(TEXTS, prompt_name="nope")
+            client.embed(TEXTS, prompt_name="nope")
         with pytest.raises(Exception, match="not served"):
-            c.encode(TEXTS, pool=object())
+            client.encode(TEXTS, pool=object())
 
 
 def test_client_cuts_dimensions_of_a_matryoshka_model(prompted_sidecar, prompted_st):
-    with client_for(prompted_sidecar) as c:
+    with client_for(prompted_sidecar) as client:
         for d in (256, 128, 64):
-            got = c.embed(TEXTS, dimensions=d, normalize=True)
+            got = client.embed(TEXTS, dimensions=d, normalize=True)
             ref = prompted_st.encode(TEXTS, truncate_dim=d, normalize_embeddings=True)
             assert got.shape == (len(TEXTS), d)
             assert cosine_rows(got, ref).min() >= 0.99999
             assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
         for bad in (0, 385, -1):
             with pytest.raises(Exception, match="dimensions"):
-                c.embed(TEXTS, dimensions=bad)
+                client.embed(TEXTS, dimensions=bad)
 
 
 def test_http_forms_take_prompts_and_dimensions(prompted_sidecar, prompted_st, tmp_path):
-    w = start_web(tmp_path, prompted_sidecar.env, workers=1)
+    web = start_web(tmp_path, prompted_sidecar.env, workers=1)
     try:
-        with httpx.Client(base_url=w.base, timeout=30) as http:
-            r = http.post("/v1/embeddings", json={"input": TEXTS, "prompt_name": "passage", "dimensions": 128})
-            assert r.status_code == 200, r.text
-            got = np.array([d["embedding"] for d in r.json()["data"]], np.float32)
+        with httpx.Client(base_url=web.base, timeout=30) as http:
+            response = http.post("/v1/embeddings", json={"input": TEXTS, "prompt_name": "passage", "dimensions": 128})
+            assert response.status_code == 200, response.text
+            got = np.array([d["embedding"] for d in response.json()["data"]], np.float32)
             ref = prompted_st.encode(TEXTS, prompt_name="passage", truncate_dim=128, normalize_embeddings=True)
             assert got.shape == (len(TEXTS), 128) and cosine_rows(got, ref).min() >= 0.99999
-            r = http.post("/embed", json={"inputs": TEXTS, "prompt": "Represent this: "})
+            response = http.post("/embed", json={"inputs": TEXTS, "prompt": "Represent this: "})
             ref = prompted_st.encode(TEXTS, prompt="Represent this: ", normalize_embeddings=True)
-            assert cosine_rows(np.asarray(r.json(), np.float32), ref).min() >= 0.99999
-            r = http.post("/embed", json={"inputs": TEXTS})  # the default prompt
-            assert cosine_rows(np.asarray(r.json(), np.float32), prompted_st.encode(TEXTS)).min() >= 0.99999
-            r = http.post("/embed", json={"inputs": TEXTS, "prompt_name": "nope"})
-            assert r.status_code == 422 and "nope" in r.json()["error"]["message"]
+            assert cosine_rows(np.asarray(response.json(), np.float32), ref).min() >= 0.99999
+            response = http.post("/embed", json={"inputs": TEXTS})  # the default prompt
+            assert cosine_rows(np.asarray(response.json(), np.float32), prompted_st.encode(TEXTS)).min() >= 0.99999
+            response = http.post("/embed", json={"inputs": TEXTS, "prompt_name": "nope"})
+            assert response.status_code == 422 and "nope" in response.json()["error"]["message"]
     finally:
-        w.stop()
+        web.stop()
 
 
 def test_dimensions_of_a_model_not_trained_for_them_are_a_422(real_sidecar, tmp_path):
-    w = start_web(tmp_path, real_sidecar.env, workers=1)
+    web = start_web(tmp_path, real_sidecar.env, workers=1)
     try:
-        with httpx.Client(base_url=w.base, timeout=30) as http:
-            r = http.post("/v1/embeddings", json={"input": "x", "dimensions": 128})
-            assert r.status_code == 422
-            assert "Matryoshka" in r.json()["error"]["message"]
+        with httpx.Client(base_url=web.base, timeout=30) as http:
+            response = http.post("/v1/embeddings", json={"input": "x", "dimensions": 128})
+            assert response.status_code == 422
+            assert "Matryoshka" in response.json()["error"]["message"]
             assert http.post("/v1/embeddings", json={"input": "x", "dimensions": 384}).status_code == 200
-            r = http.post("/v1/embeddings", json={"input": [101, 2023, 102]})
-            assert r.status_code == 422 and "check_embedding_ctx_length=False" in r.json()["error"]["message"]
+            response = http.post("/v1/embeddings", json={"input": [101, 2023, 102]})
+            message = response.json()["error"]["message"]
+            assert response.status_code == 422 and "check_embedding_ctx_length=False" in message
     finally:
-        w.stop()
+        web.stop()

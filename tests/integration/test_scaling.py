@@ -70,7 +70,7 @@ class Load:
 
 
 def test_workers_follow_a_load_ramp_and_a_quiet_period(slow_sidecar, tmp_path):
-    from _common import child_pids  # bench/_common.py, on the path once tests.helpers is imported
+    from shm_protocol.processes import child_pids
 
     w = start_web(tmp_path, slow_sidecar.env, workers=1, **SCALING)
     loads = []

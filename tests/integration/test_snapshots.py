@@ -49,6 +49,7 @@ from retrieval.collections.sqlite_db import DB_FILE
 from retrieval.collections.storage import NEWER
 from retrieval.collections.store import CollectionStore
 from retrieval.errors import StorageUnavailable
+from shm_protocol.processes import pss_mb, rss_mb
 from tests.helpers import REPO
 from tests.postgres import STORES
 from tests.snapshot_worker import LOCATION, VectorClient, served
@@ -333,8 +334,8 @@ def test_equal_scores_answer_in_one_defined_order_on_every_path(where, kind, tmp
         answers(lambda q, k, f: shared.search_vector("kb", q, k, f))
         assert served(shared, "kb")[0] == 1 and shared._loaded["kb"].index.delta.ntotal == 10
         answers(lambda q, k, f: plain.search_vector("kb", q, k, f))
-        for w in workers:
-            answers(lambda q, k, f, w=w: w.search("kb", q, k, f)["results"])
+        for worker in workers:
+            answers(lambda q, k, f, worker=worker: worker.search("kb", q, k, f)["results"])
         assert workers[0].search("kb", tie, 1)["generation"] == 1
         assert workers[1].search("kb", tie, 1)["generation"] is None
         best = {r["id"]: r["passage"] for r in shared.search_vector("kb", tie, 12)}
@@ -344,8 +345,8 @@ def test_equal_scores_answer_in_one_defined_order_on_every_path(where, kind, tmp
         answers(lambda q, k, f: shared.search_vector("kb", q, k, f))  # all of it in the snapshot now
         assert served(shared, "kb")[0] == 2 and shared._loaded["kb"].index.pending == 0
     finally:
-        for w in workers:
-            w.close()
+        for worker in workers:
+            worker.close()
         for store in (writer, shared, plain):
             store.close()
 
@@ -393,20 +394,18 @@ def test_a_small_collection_s_change_log_stays_a_few_times_its_size(where, tmp_p
 
 
 def test_worker_processes_share_one_copy_of_the_vectors(big, tmp_path):
-    from _common import pss_mb, rss_mb  # bench/_common, on the path through tests.helpers
-
     path, probes = big
     copy_mb = BIG_N * BIG_DIM * 4 / 2**20
     workers = [Worker(path, BIG_DIM, tmp_path / f"w{i}.log", snapshot_delta=NEVER) for i in range(4)]
     try:
-        for w in workers:
-            answer = w.search("big", probes[0], 3)  # a flat search reads every vector
+        for worker in workers:
+            answer = worker.search("big", probes[0], 3)  # a flat search reads every vector
             assert answer["results"][0][0] == "d0" and answer["generation"] is not None
         pss = [pss_mb(w.proc.pid) for w in workers]
         rss = [rss_mb(w.proc.pid) for w in workers]
     finally:
-        for w in workers:
-            w.close()
+        for worker in workers:
+            worker.close()
     private = Worker(path, BIG_DIM, tmp_path / "private.log", snapshots=False)  # today's: a copy of its own
     try:
         assert private.search("big", probes[0], 3)["results"][0][0] == "d0"
@@ -471,12 +470,12 @@ def test_rebuilds_under_concurrent_searches_never_answer_wrong(where):
     stop = threading.Event()
 
     def search_loop(seed: int) -> None:
-        r = np.random.default_rng(seed)
+        generator = np.random.default_rng(seed)
         while not stop.is_set():
             with lock:
                 ids = [d for d in known if d not in busy]
                 dead = set(gone)
-                doc = ids[int(r.integers(len(ids)))]
+                doc = ids[int(generator.integers(len(ids)))]
                 vector = known[doc]
             try:
                 got = [x["id"] for x in reader.search_vector("live", vector, 10)]
@@ -493,8 +492,8 @@ def test_rebuilds_under_concurrent_searches_never_answer_wrong(where):
             searches[0] += 1
 
     threads = [threading.Thread(target=search_loop, args=(s,)) for s in range(2)]
-    for t in threads:
-        t.start()
+    for thread in threads:
+        thread.start()
     try:
         deadline = time.monotonic() + 40
         round_ = 0
@@ -506,14 +505,14 @@ def test_rebuilds_under_concurrent_searches_never_answer_wrong(where):
                 known.update(zip(new_ids, new_vectors))
                 victims = [str(d) for d in rng.choice(sorted(known), 12, replace=False)]
                 busy.update(victims)
-            for d in victims[:8]:
-                writer.delete_document("live", d)
+            for victim in victims[:8]:
+                writer.delete_document("live", victim)
             replaced = unit(rng, 4)
             writer.write_embedded("live", docs(victims[8:]), replaced)
             with lock:
-                for d in victims[:8]:
-                    known.pop(d)
-                    gone.add(d)
+                for victim in victims[:8]:
+                    known.pop(victim)
+                    gone.add(victim)
                 known.update(zip(victims[8:], replaced))
                 gone.difference_update(victims[8:])
                 busy.clear()
@@ -521,8 +520,8 @@ def test_rebuilds_under_concurrent_searches_never_answer_wrong(where):
             time.sleep(0.1)
     finally:
         stop.set()
-        for t in threads:
-            t.join()
+        for thread in threads:
+            thread.join()
         reader.close()
         writer.close()
     assert not errors, errors[:5]

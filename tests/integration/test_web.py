@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from shm_protocol.processes import child_pids
 from tests.helpers import cosine_rows, start_sidecar, start_web
 
 LIMITS = dict(SHM_EMBED_MAX_INPUTS="50", SHM_EMBED_MAX_INPUT_CHARS="5000", SHM_EMBED_MAX_BODY_BYTES="200000")
@@ -147,15 +148,13 @@ def test_master_holds_no_segment_no_torch_no_thread(web):
     """The master only imports the web code and loads the tokenizer before
     forking: it maps no shared-memory segment, loads no torch and runs one
     thread, while its workers have the rings mapped."""
-    http, w = web
+    http, instance = web
     assert post(http, "/embed", {"inputs": "warm"}).status_code == 200
-    maps = open(f"/proc/{w.proc.pid}/maps").read()
+    maps = open(f"/proc/{instance.proc.pid}/maps").read()
     assert "/dev/shm/" not in maps
     assert "libtorch" not in maps
-    assert os.listdir(f"/proc/{w.proc.pid}/task") == [str(w.proc.pid)]
-    from _common import child_pids
-
-    assert any("/dev/shm/" in open(f"/proc/{pid}/maps").read() for pid in child_pids(w.proc.pid))
+    assert os.listdir(f"/proc/{instance.proc.pid}/task") == [str(instance.proc.pid)]
+    assert any("/dev/shm/" in open(f"/proc/{pid}/maps").read() for pid in child_pids(instance.proc.pid))
 
 
 def test_unknown_path_and_method_are_json(web):
@@ -165,12 +164,12 @@ def test_unknown_path_and_method_are_json(web):
 
 
 def test_request_id_in_and_out(web):
-    http, w = web
+    http, instance = web
     r = post(http, "/embed", {"inputs": "id test"}, headers={"X-Request-ID": "req-abc-123"})
     assert r.headers["X-Request-ID"] == "req-abc-123"
     generated = http.get("/health").headers["X-Request-ID"]
     assert len(generated) == 32
-    assert "req-abc-123" in w.log.read_text()
+    assert "req-abc-123" in instance.log.read_text()
 
 
 def test_stats_and_metrics_are_the_host_view(web):
@@ -180,10 +179,10 @@ def test_stats_and_metrics_are_the_host_view(web):
     time.sleep(0.2)  # the sidecar answers first and counts after: let the last count land
     seen = [http.get("/embedding/stats").json() for _ in range(6)]
     assert len({json.dumps({k: s[k] for k in ("counters", "errors", "epoch")}) for s in seen}) == 1
-    s = seen[0]
-    assert s["status"] == "ok" and s["counters"]["texts"] >= 15 and s["successful_requests"] >= 5
-    assert {"p50", "p99"} <= set(s["percentiles"]["compute_seconds"])
-    assert sum(1 for r in s["rings"] if r["owner_alive"]) >= 1
+    stats = seen[0]
+    assert stats["status"] == "ok" and stats["counters"]["texts"] >= 15 and stats["successful_requests"] >= 5
+    assert {"p50", "p99"} <= set(stats["percentiles"]["compute_seconds"])
+    assert sum(1 for r in stats["rings"] if r["owner_alive"]) >= 1
     eh = http.get("/embedding/health").json()
     assert eh["status"] == "ok" and eh["embedding_server"] == "connected"
     text = http.get("/metrics").text
@@ -196,27 +195,27 @@ def test_stats_and_metrics_are_the_host_view(web):
 
 
 def test_api_key(tiny_sidecar, tmp_path):
-    w = start_web(tmp_path, tiny_sidecar.env, workers=1, SHM_EMBED_API_KEY="s3cret")
+    web = start_web(tmp_path, tiny_sidecar.env, workers=1, SHM_EMBED_API_KEY="s3cret")
     try:
-        with httpx.Client(base_url=w.base, timeout=30) as http:
+        with httpx.Client(base_url=web.base, timeout=30) as http:
             assert http.get("/health").status_code == 200
             assert_error(post(http, "/embed", {"inputs": "x"}), 401)
-            r = http.post("/embed", content=b'{"inputs": "x"}', headers={"content-type": "application/json",
+            response = http.post("/embed", content=b'{"inputs": "x"}', headers={"content-type": "application/json",
                                                                         "authorization": "Bearer wrong"})
-            assert_error(r, 401)
-            r = http.post("/embed", content=b'{"inputs": "x"}', headers={"content-type": "application/json",
+            assert_error(response, 401)
+            response = http.post("/embed", content=b'{"inputs": "x"}', headers={"content-type": "application/json",
                                                                         "authorization": "Bearer s3cret"})
-            assert r.status_code == 200
+            assert response.status_code == 200
     finally:
-        w.stop()
+        web.stop()
 
 
 def test_ring_full_is_429_with_retry_after(tiny_model, tmp_path):
     sc = start_sidecar(tmp_path, str(tiny_model), SHM_EMBED_SLOTS_PER_RING="1", SHM_EMBED_SLOT_TEXTS="4",
                        SHM_EMBED_TORCH_THREADS="1")
-    w = start_web(tmp_path, sc.env, workers=1, WEB_THREADS="6", SHM_EMBED_RING_WAIT_S="0.05")
+    web = start_web(tmp_path, sc.env, workers=1, WEB_THREADS="6", SHM_EMBED_RING_WAIT_S="0.05")
     try:
-        with httpx.Client(base_url=w.base, timeout=60) as http:
+        with httpx.Client(base_url=web.base, timeout=60) as http:
             body = {"inputs": ["a longer text to keep the only slot busy " * 5] * 400}
             with cf.ThreadPoolExecutor(6) as pool:
                 rs = list(pool.map(lambda _: post(http, "/embed", body), range(6)))
@@ -227,15 +226,15 @@ def test_ring_full_is_429_with_retry_after(tiny_model, tmp_path):
             assert_error(r429, 429, kind="rate_limited")
             assert post(http, "/embed", {"inputs": "after"}).status_code == 200
     finally:
-        w.stop()
+        web.stop()
         sc.stop()
 
 
 def test_sidecar_down_is_503_then_recovers(fresh_tiny_sidecar, tmp_path):
     sc = fresh_tiny_sidecar()
-    w = start_web(tmp_path, sc.env, workers=2)
+    web = start_web(tmp_path, sc.env, workers=2)
     try:
-        with httpx.Client(base_url=w.base, timeout=30) as http:
+        with httpx.Client(base_url=web.base, timeout=30) as http:
             assert post(http, "/embed", {"inputs": "up"}).status_code == 200
             sc.stop()
             r = post(http, "/embed", {"inputs": "down"})
@@ -249,4 +248,4 @@ def test_sidecar_down_is_503_then_recovers(fresh_tiny_sidecar, tmp_path):
             for _ in range(4):  # both workers re-attach on their next call
                 assert post(http, "/embed", {"inputs": "back"}).status_code == 200
     finally:
-        w.stop()
+        web.stop()

@@ -173,9 +173,9 @@ def post(http, path, doc):
 def test_web_search_ranks_the_page_that_answers(service, pages):
     urls = [f"{pages}/pages/{t}" for t in TOPICS]
     for query, want in QUERIES.items():
-        r = post(service.http, "/search/web", {"query": query, "urls": urls, "top_k": 3})
-        assert r.status_code == 200, r.text
-        doc = r.json()
+        response = post(service.http, "/search/web", {"query": query, "urls": urls, "top_k": 3})
+        assert response.status_code == 200, response.text
+        doc = response.json()
         assert doc["failed"] == [] and len(doc["pages"]) == 5
         best = doc["results"][0]
         assert best["url"] == f"{pages}/pages/{want}", (query, doc["results"])
@@ -256,26 +256,27 @@ def test_collections_are_shared_by_every_worker(collections):
     def write(k):
         docs = [{"id": f"t{k}-{i}", "text": f"{TOPICS[t][1]} (copy {k}-{i})", "url": f"u/{t}",
                  "metadata": {"topic": t, "writer": k}} for i, t in enumerate(TOPICS)]
-        r = post(http, "/collections/kb/documents", {"documents": docs})
-        assert r.status_code == 200, r.text
-        return r.json()["ids"]
+        response = post(http, "/collections/kb/documents", {"documents": docs})
+        assert response.status_code == 200, response.text
+        return response.json()["ids"]
 
     with cf.ThreadPoolExecutor(6) as pool:
         ids = [i for out in pool.map(write, range(6)) for i in out]
     assert len(set(ids)) == 30
     for _ in range(6):  # whichever worker answers
         assert http.get("/collections/kb").json()["documents"] == 30
-    r = post(http, "/collections/kb/search", {"query": "How do photovoltaic cells make electricity?", "top_k": 4,
-                                              "filter": {"writer": [1, 2]}})
-    assert r.status_code == 200, r.text
-    res = r.json()["results"]
+    response = post(http, "/collections/kb/search", {"query": "How do photovoltaic cells make electricity?", "top_k": 4,
+                                                     "filter": {"writer": [1, 2]}})
+    assert response.status_code == 200, response.text
+    res = response.json()["results"]
     assert [x["metadata"]["topic"] for x in res[:2]] == ["solar", "solar"]
     assert {x["metadata"]["writer"] for x in res} <= {1, 2} and len({x["id"] for x in res}) == 4
     assert set(res[0]) == {"id", "score", "passage", "url", "metadata"}
 
     # a write by one worker is visible to searches in all of them within a second
-    r = post(http, "/collections/kb/documents", {"documents": [{"id": "new", "text": "Giraffes have long necks."}]})
-    assert r.status_code == 200
+    response = post(http, "/collections/kb/documents",
+                    {"documents": [{"id": "new", "text": "Giraffes have long necks."}]})
+    assert response.status_code == 200
     t0 = time.monotonic()
     seen = 0
     while seen < 6:

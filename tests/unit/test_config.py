@@ -1,21 +1,26 @@
+import dataclasses
+from pathlib import Path
+
 import pytest
 
-from shm_protocol.config import Settings, markdown_table
+from shm_protocol.config import Settings, env_file_settings, markdown_document, markdown_table
 from shm_protocol.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_without_environment():
-    s = Settings.from_env({})
-    assert s.namespace == "shm-embed"
-    assert s.ipc_mode == 0o600
-    assert s.max_wait_us == 4000
-    assert s.use_ipc is True
+    settings = Settings.from_env({})
+    assert settings.namespace == "shm-embed"
+    assert settings.ipc_mode == 0o600
+    assert settings.max_wait_us == 4000
+    assert settings.use_ipc is True
 
 
 def test_environment_is_parsed_and_typed():
-    s = Settings.from_env({"SHM_EMBED_RINGS": "3", "SHM_EMBED_TIMEOUT_S": "2.5", "USE_IPC_EMBEDDING": "false",
-                           "SHM_EMBED_GROUP": "shm"})
-    assert (s.rings, s.timeout_s, s.use_ipc, s.ipc_mode) == (3, 2.5, False, 0o660)
+    settings = Settings.from_env({"SHM_EMBED_RINGS": "3", "SHM_EMBED_TIMEOUT_S": "2.5", "USE_IPC_EMBEDDING": "false",
+                                  "SHM_EMBED_GROUP": "shm"})
+    assert (settings.rings, settings.timeout_s, settings.use_ipc, settings.ipc_mode) == (3, 2.5, False, 0o660)
 
 
 @pytest.mark.parametrize("env,match", [
@@ -31,13 +36,12 @@ def test_bad_values_raise_config_error_naming_the_variable(env, match):
         Settings.from_env(env)
 
 
-def test_every_setting_is_documented_in_the_table():
-    table = markdown_table()
-    import dataclasses
-
-    for f in dataclasses.fields(Settings):
-        assert f"`{f.metadata['env']}`" in table
-        assert f.metadata["doc"]
+def test_every_setting_has_one_row_with_its_default_and_meaning():
+    rows = [line.split(" | ") for line in markdown_table().splitlines()[2:]]
+    assert [row[0].strip("| `") for row in rows] == [field.metadata["env"] for field in dataclasses.fields(Settings)]
+    for row, field in zip(rows, dataclasses.fields(Settings), strict=True):
+        assert field.metadata["doc"] and row[2].rstrip(" |") == field.metadata["doc"], row
+        assert row[1].strip("`") == (str(field.default) if field.default != "" else "(empty)"), row
 
 
 def test_the_old_batch_token_variable_sets_both_budgets_with_a_warning():
@@ -57,3 +61,16 @@ def test_the_old_batch_token_variable_sets_both_budgets_with_a_warning():
     assert (new.admit_tokens, new.call_tokens) == (100, 200)
     with pytest.raises(ConfigError, match="SHM_EMBED_ADMIT_TOKENS"):
         Settings.from_env({"SHM_EMBED_MAX_BATCH_TOKENS": "0"})
+
+def test_docs_configuration_is_the_generated_text():
+    """docs/configuration.md is made by ``python -m shm_protocol.config --markdown``:
+    a setting added, removed or reworded in the table without regenerating it fails here."""
+    on_disk = (REPO / "docs" / "configuration.md").read_text()
+    assert on_disk == markdown_document(), (
+        "docs/configuration.md is out of date: python -m shm_protocol.config --markdown > docs/configuration.md")
+
+
+def test_the_example_environment_file_lists_every_setting_with_its_default():
+    example = (REPO / "systemd" / "shm-embed.env.example").read_text()
+    assert example.endswith(env_file_settings() + "\n"), (
+        "systemd/shm-embed.env.example is out of date: its settings are python -m shm_protocol.config --env")

@@ -93,9 +93,10 @@ def test_a_location_selects_the_store():
 
 
 def test_the_collections_url_is_checked_and_kept_out_of_the_settings_repr():
-    s = Settings.from_env({"SHM_EMBED_COLLECTIONS_URL": "postgresql://u:pw-xyz@h/db", "SHM_EMBED_API_KEY": "key-xyz"})
-    assert s.collections_url == "postgresql://u:pw-xyz@h/db"
-    assert "pw-xyz" not in repr(s) and "key-xyz" not in repr(s)
+    settings = Settings.from_env({"SHM_EMBED_COLLECTIONS_URL": "postgresql://u:pw-xyz@h/db",
+                                  "SHM_EMBED_API_KEY": "key-xyz"})
+    assert settings.collections_url == "postgresql://u:pw-xyz@h/db"
+    assert "pw-xyz" not in repr(settings) and "key-xyz" not in repr(settings)
     assert Settings.from_env({}).collections_url == ""  # SQLite under SHM_EMBED_DATA_DIR
     with pytest.raises(ConfigError, match="SHM_EMBED_COLLECTIONS_URL"):
         Settings.from_env({"SHM_EMBED_COLLECTIONS_URL": "sqlite:///x.db"})

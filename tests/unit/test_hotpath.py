@@ -40,81 +40,82 @@ LAYOUTS = [
 ]
 
 
-def new_slots(p: LayoutParams) -> np.ndarray:
-    return slots_view(mmap.mmap(-1, p.data_bytes), p).reshape(-1)
+def new_slots(params: LayoutParams) -> np.ndarray:
+    return slots_view(mmap.mmap(-1, params.data_bytes), params).reshape(-1)
 
 
-@pytest.mark.parametrize("p", LAYOUTS)
-def test_what_c_submits_numpy_reads_at_the_layouts_offsets(p):
-    slots = new_slots(p)
+@pytest.mark.parametrize("params", LAYOUTS)
+def test_what_c_submits_numpy_reads_at_the_layouts_offsets(params):
+    slots = new_slots(params)
     ring = hotpath.ring(slots)
     flat = len(slots) - 1  # the last slot: an offset error would read past the others
-    ids = np.arange(5, 5 + min(p.max_tokens, 12), dtype=np.int32)
-    lengths = [len(ids) - 2, 2] if p.max_texts > 1 else [len(ids)]
+    ids = np.arange(5, 5 + min(params.max_tokens, 12), dtype=np.int32)
+    lengths = [len(ids) - 2, 2] if params.max_texts > 1 else [len(ids)]
     assert ring.submit(flat, ids, np.array(lengths), 1, [0, 1][: len(lengths)], 987654321, True, None)
-    s = slots[flat]
-    assert int(s["state"]) == SLOT_READY and int(s["seq"]) == 987654321 and int(s["model"]) == 1
-    assert int(s["n_texts"]) == len(lengths) and int(s["n_tokens"]) == len(ids)
-    assert s["offsets"][: len(lengths) + 1].tolist() == [0, *np.cumsum(lengths).tolist()]
-    assert s["tokens"][: len(ids)].tolist() == ids.tolist()
-    assert s["segments"][: len(lengths)].tolist() == [0, 1][: len(lengths)]
-    assert int(s["eta_ns"]) == 0 and int(s["error"]) == 0 and int(s["submit_ns"]) > 0
+    slot = slots[flat]
+    assert int(slot["state"]) == SLOT_READY and int(slot["seq"]) == 987654321 and int(slot["model"]) == 1
+    assert int(slot["n_texts"]) == len(lengths) and int(slot["n_tokens"]) == len(ids)
+    assert slot["offsets"][: len(lengths) + 1].tolist() == [0, *np.cumsum(lengths).tolist()]
+    assert slot["tokens"][: len(ids)].tolist() == ids.tolist()
+    assert slot["segments"][: len(lengths)].tolist() == [0, 1][: len(lengths)]
+    assert int(slot["eta_ns"]) == 0 and int(slot["error"]) == 0 and int(slot["submit_ns"]) > 0
     assert all(int(other["state"]) == 0 for other in slots[:flat])  # nothing written elsewhere
 
 
-@pytest.mark.parametrize("p", LAYOUTS)
-def test_what_c_publishes_numpy_reads_and_only_to_its_generation(p):
-    slots = new_slots(p)
+@pytest.mark.parametrize("params", LAYOUTS)
+def test_what_c_publishes_numpy_reads_and_only_to_its_generation(params):
+    slots = new_slots(params)
     ring = hotpath.ring(slots)
     flat = len(slots) - 1
-    s = slots[flat]
-    s["seq"] = 42
-    s["state"] = SLOT_BUSY
+    slot = slots[flat]
+    slot["seq"] = 42
+    slot["state"] = SLOT_BUSY
     assert ring.publish(flat, 41, 0, 1, 2, 3, None) == (False, False)  # another generation: nothing written
-    assert int(s["state"]) == SLOT_BUSY and int(s["queue_ns"]) == 0
+    assert int(slot["state"]) == SLOT_BUSY and int(slot["queue_ns"]) == 0
     assert ring.publish(flat, 42, int(SlotError.TOO_LONG), 111, 222, 7, None) == (True, False)
-    assert int(s["state"]) == SLOT_ERROR and int(s["error"]) == SlotError.TOO_LONG
-    assert (int(s["queue_ns"]), int(s["compute_ns"]), int(s["batch_texts"])) == (111, 222, 7)
+    assert int(slot["state"]) == SLOT_ERROR and int(slot["error"]) == SlotError.TOO_LONG
+    assert (int(slot["queue_ns"]), int(slot["compute_ns"]), int(slot["batch_texts"])) == (111, 222, 7)
     assert ring.answered(flat, 42) and not ring.answered(flat, 41)
-    s["state"] = SLOT_BUSY
-    assert ring.publish(flat, 42, 0, 1, 2, 3, None)[0] and int(s["state"]) == SLOT_DONE
+    slot["state"] = SLOT_BUSY
+    assert ring.publish(flat, 42, 0, 1, 2, 3, None)[0] and int(slot["state"]) == SLOT_DONE
 
 
-@pytest.mark.parametrize("p", LAYOUTS)
-def test_what_numpy_writes_c_takes_at_the_layouts_offsets(p):
-    slots = new_slots(p)
+@pytest.mark.parametrize("params", LAYOUTS)
+def test_what_numpy_writes_c_takes_at_the_layouts_offsets(params):
+    slots = new_slots(params)
     flat = len(slots) - 1
-    s = slots[flat]
+    slot = slots[flat]
     ids = [7, 8, 9, 10]
-    s["tokens"][:4] = ids
-    s["offsets"][:3] = [0, 1, 4] if p.max_texts > 1 else [0, 4, 0]
-    s["n_texts"] = 2 if p.max_texts > 1 else 1
-    s["n_tokens"], s["seq"], s["model"] = 4, 5, 0
-    code, seq, n, got_ids, offs, splits = hotpath.ring(slots).take(flat, 0, p.max_seq_length, p.vocab_size, False)
-    assert (code, seq, n) == (SlotError.NONE, 5, int(s["n_texts"])) and int(s["state"]) == SLOT_BUSY
+    slot["tokens"][:4] = ids
+    slot["offsets"][:3] = [0, 1, 4] if params.max_texts > 1 else [0, 4, 0]
+    slot["n_texts"] = 2 if params.max_texts > 1 else 1
+    slot["n_tokens"], slot["seq"], slot["model"] = 4, 5, 0
+    code, seq, n, got_ids, offs, splits = hotpath.ring(slots).take(flat, 0, params.max_seq_length,
+                                                                   params.vocab_size, False)
+    assert (code, seq, n) == (SlotError.NONE, 5, int(slot["n_texts"])) and int(slot["state"]) == SLOT_BUSY
     assert np.frombuffer(got_ids, np.int32).tolist() == ids
-    assert np.frombuffer(offs, np.int64).tolist() == s["offsets"][: n + 1].tolist()
+    assert np.frombuffer(offs, np.int64).tolist() == slot["offsets"][: n + 1].tolist()
     assert splits is None
 
 
 def test_a_ring_refuses_a_geometry_its_arrays_do_not_fit():
-    p = LAYOUTS[0]
-    slots = new_slots(p)
+    params = LAYOUTS[0]
+    slots = new_slots(params)
     offsets = hotpath.field_offsets(slots.dtype)
     with pytest.raises(ValueError, match="do not fit"):
-        hotpath.load().Ring(slots.view(np.uint8), slots.dtype.itemsize, offsets, p.max_texts, p.max_tokens * 100,
-                            p.dim)
+        hotpath.load().Ring(slots.view(np.uint8), slots.dtype.itemsize, offsets, params.max_texts,
+                            params.max_tokens * 100, params.dim)
     with pytest.raises(ValueError, match="outside the slot"):
         hotpath.load().Ring(slots.view(np.uint8), slots.dtype.itemsize, {**offsets, "out": 1 << 30},
-                            p.max_texts, p.max_tokens, p.dim)
+                            params.max_texts, params.max_tokens, params.dim)
 
 
 def test_submit_refuses_more_than_a_slot_holds_and_leaves_the_slot_unready():
-    p = LAYOUTS[0]
-    slots = new_slots(p)
+    params = LAYOUTS[0]
+    slots = new_slots(params)
     ring = hotpath.ring(slots)
     with pytest.raises(ValueError):
-        ring.submit(0, list(range(p.max_tokens + 1)), [p.max_tokens + 1], 0, None, 1, True, None)
+        ring.submit(0, list(range(params.max_tokens + 1)), [params.max_tokens + 1], 0, None, 1, True, None)
     with pytest.raises(ValueError, match="add up"):
         ring.submit(0, [1, 2, 3], [2], 0, None, 1, True, None)
     with pytest.raises(OverflowError):
@@ -126,18 +127,18 @@ def test_submit_refuses_more_than_a_slot_holds_and_leaves_the_slot_unready():
 @given(raw=st.binary(min_size=0, max_size=4096), n_texts=st.integers(0, 70), n_tokens=st.integers(0, 5000),
        pairs=st.booleans())
 def test_random_bytes_in_a_slot_never_crash_the_take_and_a_valid_verdict_is_safe(raw, n_texts, n_tokens, pairs):
-    p = LAYOUTS[0]
-    slots = new_slots(p)
+    params = LAYOUTS[0]
+    slots = new_slots(params)
     buf = slots.view(np.uint8)
     buf[: len(raw)] = np.frombuffer(raw, np.uint8)[: len(buf)]
     slots[0]["n_texts"], slots[0]["n_tokens"], slots[0]["model"] = n_texts, n_tokens, 0
     slots[0]["cancel"] = int(slots[0]["seq"]) + 1
-    code, _, n, ids, offs, splits = hotpath.ring(slots).take(0, 0, p.max_seq_length, p.vocab_size, pairs)
+    code, _, n, ids, offs, splits = hotpath.ring(slots).take(0, 0, params.max_seq_length, params.vocab_size, pairs)
     if code == SlotError.NONE:
         ids, offs = np.frombuffer(ids, np.int32), np.frombuffer(offs, np.int64)
-        assert 1 <= n <= p.max_texts and len(ids) == offs[-1] == n_tokens
-        assert ids.min() >= 0 and ids.max() < p.vocab_size
-        assert (np.diff(offs) >= 1).all() and (np.diff(offs) <= p.max_seq_length).all()
+        assert 1 <= n <= params.max_texts and len(ids) == offs[-1] == n_tokens
+        assert ids.min() >= 0 and ids.max() < params.vocab_size
+        assert (np.diff(offs) >= 1).all() and (np.diff(offs) <= params.max_seq_length).all()
         assert splits is None or (pairs and all(0 <= x < b - a for x, a, b in zip(splits, offs, offs[1:])))
     else:
         assert ids is None and offs is None
@@ -190,14 +191,14 @@ def test_the_compiled_tokenizer_gives_the_librarys_ids_or_steps_aside():
     tok = WorkerTokenizer(str(tokenizer_file(bundled_model_path())), 256)
     assert tok._fast is not None
     checked = 0
-    for t in _texts(4000, seed=5) + ["", " ", "[CLS] x", "a\x0bb", "naïve café", "x" * 101, "x" * 100]:
-        fast = tok._encode_fast([t], truncate=True)
+    for text in _texts(4000, seed=5) + ["", " ", "[CLS] x", "a\x0bb", "naïve café", "x" * 101, "x" * 100]:
+        fast = tok._encode_fast([text], truncate=True)
         if fast is None:
-            assert not t.isascii() or any(a in t for a in tok._added) or any(
-                ord(c) < 32 and c not in "\t\n\r" or ord(c) == 127 for c in t)
+            assert not text.isascii() or any(a in text for a in tok._added) or any(
+                ord(c) < 32 and c not in "\t\n\r" or ord(c) == 127 for c in text)
             continue
         checked += 1
-        assert fast[0] == tok._tok.encode(t).ids, t
+        assert fast[0] == tok._tok.encode(text).ids, text
     assert checked > 3000  # printable ASCII has vertical tabs and form feeds: the library takes those
 
 
@@ -229,13 +230,13 @@ def test_a_build_that_cannot_load_stops_the_sidecar_at_start_naming_the_fix(tmp_
 def test_an_error_slot_without_a_real_code_is_refused_never_read_as_vectors(error):
     """Someone sets a submitted slot to ERROR with code 0 (or one that would
     read as the reader's own signals): the reader refuses it and copies nothing."""
-    p = LAYOUTS[1]
-    slots = new_slots(p)
+    params = LAYOUTS[1]
+    slots = new_slots(params)
     ring = hotpath.ring(slots)
-    ring.submit(0, [101, 7, 102], [3], 0, None, 77, True, None, p.dim, ROW_MARK)
+    ring.submit(0, [101, 7, 102], [3], 0, None, 77, True, None, params.dim, ROW_MARK)
     slots[0]["out"][0, :] = 0.5
     slots[0]["state"], slots[0]["error"] = SLOT_ERROR, error
-    out = np.full((1, p.dim), -1.0, np.float32)
+    out = np.full((1, params.dim), -1.0, np.float32)
     code, _, _ = ring.collect(0, 77, out, ROW_MARK)
     assert code > 0 and slot_error(code).__class__.__name__ == "SlotRejected"
     assert (out == -1.0).all()

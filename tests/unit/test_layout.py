@@ -38,14 +38,14 @@ def test_slot_is_cache_line_aligned_and_fields_do_not_overlap():
 
 def test_header_round_trip_and_sizes():
     buf = bytearray(PARAMS.ctl_bytes)
-    h = header_view(buf)
-    h["magic"] = MAGIC
-    h["version"] = PROTOCOL_VERSION
-    h["layout_hash"] = LAYOUT_HASH
-    PARAMS.write_header(h)
+    header = header_view(buf)
+    header["magic"] = MAGIC
+    header["version"] = PROTOCOL_VERSION
+    header["layout_hash"] = LAYOUT_HASH
+    PARAMS.write_header(header)
     check_prefix(buf, "t")
     assert LayoutParams.from_header(header_view(buf)) == PARAMS
-    assert int(h["slot_bytes"]) == PARAMS.slot_dtype.itemsize
+    assert int(header["slot_bytes"]) == PARAMS.slot_dtype.itemsize
     assert PARAMS.ctl_bytes > HEADER_DTYPE.itemsize
     assert PARAMS.data_bytes == PARAMS.slot_dtype.itemsize * 6
 

@@ -77,17 +77,17 @@ def test_a_verified_file_changed_in_place_is_verified_again(tmp_path, monkeypatc
 
 def test_a_lease_holds_off_an_in_place_writer_until_let_go(tmp_path):
     path, _ = _file(tmp_path)
-    f = SnapshotFile(path)
-    assert f.leased and f.intact()
+    snapshot_file = SnapshotFile(path)
+    assert snapshot_file.leased and snapshot_file.intact()
     writer = subprocess.Popen([sys.executable, "-c", f"open({str(path)!r}, 'r+b').truncate(0)"])
     try:
         deadline = time.monotonic() + 10
-        while f.intact():  # the kernel marks the lease as breaking while the writer waits
+        while snapshot_file.intact():  # the kernel marks the lease as breaking while the writer waits
             assert time.monotonic() < deadline
             time.sleep(0.01)
         time.sleep(0.2)
         assert writer.poll() is None and path.stat().st_size == 16384  # still held off
-        f.close()
+        snapshot_file.close()
         assert writer.wait(10) == 0 and path.stat().st_size == 0  # let go: the writer went on
     finally:
         writer.kill()

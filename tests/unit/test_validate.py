@@ -16,10 +16,10 @@ P = LayoutParams(n_rings=1, slots_per_ring=1, max_texts=4, max_tokens=64, dim=3,
 def take(slots, n_texts, n_tokens, *, model=0, pairs=False):
     """The sidecar's take of slot 0 (generation 1, for model ``model``):
     (code, offsets, ids), the arrays as the scheduler builds them."""
-    s = slots[0]
-    s["n_texts"], s["n_tokens"], s["seq"], s["model"] = n_texts, n_tokens, 1, 0
+    record = slots[0]
+    record["n_texts"], record["n_tokens"], record["seq"], record["model"] = n_texts, n_tokens, 1, 0
     code, seq, _, ids, offs, splits = hotpath.ring(slots).take(0, model, P.max_seq_length, P.vocab_size, pairs)
-    assert seq == 1 and int(s["state"]) == SLOT_BUSY
+    assert seq == 1 and int(record["state"]) == SLOT_BUSY
     if code != SlotError.NONE:
         assert ids is None and offs is None
         return SlotError(code), None, None
@@ -32,9 +32,9 @@ def new_slots():
 
 def slot(ids, offsets, n_texts=None, n_tokens=None):
     slots = new_slots()
-    s = slots[0]
-    s["tokens"][: len(ids)] = ids
-    s["offsets"][: len(offsets)] = offsets
+    record = slots[0]
+    record["tokens"][: len(ids)] = ids
+    record["offsets"][: len(offsets)] = offsets
     n_texts = len(offsets) - 1 if n_texts is None else n_texts
     n_tokens = len(ids) if n_tokens is None else n_tokens
     return take(slots, n_texts, n_tokens)
@@ -101,10 +101,10 @@ def test_whatever_a_worker_writes_a_valid_verdict_means_a_safe_slot(lengths, ids
 ])
 def test_segment_splits_lie_inside_their_text_and_only_for_pairs(segments, pairs, code):
     slots = new_slots()
-    s = slots[0]
-    s["tokens"][:5] = [1, 2, 3, 4, 5]
-    s["offsets"][:3] = [0, 2, 5]
-    s["segments"][:2] = segments
+    record = slots[0]
+    record["tokens"][:5] = [1, 2, 3, 4, 5]
+    record["offsets"][:3] = [0, 2, 5]
+    record["segments"][:2] = segments
     assert take(slots, 2, 5, pairs=pairs)[0] == code
 
 

@@ -186,31 +186,31 @@ def test_the_fake_and_the_real_clients_are_embedding_backends(fake, tmp_path):
 
 
 def test_embed_returns_normalized_vectors_in_order(app, fake):
-    r = app.simulate_post("/embed", json={"inputs": ["a b", "c"]})
-    assert r.status_code == 200
-    got = np.asarray(r.json, np.float32)
+    response = app.simulate_post("/embed", json={"inputs": ["a b", "c"]})
+    assert response.status_code == 200
+    got = np.asarray(response.json, np.float32)
     want = np.stack([fake_vector("a b"), fake_vector("c")])
     want /= np.linalg.norm(want, axis=1, keepdims=True)
     assert np.allclose(got, want, atol=1e-6)
-    r = app.simulate_post("/embed", json={"inputs": "one", "normalize": False, "truncate": False})
-    assert np.allclose(r.json, [fake_vector("one")], atol=1e-5)
+    response = app.simulate_post("/embed", json={"inputs": "one", "normalize": False, "truncate": False})
+    assert np.allclose(response.json, [fake_vector("one")], atol=1e-5)
     assert fake.calls[-1] == {"texts": ["one"], "truncate": False, "normalize": False, "prompt": None,
                               "prompt_name": None, "dimensions": None}
     app.simulate_post("/embed", json={"inputs": ["q"], "prompt_name": "query", "prompt": None})
     assert fake.calls[-1]["prompt_name"] == "query"
     for bad in ({"prompt": 3}, {"prompt_name": ["x"]}, {"dimensions": "8"}, {"dimensions": True}):
-        r = app.simulate_post("/embed", json={"inputs": ["q"], **bad})
-        assert r.status_code == 422, bad
+        response = app.simulate_post("/embed", json={"inputs": ["q"], **bad})
+        assert response.status_code == 422, bad
 
 
 def test_openai_embeddings_float_and_base64(app):
-    r = app.simulate_post("/v1/embeddings", json={"input": ["x y z", "w"], "model": "fake-model"})
-    assert r.status_code == 200
-    assert r.json["model"] == "fake-model" and r.json["usage"] == {"prompt_tokens": 8, "total_tokens": 8}
-    assert [d["index"] for d in r.json["data"]] == [0, 1]
-    assert np.allclose(r.json["data"][0]["embedding"], fake_vector("x y z"), atol=1e-5)
-    r = app.simulate_post("/v1/embeddings", json={"input": "w", "encoding_format": "base64"})
-    raw = np.frombuffer(base64.b64decode(r.json["data"][0]["embedding"]), "<f4")
+    response = app.simulate_post("/v1/embeddings", json={"input": ["x y z", "w"], "model": "fake-model"})
+    assert response.status_code == 200
+    assert response.json["model"] == "fake-model" and response.json["usage"] == {"prompt_tokens": 8, "total_tokens": 8}
+    assert [d["index"] for d in response.json["data"]] == [0, 1]
+    assert np.allclose(response.json["data"][0]["embedding"], fake_vector("x y z"), atol=1e-5)
+    response = app.simulate_post("/v1/embeddings", json={"input": "w", "encoding_format": "base64"})
+    raw = np.frombuffer(base64.b64decode(response.json["data"][0]["embedding"]), "<f4")
     assert np.array_equal(raw, fake_vector("w"))
     assert app.simulate_post("/v1/embeddings", json={"input": "w", "dimensions": DIM}).status_code == 200
 
@@ -258,12 +258,12 @@ def test_body_media_type_and_size(app):
 ])
 def test_each_client_error_maps_to_its_status(app, fake, error, status, retry_after):
     fake.fail = error
-    r = app.simulate_post("/embed", json={"inputs": ["x"]})
-    assert r.status_code == status, r.text
-    assert r.json["error"]["message"]
-    assert r.headers.get("retry-after") == retry_after
+    response = app.simulate_post("/embed", json={"inputs": ["x"]})
+    assert response.status_code == status, response.text
+    assert response.json["error"]["message"]
+    assert response.headers.get("retry-after") == retry_after
     if isinstance(error, RuntimeError):
-        assert "a bug" not in r.text, "an unexpected error's text stays in the log"
+        assert "a bug" not in response.text, "an unexpected error's text stays in the log"
 
 
 def test_health_ready_info_and_the_original_endpoints(app, fake):
@@ -329,16 +329,16 @@ def test_collections_round_trip(app):
 
 
 def test_models_in_openai_shape_and_unknown_models_are_404(app):
-    r = app.simulate_get("/v1/models")
-    assert r.status_code == 200 and r.json["object"] == "list"
-    assert [m["id"] for m in r.json["data"]] == ["fake-model", "fake-reranker"]
-    assert r.json["data"][0]["object"] == "model" and r.json["data"][1]["kind"] == "rerank"
+    response = app.simulate_get("/v1/models")
+    assert response.status_code == 200 and response.json["object"] == "list"
+    assert [m["id"] for m in response.json["data"]] == ["fake-model", "fake-reranker"]
+    assert response.json["data"][0]["object"] == "model" and response.json["data"][1]["kind"] == "rerank"
     assert app.simulate_get("/v1/models/fake-model").json["id"] == "fake-model"
     for path, kw in (("/v1/models/text-embedding-ada-002", {}),
                      ("/v1/embeddings", {"json": {"input": "x", "model": "text-embedding-ada-002"}})):
-        r = (app.simulate_get(path) if not kw else app.simulate_post(path, **kw))
-        assert r.status_code == 404, path
-        err = r.json["error"]
+        response = (app.simulate_get(path) if not kw else app.simulate_post(path, **kw))
+        assert response.status_code == 404, path
+        err = response.json["error"]
         assert err["code"] == "model_not_found" and err["param"] == "model" and "fake-model" in err["message"]
     ok = app.simulate_post("/v1/embeddings", json={"input": "x", "model": "org/fake-model"})  # a hub id
     assert ok.status_code == 200
@@ -348,28 +348,28 @@ def test_rerank_in_tei_and_cohere_shapes_best_first(app, fake):
     docs = ["cats purr", "dogs bark", "fish swim", "birds sing"]
     want = fake.rerank_detailed("pets", docs).scores
     order = list(np.argsort(-want, kind="stable"))
-    r = app.simulate_post("/rerank", json={"query": "pets", "texts": docs, "return_text": True})
-    assert r.status_code == 200
-    assert [x["index"] for x in r.json] == order
-    assert [x["text"] for x in r.json] == [docs[i] for i in order]
-    assert [x["score"] for x in r.json] == pytest.approx([float(want[i]) for i in order], abs=1e-6)
+    response = app.simulate_post("/rerank", json={"query": "pets", "texts": docs, "return_text": True})
+    assert response.status_code == 200
+    assert [x["index"] for x in response.json] == order
+    assert [x["text"] for x in response.json] == [docs[i] for i in order]
+    assert [x["score"] for x in response.json] == pytest.approx([float(want[i]) for i in order], abs=1e-6)
     raw = app.simulate_post("/rerank", json={"query": "pets", "texts": docs, "raw_scores": True}).json
     assert "text" not in raw[0] and all(-1.0 <= x["score"] <= 1.0 for x in raw)
-    assert {x["score"] for x in raw} != {x["score"] for x in r.json}  # raw logits, not sigmoids
-    c = app.simulate_post("/v1/rerank", json={"model": "fake-reranker", "query": "pets", "top_n": 2,
-                                              "documents": [{"text": d} for d in docs], "return_documents": True})
-    assert c.status_code == 200 and c.json["model"] == "fake-reranker"
-    assert [x["index"] for x in c.json["results"]] == order[:2]
-    assert c.json["results"][0]["document"] == {"text": docs[order[0]]}
-    assert c.json["results"][0]["relevance_score"] == pytest.approx(float(want[order[0]]), abs=1e-6)
-    assert c.json["usage"]["total_tokens"] > 0
+    assert {x["score"] for x in raw} != {x["score"] for x in response.json}  # raw logits, not sigmoids
+    cohere = app.simulate_post("/v1/rerank", json={"model": "fake-reranker", "query": "pets", "top_n": 2,
+                                                   "documents": [{"text": d} for d in docs], "return_documents": True})
+    assert cohere.status_code == 200 and cohere.json["model"] == "fake-reranker"
+    assert [x["index"] for x in cohere.json["results"]] == order[:2]
+    assert cohere.json["results"][0]["document"] == {"text": docs[order[0]]}
+    assert cohere.json["results"][0]["relevance_score"] == pytest.approx(float(want[order[0]]), abs=1e-6)
+    assert cohere.json["usage"]["total_tokens"] > 0
     for body, status in (({"query": "q", "documents": docs, "model": "nope"}, 404),
                          ({"query": "", "documents": docs}, 422), ({"query": "q"}, 422),
                          ({"query": "q", "documents": "one string"}, 422),
                          ({"query": "q", "documents": docs, "top_n": 0}, 422),
                          ({"query": "q", "documents": ["x"] * 6}, 413)):
-        r = app.simulate_post("/v1/rerank", json=body)
-        assert r.status_code == status, body
+        response = app.simulate_post("/v1/rerank", json=body)
+        assert response.status_code == status, body
     assert app.simulate_post("/v1/rerank", json={"query": "q", "documents": docs, "model": "nope"}
                              ).json["error"]["code"] == "model_not_found"
 
@@ -389,9 +389,9 @@ def test_a_search_reranks_no_more_candidates_than_a_request_may_send(app):
 def test_rerank_applies_the_rerankers_prompts(app, fake):
     docs = ["cats purr", "dogs bark", "fish swim"]
     def scores(path, field, key, **extra):
-        r = app.simulate_post(path, json={"query": "pets", field: docs, **extra})
-        assert r.status_code == 200, r.text
-        rows = r.json if isinstance(r.json, list) else r.json["results"]
+        response = app.simulate_post(path, json={"query": "pets", field: docs, **extra})
+        assert response.status_code == 200, response.text
+        rows = response.json if isinstance(response.json, list) else response.json["results"]
         return {x["index"]: x[key] for x in rows}
 
     for path, field, key in (("/rerank", "texts", "score"), ("/v1/rerank", "documents", "relevance_score")):
@@ -401,8 +401,8 @@ def test_rerank_applies_the_rerankers_prompts(app, fake):
         assert named == scores(path, field, key, prompt="q: ")
         want = fake.rerank_detailed("q: pets", docs).scores
         assert [named[i] for i in range(3)] == pytest.approx(want.tolist(), abs=1e-6)
-        r = app.simulate_post(path, json={"query": "pets", field: docs, "prompt_name": "no-such-prompt"})
-        assert r.status_code == 422 and "no-such-prompt" in r.json["error"]["message"]
+        response = app.simulate_post(path, json={"query": "pets", field: docs, "prompt_name": "no-such-prompt"})
+        assert response.status_code == 422 and "no-such-prompt" in response.json["error"]["message"]
         for bad in ({"prompt": 3}, {"prompt_name": ["x"]}, {"prompt": "p" * 3000}):
             assert app.simulate_post(path, json={"query": "pets", field: docs, **bad}).status_code in (413, 422)
 
@@ -449,9 +449,10 @@ def test_every_text_field_of_every_route_refuses_broken_text(app, method, path, 
     cases = 0
     for bad, what in (("half \ud83d an emoji", "surrogate"), ("\udc00", "surrogate"), ("a\x00b", "U+0000")):
         for where, doc in corrupted(body, bad):
-            r = app.simulate_request(method, path, body=json.dumps(doc), headers={"content-type": "application/json"})
-            assert r.status_code == 422, (where, bad, r.text)
-            message = r.json["error"]["message"]
+            response = app.simulate_request(method, path, body=json.dumps(doc),
+                                            headers={"content-type": "application/json"})
+            assert response.status_code == 422, (where, bad, response.text)
+            message = response.json["error"]["message"]
             assert f"'{where}'" in message or where == "body" and "key of the body" in message, (where, message)
             assert what in message, message
             cases += 1
@@ -459,9 +460,9 @@ def test_every_text_field_of_every_route_refuses_broken_text(app, method, path, 
     marker = "\N{SNOWMAN}"
     raw = json.dumps(next(corrupted(body, marker))[1], ensure_ascii=False).encode()
     for invalid in (b"\xed\xa0\xbd", b"\xff", b"\xc3"):
-        r = app.simulate_request(method, path, body=raw.replace(marker.encode(), invalid),
-                                 headers={"content-type": "application/json"})
-        assert r.status_code == 400 and "UTF-8" in r.json["error"]["message"], r.text
+        response = app.simulate_request(method, path, body=raw.replace(marker.encode(), invalid),
+                                        headers={"content-type": "application/json"})
+        assert response.status_code == 400 and "UTF-8" in response.json["error"]["message"], response.text
     assert app.simulate_get("/collections").json["collections"] == []  # no write got through
     assert app.simulate_post("/embed", json={"inputs": ["still serving"]}).status_code == 200
 
@@ -482,11 +483,11 @@ def test_a_surrogate_already_stored_never_fails_a_read(app, tmp_path):
     assert app.simulate_post("/collections/kb/documents", json={"documents": docs}).status_code == 200
     with sqlite3.connect(tmp_path / "data" / COLLECTIONS_DB) as db:
         db.execute("UPDATE documents SET metadata = ? WHERE id = 'a'", ('{"k": "\\ud83d", "\\udc00x": [1]}',))
-    r = app.simulate_post("/collections/kb/search", json={"query": "an unrelated query", "top_k": 10})
-    assert r.status_code == 200, r.text
-    got = {x["id"]: x["metadata"] for x in r.json["results"]}
+    response = app.simulate_post("/collections/kb/search", json={"query": "an unrelated query", "top_k": 10})
+    assert response.status_code == 200, response.text
+    got = {x["id"]: x["metadata"] for x in response.json["results"]}
     assert got["a"] == {"k": "\ufffd", "\ufffdx": [1]} and got["b"] == {}
-    r = app.simulate_get("/collections/kb/documents/a")
-    assert r.status_code == 200 and r.json["metadata"]["k"] == "\ufffd"
-    r = app.simulate_post("/collections/kb/search", json={"query": "q", "filter": {"k": "v"}})
-    assert r.status_code == 200 and r.json["results"] == []
+    response = app.simulate_get("/collections/kb/documents/a")
+    assert response.status_code == 200 and response.json["metadata"]["k"] == "\ufffd"
+    response = app.simulate_post("/collections/kb/search", json={"query": "q", "filter": {"k": "v"}})
+    assert response.status_code == 200 and response.json["results"] == []
