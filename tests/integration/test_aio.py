@@ -19,7 +19,7 @@ import pytest
 from shm_protocol.aio import AsyncEmbeddingClient
 from shm_protocol.errors import SidecarUnavailable
 from shm_protocol.layout import SLOT_FREE
-from tests.helpers import REPO, cosine_rows, free_port
+from tests.helpers import cosine_rows, free_port
 
 CONCURRENT = 32
 
