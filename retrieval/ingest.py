@@ -281,6 +281,7 @@ def _progress(enabled: bool):
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
+    from rich.console import Console
     from rich.text import Text
 
     class RateColumn(ProgressColumn):
@@ -288,8 +289,8 @@ def _progress(enabled: bool):
             return Text(f"{task.speed:.1f} files/s" if task.speed else "- files/s")
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=not enabled,
-                    transient=False)
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True),
+                    disable=not enabled)
 
 
 def _iter_report(summary: Summary) -> Iterator[str]:
