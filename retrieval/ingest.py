@@ -272,6 +272,7 @@ def ingest(paths: list[str], store, collection: str, *, progress: bool = True) -
 
 
 def _progress(enabled: bool):
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -281,7 +282,6 @@ def _progress(enabled: bool):
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
-    from rich.console import Console
     from rich.text import Text
 
     class RateColumn(ProgressColumn):
