@@ -7,7 +7,7 @@ eventfd would need a second wake-up path in the sidecar for asyncio workers
 only (and a helper thread per worker anyway to turn semaphore posts into
 fd events). So each call runs the synchronous client, tokenizing included,
 in a small executor of this client's own, with as many threads as the
-ring has slots (``SHM_EMBED_SLOTS_PER_RING``): more threads than slots would
+ring has slots (the sidecar's ``SHM_EMBED_SLOTS_PER_RING``): more threads than slots would
 only wait for a slot, and the loop's default executor is left to the
 application. The waits release the GIL (the compiled hot path), so the
 event loop keeps running while they block.
@@ -56,9 +56,13 @@ class AsyncEmbeddingClient:
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or Settings.from_env()
         self.sync = EmbeddingClient(self.settings)
-        self._executor = ThreadPoolExecutor(max_workers=self.settings.slots_per_ring,
-                                            thread_name_prefix="shm-embed-wait")
+        self._threads = self.settings.slots_per_ring
+        self._executor = self._new_executor(self._threads)
         self._closed = False
+
+    @staticmethod
+    def _new_executor(threads: int) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="shm-embed-wait")
 
     @classmethod
     async def connect(cls, settings: Settings | None = None, *, lazy: bool = False) -> AsyncEmbeddingClient:
@@ -68,10 +72,15 @@ class AsyncEmbeddingClient:
         client = cls(settings)
         if not lazy:
             try:
-                await client._call(client.sync._get_session)
+                info = await client._call(client.sync.info)
             except BaseException:
                 await client.close()
                 raise
+            # The sidecar fixed the ring's size at its start: one thread per slot it made.
+            if info["slots_per_ring"] != client._threads:
+                old, client._threads = client._executor, info["slots_per_ring"]
+                client._executor = client._new_executor(client._threads)
+                old.shutdown(wait=False)
         return client
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

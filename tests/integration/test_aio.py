@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from shm_protocol.aio import AsyncEmbeddingClient
-from shm_protocol.errors import SidecarUnavailable
+from shm_protocol.errors import InvalidInput, ModelNotFound, SidecarUnavailable
 from shm_protocol.layout import SLOT_FREE
-from tests.helpers import cosine_rows, free_port
+from tests.helpers import cosine_rows, free_port, leased_rings
 
 CONCURRENT = 32
 
@@ -61,6 +61,8 @@ def starlette_server(tiny_sidecar, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    # The worker's lifespan closed the client: its ring went back (not left for the reaper).
+    assert leased_rings(tiny_sidecar.names) == [], log.read_text(errors="replace")
 
 
 def _post_embed(port: int, text: str) -> np.ndarray:
@@ -138,6 +140,11 @@ def test_cancelled_awaits_free_their_slots_and_the_client_still_serves(tiny_side
 
             probe = _texts(5, 10)
             assert cosine_rows(await client.embed(probe), tiny_st.encode(probe)).min() >= 0.99999
+            # The synchronous client's typed errors, raised from the await.
+            with pytest.raises(InvalidInput):
+                await client.embed(["fine", 3])
+            with pytest.raises(ModelNotFound):
+                await client.rerank("query", ["the tiny sidecar serves no reranker"])
 
             sess = client.sync._session
             slots = sess.params.slots_per_ring
