@@ -21,7 +21,8 @@ hash is skipped, so a run that stopped half-way is simply run again.
 
 Exit status: 0 when every file was read and stored; 1 when any failed (each
 is named at the end: unreadable, binary, a bad JSONL line with its number);
-2 when nothing could start (no sidecar, bad arguments, the store unavailable).
+2 when nothing could start or the run stopped (no sidecar, bad arguments,
+the store or the sidecar unavailable); 130 when interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ BINARY_SNIFF_BYTES = 8192
 HASH_KEY = "content_sha256"
 
 EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # as a shell reports a SIGINT
 
 
 @dataclass
@@ -329,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("ingest stopped: {}", exc)
         print(f"shm-embed-ingest: stopped: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
+    except KeyboardInterrupt:
+        print("shm-embed-ingest: interrupted; what was stored stays, and a new run skips it", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         client.close()
     for line in _iter_report(summary):

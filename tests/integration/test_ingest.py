@@ -50,6 +50,7 @@ def corpus(tmp_path_factory):
     (root / "records.jsonl").write_text("\n".join(lines) + "\n")
     (root / "blob.txt").write_bytes(bytes(range(256)) * 4)  # NUL bytes: binary
     os.symlink(root / "nowhere.txt", root / "dangling.txt")  # unreadable even as root
+    os.mkfifo(root / "pipe.md")  # reading it would block: refused unread
     (root / "ignored.csv").write_text("a,b\n")  # not a format it reads: passed over in a walked folder
     return root
 
@@ -74,18 +75,19 @@ def test_ingest_loads_a_folder_names_each_failure_and_skips_what_it_stored(tiny_
     first = _run(corpus, tiny_sidecar.env, data_dir)
     assert first.returncode == 1, first.stderr
     summary = _summary(first)
-    assert summary["stored"] == documents and summary["skipped"] == 0 and summary["failed"] == 3
+    assert summary["stored"] == documents and summary["skipped"] == 0 and summary["failed"] == 4
     assert summary["passages"] >= documents
     failed = [line for line in first.stdout.splitlines() if line.startswith("failed: ")]
     assert any("dangling.txt: unreadable" in line for line in failed), failed
     assert any("blob.txt: binary file" in line for line in failed), failed
     assert any(f"records.jsonl:{BAD_JSONL_LINE}: not JSON" in line for line in failed), failed
-    assert len(failed) == 3
+    assert any("pipe.md: unreadable: not a regular file" in line for line in failed), failed
+    assert len(failed) == 4
 
     again = _run(corpus, tiny_sidecar.env, data_dir)
     assert again.returncode == 1, again.stderr
     summary = _summary(again)
-    assert (summary["stored"], summary["skipped"], summary["failed"]) == (0, documents, 3)
+    assert (summary["stored"], summary["skipped"], summary["failed"]) == (0, documents, 4)
 
     client = client_for(tiny_sidecar)
     store = CollectionStore(data_dir, client)
