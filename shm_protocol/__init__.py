@@ -3,6 +3,7 @@
 Importing this package never imports torch or falcon.
 """
 
+from .aio import AsyncEmbeddingClient
 from .client import EmbeddingClient, EmbedResult, RerankResult
 from .config import Settings
 from .errors import (
@@ -13,6 +14,7 @@ from .errors import (
     ModelNotFound,
     NamespaceInUse,
     NoRingAvailable,
+    RequestCancelled,
     RequestTooLarge,
     RingFull,
     ShmEmbedError,
@@ -24,7 +26,8 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "EmbeddingClient", "EmbedResult", "RerankResult", "Settings", "ConfigError", "InvalidInput", "LayoutMismatch",
-    "ModelFailed", "ModelNotFound", "NamespaceInUse", "NoRingAvailable", "RequestTooLarge", "RingFull", "ShmEmbedError",
-    "SidecarTimeout", "SidecarUnavailable", "SlotRejected", "__version__",
+    "AsyncEmbeddingClient", "EmbeddingClient", "EmbedResult", "RerankResult", "Settings", "ConfigError",
+    "InvalidInput", "LayoutMismatch", "ModelFailed", "ModelNotFound", "NamespaceInUse", "NoRingAvailable",
+    "RequestCancelled", "RequestTooLarge", "RingFull", "ShmEmbedError", "SidecarTimeout", "SidecarUnavailable",
+    "SlotRejected", "__version__",
 ]

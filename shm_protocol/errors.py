@@ -72,6 +72,11 @@ class RingFull(ShmEmbedError):
         self.retry_after_s = retry_after_s
 
 
+class RequestCancelled(ShmEmbedError):
+    """The request's caller gave up (an asyncio await was cancelled): its
+    slots were handed back or abandoned, as after a timeout."""
+
+
 class RequestTooLarge(ShmEmbedError, ValueError):
     """The request exceeds a configured limit (texts per request, tokens per text)."""
 

@@ -8,6 +8,7 @@ docstring."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
@@ -23,6 +24,7 @@ from .config import Settings
 from .errors import (
     LayoutMismatch,
     ModelFailed,
+    RequestCancelled,
     RingFull,
     ShmEmbedError,
     SidecarTimeout,
@@ -72,6 +74,27 @@ _log_bell_failure = RateLimitedLog()
 
 #: Slot states in which the sidecar may still read or write the slot.
 _IN_FLIGHT = (SLOT_CLAIMED, SLOT_READY, SLOT_BUSY)
+
+#: The cancel event of the request this thread runs, if any (see cancellable).
+_thread_request = threading.local()
+
+
+@contextlib.contextmanager
+def cancellable(event: threading.Event):
+    """Requests this thread runs inside the block end with RequestCancelled
+    once ``event`` is set: the wait notices within one poll interval (50 ms
+    at most) and its slots are given up as after a timeout. The asyncio
+    client runs each call in a thread inside such a block."""
+    _thread_request.cancel = event
+    try:
+        yield
+    finally:
+        _thread_request.cancel = None
+
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise RequestCancelled("the caller cancelled the request")
 
 
 class Session:
@@ -241,6 +264,8 @@ class Session:
         ``cache_keys``: each text's embedding cache key, for the sidecar to
         store its vector under (None: nothing is cached)."""
         p = self.params
+        cancel = getattr(_thread_request, "cancel", None)
+        _check_cancel(cancel)
         if len(lengths) == 1:  # one text (the usual query): one slot, no chunking
             chunks = [(0, 1)]
         else:
@@ -252,9 +277,10 @@ class Session:
         try:
             while ci < len(chunks) or pending:
                 if ci < len(chunks) and failure is None:
+                    _check_cancel(cancel)
                     # Take a slot without waiting while we hold parts in flight;
                     # otherwise wait (bounded) for one.
-                    s = self.take_slot(None) if pending else self._wait_for_slot()
+                    s = self.take_slot(None) if pending else self._wait_for_slot(cancel)
                     if s is not None:
                         a, b = chunks[ci]
                         ids = id_lists[a] if b - a == 1 else np.fromiter(
@@ -283,7 +309,7 @@ class Session:
                     break
                 s, seq, a, b = pending.pop(0)
                 try:
-                    q, c = self._collect(s, seq, out[a:b])
+                    q, c = self._collect(s, seq, out[a:b], cancel)
                     queue_ns, compute_ns = max(queue_ns, q), max(compute_ns, c)
                 except (SlotRejected, SidecarUnavailable) as exc:
                     failure = failure or exc
@@ -312,7 +338,7 @@ class Session:
         chunks.append((start, len(lengths)))
         return chunks
 
-    def _wait_for_slot(self) -> int | None:
+    def _wait_for_slot(self, cancel: threading.Event | None = None) -> int | None:
         """A free slot within the admission wait, or None (RingFull). Checks
         the sidecar while waiting: slots held by a dead sidecar never free up,
         and that is SidecarUnavailable, not RingFull."""
@@ -324,15 +350,17 @@ class Session:
             s = self.take_slot(min(0.05, max(0.0, deadline - time.monotonic())))
             if s is not None:
                 return s
+            _check_cancel(cancel)
             self.region.check_available(self.settings.stale_after_s, thorough=True)
             if time.monotonic() >= deadline:
                 return None
 
-    def _collect(self, s: int, seq: int, dest: np.ndarray) -> tuple[int, int]:
+    def _collect(self, s: int, seq: int, dest: np.ndarray,
+                 cancel: threading.Event | None = None) -> tuple[int, int]:
         """Wait for slot ``s`` to be answered, copy its vectors into ``dest``.
         A wait that ends in any exception leaves the slot quarantined."""
         try:
-            self._await_answer(s, seq)
+            self._await_answer(s, seq, cancel)
         except BaseException:
             self.give_up(s, seq)
             raise
@@ -349,13 +377,14 @@ class Session:
             raise slot_error(code)
         return queue_ns, compute_ns
 
-    def _await_answer(self, s: int, seq: int) -> None:
+    def _await_answer(self, s: int, seq: int, cancel: threading.Event | None = None) -> None:
         """Spin, then park: under the spin policy poll the slot from the
         submit on; else block on the semaphore until shortly before the
         sidecar's ETA for the slot, then poll its state for a bounded time;
         if the answer is late, block again. The timer wake-up happens while
         the model still runs, so its cost is hidden. A sidecar that drains
-        (a clean stop) still answers what it holds, so that is waited for."""
+        (a clean stop) still answers what it holds, so that is waited for.
+        A set ``cancel`` ends the wait with RequestCancelled at the next wake-up."""
         hot, sem = self.hot, self.sems[s]
         settings = self.settings
         spin_ns = settings.spin_us * 1000
@@ -389,9 +418,11 @@ class Session:
             if sem.wait(timeout):
                 if hot.answered(s, seq):
                     return
+                _check_cancel(cancel)
                 continue  # a stale post from an abandoned request: keep waiting for ours
             if hot.answered(s, seq):  # answered, but its post was lost
                 return
+            _check_cancel(cancel)
             region = self.region
             reason = region.unavailable_reason(settings.stale_after_s, thorough=True)
             if reason is not None and region.state_name == "draining":
