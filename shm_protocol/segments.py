@@ -380,7 +380,7 @@ def pid_alive(pid: int) -> bool:
 
 __all__ = [
     "DEV_SHM", "Names", "NamespaceLock", "Segment", "ShmEmbedError", "check_shm_space", "create_semaphore",
-    "reset_semaphore", "unlink_namespace", "locked", "try_lock",
+    "reset_semaphore", "unlink_namespace", "locked", "lock_is_held", "try_lock",
     "unlock", "pid_alive",
 ]
 

@@ -165,3 +165,26 @@ def test_a_model_is_swapped_under_traffic_without_a_failed_or_wrong_answer(servi
             while serving.names.dev_shm_entries() and time.monotonic() < deadline:
                 time.sleep(0.05)
     assert serving.names.dev_shm_entries() == [], "the successor removes the namespace when it stops"
+
+
+def test_a_takeover_request_written_by_a_worker_is_ignored(synthetic_sidecar):
+    """A pid written into takeover_pid by a process that holds no takeover
+    lock (any worker may write the header) is cleared; the sidecar serves on."""
+    from tests.helpers import synthetic_reference
+
+    sc = synthetic_sidecar(us=0)
+    with client_for(sc) as c:
+        epoch = c.info()["epoch"]
+        region = Region.attach(sc.names, with_data=False)
+        try:
+            region.hv.takeover_pid[0] = os.getpid()  # alive, but no successor
+            deadline = time.monotonic() + 5
+            while int(region.hv.takeover_pid[0]) and time.monotonic() < deadline:
+                c.embed(["wake the loop"])
+                time.sleep(0.01)
+            assert int(region.hv.takeover_pid[0]) == 0 and region.state_name == "ready"
+        finally:
+            region.close()
+        want = ["still served"]
+        assert np.allclose(c.embed(want), synthetic_reference(c, want), atol=1e-6)
+        assert c.info()["epoch"] == epoch and sc.proc.poll() is None
