@@ -72,10 +72,12 @@ def second_model(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny2"), seed=1)
 
 
-@pytest.fixture
-def serving(tiny_model, tmp_path):
-    """A sidecar of the tiny model; a test may have it taken over (it then exits by itself)."""
-    sc = start_sidecar(tmp_path, str(tiny_model), SHM_EMBED_TORCH_THREADS="1")
+@pytest.fixture(scope="module")
+def serving(tiny_model, tmp_path_factory):
+    """A sidecar of the tiny model, shared by the module: the failed load
+    leaves it serving, the swap (the module's last use of it) has it taken
+    over, after which it has exited by itself."""
+    sc = start_sidecar(tmp_path_factory.mktemp("serving"), str(tiny_model), SHM_EMBED_TORCH_THREADS="1")
     yield sc
     if sc.proc.poll() is None:
         stop_and_check(sc)
