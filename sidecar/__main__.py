@@ -137,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         if report:
             report(f"cannot serve: {exc}")
         return 1
-    if notify:
+    # Not after a handover: the successor is the unit's main process now,
+    # and with NotifyAccess=all a STOPPING=1 of ours would stop the unit.
+    if notify and not sidecar.successor:
         notify("STOPPING=1")
     return 0
 

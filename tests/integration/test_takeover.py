@@ -76,9 +76,16 @@ def second_model(tmp_path_factory):
 def serving(tiny_model, tmp_path_factory):
     """A sidecar of the tiny model, shared by the module: the failed load
     leaves it serving, the swap (the module's last use of it) has it taken
-    over, after which it has exited by itself."""
-    sc = start_sidecar(tmp_path_factory.mktemp("serving"), str(tiny_model), SHM_EMBED_TORCH_THREADS="1")
+    over, after which it has exited by itself. Its notify socket (as
+    systemd's, which its successor shares) is ``sc.notify``."""
+    folder = tmp_path_factory.mktemp("serving")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(folder / "notify.sock"))
+    sock.settimeout(120)
+    sc = start_sidecar(folder, str(tiny_model), SHM_EMBED_TORCH_THREADS="1", NOTIFY_SOCKET=str(folder / "notify.sock"))
+    sc.notify = sock
     yield sc
+    sock.close()
     if sc.proc.poll() is None:
         stop_and_check(sc)
 
@@ -123,23 +130,31 @@ def test_a_model_is_swapped_under_traffic_without_a_failed_or_wrong_answer(servi
     workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(old_ref), str(new_ref), json.dumps(TEXTS),
                                  str(stop_file)], env=serving.env, cwd=REPO, stdout=subprocess.PIPE, text=True)
                for _ in range(2)]
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(tmp_path / "notify.sock"))
-    sock.settimeout(120)
+    sock = serving.notify
     successor = 0
     try:
         for w in workers:
             assert w.stdout.readline().strip() == "ready"
         env = sidecar_env(serving.settings.namespace, str(second_model), SHM_EMBED_TORCH_THREADS="1",
-                          NOTIFY_SOCKET=str(tmp_path / "notify.sock"))
+                          NOTIFY_SOCKET=serving.env["NOTIFY_SOCKET"])
         log = tmp_path / "successor.log"
         launcher = subprocess.run(_takeover_cmd("--detach"), env=env, cwd=REPO, stdout=log.open("wb"),
                                   stderr=subprocess.STDOUT, timeout=120)
         assert launcher.returncode == 0, log.read_text()
-        message = sock.recv(4096).decode().split("\n")
-        assert message[1] == "READY=1" and message[0].startswith("MAINPID="), message
+        message = []
+        while not message or not message[0].startswith("MAINPID="):  # past the old sidecar's own READY=1
+            message = sock.recv(4096).decode().split("\n")
+        assert message[1:] == ["READY=1"], message
         successor = int(message[0].split("=")[1])
         assert serving.proc.wait(30) == 0, "the old sidecar exits cleanly once it has handed over"
+        sock.settimeout(0.2)
+        later = []
+        try:
+            while True:
+                later.append(sock.recv(4096).decode())
+        except TimeoutError:
+            pass
+        assert "STOPPING=1" not in later, "the old sidecar must not tell systemd the unit stops"
         switched = time.monotonic()
         region = Region.attach(serving.names, readonly=True, with_data=False)
         assert region.sidecar_pid == successor and region.state_name == "ready"
@@ -151,7 +166,6 @@ def test_a_model_is_swapped_under_traffic_without_a_failed_or_wrong_answer(servi
         for w in workers:
             out, _ = w.communicate(timeout=60)
             results += json.loads(out.strip().splitlines()[-1])
-        sock.close()
     try:
         failed = [v for _, v in results if v not in ("old", "new")]
         assert not failed, failed[:5]
