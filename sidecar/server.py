@@ -67,9 +67,9 @@ EXIT_WEDGED = 70
 #: named itself the main process by then; see docs/takeover.md).
 SUCCESSOR_WAIT_S = 60.0
 
-#: How often a successor started by systemd's ExecReload= feeds the watchdog:
-#: systemd gives WATCHDOG_USEC to the main process only, and feeding more
-#: often than asked is harmless.
+#: The watchdog interval a successor started by systemd's ExecReload= assumes
+#: (it feeds every quarter of it: every second): systemd gives WATCHDOG_USEC
+#: to the main process only, and feeding more often than asked is harmless.
 TAKEOVER_WATCHDOG_S = 4.0
 
 #: Batches in a row that may fail (the model raising every time, e.g. a
@@ -274,19 +274,26 @@ class Sidecar:
         if takeover:
             from .takeover import request_takeover, wait_for_handover
 
+            def create() -> None:
+                # NOTE: the unit's main process from here, before the header
+                # says READY: the old sidecar exits once it sees READY, and
+                # systemd must know its successor by then.
+                if not self._took_over:
+                    self.notify(f"MAINPID={os.getpid()}")
+                    self._took_over = True
+                self.create()
+
             lock, old = request_takeover(self.names, self.settings)
             try:
-                wait_for_handover(old, self.create)
+                wait_for_handover(old, create)
             finally:
                 old.close()
                 lock.release()
-            self._took_over = True
         else:
             self.create()
         hb = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         hb.start()
-        # A successor started by systemd's ExecReload= names itself the main process.
-        self.notify(f"MAINPID={os.getpid()}\nREADY=1" if takeover else "READY=1")
+        self.notify("READY=1")
         try:
             while True:
                 self._loop()
