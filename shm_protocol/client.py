@@ -39,6 +39,13 @@ from .segments import Names, pid_alive
 from .session import Session
 from .tokenizer import WorkerTokenizer, check_texts, check_token_budget, preload_tokenizer
 
+#: Times a request that meets a takeover (its sidecar drains for, or has
+#: handed the namespace over to, a successor) runs again on the new epoch.
+TAKEOVER_RETRIES = 3
+
+#: How often a request waiting for a successor looks for its epoch.
+TAKEOVER_POLL_S = 0.005
+
 __all__ = [
     "EmbedResult", "EmbeddingBackend", "EmbeddingClient", "RerankResult", "SentenceTransformerAPI", "WorkerTokenizer",
     "check_texts", "check_token_budget", "preload_tokenizer",
@@ -161,6 +168,9 @@ class EmbeddingClient(SentenceTransformerAPI):
             sess = self._session
             if sess is not None and sess.pid == pid:
                 reason = sess.region.unavailable_reason(stale, thorough=True)
+                if reason is not None and sess.region.successor_pid():
+                    self._await_successor(sess)
+                    reason = sess.region.unavailable_reason(stale, thorough=True)
                 if reason is None:
                     return sess
                 if not self._replaced(sess):
@@ -178,6 +188,52 @@ class EmbeddingClient(SentenceTransformerAPI):
             self._finalizer = weakref.finalize(self, Session.release_in_owner, sess)
             self._session = sess
             return sess
+
+    def _await_successor(self, sess: Session) -> None:
+        """``sess``'s sidecar drains for a successor or has handed the
+        namespace over (layout: Takeover): wait, at most ``timeout_s``, until
+        a new epoch serves, the old sidecar serves again (its successor died)
+        or the successor is gone."""
+        stale = self.settings.stale_after_s
+        deadline = time.monotonic() + self.settings.timeout_s
+        while time.monotonic() < deadline:
+            if sess.region.unavailable_reason(stale) is None or not sess.region.successor_pid():
+                return
+            try:
+                current = Region.attach(self.names, readonly=True, with_data=False)
+            except ShmEmbedError:
+                current = None  # the successor is creating the namespace
+            if current is not None:
+                try:
+                    if current.epoch != sess.epoch and current.unavailable_reason(stale) is None:
+                        return
+                finally:
+                    current.close()
+            time.sleep(TAKEOVER_POLL_S)
+
+    def _request(self, call):
+        """``call(sess)`` on the live session, kept mapped meanwhile. A
+        request that meets a takeover runs again from the start on the new
+        epoch (re-tokenized: the new models may tokenize otherwise), so a
+        request never mixes answers of two epochs; the wait for the new one
+        is in _get_session."""
+        for attempt in range(TAKEOVER_RETRIES + 1):
+            sess = self._get_session()
+            try:
+                sess.enter()
+            except SidecarUnavailable:
+                if self._closed or attempt == TAKEOVER_RETRIES:
+                    raise
+                continue  # another thread replaced the session meanwhile
+            try:
+                return call(sess)
+            except SidecarUnavailable:
+                if attempt == TAKEOVER_RETRIES or not sess.region.successor_pid():
+                    raise
+                logger.debug("a request met the takeover of epoch {:x}; running it again", sess.epoch)
+            finally:
+                sess.leave()
+        raise AssertionError("unreachable")
 
     def _replaced(self, sess: Session) -> bool:
         """Whether the namespace is no longer served by ``sess``'s epoch."""
@@ -202,6 +258,7 @@ class EmbeddingClient(SentenceTransformerAPI):
             raise
         try:
             sess = Session(region, ring, self.settings, models)
+            sess.tokenizers, sess.options = self._tokenizers, self._options
         except BaseException:
             region.rings[ring]["owner_pid"] = 0  # ours, and every slot of a fresh lease is free
             region.close()
@@ -424,45 +481,45 @@ class EmbeddingClient(SentenceTransformerAPI):
         per-request budget). ``model`` picks one of the sidecar's embedding
         models by name (None: the default); ModelNotFound for another."""
         texts = check_texts(texts)
-        sess = self._get_session()
-        m = model_files.find_model(sess.models, model, ModelKind.EMBED)
-        opts = self._options[m.index]
-        prompt = opts.resolve_prompt(prompt, prompt_name)
-        dims = opts.check_dimensions(dimensions, m.dim, m.name)
-        if not texts:
-            return EmbedResult(np.empty((0, dims or m.dim), np.float32), np.empty(0, np.int64), 0, 0, 0, 0, m.name)
         policy = long_inputs.resolve_policy(truncate, truncation_direction, chunk, self.settings.long_inputs)
-        out = np.empty((len(texts), m.dim), dtype=np.float32)
-        # Texts found in the embedding cache are answered here, before any
-        # tokenizing (shm_protocol.cache). Chunked texts are not cached: the
-        # sidecar sees only their windows.
-        found = None
-        if sess.cache is not None and policy != long_inputs.CHUNK:
-            found = sess.cache.lookup(texts, out, m, prompt, policy)
-        if found is not None and not found.missing:
-            check_token_budget(found.lengths, max_tokens)
-            return EmbedResult(shape_vectors(out, dims, normalize), found.lengths, 0, 0, 0, 0, m.name)
-        tok = self._tokenizers[m.index].tokenize_request(texts if found is None else found.texts, prompt=prompt,
-                                                         truncate=True, max_tokens=max_tokens, policy=policy)
-        rows = np.empty((len(tok.ids), m.dim), dtype=np.float32)  # a row per text, or per window when chunked
-        lengths = tok.token_counts if found is None else found.lengths
-        if found is not None:
-            lengths[found.missing] = tok.token_counts
-            check_token_budget(lengths, max_tokens)
-        sess.enter()
-        try:
+
+        def call(sess: Session) -> EmbedResult:
+            m = model_files.find_model(sess.models, model, ModelKind.EMBED)
+            opts = sess.options[m.index]
+            resolved = opts.resolve_prompt(prompt, prompt_name)
+            dims = opts.check_dimensions(dimensions, m.dim, m.name)
+            if not texts:
+                return EmbedResult(np.empty((0, dims or m.dim), np.float32), np.empty(0, np.int64), 0, 0, 0, 0,
+                                   m.name)
+            out = np.empty((len(texts), m.dim), dtype=np.float32)
+            # Texts found in the embedding cache are answered here, before any
+            # tokenizing (shm_protocol.cache). Chunked texts are not cached: the
+            # sidecar sees only their windows.
+            found = None
+            if sess.cache is not None and policy != long_inputs.CHUNK:
+                found = sess.cache.lookup(texts, out, m, resolved, policy)
+            if found is not None and not found.missing:
+                check_token_budget(found.lengths, max_tokens)
+                return EmbedResult(shape_vectors(out, dims, normalize), found.lengths, 0, 0, 0, 0, m.name)
+            tok = sess.tokenizers[m.index].tokenize_request(texts if found is None else found.texts, prompt=resolved,
+                                                            truncate=True, max_tokens=max_tokens, policy=policy)
+            rows = np.empty((len(tok.ids), m.dim), dtype=np.float32)  # a row per text, or per window when chunked
+            lengths = tok.token_counts if found is None else found.lengths
+            if found is not None:
+                lengths[found.missing] = tok.token_counts
+                check_token_budget(lengths, max_tokens)
             queue_ns, compute_ns, used = sess.run(tok.ids, tok.lengths, rows, m.index,
                                                   cache_keys=None if found is None else found.keys)
-        finally:
-            sess.leave()
-        if tok.owners is not None:  # chunked (never with the cache): each text's windows averaged
-            rows = long_inputs.combine_windows(rows, tok.owners, tok.weights, len(texts))
-        if found is None:
-            out = rows
-        else:
-            out[found.missing] = rows
-        return EmbedResult(shape_vectors(out, dims, normalize), lengths, queue_ns, compute_ns, used,
-                           tok.tokenize_ns, m.name)
+            if tok.owners is not None:  # chunked (never with the cache): each text's windows averaged
+                rows = long_inputs.combine_windows(rows, tok.owners, tok.weights, len(texts))
+            if found is None:
+                out = rows
+            else:
+                out[found.missing] = rows
+            return EmbedResult(shape_vectors(out, dims, normalize), lengths, queue_ns, compute_ns, used,
+                               tok.tokenize_ns, m.name)
+
+        return self._request(call)
 
     # -- reranking --------------------------------------------------------------------
     def rerank(self, query: str, documents: Sequence[str], *, model: str | None = None,
@@ -486,22 +543,22 @@ class EmbeddingClient(SentenceTransformerAPI):
         if not isinstance(query, str):
             raise InvalidInput(f"query must be a string, not {type(query).__name__}")
         documents = check_texts(documents)
-        sess = self._get_session()
-        m = model_files.find_model(sess.models, model, ModelKind.RERANK)
-        query = (self._options[m.index].resolve_prompt(prompt, prompt_name) or "") + query
-        if not documents:
-            return RerankResult(np.empty(0, np.float32), np.empty(0, np.int64), m.name, 0, 0)
-        tok = self._tokenizers[m.index].tokenize_pairs(query, documents, truncate=truncate, max_tokens=max_tokens)
-        out = np.empty((len(documents), m.dim), dtype=np.float32)
-        sess.enter()
-        try:
+
+        def call(sess: Session) -> RerankResult:
+            m = model_files.find_model(sess.models, model, ModelKind.RERANK)
+            prompted = (sess.options[m.index].resolve_prompt(prompt, prompt_name) or "") + query
+            if not documents:
+                return RerankResult(np.empty(0, np.float32), np.empty(0, np.int64), m.name, 0, 0)
+            tok = sess.tokenizers[m.index].tokenize_pairs(prompted, documents, truncate=truncate,
+                                                          max_tokens=max_tokens)
+            out = np.empty((len(documents), m.dim), dtype=np.float32)
             queue_ns, compute_ns, _ = sess.run(tok.ids, tok.lengths, out, m.index, tok.segments)
-        finally:
-            sess.leave()
-        scores = np.ascontiguousarray(out[:, 0])
-        if not raw_scores:
-            scores = activate(scores, m.activation)
-        return RerankResult(scores, tok.lengths, m.name, queue_ns, compute_ns, tok.tokenize_ns)
+            scores = np.ascontiguousarray(out[:, 0])
+            if not raw_scores:
+                scores = activate(scores, m.activation)
+            return RerankResult(scores, tok.lengths, m.name, queue_ns, compute_ns, tok.tokenize_ns)
+
+        return self._request(call)
 
 def checked_models(region: Region) -> list[ModelEntry]:
     """The sidecar's model table, read once and checked against the slots'

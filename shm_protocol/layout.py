@@ -37,7 +37,9 @@ Control segment::
     |           heartbeat_ns u64 (CLOCK_MONOTONIC), started_ns u64 |
     |           (wall clock), max_batch_tokens, max_batch_texts,   |
     |           loop_ns u64, loop_deadline_ns u64 (monotonic),     |
-    |           bell_gen u32, wait_policy u32                      |
+    |           bell_gen u32, wait_policy u32,                     |
+    |           takeover_pid i32 (a successor asking for the       |
+    |           namespace; 0: none)                                |
     |   stats: STATS_DTYPE (counters and histograms, sidecar-only) |
     +--------------------------------------------------------------+  CTL header itemsize
     | RING_DTYPE x n_rings: owner_pid i32, leases u64,             |
@@ -110,6 +112,34 @@ Leases, generations and liveness (the rules every reader and writer keeps):
   sidecar) writes its generation into ``cancel``; the sidecar, taking the
   slot, answers it CANCELLED instead of running the model on it, so the
   backlog a stall leaves behind is only the work someone still waits for.
+* **Takeover.** A new sidecar (new models or new code) takes the namespace
+  over from a serving one without failing a request. NOTE: the order is
+  important here.
+
+  1. The successor loads its models first, holding nothing; a load that
+     fails ends it there and the serving sidecar never hears of it.
+  2. It takes the takeover lock (``/NS-next``, one successor at a time),
+     checks the serving sidecar is READY and alive, writes its pid into
+     ``takeover_pid`` and posts the doorbell.
+  3. The serving sidecar, between batches, sees a ``takeover_pid`` that is a
+     live process and sets ``state = DRAINING``: it takes no new slot that
+     its waiter has not yet made READY (workers do not submit to a sidecar
+     that is not READY), answers every slot it holds (CLAIMED ones get
+     ``DRAIN_CLAIMED_WAIT_S`` to become READY; later ones are answered
+     SHUTDOWN), then sets ``state = HANDED_OVER``, unlinks its objects and
+     releases the namespace lock. It waits (bounded) until the successor
+     serves, then exits. A ``takeover_pid`` whose process is dead is cleared
+     and ignored (the sidecar keeps serving).
+  4. The successor takes the namespace lock, creates the segments afresh
+     (its layout may differ: other models, other sizes) with a new
+     ``epoch``, and sets READY.
+  5. A worker that finds its sidecar DRAINING or HANDED_OVER with a live
+     ``takeover_pid`` (before a submit, or a slot answered SHUTDOWN, or a
+     slot nobody will answer) waits for the new epoch (at most
+     ``timeout_s``), attaches to it and runs the request again there from
+     the start (re-tokenized: the new models may tokenize otherwise). A
+     request never mixes answers of two epochs.
+
 * **Fairness.** The sidecar stamps when it first saw each READY slot (its own
   clock, not the worker-written ``submit_ns``); rings take turns in a batch,
   oldest first.
@@ -211,7 +241,7 @@ import numpy as np
 from .errors import ConfigError, LayoutMismatch, SidecarUnavailable
 
 MAGIC = b"SHMEMBED"
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 #: Alignment of every slot, in bytes.
 SLOT_ALIGN = 64
@@ -249,6 +279,7 @@ class SidecarState(enum.IntEnum):
     READY = 1
     DRAINING = 2
     STOPPED = 3
+    HANDED_OVER = 4  # drained for a successor (``takeover_pid``), which creates the namespace again
 
 
 def sidecar_state_name(value: int) -> str:
@@ -396,6 +427,7 @@ HEADER_DTYPE = np.dtype(
         ("loop_deadline_ns", "<u8"),  # monotonic: the loop shows progress again before this
         ("bell_gen", "<u4"),  # bumped when the sidecar replaces a tampered doorbell: workers reopen it
         ("wait_policy", "<u4"),  # WaitPolicy the sidecar chose: whether waiters poll their slot or park
+        ("takeover_pid", "<i4"),  # a successor sidecar asking for the namespace (see Takeover); 0: none
         ("stats", STATS_DTYPE),
     ],
     align=True,

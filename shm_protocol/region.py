@@ -222,6 +222,16 @@ class Region:
             return f"sidecar batching loop made no progress for {self.loop_age_s():.1f}s (wedged)"
         return None
 
+    def successor_pid(self) -> int:
+        """The pid of a live successor this sidecar drains for or has handed
+        the namespace over to (see the layout's Takeover), or 0: a worker that
+        sees one waits for the new epoch instead of failing its request."""
+        hv = self.hv
+        pid = int(hv.takeover_pid[0])
+        if int(hv.state[0]) in (SidecarState.DRAINING, SidecarState.HANDED_OVER) and pid > 0 and pid_alive(pid):
+            return pid
+        return 0
+
     def check_available(self, stale_after_s: float, *, thorough: bool = False) -> None:
         reason = self.unavailable_reason(stale_after_s, thorough=thorough)
         if reason is not None:

@@ -61,13 +61,18 @@ class Names:
     def lock(self) -> str:
         return f"/{self.namespace}-lock"
 
+    @property
+    def takeover(self) -> str:
+        """The lock a successor sidecar holds while it takes the namespace over (one at a time)."""
+        return f"/{self.namespace}-next"
+
     def slot(self, ring: int, slot: int) -> str:
         return f"/{self.namespace}-s{ring}-{slot}"
 
     def owns_dev_shm_entry(self, entry: str) -> bool:
         """Whether a /dev/shm file name belongs to this namespace (and no other)."""
         ns = re.escape(self.namespace)
-        return re.fullmatch(rf"(sem\.)?{ns}-(ctl|data|cache|bell|bell-next|lock|s\d+-\d+)", entry) is not None
+        return re.fullmatch(rf"(sem\.)?{ns}-(ctl|data|cache|bell|bell-next|lock|next|s\d+-\d+)", entry) is not None
 
     def dev_shm_entries(self) -> list[str]:
         """This namespace's objects now present in /dev/shm."""
@@ -232,7 +237,7 @@ def unlink_namespace(names: Names, *, lock: bool = False) -> list[str]:
              (names.cache, posix_ipc.unlink_shared_memory),
              (names.bell, posix_ipc.unlink_semaphore), (names.bell_next, posix_ipc.unlink_semaphore)]
     if lock:
-        fixed.append((names.lock, posix_ipc.unlink_shared_memory))
+        fixed += [(names.lock, posix_ipc.unlink_shared_memory), (names.takeover, posix_ipc.unlink_shared_memory)]
     slot_sems = [
         ("/" + e[len("sem."):], posix_ipc.unlink_semaphore)
         for e in names.dev_shm_entries()
@@ -300,22 +305,27 @@ class NamespaceLock:
     which was unlinked meanwhile sees another inode under the name and
     tries again, so it never holds a lock nobody else can see."""
 
-    def __init__(self, names: Names, *, mode: int, group: str = ""):
+    def __init__(self, names: Names, *, mode: int, group: str = "", takeover: bool = False):
+        """``takeover``: the successor's lock (``Names.takeover``) instead of the server's."""
         self.names = names
+        self.path = path = names.takeover if takeover else names.lock
         self.fd = -1
         for _ in range(100):
-            shm = posix_ipc.SharedMemory(names.lock, posix_ipc.O_CREAT, mode=mode)
+            shm = posix_ipc.SharedMemory(path, posix_ipc.O_CREAT, mode=mode)
             fd = os.dup(shm.fd)
             shm.close_fd()
-            _apply_access(DEV_SHM / names.lock.lstrip("/"), mode, group)
+            _apply_access(DEV_SHM / path.lstrip("/"), mode, group)
             if not try_lock(fd):
                 os.close(fd)
+                if takeover:
+                    raise NamespaceInUse(f"another sidecar is already taking namespace {names.namespace!r} over "
+                                         f"(it holds {path})")
                 raise NamespaceInUse(
-                    f"another sidecar already serves namespace {names.namespace!r} (it holds {names.lock}); "
+                    f"another sidecar already serves namespace {names.namespace!r} (it holds {path}); "
                     "stop it or set another SHM_EMBED_NAMESPACE"
                 )
             try:
-                same = os.stat(DEV_SHM / names.lock.lstrip("/")).st_ino == os.fstat(fd).st_ino
+                same = os.stat(DEV_SHM / path.lstrip("/")).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 same = False
             if same:
@@ -329,11 +339,29 @@ class NamespaceLock:
         if self.fd < 0:
             return
         try:
-            posix_ipc.unlink_shared_memory(self.names.lock)
+            posix_ipc.unlink_shared_memory(self.path)
         except posix_ipc.ExistentialError:
             pass
         os.close(self.fd)
         self.fd = -1
+
+
+def lock_is_held(path: str) -> bool:
+    """Whether some process holds the OFD lock on segment ``path`` (a
+    successor's takeover lock): False when nobody does or it does not exist."""
+    try:
+        shm = posix_ipc.SharedMemory(path)
+    except (posix_ipc.ExistentialError, posix_ipc.PermissionsError):
+        return False
+    fd = os.dup(shm.fd)
+    shm.close_fd()
+    try:
+        if try_lock(fd):
+            unlock(fd)
+            return False
+        return True
+    finally:
+        os.close(fd)
 
 
 def pid_alive(pid: int) -> bool:
@@ -358,7 +386,7 @@ def pid_alive(pid: int) -> bool:
 
 __all__ = [
     "DEV_SHM", "Names", "NamespaceLock", "Segment", "ShmEmbedError", "check_shm_space", "create_semaphore",
-    "reset_semaphore", "unlink_namespace", "locked", "try_lock",
+    "reset_semaphore", "unlink_namespace", "locked", "lock_is_held", "try_lock",
     "unlock", "pid_alive",
 ]
 

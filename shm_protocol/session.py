@@ -134,11 +134,14 @@ class Session:
         self._users = 0
         self._closing = False
         self._old_bells: list = []  # replaced doorbells, closed with the session (a thread may still post)
-        # The model table, fixed for the sidecar's epoch (the caller's checked copy).
+        # The model table, fixed for the sidecar's epoch (the caller's checked copy),
+        # and each model's tokenizer and text options (set by the client that attaches).
         self.models = region.models() if models is None else models
         # The epoch's embedding cache (None: the sidecar keeps none); lookups count on this ring.
         self.cache = CacheReader.attach(names, self.epoch, ring)
         self._key_words = region.slots[ring]["cache_keys"].view(np.uint64)  # (slots, max_texts * KEY_WORDS)
+        self.tokenizers: dict = {}
+        self.options: dict = {}
         # Slots whose segment splits are not all zero (a reranker's request was there): cleared before reuse.
         self._segments_dirty = [True] * p.slots_per_ring
         for s in range(p.slots_per_ring):

@@ -15,3 +15,9 @@ class ModelLoadError(SidecarError):
 
 class DeviceError(SidecarError):
     """The configured device does not exist on this machine."""
+
+
+class TakeoverFailed(SidecarError):
+    """A successor could not take the namespace over (nobody serves it, the
+    serving sidecar refused or did not let go in time); the serving one, if
+    any, goes on serving."""

@@ -36,13 +36,15 @@ from shm_protocol.layout import (
     WaitPolicy,
 )
 from shm_protocol.logs import RateLimitedLog
-from shm_protocol.region import Region
+from shm_protocol.region import Region, wait_until_ready
 from shm_protocol.segments import (
     SEMAPHORE_BYTES,
     Names,
     NamespaceLock,
     check_shm_space,
     create_semaphore,
+    lock_is_held,
+    pid_alive,
     unlink_namespace,
 )
 
@@ -61,6 +63,16 @@ DRAIN_CLAIMED_WAIT_S = 0.25
 
 #: Exit status of a sidecar that gave up on its wedged loop (EX_SOFTWARE).
 EXIT_WEDGED = 70
+
+#: How long a sidecar that handed its namespace over waits for its
+#: successor to serve before it exits (under systemd the successor must have
+#: named itself the main process by then; see docs/takeover.md).
+SUCCESSOR_WAIT_S = 60.0
+
+#: The watchdog interval a successor started by systemd's ExecReload= assumes
+#: (it feeds every quarter of it: every second): systemd gives WATCHDOG_USEC
+#: to the main process only, and feeding more often than asked is harmless.
+TAKEOVER_WATCHDOG_S = 4.0
 
 #: Batches in a row that may fail (the model raising every time, e.g. a
 #: poisoned CUDA context; or the loop itself raising) before the loop stops
@@ -128,6 +140,8 @@ class Sidecar:
         self.scheduler: Scheduler | None = None
         self.cache: CacheWriter | None = None
         self.epoch = 0
+        self.successor = 0  # pid of the sidecar this one drains for (layout: Takeover)
+        self._took_over = False
 
     # -- lifecycle --------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -267,24 +281,74 @@ class Sidecar:
         finally:
             current.close()
 
-    def serve(self) -> None:
-        """Create the namespace, run until stopped, drain, remove everything."""
-        self.create()
+    def serve(self, *, takeover: bool = False) -> None:
+        """Create the namespace (``takeover``: from the sidecar serving it,
+        once it has drained), run until stopped or taken over, drain, remove
+        everything."""
+        if takeover:
+            from .takeover import request_takeover, wait_for_handover
+
+            def create() -> None:
+                # NOTE: the unit's main process from here, before the header
+                # says READY: the old sidecar exits once it sees READY, and
+                # systemd must know its successor by then.
+                if not self._took_over:
+                    self.notify(f"MAINPID={os.getpid()}")
+                    self._took_over = True
+                self.create()
+
+            lock, old = request_takeover(self.names, self.settings)
+            try:
+                wait_for_handover(old, create)
+            finally:
+                old.close()
+                lock.release()
+        else:
+            self.create()
         hb = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         hb.start()
         self.notify("READY=1")
         try:
-            self._loop()
-            self._drain()
+            while True:
+                self._loop()
+                if self._drain():
+                    break
             for line in self.scheduler.call_sizes():
                 logger.info("texts per call learnt: {}", line)
         finally:
             self._stop.set()
             hb.join(timeout=2)
-            if self.region is not None:
+            if self.region is not None and not self.successor:
                 self.region.header["state"] = SidecarState.STOPPED
             self.destroy()
-            logger.info("stopped; namespace {} removed", self.names.namespace)
+            if self.successor:
+                self._await_successor()
+            else:
+                logger.info("stopped; namespace {} removed", self.names.namespace)
+
+    def _accept_takeover(self) -> bool:
+        """A successor asks for the namespace (``takeover_pid``): accept it if
+        it is a live process holding the takeover lock, else clear the field
+        (any process that may write the header could have written it)."""
+        pid = int(self.hv.takeover_pid[0])
+        if pid != os.getpid() and pid_alive(pid) and lock_is_held(self.names.takeover):
+            logger.info("sidecar pid {} takes namespace {} over: draining", pid, self.names.namespace)
+            self.successor = pid
+            return True
+        self.hv.takeover_pid[0] = 0
+        self._log_fault("WARNING", "ignored a takeover request naming pid {} (no live successor holding {})",
+                        pid, self.names.takeover)
+        return False
+
+    def _await_successor(self) -> None:
+        """The namespace is handed over: wait (bounded) for the successor to
+        serve it, so that this process exits only after it."""
+        pid = self.successor
+        if wait_until_ready(self.names, pid, SUCCESSOR_WAIT_S, alive=lambda: pid_alive(pid)):
+            logger.info("handed namespace {} over to sidecar pid {}; exiting", self.names.namespace, pid)
+        else:
+            logger.error("sidecar pid {} did not serve namespace {} within {:.0f}s of the handover",
+                         pid, self.names.namespace, SUCCESSOR_WAIT_S)
 
     def _progress(self, call_ns: float = 0.0) -> None:
         """Publish that the loop is alive, and when it will show progress
@@ -310,6 +374,8 @@ class Sidecar:
         header = self.region.header
         interval = self.settings.heartbeat_s
         wd_s = _watchdog_seconds()
+        if not wd_s and self._took_over and os.environ.get("NOTIFY_SOCKET"):
+            wd_s = TAKEOVER_WATCHDOG_S
         next_wd = 0.0
         wedged_since = None
         while not self._stop.wait(interval):
@@ -358,8 +424,11 @@ class Sidecar:
         idle = True
         last_work_ns = 0
         trim = _malloc_trim()
+        takeover = self.hv.takeover_pid
         while not self._stop.is_set():
             self._progress()
+            if takeover[0] and self._accept_takeover():
+                return
             try:
                 if idle and not sched.spin_for_bell(last_work_ns + spin_ns):
                     if not sched.bell.wait(TRIM_IDLE_S if sched.trim_pending else interval):
@@ -381,8 +450,9 @@ class Sidecar:
                 idle = True
 
     # -- clean stop ---------------------------------------------------------------------
-    def _drain(self) -> None:
-        """Answer what is in flight, refuse what comes after."""
+    def _drain(self) -> bool:
+        """Answer what is in flight, refuse what comes after. For a successor
+        that died meanwhile, go back to serving instead: returns False."""
         header = self.region.header
         header["state"] = SidecarState.DRAINING
         deadline = time.monotonic() + DRAIN_CLAIMED_WAIT_S
@@ -398,5 +468,12 @@ class Sidecar:
                 break
             if not served:
                 time.sleep(0.001)
-        header["state"] = SidecarState.STOPPED
+        if self.successor and not pid_alive(self.successor):
+            logger.warning("successor pid {} died while this sidecar drained for it; serving on", self.successor)
+            self.successor = 0
+            self.hv.takeover_pid[0] = 0
+            header["state"] = SidecarState.READY
+            return False
+        header["state"] = SidecarState.HANDED_OVER if self.successor else SidecarState.STOPPED
         self.scheduler.refuse_ready()
+        return True

@@ -84,7 +84,7 @@ _SIDECAR_STATES = (
     (("absent", "dead", "gone"), "the embedding sidecar is not running"),
     (("heartbeat", "wedged", "no progress", "hung"), "the embedding sidecar is not responding"),
     (("starting", "creating"), "the embedding sidecar is starting"),
-    (("draining", "stopping", "stopped", "shutdown"), "the embedding sidecar is stopping or restarting"),
+    (("draining", "stopping", "stopped", "shutdown", "handed_over"), "the embedding sidecar is stopping or restarting"),
 )
 _log_unavailable = RateLimitedLog()
 
