@@ -145,3 +145,26 @@ def test_binary_options_are_kept():
     opts = CollectionOptions.from_dict({"index": "binary", "rescore_multiplier": 10})
     assert (opts.index, opts.rescore_multiplier) == ("binary", 10)
     assert CollectionOptions.from_dict(None).rescore_multiplier == 4
+
+
+def test_over_http_a_bad_index_kind_or_multiplier_is_a_422_and_a_binary_collection_answers(tmp_path):
+    from falcon import testing
+
+    from shm_protocol.config import Settings
+    from tests.unit.test_web_app import FakeClient
+    from web.app import create_app
+
+    settings = Settings.from_env({}, data_dir=str(tmp_path / "data"))
+    app = testing.TestClient(create_app(FakeClient(), settings))
+    r = app.simulate_put("/collections/b", json={"options": {"index": "hnsw"}})
+    assert r.status_code == 422 and "auto, flat, ivf, binary" in r.json["error"]["message"], r.json
+    r = app.simulate_put("/collections/b", json={"options": {"index": "binary", "rescore_multiplier": 1000}})
+    assert r.status_code == 422 and "'rescore_multiplier'" in r.json["error"]["message"], r.json
+    r = app.simulate_put("/collections/b", json={"options": {"index": "binary", "rescore_multiplier": 2}})
+    assert r.status_code == 201 and r.json["index"] == {"kind": "binary", "nlist": 0, "nprobe": 0,
+                                                        "rescore_multiplier": 2}, r.json
+    texts = ["blue sky", "green grass", "red fire", "blue sea", "white snow"]
+    r = app.simulate_post("/collections/b/documents", json={"documents": [{"id": t, "text": t} for t in texts]})
+    assert r.status_code == 200, r.json
+    r = app.simulate_post("/collections/b/search", json={"query": "blue sky", "top_k": 2})
+    assert r.status_code == 200 and r.json["results"][0]["id"] == "blue sky", r.json
