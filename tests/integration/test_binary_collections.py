@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from retrieval.collections.documents import Document
 from retrieval.collections.snapshot_disk import generation_dir
