@@ -373,7 +373,7 @@ class SnapshotManager:
             need = ivf_need(options, self.store.ivf_min_vectors)
             if need is not None and index.ntotal >= need:
                 why = "the IVF quantizer is due"
-        elif layered and index.ntotal >= RETRAIN_GROWTH * max(1, index.base.trained_at):
+        elif layered and index.kind == "ivf" and index.ntotal >= RETRAIN_GROWTH * max(1, index.base.trained_at):
             why = "the collection outgrew its quantizer"
         if why is None and lo.replayed > max(LOG_GROWTH * index.ntotal, self.log_min):
             # Replacements keep a collection small and its log growing: only a build (its mark) compacts the log.
