@@ -105,7 +105,9 @@ def test_a_binary_snapshot_and_its_delta_answer_as_one_binary_index(tmp_path):
     snap.release()
 
 
-def test_a_damaged_vectors_file_makes_the_binary_snapshot_unusable(tmp_path):
+def test_a_damaged_vectors_file_or_an_older_format_makes_the_binary_snapshot_unusable(tmp_path):
+    import json
+
     import faiss
 
     from retrieval.collections.snapshot_disk import write_snapshot
@@ -125,6 +127,12 @@ def test_a_damaged_vectors_file_makes_the_binary_snapshot_unusable(tmp_path):
     data[-7] ^= 0x40
     target.write_bytes(bytes(data))
     with pytest.raises(SnapshotUnusable, match="checksum"):
+        Snapshot(path, cid=7, dim=DIM, created=1.5)
+    # A generation written before binary snapshots (format 3) is refused, so it gets rebuilt.
+    meta_file = path / "meta.json"
+    meta_file.chmod(0o600)
+    meta_file.write_text(json.dumps(dict(json.loads(meta_file.read_text()), format=FORMAT - 1)))
+    with pytest.raises(SnapshotUnusable, match=f"not a snapshot's of format {FORMAT}"):
         Snapshot(path, cid=7, dim=DIM, created=1.5)
 
 
