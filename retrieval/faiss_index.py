@@ -9,6 +9,14 @@ cosine similarity (1 is identical, higher is closer). Two kinds:
   a query scans the ``nprobe`` lists closest to it, so a million passages
   answer in milliseconds at a small loss of recall (``bench/search.py``
   measures both). Vectors stay uncompressed, so scores are exact cosines.
+- ``binary``: one sign bit per dimension (bit = value > 0, packed with
+  ``np.packbits``, as sentence-transformers' ``quantize_embeddings``
+  "ubinary" does) in an ``IndexBinaryFlat`` searched by Hamming distance for
+  ``rescore_multiplier * k`` candidates (fewest differing bits first, equal
+  distances by passage id), which are then rescored with their float vectors:
+  scores are exact cosines, and only the candidates' float vectors are read.
+  The codes take 1 bit per dimension where a float index takes 32
+  (docs/binary-index.md).
 
 The centroids are trained once per collection and stored with it, so every
 worker builds the same index and answers the same results.
@@ -27,10 +35,30 @@ import math
 import faiss
 import numpy as np
 
+from .collections.documents import RESCORE_MULTIPLIER
+
 #: Training points per centroid: plenty for IVF, and what bounds the k-means sample.
 POINTS_PER_CENTROID = 64
 #: Candidates fetched past k, so that a tie at the k-th score seldom needs a second, wider search.
 TIE_MARGIN = 8
+
+
+def binary_codes(vectors: np.ndarray) -> np.ndarray:
+    """The packed sign bits of ``vectors`` (rows): bit = value > 0, 8 dimensions per byte, most significant first."""
+    return np.packbits(np.asarray(vectors) > 0, axis=-1)
+
+
+def rescored(query: np.ndarray, ids: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of the candidates ``ids`` (float ``vectors``, a row each) by inner product
+    with ``query``, in the defined order. Each row's dot product is computed alone (einsum), so a
+    passage scores the same whichever candidates come with it."""
+    scores = np.einsum("ij,j->i", np.asarray(vectors, dtype=np.float32), query.reshape(-1).astype(np.float32))
+    return ranked(scores.astype(np.float32), np.asarray(ids, dtype=np.int64), k)
+
+
+def candidates_wanted(k: int, rescore_multiplier: int, n: int) -> int:
+    """Hamming candidates a binary search rescores for ``k`` results of ``n`` passages."""
+    return max(1, min(n, k * rescore_multiplier))
 
 
 def ranked(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -104,12 +132,22 @@ def search_preassigned(index, query: np.ndarray, k: int, coarse_ids: np.ndarray,
 
 
 class PassageIndex:
-    """A FAISS index of passage ids, ``flat`` or ``ivf`` (from given centroids)."""
+    """A FAISS index of passage ids, ``flat``, ``ivf`` (from given centroids) or
+    ``binary`` (``binary=True``: sign-bit codes, rescored with float vectors that
+    this index keeps for its own passages: a private index is a delta, or the
+    whole collection only where there are no snapshots)."""
 
-    def __init__(self, dim: int, centroids: np.ndarray | None = None, *, nprobe: int = 32):
+    def __init__(self, dim: int, centroids: np.ndarray | None = None, *, nprobe: int = 32, binary: bool = False,
+                 rescore_multiplier: int = RESCORE_MULTIPLIER):
         self.dim = dim
         self.nprobe = nprobe
-        if centroids is None:
+        self.rescore_multiplier = rescore_multiplier
+        if binary:
+            self.kind = "binary"
+            self.nlist = 0
+            self.index = faiss.IndexBinaryIDMap2(faiss.IndexBinaryFlat(dim))
+            self.floats = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))  # read by id (reconstruct), never searched
+        elif centroids is None:
             self.kind = "flat"
             self.nlist = 0
             self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
@@ -126,14 +164,56 @@ class PassageIndex:
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
+    @classmethod
+    def for_options(cls, dim: int, options: dict, centroids: np.ndarray | None = None, *,
+                    nprobe: int = 32) -> PassageIndex:
+        """An empty index of the kind a collection of ``options`` (its stored options) searches."""
+        if options.get("index") == "binary":
+            return cls(dim, nprobe=nprobe, binary=True, rescore_multiplier=int(options["rescore_multiplier"]))
+        return cls(dim, centroids, nprobe=nprobe)
+
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         if len(ids):
-            self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
-                                    np.ascontiguousarray(ids, dtype=np.int64))
+            ids = np.ascontiguousarray(ids, dtype=np.int64)
+            vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+            if self.kind == "binary":
+                self.index.add_with_ids(binary_codes(vectors), ids)
+                self.floats.add_with_ids(vectors, ids)
+            else:
+                self.index.add_with_ids(vectors, ids)
 
     def remove(self, ids: np.ndarray) -> None:
         if len(ids):
-            self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
+            ids = np.ascontiguousarray(ids, dtype=np.int64)
+            self.index.remove_ids(ids)
+            if self.kind == "binary":
+                self.floats.remove_ids(ids)
+
+    def float_vectors(self, ids: np.ndarray) -> np.ndarray:
+        """The float vectors of some of this binary index's passages (rows in the order of ``ids``)."""
+        if not len(ids):
+            return np.empty((0, self.dim), np.float32)
+        return self.floats.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
+
+    def candidates(self, query: np.ndarray, m: int, allowed: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """(minus the Hamming distance, ids) of the ``m`` passages of this binary index whose
+        codes are nearest to the query's, fewest differing bits first, equal distances by id
+        (complete at the cut, as :func:`search_ranked` makes it)."""
+        n = self.ntotal if allowed is None else min(self.ntotal, len(allowed))
+        if n == 0:
+            return np.empty(0, np.float32), np.empty(0, np.int64)
+        code = binary_codes(np.asarray(query, dtype=np.float32).reshape(1, self.dim))
+        params = None
+        if allowed is not None:
+            params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64)))
+
+        def search(width: int) -> tuple[np.ndarray, np.ndarray]:
+            distances, ids = self.index.search(code, width, params=params)
+            keep = ids[0] >= 0
+            return -distances[0][keep].astype(np.float32), ids[0][keep]
+
+        return search_ranked(search, min(m, n), n)
 
     def search(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Scores and ids of the ``k`` passages nearest to one query, best
@@ -143,6 +223,10 @@ class PassageIndex:
             return np.empty(0, np.float32), np.empty(0, np.int64)
         query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dim)
         k = max(1, min(k, self.ntotal))
+        if self.kind == "binary":
+            m = candidates_wanted(k, self.rescore_multiplier, self.ntotal)
+            _, ids = self.candidates(query, m, allowed)
+            return rescored(query, ids, self.float_vectors(ids), k)
         params = None
         sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64)) if allowed is not None else None
         if self.kind == "ivf":

@@ -23,13 +23,21 @@ MAX_PROMPT_CHARS = 2048
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
 _NAME = re.compile(NAME_PATTERN)
 
+#: The kinds of index a collection may ask for (``index``; see retrieval/faiss_index.py).
+INDEX_KINDS = ("auto", "flat", "ivf", "binary")
+#: A binary collection rescores this many times ``top_k`` Hamming candidates with float vectors, unless
+#: its ``rescore_multiplier`` says otherwise (between these bounds).
+RESCORE_MULTIPLIER = 4
+RESCORE_MULTIPLIER_MIN, RESCORE_MULTIPLIER_MAX = 1, 100
+
 @dataclass(frozen=True)
 class CollectionOptions:
     """Per-collection options, fixed when it is created (``PUT /collections/{name}``)."""
 
     passage_words: int = PASSAGE_WORDS
     overlap_words: int = OVERLAP_WORDS
-    index: str = "auto"  # auto: exact until SHM_EMBED_IVF_MIN_VECTORS passages, then IVF; flat; ivf
+    index: str = "auto"  # auto: exact until SHM_EMBED_IVF_MIN_VECTORS passages, then IVF; flat; ivf; binary
+    rescore_multiplier: int = RESCORE_MULTIPLIER  # binary: Hamming candidates rescored, per result asked for
     model: str | None = None  # the embedding model (a name the sidecar serves); None: the default one
     query_prompt: str | None = None  # prepended to queries; None: the model's default prompt (if any)
     document_prompt: str | None = None  # prepended to passages; None: the model's default prompt (if any)
@@ -45,7 +53,7 @@ class CollectionOptions:
             raise InvalidInput(f"unknown collection options: {', '.join(sorted(unknown))}")
         check_text(raw, "options")
         opts = cls(**raw)
-        for key in ("passage_words", "overlap_words"):
+        for key in ("passage_words", "overlap_words", "rescore_multiplier"):
             value = getattr(opts, key)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise InvalidInput(f"'{key}' must be an integer")
@@ -53,8 +61,11 @@ class CollectionOptions:
             raise InvalidInput("'passage_words' must be between 8 and 2000")
         if not 0 <= opts.overlap_words < opts.passage_words // 2 + 1:
             raise InvalidInput("'overlap_words' must be at least 0 and at most half of 'passage_words'")
-        if opts.index not in ("auto", "flat", "ivf"):
-            raise InvalidInput("'index' must be auto, flat or ivf")
+        if opts.index not in INDEX_KINDS:
+            raise InvalidInput(f"'index' must be one of {', '.join(INDEX_KINDS)}")
+        if not RESCORE_MULTIPLIER_MIN <= opts.rescore_multiplier <= RESCORE_MULTIPLIER_MAX:
+            raise InvalidInput(f"'rescore_multiplier' must be an integer from {RESCORE_MULTIPLIER_MIN} to "
+                               f"{RESCORE_MULTIPLIER_MAX}")
         for key, limit in (("model", 200), ("query_prompt", MAX_PROMPT_CHARS), ("document_prompt", MAX_PROMPT_CHARS)):
             value = getattr(opts, key)
             if value is not None and (not isinstance(value, str) or len(value) > limit or "\x00" in value):

@@ -7,8 +7,10 @@ whole is :mod:`retrieval.collections.snapshot_manager`.
 **Files.** ``SHM_EMBED_DATA_DIR/index/<collection id>/g<generation>/`` holds
 one generation (``index/pg-<hash>/...`` for a PostgreSQL store, see
 :func:`index_root`): ``index.faiss`` (``IndexFlatIP``, or ``IndexIVFFlat``
-with its quantizer, ids inside), ``ids.npy`` (the passage ids it holds,
-sorted; for a flat index also the id of each row) and ``meta.json`` (the
+with its quantizer, ids inside; ``IndexBinaryFlat`` of sign bits for a
+``binary`` one), ``ids.npy`` (the passage ids it holds, sorted; for a flat
+or binary index also the id of each row), for a binary index ``vectors.npy``
+(the float vectors, a row each, read for rescoring) and ``meta.json`` (the
 change-log sequence number it covers, the generation, the collection's id and
 creation time, kind, lists, passages, when its quantizer was trained, the
 size and checksum of each file: checked at every open, see
@@ -44,7 +46,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .snapshot_files import IDS_FILE, INDEX_FILE, META_FILE, BuildBusy, file_record
+from .snapshot_files import IDS_FILE, INDEX_FILE, META_FILE, VECTORS_FILE, BuildBusy, file_names, file_record
 from .storage import DIR_MODE, FILE_MODE
 
 #: The folder under SHM_EMBED_DATA_DIR that holds the snapshots, one folder per collection id.
@@ -53,8 +55,8 @@ HOST_FILE = "host"
 LOCK_FILE = "build.lock"
 #: Where a builder writes a generation before renaming it to g<generation>.
 BUILD_DIR = ".build"
-#: The files of one generation.
-GENERATION_FILES = (META_FILE, INDEX_FILE, IDS_FILE)
+#: The files of one generation (of any kind).
+GENERATION_FILES = (META_FILE, INDEX_FILE, IDS_FILE, VECTORS_FILE)
 _GENERATION = re.compile(r"g(\d{12})")
 
 
@@ -143,19 +145,27 @@ def generation_dir(cdir: Path, gen: int) -> Path:
     return cdir / f"g{gen:012d}"
 
 
-def write_snapshot(cdir: Path, gen: int, index, ids: np.ndarray, meta: dict) -> Path:
-    """Write a generation whole: into ``.build``, fsynced, renamed, parent fsynced."""
+def write_snapshot(cdir: Path, gen: int, index, ids: np.ndarray, meta: dict,
+                   vectors: np.ndarray | None = None) -> Path:
+    """Write a generation whole: into ``.build``, fsynced, renamed, parent fsynced.
+    A binary one (``meta["kind"]``) also writes ``vectors``, its float vectors."""
     tmp = cdir / BUILD_DIR
     tmp.mkdir(mode=DIR_MODE)
     os.chmod(tmp, DIR_MODE)
     _create(tmp / INDEX_FILE).close()  # FAISS (re)opens it with fopen("wb"), which keeps the mode
-    faiss.write_index(index, str(tmp / INDEX_FILE))
+    if meta["kind"] == "binary":
+        faiss.write_index_binary(index, str(tmp / INDEX_FILE))
+        with _create(tmp / VECTORS_FILE) as f:
+            np.save(f, np.ascontiguousarray(vectors, dtype="<f4"), allow_pickle=False)
+    else:
+        faiss.write_index(index, str(tmp / INDEX_FILE))
     with _create(tmp / IDS_FILE) as f:
         np.save(f, np.ascontiguousarray(ids, dtype="<i8"), allow_pickle=False)
-    meta = dict(meta, files={name: file_record(tmp / name) for name in (INDEX_FILE, IDS_FILE)})
+    names = file_names(meta["kind"])
+    meta = dict(meta, files={name: file_record(tmp / name) for name in names})
     with _create(tmp / META_FILE) as f:
         f.write(json.dumps(meta).encode())
-    for name in (INDEX_FILE, IDS_FILE, META_FILE):
+    for name in (*names, META_FILE):
         _fsync(tmp / name)
     _fsync(tmp)
     final = generation_dir(cdir, gen)

@@ -50,9 +50,14 @@ from loguru import logger
 from shm_protocol.errors import ShmEmbedError
 
 INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.npy", "meta.json"
+#: A binary snapshot's float vectors (float32, a row per passage in the index's row order), read for rescoring.
+VECTORS_FILE = "vectors.npy"
 #: 2: meta.json holds the collection's creation time (a collection id alone may come from another database).
 #: 3: and the size and checksum of each file; older generations are rebuilt.
-FORMAT = 3
+#: 4: the kind may be "binary" (an IndexBinaryFlat of sign bits, and vectors.npy); older generations are rebuilt.
+FORMAT = 4
+#: The kinds of snapshot.
+KINDS = ("flat", "ivf", "binary")
 #: The metadata's whole numbers.
 _META_INTS = ("generation", "seq", "nlist", "ntotal", "trained_at")
 #: The digest meta.json records for each file (xxh3_128: ten times blake2b's speed; not a defence against tampering).
@@ -240,14 +245,19 @@ def read_meta(path: Path, *, cid: int, dim: int, created: float) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise SnapshotUnusable(f"{path}: its metadata is not a snapshot's of format {FORMAT}")
     if (meta.get("cid") != cid or meta.get("dim") != dim or meta.get("created") != created
-            or meta.get("kind") not in ("flat", "ivf") or not all(type(meta.get(k)) is int for k in _META_INTS)):
+            or meta.get("kind") not in KINDS or not all(type(meta.get(k)) is int for k in _META_INTS)):
         shown = {k: v for k, v in meta.items() if k != "files"}
         raise SnapshotUnusable(f"{path}: {shown} is not a snapshot of collection {cid} ({dim} dimensions, "
                                f"created {created})")
     files = meta.get("files")
-    for name in (INDEX_FILE, IDS_FILE):
+    for name in file_names(meta["kind"]):
         check_record(files.get(name) if isinstance(files, dict) else None)
     return meta
+
+
+def file_names(kind: str) -> tuple[str, ...]:
+    """The files a generation of this kind holds, besides its metadata (in the order they are opened)."""
+    return (INDEX_FILE, IDS_FILE, VECTORS_FILE) if kind == "binary" else (INDEX_FILE, IDS_FILE)
 
 
 class OpenGeneration:
@@ -292,29 +302,46 @@ class OpenGeneration:
         self.generation, self.seq, self.kind = meta["generation"], meta["seq"], meta["kind"]
         self.nlist, self.ntotal, self.trained_at = meta["nlist"], meta["ntotal"], meta["trained_at"]
         self.dim = dim
-        for name in (INDEX_FILE, IDS_FILE):
+        for name in file_names(self.kind):
             self._files.append(SnapshotFile(path / name))
-        index_file, ids_file = self._files
+        index_file, ids_file = self._files[:2]
         records = meta["files"]
-        if index_file.leased and ids_file.leased:
+        binary = self.kind == "binary"
+        self.vectors = None
+        if all(f.leased for f in self._files):
             # No process can change them while the leases hold: what is checked is what is mapped.
             for f in self._files:
                 verify(f.fd, f.path, records[f.path.name])
             # An empty file cannot be mapped; an empty index has nothing to share.
             mapped = self.ntotal > 0
             self.ids = np.load(ids_file.mappable_path, mmap_mode="r" if mapped else None, allow_pickle=False)
-            self.index = faiss.read_index(index_file.mappable_path, faiss.IO_FLAG_MMAP_IFC if mapped else 0)
+            read = faiss.read_index_binary if binary else faiss.read_index
+            self.index = read(index_file.mappable_path, faiss.IO_FLAG_MMAP_IFC if mapped else 0)
+            if binary:  # only the rescored candidates' rows are ever read: the rest may stay on disk
+                self.vectors = np.load(self._files[2].mappable_path, mmap_mode="r" if mapped else None,
+                                       allow_pickle=False)
         else:  # unprotected, a mapping could be truncated under a search: a private copy, checked as read
             self.ids = np.load(io.BytesIO(read_verified(ids_file.fd, ids_file.path, records[IDS_FILE])),
                                allow_pickle=False)
-            data = read_verified(index_file.fd, index_file.path, records[INDEX_FILE])
-            self.index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+            data = np.frombuffer(read_verified(index_file.fd, index_file.path, records[INDEX_FILE]), dtype=np.uint8)
+            self.index = faiss.deserialize_index_binary(data) if binary else faiss.deserialize_index(data)
+            if binary:
+                vectors_file = self._files[2]
+                self.vectors = np.load(io.BytesIO(read_verified(vectors_file.fd, vectors_file.path,
+                                                                records[VECTORS_FILE])), allow_pickle=False)
         index = self.index
-        want = faiss.IndexFlat if self.kind == "flat" else faiss.IndexIVF
-        if (not isinstance(index, want) or index.metric_type != faiss.METRIC_INNER_PRODUCT
-                or (self.kind == "ivf" and index.nlist != self.nlist)):
-            raise SnapshotUnusable(f"{path}: its index is a {type(index).__name__}, its metadata says {self.kind} "
-                                   f"({self.nlist} lists)")
+        if binary:
+            if not isinstance(index, faiss.IndexBinaryFlat):
+                raise SnapshotUnusable(f"{path}: its index is a {type(index).__name__}, its metadata says binary")
+            if (self.vectors.dtype != np.float32 or self.vectors.shape != (self.ntotal, dim)):
+                raise SnapshotUnusable(f"{path}: {VECTORS_FILE} holds {self.vectors.dtype} of shape "
+                                       f"{self.vectors.shape}, the metadata says {self.ntotal} of {dim}")
+        else:
+            want = faiss.IndexFlat if self.kind == "flat" else faiss.IndexIVF
+            if (not isinstance(index, want) or index.metric_type != faiss.METRIC_INNER_PRODUCT
+                    or (self.kind == "ivf" and index.nlist != self.nlist)):
+                raise SnapshotUnusable(f"{path}: its index is a {type(index).__name__}, its metadata says "
+                                       f"{self.kind} ({self.nlist} lists)")
         if self.ids.dtype != np.int64 or self.ids.ndim != 1:
             raise SnapshotUnusable(f"{path}: {IDS_FILE} holds {self.ids.dtype} of shape {self.ids.shape}")
         if index.ntotal != self.ntotal or len(self.ids) != self.ntotal or index.d != dim:
@@ -331,5 +358,5 @@ class OpenGeneration:
     def release(self) -> None:
         """Unmap the files, then let go of them: a process waiting to write them
         goes on. Nothing may search this snapshot afterwards."""
-        self.index = self.ids = None
+        self.index = self.ids = self.vectors = None
         self._release()

@@ -21,6 +21,11 @@ applies the filter), asks the delta the same, and merges the two top-k lists
 scores order and cut as in one index). For an IVF snapshot both scan the lists one quantizer search chose. The
 answer is therefore the one a single index over the same live passages (and
 the same centroids) gives: exact for flat, the same lists probed for IVF.
+For a binary snapshot both layers give their Hamming candidates (each
+complete at its cut), the merged ``rescore_multiplier * k`` best of them are
+rescored with their float vectors (the snapshot's from its mapped
+``vectors.npy``, only those rows; the delta's from its own), as one binary
+index of the same passages would.
 
 **Changes.** Replay is unchanged: the store replays the ``changes`` log past
 the sequence number a worker has applied, into the layered index (adds go to
@@ -35,7 +40,15 @@ from collections.abc import Iterator
 import faiss
 import numpy as np
 
-from ..faiss_index import PassageIndex, ranked, search_preassigned, search_ranked
+from ..faiss_index import (
+    PassageIndex,
+    binary_codes,
+    candidates_wanted,
+    ranked,
+    rescored,
+    search_preassigned,
+    search_ranked,
+)
 from .snapshot_files import OpenGeneration
 
 #: Rows read from the tables at once.
@@ -60,13 +73,13 @@ def passages_of(db, conn, cid: int, dim: int) -> Iterator[tuple[np.ndarray, np.n
         yield ids, np.frombuffer(blob, dtype="<f4").reshape(len(ids), dim)
 
 
-def load_from_tables(db, conn, cid: int, dim: int, nprobe: int) -> tuple[PassageIndex, int]:
-    """The collection read from the ``passages`` table into a private index,
-    and the sequence number that state is at. Call it inside
-    ``db.consistent(conn)``. For a worker behind the log's floor: replay
-    could not bring it up to date."""
+def load_from_tables(db, conn, cid: int, dim: int, nprobe: int, options: dict) -> tuple[PassageIndex, int]:
+    """The collection (of stored ``options``) read from the ``passages`` table
+    into a private index, and the sequence number that state is at. Call it
+    inside ``db.consistent(conn)``. For a worker behind the log's floor:
+    replay could not bring it up to date."""
     centroids, _ = centroids_of(db, conn, cid, dim)
-    index = PassageIndex(dim, centroids, nprobe=nprobe)
+    index = PassageIndex.for_options(dim, options, centroids, nprobe=nprobe)
     for ids, vectors in passages_of(db, conn, cid, dim):
         index.add(ids, vectors)
     last, floor = db.log_state(conn, cid)
@@ -97,11 +110,15 @@ class LayeredIndex:
     a private delta index of the passages added and the set of snapshot
     passages removed (hidden). The interface of :class:`PassageIndex`."""
 
-    def __init__(self, base: Snapshot, nprobe: int):
+    def __init__(self, base: Snapshot, nprobe: int, rescore_multiplier: int | None = None):
         self.base = base
         self.dim, self.kind, self.nlist = base.dim, base.kind, base.nlist
         self.nprobe = nprobe
-        self.delta = PassageIndex(self.dim, base.centroids() if self.kind == "ivf" else None, nprobe=nprobe)
+        if self.kind == "binary":
+            self.delta = PassageIndex(self.dim, nprobe=nprobe, binary=True, rescore_multiplier=rescore_multiplier)
+        else:
+            self.delta = PassageIndex(self.dim, base.centroids() if self.kind == "ivf" else None, nprobe=nprobe)
+        self.rescore_multiplier = self.delta.rescore_multiplier
         self.hidden: set[int] = set()
         self._hidden: tuple | None = None  # (ids, the selector that excludes them), made when first needed
 
@@ -135,7 +152,8 @@ class LayeredIndex:
     def _hidden_selector(self) -> tuple:
         if self._hidden is None:
             ids = np.fromiter(self.hidden, np.int64, len(self.hidden))
-            keys = self.base.locate(ids)[1] if self.kind == "flat" else ids  # a flat snapshot is searched by row
+            # A flat or binary snapshot is searched by row.
+            keys = self.base.locate(ids)[1] if self.kind != "ivf" else ids
             inner = faiss.IDSelectorBatch(keys)
             self._hidden = (ids, inner, faiss.IDSelectorNot(inner))
         return self._hidden
@@ -155,12 +173,16 @@ class LayeredIndex:
             allowed = np.ascontiguousarray(allowed, dtype=np.int64)
             delta_sel = faiss.IDSelectorBatch(allowed)
             keys = allowed[~np.isin(allowed, self._hidden_selector()[0])] if self.hidden else allowed
-            if self.kind == "flat":
+            if self.kind != "ivf":
                 keys = self.base.locate(keys)[1]
             base_n = min(base_n, len(keys))
             base_sel = faiss.IDSelectorBatch(keys) if len(keys) else None
             keep += [delta_sel, base_sel]
         parts = []
+        if self.kind == "binary":
+            result = self._search_binary(query, k, allowed, base_n, base_sel)
+            del keep
+            return result
         if self.kind == "ivf":
             nprobe = self.nprobe
             if allowed is not None and len(allowed) * 10 < total:
@@ -194,3 +216,30 @@ class LayeredIndex:
             return np.empty(0, np.float32), np.empty(0, np.int64)
         # Each layer's k best in the defined order, ties at its cut included: so are the k best of both.
         return ranked(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), k)
+
+    def _search_binary(self, query: np.ndarray, k: int, allowed: np.ndarray | None, base_n: int,
+                       base_sel) -> tuple[np.ndarray, np.ndarray]:
+        """Both layers' Hamming candidates, the best ``rescore_multiplier * k`` of them
+        rescored with their float vectors: what one binary index of the live passages answers."""
+        m = candidates_wanted(k, self.rescore_multiplier, self.ntotal)
+        parts = []
+        if base_n > 0:
+            code = binary_codes(query)
+            params = faiss.SearchParameters(sel=base_sel) if base_sel is not None else None
+
+            def search(width):
+                distances, rows = self.base.index.search(code, width, params=params)
+                found = rows[0] >= 0
+                return -distances[0][found].astype(np.float32), np.asarray(self.base.ids[rows[0][found]])
+
+            parts.append(search_ranked(search, min(m, base_n), base_n))
+        if self.delta.ntotal:
+            parts.append(self.delta.candidates(query, m, allowed))
+        if not parts:
+            return np.empty(0, np.float32), np.empty(0, np.int64)
+        _, ids = ranked(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), m)
+        found, rows = self.base.locate(ids)
+        vectors = np.empty((len(ids), self.dim), np.float32)
+        vectors[found] = self.base.vectors[rows]  # only these rows of the mapped file are read
+        vectors[~found] = self.delta.float_vectors(ids[~found])
+        return rescored(query, ids, vectors, k)

@@ -92,7 +92,7 @@ import faiss
 import numpy as np
 from loguru import logger
 
-from ..faiss_index import POINTS_PER_CENTROID, PassageIndex, ivf_need, nlist_for, train_centroids
+from ..faiss_index import POINTS_PER_CENTROID, PassageIndex, binary_codes, ivf_need, nlist_for, train_centroids
 from .snapshot_disk import (
     BUILD_DIR,
     GENERATION_FILES,
@@ -151,18 +151,27 @@ BUILDER_MODULE = "retrieval.collections.snapshot_builder"
 _PROJECT = Path(__file__).resolve().parents[2]
 
 
-def _fill(db, conn, cid: int, dim: int, centroids: np.ndarray | None) -> tuple:
-    """(the FAISS index of every passage, what must stay alive with it, their ids in row order)."""
+def _fill(db, conn, cid: int, dim: int, centroids: np.ndarray | None, binary: bool = False) -> tuple:
+    """(the FAISS index of every passage, what must stay alive with it, their ids in row order,
+    their float vectors for a ``binary`` index, else None)."""
     holder = PassageIndex(dim, centroids) if centroids is not None else None  # holds the IVF's quantizer
-    index = holder.index if holder is not None else faiss.IndexFlatIP(dim)
-    chunks = []
+    if binary:
+        index = faiss.IndexBinaryFlat(dim)
+    else:
+        index = holder.index if holder is not None else faiss.IndexFlatIP(dim)
+    chunks, floats = [], []
     for ids, vectors in passages_of(db, conn, cid, dim):
         if holder is not None:
             holder.add(ids, vectors)
+        elif binary:
+            index.add(binary_codes(vectors))
+            floats.append(vectors)
         else:
             index.add(np.ascontiguousarray(vectors, dtype=np.float32))
         chunks.append(ids)
-    return index, holder, np.concatenate(chunks) if chunks else np.empty(0, np.int64)
+    ids = np.concatenate(chunks) if chunks else np.empty(0, np.int64)
+    vectors = (np.concatenate(floats) if floats else np.empty((0, dim), np.float32)) if binary else None
+    return index, holder, ids, vectors
 
 
 def _covers(cdir: Path, gen: int, row, seq: int, kind: str, trained_at: int) -> bool:
@@ -304,7 +313,15 @@ class SnapshotManager:
             st.rejected = (newest, stamp)
             return layered
         dropped = 0 if layered else lo.index.ntotal
-        lo.index = LayeredIndex(snap, self.store.nprobe)  # the old one's generation is released here
+        if (snap.kind == "binary") != (row.options.get("index") == "binary"):  # never written so: refused anyway
+            logger.error("collection {}: snapshot generation {} is {}, the collection's index is {}", name,
+                         newest, snap.kind, row.options.get("index"))
+            st.rejected = (newest, stamp)
+            snap.release()
+            self.request_build(lo.cid, f"generation {newest} is of another kind")
+            return layered
+        # The old one's generation is released here.
+        lo.index = LayeredIndex(snap, self.store.nprobe, row.options.get("rescore_multiplier"))
         lo.seq, lo.replayed = snap.seq, 0
         logger.info("collection {}: serving snapshot generation {} ({} passages, {}, changes up to {})",
                     name, newest, snap.ntotal, snap.kind, snap.seq)
@@ -321,7 +338,7 @@ class SnapshotManager:
         logger.error("collection {}: snapshot generation {} is being written or truncated in place by another "
                      "process: reading the tables instead (never overwrite a live data directory's snapshot files)",
                      name, snap.generation)
-        lo.index, lo.seq = PassageIndex(lo.dim, nprobe=self.store.nprobe), 0
+        lo.index, lo.seq = PassageIndex.for_options(lo.dim, lo.options, nprobe=self.store.nprobe), 0
         snap.release()
         st.dir_key = None
         self.request_build(lo.cid, f"generation {snap.generation} was changed in place")
@@ -356,7 +373,7 @@ class SnapshotManager:
             need = ivf_need(options, self.store.ivf_min_vectors)
             if need is not None and index.ntotal >= need:
                 why = "the IVF quantizer is due"
-        elif layered and index.ntotal >= RETRAIN_GROWTH * max(1, index.base.trained_at):
+        elif layered and index.kind == "ivf" and index.ntotal >= RETRAIN_GROWTH * max(1, index.base.trained_at):
             why = "the collection outgrew its quantizer"
         if why is None and lo.replayed > max(LOG_GROWTH * index.ntotal, self.log_min):
             # Replacements keep a collection small and its log growing: only a build (its mark) compacts the log.
@@ -604,7 +621,8 @@ class SnapshotManager:
         with db.read() as conn:
             total = db.passage_count(conn, cid)
         centroids, trained_at = self._quantizer(row, total)
-        kind = "flat" if centroids is None else "ivf"
+        binary = row.options.get("index") == "binary"
+        kind = "binary" if binary else "flat" if centroids is None else "ivf"
         meta = None
         # The passages exactly as the changes up to seq left them.
         with db.read() as conn, db.consistent(conn, bulk=True):
@@ -612,7 +630,7 @@ class SnapshotManager:
             seq = max(last, floor)
             current = bool(gens) and _covers(cdir, gens[-1], row, seq, kind, trained_at)
             if not current:
-                index, keep, ids = _fill(db, conn, row.cid, row.dim, centroids)
+                index, keep, ids, vectors = _fill(db, conn, row.cid, row.dim, centroids, binary)
         if current:
             newest = gens[-1]
         else:
@@ -620,8 +638,8 @@ class SnapshotManager:
             meta = {"format": FORMAT, "generation": newest, "cid": cid, "created": row.created, "dim": row.dim,
                     "seq": seq, "kind": kind, "nlist": 0 if centroids is None else len(centroids),
                     "ntotal": int(index.ntotal), "trained_at": trained_at, "built": time.time()}
-            write_snapshot(cdir, newest, index, ids, meta)
-            del index, keep, ids
+            write_snapshot(cdir, newest, index, ids, meta, vectors)
+            del index, keep, ids, vectors
             logger.info("collection {}: snapshot generation {} written ({} passages, {}, changes up to {}) "
                         "in {:.1f} s", row.name, newest, meta["ntotal"], kind, seq, time.perf_counter() - t0)
         self.mark_and_compact(cid, seq, row.name)

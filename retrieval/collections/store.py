@@ -89,14 +89,28 @@ def _guarded(method):
 class _Loaded:
     """One collection's FAISS index in this process and how far it has replayed."""
 
-    def __init__(self, cid: int, dim: int, nprobe: int):
+    def __init__(self, cid: int, dim: int, nprobe: int, options: dict):
         self.cid = cid
         self.dim = dim
+        self.options = options  # the collection's, as stored
         self.seq = 0
-        self.index = PassageIndex(dim, nprobe=nprobe)
+        self.index = PassageIndex.for_options(dim, options, nprobe=nprobe)
         #: Change-log entries replayed into ``index`` since it was made: what a new worker replays too.
         self.replayed = 0
         self.lock = threading.Lock()
+
+
+def _index_info(options: dict, nlist: int | None, nprobe: int) -> dict:
+    """What a collection's info says of its index."""
+    if options.get("index") == "binary":
+        return {"kind": "binary", "nlist": 0, "nprobe": 0, "rescore_multiplier": options["rescore_multiplier"]}
+    return {"kind": "ivf" if nlist else "flat", "nlist": nlist or 0, "nprobe": nprobe if nlist else 0}
+
+
+def passages_asked(top_k: int, limit: int) -> int:
+    """Passages a search first asks its index for, to find ``top_k`` documents among ``limit``
+    passages (documents of several passages may take a wider second ask)."""
+    return min(limit, top_k * 4 + 8)
 
 
 class CollectionStore:
@@ -225,6 +239,8 @@ class CollectionStore:
         check_name(name)
         opts = CollectionOptions.from_dict(options)
         model, dim = self.model(opts.model)
+        if opts.index == "binary" and dim % 8:
+            raise InvalidInput(f"'index' binary packs 8 dimensions a byte: {model}'s {dim} is not a multiple of 8")
         opts = replace(opts, model=model)
         with self.db.write() as conn:
             created = self.db.add_collection(conn, name, model, dim, asdict(opts), time.time())
@@ -247,8 +263,7 @@ class CollectionStore:
         return {
             "name": row.name, "model": row.model, "dimension": row.dim,
             "documents": docs, "passages": passages, "options": row.options,
-            "index": {"kind": "ivf" if nlist else "flat", "nlist": nlist or 0,
-                      "nprobe": self.nprobe if nlist else 0},
+            "index": _index_info(row.options, nlist, self.nprobe),
             "created": row.created,
         }
 
@@ -330,7 +345,7 @@ class CollectionStore:
             row = self._row(conn, name, lock=True)  # the collection's writers queue here, in commit order
             self.db.remove_documents(conn, row.cid, [d.id for d in docs])
             self.db.insert_documents(conn, row.cid, docs, vectors, time.time())
-            if row.options["index"] != "flat" and self.db.nlist(conn, row.cid) is None:
+            if row.options["index"] in ("auto", "ivf") and self.db.nlist(conn, row.cid) is None:
                 total = self.db.passage_count(conn, row.cid)
         if total is not None:
             self._maybe_train(row, total)
@@ -393,7 +408,7 @@ class CollectionStore:
         with self._lock:
             lo = self._loaded.get(name)
             if lo is None or lo.cid != cid:
-                lo = self._loaded[name] = _Loaded(cid, dim, self.nprobe)
+                lo = self._loaded[name] = _Loaded(cid, dim, self.nprobe, row.options)
         with lo.lock:
             # One state of the database: a compaction cannot slip between reading the floor and the replay.
             with self.db.consistent(conn):
@@ -401,7 +416,7 @@ class CollectionStore:
                 if lo.seq > max(last, floor):  # the log went back (a database restored from a backup): start over
                     logger.warning("collection {}: applied changes up to {}, but the log ends at {}: loading again",
                                    name, lo.seq, max(last, floor))
-                    lo.index, lo.seq, lo.replayed = PassageIndex(dim, nprobe=self.nprobe), 0, 0
+                    lo.index, lo.seq, lo.replayed = PassageIndex.for_options(dim, row.options, nprobe=self.nprobe), 0, 0
                 shared = self.snapshots is not None and self.snapshots.refresh(lo, floor, row, last)
                 # "flat" never trains
                 if not shared and lo.index.kind == "flat" and row.options.get("index") != "flat":
@@ -413,7 +428,7 @@ class CollectionStore:
                 if lo.seq < floor:  # the log no longer holds what this process missed: read the tables
                     logger.info("collection {}: applied changes up to {}, the log starts after {}: loading from the "
                                 "tables", name, lo.seq, floor)
-                    lo.index, lo.seq = load_from_tables(self.db, conn, cid, dim, self.nprobe)
+                    lo.index, lo.seq = load_from_tables(self.db, conn, cid, dim, self.nprobe, row.options)
                     lo.replayed = 0
                 elif last > lo.seq:
                     self._replay(conn, lo, last)
@@ -462,7 +477,7 @@ class CollectionStore:
             lo = self._sync(conn, row)
             allowed = self.db.filtered_pids(conn, row.cid, keys) if keys else None
             limit = lo.index.ntotal if allowed is None else len(allowed)
-            k = min(limit, top_k * 4 + 8)
+            k = passages_asked(top_k, limit)
             best: dict[str, tuple[float, int, int]] = {}
             order: list[tuple[str, tuple[float, int, int]]] = []
             while k > 0:

@@ -26,7 +26,8 @@ RUNS = {
 #: Imported and their --help run: 20 s to a minute or more each at their
 #: smallest (model loads in several processes, or two models in every
 #: dtype for fidelity.py), past this suite's budget.
-IMPORTED = ("throughput.py", "http_load.py", "rerank.py", "http_latency.py", "memory.py", "fidelity.py", "cache.py")
+IMPORTED = ("throughput.py", "http_load.py", "rerank.py", "http_latency.py", "memory.py", "fidelity.py", "cache.py",
+            "binary_index.py")
 #: Not entry points: imported by the others (or by Gunicorn, for dirty_app and peer_apps).
 HELPERS = ("__init__.py", "_common.py", "_peers.py", "overhead_work.py", "dirty_app.py", "peer_apps.py",
            "gunicorn_dirty.conf.py", "soak.py")
