@@ -103,13 +103,17 @@ def model_specs(settings) -> list[ModelSpec]:
 def model_kind(path: Path) -> ModelKind:
     """RERANK for a cross-encoder folder (sentence-transformers marks it
     ``model_type: CrossEncoder``; older ones are a bare sequence-classification
-    model without pooling), else EMBED."""
+    model of one label without pooling), CLASSIFY for a bare
+    sequence-classification model of several labels, else EMBED."""
     if _json(path / "config_sentence_transformers.json").get("model_type") == "CrossEncoder":
         return ModelKind.RERANK
-    archs = _json(path / "config.json").get("architectures") or []
+    config = _json(path / "config.json")
+    archs = config.get("architectures") or []
     if (any(str(a).endswith("ForSequenceClassification") for a in archs)
             and not (path / "1_Pooling").is_dir()):
-        return ModelKind.RERANK
+        labels = config.get("id2label")
+        several = len(labels) > 1 if isinstance(labels, dict) else (config.get("num_labels") or 1) > 1
+        return ModelKind.CLASSIFY if several else ModelKind.RERANK
     return ModelKind.EMBED
 
 

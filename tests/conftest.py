@@ -36,6 +36,22 @@ def cross_encoder(cross_encoder_path):
 
 
 @pytest.fixture(scope="session")
+def classifier_path(tmp_path_factory) -> Path:
+    """The bundled weights with a fresh three-label head, saved as a sequence-classification folder."""
+    from sidecar.tiny import make_classifier
+
+    return make_classifier(tmp_path_factory.mktemp("clf") / "minilm-classifier")
+
+
+@pytest.fixture(scope="session")
+def multi_label_classifier_path(tmp_path_factory) -> Path:
+    """As classifier_path, marked multi-label (a sigmoid per label)."""
+    from sidecar.tiny import make_classifier
+
+    return make_classifier(tmp_path_factory.mktemp("clf-multi") / "minilm-multi-label", multi_label=True, seed=1)
+
+
+@pytest.fixture(scope="session")
 def real_model_path() -> Path:
     from shm_protocol.model_files import bundled_model_path
 
