@@ -70,7 +70,9 @@ def check_inputs(inputs) -> list[ClassifyInput]:
 
 def _describe(item) -> str:
     if isinstance(item, (tuple, list)):
-        return f"a {type(item).__name__} of {len(item)} items" if len(item) != 2 else "a pair holding a non-string"
+        if len(item) == 2:
+            return "a pair holding a non-string"
+        return f"a {type(item).__name__} of {len(item)} item{'' if len(item) == 1 else 's'}"
     return type(item).__name__
 
 

@@ -44,11 +44,12 @@ def classifier_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def multi_label_classifier_path(tmp_path_factory) -> Path:
-    """As classifier_path, marked multi-label (a sigmoid per label)."""
-    from sidecar.tiny import make_classifier
+def multi_label_classifier_path(classifier_path, tmp_path_factory) -> Path:
+    """classifier_path's weights (linked), marked multi-label in its config.json (a sigmoid per label)."""
+    from tests.helpers import linked_model_folder
 
-    return make_classifier(tmp_path_factory.mktemp("clf-multi") / "minilm-multi-label", multi_label=True, seed=1)
+    return linked_model_folder(classifier_path, tmp_path_factory.mktemp("clf-multi") / "minilm-multi-label",
+                               "config.json", problem_type="multi_label_classification")
 
 
 @pytest.fixture(scope="session")
