@@ -41,8 +41,8 @@ from .session import Session
 from .tokenizer import WorkerTokenizer, check_texts, check_token_budget, preload_tokenizer
 
 __all__ = [
-    "ClassifyResult", "EmbedResult", "EmbeddingBackend", "EmbeddingClient", "RerankResult", "SentenceTransformerAPI", "WorkerTokenizer",
-    "check_texts", "check_token_budget", "preload_tokenizer",
+    "ClassifyResult", "EmbedResult", "EmbeddingBackend", "EmbeddingClient", "RerankResult", "SentenceTransformerAPI",
+    "WorkerTokenizer", "check_texts", "check_token_budget", "preload_tokenizer",
 ]
 
 

@@ -23,7 +23,6 @@ from shm_protocol.layout import Activation, ModelKind
 from .backend import ModelInfo, model_specs
 from .errors import DeviceError, ModelLoadError
 
-
 #: The kinds of model loaded as a CrossEncoder, which take (text, text) pairs.
 PAIR_KINDS = (ModelKind.RERANK, ModelKind.CLASSIFY)
 #: What a model's ``dim`` counts, for its log line.

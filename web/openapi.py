@@ -96,8 +96,8 @@ def document(routes: RouteTable, settings: Settings) -> dict:
         "openapi": "3.1.0",
         "info": {"title": "shm-embed", "version": __version__,
                  "description": "Embeddings, reranking, classification, collections and web search, served by a "
-                                "sidecar that shares memory with the web workers. Every error answers the same JSON shape "
-                                "(components.schemas.Error)."},
+                                "sidecar that shares memory with the web workers. Every error answers the same JSON "
+                                "shape (components.schemas.Error)."},
         "tags": [{"name": name, "description": text} for name, text in TAGS],
         "paths": paths,
         "components": {

@@ -17,7 +17,6 @@ from falcon import testing
 
 from shm_protocol.classify import ClassifyResult, activate_labels, check_inputs
 from shm_protocol.client import EmbeddingBackend, EmbedResult, RerankResult
-from shm_protocol.layout import Activation
 from shm_protocol.config import COLLECTIONS_DB, Settings
 from shm_protocol.errors import (
     InvalidInput,
@@ -30,6 +29,7 @@ from shm_protocol.errors import (
     SidecarTimeout,
     SidecarUnavailable,
 )
+from shm_protocol.layout import Activation
 from shm_protocol.model_files import TextOptions, bundled_model_path, name_matches, tokenizer_file
 from shm_protocol.stats import Snapshot
 from shm_protocol.tokenizer import WorkerTokenizer, check_token_budget
