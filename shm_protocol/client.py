@@ -358,7 +358,7 @@ class EmbeddingClient(SentenceTransformerAPI):
         return [model_card(m) for m in self._get_session().models]
 
     def model(self, name: str | None = None, kind: str = "embed") -> dict:
-        """The model a call for ``kind`` ("embed" or "rerank") naming
+        """The model a call for ``kind`` ("embed", "rerank" or "classify") naming
         ``name`` would use (None: the default); ModelNotFound otherwise."""
         return model_card(model_files.find_model(self._get_session().models, name, ModelKind[kind.upper()]))
 

@@ -6,6 +6,8 @@ over HTTP (POST /predict, POST /classify)."""
 
 from __future__ import annotations
 
+import functools
+
 import httpx
 import numpy as np
 import pytest
@@ -28,11 +30,16 @@ def classifiers(classifier_path, multi_label_classifier_path, tiny_model, tmp_pa
     stop_and_check(sc)
 
 
-def pipeline_scores(path, inputs) -> list[dict]:
-    """Each input's {label: score} from transformers' own pipeline."""
+@functools.cache
+def text_classification(path):
     from transformers import pipeline
 
-    classifier = pipeline("text-classification", model=str(path), top_k=None, device="cpu")
+    return pipeline("text-classification", model=str(path), top_k=None, device="cpu")
+
+
+def pipeline_scores(path, inputs) -> list[dict]:
+    """Each input's {label: score} from transformers' own pipeline."""
+    classifier = text_classification(path)
     items = [x if isinstance(x, str) else {"text": x[0], "text_pair": x[1]} for x in inputs]
     return [{r["label"]: r["score"] for r in rows} for rows in classifier(items)]
 
