@@ -205,6 +205,19 @@ class FallbackClient(SentenceTransformerAPI):
     def rerank(self, query, documents, **options) -> np.ndarray:
         return self.rerank_detailed(query, documents, **options).scores
 
+    def classify_detailed(self, inputs, *, model: str | None = None, raw_scores: bool = False,
+                          truncate: bool = True, max_tokens: int | None = None):
+        """EmbeddingClient.classify_detailed: the sidecar's classifiers only (no local one)."""
+        if self.ipc is None:  # permanent in this configuration: a 422, not a 503 to retry
+            raise ModelNotFound("classification needs the sidecar's classifiers, and IPC is off "
+                                "(USE_IPC_EMBEDDING=false)", requested="", served=[])
+        return self.ipc.classify_detailed(inputs, model=model, raw_scores=raw_scores, truncate=truncate,
+                                          max_tokens=max_tokens)
+
+    def classify(self, inputs, *, model: str | None = None, raw_scores: bool = False,
+                 truncate: bool = True) -> list[list[dict]]:
+        return self.classify_detailed(inputs, model=model, raw_scores=raw_scores, truncate=truncate).ranked()
+
     @property
     def dimension(self) -> int:
         return int(self.info()["dimension"])

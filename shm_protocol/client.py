@@ -24,7 +24,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from loguru import logger
 
-from . import long_inputs, model_files, tokens
+from . import classify, long_inputs, model_files, tokens
+from .classify import ClassifyResult
 from .config import Settings
 from .dropin import SentenceTransformerAPI
 from .errors import (
@@ -47,8 +48,8 @@ TAKEOVER_RETRIES = 3
 TAKEOVER_POLL_S = 0.005
 
 __all__ = [
-    "EmbedResult", "EmbeddingBackend", "EmbeddingClient", "RerankResult", "SentenceTransformerAPI", "WorkerTokenizer",
-    "check_texts", "check_token_budget", "preload_tokenizer",
+    "ClassifyResult", "EmbedResult", "EmbeddingBackend", "EmbeddingClient", "RerankResult", "SentenceTransformerAPI",
+    "WorkerTokenizer", "check_texts", "check_token_budget", "preload_tokenizer",
 ]
 
 
@@ -111,6 +112,12 @@ class EmbeddingBackend(Protocol):
                         raw_scores: bool = False, truncate: bool = True, max_tokens: int | None = None,
                         prompt: str | None = None, prompt_name: str | None = None) -> RerankResult: ...
 
+    def classify_detailed(self, inputs: Sequence, *, model: str | None = None, raw_scores: bool = False,
+                          truncate: bool = True, max_tokens: int | None = None) -> ClassifyResult: ...
+
+    def classify(self, inputs: Sequence, *, model: str | None = None, raw_scores: bool = False,
+                 truncate: bool = True) -> list[list[dict]]: ...
+
     def info(self) -> dict: ...
 
     def stats(self): ...
@@ -133,6 +140,7 @@ class EmbeddingClient(SentenceTransformerAPI):
         # Per model of the sidecar's table (by index): its tokenizer and text options.
         self._tokenizers: dict[int, WorkerTokenizer] = {}
         self._options: dict[int, model_files.TextOptions] = {}
+        self._labels: dict[int, tuple[str, ...]] = {}  # a classifier's labels, from its folder's config.json
         self._closed = False
         self._finalizer = weakref.finalize(self, lambda: None)
 
@@ -271,8 +279,10 @@ class EmbeddingClient(SentenceTransformerAPI):
     def _load_tokenizer(self, models: list[ModelEntry]) -> None:
         """Each served model's tokenizer (kept from an earlier epoch when
         the file and limit are the same) and text options."""
-        tokenizers, options = {}, {}
+        tokenizers, options, labels = {}, {}, {}
         for m in models:
+            if m.kind == ModelKind.CLASSIFY:  # checked against the table's label count (checked_models)
+                labels[m.index] = model_files.classifier_config(Path(m.tokenizer_path).parent).labels
             path, limit = m.tokenizer_path, m.max_seq_length
             tok = self._tokenizers.get(m.index)
             if tok is None or tok.path != path or tok.max_seq_length != limit:
@@ -285,7 +295,7 @@ class EmbeddingClient(SentenceTransformerAPI):
             # The prompts of the model folder the tokenizer lies in; the
             # sidecar's table says whether it may be truncated (Matryoshka).
             options[m.index] = model_files.text_options(Path(path).parent, m.matryoshka)
-        self._tokenizers, self._options = tokenizers, options
+        self._tokenizers, self._options, self._labels = tokenizers, options, labels
 
     def _claim_ring(self, region: Region) -> int:
         """Lease a free ring. A dead owner's ring is freed by the sidecar's
@@ -405,7 +415,7 @@ class EmbeddingClient(SentenceTransformerAPI):
         return [model_card(m) for m in self._get_session().models]
 
     def model(self, name: str | None = None, kind: str = "embed") -> dict:
-        """The model a call for ``kind`` ("embed" or "rerank") naming
+        """The model a call for ``kind`` ("embed", "rerank" or "classify") naming
         ``name`` would use (None: the default); ModelNotFound otherwise."""
         return model_card(model_files.find_model(self._get_session().models, name, ModelKind[kind.upper()]))
 
@@ -559,6 +569,39 @@ class EmbeddingClient(SentenceTransformerAPI):
             return RerankResult(scores, tok.lengths, m.name, queue_ns, compute_ns, tok.tokenize_ns)
 
         return self._request(call)
+
+    # -- classification -----------------------------------------------------------------
+    def classify(self, inputs: Sequence, *, model: str | None = None, raw_scores: bool = False,
+                 truncate: bool = True) -> list[list[dict]]:
+        """Per input (a text, or a (text, text_pair) pair), every label of the
+        classifier with its score, best first: what transformers'
+        ``pipeline("text-classification", top_k=None)`` answers."""
+        return self.classify_detailed(inputs, model=model, raw_scores=raw_scores, truncate=truncate).ranked()
+
+    def classify_detailed(self, inputs: Sequence, *, model: str | None = None, raw_scores: bool = False,
+                          truncate: bool = True, max_tokens: int | None = None) -> ClassifyResult:
+        """Label scores and details of ``inputs`` from one of the sidecar's
+        classifiers (``model`` by name; None: the first): the logits the
+        model gives through its activation (softmax, or sigmoid for a
+        multi-label model), unless ``raw_scores``. A text over the model's
+        limit is cut unless ``truncate`` is false (RequestTooLarge), as are
+        more than ``max_tokens`` tokens in all."""
+        inputs = classify.check_inputs(inputs)
+        sess = self._get_session()
+        m = model_files.find_model(sess.models, model, ModelKind.CLASSIFY)
+        labels = self._labels[m.index]
+        if not inputs:
+            return ClassifyResult(np.empty((0, m.dim), np.float32), labels, np.empty(0, np.int64), m.name, 0, 0)
+        tok = classify.tokenize_inputs(self._tokenizers[m.index], inputs, truncate=truncate, max_tokens=max_tokens)
+        out = np.empty((len(inputs), m.dim), dtype=np.float32)
+        sess.enter()
+        try:
+            queue_ns, compute_ns, _ = sess.run(tok.ids, tok.lengths, out, m.index, tok.segments)
+        finally:
+            sess.leave()
+        scores = out if raw_scores else classify.activate_labels(out, m.activation)
+        return ClassifyResult(scores, labels, tok.lengths, m.name, queue_ns, compute_ns, tok.tokenize_ns)
+
 
 def checked_models(region: Region) -> list[ModelEntry]:
     """The sidecar's model table, read once and checked against the slots'

@@ -68,10 +68,10 @@ class Settings:
     models: str = _setting(
         "SHM_EMBED_MODELS", "",
         "Several models in one sidecar: comma-separated name=path entries (sentence-transformers folders, "
-        "embedding models or cross-encoders, told apart by their configs); each may add ;embed, ;rerank or "
-        ";matryoshka (e.g. minilm=/models/minilm,rerank=/models/ce;rerank). The first is the default for "
-        "embedding, the first reranker for reranking; a request's 'model' picks by name. Empty: the one model "
-        "of SHM_EMBED_MODEL.",
+        "embedding models, cross-encoders or sequence classifiers, told apart by their configs); each may add "
+        ";embed, ;rerank, ;classify or ;matryoshka (e.g. minilm=/models/minilm,rerank=/models/ce;rerank). The "
+        "first is the default for embedding, the first reranker for reranking, the first classifier for "
+        "classification; a request's 'model' picks by name. Empty: the one model of SHM_EMBED_MODEL.",
     )
     device: str = _setting(
         "SHM_EMBED_DEVICE", "auto", "auto (CUDA when available, else CPU), cpu, cuda or cuda:N."

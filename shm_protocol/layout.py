@@ -27,7 +27,8 @@ Control segment::
     |   device[32], n_models u32                                   |
     |   models: MODEL_DTYPE x MAX_MODELS, the first n_models used: |
     |     name[128], kind u32 (ModelKind), dim u32 (vector size,   |
-    |     or scores per pair for a reranker), max_seq_length,      |
+    |     scores per pair for a reranker, labels for a             |
+    |     classifier), max_seq_length,                             |
     |     vocab_size, type_vocab_size (0: the model takes no       |
     |     segment ids), activation u32 (Activation of scores),     |
     |     flags u32 (ModelFlag), tokenizer_path[512], dtype[16],   |
@@ -69,7 +70,11 @@ together, oldest first across models. A reranker's "texts" are (query,
 document) pairs tokenized by the worker as pairs (``[CLS] q [SEP] d [SEP]``
 for BERT); ``segments`` says where the document's tokens start, which gives
 the segment (token type) ids; ``out[i, 0]`` is the pair's raw score (logit),
-to which the reader applies the model's ``activation``.
+to which the reader applies the model's ``activation``. A classifier's
+texts are single texts, or pairs sent as a reranker's are (``segments``
+nonzero); ``out[i, :dim]`` are text i's raw logits, one per label in the
+order of its config.json's ``id2label``, and the reader applies the
+activation (softmax over the row, or sigmoid for a multi-label model).
 
 Slot states (``SlotState``) and who may write each transition::
 
@@ -318,14 +323,17 @@ class ModelKind(enum.IntEnum):
 
     EMBED = 0  # a SentenceTransformer: one vector per text
     RERANK = 1  # a CrossEncoder: scores per (query, document) pair
+    CLASSIFY = 2  # a sequence classifier: one logit per label (``dim`` labels) per text or pair
 
 
 class Activation(enum.IntEnum):
     """What turns a reranker's raw score (logit) into its relevance score,
-    as CrossEncoder.predict applies it; the sidecar writes raw scores."""
+    as CrossEncoder.predict applies it, or a classifier's logits into its
+    labels' scores; the sidecar writes raw scores."""
 
     IDENTITY = 0
-    SIGMOID = 1
+    SIGMOID = 1  # each score on its own (a reranker; a multi-label classifier)
+    SOFTMAX = 2  # over a row's scores (a single-label classifier)
 
 
 class ModelFlag(enum.IntFlag):
@@ -382,11 +390,11 @@ MODEL_DTYPE = np.dtype(
     [
         ("name", f"S{MODEL_NAME_BYTES}"),
         ("kind", "<u4"),  # ModelKind
-        ("dim", "<u4"),  # vector size; a reranker's scores per pair
+        ("dim", "<u4"),  # vector size; a reranker's scores per pair; a classifier's labels
         ("max_seq_length", "<u4"),  # tokens of one text (a pair: both parts and the specials)
         ("vocab_size", "<u4"),
         ("type_vocab_size", "<u4"),  # segment ids the model takes; 0: none (pairs go without them)
-        ("activation", "<u4"),  # Activation of a reranker's scores
+        ("activation", "<u4"),  # Activation of a reranker's or classifier's scores
         ("flags", "<u4"),  # ModelFlag bits
         ("tokenizer_path", "S512"),
         ("dtype", "S16"),  # the weights' dtype on the device (float32, bfloat16, float16)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, InvalidInput, LayoutMismatch, ModelNotFound
-from .layout import MAX_MODELS, MODEL_NAME_BYTES, ModelKind
+from .layout import MAX_MODELS, MODEL_NAME_BYTES, Activation, ModelKind
 
 #: The name the bundled model is reported under.
 BUNDLED_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -46,7 +46,9 @@ class ModelSpec:
 
 
 #: The flags an SHM_EMBED_MODELS entry may add after ';'.
-_SPEC_FLAGS = ("embed", "rerank", "matryoshka")
+_SPEC_FLAGS = ("embed", "rerank", "classify", "matryoshka")
+#: The flags that say what a model computes (at most one per entry).
+_KIND_FLAGS = {"embed": ModelKind.EMBED, "rerank": ModelKind.RERANK, "classify": ModelKind.CLASSIFY}
 
 
 def parse_model_specs(raw: str) -> list[tuple[str, str, tuple[str, ...]]]:
@@ -65,9 +67,9 @@ def parse_model_specs(raw: str) -> list[tuple[str, str, tuple[str, ...]]]:
             raise ConfigError(f"SHM_EMBED_MODELS entry {part!r}: a name is up to {MODEL_NAME_BYTES} letters, "
                               "digits and -_.:/")
         bad = [f for f in flags if f not in _SPEC_FLAGS]
-        if bad or ("embed" in flags and "rerank" in flags):
+        if bad or sum(f in _KIND_FLAGS for f in flags) > 1:
             raise ConfigError(f"SHM_EMBED_MODELS entry {part!r}: flags are {', '.join(_SPEC_FLAGS)} "
-                              "(embed and rerank exclude each other)")
+                              "(embed, rerank and classify exclude each other)")
         entries.append((name, path, tuple(flags)))
     names = [e[0] for e in entries]
     if not entries or len(entries) > MAX_MODELS or len(set(names)) != len(names):
@@ -89,12 +91,11 @@ def model_specs(settings) -> list[ModelSpec]:
     specs = []
     for name, raw_path, flags in parse_model_specs(settings.models):
         path = resolve_model_path(raw_path)
-        if "rerank" in flags:
-            kind = ModelKind.RERANK
-        elif "embed" in flags:
-            kind = ModelKind.EMBED
-        else:
+        kind = next((_KIND_FLAGS[f] for f in flags if f in _KIND_FLAGS), None)
+        if kind is None:
             kind = model_kind(path)
+        elif kind == ModelKind.CLASSIFY:
+            check_classifier(path)
         specs.append(ModelSpec(name, path, kind, "matryoshka" in flags or settings.matryoshka))
     return specs
 
@@ -102,14 +103,65 @@ def model_specs(settings) -> list[ModelSpec]:
 def model_kind(path: Path) -> ModelKind:
     """RERANK for a cross-encoder folder (sentence-transformers marks it
     ``model_type: CrossEncoder``; older ones are a bare sequence-classification
-    model without pooling), else EMBED."""
+    model of one label without pooling), CLASSIFY for a bare
+    sequence-classification model of several labels, else EMBED."""
     if _json(path / "config_sentence_transformers.json").get("model_type") == "CrossEncoder":
         return ModelKind.RERANK
-    archs = _json(path / "config.json").get("architectures") or []
+    config = _json(path / "config.json")
+    archs = config.get("architectures") or []
     if (any(str(a).endswith("ForSequenceClassification") for a in archs)
             and not (path / "1_Pooling").is_dir()):
-        return ModelKind.RERANK
+        labels = config.get("id2label")
+        several = len(labels) > 1 if isinstance(labels, dict) else (config.get("num_labels") or 1) > 1
+        return ModelKind.CLASSIFY if several else ModelKind.RERANK
     return ModelKind.EMBED
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """What a sequence classifier's config.json says about its answers:
+    its labels (``id2label``, in the order of its logits) and its
+    ``problem_type`` (``multi_label_classification``: independent labels,
+    a sigmoid each; else a softmax over them, as transformers' pipeline
+    applies)."""
+
+    labels: tuple[str, ...]
+    problem_type: str | None = None
+
+    @property
+    def activation(self) -> Activation:
+        """What turns the logits into scores, as transformers' pipeline
+        picks it: sigmoid for a multi-label model or a single label, none
+        for a regression, else softmax."""
+        if self.problem_type == "multi_label_classification" or len(self.labels) == 1:
+            return Activation.SIGMOID
+        if self.problem_type == "regression":
+            return Activation.IDENTITY
+        return Activation.SOFTMAX
+
+
+def classifier_config(path: Path) -> ClassifierConfig:
+    """The ClassifierConfig of the model folder at ``path``; ConfigError
+    where its config.json names no labels (nor a ``num_labels``)."""
+    cfg = _json(path / "config.json")
+    id2label = cfg.get("id2label")
+    count = len(id2label) if isinstance(id2label, dict) and id2label else cfg.get("num_labels")
+    if not isinstance(count, int) or count < 1:
+        raise ConfigError(f"{path} is not a sequence classifier: its config.json has no id2label (nor num_labels)")
+    names = id2label if isinstance(id2label, dict) else {}
+    labels = tuple(str(names.get(str(i), names.get(i, f"LABEL_{i}"))) for i in range(count))
+    problem = cfg.get("problem_type")
+    return ClassifierConfig(labels, problem if isinstance(problem, str) else None)
+
+
+def check_classifier(path: Path) -> None:
+    """ConfigError unless ``path`` holds a sequence-classification model
+    with labels: SHM_EMBED_MODELS' ``;classify`` on another folder."""
+    archs = _json(path / "config.json").get("architectures") or []
+    if not any(str(a).endswith("ForSequenceClassification") for a in archs):
+        raise ConfigError(f"{path} is marked classify in SHM_EMBED_MODELS but is not a sequence-classification "
+                          f"model (its config.json's architectures: {', '.join(map(str, archs)) or 'none'})")
+    classifier_config(path)
 
 
 def fit_name(name: str, reserve: int = 0) -> str:
@@ -142,13 +194,17 @@ def served_models(info: dict) -> list[dict]:
                                    "max_seq_length": info.get("max_seq_length")}]
 
 
+#: What a model of each kind serves, in messages.
+TASKS = {ModelKind.EMBED: "embedding", ModelKind.RERANK: "reranking", ModelKind.CLASSIFY: "classification"}
+
+
 def find_model(models: list, requested: str | None, kind: ModelKind):
     """The entry of ``models`` (the header's table, default first) that a
     request for ``kind`` naming ``requested`` gets: None means the first
     model of that kind. ModelNotFound when no served model has that name, or
     it does the other task."""
     served = [m.name for m in models]
-    task = "reranking" if kind == ModelKind.RERANK else "embedding"
+    task = TASKS[kind]
     if requested is None:
         for model in models:
             if model.kind == kind:
@@ -158,7 +214,7 @@ def find_model(models: list, requested: str | None, kind: ModelKind):
     match = named(models, requested, lambda m: m.name)
     if match is not None:
         if match.kind != kind:
-            raise ModelNotFound(f"the model '{requested}' serves {match.kind.name.lower()}, not {task}",
+            raise ModelNotFound(f"the model '{requested}' serves {TASKS[match.kind]}, not {task}",
                                 requested=requested, served=served)
         return match
     raise ModelNotFound(f"The model '{requested}' does not exist here; this service serves "
@@ -315,6 +371,14 @@ def check_entry_files(entry, synthetic: bool = False) -> None:
     if entry.kind == ModelKind.RERANK and model_kind(path) == ModelKind.EMBED and embedding_dimension(path):
         raise LayoutMismatch(f"model table entry {entry.index} ({entry.name!r}) says reranker, but {path} "
                              "is an embedding model")
+    if entry.kind == ModelKind.CLASSIFY:
+        try:
+            labels = classifier_config(path).labels
+        except ConfigError as exc:
+            raise LayoutMismatch(f"model table entry {entry.index} ({entry.name!r}) says classifier: {exc}") from None
+        if len(labels) != entry.dim:
+            raise LayoutMismatch(f"model table entry {entry.index} ({entry.name!r}) says {entry.dim} labels, "
+                                 f"its folder {path} names {len(labels)}")
     if entry.kind != ModelKind.EMBED or synthetic:
         return
     dim = embedding_dimension(path)

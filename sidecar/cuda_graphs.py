@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from loguru import logger
 
+from shm_protocol.layout import ModelKind
+
 if TYPE_CHECKING:
     from .model import Embedder
 
@@ -56,7 +58,7 @@ WARMUP_RUNS = 2
 #: A captured model must give the eager vectors: at least this cosine on
 #: every row of a ragged check batch (float16 on CUDA stays above 0.9999).
 CHECK_MIN_COSINE = 0.999
-#: And a reranker's scores within this share of the largest score (or of 1).
+#: And a reranker's or classifier's scores within this share of the largest score (or of 1).
 CHECK_MAX_SCORE_DIFF = 0.02
 
 
@@ -293,7 +295,7 @@ class GraphedEmbedder:
             want = np.asarray(self.inner.embed(seqs), np.float32)
             if not np.isfinite(got).all():
                 raise RuntimeError(f"bucket {rows}x{width} gives values that are not finite")
-            if want.shape[1] == 1:  # a reranker's scores: close in value (cosine of one number is its sign)
+            if self.info.kind != ModelKind.EMBED:  # scores (a reranker's, a classifier's logits): close in value
                 diff = float(np.abs(got - want).max())
                 if diff > CHECK_MAX_SCORE_DIFF * max(1.0, float(np.abs(want).max())):
                     raise RuntimeError(f"bucket {rows}x{width} gives other scores than the eager model "

@@ -23,6 +23,11 @@ from shm_protocol.layout import Activation, ModelKind
 from .backend import ModelInfo, model_specs
 from .errors import DeviceError, ModelLoadError
 
+#: The kinds of model loaded as a CrossEncoder, which take (text, text) pairs.
+PAIR_KINDS = (ModelKind.RERANK, ModelKind.CLASSIFY)
+#: What a model's ``dim`` counts, for its log line.
+UNITS = {ModelKind.EMBED: "dims", ModelKind.RERANK: "score", ModelKind.CLASSIFY: "labels"}
+
 
 def choose_device(requested: str) -> str:
     import torch
@@ -103,7 +108,7 @@ class Embedder:
         device = choose_device(settings.device)
         t0 = time.monotonic()
         try:
-            if spec.kind == ModelKind.RERANK:
+            if spec.kind in PAIR_KINDS:  # a classifier loads as a CrossEncoder of several labels
                 from sentence_transformers import CrossEncoder
 
                 model = CrossEncoder(str(path), device=device, local_files_only=True)
@@ -140,6 +145,20 @@ class Embedder:
             types = int(getattr(hf_model.config, "type_vocab_size", 0) or 0) \
                 if "token_type_ids" in self._input_names else 0
             activation = _activation(model.activation_fn)
+        elif spec.kind == ModelKind.CLASSIFY:
+            try:
+                labels = model_files.classifier_config(path)
+            except ConfigError as exc:
+                raise ModelLoadError(str(exc)) from None
+            if int(model.num_labels) != len(labels.labels):
+                raise ModelLoadError(f"{path}: the model gives {model.num_labels} scores, its config.json names "
+                                     f"{len(labels.labels)} labels")
+            self._output = "scores"
+            dim = len(labels.labels)
+            max_len = int(model.max_seq_length or model_files.max_seq_length(path))
+            types = int(getattr(hf_model.config, "type_vocab_size", 0) or 0) \
+                if "token_type_ids" in self._input_names else 0
+            activation = labels.activation
         else:
             self._output = "sentence_embedding"
             dim = int(model.get_embedding_dimension())
@@ -175,7 +194,7 @@ class Embedder:
         self.call_rows = min(settings.call_rows or self._best_call_rows(), self._max_texts)
         logger.info(
             "loaded {} ({}, {} {}, max {} tokens) from {} on {} in {} in {:.1f}s with {} torch threads",
-            spec.name, spec.kind.name.lower(), dim, "score" if spec.kind == ModelKind.RERANK else "dims",
+            spec.name, spec.kind.name.lower(), dim, UNITS[spec.kind],
             max_len, path, device, dtype, time.monotonic() - t0, threads,
         )
 

@@ -71,7 +71,7 @@ class _Work:
     texts: int
     queue_ns: int
     model: int = 0
-    segments: list[int] | None = None  # pair splits, for a reranker
+    segments: list[int] | None = None  # pair splits, for a reranker or classifier
     remaining: int = 0
     answered: bool = False
     call_ns: int = 0  # the model calls its texts rode in, together (published as compute_ns)
@@ -142,7 +142,7 @@ class Scheduler:
                         for m in models]
         # Each model's counters in its table entry, one view per field.
         self._mctr = [RecordViews(model_stats_view(region.header, i)) for i in range(len(models))]
-        self._pairs = [m.info.kind == ModelKind.RERANK for m in models]  # which models take pairs
+        self._pairs = [m.info.kind != ModelKind.EMBED for m in models]  # which models take pairs
         self._last_batch_slots = 0
         # How many slots of one batch may have their waiters spin: the cores
         # the model leaves free (a GPU or synthetic model leaves all but this process's).

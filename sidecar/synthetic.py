@@ -56,7 +56,8 @@ class SyntheticEmbedder:
     """Duck-types :class:`sidecar.model.Embedder` (info, embed, capacity_tokens)
     for one model of SHM_EMBED_MODELS: an embedding model's vectors have
     SHM_EMBED_SYNTHETIC_DIM dimensions; a reranker's score is the first
-    component of a synthetic vector of the pair's ids and segment split."""
+    component of a synthetic vector of the pair's ids and segment split, a
+    classifier's logits the first (one per label of its folder)."""
 
     is_cuda = False
     uses_cpu = False  # the call sleeps: waiters may spin on the spare cores
@@ -65,18 +66,24 @@ class SyntheticEmbedder:
         spec = spec or model_files.model_specs(settings)[0]
         path = spec.path
         self.call_ns = settings.synthetic_us * 1000
-        rerank = spec.kind == ModelKind.RERANK
+        dim, activation = settings.synthetic_dim, Activation.IDENTITY
+        if spec.kind == ModelKind.RERANK:
+            dim, activation = 1, Activation.SIGMOID
+        elif spec.kind == ModelKind.CLASSIFY:  # its folder's labels, scored from a synthetic vector
+            labels = model_files.classifier_config(path)
+            dim = len(labels.labels)
+            activation = labels.activation
         self.info = ModelInfo(
             name=spec.name if settings.models else "synthetic:" + model_files.fit_name(spec.name, len("synthetic:")),
             path=str(path),
             tokenizer_path=str(model_files.tokenizer_file(path)),
-            dim=1 if rerank else settings.synthetic_dim,
+            dim=dim,
             max_seq_length=model_files.max_seq_length(path),
             vocab_size=model_files.vocab_size(path),
             device="synthetic",
             kind=spec.kind,
-            type_vocab_size=2 if rerank else 0,
-            activation=Activation.SIGMOID if rerank else Activation.IDENTITY,
+            type_vocab_size=0 if spec.kind == ModelKind.EMBED else 2,
+            activation=activation,
             matryoshka=spec.matryoshka or model_files.text_options(path).matryoshka,
         )
         self.capacity_tokens = max(settings.call_tokens, self.info.max_seq_length)
@@ -87,10 +94,11 @@ class SyntheticEmbedder:
     def embed(self, seqs: list[np.ndarray], segments: list[int] | None = None) -> np.ndarray:
         end = time.monotonic_ns() + self.call_ns
         out = self._out[: len(seqs)]
-        if self.info.kind == ModelKind.RERANK:
+        if self.info.kind != ModelKind.EMBED:
+            width = max(8, self.info.dim)
             for i, ids in enumerate(seqs):
                 split = segments[i] if segments is not None else 0
-                out[i, 0] = 4.0 * synthetic_vector(np.append(ids, split), 8)[0]
+                out[i] = 4.0 * synthetic_vector(np.append(ids, split), width)[: self.info.dim]
         else:
             for i, ids in enumerate(seqs):
                 out[i] = synthetic_vector(ids, self.info.dim)

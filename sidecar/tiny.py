@@ -62,3 +62,32 @@ def make_cross_encoder(dest: str | os.PathLike, *, seed: int = 0) -> Path:
     if not (dest / "tokenizer.json").is_file():
         shutil.copy(bundled_model_path() / "tokenizer.json", dest / "tokenizer.json")
     return dest
+
+
+#: The labels of :func:`make_classifier`'s head.
+CLASSIFIER_LABELS = ("negative", "neutral", "positive")
+
+
+def make_classifier(dest: str | os.PathLike, *, multi_label: bool = False, seed: int = 0) -> Path:
+    """A sequence-classification folder (what transformers loads as
+    ``AutoModelForSequenceClassification``): the bundled MiniLM's weights
+    with a fresh head of :data:`CLASSIFIER_LABELS`, single-label (softmax)
+    or ``multi_label`` (``problem_type: multi_label_classification``,
+    sigmoid). For tests; its scores mean nothing but are deterministic."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    dest = Path(dest)
+    torch.manual_seed(seed)
+    labels = dict(enumerate(CLASSIFIER_LABELS))
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(bundled_model_path()), num_labels=len(labels), id2label=labels,
+        label2id={name: index for index, name in labels.items()},
+        problem_type="multi_label_classification" if multi_label else "single_label_classification")
+    with torch.no_grad():  # a wider head than the default init's, so that the labels' scores differ
+        model.classifier.weight.normal_(0.0, 0.5)
+    model.save_pretrained(dest)
+    for name in TOKENIZER_FILES:
+        shutil.copy(bundled_model_path() / name, dest / name)
+    return dest

@@ -36,6 +36,23 @@ def cross_encoder(cross_encoder_path):
 
 
 @pytest.fixture(scope="session")
+def classifier_path(tmp_path_factory) -> Path:
+    """The bundled weights with a fresh three-label head, saved as a sequence-classification folder."""
+    from sidecar.tiny import make_classifier
+
+    return make_classifier(tmp_path_factory.mktemp("clf") / "minilm-classifier")
+
+
+@pytest.fixture(scope="session")
+def multi_label_classifier_path(classifier_path, tmp_path_factory) -> Path:
+    """classifier_path's weights (linked), marked multi-label in its config.json (a sigmoid per label)."""
+    from tests.helpers import linked_model_folder
+
+    return linked_model_folder(classifier_path, tmp_path_factory.mktemp("clf-multi") / "minilm-multi-label",
+                               "config.json", problem_type="multi_label_classification")
+
+
+@pytest.fixture(scope="session")
 def real_model_path() -> Path:
     from shm_protocol.model_files import bundled_model_path
 

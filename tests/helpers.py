@@ -202,16 +202,16 @@ class FixedVectorClient:
         return np.array([r / np.linalg.norm(r) for r in rows], dtype=np.float32)
 
 
-def linked_model_folder(src, dest, **config_updates):
+def linked_model_folder(src, dest, config_name: str = "config_sentence_transformers.json", **config_updates):
     """A model folder at ``dest`` whose files link to ``src``'s, but for its
-    config_sentence_transformers.json, which gets ``config_updates``."""
+    ``config_name`` (config_sentence_transformers.json), which gets ``config_updates``."""
     import json
     import os
     from pathlib import Path
 
     src, dest = Path(src), Path(dest)
     dest.mkdir(parents=True)
-    name = "config_sentence_transformers.json"
+    name = config_name
     for entry in src.iterdir():
         if entry.name != name:
             os.symlink(entry, dest / entry.name)

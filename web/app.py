@@ -2,7 +2,7 @@
 client and the settings), so tests build it with what they need and
 Gunicorn builds it once per worker after the fork.
 
-The resources live by area: web.embeddings, web.rerank, web.models,
+The resources live by area: web.embeddings, web.rerank, web.classify, web.models,
 web.operations, web.collections_api, web.websearch_api, and web.openapi
 (the document and the docs); each declares its operations (web.schema),
 which validate its bodies and make the OpenAPI document.
@@ -17,6 +17,7 @@ from shm_protocol.client import EmbeddingBackend
 from shm_protocol.config import Settings
 
 from . import cohere, collections_api, errors, openapi, status, tokens
+from .classify import Classify, Predict
 from .context import Context, dump_json
 from .embeddings import Embed, OpenAIEmbeddings
 from .middleware import AuthMiddleware, RequestIdMiddleware
@@ -42,6 +43,8 @@ def create_app(client: EmbeddingBackend, settings: Settings) -> RequestIdMiddlew
     routes.add("/embed", Embed(ctx))
     routes.add("/rerank", Rerank(ctx))
     routes.add("/v1/rerank", CohereRerank(ctx))
+    routes.add("/predict", Predict(ctx))
+    routes.add("/classify", Classify(ctx))
     models = Models(ctx)
     routes.add("/v1/models", models)
     routes.add("/v1/models/{model_id}", models, suffix="item")

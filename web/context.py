@@ -65,6 +65,20 @@ class Context:
         return res
 
 
+    def classify(self, inputs: list, **options):
+        """Classify through the client under this request's token budget;
+        ``inputs``: texts and (text, text_pair) tuples; ``options``: model,
+        raw_scores, truncate."""
+        self.counts["total_requests"] += 1
+        try:
+            res = self.client.classify_detailed(inputs, max_tokens=self.settings.max_request_tokens, **options)
+        except ShmEmbedError:
+            self.counts["failed_requests"] += 1
+            raise
+        self.counts["successful_requests"] += 1
+        return res
+
+
 def _json_default(obj):
     if isinstance(obj, (np.ndarray, np.generic)):
         return obj.tolist()

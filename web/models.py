@@ -8,7 +8,7 @@ from . import errors
 from .schema import INTEGER, STRING, Operation, Reply, array, obj
 
 MODEL_CARD = obj({"id": STRING, "object": {"const": "model"}, "created": INTEGER, "owned_by": STRING,
-                  "kind": {"enum": ["embed", "rerank"]}, "dimension": INTEGER,
+                  "kind": {"enum": ["embed", "rerank", "classify"]}, "dimension": INTEGER,
                   "max_tokens": {"type": ["integer", "null"]}})
 
 LIST_MODELS = Operation(

@@ -51,6 +51,7 @@ ERROR_SCHEMA = obj({"error": obj({
 TAGS = (
     ("embeddings", "Vectors of texts, in OpenAI's and text-embeddings-inference's shapes."),
     ("rerank", "Cross-encoder scores of (query, document) pairs, best first."),
+    ("classify", "Sequence classifiers' label scores of texts or pairs."),
     ("models", "The models the sidecar serves."),
     ("collections", "Stored documents, split into passages and searched by their vectors."),
     ("web search", "Pages fetched and ranked against a query."),
@@ -94,9 +95,9 @@ def document(routes: RouteTable, settings: Settings) -> dict:
     doc = {
         "openapi": "3.1.0",
         "info": {"title": "shm-embed", "version": __version__,
-                 "description": "Embeddings, reranking, collections and web search, served by a sidecar that "
-                                "shares memory with the web workers. Every error answers the same JSON shape "
-                                "(components.schemas.Error)."},
+                 "description": "Embeddings, reranking, classification, collections and web search, served by a "
+                                "sidecar that shares memory with the web workers. Every error answers the same JSON "
+                                "shape (components.schemas.Error)."},
         "tags": [{"name": name, "description": text} for name, text in TAGS],
         "paths": paths,
         "components": {

@@ -1,7 +1,7 @@
 """Every example request of the OpenAPI document succeeds against a real
 service (Gunicorn in front of a synthetic sidecar serving an embedding
-model and a reranker, a local page server for web search), and each answer
-has the shape the document gives it."""
+model, a reranker and a classifier, a local page server for web search),
+and each answer has the shape the document gives it."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ PHASES = {"put": 0, "post": 1, "get": 2, "delete": 3}
 
 
 @pytest.fixture(scope="module")
-def service(tiny_model, cross_encoder_path, tmp_path_factory, pages):  # noqa: F811
+def service(tiny_model, cross_encoder_path, classifier_path, tmp_path_factory, pages):  # noqa: F811
     tmp = tmp_path_factory.mktemp("openapi")
     sc = start_sidecar(tmp, None, SHM_EMBED_SYNTHETIC_US="0",
-                       SHM_EMBED_MODELS=f"all-MiniLM-L6-v2={tiny_model},reranker={cross_encoder_path}")
+                       SHM_EMBED_MODELS=f"all-MiniLM-L6-v2={tiny_model},reranker={cross_encoder_path},"
+                                        f"classifier={classifier_path};classify")
     web = start_web(tmp, sc.env, workers=1, SHM_EMBED_FETCH_ALLOW="127.0.0.1", SHM_EMBED_SEARCH_URL=f"{pages}/search",
                     SHM_EMBED_FETCH_TIMEOUT_S="1", SHM_EMBED_API_KEY="s3cret")
     try:

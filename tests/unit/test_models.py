@@ -1,5 +1,7 @@
 """Choosing among several served models, and reading their table, without a sidecar."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -34,7 +36,8 @@ def test_the_default_is_the_first_embedding_model_even_after_a_reranker():
 
 def test_model_specs_refuse_names_one_request_could_confuse():
     assert [e[0] for e in parse_model_specs("a=/x,b=/y;rerank")] == ["a", "b"]
-    for bad in ("e5=/x,org/e5=/y", "a=/x,a=/y", "a=", "=x", "a=/x;fast", "a=/x;embed;rerank",
+    assert parse_model_specs("a=/x;classify")[0][2] == ("classify",)
+    for bad in ("e5=/x,org/e5=/y", "a=/x,a=/y", "a=", "=x", "a=/x;fast", "a=/x;embed;rerank", "a=/x;rerank;classify",
                 ",".join(f"m{i}=/x" for i in range(9))):
         with pytest.raises(ConfigError):
             parse_model_specs(bad)
@@ -119,3 +122,56 @@ def test_float16_on_a_cpu_is_refused_with_the_choices():
 
     with pytest.raises(ConfigError, match="bfloat16 or auto"):
         choose_dtype("float16", "cpu", frozenset({"amx_bf16"}))
+
+
+def test_a_classifier_is_found_by_its_folder_and_its_labels_and_activation_read_from_config(
+        classifier_path, multi_label_classifier_path, cross_encoder_path, tiny_model):
+    from shm_protocol.config import Settings
+    from shm_protocol.layout import Activation
+    from shm_protocol.model_files import check_entry_files, classifier_config, model_kind, model_specs
+    from sidecar.tiny import CLASSIFIER_LABELS
+
+    assert model_kind(classifier_path) == ModelKind.CLASSIFY and model_kind(cross_encoder_path) == RERANK
+    single, multi = classifier_config(classifier_path), classifier_config(multi_label_classifier_path)
+    assert single.labels == multi.labels == CLASSIFIER_LABELS
+    assert (single.activation, multi.activation) == (Activation.SOFTMAX, Activation.SIGMOID)
+    specs = model_specs(Settings.from_env({}, models=f"c={classifier_path};classify,t={tiny_model}"))
+    assert [s.kind for s in specs] == [ModelKind.CLASSIFY, EMBED]
+    with pytest.raises(ConfigError, match="not a sequence-classification model"):
+        model_specs(Settings.from_env({}, models=f"c={tiny_model};classify"))
+    with pytest.raises(ConfigError, match="no id2label"):
+        classifier_config(tiny_model)
+
+    def table_entry(dim):
+        return ModelEntry(0, "c", ModelKind.CLASSIFY, dim, 512, 30522,
+                          tokenizer_path=str(classifier_path / "tokenizer.json"))
+
+    check_entry_files(table_entry(3))
+    for bad in (table_entry(2), ModelEntry(0, "c", ModelKind.CLASSIFY, 3, 256, 30522,
+                                           tokenizer_path=str(tiny_model / "tokenizer.json"))):
+        with pytest.raises(LayoutMismatch):
+            check_entry_files(bad)
+    models = [entry(0, "tiny"), entry(1, "clf", ModelKind.CLASSIFY, 3)]
+    assert find_model(models, None, ModelKind.CLASSIFY).name == "clf"
+    with pytest.raises(ModelNotFound, match="serves embedding, not classification"):
+        find_model(models, "tiny", ModelKind.CLASSIFY)
+
+
+def test_classify_inputs_are_checked_and_logits_activated_as_the_pipeline_does():
+    from shm_protocol.classify import ClassifyResult, activate_labels, check_inputs
+    from shm_protocol.errors import InvalidInput
+    from shm_protocol.layout import Activation
+
+    assert check_inputs(["a", ("b", "c"), ["d", "e"]]) == ["a", ("b", "c"), ("d", "e")]
+    for bad, words in (("a", "not one string"), (3, "not int"), ([["a"]], "inputs[0]"), (["a", 1], "inputs[1]"),
+                       ([("a", 2)], "inputs[0]")):
+        with pytest.raises(InvalidInput, match=re.escape(words)):
+            check_inputs(bad)
+    logits = np.array([[1.0, 2.0, 3.0], [1000.0, 0.0, -1000.0]], np.float32)
+    soft = activate_labels(logits, Activation.SOFTMAX)
+    assert np.allclose(soft[0], np.exp([1, 2, 3]) / np.exp([1, 2, 3]).sum()) and np.allclose(soft[1], [1, 0, 0])
+    assert np.allclose(activate_labels(logits[:1], Activation.SIGMOID), 1 / (1 + np.exp(-logits[:1])))
+    assert activate_labels(logits, Activation.IDENTITY).tolist() == logits.tolist()
+    result = ClassifyResult(soft, ("x", "y", "z"), np.array([3, 4]), "m", 0, 0)
+    assert [r["label"] for r in result.ranked()[0]] == ["z", "y", "x"]
+    assert result.ranked(top_k=1)[1] == [{"label": "x", "score": pytest.approx(1.0)}]

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from falcon import testing
 
+from shm_protocol.classify import ClassifyResult, activate_labels, check_inputs
 from shm_protocol.client import EmbeddingBackend, EmbedResult, RerankResult
 from shm_protocol.config import COLLECTIONS_DB, Settings
 from shm_protocol.errors import (
@@ -28,6 +29,7 @@ from shm_protocol.errors import (
     SidecarTimeout,
     SidecarUnavailable,
 )
+from shm_protocol.layout import Activation
 from shm_protocol.model_files import TextOptions, bundled_model_path, name_matches, tokenizer_file
 from shm_protocol.stats import Snapshot
 from shm_protocol.tokenizer import WorkerTokenizer, check_token_budget
@@ -39,6 +41,8 @@ DIM = 8
 RERANK_PROMPTS = TextOptions(prompts={"short": "q: "})
 #: The fake embedding model's prompts, for Cohere's input_type.
 EMBED_PROMPTS = TextOptions(prompts={"query": "query: ", "passage": "passage: "})
+#: The fake classifier's labels.
+FAKE_LABELS = ("calm", "busy", "down")
 _tokenizers: list[WorkerTokenizer] = []
 
 
@@ -105,6 +109,25 @@ class FakeClient:
         scores = raw if raw_scores else (1 / (1 + np.exp(-raw))).astype(np.float32)
         return RerankResult(scores, counts, "fake-reranker", 0, 0)
 
+    def classify_detailed(self, inputs, *, model=None, raw_scores=False, truncate=True, max_tokens=None):
+        """Logits: the first fake vector components of each text (a pair's texts
+        joined by a tab), through a softmax unless raw_scores."""
+        self._check()
+        inputs = check_inputs(inputs)
+        if model is not None and not name_matches(model, "fake-classifier"):
+            raise ModelNotFound(f"The model '{model}' does not exist here", requested=model,
+                                served=["fake-model", "fake-reranker", "fake-classifier"])
+        texts = [item if isinstance(item, str) else "\t".join(item) for item in inputs]
+        raw = np.array([fake_vector(t)[: len(FAKE_LABELS)] for t in texts], np.float32).reshape(-1, len(FAKE_LABELS))
+        counts = np.array([len(t.split()) + 2 for t in texts], dtype=np.int64)
+        check_token_budget(counts, max_tokens)
+        self.calls.append({"inputs": inputs, "truncate": truncate})
+        scores = raw if raw_scores else activate_labels(raw, Activation.SOFTMAX)
+        return ClassifyResult(scores, FAKE_LABELS, counts, "fake-classifier", 0, 0)
+
+    def classify(self, inputs, *, model=None, raw_scores=False, truncate=True):
+        return self.classify_detailed(inputs, model=model, raw_scores=raw_scores, truncate=truncate).ranked()
+
     def embed(self, texts, *, truncate=None, normalize=False, prompt=None, prompt_name=None, dimensions=None,
               model=None, **options):
         return self.embed_detailed(texts, truncate=truncate, normalize=normalize, prompt=prompt,
@@ -132,7 +155,9 @@ class FakeClient:
         self._check()
         return {"model": "fake-model", "dimension": DIM, "max_seq_length": 16, "device": "fake",
                 "models": [{"name": "fake-model", "kind": "embed", "dimension": DIM, "max_seq_length": 16},
-                           {"name": "fake-reranker", "kind": "rerank", "dimension": 1, "max_seq_length": 16}]}
+                           {"name": "fake-reranker", "kind": "rerank", "dimension": 1, "max_seq_length": 16},
+                           {"name": "fake-classifier", "kind": "classify", "dimension": len(FAKE_LABELS),
+                            "max_seq_length": 16}]}
 
     def stats(self) -> Snapshot:
         self._check()
@@ -173,7 +198,8 @@ def test_the_fake_and_the_real_clients_are_embedding_backends(fake, tmp_path):
     from compat.fallback import FallbackClient
     from shm_protocol.client import EmbeddingClient
 
-    assert {"embed_detailed", "rerank_detailed", "info", "stats", "close"} <= set(protocol_methods(EmbeddingBackend))
+    assert {"embed_detailed", "rerank_detailed", "classify_detailed", "classify", "info", "stats",
+            "close"} <= set(protocol_methods(EmbeddingBackend))
     settings = Settings.from_env({}, data_dir=str(tmp_path))
     for client in (fake, EmbeddingClient(settings), FallbackClient(settings.replace(use_ipc=False))):
         assert isinstance(client, EmbeddingBackend), type(client).__name__
@@ -331,8 +357,9 @@ def test_collections_round_trip(app):
 def test_models_in_openai_shape_and_unknown_models_are_404(app):
     response = app.simulate_get("/v1/models")
     assert response.status_code == 200 and response.json["object"] == "list"
-    assert [m["id"] for m in response.json["data"]] == ["fake-model", "fake-reranker"]
+    assert [m["id"] for m in response.json["data"]] == ["fake-model", "fake-reranker", "fake-classifier"]
     assert response.json["data"][0]["object"] == "model" and response.json["data"][1]["kind"] == "rerank"
+    assert response.json["data"][2]["kind"] == "classify" and response.json["data"][2]["dimension"] == 3
     assert app.simulate_get("/v1/models/fake-model").json["id"] == "fake-model"
     for path, kw in (("/v1/models/text-embedding-ada-002", {}),
                      ("/v1/embeddings", {"json": {"input": "x", "model": "text-embedding-ada-002"}})):
@@ -342,6 +369,59 @@ def test_models_in_openai_shape_and_unknown_models_are_404(app):
         assert err["code"] == "model_not_found" and err["param"] == "model" and "fake-model" in err["message"]
     ok = app.simulate_post("/v1/embeddings", json={"input": "x", "model": "org/fake-model"})  # a hub id
     assert ok.status_code == 200
+
+
+def test_predict_answers_each_input_its_labels_best_first_in_tei_shape(app, fake):
+    want = fake.classify_detailed(["calm day", ("is it up?", "yes"), "late again"])
+    batch = app.simulate_post("/predict", json={"inputs": ["calm day", ["is it up?", "yes"], "late again"]})
+    assert batch.status_code == 200, batch.text
+    assert len(batch.json) == 3
+    for row, scores in zip(batch.json, want.scores):
+        assert [x["score"] for x in row] == sorted((x["score"] for x in row), reverse=True)
+        assert {x["label"]: x["score"] for x in row} == pytest.approx(dict(zip(FAKE_LABELS, scores.tolist())))
+    assert fake.calls[-1]["inputs"][1] == ("is it up?", "yes") and fake.calls[-1]["truncate"] is True
+    one = app.simulate_post("/predict", json={"inputs": "calm day"}).json  # one input: its list alone
+    assert one == batch.json[0]
+    pair = app.simulate_post("/predict", json={"inputs": ["is it up?", "yes"]}).json  # two strings: one pair
+    assert pair == batch.json[1]
+    raw = app.simulate_post("/predict", json={"inputs": ["calm day"], "raw_scores": True, "truncate": False}).json
+    assert fake.calls[-1]["truncate"] is False
+    assert {x["label"]: x["score"] for x in raw[0]} == pytest.approx(
+        dict(zip(FAKE_LABELS, fake.classify_detailed(["calm day"], raw_scores=True).scores[0].tolist())))
+
+
+def test_classify_answers_in_vllm_shape(app, fake):
+    response = app.simulate_post("/classify", json={"input": ["calm day", "late again"], "model": "fake-classifier"})
+    assert response.status_code == 200, response.text
+    body = response.json
+    assert body["object"] == "list" and body["model"] == "fake-classifier" and body["id"].startswith("classify-")
+    want = fake.classify_detailed(["calm day", "late again"])
+    for i, item in enumerate(body["data"]):
+        assert item["index"] == i and item["num_classes"] == 3
+        assert item["probs"] == pytest.approx(want.scores[i].tolist())
+        assert item["label"] == FAKE_LABELS[int(np.argmax(want.scores[i]))]
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] == want.total_tokens
+    one = app.simulate_post("/classify", json={"input": "calm day"}).json
+    assert one["data"][0]["probs"] == body["data"][0]["probs"]
+
+
+@pytest.mark.parametrize("path,body,status,words", [
+    ("/predict", {}, 422, "'inputs' is required"),
+    ("/predict", {"inputs": []}, 422, "'inputs' must not be an empty list"),
+    ("/predict", {"inputs": 3}, 422, "'inputs' must be a string, a pair"),
+    ("/predict", {"inputs": ["a", "b", ["c"]]}, 422, "'inputs[2]' must be a string or a pair"),
+    ("/predict", {"inputs": ["a", 1, "c"]}, 422, "'inputs[1]'"),
+    ("/predict", {"inputs": ["a"] * 6}, 413, "SHM_EMBED_MAX_INPUTS"),
+    ("/predict", {"inputs": "a", "raw_scores": "yes"}, 422, "'raw_scores' must be true or false"),
+    ("/predict", {"inputs": "a", "model": "nope"}, 404, "'nope'"),
+    ("/classify", {"input": []}, 422, "'input' must not be an empty list"),
+    ("/classify", {"input": [["a", "b"]]}, 422, "'input'"),
+    ("/classify", {"input": "a", "model": "fake-reranker"}, 404, "fake-reranker"),
+])
+def test_classification_refuses_bad_input_naming_the_field(app, path, body, status, words):
+    response = app.simulate_post(path, json=body)
+    assert response.status_code == status, response.text
+    assert words in response.json["error"]["message"]
 
 
 def test_rerank_in_tei_and_cohere_shapes_best_first(app, fake):
@@ -414,6 +494,8 @@ ROUTE_BODIES = [
     ("POST", "/rerank", {"query": "q", "texts": ["a", "b"], "model": "fake-reranker", "prompt": "p: ",
                          "prompt_name": "short"}),
     ("POST", "/v1/rerank", {"query": "q", "documents": ["a", {"text": "b"}], "model": "fake-reranker"}),
+    ("POST", "/predict", {"inputs": ["a", "b", ["c", "d"]], "model": "fake-classifier"}),
+    ("POST", "/classify", {"input": ["a", "b"], "model": "fake-classifier"}),
     ("PUT", "/collections/kb", {"options": {"model": "fake-model", "index": "flat", "query_prompt": "q: ",
                                             "document_prompt": "d: "}}),
     ("POST", "/collections/kb/documents", {"documents": [
