@@ -266,7 +266,7 @@ class EmbeddingClient(SentenceTransformerAPI):
             raise
         try:
             sess = Session(region, ring, self.settings, models)
-            sess.tokenizers, sess.options = self._tokenizers, self._options
+            sess.tokenizers, sess.options, sess.labels = self._tokenizers, self._options, self._labels
         except BaseException:
             region.rings[ring]["owner_pid"] = 0  # ours, and every slot of a fresh lease is free
             region.close()
@@ -587,20 +587,19 @@ class EmbeddingClient(SentenceTransformerAPI):
         limit is cut unless ``truncate`` is false (RequestTooLarge), as are
         more than ``max_tokens`` tokens in all."""
         inputs = classify.check_inputs(inputs)
-        sess = self._get_session()
-        m = model_files.find_model(sess.models, model, ModelKind.CLASSIFY)
-        labels = self._labels[m.index]
-        if not inputs:
-            return ClassifyResult(np.empty((0, m.dim), np.float32), labels, np.empty(0, np.int64), m.name, 0, 0)
-        tok = classify.tokenize_inputs(self._tokenizers[m.index], inputs, truncate=truncate, max_tokens=max_tokens)
-        out = np.empty((len(inputs), m.dim), dtype=np.float32)
-        sess.enter()
-        try:
+
+        def call(sess: Session) -> ClassifyResult:
+            m = model_files.find_model(sess.models, model, ModelKind.CLASSIFY)
+            labels = sess.labels[m.index]
+            if not inputs:
+                return ClassifyResult(np.empty((0, m.dim), np.float32), labels, np.empty(0, np.int64), m.name, 0, 0)
+            tok = classify.tokenize_inputs(sess.tokenizers[m.index], inputs, truncate=truncate, max_tokens=max_tokens)
+            out = np.empty((len(inputs), m.dim), dtype=np.float32)
             queue_ns, compute_ns, _ = sess.run(tok.ids, tok.lengths, out, m.index, tok.segments)
-        finally:
-            sess.leave()
-        scores = out if raw_scores else classify.activate_labels(out, m.activation)
-        return ClassifyResult(scores, labels, tok.lengths, m.name, queue_ns, compute_ns, tok.tokenize_ns)
+            scores = out if raw_scores else classify.activate_labels(out, m.activation)
+            return ClassifyResult(scores, labels, tok.lengths, m.name, queue_ns, compute_ns, tok.tokenize_ns)
+
+        return self._request(call)
 
 
 def checked_models(region: Region) -> list[ModelEntry]:

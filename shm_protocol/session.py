@@ -140,8 +140,10 @@ class Session:
         # The epoch's embedding cache (None: the sidecar keeps none); lookups count on this ring.
         self.cache = CacheReader.attach(names, self.epoch, ring)
         self._key_words = region.slots[ring]["cache_keys"].view(np.uint64)  # (slots, max_texts * KEY_WORDS)
+        # This epoch's tokenizers, text options and classifier labels by model index (set by the client).
         self.tokenizers: dict = {}
         self.options: dict = {}
+        self.labels: dict = {}
         # Slots whose segment splits are not all zero (a reranker's request was there): cleared before reuse.
         self._segments_dirty = [True] * p.slots_per_ring
         for s in range(p.slots_per_ring):
