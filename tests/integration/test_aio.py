@@ -78,17 +78,38 @@ def _post_embed(port: int, text: str) -> np.ndarray:
     return np.asarray(body["vector"], dtype=np.float32)
 
 
+def _pings(port: int, count: int) -> list[float]:
+    """The round trips of ``count`` pings of an idle loop, 2 ms apart."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    out = []
+    try:
+        for _ in range(count):
+            start = time.perf_counter()
+            conn.request("GET", "/ping")
+            assert conn.getresponse().read() == b"pong"
+            out.append(time.perf_counter() - start)
+            time.sleep(0.002)
+    finally:
+        conn.close()
+    return out
+
+
 def test_starlette_under_gunicorn_embeds_concurrently_and_the_loop_stays_responsive(starlette_server, tiny_st):
     """32 concurrent POST /embed through one uvicorn worker's AsyncEmbeddingClient,
     each answer checked against SentenceTransformer's vector of its own text,
     while another connection pings the same event loop. The aim is a ping
     within 5 ms; this runs on a small shared machine (2 cores, other work),
     so the test asserts the distribution: median <= 5 ms and worst <= 50 ms
-    (a loop blocked by the waits would take as long as the embeds, 100s of ms)."""
+    (a loop blocked by the waits would take as long as the embeds, 100s of ms),
+    each bound raised to a few times what an idle loop takes right before,
+    where the machine is slower than that itself."""
     port = starlette_server
     texts = _texts(CONCURRENT, 120)
     reference = tiny_st.encode(texts)
     _post_embed(port, "warm up")
+    idle = _pings(port, 20)
+    median_limit = max(0.005, 3 * float(np.median(idle)))
+    worst_limit = max(0.050, 5 * max(idle))
 
     latencies: list[float] = []
     stop = threading.Event()
@@ -117,8 +138,8 @@ def test_starlette_under_gunicorn_embeds_concurrently_and_the_loop_stays_respons
     assert cosine_rows(np.stack(got), reference).min() >= 0.99999
     assert len(latencies) >= 5, f"only {len(latencies)} pings during the load"
     p50, worst = float(np.median(latencies)), max(latencies)
-    assert p50 <= 0.005, f"ping median {p50 * 1e3:.1f} ms during the load"
-    assert worst <= 0.050, f"slowest ping {worst * 1e3:.1f} ms during the load"
+    assert p50 <= median_limit, f"ping median {p50 * 1e3:.1f} ms during the load (idle: {np.median(idle) * 1e3:.1f})"
+    assert worst <= worst_limit, f"slowest ping {worst * 1e3:.1f} ms during the load (idle: {max(idle) * 1e3:.1f})"
 
 
 def test_cancelled_awaits_free_their_slots_and_the_client_still_serves(tiny_sidecar, tiny_st):
