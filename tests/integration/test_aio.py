@@ -98,18 +98,19 @@ def test_starlette_under_gunicorn_embeds_concurrently_and_the_loop_stays_respons
     """32 concurrent POST /embed through one uvicorn worker's AsyncEmbeddingClient,
     each answer checked against SentenceTransformer's vector of its own text,
     while another connection pings the same event loop. The aim is a ping
-    within 5 ms; this runs on a small shared machine (2 cores, other work),
-    so the test asserts the distribution: median <= 5 ms and worst <= 50 ms
-    (a loop blocked by the waits would take as long as the embeds, 100s of ms),
-    each bound raised to a few times what an idle loop takes right before,
-    where the machine is slower than that itself."""
+    within 5 ms, a figure for a quiet machine; this test runs on 2 cores
+    beside other work, where the loop itself (HTTP, JSON of 32 answers) takes
+    a few ms, so it asserts median <= 10 ms and worst <= 100 ms: a loop
+    blocked by the waits would take as long as the 32 embeds one after
+    another, 100s of ms. Each bound is raised to a few times what an idle
+    loop takes right before, where the machine is slower than that itself."""
     port = starlette_server
     texts = _texts(CONCURRENT, 120)
     reference = tiny_st.encode(texts)
     _post_embed(port, "warm up")
     idle = _pings(port, 20)
-    median_limit = max(0.005, 3 * float(np.median(idle)))
-    worst_limit = max(0.050, 5 * max(idle))
+    median_limit = max(0.010, 3 * float(np.median(idle)))
+    worst_limit = max(0.100, 5 * max(idle))
 
     latencies: list[float] = []
     stop = threading.Event()
