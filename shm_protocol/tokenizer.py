@@ -236,13 +236,13 @@ class WorkerTokenizer:
             return None
         out = []
         limit = self.max_seq_length
-        for t in texts:
-            if not isinstance(t, str) or any(a in t for a in self._added):
+        for text in texts:
+            if not isinstance(text, str) or any(a in text for a in self._added):
                 return None
-            r = fast.encode(t, limit)
-            if r is None or (r[1] and not truncate):
+            encoded = fast.encode(text, limit)
+            if encoded is None or (encoded[1] and not truncate):
                 return None
-            out.append(r[0])
+            out.append(encoded[0])
         return out
 
     def encode_untruncated(self, texts: list[str], add_special_tokens: bool = True) -> list:
