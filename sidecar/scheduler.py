@@ -543,7 +543,7 @@ class Scheduler:
         return len(suspects)
 
     def _reset_ring_semaphores(self, ring: int) -> bool:
-        """Empty ring ``r``'s slot semaphores before the ring is leased again:
+        """Empty ring ``ring``'s slot semaphores before the ring is leased again:
         posts left by its last holder's abandoned requests are drained; a
         semaphore someone pushed towards SEM_VALUE_MAX (through /dev/shm) is
         replaced by a new one under the same name, else every later holder
