@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 
 venv: $(STAMP)
 
-$(STAMP): requirements.lock setup.cfg setup.py pyproject.toml shm_protocol/_hotpath.c
+$(STAMP): requirements.lock setup.cfg setup.py pyproject.toml $(wildcard shm_protocol/hotpath_c/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .

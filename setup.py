@@ -1,12 +1,14 @@
-"""Builds the transport's compiled hot path (shm_protocol._hotpath); the rest
-of the package metadata is in setup.cfg."""
+"""Builds the transport's compiled hot path (shm_protocol._hotpath, from the C
+files in shm_protocol/hotpath_c/); the rest of the package metadata is in setup.cfg."""
+
+import glob
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 COMPILER_HINT = (
     "shm-embed needs a C compiler and the Python headers to build its hot path "
-    "(shm_protocol/_hotpath.c). On Debian or Ubuntu: apt-get install gcc python3-dev; "
+    "(shm_protocol/hotpath_c/). On Debian or Ubuntu: apt-get install gcc python3-dev; "
     "on Fedora or RHEL: dnf install gcc python3-devel. Then run the install again."
 )
 
@@ -31,7 +33,8 @@ setup(
     ext_modules=[
         Extension(
             "shm_protocol._hotpath",
-            sources=["shm_protocol/_hotpath.c"],
+            sources=sorted(glob.glob("shm_protocol/hotpath_c/*.c")),
+            depends=["shm_protocol/hotpath_c/hotpath.h"],
             extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                                 "-Wno-missing-field-initializers", "-Wno-cast-function-type"],
         )

@@ -61,15 +61,15 @@ class PassageSplitter:
 
     def _split(self, text: str, units: list[tuple[int, int]], word_of: list[int], window: int):
         """Greedy windows over ``units`` (tokens, or words), ``word_of`` each one's word number."""
-        n, out, start = len(units), [], 0
+        n_units, out, start = len(units), [], 0
         while True:
             by_words = bisect.bisect_left(word_of, word_of[start] + self.words, start)
-            end = min(by_words, start + window, n)
+            end = min(by_words, start + window, n_units)
             cut_by_window = end < by_words
-            if cut_by_window and end < n:
+            if cut_by_window and end < n_units:
                 end = _nicer_cut(text, units, word_of, start, end, max(1, window // _SLACK))
             out.append((units[start][0], units[end - 1][1]))
-            if end >= n:
+            if end >= n_units:
                 return out
             if cut_by_window:
                 shared = (end - start) * self.overlap // self.words

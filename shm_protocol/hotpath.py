@@ -1,4 +1,4 @@
-"""The compiled hot path (``_hotpath.c``), bound to the layout.
+"""The compiled hot path (``hotpath_c/*.c``), bound to the layout.
 
 The C code knows no offset of its own: :func:`ring` hands it the field
 offsets of :func:`shm_protocol.layout.slot_dtype`, and :func:`load` checks at

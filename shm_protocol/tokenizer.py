@@ -140,14 +140,14 @@ class WorkerTokenizer:
         t0 = time.perf_counter_ns()
         pair = self._pair_template()
         target = self.max_seq_length - pair.added  # content tokens a pair keeps
-        q = self._encode_raw([query], "query")[0]
-        nq = len(q)
+        query_enc = self._encode_raw([query], "query")[0]
+        nq = len(query_enc)
         if not truncate and nq > target:
             raise RequestTooLarge(f"the query alone has {nq} tokens, over the {target} the model's limit of "
                                   f"{self.max_seq_length} leaves with a document (send truncate=true to cut it)",
                                   limit=self.max_seq_length, actual=nq + pair.added, what="tokens")
-        q_ids = q.ids[:target]
-        del q
+        query_ids = query_enc.ids[:target]
+        del query_enc
         # Each pair has at least the query's tokens (or the limit): a budget
         # that cannot hold that many is refused before any document is read.
         floor = min(self.max_seq_length, nq + pair.added)
@@ -157,15 +157,15 @@ class WorkerTokenizer:
         segments = np.zeros(len(documents), np.int64)
         total = 0
         for first, last in batches(documents):
-            for i, d in enumerate(self._encode_raw(documents[first:last], "texts", first), first):
-                nd = len(d)
+            for i, doc in enumerate(self._encode_raw(documents[first:last], "texts", first), first):
+                nd = len(doc)
                 if not truncate and nq + nd > target:
                     raise RequestTooLarge(
                         f"the query with document {i} has {nq + nd + pair.added} tokens, over the model's limit of "
                         f"{self.max_seq_length} (send truncate=true to cut it)", limit=self.max_seq_length,
                         actual=nq + nd + pair.added, what="tokens")
-                a, b = longest_first(nq, nd, target)
-                one, segments[i] = pair.join(q_ids[:a], d.ids[:b])
+                query_kept, doc_kept = longest_first(nq, nd, target)
+                one, segments[i] = pair.join(query_ids[:query_kept], doc.ids[:doc_kept])
                 ids.append(one)
                 lengths[i] = len(one)
                 total += len(one)
@@ -236,13 +236,13 @@ class WorkerTokenizer:
             return None
         out = []
         limit = self.max_seq_length
-        for t in texts:
-            if not isinstance(t, str) or any(a in t for a in self._added):
+        for text in texts:
+            if not isinstance(text, str) or any(a in text for a in self._added):
                 return None
-            r = fast.encode(t, limit)
-            if r is None or (r[1] and not truncate):
+            encoded = fast.encode(text, limit)
+            if encoded is None or (encoded[1] and not truncate):
                 return None
-            out.append(r[0])
+            out.append(encoded[0])
         return out
 
     def encode_untruncated(self, texts: list[str], add_special_tokens: bool = True) -> list:
@@ -367,24 +367,24 @@ class _PairTemplate:
 
     @classmethod
     def of(cls, raw) -> _PairTemplate:
-        a, b = raw.encode_batch(["a b c", "d e"], add_special_tokens=False)
-        full = raw.post_process(a, b, add_special_tokens=True)
+        first, second = raw.encode_batch(["a b c", "d e"], add_special_tokens=False)
+        full = raw.post_process(first, second, add_special_tokens=True)
         ids, types = full.ids, full.type_ids
         content = [i for i, special in enumerate(full.special_tokens_mask) if not special]
-        if len(content) != len(a) + len(b):
+        if len(content) != len(first) + len(second):
             raise InvalidInput("this model's tokenizer changes a pair's own tokens, which is not served here")
-        a0, a1, b0, b1 = content[0], content[len(a) - 1] + 1, content[len(a)], content[-1] + 1
+        a0, a1, b0, b1 = content[0], content[len(first) - 1] + 1, content[len(first)], content[-1] + 1
         out = cls(ids[:a0], ids[a1:b0], ids[b1:],
                   (types[0] if a0 else 0, types[a0], types[a1] if b0 > a1 else 0, types[b0],
                    types[b1] if b1 < len(ids) else 0))
-        if out.join(a.ids, b.ids)[0] != ids or out.type_ids(len(a), len(b)) != types:
+        if out.join(first.ids, second.ids)[0] != ids or out.type_ids(len(first), len(second)) != types:
             raise InvalidInput("this model's tokenizer puts special tokens around a pair in a way not served here")
         return out
 
     def type_ids(self, n1: int, n2: int) -> list[int]:
-        t = self.types
-        return ([t[0]] * len(self.before) + [t[1]] * n1 + [t[2]] * len(self.between) + [t[3]] * n2
-                + [t[4]] * len(self.after))
+        types = self.types
+        return ([types[0]] * len(self.before) + [types[1]] * n1 + [types[2]] * len(self.between) + [types[3]] * n2
+                + [types[4]] * len(self.after))
 
     def join(self, first: list[int], second: list[int]) -> tuple[list[int], int]:
         """The pair's ids, and where its first type id 1 is (0: none)."""

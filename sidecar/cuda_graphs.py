@@ -232,7 +232,7 @@ class GraphedEmbedder:
     # -- inside -------------------------------------------------------------------------
     def _replay(self, call: StaticCall, seqs: list[np.ndarray], segments: list[int] | None) -> np.ndarray:
         torch = self.torch
-        n, rows, width = len(seqs), call.rows, call.width
+        n_texts, rows, width = len(seqs), call.rows, call.width
         size = rows * width
         ids = self._ids_np[:size].reshape(rows, width)
         mask = self._mask_np[:size].reshape(rows, width)
@@ -241,7 +241,7 @@ class GraphedEmbedder:
         for i, seq in enumerate(seqs):
             ids[i, : len(seq)] = seq
             mask[i, : len(seq)] = 1
-        mask[n:, 0] = 1  # a padding row attends to its one token (see the module's docstring)
+        mask[n_texts:, 0] = 1  # a padding row attends to its one token (see the module's docstring)
         if call.types is not None:
             types = self._types_np[:size].reshape(rows, width)
             types.fill(0)
@@ -257,15 +257,15 @@ class GraphedEmbedder:
                     if call.types is not None:
                         call.types.copy_(self._types_host[:size].view(rows, width), non_blocking=True)
                     call.run()
-                    self._out_host[:n].copy_(call.out[:n], non_blocking=True)
+                    self._out_host[:n_texts].copy_(call.out[:n_texts], non_blocking=True)
                 self.stream.synchronize()
-                return self._out_np[:n]
+                return self._out_np[:n_texts]
             call.ids.copy_(self._ids_host[:size].view(rows, width))
             call.mask.copy_(self._mask_host[:size].view(rows, width))
             if call.types is not None:
                 call.types.copy_(self._types_host[:size].view(rows, width))
             call.run()
-            return call.out[:n].numpy()
+            return call.out[:n_texts].numpy()
 
     def _use_fused_attention(self) -> str:
         """Ask the transformers model for torch's fused attention (sdpa);

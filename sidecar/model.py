@@ -290,26 +290,27 @@ class Embedder:
         ``segments[i]`` is where pair i's second segment starts (its tokens
         get segment id 1). The result is only valid until the next call."""
         torch = self.torch
-        n = len(seqs)
-        width = max(len(s) for s in seqs)
-        size = n * width
-        if size > self._capacity or n > self._max_texts:
-            raise ValueError(f"batch of {n}x{width} over capacity {self._capacity} tokens / {self._max_texts} texts")
-        ids = self._ids_np[:size].reshape(n, width)
-        mask = self._mask_np[:size].reshape(n, width)
+        n_texts = len(seqs)
+        width = max(len(seq) for seq in seqs)
+        size = n_texts * width
+        if size > self._capacity or n_texts > self._max_texts:
+            raise ValueError(f"batch of {n_texts}x{width} over capacity {self._capacity} tokens / "
+                             f"{self._max_texts} texts")
+        ids = self._ids_np[:size].reshape(n_texts, width)
+        mask = self._mask_np[:size].reshape(n_texts, width)
         ids.fill(0)
         mask.fill(0)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = s
-            mask[i, : len(s)] = 1
+        for i, seq in enumerate(seqs):
+            ids[i, : len(seq)] = seq
+            mask[i, : len(seq)] = 1
         takes_types = "token_type_ids" in self._input_names
         pairs = takes_types and segments is not None and self.info.type_vocab_size > 1
         if pairs:
-            types = self._types_np[:size].reshape(n, width)
+            types = self._types_np[:size].reshape(n_texts, width)
             types.fill(0)
-            for i, (s, split) in enumerate(zip(seqs, segments)):
+            for i, (seq, split) in enumerate(zip(seqs, segments)):
                 if split:
-                    types[i, split: len(s)] = 1
+                    types[i, split: len(seq)] = 1
             self._types_dirty = max(self._types_dirty, size)
         elif takes_types and self._types_dirty:  # zeros again where a call of pairs left ones
             self._types_np[: self._types_dirty].fill(0)
@@ -318,23 +319,24 @@ class Embedder:
             if self.is_cuda:
                 with torch.cuda.stream(self.stream):
                     features = {
-                        "input_ids": self._ids_host[:size].view(n, width).to(self.device, non_blocking=True),
-                        "attention_mask": self._mask_host[:size].view(n, width).to(self.device, non_blocking=True),
+                        "input_ids": self._ids_host[:size].view(n_texts, width).to(self.device, non_blocking=True),
+                        "attention_mask": self._mask_host[:size].view(n_texts, width).to(self.device,
+                                                                                         non_blocking=True),
                     }
                     if pairs:
-                        features["token_type_ids"] = self._types_host[:size].view(n, width).to(
+                        features["token_type_ids"] = self._types_host[:size].view(n_texts, width).to(
                             self.device, non_blocking=True)
                     elif takes_types:
-                        features["token_type_ids"] = self._types_dev[:size].view(n, width)
+                        features["token_type_ids"] = self._types_dev[:size].view(n_texts, width)
                     out = self.model(features)[self._output]
-                    self._out_host[:n].copy_(out.float().reshape(n, -1), non_blocking=True)
+                    self._out_host[:n_texts].copy_(out.float().reshape(n_texts, -1), non_blocking=True)
                 self.stream.synchronize()
-                return self._out_np[:n]
+                return self._out_np[:n_texts]
             features = {
                 "input_ids": torch.from_numpy(ids),
                 "attention_mask": torch.from_numpy(mask),
             }
             if takes_types:
-                features["token_type_ids"] = torch.from_numpy(self._types_np[:size].reshape(n, width))
+                features["token_type_ids"] = torch.from_numpy(self._types_np[:size].reshape(n_texts, width))
             out = self.model(features)[self._output]
-            return out.float().reshape(n, -1).numpy()
+            return out.float().reshape(n_texts, -1).numpy()

@@ -27,8 +27,8 @@ def fair_order(flats: np.ndarray, seen_ns: np.ndarray, slots_per_ring: int) -> l
         return []
     order = np.lexsort((flats, seen_ns))
     rings: dict[int, list[int]] = {}
-    for f in np.asarray(flats)[order].tolist():
-        rings.setdefault(f // slots_per_ring, []).append(f)
+    for flat in np.asarray(flats)[order].tolist():
+        rings.setdefault(flat // slots_per_ring, []).append(flat)
     queues = list(rings.values())  # insertion order: the ring with the oldest slot first
     out: list[int] = []
     for turn in range(max(len(q) for q in queues)):
@@ -42,12 +42,12 @@ def admit(order: list[int], n_texts, n_tokens, max_texts: int, max_tokens: int) 
     taken: list[int] = []
     texts = tokens = 0
     for flat in order:
-        t, k = int(n_texts[flat]), int(n_tokens[flat])
-        if taken and (texts + t > max_texts or tokens + k > max_tokens):
+        slot_texts, slot_tokens = int(n_texts[flat]), int(n_tokens[flat])
+        if taken and (texts + slot_texts > max_texts or tokens + slot_tokens > max_tokens):
             break
         taken.append(flat)
-        texts += t
-        tokens += k
+        texts += slot_texts
+        tokens += slot_tokens
     return taken
 
 
@@ -61,8 +61,8 @@ class Plan:
     def last_call(self, n_works: int) -> list[int]:
         """For each work, the index of the call that holds its last text (its answer time)."""
         last = [0] * n_works
-        for ci, (a, b, _) in enumerate(self.calls):
-            for _, wi, _ in self.items[a:b]:
+        for ci, (start, end, _) in enumerate(self.calls):
+            for _, wi, _ in self.items[start:end]:
                 last[wi] = ci
         return last
 

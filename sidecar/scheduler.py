@@ -91,9 +91,10 @@ class Scheduler:
     time, from the sidecar's loop thread (never two threads at once).
 
     What it is given, it uses but does not create or remove: the region (ring
-    table and lock, ``bell_gen``), the slot views ``v``, the stats counters
-    ``ctr``, the doorbell (``bell``, which it replaces when tampered with)
-    and every slot's semaphore. It reports to the loop's owner through:
+    table and lock, ``bell_gen``), the slot views (``v``, kept as
+    ``slot_views``), the stats counters (``ctr``, kept as ``counters``), the
+    doorbell (``bell``, which it replaces when tampered with) and every
+    slot's semaphore. It reports to the loop's owner through:
 
     * ``progress(call_ns=0.0)``: the loop is alive; the next sign of life is
       due within the stall limit plus ``call_ns`` (a model call about to run).
@@ -126,8 +127,8 @@ class Scheduler:
         self.params = params
         self.region = region
         self.names = names
-        self.v = v
-        self.ctr = ctr
+        self.slot_views = v
+        self.counters = ctr
         self.bell = bell  # the current doorbell (a hotpath.Sem): _replace_bell swaps it
         self.hot = hotpath.ring(region.slots)  # scan, take and publish in C, over every slot
         self._flat_sems = flat_sems
@@ -141,7 +142,7 @@ class Scheduler:
         self._sizers = [CallSizer(m.call_rows, settings.max_batch_texts, fixed=settings.call_rows > 0)
                         for m in models]
         # Each model's counters in its table entry, one view per field.
-        self._mctr = [RecordViews(model_stats_view(region.header, i)) for i in range(len(models))]
+        self._model_counters = [RecordViews(model_stats_view(region.header, i)) for i in range(len(models))]
         self._pairs = [m.info.kind != ModelKind.EMBED for m in models]  # which models take pairs
         self._last_batch_slots = 0
         # How many slots of one batch may have their waiters spin: the cores
@@ -184,13 +185,13 @@ class Scheduler:
                 self._log_fault("ERROR", "could not replace the doorbell: {!r}", exc)
         ready = self._ready[: self.hot.scan(self._ready)].copy()
         if len(ready) == 1:  # the common case of a lone request: plain ints, no temporaries
-            f = int(ready[0])
-            seq = int(self.v.seq[f])
-            if self._seen_ns[f] == 0 or self._seen_seq[f] != seq:
-                self._seen_ns[f] = time.monotonic_ns()
-                self._seen_seq[f] = seq
+            flat = int(ready[0])
+            seq = int(self.slot_views.seq[flat])
+            if self._seen_ns[flat] == 0 or self._seen_seq[flat] != seq:
+                self._seen_ns[flat] = time.monotonic_ns()
+                self._seen_seq[flat] = seq
         elif len(ready):
-            seqs = self.v.seq[ready]
+            seqs = self.slot_views.seq[ready]
             new = (self._seen_ns[ready] == 0) | (self._seen_seq[ready] != seqs)
             if new.any():
                 self._seen_ns[ready[new]] = time.monotonic_ns()
@@ -203,14 +204,14 @@ class Scheduler:
         loop, so put a new doorbell under the same name and tell the workers
         (bell_gen); a post that went to the old one meanwhile is found by the
         next scan, which comes within a heartbeat interval."""
-        s = self.settings
-        self.ctr.loop_errors[0] += 1
+        settings = self.settings
+        self.counters.loop_errors[0] += 1
         self._log_fault("ERROR", "the doorbell holds over {} posts (tampered with); replacing it",
                         self._bell_drain_limit)
         # Create the new doorbell under a spare name, then rename its file
         # over the old one: the name never lacks a doorbell, and a failure
         # (a full /dev/shm) leaves the old one in place.
-        new = create_semaphore(self.names.bell_next, 0, mode=s.ipc_mode, group=s.group)
+        new = create_semaphore(self.names.bell_next, 0, mode=settings.ipc_mode, group=settings.group)
         try:
             os.rename(DEV_SHM / f"sem.{self.names.bell_next.lstrip('/')}",
                       DEV_SHM / f"sem.{self.names.bell.lstrip('/')}")
@@ -230,33 +231,34 @@ class Scheduler:
     def step(self) -> bool:
         """Serve one batch of READY slots. Returns False if there was none."""
         ready = self._scan()
-        self.ctr.ready_slots[0] = len(ready)
+        self.counters.ready_slots[0] = len(ready)
         if len(ready) == 0:
             return False
-        s = self.settings
-        if s.max_wait_us and len(ready) < min(self._last_batch_slots, s.max_batch_texts):
+        settings = self.settings
+        if settings.max_wait_us and len(ready) < min(self._last_batch_slots, settings.max_batch_texts):
             # Linger only while fewer slots are ready than the last batch held:
             # under steady concurrency the rest arrive within a millisecond or
             # two, and one batch of 8 runs far faster than 8 batches of 1. A
             # lone client (last batch 1) never waits.
-            deadline = time.monotonic() + s.max_wait_us / 1e6
+            deadline = time.monotonic() + settings.max_wait_us / 1e6
             while len(ready) < self._last_batch_slots and (left := deadline - time.monotonic()) > 0:
                 if not self.bell.wait(left):
                     break
                 ready = self._scan()
         if len(ready) == 1:
             order = [int(ready[0])]
-            model = int(self.v.model[order[0]])
+            model = int(self.slot_views.model[order[0]])
         else:
             order = fair_order(ready, self._seen_ns[ready], self.params.slots_per_ring)
             # One model per batch: the oldest slot's; the others' slots keep
             # their place (their age) for the next rounds. Filtered with one
             # model too: a slot naming no model is refused in a batch of its own.
-            model = int(self.v.model[order[0]])
-            models = self.v.model[order]
+            model = int(self.slot_views.model[order[0]])
+            models = self.slot_views.model[order]
             if (models != model).any():
                 order = [f for f, m in zip(order, models.tolist()) if m == model]
-        batch = admit(order, self.v.n_texts, self.v.n_tokens, s.max_batch_texts, s.admit_tokens)
+        batch = admit(order, self.slot_views.n_texts, self.slot_views.n_tokens, settings.max_batch_texts,
+                      settings.admit_tokens)
         works: list[_Work] = []
         try:
             self._take(batch, works, model)
@@ -265,10 +267,10 @@ class Scheduler:
         finally:
             # Whatever happened, no slot of this batch stays BUSY: the reaper
             # and the lease rules rely on BUSY ending with the step.
-            for w in works:
-                if not w.answered:
-                    self._finish(w, SlotError.MODEL_FAILED)
-            self.ctr.busy_slots[0] = 0
+            for work in works:
+                if not work.answered:
+                    self._finish(work, SlotError.MODEL_FAILED)
+            self.counters.busy_slots[0] = 0
         return True
 
     def _take(self, batch: list[int], works: list[_Work], model: int) -> None:
@@ -277,7 +279,7 @@ class Scheduler:
         is answered with its error at once and never joins. Valid ones go
         into ``works``, the caller's list, as soon as they are BUSY (so the
         caller answers them whatever happens after)."""
-        p, v, hot = self.params, self.v, self.hot
+        params, views, hot = self.params, self.slot_views, self.hot
         info = self.models[model].info if 0 <= model < len(self.models) else None
         pairs = self._pairs[model] if info is not None else False
         t0 = time.monotonic_ns()
@@ -286,37 +288,37 @@ class Scheduler:
             self._seen_ns[flat] = 0
             try:
                 if info is None:  # the batch's model is no served model: refused as a whole
-                    seq = int(v.seq[flat])
+                    seq = int(views.seq[flat])
                     hot.set_state(flat, SLOT_BUSY)
                     code, n_texts, ids, offs, splits = SlotError.BAD_MODEL, 0, None, None, None
                 else:
-                    # Taken BUSY, copied out and checked in C, each value read once (see hotpath.c's take).
+                    # Taken BUSY, copied out and checked in C, each value read once (hotpath_c/ring.c's take).
                     code, seq, n_texts, ids, offs, splits = hot.take(flat, model, info.max_seq_length,
                                                                      info.vocab_size, pairs)
                     code = SlotError(code)
             except Exception as exc:  # a slot's bytes must not be able to raise out of here
-                self.ctr.loop_errors[0] += 1
+                self.counters.loop_errors[0] += 1
                 self._log_fault("ERROR", "taking slot {} raised {!r}", flat, exc)
-                seq = int(v.seq[flat])
+                seq = int(views.seq[flat])
                 hot.set_state(flat, SLOT_BUSY)
                 code, n_texts, ids, offs, splits = SlotError.BAD_COUNT, 0, None, None, None
             work = _Work(flat, seq, None, None, n_texts, queue_ns, model)
             if code != SlotError.NONE:
                 self._finish(work, code)
                 if code != SlotError.CANCELLED:  # its waiter gave up: no model time for it, nothing to log
-                    self._log_fault("WARNING", "rejected slot {} (ring {}): {}", flat % p.slots_per_ring,
-                                    flat // p.slots_per_ring, code.name)
+                    self._log_fault("WARNING", "rejected slot {} (ring {}): {}", flat % params.slots_per_ring,
+                                    flat // params.slots_per_ring, code.name)
                 continue
             work.offsets = np.frombuffer(offs, np.int64)
             work.ids = np.frombuffer(ids, np.int32)
             work.segments = splits
             if self.cache is not None and not pairs:
-                work.cache_keys = self.cache.keys_of(v.cache_keys[flat, :n_texts])
+                work.cache_keys = self.cache.keys_of(views.cache_keys[flat, :n_texts])
             works.append(work)
 
     def _serve_batch(self, works: list[_Work], model: int) -> None:
-        ctr = self.ctr
-        ctr.busy_slots[0] = len(works)
+        counters = self.counters
+        counters.busy_slots[0] = len(works)
         self._last_batch_slots = len(works)
         if len(works) == 1 and works[0].texts == 1:
             self._serve_one(works[0], model)
@@ -328,12 +330,12 @@ class Scheduler:
         if len(works) > self._spin_slots:
             # More waiters than spare cores: spinning ones would take the
             # model's cores, so they park until the post.
-            self.v.eta_ns[[w.flat for w in works]] = ETA_PARK
+            self.slot_views.eta_ns[[w.flat for w in works]] = ETA_PARK
         else:
             etas = self._timers[model].etas(plan, len(works), t0)
             if etas is not None:
-                for w, eta in zip(works, etas):
-                    self.v.eta_ns[w.flat] = eta
+                for work, eta in zip(works, etas):
+                    self.slot_views.eta_ns[work.flat] = eta
         for ci, (start, end, width) in enumerate(plan.calls):
             chunk = plan.items[start:end]
             seqs = [works[wi].ids[works[wi].offsets[i]: works[wi].offsets[i + 1]] for _, wi, i in chunk]
@@ -345,65 +347,67 @@ class Scheduler:
             except Exception as exc:  # a model failure fails these slots, not the sidecar
                 self._model_failed(exc, {works[wi].flat: works[wi] for _, wi, _ in chunk}.values(), t0)
                 continue
+            # (work index, text index in it, row of vecs) of each text still waited for
             live = [(wi, i, k) for k, (_, wi, i) in enumerate(chunk) if not works[wi].answered]
             if len(live) == 1:  # a lone text: no index arrays
-                wi, i, k = live[0]
-                self.v.out[works[wi].flat, i, :vecs.shape[1]] = vecs[k]
+                work_i, text_i, row_i = live[0]
+                self.slot_views.out[works[work_i].flat, text_i, :vecs.shape[1]] = vecs[row_i]
             elif live:
                 flats = np.fromiter((works[wi].flat for wi, _, _ in live), dtype=np.int64, count=len(live))
                 rows = np.fromiter((i for _, i, _ in live), dtype=np.int64, count=len(live))
-                self.v.out[flats, rows, :vecs.shape[1]] = (vecs[[k for _, _, k in live]] if len(live) < len(chunk)
-                                                           else vecs)
+                self.slot_views.out[flats, rows, :vecs.shape[1]] = (vecs[[k for _, _, k in live]]
+                                                                    if len(live) < len(chunk) else vecs)
             finished = []
-            for _, wi, _ in chunk:
-                w = works[wi]
-                if not w.answered:
-                    if w.last_call != ci:
-                        w.last_call = ci
-                        w.call_ns += call_ns
-                    w.remaining -= 1
-                    if w.remaining == 0:
-                        finished.append(w)
+            for _, work_i, _ in chunk:
+                work = works[work_i]
+                if not work.answered:
+                    if work.last_call != ci:
+                        work.last_call = ci
+                        work.call_ns += call_ns
+                    work.remaining -= 1
+                    if work.remaining == 0:
+                        finished.append(work)
             # Answer first, count after: the waiters should not wait on our bookkeeping.
             published = [w for w in finished if self._publish(w, SlotError.NONE, w.call_ns, len(plan.items))]
             self._account(model, end - start, width, call_ns)
-            for w in published:
-                self._count(w, SlotError.NONE)
+            for work in published:
+                self._count(work, SlotError.NONE)
             if self.cache is not None:
                 self._cache_answers(model, [(works[wi], i, k) for k, (_, wi, i) in enumerate(chunk)], vecs)
 
-    def _serve_one(self, w: _Work, model: int) -> None:
+    def _serve_one(self, work: _Work, model: int) -> None:
         """The batch of a lone one-text request (the latency floor): the same
         steps as _serve_batch without planning, sorting or index arrays."""
         t0 = time.monotonic_ns()
-        width = len(w.ids)
+        width = len(work.ids)
         # One waiter never outnumbers the spare cores (at least one): it gets an ETA.
         est = self._timers[model].estimate(1, width)
         if est is not None:
-            self.v.eta_ns[w.flat] = t0 + int(est)
+            self.slot_views.eta_ns[work.flat] = t0 + int(est)
         try:
-            vecs, w.call_ns = self._call(model, [w.ids], w.segments, width)
+            vecs, work.call_ns = self._call(model, [work.ids], work.segments, width)
         except Exception as exc:
-            self._model_failed(exc, (w,), t0)
+            self._model_failed(exc, (work,), t0)
             return
-        self.v.out[w.flat, 0, :vecs.shape[1]] = vecs[0]
-        published = self._publish(w, SlotError.NONE, w.call_ns, 1)
-        self._account(model, 1, width, w.call_ns)
+        self.slot_views.out[work.flat, 0, :vecs.shape[1]] = vecs[0]
+        published = self._publish(work, SlotError.NONE, work.call_ns, 1)
+        self._account(model, 1, width, work.call_ns)
         if published:
-            self._count(w, SlotError.NONE)
+            self._count(work, SlotError.NONE)
         if self.cache is not None:
-            self._cache_answers(model, [(w, 0, 0)], vecs)
+            self._cache_answers(model, [(work, 0, 0)], vecs)
 
     def _cache_answers(self, model: int, rows: list, vecs: np.ndarray) -> None:
         """Store answered texts (``rows``: work, text index, row of ``vecs``)
         in the embedding cache, after their waiters have them."""
         dim = self.models[model].info.dim
         try:
-            for w, i, k in rows:
-                if w.cache_keys is not None:
-                    self.cache.store(w.cache_keys[i], model, dim, int(w.offsets[i + 1] - w.offsets[i]), vecs[k])
+            for work, text_i, row_i in rows:
+                if work.cache_keys is not None:
+                    text_tokens = int(work.offsets[text_i + 1] - work.offsets[text_i])
+                    self.cache.store(work.cache_keys[text_i], model, dim, text_tokens, vecs[row_i])
         except Exception as exc:  # the cache must not be able to fail the loop
-            self.ctr.loop_errors[0] += 1
+            self.counters.loop_errors[0] += 1
             self._log_fault("ERROR", "storing answers in the embedding cache raised {!r}", exc)
 
     def _call(self, model: int, seqs: list[np.ndarray], segments: list[int] | None,
@@ -426,27 +430,27 @@ class Scheduler:
         return vecs, call_ns
 
     def _account(self, model: int, rows: int, width: int, call_ns: int) -> None:
-        ctr = self.ctr
+        counters = self.counters
         padded = rows * width
-        ctr.batches[0] += 1
-        ctr.padded_tokens[0] += padded
-        m = self._mctr[model]
-        m.batches[0] += 1
-        m.padded_tokens[0] += padded
-        m.compute_ns_sum[0] += call_ns
+        counters.batches[0] += 1
+        counters.padded_tokens[0] += padded
+        model_counters = self._model_counters[model]
+        model_counters.batches[0] += 1
+        model_counters.padded_tokens[0] += padded
+        model_counters.compute_ns_sum[0] += call_ns
         if padded >= TRIM_AFTER_TOKENS:
             self.trim_pending = True
-        ctr.batch_texts_hist[bucket_index(rows, BATCH_TEXTS_BUCKETS)] += 1
-        ctr.compute_hist[bucket_index(call_ns / 1e9, LATENCY_BUCKETS_S)] += 1
-        ctr.compute_ns_sum[0] += call_ns
+        counters.batch_texts_hist[bucket_index(rows, BATCH_TEXTS_BUCKETS)] += 1
+        counters.compute_hist[bucket_index(call_ns / 1e9, LATENCY_BUCKETS_S)] += 1
+        counters.compute_ns_sum[0] += call_ns
 
     def _model_failed(self, exc: Exception, works, t0: int) -> None:
         """A model call raised: its slots fail (MODEL_FAILED), the sidecar goes on."""
         self._model_outcome(False)
-        works = [w for w in works if not w.answered]
+        works = [work for work in works if not work.answered]
         self._log_fault("ERROR", "model failed on a batch of {} requests: {!r}", len(works), exc)
-        for w in works:
-            self._finish(w, SlotError.MODEL_FAILED, time.monotonic_ns() - t0)
+        for work in works:
+            self._finish(work, SlotError.MODEL_FAILED, time.monotonic_ns() - t0)
 
     # -- answers ----------------------------------------------------------------------
     def _finish(self, work: _Work, code: SlotError, compute_ns: int = 0) -> None:
@@ -464,41 +468,41 @@ class Scheduler:
             # Its owner wrote the slot while it was in the model (a hostile or
             # broken worker; the lease rules keep honest ones out): the answer
             # belongs to nobody now.
-            self.ctr.stale_answers[0] += 1
+            self.counters.stale_answers[0] += 1
             self._log_fault("WARNING", "slot {} changed generation while in the model; answer dropped", flat)
             return False
         if not posted:
             # E.g. EOVERFLOW: someone pushed the semaphore to its maximum. The
             # state is published; the waiter finds it at its next poll.
-            self.ctr.loop_errors[0] += 1
+            self.counters.loop_errors[0] += 1
             self._log_fault("ERROR", "posting slot {}'s semaphore failed", flat)
         return True
 
     def _count(self, work: _Work, code: SlotError) -> None:
-        ctr = self.ctr
-        m = self._mctr[work.model] if 0 <= work.model < len(self._mctr) else None
+        counters = self.counters
+        model_counters = self._model_counters[work.model] if 0 <= work.model < len(self._model_counters) else None
         if code == SlotError.NONE:
-            ctr.requests[0] += 1
-            ctr.texts[0] += work.texts
-            ctr.tokens[0] += len(work.ids)
-            ctr.queue_ns_sum[0] += work.queue_ns
-            ctr.queue_hist[bucket_index(work.queue_ns / 1e9, LATENCY_BUCKETS_S)] += 1
-            m.requests[0] += 1
-            m.texts[0] += work.texts
-            m.tokens[0] += len(work.ids)
-            m.queue_ns_sum[0] += work.queue_ns
+            counters.requests[0] += 1
+            counters.texts[0] += work.texts
+            counters.tokens[0] += len(work.ids)
+            counters.queue_ns_sum[0] += work.queue_ns
+            counters.queue_hist[bucket_index(work.queue_ns / 1e9, LATENCY_BUCKETS_S)] += 1
+            model_counters.requests[0] += 1
+            model_counters.texts[0] += work.texts
+            model_counters.tokens[0] += len(work.ids)
+            model_counters.queue_ns_sum[0] += work.queue_ns
         else:
-            ctr.errors[int(code)] += 1
-            if m is not None:
-                m.errors[0] += 1
+            counters.errors[int(code)] += 1
+            if model_counters is not None:
+                model_counters.errors[0] += 1
 
     def refuse_ready(self) -> None:
         """Answer every READY slot SHUTDOWN: the sidecar stops before it could
         serve them (its state already says so, so no new ones come)."""
-        v = self.v
-        for flat in np.flatnonzero(v.state == SLOT_READY).tolist():
-            v.state[flat] = SLOT_BUSY
-            self._finish(_Work(flat, int(v.seq[flat]), None, np.empty(0, np.int32), 0, 0, int(v.model[flat])),
+        views = self.slot_views
+        for flat in np.flatnonzero(views.state == SLOT_READY).tolist():
+            views.state[flat] = SLOT_BUSY
+            self._finish(_Work(flat, int(views.seq[flat]), None, np.empty(0, np.int32), 0, 0, int(views.model[flat])),
                          SlotError.SHUTDOWN)
 
     # -- rings of dead workers ----------------------------------------------------------
@@ -510,54 +514,55 @@ class Scheduler:
         stop the loop with it; the reaper tries again next round."""
         rings = self.region.rings
         owners = rings["owner_pid"]
-        suspects = [r for r in np.flatnonzero(owners != 0).tolist()
-                    if int(owners[r]) < 0 or not pid_alive(int(owners[r]))]
+        suspects = [ring for ring in np.flatnonzero(owners != 0).tolist()
+                    if int(owners[ring]) < 0 or not pid_alive(int(owners[ring]))]
         if not suspects:
             return 0
         spr = self.params.slots_per_ring
         try:
             with self.region.lock_rings(timeout=0):
-                for r in suspects:
-                    owner = int(owners[r])
+                for ring in suspects:
+                    owner = int(owners[ring])
                     if owner > 0 and pid_alive(owner):
                         continue
-                    for k in range(spr):
-                        flat = r * spr + k
-                        if int(self.v.state[flat]) in (SLOT_READY, SLOT_CLAIMED):
-                            self.ctr.errors[SlotError.REAPED] += 1
-                        self.v.state[flat] = SLOT_FREE
+                    for slot in range(spr):
+                        flat = ring * spr + slot
+                        if int(self.slot_views.state[flat]) in (SLOT_READY, SLOT_CLAIMED):
+                            self.counters.errors[SlotError.REAPED] += 1
+                        self.slot_views.state[flat] = SLOT_FREE
                         self._seen_ns[flat] = 0
-                    if not self._reset_ring_semaphores(r):
+                    if not self._reset_ring_semaphores(ring):
                         continue  # out of the pool until a later round manages it
-                    rings[r]["owner_pid"] = 0
-                    self.ctr.rings_reaped[0] += 1
-                    logger.info("reaped ring {} of {}", r, "a closed client" if owner < 0 else f"dead pid {owner}")
+                    rings[ring]["owner_pid"] = 0
+                    self.counters.rings_reaped[0] += 1
+                    logger.info("reaped ring {} of {}", ring, "a closed client" if owner < 0 else f"dead pid {owner}")
         except RingTableBusy:
             self._log_fault("WARNING", "ring table locked by another process; reaping {} ring(s) later",
                             len(suspects))
             return 0
         return len(suspects)
 
-    def _reset_ring_semaphores(self, r: int) -> bool:
-        """Empty ring ``r``'s slot semaphores before the ring is leased again:
+    def _reset_ring_semaphores(self, ring: int) -> bool:
+        """Empty ring ``ring``'s slot semaphores before the ring is leased again:
         posts left by its last holder's abandoned requests are drained; a
         semaphore someone pushed towards SEM_VALUE_MAX (through /dev/shm) is
         replaced by a new one under the same name, else every later holder
         of the ring would find its slots retired. False if one could not be
         replaced (the ring then stays out of the pool)."""
-        s, spr = self.settings, self.params.slots_per_ring
-        for k in range(spr):
-            flat = r * spr + k
+        settings, spr = self.settings, self.params.slots_per_ring
+        for slot in range(spr):
+            flat = ring * spr + slot
             old = self._flat_sems[flat]
             try:
-                new = reset_semaphore(old, self.names.slot(r, k), SLOT_DRAIN_LIMIT, mode=s.ipc_mode, group=s.group)
+                new = reset_semaphore(old, self.names.slot(ring, slot), SLOT_DRAIN_LIMIT, mode=settings.ipc_mode,
+                                      group=settings.group)
             except Exception as exc:  # e.g. a full /dev/shm: keep serving, retry next round
-                self.ctr.loop_errors[0] += 1
-                self._log_fault("ERROR", "could not reset slot {}'s semaphore of ring {}: {!r}", k, r, exc)
+                self.counters.loop_errors[0] += 1
+                self._log_fault("ERROR", "could not reset slot {}'s semaphore of ring {}: {!r}", slot, ring, exc)
                 return False
             if new is not old:
                 self._flat_sems[flat] = new  # the list the sidecar closes on stop, too
-                self.ctr.loop_errors[0] += 1
+                self.counters.loop_errors[0] += 1
                 self._log_fault("ERROR", "slot {} of ring {}: its semaphore held {} posts or more (tampered "
-                                "with); reset it to a new one", k, r, SLOT_DRAIN_LIMIT)
+                                "with); reset it to a new one", slot, ring, SLOT_DRAIN_LIMIT)
         return True

@@ -45,11 +45,12 @@ def synthetic_vector(ids: np.ndarray, dim: int) -> np.ndarray:
     three rows of a fixed random table, picked by a hash of the ids and
     weighted 4:2:1 (about 10^9 distinct vectors; a few microseconds, so a
     synthetic call of 0 us costs next to nothing)."""
-    h = int.from_bytes(hashlib.blake2b(np.ascontiguousarray(ids, dtype="<i4").tobytes(),
-                                       digest_size=8).digest(), "little")
-    t = _table(dim)
-    v = 4.0 * t[h % _TABLE_ROWS] + 2.0 * t[(h >> 10) % _TABLE_ROWS] + t[(h >> 20) % _TABLE_ROWS]
-    return v / np.sqrt(np.dot(v, v))
+    digest = int.from_bytes(hashlib.blake2b(np.ascontiguousarray(ids, dtype="<i4").tobytes(),
+                                            digest_size=8).digest(), "little")
+    table = _table(dim)
+    vector = (4.0 * table[digest % _TABLE_ROWS] + 2.0 * table[(digest >> 10) % _TABLE_ROWS]
+              + table[(digest >> 20) % _TABLE_ROWS])
+    return vector / np.sqrt(np.dot(vector, vector))
 
 
 class SyntheticEmbedder:

@@ -73,13 +73,13 @@ class CohereEmbed:
         prompt_name = prompt_name_for(args["input_type"], self.ctx.client.prompts(model))
         res = self.ctx.embed(texts, normalize=True, prompt_name=prompt_name, dimensions=args["output_dimension"],
                              model=model, **TRUNCATE_MODES[args["truncate"]])
-        n = res.total_tokens
+        input_tokens = res.total_tokens
         resp.media = {
             "id": uuid.uuid4().hex,
             "embeddings": quantize_all(res.vectors, [k for k in EMBEDDING_TYPES if k in kinds]),
             "texts": texts,
-            "meta": {"api_version": {"version": "2"}, "billed_units": {"input_tokens": n},
-                     "tokens": {"input_tokens": n}},
+            "meta": {"api_version": {"version": "2"}, "billed_units": {"input_tokens": input_tokens},
+                     "tokens": {"input_tokens": input_tokens}},
             "response_type": "embeddings_by_type",
         }
 

@@ -152,8 +152,8 @@ SEARCH = Operation(
 class _Resource:
     """A resource over the shared Retrieval."""
 
-    def __init__(self, r: Retrieval):
-        self.r = r
+    def __init__(self, retrieval: Retrieval):
+        self.retrieval = retrieval
 
 
 class Collections(_Resource):
@@ -161,7 +161,7 @@ class Collections(_Resource):
 
     @LIST_COLLECTIONS
     def on_get(self, req, resp):
-        resp.media = {"collections": self.r.store.list()}
+        resp.media = {"collections": self.retrieval.store.list()}
 
 
 class Collection(_Resource):
@@ -170,19 +170,19 @@ class Collection(_Resource):
     @CREATE_COLLECTION
     def on_put(self, req, resp, name):
         body = CREATE_COLLECTION.body
-        doc = body.raw(self.r.ctx, req)
-        options = body.check(doc, self.r.ctx.settings)["options"] if "options" in doc else (doc or None)
-        info, created = self.r.store.create(name, options)
+        doc = body.raw(self.retrieval.ctx, req)
+        options = body.check(doc, self.retrieval.ctx.settings)["options"] if "options" in doc else (doc or None)
+        info, created = self.retrieval.store.create(name, options)
         resp.status = falcon.HTTP_201 if created else falcon.HTTP_200
         resp.media = info
 
     @GET_COLLECTION
     def on_get(self, req, resp, name):
-        resp.media = self.r.store.info(name)
+        resp.media = self.retrieval.store.info(name)
 
     @DELETE_COLLECTION
     def on_delete(self, req, resp, name):
-        self.r.store.delete(name)
+        self.retrieval.store.delete(name)
         resp.media = {"name": name, "deleted": True}
 
 
@@ -191,8 +191,8 @@ class Documents(_Resource):
 
     @ADD_DOCUMENTS
     def on_post(self, req, resp, name):
-        docs = ADD_DOCUMENTS.body.read(self.r.ctx, req)["documents"]
-        settings = self.r.ctx.settings
+        docs = ADD_DOCUMENTS.body.read(self.retrieval.ctx, req)["documents"]
+        settings = self.retrieval.ctx.settings
         if isinstance(docs, list):
             if len(docs) > settings.max_inputs:
                 raise too_large(f"{len(docs)} documents is over the limit of {settings.max_inputs} "
@@ -203,7 +203,7 @@ class Documents(_Resource):
                     raise too_large(f"document {i} has {len(text)} characters, over the limit of "
                                     f"{settings.max_input_chars} (SHM_EMBED_MAX_INPUT_CHARS)")
         # The request's budget: its passages count as inputs, and their tokens as any request's.
-        resp.media = self.r.store.upsert(name, docs, max_passages=settings.max_inputs,
+        resp.media = self.retrieval.store.upsert(name, docs, max_passages=settings.max_inputs,
                                          max_tokens=settings.max_request_tokens)
 
 
@@ -212,11 +212,11 @@ class Document(_Resource):
 
     @GET_DOCUMENT
     def on_get(self, req, resp, name, doc_id):
-        resp.media = self.r.store.get_document(name, doc_id)
+        resp.media = self.retrieval.store.get_document(name, doc_id)
 
     @DELETE_DOCUMENT
     def on_delete(self, req, resp, name, doc_id):
-        self.r.store.delete_document(name, doc_id)
+        self.retrieval.store.delete_document(name, doc_id)
         resp.media = {"id": doc_id, "deleted": True}
 
 
@@ -226,17 +226,17 @@ class Search(_Resource):
 
     @SEARCH
     def on_post(self, req, resp, name):
-        args = SEARCH.body.read(self.r.ctx, req)
-        results = self.r.store.search(name, args["query"], args["top_k"], args["filter"])
-        resp.media = {"results": rerank_results(self.r.ctx, args["query"], results, args["rerank"])}
+        args = SEARCH.body.read(self.retrieval.ctx, req)
+        results = self.retrieval.store.search(name, args["query"], args["top_k"], args["filter"])
+        resp.media = {"results": rerank_results(self.retrieval.ctx, args["query"], results, args["rerank"])}
 
 
 def add_routes(routes, ctx) -> Retrieval:
     """The collection routes, on ``routes`` (a web.openapi.RouteTable)."""
-    r = Retrieval(ctx)
-    routes.add("/collections", Collections(r))
-    routes.add("/collections/{name}", Collection(r))
-    routes.add("/collections/{name}/documents", Documents(r))
-    routes.add("/collections/{name}/documents/{doc_id}", Document(r))
-    routes.add("/collections/{name}/search", Search(r))
-    return r
+    retrieval = Retrieval(ctx)
+    routes.add("/collections", Collections(retrieval))
+    routes.add("/collections/{name}", Collection(retrieval))
+    routes.add("/collections/{name}/documents", Documents(retrieval))
+    routes.add("/collections/{name}/documents/{doc_id}", Document(retrieval))
+    routes.add("/collections/{name}/search", Search(retrieval))
+    return retrieval

@@ -100,9 +100,9 @@ class OpenAIEmbeddings:
             else:
                 emb = vec  # float32, written by dump_json
             data.append({"object": "embedding", "index": i, "embedding": emb})
-        n = res.total_tokens
+        tokens = res.total_tokens
         resp.media = {"object": "list", "data": data, "model": res.model or self.ctx.client.info()["model"],
-                      "usage": {"prompt_tokens": n, "total_tokens": n}}
+                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
 class Embed:

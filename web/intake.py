@@ -41,16 +41,16 @@ class BodyBudget:
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
-    def hold(self, n: int):
+    def hold(self, n_bytes: int):
         with self._lock:
-            if self.held and self.held + n > self.limit:
+            if self.held and self.held + n_bytes > self.limit:
                 raise unavailable("the server is reading other large requests; retry shortly")
-            self.held += n
+            self.held += n_bytes
         try:
             yield
         finally:
             with self._lock:
-                self.held -= n
+                self.held -= n_bytes
 
 
 #: A JSON string, quotes included (unrolled: runs of plain bytes in one step).
@@ -79,12 +79,12 @@ def json_values_upper_bound(raw: bytes) -> int:
     return bare.count(b",") + bare.count(b"[") + bare.count(b"{") + 1
 
 
-def _read_at_most(stream, n: int) -> bytes:
-    """Up to ``n`` bytes of ``stream``, in pieces (a chunked body's reader
+def _read_at_most(stream, max_bytes: int) -> bytes:
+    """Up to ``max_bytes`` bytes of ``stream``, in pieces (a chunked body's reader
     returns what one chunk holds)."""
     parts, got = [], 0
-    while got < n:
-        piece = stream.read(min(n - got, DRAIN_CHUNK * 16))
+    while got < max_bytes:
+        piece = stream.read(min(max_bytes - got, DRAIN_CHUNK * 16))
         if not piece:
             break
         parts.append(piece)

@@ -47,7 +47,7 @@ class SidecarCollector:
                                  labels=["model", "device", "dtype", "version", "epoch"])
         info.add_metric([snap.model, snap.device, snap.dtype, self._version, snap.epoch], 1.0)
         yield info
-        c = snap.counters
+        counters = snap.counters
         for name, key, doc in (
             ("requests", "requests", "Slots (requests or request parts) answered by the sidecar."),
             ("texts", "texts", "Texts embedded."),
@@ -58,14 +58,14 @@ class SidecarCollector:
             ("loop_errors", "loop_errors", "Exceptions the batching loop caught and survived (see its log)."),
             ("stale_answers", "stale_answers", "Answers dropped because their slot changed generation meanwhile."),
         ):
-            m = CounterMetricFamily(f"{PREFIX}_{name}", doc)
-            m.add_metric([], c[key])
-            yield m
+            family = CounterMetricFamily(f"{PREFIX}_{name}", doc)
+            family.add_metric([], counters[key])
+            yield family
         yield from _model_metrics(snap)
         yield from _cache_metrics(snap.cache)
         errs = CounterMetricFamily(f"{PREFIX}_errors", "Slots failed by the sidecar, by kind.", labels=["kind"])
-        for kind, n in snap.errors.items():
-            errs.add_metric([kind], n)
+        for kind, count in snap.errors.items():
+            errs.add_metric([kind], count)
         yield errs
         for name, value, doc in (
             ("queue_depth", snap.queue_depth, "Slots ready and waiting at the sidecar's last scan."),
@@ -75,12 +75,12 @@ class SidecarCollector:
             ("loop_age_seconds", snap.loop_age_s, "Time since the batching loop last showed progress."),
             ("rings_leased", sum(1 for r in snap.rings if r["owner_pid"] > 0), "Rings leased to workers."),
         ):
-            g = GaugeMetricFamily(f"{PREFIX}_{name}", doc)
-            g.add_metric([], value)
-            yield g
+            gauge = GaugeMetricFamily(f"{PREFIX}_{name}", doc)
+            gauge.add_metric([], value)
+            yield gauge
         yield HistogramMetricFamily(
             f"{PREFIX}_batch_size", "Texts per model call.",
-            buckets=_buckets(BATCH_TEXTS_BUCKETS, snap.batch_texts_hist), sum_value=c["texts"])
+            buckets=_buckets(BATCH_TEXTS_BUCKETS, snap.batch_texts_hist), sum_value=counters["texts"])
         yield HistogramMetricFamily(
             f"{PREFIX}_queue_duration_seconds", "Time a slot waited before its batch started.",
             buckets=_buckets(LATENCY_BUCKETS_S, snap.queue_hist), sum_value=snap.queue_ns_sum / 1e9)
@@ -105,13 +105,13 @@ _MODEL_SERIES = (
 def _model_metrics(snap):
     info = GaugeMetricFamily(f"{PREFIX}_model_info", "Models served by the sidecar (1 each).",
                              labels=["model", "kind", "dimension", "max_tokens"])
-    for m in snap.models:
-        info.add_metric([m["name"], m["kind"], str(m["dimension"]), str(m["max_seq_length"])], 1.0)
+    for model in snap.models:
+        info.add_metric([model["name"], model["kind"], str(model["dimension"]), str(model["max_seq_length"])], 1.0)
     yield info
     for name, key, doc, scale in _MODEL_SERIES:
         fam = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["model"])
-        for m in snap.models:
-            fam.add_metric([m["name"]], m[key] * scale)
+        for model in snap.models:
+            fam.add_metric([model["name"]], model[key] * scale)
         yield fam
 
 
@@ -129,9 +129,9 @@ def _cache_metrics(cache: dict):
     for name, key, doc in (("bytes", "bytes", "Bytes of the embedding cache's entries in use."),
                            ("capacity_bytes", "capacity_bytes", "Bytes of entries the embedding cache holds."),
                            ("capacity_entries", "capacity_entries", "Entries the embedding cache holds.")):
-        g = GaugeMetricFamily(f"{PREFIX}_cache_{name}", doc)
-        g.add_metric([], cache[key])
-        yield g
+        gauge = GaugeMetricFamily(f"{PREFIX}_cache_{name}", doc)
+        gauge.add_metric([], cache[key])
+        yield gauge
 
 
 def make_registry(snapshot_fn, version: str) -> CollectorRegistry:

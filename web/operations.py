@@ -149,9 +149,9 @@ class EmbeddingStats:
             snap = self.ctx.client.stats()
         except ShmEmbedError as exc:
             raise unavailable(f"sidecar stats unavailable: {errors.sidecar_unavailable_message(exc)}") from None
-        d = snap.as_dict()
+        body = snap.as_dict()
         counters = snap.counters
-        d.update({
+        body.update({
             "status": "ok",
             "ipc_mode": self.ctx.mode == "ipc",
             "mode": self.ctx.mode,
@@ -163,7 +163,7 @@ class EmbeddingStats:
             "uptime": snap.uptime_s,
             "worker": dict(self.ctx.counts),
         })
-        resp.media = d
+        resp.media = body
 
 
 class Metrics:

@@ -110,42 +110,42 @@ def parse_documents(documents: Any, opts: CollectionOptions, split: PassageSplit
     if not isinstance(documents, list) or not documents:
         raise InvalidInput("'documents' must be a non-empty list")
     out, seen = [], set()
-    for i, raw in enumerate(documents):
+    for position, raw in enumerate(documents):
         if isinstance(raw, str):
             raw = {"text": raw}
         if not isinstance(raw, dict):
-            raise InvalidInput(f"documents[{i}] must be an object")
+            raise InvalidInput(f"documents[{position}] must be an object")
         unknown = set(raw) - {"id", "text", "url", "metadata"}
         if unknown:
-            raise InvalidInput(f"documents[{i}]: unknown fields {', '.join(sorted(unknown))}")
-        check_text(raw, f"documents[{i}]")
+            raise InvalidInput(f"documents[{position}]: unknown fields {', '.join(sorted(unknown))}")
+        check_text(raw, f"documents[{position}]")
         doc_id = raw.get("id")
         if doc_id is None:
             doc_id = uuid.uuid4().hex
         elif isinstance(doc_id, int) and not isinstance(doc_id, bool):
             doc_id = str(doc_id)
         elif not isinstance(doc_id, str) or not doc_id or len(doc_id) > 512:
-            raise InvalidInput(f"documents[{i}].id must be a string of 1 to 512 characters or an integer")
+            raise InvalidInput(f"documents[{position}].id must be a string of 1 to 512 characters or an integer")
         if doc_id in seen:
-            raise InvalidInput(f"documents[{i}]: id {doc_id!r} appears twice in this request")
+            raise InvalidInput(f"documents[{position}]: id {doc_id!r} appears twice in this request")
         seen.add(doc_id)
         text = raw.get("text")
         if not isinstance(text, str):
-            raise InvalidInput(f"documents[{i}].text must be a string")
+            raise InvalidInput(f"documents[{position}].text must be a string")
         spans = split(text)
         if not spans:
-            raise InvalidInput(f"documents[{i}].text is empty")
+            raise InvalidInput(f"documents[{position}].text is empty")
         url = raw.get("url")
         if url is not None and not isinstance(url, str):
-            raise InvalidInput(f"documents[{i}].url must be a string")
+            raise InvalidInput(f"documents[{position}].url must be a string")
         metadata = raw.get("metadata")
         metadata = {} if metadata is None else metadata
         if not isinstance(metadata, dict):
-            raise InvalidInput(f"documents[{i}].metadata must be an object")
+            raise InvalidInput(f"documents[{position}].metadata must be an object")
         try:
             json.dumps(metadata, allow_nan=False)  # NaN is no JSON: neither store could filter on it
         except (TypeError, ValueError) as exc:
-            raise InvalidInput(f"documents[{i}].metadata is not JSON: {exc}") from None
+            raise InvalidInput(f"documents[{position}].metadata is not JSON: {exc}") from None
         out.append(Document(doc_id, text, url, metadata, spans))
     return out
 

@@ -512,21 +512,21 @@ class PostgresDatabase(Database):
     def insert_documents(self, conn, cid: int, docs: list, vectors: np.ndarray, now: float) -> None:
         """Four round trips whatever the batch holds: the passage ids, then COPY of the
         documents and of the passages, then their change-log entries."""
-        n = len(vectors)
+        n_passages = len(vectors)
         pids = [r[0] for r in conn.execute("SELECT nextval('passages_pid_seq') FROM generate_series(1, %s)",
-                                           (n,))]
+                                           (n_passages,))]
         with conn.cursor() as cur:
             with cur.copy("COPY documents (cid, id, url, metadata, text, updated) FROM STDIN") as copy:
-                for d in docs:
-                    copy.write_row((cid, d.id, d.url, json.dumps(d.metadata), d.text, now))
+                for doc in docs:
+                    copy.write_row((cid, doc.id, doc.url, json.dumps(doc.metadata), doc.text, now))
             with cur.copy("COPY passages (pid, cid, doc_id, ord, start, stop, vector) FROM STDIN (FORMAT BINARY)"
                           ) as copy:
                 copy.set_types(["int8", "int8", "text", "int4", "int4", "int4", "bytea"])
-                i = 0
-                for d in docs:
-                    for ordinal, (a, b) in enumerate(d.spans):
-                        copy.write_row((pids[i], cid, d.id, ordinal, a, b, vectors[i].tobytes()))
-                        i += 1
+                row = 0
+                for doc in docs:
+                    for ordinal, (start, stop) in enumerate(doc.spans):
+                        copy.write_row((pids[row], cid, doc.id, ordinal, start, stop, vectors[row].tobytes()))
+                        row += 1
             cur.execute("INSERT INTO changes (cid, op, pid) SELECT %s, %s, unnest(%s::bigint[])", (cid, OP_ADD, pids))
 
     def documents_by_id(self, conn, cid: int, doc_ids: list[str]) -> dict[str, tuple[str | None, dict, str]]:

@@ -98,14 +98,14 @@ class CollectionGone(SnapshotError):
 
 
 def _digest_fd(fd: int) -> str:
-    h = xxhash.xxh3_128()
+    digest = xxhash.xxh3_128()
     buf = bytearray(_READ_CHUNK)
     view = memoryview(buf)
     offset = 0
-    while n := os.preadv(fd, [buf], offset):
-        h.update(view[:n])
-        offset += n
-    return h.hexdigest()
+    while n_read := os.preadv(fd, [buf], offset):
+        digest.update(view[:n_read])
+        offset += n_read
+    return digest.hexdigest()
 
 
 def file_record(path: Path) -> dict:

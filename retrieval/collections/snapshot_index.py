@@ -190,15 +190,15 @@ class LayeredIndex:
             nprobe = min(nprobe, self.nlist)
             coarse_scores, coarse_ids = self.base.index.quantizer.search(query, nprobe)
             layers = ((self.base.index, base_n, base_sel), (self.delta.index, self.delta.ntotal, delta_sel))
-            for index, n, sel in layers:
-                if n > 0:
+            for index, layer_total, sel in layers:
+                if layer_total > 0:
                     params = faiss.SearchParametersIVF(nprobe=nprobe, sel=sel)
 
                     def search(m, index=index, params=params):
                         scores, ids = search_preassigned(index, query, m, coarse_ids, coarse_scores, params)
                         return scores[ids >= 0], ids[ids >= 0]
 
-                    parts.append(search_ranked(search, min(k, n), n))
+                    parts.append(search_ranked(search, min(k, layer_total), layer_total))
         else:
             if base_n > 0:
                 params = faiss.SearchParameters(sel=base_sel) if base_sel is not None else None

@@ -424,10 +424,10 @@ class SnapshotManager:
         """The command line of a builder process for collection ``cid``. It
         names this host's data directory; a PostgreSQL store's URL (which may
         hold a password) goes in the environment instead (:meth:`build_env`)."""
-        s = self.store
+        store = self.store
         argv = [sys.executable, "-m", BUILDER_MODULE, "build", str(self.data_dir), str(cid),
-                "--ivf-min-vectors", str(s.ivf_min_vectors), "--stale-host-s", str(self.stale_host_s),
-                "--busy-timeout-s", str(s.busy_timeout_s), "--timeout-s", str(s.timeout_s)]
+                "--ivf-min-vectors", str(store.ivf_min_vectors), "--stale-host-s", str(self.stale_host_s),
+                "--busy-timeout-s", str(store.busy_timeout_s), "--timeout-s", str(store.timeout_s)]
         if self._sqlite_dir is not None:
             argv += ["--sqlite-dir", str(self._sqlite_dir)]
         return argv

@@ -256,16 +256,16 @@ class SQLiteDatabase(Database):
         return removed
 
     def insert_documents(self, conn, cid: int, docs: list, vectors: np.ndarray, now: float) -> None:
-        i = 0
-        for d in docs:
+        row = 0
+        for doc in docs:
             conn.execute("INSERT INTO documents (cid, id, url, metadata, text, updated) VALUES (?, ?, ?, ?, ?, ?)",
-                         (cid, d.id, d.url, json.dumps(d.metadata), d.text, now))
-            for ordinal, (a, b) in enumerate(d.spans):
+                         (cid, doc.id, doc.url, json.dumps(doc.metadata), doc.text, now))
+            for ordinal, (start, stop) in enumerate(doc.spans):
                 cur = conn.execute(
                     "INSERT INTO passages (cid, doc_id, ord, start, stop, vector) VALUES (?, ?, ?, ?, ?, ?)",
-                    (cid, d.id, ordinal, a, b, vectors[i].tobytes()))
+                    (cid, doc.id, ordinal, start, stop, vectors[row].tobytes()))
                 conn.execute(_LOG_CHANGE, (cid, OP_ADD, cur.lastrowid))
-                i += 1
+                row += 1
 
     def documents_by_id(self, conn, cid: int, doc_ids: list[str]) -> dict[str, tuple[str | None, dict, str]]:
         rows = conn.execute("SELECT id, url, metadata, text FROM documents "

@@ -233,12 +233,12 @@ class Fetcher:
         """The page at ``url`` (redirects followed), by SHM_EMBED_FETCH_DEADLINE_S
         from now or by ``deadline`` (the search's), whichever is first;
         FetchRefused or FetchFailed say why not."""
-        s = self.settings
-        own = time.monotonic() + s.fetch_deadline_s
+        settings = self.settings
+        own = time.monotonic() + settings.fetch_deadline_s
         at = own if deadline is None else min(own, deadline)
         asked = url
         with fetch_deadline(at):
-            for _ in range(s.fetch_max_redirects + 1):
+            for _ in range(settings.fetch_max_redirects + 1):
                 parts = urlsplit(url)
                 if parts.scheme not in ("http", "https") or not parts.hostname:
                     raise FetchRefused(f"refused: {url!r} is not an http or https URL")
@@ -246,11 +246,11 @@ class Fetcher:
                     page = self._get(url, at)
                 except httpcore.TimeoutException:
                     if time.monotonic() < at - 0.01:
-                        raise FetchFailed(f"timed out after {s.fetch_timeout_s:g} s") from None
+                        raise FetchFailed(f"timed out after {settings.fetch_timeout_s:g} s") from None
                     if at < own:
-                        raise FetchFailed(f"timed out: still fetching when the search's {s.fetch_total_s:g} s "
+                        raise FetchFailed(f"timed out: still fetching when the search's {settings.fetch_total_s:g} s "
                                           "were up") from None
-                    raise FetchFailed(f"timed out: not fetched within {s.fetch_deadline_s:g} s "
+                    raise FetchFailed(f"timed out: not fetched within {settings.fetch_deadline_s:g} s "
                                       "(SHM_EMBED_FETCH_DEADLINE_S)") from None
                 except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol,
                         OSError) as exc:
@@ -260,16 +260,16 @@ class Fetcher:
                     continue
                 page.url = asked
                 return page
-        raise FetchFailed(f"more than {s.fetch_max_redirects} redirects (SHM_EMBED_FETCH_MAX_REDIRECTS)")
+        raise FetchFailed(f"more than {settings.fetch_max_redirects} redirects (SHM_EMBED_FETCH_MAX_REDIRECTS)")
 
     def _get(self, url: str, at: float) -> Page | str:
-        s = self.settings
-        t = max(0.001, min(s.fetch_timeout_s, at - time.monotonic()))  # the pool wait too
+        settings = self.settings
+        timeout = max(0.001, min(settings.fetch_timeout_s, at - time.monotonic()))  # the pool wait too
         headers = [(b"User-Agent", USER_AGENT.encode()), (b"Accept", b"text/html,application/xhtml+xml,text/plain"),
                    (b"Accept-Encoding", b"gzip, deflate")]
-        ext = {"timeout": {"connect": t, "read": t, "write": t, "pool": t}}
+        ext = {"timeout": {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}}
         with self.pool.stream("GET", url, headers=headers, extensions=ext) as resp:
-            head = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in resp.headers}
+            head = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in resp.headers}
             if resp.status in REDIRECTS:
                 if "location" not in head:
                     raise FetchFailed(f"HTTP {resp.status} without a Location")
@@ -281,10 +281,10 @@ class Fetcher:
             if ctype not in TEXT_TYPES:
                 raise FetchFailed(f"content type {ctype or 'missing'} is not HTML or text")
             charset = None
-            for p in params.split(";"):
-                k, _, v = p.partition("=")
-                if k.strip().lower() == "charset":
-                    charset = v.strip().strip('"') or None
+            for param in params.split(";"):
+                key, _, value = param.partition("=")
+                if key.strip().lower() == "charset":
+                    charset = value.strip().strip('"') or None
             encoding = head.get("content-encoding", "identity").strip().lower()
             if encoding not in ("identity", "gzip", "deflate", ""):
                 raise FetchFailed(f"content encoding {encoding} is not supported")
@@ -292,10 +292,10 @@ class Fetcher:
             body, truncated = bytearray(), False
             for chunk in resp.iter_stream():
                 if inflate is not None:
-                    chunk = inflate.decompress(chunk, s.fetch_max_bytes + 1 - len(body))
+                    chunk = inflate.decompress(chunk, settings.fetch_max_bytes + 1 - len(body))
                 body += chunk
-                if len(body) > s.fetch_max_bytes:
-                    del body[s.fetch_max_bytes:]
+                if len(body) > settings.fetch_max_bytes:
+                    del body[settings.fetch_max_bytes:]
                     truncated = True
                     break
         return Page(url, url, ctype, charset, bytes(body), truncated)

@@ -61,14 +61,15 @@ def search_backend(settings: Settings, query: str) -> list[str]:
     """Result URLs of the configured SearxNG-compatible endpoint, best first."""
     sep = "&" if urlsplit(settings.search_url).query else "?"
     url = f"{settings.search_url}{sep}{urlencode({'q': query, 'format': 'json'})}"
-    t = settings.fetch_timeout_s
+    timeout = settings.fetch_timeout_s
+    timeouts = {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
     try:
         # The endpoint's answer has the same deadline as a page: a trickling one cannot hold the request.
         with fetch_deadline(time.monotonic() + settings.fetch_deadline_s), \
                 httpcore.ConnectionPool(network_backend=DeadlineBackend(), retries=0) as pool:
             resp = pool.request("GET", url, headers=[(b"User-Agent", USER_AGENT.encode()),
                                                      (b"Accept", b"application/json")],
-                                extensions={"timeout": {"connect": t, "read": t, "write": t, "pool": t}})
+                                extensions={"timeout": timeouts})
     except Exception as exc:  # any transport failure of the operator's endpoint
         raise SearchBackendFailed(f"search endpoint failed: {exc or type(exc).__name__}") from None
     if resp.status != 200:
@@ -108,12 +109,12 @@ def web_search_with_embeddings(query: str, urls: list[str] | None = None, *, cli
         if not settings.search_url:
             raise InvalidInput("give 'urls', or configure a search endpoint (SHM_EMBED_SEARCH_URL)")
         urls = search_backend(settings, query)
-    elif not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+    elif not isinstance(urls, list) or not all(isinstance(url, str) for url in urls):
         raise InvalidInput("'urls' must be a list of strings")
     out = WebSearchResult(query)
     urls = list(dict.fromkeys(urls))
-    for u in urls[settings.search_max_pages:]:
-        out.failed.append({"url": u, "reason": f"over the limit of {settings.search_max_pages} pages "
+    for url in urls[settings.search_max_pages:]:
+        out.failed.append({"url": url, "reason": f"over the limit of {settings.search_max_pages} pages "
                                                "(SHM_EMBED_SEARCH_MAX_PAGES)"})
     urls = urls[: settings.search_max_pages]
     if not urls:
@@ -125,7 +126,7 @@ def web_search_with_embeddings(query: str, urls: list[str] | None = None, *, cli
     pool = ThreadPoolExecutor(max_workers=min(settings.fetch_concurrency, len(urls)),
                               thread_name_prefix="shm-embed-fetch")
     try:
-        futures = {pool.submit(fetcher.fetch, u, deadline): u for u in urls}
+        futures = {pool.submit(fetcher.fetch, url, deadline): url for url in urls}
         wait(futures, timeout=settings.fetch_total_s)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)  # fetches still running are abandoned
@@ -133,32 +134,32 @@ def web_search_with_embeddings(query: str, urls: list[str] | None = None, *, cli
             fetcher.close()
     split = splitter_for(client, words=PAGE_PASSAGE_WORDS, overlap=PAGE_OVERLAP_WORDS)
     passages: list[tuple[int, str]] = []   # (page number, passage)
-    for fut, u in futures.items():
+    for fut, url in futures.items():
         if not fut.done():
-            out.failed.append({"url": u, "reason": f"not fetched within {settings.fetch_total_s:g} s"})
+            out.failed.append({"url": url, "reason": f"not fetched within {settings.fetch_total_s:g} s"})
             continue
         try:
             page = fut.result()
         except (FetchRefused, FetchFailed) as exc:
-            out.failed.append({"url": u, "reason": str(exc)})
+            out.failed.append({"url": url, "reason": str(exc)})
             continue
         except Exception:  # a fetch must never sink the whole search
-            logger.exception("fetching {} failed", u)
-            out.failed.append({"url": u, "reason": "the page could not be read (see the server log)"})
+            logger.exception("fetching {} failed", url)
+            out.failed.append({"url": url, "reason": "the page could not be read (see the server log)"})
             continue
         try:
             title, text = extract(page.body, page.content_type, page.charset)
         except Exception:  # nor a page that the extraction chokes on
-            logger.exception("extracting the text of {} failed", u)
-            out.failed.append({"url": u, "reason": "the page could not be read (see the server log)"})
+            logger.exception("extracting the text of {} failed", url)
+            out.failed.append({"url": url, "reason": "the page could not be read (see the server log)"})
             continue
         text = text[:max_chars]
         spans = split(text)
         if not spans:
-            out.failed.append({"url": u, "reason": "no text found on the page"})
+            out.failed.append({"url": url, "reason": "no text found on the page"})
             continue
         passages.extend((len(out.pages), text[a:b]) for a, b in spans)
-        out.pages.append({"url": u, "final_url": page.final_url, "title": title or u, "passages": len(spans),
+        out.pages.append({"url": url, "final_url": page.final_url, "title": title or url, "passages": len(spans),
                           "truncated": page.truncated})
     if not passages:
         return out
