@@ -1,0 +1,70 @@
+"""Regression tests from a hostile review of the embedding cache and the
+newer endpoints: each one failed before its fix. A tiny-model sidecar with
+a cache, shared by the module."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from shm_protocol import long_inputs
+from shm_protocol.cache import text_key
+from shm_protocol.layout import CACHE_KEY_DTYPE, cache_key_material
+from tests.helpers import client_for, start_sidecar, stop_and_check
+
+
+@pytest.fixture(scope="module")
+def sidecar(tiny_model, tmp_path_factory):
+    sc = start_sidecar(tmp_path_factory.mktemp("sc"), str(tiny_model), SHM_EMBED_TORCH_THREADS="1",
+                       SHM_EMBED_CACHE_MB="1")
+    yield sc
+    stop_and_check(sc)
+
+
+def entry_of(client, text: str) -> tuple[int, int]:
+    """(bucket, way) of ``text``'s cache entry (default model, no prompt, default policy)."""
+    sess = client._get_session()
+    model = sess.models[0]
+    policy = long_inputs.resolve_policy(None, None, None, client.settings.long_inputs)
+    lo = text_key(cache_key_material(model.name, sess.epoch, None, policy), text)[0]
+    bucket = lo % sess.cache.geometry.n_buckets
+    deadline = time.monotonic() + 2
+    while lo not in (tags := sess.cache._tags[bucket].tolist()) and time.monotonic() < deadline:
+        time.sleep(0.005)  # the sidecar stores once it has answered
+    return bucket, tags.index(lo)
+
+
+def test_a_plain_submit_never_stores_its_vector_under_an_earlier_requests_key(sidecar):
+    """Session.submit (the step-by-step API bench/hot_path.py uses) must not
+    leave the slot's keys of an earlier embed_detailed behind: the sidecar
+    would store this request's vector under another text's key, for every
+    worker of the host."""
+    victim, other = "the victim text", "a different text entirely"
+    with client_for(sidecar) as c:
+        reference = c.embed_detailed([victim]).vectors[0].copy()  # a miss: its keys are in a slot now
+        sess = c._get_session()
+        length_word = CACHE_KEY_DTYPE.names.index("length")
+        slot = int(np.flatnonzero(sess._key_words[:, length_word])[0])
+        # Damage the entry (the documented recovery: the next miss of its key rewrites it).
+        bucket, way = entry_of(c, victim)
+        raw = sess.cache._raw
+        vector_at = int(sess.cache.geometry.entry_dtype.fields["vector"][1])
+        raw[bucket, way, vector_at] ^= 0xFF
+        # Another text, sent step by step in the same slot.
+        taken = [sess.take_slot(None) for _ in range(sess.params.slots_per_ring)]
+        assert slot in taken
+        for s in taken:
+            if s != slot:
+                sess.give_back(s)
+        tok = c._tokenizers[0].tokenize_request([other], prompt=None, truncate=True, max_tokens=None)
+        seq = sess.submit(slot, tok.ids[0], np.array([len(tok.ids[0])], np.int64))
+        sess._await_answer(slot, seq)
+        sess.give_back(slot)
+        # The sidecar stores after it answers: give it a moment, then look the victim up.
+        for _ in range(50):
+            got = c.embed_detailed([victim])
+            if got.slots_used == 0:
+                break
+        assert np.array_equal(got.vectors[0], reference), "another text's vector came back for the victim"
