@@ -190,7 +190,9 @@ class WorkerTokenizer:
         ids: list[list[int]] = []
         owners: list[int] = []
         weights: list[int] = []
+        total = 0
         for first, last in batches(texts):
+            start = len(ids)
             for i, enc in enumerate(self._encode_raw(texts[first:last], "texts", first), first):
                 content = enc.ids
                 if policy == long_inputs.TRUNCATE_LEFT:
@@ -203,6 +205,12 @@ class WorkerTokenizer:
                     ids.append(before + run + after)
                     owners.append(i)
                     weights.append(len(run))
+            # The budget, a batch (about a MiB of text) at a time: the windows
+            # of a 16 MiB body would otherwise be held, GiBs of them, before a 413.
+            total += sum(len(x) for x in ids[start:])
+            if max_tokens is not None and total > max_tokens and last < len(texts):
+                raise RequestTooLarge(f"the inputs have at least {total} tokens after truncation, over the limit "
+                                      f"of {max_tokens} per request", limit=max_tokens, actual=total, what="tokens")
         lengths = np.array([len(x) for x in ids], dtype=np.int64)
         check_token_budget(lengths, max_tokens)
         if policy == long_inputs.TRUNCATE_LEFT:
