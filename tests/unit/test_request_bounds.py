@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from shm_protocol import long_inputs
-from shm_protocol.errors import RequestTooLarge
+from shm_protocol.errors import InvalidInput, RequestTooLarge
 from shm_protocol.model_files import bundled_model_path, tokenizer_file
 from shm_protocol.tokenizer import WorkerTokenizer
 
@@ -37,3 +37,16 @@ def test_chunking_within_the_budget_is_counted_exactly(tok):
     with pytest.raises(RequestTooLarge, match=f"the inputs have {total} tokens"):
         tok.tokenize_request(["ab " * 40, "cd"], prompt=None, truncate=False, max_tokens=total - 1,
                              policy=long_inputs.CHUNK)
+
+
+def test_truncated_texts_are_tokenized_a_batch_at_a_time_and_refusals_name_the_text(tok):
+    """Texts the compiled tokenizer does not take (not ASCII) go to the
+    library about a MiB at a time; a refusal still names its text's index."""
+    wide = "\u00e9" * (1 << 20)  # one word: [UNK], quickly
+    got = tok.tokenize_request([wide, "caf\u00e9 ok", "caf\u00e9 " * 40], prompt=None, truncate=True, max_tokens=None)
+    assert got.lengths.tolist() == [3, 4, LIMIT]
+    assert got.ids[1] == tok.encode(["caf\u00e9 ok"])[0].ids
+    with pytest.raises(RequestTooLarge, match="input 2 has about"):
+        tok.tokenize_request([wide, "caf\u00e9 ok", "caf\u00e9 " * 40], prompt=None, truncate=False, max_tokens=None)
+    with pytest.raises(InvalidInput, match=r"texts\[2\] is not valid Unicode"):
+        tok.tokenize_request([wide, "caf\u00e9 ok", "\ud800"], prompt=None, truncate=True, max_tokens=None)
