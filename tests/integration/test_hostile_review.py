@@ -68,3 +68,23 @@ def test_a_plain_submit_never_stores_its_vector_under_an_earlier_requests_key(si
             if got.slots_used == 0:
                 break
         assert np.array_equal(got.vectors[0], reference), "another text's vector came back for the victim"
+
+
+def test_openai_embeddings_follow_the_long_input_setting(sidecar):
+    """/v1/embeddings names no long-input option, so SHM_EMBED_LONG_INPUTS
+    decides, as it does for /embed: it cut every long input whatever the setting."""
+    from falcon import testing
+
+    from web.app import create_app
+
+    long_text = "over the limit " * 200  # 600 tokens; the tiny model reads 256
+    with client_for(sidecar, long_inputs="refuse") as c:
+        app = testing.TestClient(create_app(c, c.settings))
+        refused = app.simulate_post("/v1/embeddings", json={"input": [long_text]})
+        assert refused.status_code == 413, refused.text
+        assert "limit is 256" in refused.json["error"]["message"]
+        assert app.simulate_post("/v1/embeddings", json={"input": ["short"]}).status_code == 200
+    with client_for(sidecar, long_inputs="chunk") as c:
+        app = testing.TestClient(create_app(c, c.settings))
+        chunked = app.simulate_post("/v1/embeddings", json={"input": [long_text]})
+        assert chunked.status_code == 200 and chunked.json["usage"]["total_tokens"] > 256
