@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from shm_protocol import long_inputs
-from shm_protocol.cache import text_key
-from shm_protocol.layout import CACHE_KEY_DTYPE, cache_key_material
+from shm_protocol.cache import KEY_WORDS, text_key
+from shm_protocol.layout import cache_key_material
 from tests.helpers import client_for, start_sidecar, stop_and_check
 
 
@@ -23,15 +23,20 @@ def sidecar(tiny_model, tmp_path_factory):
     stop_and_check(sc)
 
 
-def entry_of(client, text: str) -> tuple[int, int]:
-    """(bucket, way) of ``text``'s cache entry (default model, no prompt, default policy)."""
+def victim_key(client, text: str) -> tuple[int, int, int, int]:
+    """``text``'s cache key (default model, no prompt, default long-input policy)."""
     sess = client._get_session()
-    model = sess.models[0]
     policy = long_inputs.resolve_policy(None, None, None, client.settings.long_inputs)
-    lo = text_key(cache_key_material(model.name, sess.epoch, None, policy), text)[0]
-    bucket = lo % sess.cache.geometry.n_buckets
+    return text_key(cache_key_material(sess.models[0].name, sess.epoch, None, policy), text)
+
+
+def entry_of(client, key: tuple) -> tuple[int, int]:
+    """(bucket, way) of the cache entry of ``key``, once the sidecar has stored it."""
+    cache = client._get_session().cache
+    lo = key[0]
+    bucket = lo % cache.geometry.n_buckets
     deadline = time.monotonic() + 2
-    while lo not in (tags := sess.cache._tags[bucket].tolist()) and time.monotonic() < deadline:
+    while lo not in (tags := cache._tags[bucket].tolist()) and time.monotonic() < deadline:
         time.sleep(0.005)  # the sidecar stores once it has answered
     return bucket, tags.index(lo)
 
@@ -45,10 +50,10 @@ def test_a_plain_submit_never_stores_its_vector_under_an_earlier_requests_key(si
     with client_for(sidecar) as c:
         reference = c.embed_detailed([victim]).vectors[0].copy()  # a miss: its keys are in a slot now
         sess = c._get_session()
-        length_word = CACHE_KEY_DTYPE.names.index("length")
-        slot = int(np.flatnonzero(sess._key_words[:, length_word])[0])
+        key = victim_key(c, victim)
+        slot = int(np.flatnonzero((sess._key_words[:, :KEY_WORDS] == np.array(key, np.uint64)).all(axis=1))[0])
         # Damage the entry (the documented recovery: the next miss of its key rewrites it).
-        bucket, way = entry_of(c, victim)
+        bucket, way = entry_of(c, key)
         raw = sess.cache._raw
         vector_at = int(sess.cache.geometry.entry_dtype.fields["vector"][1])
         raw[bucket, way, vector_at] ^= 0xFF
