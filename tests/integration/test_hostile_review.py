@@ -93,3 +93,24 @@ def test_openai_embeddings_follow_the_long_input_setting(sidecar):
         app = testing.TestClient(create_app(c, c.settings))
         chunked = app.simulate_post("/v1/embeddings", json={"input": [long_text]})
         assert chunked.status_code == 200 and chunked.json["usage"]["total_tokens"] > 256
+
+
+def test_cohere_output_dimension_errors_name_the_field(sidecar):
+    """/v2/embed's refusals of output_dimension named 'dimensions', a field it does not have."""
+    from falcon import testing
+
+    from web.app import create_app
+
+    with client_for(sidecar) as c:
+        app = testing.TestClient(create_app(c, c.settings))
+        dim = c.dimension
+        for wanted, says in ((5, "not trained for truncation"), (dim + 1, f"gives 1 to {dim}"),
+                             (2**70, f"gives 1 to {dim}")):
+            r = app.simulate_post("/v2/embed", json={"texts": ["a"], "output_dimension": wanted})
+            assert r.status_code == 422, r.text
+            message = r.json["error"]["message"]
+            assert message.startswith(f"'output_dimension' is {wanted}") and says in message, message
+        same = app.simulate_post("/v2/embed", json={"texts": ["a"], "output_dimension": dim})
+        assert same.status_code == 200 and len(same.json["embeddings"]["float"][0]) == dim
+        unknown = app.simulate_post("/v2/embed", json={"texts": ["a"], "output_dimension": 5, "model": "nope"})
+        assert unknown.status_code == 404
