@@ -29,7 +29,8 @@ def resolve_policy(truncate: bool | None, truncation_direction: str | None, chun
                    default: str) -> str:
     """The policy a request's options name (TEI's ``truncate`` and
     ``truncation_direction``, and ``chunk``), ``default`` for what they leave
-    open. ``chunk=True`` with ``truncate=True`` contradict: InvalidInput."""
+    open (``chunk=False`` alone with a default of CHUNK: TRUNCATE).
+    ``chunk=True`` with ``truncate=True`` contradict: InvalidInput."""
     if truncation_direction is not None:
         if not isinstance(truncation_direction, str) or truncation_direction.lower() not in DIRECTIONS:
             raise InvalidInput(f"truncation_direction={truncation_direction!r}: accepted values: right, left")
@@ -44,7 +45,8 @@ def resolve_policy(truncate: bool | None, truncation_direction: str | None, chun
     if truncate is False:
         return REFUSE
     if truncate is None and truncation_direction is None and default in POLICIES:
-        return default
+        # chunk=false is heard: a default of chunking then cuts at the end.
+        return TRUNCATE if chunk is False and default == CHUNK else default
     return TRUNCATE_LEFT if truncation_direction == "left" else TRUNCATE
 
 

@@ -234,13 +234,20 @@ class Session:
     def answered(self, s: int, seq: int) -> bool:
         return self.hot.answered(s, seq)
 
-    def submit(self, s: int, ids, lengths, model: int = 0, segments=None, out_dim: int = 0) -> int:
+    def submit(self, s: int, ids, lengths, model: int = 0, segments=None, out_dim: int = 0,
+               cache_keys: np.ndarray | None = None) -> int:
         """Write one part of a request for model ``model`` into slot ``s``
         (``ids``: int32 ids of its texts back to back, ``lengths``: tokens of
         each; ``segments``: where each pair's second part starts, for a
         reranker) and ring the doorbell. ``out_dim``: the width the answer's
-        rows must have (0: unchecked; see ROW_MARK). NOTE: the payload, then READY
-        (release), then the doorbell: the compiled submit keeps that order."""
+        rows must have (0: unchecked; see ROW_MARK). ``cache_keys``: each
+        text's embedding cache key (rows of KEY_WORDS words; None: nothing is
+        cached). NOTE: the payload, then READY (release), then the doorbell:
+        the compiled submit keeps that order."""
+        # Every submit writes its texts' keys, zero when it sends none: keys
+        # an earlier request left in the slot would make the sidecar store
+        # this request's vectors under another text's key, for every worker.
+        self._key_words[s, :KEY_WORDS * len(lengths)] = 0 if cache_keys is None else cache_keys.ravel()
         seq = next(self._seq)
         if int(self._bell_gen_now) != self.bell_gen:
             try:
@@ -293,11 +300,9 @@ class Session:
                             dtype=np.int32, count=int(lengths[a:b].sum()),
                         )
                         try:
-                            # Before READY (the submit's release store publishes them); zero: not cached.
-                            self._key_words[s, :KEY_WORDS * (b - a)] = (0 if cache_keys is None
-                                                                        else cache_keys[a:b].ravel())
                             seq = self.submit(s, ids, lengths[a:b], model,
-                                              None if segments is None else segments[a:b], out.shape[1])
+                                              None if segments is None else segments[a:b], out.shape[1],
+                                              None if cache_keys is None else cache_keys[a:b])
                         except BaseException:
                             self.abandon(s)
                             raise

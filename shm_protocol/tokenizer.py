@@ -111,18 +111,26 @@ class WorkerTokenizer:
             lengths = np.array([len(x) for x in fast], dtype=np.int64)
             check_token_budget(lengths, max_tokens)
             return Tokenized(texts, fast, lengths, time.perf_counter_ns() - t0)
-        encs = self.encode(texts) if texts else []
+        # About a MiB of text at a time: an encoding keeps the windows cut
+        # off a long text (about 150 bytes a token), so 16 MiB of text at once
+        # would take GiBs for the few ids kept of it.
+        ids: list[list[int]] = []
+        for first, last in batches(texts):
+            encs = self.encode(texts[first:last], first)
+            if not truncate:
+                for i, e in enumerate(encs, first):
+                    if e.overflowing:
+                        full = len(e.ids) + sum(len(o.ids) for o in e.overflowing) - 2 * len(e.overflowing)
+                        raise RequestTooLarge(
+                            f"input {i} has about {full} tokens; the model's limit is {self.max_seq_length} "
+                            "(send truncate=true to cut it, or chunk=true to embed it in windows)",
+                            limit=self.max_seq_length, actual=full, what="tokens",
+                        )
+            ids += [e.ids for e in encs]
+            del encs
         tokenize_ns = time.perf_counter_ns() - t0
-        if not truncate:
-            for i, e in enumerate(encs):
-                if e.overflowing:
-                    full = len(e.ids) + sum(len(o.ids) for o in e.overflowing) - 2 * len(e.overflowing)
-                    raise RequestTooLarge(
-                        f"input {i} has about {full} tokens; the model's limit is {self.max_seq_length} "
-                        "(send truncate=true to cut it, or chunk=true to embed it in windows)",
-                        limit=self.max_seq_length, actual=full, what="tokens",
-                    )
-        ids, lengths = _ids_within_budget(encs, max_tokens)
+        lengths = np.array([len(x) for x in ids], dtype=np.int64)
+        check_token_budget(lengths, max_tokens)
         return Tokenized(texts, ids, lengths, tokenize_ns)
 
     def tokenize_pairs(self, query: str, documents: list[str], *, truncate: bool,
@@ -190,7 +198,9 @@ class WorkerTokenizer:
         ids: list[list[int]] = []
         owners: list[int] = []
         weights: list[int] = []
+        total = 0
         for first, last in batches(texts):
+            start = len(ids)
             for i, enc in enumerate(self._encode_raw(texts[first:last], "texts", first), first):
                 content = enc.ids
                 if policy == long_inputs.TRUNCATE_LEFT:
@@ -203,6 +213,12 @@ class WorkerTokenizer:
                     ids.append(before + run + after)
                     owners.append(i)
                     weights.append(len(run))
+            # The budget, a batch (about a MiB of text) at a time: the windows
+            # of a 16 MiB body would otherwise be held, GiBs of them, before a 413.
+            total += sum(len(x) for x in ids[start:])
+            if max_tokens is not None and total > max_tokens and last < len(texts):
+                raise RequestTooLarge(f"the inputs have at least {total} tokens after truncation, over the limit "
+                                      f"of {max_tokens} per request", limit=max_tokens, actual=total, what="tokens")
         lengths = np.array([len(x) for x in ids], dtype=np.int64)
         check_token_budget(lengths, max_tokens)
         if policy == long_inputs.TRUNCATE_LEFT:
@@ -298,14 +314,16 @@ class WorkerTokenizer:
             self._untruncated = raw
         return raw
 
-    def encode(self, texts: Sequence):
+    def encode(self, texts: Sequence, first: int = 0):
+        """Truncated encodings of ``texts`` (``first``: the index of the
+        first in the request, for an error naming one)."""
         try:
             if len(texts) == 1:
                 one = texts[0]
                 return [self._tok.encode(*one) if isinstance(one, tuple) else self._tok.encode(one)]
             return self._tok.encode_batch(texts)
         except (TypeError, ValueError) as exc:
-            raise _refused(texts, exc) from exc
+            raise _refused(texts, exc, first=first) from exc
 
 
 def _refused(texts: Sequence, exc: Exception, field: str = "texts", first: int = 0) -> InvalidInput:
@@ -397,14 +415,6 @@ class _PairTemplate:
                 segment = len(ids)
             ids += part
         return ids, segment
-
-
-def _ids_within_budget(encs, max_tokens: int | None) -> tuple[list[list[int]], np.ndarray]:
-    """The encodings' ids and lengths, RequestTooLarge over ``max_tokens`` in all."""
-    ids = [e.ids for e in encs]
-    lengths = np.array([len(x) for x in ids], dtype=np.int64)
-    check_token_budget(lengths, max_tokens)
-    return ids, lengths
 
 
 def _check_budget_floor(done: int, rest_at_least: int, max_tokens: int | None) -> None:

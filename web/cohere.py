@@ -71,6 +71,8 @@ class CohereEmbed:
             raise unprocessable(str(exc)) from None
         model, texts = args["model"], args["texts"]
         prompt_name = prompt_name_for(args["input_type"], self.ctx.client.prompts(model))
+        if args["output_dimension"] is not None:
+            self._check_output_dimension(args["output_dimension"], model)
         res = self.ctx.embed(texts, normalize=True, prompt_name=prompt_name, dimensions=args["output_dimension"],
                              model=model, **TRUNCATE_MODES[args["truncate"]])
         input_tokens = res.total_tokens
@@ -82,6 +84,21 @@ class CohereEmbed:
                      "tokens": {"input_tokens": input_tokens}},
             "response_type": "embeddings_by_type",
         }
+
+    def _check_output_dimension(self, wanted: int, model: str | None) -> None:
+        """A 422 naming ``output_dimension`` (the client's check names its
+        own keyword, ``dimensions``) unless the model can give ``wanted``;
+        an unknown model is left to the embed call (404)."""
+        cards = [m for m in self.ctx.client.info()["models"] if m["kind"] == "embed"]
+        card = next((m for m in cards if m["name"] == model), None) if model is not None else cards[0]
+        if card is None:
+            return
+        dim = card["dimension"]
+        if wanted > dim:
+            raise unprocessable(f"'output_dimension' is {wanted}; {card['name']} gives 1 to {dim}")
+        if wanted < dim and not card["matryoshka"]:
+            raise unprocessable(f"'output_dimension' is {wanted}, but {card['name']} gives {dim} dimensions and is "
+                                f"not trained for truncation (Matryoshka): leave it out, or send {dim}")
 
 
 def add_routes(routes, ctx) -> None:

@@ -35,7 +35,7 @@ class Context:
         """The request body as a JSON object, within the limits of the API (see intake.read_json)."""
         return intake.read_json(req, self.settings, self.body_budget)
 
-    def embed(self, texts: list[str], *, truncate: bool | None = True, normalize: bool = False, **options):
+    def embed(self, texts: list[str], *, truncate: bool | None = None, normalize: bool = False, **options):
         """Embed through the client under this request's token budget;
         ``options``: prompt, prompt_name, dimensions, model, and
         truncation_direction, chunk (web.long_inputs; ``truncate`` None:

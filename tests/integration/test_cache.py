@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from falcon import testing
 
-from shm_protocol.cache import read_cache_stats
+from shm_protocol import long_inputs
+from shm_protocol.cache import KEY_WORDS, read_cache_stats, text_key
+from shm_protocol.layout import cache_key_material
 from shm_protocol.segments import DEV_SHM
 from tests.helpers import client_for, cosine_rows, start_sidecar, stop_and_check
 from web.app import create_app
@@ -142,3 +144,55 @@ def test_cache_off_makes_no_segment_and_sends_everything(synthetic_sidecar):
         assert c.embed_detailed(["same"]).slots_used == 1
         assert sidecar_texts(c, 2) == 2
         assert c.info()["cache"] == {"enabled": False} == read_cache_stats(sc.names)
+
+
+def victim_key(client, text: str) -> tuple[int, int, int, int]:
+    """``text``'s cache key (default model, no prompt, default long-input policy)."""
+    sess = client._get_session()
+    policy = long_inputs.resolve_policy(None, None, None, client.settings.long_inputs)
+    return text_key(cache_key_material(sess.models[0].name, sess.epoch, None, policy), text)
+
+
+def entry_of(client, key: tuple) -> tuple[int, int]:
+    """(bucket, way) of the cache entry of ``key``, once the sidecar has stored it."""
+    cache = client._get_session().cache
+    lo = key[0]
+    bucket = lo % cache.geometry.n_buckets
+    deadline = time.monotonic() + 2
+    while lo not in (tags := cache._tags[bucket].tolist()) and time.monotonic() < deadline:
+        time.sleep(0.005)  # the sidecar stores once it has answered
+    return bucket, tags.index(lo)
+
+
+def test_a_plain_submit_never_stores_its_vector_under_an_earlier_requests_key(cache_sidecar):
+    """Session.submit (the step-by-step API bench/hot_path.py uses) must not
+    leave the slot's keys of an earlier embed_detailed behind: the sidecar
+    would store this request's vector under another text's key, for every
+    worker of the host."""
+    victim, other = "the victim text", "a different text entirely"
+    with client_for(cache_sidecar) as c:
+        reference = c.embed_detailed([victim]).vectors[0].copy()  # a miss: its keys are in a slot now
+        sess = c._get_session()
+        key = victim_key(c, victim)
+        slot = int(np.flatnonzero((sess._key_words[:, :KEY_WORDS] == np.array(key, np.uint64)).all(axis=1))[0])
+        # Damage the entry (the documented recovery: the next miss of its key rewrites it).
+        bucket, way = entry_of(c, key)
+        raw = sess.cache._raw
+        vector_at = int(sess.cache.geometry.entry_dtype.fields["vector"][1])
+        raw[bucket, way, vector_at] ^= 0xFF
+        # Another text, sent step by step in the same slot.
+        taken = [sess.take_slot(None) for _ in range(sess.params.slots_per_ring)]
+        assert slot in taken
+        for s in taken:
+            if s != slot:
+                sess.give_back(s)
+        tok = c._tokenizers[0].tokenize_request([other], prompt=None, truncate=True, max_tokens=None)
+        seq = sess.submit(slot, tok.ids[0], np.array([len(tok.ids[0])], np.int64))
+        sess._await_answer(slot, seq)
+        sess.give_back(slot)
+        # The sidecar stores after it answers: give it a moment, then look the victim up.
+        for _ in range(50):
+            got = c.embed_detailed([victim])
+            if got.slots_used == 0:
+                break
+        assert np.array_equal(got.vectors[0], reference), "another text's vector came back for the victim"

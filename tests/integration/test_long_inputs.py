@@ -216,11 +216,33 @@ def test_cohere_truncate_and_output_dimension(sidecar, http):
     ({"texts": ["a"], "embedding_types": "float"}, 422, "'embedding_types' must be a non-empty list"),
     ({"texts": ["a"], "truncate": "MIDDLE"}, 422, "'truncate' must be 'NONE', 'START' or 'END'"),
     ({"texts": ["a"], "output_dimension": 0}, 422, "'output_dimension' must be a positive integer"),
-    ({"texts": ["a"], "model": "short", "output_dimension": 8}, 422, "Matryoshka"),
+    ({"texts": ["a"], "model": "short", "output_dimension": 8}, 422,
+     "'output_dimension' is 8, but short gives 32 dimensions and is not trained for truncation (Matryoshka)"),
+    ({"texts": ["a"], "model": "prompted", "output_dimension": 33}, 422,
+     "'output_dimension' is 33; prompted gives 1 to 32"),
+    ({"texts": ["a"], "output_dimension": 2**70}, 422, f"'output_dimension' is {2**70}; short gives 1 to 32"),
     ({"texts": ["a"], "model": "nope"}, 404, "'nope' does not exist"),
 ])
 def test_cohere_embed_refuses_bad_input(http, doc, status, contains):
     error(post(http, "/v2/embed", doc), status, contains)
+
+
+def test_openai_embeddings_follow_the_long_input_setting(sidecar):
+    """/v1/embeddings names no long-input option, so SHM_EMBED_LONG_INPUTS
+    decides, as for /embed (it used to cut whatever the setting said)."""
+    from falcon import testing
+
+    from web.app import create_app
+
+    for setting, status in (("refuse", 413), ("chunk", 200)):
+        with client_for(sidecar, long_inputs=setting) as c:
+            r = testing.TestClient(create_app(c, c.settings)).simulate_post(
+                "/v1/embeddings", json={"input": [LONG], "model": "short"})
+            assert r.status_code == status, r.text
+            if status == 200:
+                assert r.json["usage"]["total_tokens"] > LIMIT  # every window's tokens
+            else:
+                assert f"limit is {LIMIT}" in r.json["error"]["message"]
 
 
 def test_the_local_fallback_cuts_and_chunks_alike(sidecar, short_st):
