@@ -62,8 +62,8 @@ def main() -> None:
             t5 = time.perf_counter_ns()
             sess._await_answer(slot, seq)
             t6 = time.perf_counter_ns()
-            queue_ns, compute_ns = int(sess.v.queue_ns[slot]), int(sess.v.compute_ns[slot])
-            out[:] = sess.v.out[slot, :1]
+            queue_ns, compute_ns = int(sess.slot_views.queue_ns[slot]), int(sess.slot_views.compute_ns[slot])
+            out[:] = sess.slot_views.out[slot, :1]
             sess.give_back(slot)
             sess.leave()
             t7 = time.perf_counter_ns()

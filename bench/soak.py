@@ -211,15 +211,15 @@ def _hostile_ring(settings: Settings, stop: threading.Event, stats: collections.
             raw = sess.region.slots[sess.ring, slot: slot + 1].view(np.uint8)
             raw[:] = rng.integers(0, 256, raw.size, dtype=np.uint8)
             if rng.random() < 0.5:  # plausible counts over garbage offsets and ids
-                sess.v.n_texts[slot] = rng.integers(1, 5)
-                sess.v.n_tokens[slot] = rng.integers(1, 50)
-            sess.v.state[slot] = SLOT_READY
+                sess.slot_views.n_texts[slot] = rng.integers(1, 5)
+                sess.slot_views.n_tokens[slot] = rng.integers(1, 50)
+            sess.slot_views.state[slot] = SLOT_READY
             sess.bell.post()
             deadline = time.monotonic() + 5
-            while int(sess.v.state[slot]) not in (SLOT_DONE, SLOT_ERROR) and time.monotonic() < deadline:
+            while int(sess.slot_views.state[slot]) not in (SLOT_DONE, SLOT_ERROR) and time.monotonic() < deadline:
                 time.sleep(0.005)
             stats["hostile_slots"] += 1
-            if int(sess.v.state[slot]) in (SLOT_DONE, SLOT_ERROR):
+            if int(sess.slot_views.state[slot]) in (SLOT_DONE, SLOT_ERROR):
                 sess.give_back(slot)
             else:
                 sess.quarantine(slot)

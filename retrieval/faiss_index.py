@@ -48,37 +48,37 @@ def binary_codes(vectors: np.ndarray) -> np.ndarray:
     return np.packbits(np.asarray(vectors) > 0, axis=-1)
 
 
-def rescored(query: np.ndarray, ids: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` best of the candidates ``ids`` (float ``vectors``, a row each) by inner product
+def rescored(query: np.ndarray, ids: np.ndarray, vectors: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``top_k`` best of the candidates ``ids`` (float ``vectors``, a row each) by inner product
     with ``query``, in the defined order. Each row's dot product is computed alone (einsum), so a
     passage scores the same whichever candidates come with it."""
     scores = np.einsum("ij,j->i", np.asarray(vectors, dtype=np.float32), query.reshape(-1).astype(np.float32))
-    return ranked(scores.astype(np.float32), np.asarray(ids, dtype=np.int64), k)
+    return ranked(scores.astype(np.float32), np.asarray(ids, dtype=np.int64), top_k)
 
 
-def candidates_wanted(k: int, rescore_multiplier: int, n: int) -> int:
-    """Hamming candidates a binary search rescores for ``k`` results of ``n`` passages."""
-    return max(1, min(n, k * rescore_multiplier))
+def candidates_wanted(top_k: int, rescore_multiplier: int, total: int) -> int:
+    """Hamming candidates a binary search rescores for ``top_k`` results of ``total`` passages."""
+    return max(1, min(total, top_k * rescore_multiplier))
 
 
-def ranked(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` first of ``(scores, ids)`` in the defined order: score descending, then id ascending."""
-    order = np.lexsort((ids, -scores))[:k]
+def ranked(scores: np.ndarray, ids: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``top_k`` first of ``(scores, ids)`` in the defined order: score descending, then id ascending."""
+    order = np.lexsort((ids, -scores))[:top_k]
     return scores[order], ids[order]
 
 
-def search_ranked(search, k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` best of an index in the defined order. ``search(m)`` answers
-    FAISS's ``m`` best (scores, ids; no ``-1`` filler) of at most ``n``
-    candidates. Every candidate tied with the ``k``-th must be among those
+def search_ranked(search, top_k: int, total: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``top_k`` best of an index in the defined order. ``search(width)`` answers
+    FAISS's ``width`` best (scores, ids; no ``-1`` filler) of at most ``total``
+    candidates. Every candidate tied with the ``top_k``-th must be among those
     fetched for the cut to be defined: fetch wider until the last one fetched
-    scores below the ``k``-th, or all were fetched."""
-    m = min(n, k + TIE_MARGIN)
+    scores below the ``top_k``-th, or all were fetched."""
+    width = min(total, top_k + TIE_MARGIN)
     while True:
-        scores, ids = search(m)
-        if m >= n or len(ids) < m or len(ids) <= k or scores[-1] < scores[k - 1]:
-            return ranked(scores, ids, k)
-        m = min(n, 4 * m)
+        scores, ids = search(width)
+        if width >= total or len(ids) < width or len(ids) <= top_k or scores[-1] < scores[top_k - 1]:
+            return ranked(scores, ids, top_k)
+        width = min(total, 4 * width)
 
 
 #: Passages of an index "ivf" collection before its quantizer is trained (exhaustive until then).
@@ -112,9 +112,9 @@ def train_centroids(vectors: np.ndarray, nlist: int, *, seed: int = 1234,
     return np.ascontiguousarray(km.centroids, dtype=np.float32)
 
 
-def search_preassigned(index, query: np.ndarray, k: int, coarse_ids: np.ndarray, coarse_scores: np.ndarray,
+def search_preassigned(index, query: np.ndarray, top_k: int, coarse_ids: np.ndarray, coarse_scores: np.ndarray,
                        params) -> tuple[np.ndarray, np.ndarray]:
-    """Scores and ids of the ``k`` best of one query in an IVF ``index``,
+    """Scores and ids of the ``top_k`` best of one query in an IVF ``index``,
     scanning the lists ``coarse_ids`` (with ``coarse_scores``) that its
     quantizer chose already: two indexes over the same centroids then scan
     the same lists for one quantizer search. ``params`` (SearchParametersIVF,
@@ -124,10 +124,11 @@ def search_preassigned(index, query: np.ndarray, k: int, coarse_ids: np.ndarray,
     query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
     coarse_ids = np.ascontiguousarray(coarse_ids, dtype=np.int64).reshape(1, -1)
     coarse_scores = np.ascontiguousarray(coarse_scores, dtype=np.float32).reshape(1, -1)
-    scores = np.empty((1, k), np.float32)
-    ids = np.full((1, k), -1, np.int64)
-    index.search_preassigned_c(1, faiss.swig_ptr(query), k, faiss.swig_ptr(coarse_ids), faiss.swig_ptr(coarse_scores),
-                               faiss.swig_ptr(scores), faiss.swig_ptr(ids), False, params)
+    scores = np.empty((1, top_k), np.float32)
+    ids = np.full((1, top_k), -1, np.int64)
+    index.search_preassigned_c(1, faiss.swig_ptr(query), top_k, faiss.swig_ptr(coarse_ids),
+                               faiss.swig_ptr(coarse_scores), faiss.swig_ptr(scores), faiss.swig_ptr(ids), False,
+                               params)
     return scores[0], ids[0]
 
 
@@ -195,13 +196,13 @@ class PassageIndex:
             return np.empty((0, self.dim), np.float32)
         return self.floats.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
 
-    def candidates(self, query: np.ndarray, m: int, allowed: np.ndarray | None = None
+    def candidates(self, query: np.ndarray, wanted: int, allowed: np.ndarray | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
-        """(minus the Hamming distance, ids) of the ``m`` passages of this binary index whose
+        """(minus the Hamming distance, ids) of the ``wanted`` passages of this binary index whose
         codes are nearest to the query's, fewest differing bits first, equal distances by id
         (complete at the cut, as :func:`search_ranked` makes it)."""
-        n = self.ntotal if allowed is None else min(self.ntotal, len(allowed))
-        if n == 0:
+        total = self.ntotal if allowed is None else min(self.ntotal, len(allowed))
+        if total == 0:
             return np.empty(0, np.float32), np.empty(0, np.int64)
         code = binary_codes(np.asarray(query, dtype=np.float32).reshape(1, self.dim))
         params = None
@@ -213,20 +214,21 @@ class PassageIndex:
             keep = ids[0] >= 0
             return -distances[0][keep].astype(np.float32), ids[0][keep]
 
-        return search_ranked(search, min(m, n), n)
+        return search_ranked(search, min(wanted, total), total)
 
-    def search(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and ids of the ``k`` passages nearest to one query, best
+    def search(self, query: np.ndarray, top_k: int, allowed: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and ids of the ``top_k`` passages nearest to one query, best
         first, equal scores by id; ``allowed`` restricts the search to those
-        ids. No ``-1`` id (FAISS's filler when fewer than ``k`` exist) ever comes back."""
+        ids. No ``-1`` id (FAISS's filler when fewer than ``top_k`` exist) ever comes back."""
         if self.ntotal == 0 or (allowed is not None and len(allowed) == 0):
             return np.empty(0, np.float32), np.empty(0, np.int64)
         query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dim)
-        k = max(1, min(k, self.ntotal))
+        top_k = max(1, min(top_k, self.ntotal))
         if self.kind == "binary":
-            m = candidates_wanted(k, self.rescore_multiplier, self.ntotal)
-            _, ids = self.candidates(query, m, allowed)
-            return rescored(query, ids, self.float_vectors(ids), k)
+            wanted = candidates_wanted(top_k, self.rescore_multiplier, self.ntotal)
+            _, ids = self.candidates(query, wanted, allowed)
+            return rescored(query, ids, self.float_vectors(ids), top_k)
         params = None
         sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64)) if allowed is not None else None
         if self.kind == "ivf":
@@ -237,9 +239,9 @@ class PassageIndex:
         elif sel is not None:
             params = faiss.SearchParameters(sel=sel)
 
-        def search(m: int) -> tuple[np.ndarray, np.ndarray]:
-            scores, ids = self.index.search(query, m, params=params)
+        def search(width: int) -> tuple[np.ndarray, np.ndarray]:
+            scores, ids = self.index.search(query, width, params=params)
             keep = ids[0] >= 0
             return scores[0][keep], ids[0][keep]
 
-        return search_ranked(search, k, self.ntotal if allowed is None else min(self.ntotal, len(allowed)))
+        return search_ranked(search, top_k, self.ntotal if allowed is None else min(self.ntotal, len(allowed)))

@@ -280,21 +280,21 @@ class EmbeddingClient(SentenceTransformerAPI):
         """Each served model's tokenizer (kept from an earlier epoch when
         the file and limit are the same) and text options."""
         tokenizers, options, labels = {}, {}, {}
-        for m in models:
-            if m.kind == ModelKind.CLASSIFY:  # checked against the table's label count (checked_models)
-                labels[m.index] = model_files.classifier_config(Path(m.tokenizer_path).parent).labels
-            path, limit = m.tokenizer_path, m.max_seq_length
-            tok = self._tokenizers.get(m.index)
+        for entry in models:
+            if entry.kind == ModelKind.CLASSIFY:  # checked against the table's label count (checked_models)
+                labels[entry.index] = model_files.classifier_config(Path(entry.tokenizer_path).parent).labels
+            path, limit = entry.tokenizer_path, entry.max_seq_length
+            tok = self._tokenizers.get(entry.index)
             if tok is None or tok.path != path or tok.max_seq_length != limit:
                 try:
                     tok = WorkerTokenizer(path, limit)
                 except Exception as exc:  # the tokenizers library raises plain Exceptions
                     raise SidecarUnavailable(f"cannot load the tokenizer the sidecar names ({path}): {exc}",
                                              reason="tokenizer") from None
-            tokenizers[m.index] = tok
+            tokenizers[entry.index] = tok
             # The prompts of the model folder the tokenizer lies in; the
             # sidecar's table says whether it may be truncated (Matryoshka).
-            options[m.index] = model_files.text_options(Path(path).parent, m.matryoshka)
+            options[entry.index] = model_files.text_options(Path(path).parent, entry.matryoshka)
         self._tokenizers, self._options, self._labels = tokenizers, options, labels
 
     def _claim_ring(self, region: Region) -> int:
@@ -378,7 +378,7 @@ class EmbeddingClient(SentenceTransformerAPI):
 
     @staticmethod
     def _info(sess: Session) -> dict:
-        r, p = sess.region, sess.params
+        region, params = sess.region, sess.params
         default = model_files.default_model(sess.models)
         return {
             "model": default.name,
@@ -387,13 +387,13 @@ class EmbeddingClient(SentenceTransformerAPI):
             "vocab_size": default.vocab_size,
             "dtype": default.dtype,
             "models": [model_card(m) for m in sess.models],
-            "device": r.device,
-            "epoch": f"{r.epoch:016x}",
-            "sidecar_pid": r.sidecar_pid,
+            "device": region.device,
+            "epoch": f"{region.epoch:016x}",
+            "sidecar_pid": region.sidecar_pid,
             "ring": sess.ring,
-            "slots_per_ring": p.slots_per_ring,
-            "slot_texts": p.max_texts,
-            "slot_tokens": p.max_tokens,
+            "slots_per_ring": params.slots_per_ring,
+            "slot_texts": params.max_texts,
+            "slot_tokens": params.max_tokens,
             "cache": sess.cache.stats() if sess.cache is not None else {"enabled": False},
         }
 
@@ -494,31 +494,32 @@ class EmbeddingClient(SentenceTransformerAPI):
         policy = long_inputs.resolve_policy(truncate, truncation_direction, chunk, self.settings.long_inputs)
 
         def call(sess: Session) -> EmbedResult:
-            m = model_files.find_model(sess.models, model, ModelKind.EMBED)
-            opts = sess.options[m.index]
+            entry = model_files.find_model(sess.models, model, ModelKind.EMBED)
+            opts = sess.options[entry.index]
             resolved = opts.resolve_prompt(prompt, prompt_name)
-            dims = opts.check_dimensions(dimensions, m.dim, m.name)
+            dims = opts.check_dimensions(dimensions, entry.dim, entry.name)
             if not texts:
-                return EmbedResult(np.empty((0, dims or m.dim), np.float32), np.empty(0, np.int64), 0, 0, 0, 0,
-                                   m.name)
-            out = np.empty((len(texts), m.dim), dtype=np.float32)
+                return EmbedResult(np.empty((0, dims or entry.dim), np.float32), np.empty(0, np.int64), 0, 0, 0, 0,
+                                   entry.name)
+            out = np.empty((len(texts), entry.dim), dtype=np.float32)
             # Texts found in the embedding cache are answered here, before any
             # tokenizing (shm_protocol.cache). Chunked texts are not cached: the
             # sidecar sees only their windows.
             found = None
             if sess.cache is not None and policy != long_inputs.CHUNK:
-                found = sess.cache.lookup(texts, out, m, resolved, policy)
+                found = sess.cache.lookup(texts, out, entry, resolved, policy)
             if found is not None and not found.missing:
                 check_token_budget(found.lengths, max_tokens)
-                return EmbedResult(shape_vectors(out, dims, normalize), found.lengths, 0, 0, 0, 0, m.name)
-            tok = sess.tokenizers[m.index].tokenize_request(texts if found is None else found.texts, prompt=resolved,
-                                                            truncate=True, max_tokens=max_tokens, policy=policy)
-            rows = np.empty((len(tok.ids), m.dim), dtype=np.float32)  # a row per text, or per window when chunked
+                return EmbedResult(shape_vectors(out, dims, normalize), found.lengths, 0, 0, 0, 0, entry.name)
+            tok = sess.tokenizers[entry.index].tokenize_request(texts if found is None else found.texts,
+                                                                prompt=resolved, truncate=True, max_tokens=max_tokens,
+                                                                policy=policy)
+            rows = np.empty((len(tok.ids), entry.dim), dtype=np.float32)  # a row per text, or per window when chunked
             lengths = tok.token_counts if found is None else found.lengths
             if found is not None:
                 lengths[found.missing] = tok.token_counts
                 check_token_budget(lengths, max_tokens)
-            queue_ns, compute_ns, used = sess.run(tok.ids, tok.lengths, rows, m.index,
+            queue_ns, compute_ns, used = sess.run(tok.ids, tok.lengths, rows, entry.index,
                                                   cache_keys=None if found is None else found.keys)
             if tok.owners is not None:  # chunked (never with the cache): each text's windows averaged
                 rows = long_inputs.combine_windows(rows, tok.owners, tok.weights, len(texts))
@@ -527,7 +528,7 @@ class EmbeddingClient(SentenceTransformerAPI):
             else:
                 out[found.missing] = rows
             return EmbedResult(shape_vectors(out, dims, normalize), lengths, queue_ns, compute_ns, used,
-                               tok.tokenize_ns, m.name)
+                               tok.tokenize_ns, entry.name)
 
         return self._request(call)
 
@@ -555,18 +556,18 @@ class EmbeddingClient(SentenceTransformerAPI):
         documents = check_texts(documents)
 
         def call(sess: Session) -> RerankResult:
-            m = model_files.find_model(sess.models, model, ModelKind.RERANK)
-            prompted = (sess.options[m.index].resolve_prompt(prompt, prompt_name) or "") + query
+            entry = model_files.find_model(sess.models, model, ModelKind.RERANK)
+            prompted = (sess.options[entry.index].resolve_prompt(prompt, prompt_name) or "") + query
             if not documents:
-                return RerankResult(np.empty(0, np.float32), np.empty(0, np.int64), m.name, 0, 0)
-            tok = sess.tokenizers[m.index].tokenize_pairs(prompted, documents, truncate=truncate,
-                                                          max_tokens=max_tokens)
-            out = np.empty((len(documents), m.dim), dtype=np.float32)
-            queue_ns, compute_ns, _ = sess.run(tok.ids, tok.lengths, out, m.index, tok.segments)
+                return RerankResult(np.empty(0, np.float32), np.empty(0, np.int64), entry.name, 0, 0)
+            tok = sess.tokenizers[entry.index].tokenize_pairs(prompted, documents, truncate=truncate,
+                                                              max_tokens=max_tokens)
+            out = np.empty((len(documents), entry.dim), dtype=np.float32)
+            queue_ns, compute_ns, _ = sess.run(tok.ids, tok.lengths, out, entry.index, tok.segments)
             scores = np.ascontiguousarray(out[:, 0])
             if not raw_scores:
-                scores = activate(scores, m.activation)
-            return RerankResult(scores, tok.lengths, m.name, queue_ns, compute_ns, tok.tokenize_ns)
+                scores = activate(scores, entry.activation)
+            return RerankResult(scores, tok.lengths, entry.name, queue_ns, compute_ns, tok.tokenize_ns)
 
         return self._request(call)
 
@@ -589,15 +590,17 @@ class EmbeddingClient(SentenceTransformerAPI):
         inputs = classify.check_inputs(inputs)
 
         def call(sess: Session) -> ClassifyResult:
-            m = model_files.find_model(sess.models, model, ModelKind.CLASSIFY)
-            labels = sess.labels[m.index]
+            entry = model_files.find_model(sess.models, model, ModelKind.CLASSIFY)
+            labels = sess.labels[entry.index]
             if not inputs:
-                return ClassifyResult(np.empty((0, m.dim), np.float32), labels, np.empty(0, np.int64), m.name, 0, 0)
-            tok = classify.tokenize_inputs(sess.tokenizers[m.index], inputs, truncate=truncate, max_tokens=max_tokens)
-            out = np.empty((len(inputs), m.dim), dtype=np.float32)
-            queue_ns, compute_ns, _ = sess.run(tok.ids, tok.lengths, out, m.index, tok.segments)
-            scores = out if raw_scores else classify.activate_labels(out, m.activation)
-            return ClassifyResult(scores, labels, tok.lengths, m.name, queue_ns, compute_ns, tok.tokenize_ns)
+                return ClassifyResult(np.empty((0, entry.dim), np.float32), labels, np.empty(0, np.int64), entry.name,
+                                      0, 0)
+            tok = classify.tokenize_inputs(sess.tokenizers[entry.index], inputs, truncate=truncate,
+                                           max_tokens=max_tokens)
+            out = np.empty((len(inputs), entry.dim), dtype=np.float32)
+            queue_ns, compute_ns, _ = sess.run(tok.ids, tok.lengths, out, entry.index, tok.segments)
+            scores = out if raw_scores else classify.activate_labels(out, entry.activation)
+            return ClassifyResult(scores, labels, tok.lengths, entry.name, queue_ns, compute_ns, tok.tokenize_ns)
 
         return self._request(call)
 

@@ -108,18 +108,18 @@ class Session:
         self.pid = os.getpid()
         self.epoch = region.epoch
         names = region.names
-        p = region.params
-        self.params = p
+        params = region.params
+        self.params = params
         self._bell_gen_now = region.header["bell_gen"]  # a view: the sidecar bumps it
         self.bell_gen = int(self._bell_gen_now)
         self.bell = hotpath.semaphore(names.bell)
-        self.sems = [hotpath.semaphore(names.slot(ring, s)) for s in range(p.slots_per_ring)]
-        self.v = SlotViews(region.slots[ring])
+        self.sems = [hotpath.semaphore(names.slot(ring, slot)) for slot in range(params.slots_per_ring)]
+        self.slot_views = SlotViews(region.slots[ring])
         self.spin = int(region.header["wait_policy"]) == WaitPolicy.SPIN
         self.queued = RecordViews(region.header["stats"]).ready_slots  # the sidecar's queue depth
         self.hot = hotpath.ring(region.slots[ring], queued=self.queued)
         self.live = hotpath.liveness(region.header)
-        self.state, self.seq, self.eta_ns = self.v.state, self.v.seq, self.v.eta_ns
+        self.state, self.seq, self.eta_ns = self.slot_views.state, self.slot_views.seq, self.slot_views.eta_ns
         # Free slots: a deque (appends and pops are atomic); a thread that
         # finds none waits on the condition, which give_back notifies only
         # when someone waits (the common path takes no lock).
@@ -145,14 +145,14 @@ class Session:
         self.options: dict = {}
         self.labels: dict = {}
         # Slots whose segment splits are not all zero (a reranker's request was there): cleared before reuse.
-        self._segments_dirty = [True] * p.slots_per_ring
-        for s in range(p.slots_per_ring):
+        self._segments_dirty = [True] * params.slots_per_ring
+        for slot in range(params.slots_per_ring):
             # A fresh lease has every slot free; one still in flight (which the
             # lease rules exclude) is kept out of use until the sidecar is done.
-            if int(self.state[s]) in _IN_FLIGHT:
-                self._quarantine.add(s)
+            if int(self.state[slot]) in _IN_FLIGHT:
+                self._quarantine.add(slot)
             else:
-                self._free.append(s)
+                self._free.append(slot)
 
     # -- slots --------------------------------------------------------------------
     def take_slot(self, timeout: float | None) -> int | None:
@@ -161,17 +161,17 @@ class Session:
         while True:
             self._recover_quarantined()
             try:
-                s = self._free.popleft()
+                slot = self._free.popleft()
             except IndexError:
-                s = self._wait_free(deadline)
-                if s is None:
+                slot = self._wait_free(deadline)
+                if slot is None:
                     return None
             # A post left by an earlier, abandoned request (bounded: see SLOT_DRAIN_LIMIT).
-            if self.sems[s].drain(SLOT_DRAIN_LIMIT) < SLOT_DRAIN_LIMIT:
-                return s
-            self._retired.add(s)
+            if self.sems[slot].drain(SLOT_DRAIN_LIMIT) < SLOT_DRAIN_LIMIT:
+                return slot
+            self._retired.add(slot)
             logger.error("slot {} of ring {}: its semaphore holds more than {} posts (tampered with); "
-                         "the slot is retired", s, self.ring, SLOT_DRAIN_LIMIT)
+                         "the slot is retired", slot, self.ring, SLOT_DRAIN_LIMIT)
 
     def _wait_free(self, deadline: float | None) -> int | None:
         if deadline is None:
@@ -191,52 +191,52 @@ class Session:
             finally:
                 self._free_waiters -= 1
 
-    def give_back(self, s: int) -> None:
-        self.hot.set_state(s, SLOT_FREE)
-        self._release(s)
+    def give_back(self, slot: int) -> None:
+        self.hot.set_state(slot, SLOT_FREE)
+        self._release(slot)
 
-    def _release(self, s: int) -> None:
-        """Slot ``s``, already FREE, is ours to take again."""
-        self._free.append(s)
+    def _release(self, slot: int) -> None:
+        """``slot``, already FREE, is ours to take again."""
+        self._free.append(slot)
         if self._free_waiters:
             with self._free_cv:
                 self._free_cv.notify()
 
-    def quarantine(self, s: int) -> None:
+    def quarantine(self, slot: int) -> None:
         """An abandoned slot stays out of use until the sidecar has finished with it."""
         with self._q_lock:
-            self._quarantine.add(s)
+            self._quarantine.add(slot)
 
     def _recover_quarantined(self) -> None:
         if not self._quarantine:
             return
         with self._q_lock:
-            for s in list(self._quarantine):
-                if int(self.state[s]) in (SLOT_DONE, SLOT_ERROR, SLOT_FREE):
-                    self._quarantine.discard(s)
-                    self.give_back(s)
+            for slot in list(self._quarantine):
+                if int(self.state[slot]) in (SLOT_DONE, SLOT_ERROR, SLOT_FREE):
+                    self._quarantine.discard(slot)
+                    self.give_back(slot)
 
-    def abandon(self, s: int) -> None:
-        """A request left slot ``s`` on an error: free it if the sidecar never
+    def abandon(self, slot: int) -> None:
+        """A request left ``slot`` on an error: free it if the sidecar never
         saw it, else keep it out of use until the sidecar is done with it."""
-        if int(self.state[s]) in (SLOT_FREE, SLOT_CLAIMED):
-            self.give_back(s)
+        if int(self.state[slot]) in (SLOT_FREE, SLOT_CLAIMED):
+            self.give_back(slot)
         else:
-            self.give_up(s, int(self.seq[s]))
+            self.give_up(slot, int(self.seq[slot]))
 
-    def give_up(self, s: int, seq: int) -> None:
-        """Nobody waits for slot ``s``'s answer to generation ``seq`` any more:
+    def give_up(self, slot: int, seq: int) -> None:
+        """Nobody waits for ``slot``'s answer to generation ``seq`` any more:
         the sidecar may skip it (cancel), and the slot stays out of use until
         the sidecar is done with it."""
-        self.v.cancel[s] = seq
-        self.quarantine(s)
+        self.slot_views.cancel[slot] = seq
+        self.quarantine(slot)
 
-    def answered(self, s: int, seq: int) -> bool:
-        return self.hot.answered(s, seq)
+    def answered(self, slot: int, seq: int) -> bool:
+        return self.hot.answered(slot, seq)
 
-    def submit(self, s: int, ids, lengths, model: int = 0, segments=None, out_dim: int = 0,
+    def submit(self, slot: int, ids, lengths, model: int = 0, segments=None, out_dim: int = 0,
                cache_keys: np.ndarray | None = None) -> int:
-        """Write one part of a request for model ``model`` into slot ``s``
+        """Write one part of a request for model ``model`` into ``slot``
         (``ids``: int32 ids of its texts back to back, ``lengths``: tokens of
         each; ``segments``: where each pair's second part starts, for a
         reranker) and ring the doorbell. ``out_dim``: the width the answer's
@@ -247,17 +247,17 @@ class Session:
         # Every submit writes its texts' keys, zero when it sends none: keys
         # an earlier request left in the slot would make the sidecar store
         # this request's vectors under another text's key, for every worker.
-        self._key_words[s, :KEY_WORDS * len(lengths)] = 0 if cache_keys is None else cache_keys.ravel()
+        self._key_words[slot, :KEY_WORDS * len(lengths)] = 0 if cache_keys is None else cache_keys.ravel()
         seq = next(self._seq)
         if int(self._bell_gen_now) != self.bell_gen:
             try:
                 self._reopen_bell()
             except (OSError, ShmEmbedError) as exc:
                 _log_bell_failure("WARNING", "could not reopen the sidecar's new doorbell ({!r})", exc)
-        clear = self._segments_dirty[s] and segments is None
-        self._segments_dirty[s] = True  # until the submit is through: a failed one may leave splits behind
-        sent = self.hot.submit(s, ids, lengths, model, segments, seq, clear, self.bell, out_dim, ROW_MARK)
-        self._segments_dirty[s] = segments is not None
+        clear = self._segments_dirty[slot] and segments is None
+        self._segments_dirty[slot] = True  # until the submit is through: a failed one may leave splits behind
+        sent = self.hot.submit(slot, ids, lengths, model, segments, seq, clear, self.bell, out_dim, ROW_MARK)
+        self._segments_dirty[slot] = segments is not None
         if not sent:
             # E.g. EOVERFLOW on a doorbell someone pushed to its maximum. The
             # post is only a wake-up: the sidecar scans slot states at least
@@ -275,7 +275,7 @@ class Session:
         (queue_ns, compute_ns, slots used): the largest over the parts.
         ``cache_keys``: each text's embedding cache key, for the sidecar to
         store its vector under (None: nothing is cached)."""
-        p = self.params
+        params = self.params
         cancel = getattr(_thread_request, "cancel", None)
         _check_cancel(cancel)
         if len(lengths) == 1:  # one text (the usual query): one slot, no chunking
@@ -292,34 +292,34 @@ class Session:
                     _check_cancel(cancel)
                     # Take a slot without waiting while we hold parts in flight;
                     # otherwise wait (bounded) for one.
-                    s = self.take_slot(None) if pending else self._wait_for_slot(cancel)
-                    if s is not None:
-                        a, b = chunks[ci]
-                        ids = id_lists[a] if b - a == 1 else np.fromiter(
-                            itertools.chain.from_iterable(id_lists[a:b]),
-                            dtype=np.int32, count=int(lengths[a:b].sum()),
+                    slot = self.take_slot(None) if pending else self._wait_for_slot(cancel)
+                    if slot is not None:
+                        start, end = chunks[ci]
+                        ids = id_lists[start] if end - start == 1 else np.fromiter(
+                            itertools.chain.from_iterable(id_lists[start:end]),
+                            dtype=np.int32, count=int(lengths[start:end].sum()),
                         )
                         try:
-                            seq = self.submit(s, ids, lengths[a:b], model,
-                                              None if segments is None else segments[a:b], out.shape[1],
-                                              None if cache_keys is None else cache_keys[a:b])
+                            seq = self.submit(slot, ids, lengths[start:end], model,
+                                              None if segments is None else segments[start:end], out.shape[1],
+                                              None if cache_keys is None else cache_keys[start:end])
                         except BaseException:
-                            self.abandon(s)
+                            self.abandon(slot)
                             raise
-                        pending.append((s, seq, a, b))
+                        pending.append((slot, seq, start, end))
                         ci += 1
                         continue
                     if not pending:
                         raise RingFull(
-                            f"all {p.slots_per_ring} slots of this worker's ring stayed busy "
+                            f"all {params.slots_per_ring} slots of this worker's ring stayed busy "
                             f"for {self.settings.ring_wait_s}s",
                             retry_after_s=1.0,
                         )
                 if not pending:
                     break
-                s, seq, a, b = pending.pop(0)
+                slot, seq, start, end = pending.pop(0)
                 try:
-                    q, c = self._collect(s, seq, out[a:b], cancel)
+                    q, c = self._collect(slot, seq, out[start:end], cancel)
                     queue_ns, compute_ns = max(queue_ns, q), max(compute_ns, c)
                 except (SlotRejected, SidecarUnavailable) as exc:
                     failure = failure or exc
@@ -352,34 +352,34 @@ class Session:
         """A free slot within the admission wait, or None (RingFull). Checks
         the sidecar while waiting: slots held by a dead sidecar never free up,
         and that is SidecarUnavailable, not RingFull."""
-        s = self.take_slot(None)
-        if s is not None:
-            return s
+        slot = self.take_slot(None)
+        if slot is not None:
+            return slot
         deadline = time.monotonic() + self.settings.ring_wait_s
         while True:
-            s = self.take_slot(min(0.05, max(0.0, deadline - time.monotonic())))
-            if s is not None:
-                return s
+            slot = self.take_slot(min(0.05, max(0.0, deadline - time.monotonic())))
+            if slot is not None:
+                return slot
             _check_cancel(cancel)
             self.region.check_available(self.settings.stale_after_s, thorough=True)
             if time.monotonic() >= deadline:
                 return None
 
-    def _collect(self, s: int, seq: int, dest: np.ndarray,
+    def _collect(self, slot: int, seq: int, dest: np.ndarray,
                  cancel: threading.Event | None = None) -> tuple[int, int]:
-        """Wait for slot ``s`` to be answered, copy its vectors into ``dest``.
+        """Wait for ``slot`` to be answered, copy its vectors into ``dest``.
         A wait that ends in any exception leaves the slot quarantined."""
         try:
-            self._await_answer(s, seq, cancel)
+            self._await_answer(slot, seq, cancel)
         except BaseException:
-            self.give_up(s, seq)
+            self.give_up(slot, seq)
             raise
         # Checked, copied and freed in one compiled step (hotpath.c's collect).
-        code, queue_ns, compute_ns = self.hot.collect(s, seq, dest, ROW_MARK)
+        code, queue_ns, compute_ns = self.hot.collect(slot, seq, dest, ROW_MARK)
         if code == COLLECT_UNANSWERED:  # someone wrote the slot after its answer: not ours to read
-            self.give_up(s, seq)
+            self.give_up(slot, seq)
             raise SlotRejected("the slot's answer changed before it was read", code=code)
-        self._release(s)
+        self._release(slot)
         if code == COLLECT_WIDTH:
             raise LayoutMismatch(f"the sidecar's vectors are not {dest.shape[1]} wide, as the model table said "
                                  "when this client attached (the table was changed in shared memory)")
@@ -387,7 +387,7 @@ class Session:
             raise slot_error(code)
         return queue_ns, compute_ns
 
-    def _await_answer(self, s: int, seq: int, cancel: threading.Event | None = None) -> None:
+    def _await_answer(self, slot: int, seq: int, cancel: threading.Event | None = None) -> None:
         """Spin, then park: under the spin policy poll the slot from the
         submit on; else block on the semaphore until shortly before the
         sidecar's ETA for the slot, then poll its state for a bounded time;
@@ -395,11 +395,11 @@ class Session:
         the model still runs, so its cost is hidden. A sidecar that drains
         (a clean stop) still answers what it holds, so that is waited for.
         A set ``cancel`` ends the wait with RequestCancelled at the next wake-up."""
-        hot, sem = self.hot, self.sems[s]
+        hot, sem = self.hot, self.sems[slot]
         settings = self.settings
         spin_ns = settings.spin_us * 1000
         if self.spin:
-            polled = hot.poll(s, seq, min(settings.idle_poll_us * 1000, int(settings.timeout_s * 1e9)),
+            polled = hot.poll(slot, seq, min(settings.idle_poll_us * 1000, int(settings.timeout_s * 1e9)),
                               spin_ns, SPIN_WAITERS)
             if polled == hotpath.POLL_ANSWERED:
                 return
@@ -409,7 +409,7 @@ class Session:
         while True:
             timeout = poll
             if spin_ns:
-                eta = int(self.eta_ns[s])
+                eta = int(self.eta_ns[slot])
                 if eta == ETA_NONE:
                     # Not picked up yet: look again for its ETA, less often the
                     # longer the queue (under load each look is a wasted wake-up).
@@ -420,17 +420,17 @@ class Session:
                     now = time.monotonic_ns()
                     wake_at = eta - spin_ns
                     if now >= wake_at:
-                        if hot.spin_until(s, seq, eta + 2 * spin_ns):
+                        if hot.spin_until(slot, seq, eta + 2 * spin_ns):
                             return  # the post is left pending; the next take of the slot drains it
                         spin_ns = 0  # late: park until the post
                         continue
                     timeout = min(poll, (wake_at - now) / 1e9)
             if sem.wait(timeout):
-                if hot.answered(s, seq):
+                if hot.answered(slot, seq):
                     return
                 _check_cancel(cancel)
                 continue  # a stale post from an abandoned request: keep waiting for ours
-            if hot.answered(s, seq):  # answered, but its post was lost
+            if hot.answered(slot, seq):  # answered, but its post was lost
                 return
             _check_cancel(cancel)
             region = self.region
@@ -462,7 +462,7 @@ class Session:
         rings = self.region.rings
         if rings is None or int(rings[self.ring]["owner_pid"]) != self.pid:
             return
-        busy = any(int(self.state[s]) in _IN_FLIGHT for s in range(self.params.slots_per_ring))
+        busy = any(int(self.state[slot]) in _IN_FLIGHT for slot in range(self.params.slots_per_ring))
         rings[self.ring]["owner_pid"] = ORPHANED if busy or self._semaphores_tampered() else 0
 
     def _semaphores_tampered(self) -> bool:
@@ -518,7 +518,8 @@ class Session:
         self.live.release()
         if self.cache is not None:
             self.cache.close()
-        self.v = self.state = self.seq = self.eta_ns = self._bell_gen_now = self.queued = self.hot = self.live = None
+        self.slot_views = self.state = self.seq = self.eta_ns = None
+        self._bell_gen_now = self.queued = self.hot = self.live = None
         self._key_words = None
         self.region.close()
 

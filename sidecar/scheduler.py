@@ -91,10 +91,10 @@ class Scheduler:
     time, from the sidecar's loop thread (never two threads at once).
 
     What it is given, it uses but does not create or remove: the region (ring
-    table and lock, ``bell_gen``), the slot views (``v``, kept as
-    ``slot_views``), the stats counters (``ctr``, kept as ``counters``), the
-    doorbell (``bell``, which it replaces when tampered with) and every
-    slot's semaphore. It reports to the loop's owner through:
+    table and lock, ``bell_gen``), the slot views (``slot_views``), the stats
+    counters (``counters``), the doorbell (``bell``, which it replaces when
+    tampered with) and every slot's semaphore. It reports to the loop's owner
+    through:
 
     * ``progress(call_ns=0.0)``: the loop is alive; the next sign of life is
       due within the stall limit plus ``call_ns`` (a model call about to run).
@@ -112,8 +112,8 @@ class Scheduler:
         region: Region,
         names: Names,
         *,
-        v: SlotViews,
-        ctr: RecordViews,
+        slot_views: SlotViews,
+        counters: RecordViews,
         bell,
         flat_sems: list,
         cores: int,
@@ -127,8 +127,8 @@ class Scheduler:
         self.params = params
         self.region = region
         self.names = names
-        self.slot_views = v
-        self.counters = ctr
+        self.slot_views = slot_views
+        self.counters = counters
         self.bell = bell  # the current doorbell (a hotpath.Sem): _replace_bell swaps it
         self.hot = hotpath.ring(region.slots)  # scan, take and publish in C, over every slot
         self._flat_sems = flat_sems

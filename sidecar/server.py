@@ -135,7 +135,7 @@ class Sidecar:
         self._log_fault = RateLimitedLog()
         self._lock: NamespaceLock | None = None
         self.region: Region | None = None
-        self.v: SlotViews | None = None
+        self.slot_views: SlotViews | None = None
         self._bell = None  # until create() hands it to the scheduler
         self.scheduler: Scheduler | None = None
         self.cache: CacheWriter | None = None
@@ -158,30 +158,30 @@ class Sidecar:
             logger.warning("reaped {} stale objects of namespace {}", len(removed), self.names.namespace)
 
     def create(self) -> None:
-        s = self.settings
+        settings = self.settings
         infos = [m.info for m in self.models]
         entries = [info.entry(i) for i, info in enumerate(infos)]
         for e in entries:  # names and paths must fit the table: ConfigError before anything is created
             e.write(np.zeros((), MODEL_DTYPE))
         # The slots are sized for the largest of every model.
         params = LayoutParams(
-            n_rings=s.rings,
-            slots_per_ring=s.slots_per_ring,
-            max_texts=s.slot_texts,
-            max_tokens=max(s.slot_tokens, *(i.max_seq_length for i in infos)),
+            n_rings=settings.rings,
+            slots_per_ring=settings.slots_per_ring,
+            max_texts=settings.slot_texts,
+            max_tokens=max(settings.slot_tokens, *(i.max_seq_length for i in infos)),
             dim=max(i.dim for i in infos),
             max_seq_length=max(i.max_seq_length for i in infos),
             vocab_size=max(i.vocab_size for i in infos),
         )
-        self._lock = NamespaceLock(self.names, mode=s.ipc_mode, group=s.group)
+        self._lock = NamespaceLock(self.names, mode=settings.ipc_mode, group=settings.group)
         try:
             self.reap_stale_namespace()
             n_sems = 1 + params.n_rings * params.slots_per_ring
             check_shm_space(params.ctl_bytes + params.data_bytes + n_sems * SEMAPHORE_BYTES)
-            self.region = region = Region.create(self.names, params, mode=s.ipc_mode, group=s.group)
-            self._bell = create_semaphore(self.names.bell, 0, mode=s.ipc_mode, group=s.group)
+            self.region = region = Region.create(self.names, params, mode=settings.ipc_mode, group=settings.group)
+            self._bell = create_semaphore(self.names.bell, 0, mode=settings.ipc_mode, group=settings.group)
             sems = [
-                [create_semaphore(self.names.slot(r, k), 0, mode=s.ipc_mode, group=s.group)
+                [create_semaphore(self.names.slot(r, k), 0, mode=settings.ipc_mode, group=settings.group)
                  for k in range(params.slots_per_ring)]
                 for r in range(params.n_rings)
             ]
@@ -202,37 +202,38 @@ class Sidecar:
             sem.close()
         self._bell, self.flat_sems = handles[0], handles[1:]
         self.params = params
-        h = region.header
+        header = region.header
         region.write_models(entries)
         region.set_text_field("device", infos[0].device)
-        h["max_batch_tokens"] = s.admit_tokens  # the admission budget (SHM_EMBED_ADMIT_TOKENS)
-        h["max_batch_texts"] = s.max_batch_texts
-        h["wait_policy"] = self.wait_policy
-        h["sidecar_pid"] = os.getpid()
+        header["max_batch_tokens"] = settings.admit_tokens  # the admission budget (SHM_EMBED_ADMIT_TOKENS)
+        header["max_batch_texts"] = settings.max_batch_texts
+        header["wait_policy"] = self.wait_policy
+        header["sidecar_pid"] = os.getpid()
         self.epoch = int.from_bytes(os.urandom(8), "little") >> 1 | 1
-        h["epoch"] = self.epoch
+        header["epoch"] = self.epoch
         region.epoch = self.epoch
         embed_dims = [i.dim for i in infos if i.kind == ModelKind.EMBED]
         try:
-            self.cache = CacheWriter.create(self.names, s, n_rings=params.n_rings, dim=max(embed_dims, default=0),
-                                            epoch=self.epoch)
+            self.cache = CacheWriter.create(self.names, settings, n_rings=params.n_rings,
+                                            dim=max(embed_dims, default=0), epoch=self.epoch)
         except BaseException:
             self.destroy()
             raise
-        h["started_ns"] = time.time_ns()
-        h["heartbeat_ns"] = time.monotonic_ns()
-        self.v = SlotViews(region.slots.reshape(-1))
-        self.ctr = RecordViews(h["stats"])  # the hot path's counters, a view each
-        self.hv = RecordViews(h)
+        header["started_ns"] = time.time_ns()
+        header["heartbeat_ns"] = time.monotonic_ns()
+        self.slot_views = SlotViews(region.slots.reshape(-1))
+        self.counters = RecordViews(header["stats"])  # the hot path's counters, a view each
+        self.hv = RecordViews(header)
         self.scheduler = Scheduler(
-            s, self.models, params, region, self.names,
-            v=self.v, ctr=self.ctr, bell=self._bell, flat_sems=self.flat_sems, cores=self._cores,
+            settings, self.models, params, region, self.names,
+            slot_views=self.slot_views, counters=self.counters, bell=self._bell, flat_sems=self.flat_sems,
+            cores=self._cores,
             progress=self._progress, model_outcome=self._model_outcome, log_fault=self._log_fault,
             cache=self.cache,
         )
         self._bell = None  # the scheduler's from here on: it replaces a tampered doorbell
         self._progress()
-        h["state"] = SidecarState.READY  # last: workers may attach from here on
+        header["state"] = SidecarState.READY  # last: workers may attach from here on
         mb = (params.ctl_bytes + params.data_bytes) / 2**20
         logger.info(
             "serving namespace {} epoch {:x}: {} rings x {} slots ({} texts / {} tokens each), {:.1f} MiB, "
@@ -254,7 +255,7 @@ class Sidecar:
             self.cache.close()
             self.cache = None
         if self.region is not None:
-            self.v = self.ctr = self.hv = self.scheduler = None  # its views too: the mappings can go
+            self.slot_views = self.counters = self.hv = self.scheduler = None  # its views too: the mappings can go
             self.region.close()
             self.region = None
         if self._lock is not None:
@@ -444,7 +445,7 @@ class Sidecar:
                     last_work_ns = time.monotonic_ns()
             except Exception as exc:  # one fault must not stop the service; step() failed its slots
                 self._failures += 1
-                self.ctr.loop_errors[0] += 1
+                self.counters.loop_errors[0] += 1
                 self._log_fault("ERROR", "batching loop survived {!r}", exc)
                 time.sleep(0.001)  # a fault that repeats at once must not spin a core
                 idle = True
@@ -463,7 +464,7 @@ class Sidecar:
             except Exception as exc:
                 self._log_fault("ERROR", "draining survived {!r}", exc)
                 served = False
-            claimed = bool((self.v.state == SLOT_CLAIMED).any())
+            claimed = bool((self.slot_views.state == SLOT_CLAIMED).any())
             if not served and (not claimed or time.monotonic() > deadline):
                 break
             if not served:

@@ -155,16 +155,16 @@ def write_snapshot(cdir: Path, gen: int, index, ids: np.ndarray, meta: dict,
     _create(tmp / INDEX_FILE).close()  # FAISS (re)opens it with fopen("wb"), which keeps the mode
     if meta["kind"] == "binary":
         faiss.write_index_binary(index, str(tmp / INDEX_FILE))
-        with _create(tmp / VECTORS_FILE) as f:
-            np.save(f, np.ascontiguousarray(vectors, dtype="<f4"), allow_pickle=False)
+        with _create(tmp / VECTORS_FILE) as out:
+            np.save(out, np.ascontiguousarray(vectors, dtype="<f4"), allow_pickle=False)
     else:
         faiss.write_index(index, str(tmp / INDEX_FILE))
-    with _create(tmp / IDS_FILE) as f:
-        np.save(f, np.ascontiguousarray(ids, dtype="<i8"), allow_pickle=False)
+    with _create(tmp / IDS_FILE) as out:
+        np.save(out, np.ascontiguousarray(ids, dtype="<i8"), allow_pickle=False)
     names = file_names(meta["kind"])
     meta = dict(meta, files={name: file_record(tmp / name) for name in names})
-    with _create(tmp / META_FILE) as f:
-        f.write(json.dumps(meta).encode())
+    with _create(tmp / META_FILE) as out:
+        out.write(json.dumps(meta).encode())
     for name in (*names, META_FILE):
         _fsync(tmp / name)
     _fsync(tmp)

@@ -158,13 +158,13 @@ class LayeredIndex:
             self._hidden = (ids, inner, faiss.IDSelectorNot(inner))
         return self._hidden
 
-    def search(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, query: np.ndarray, top_k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """What :meth:`PassageIndex.search` answers for an index of the same live passages."""
         total = self.ntotal
         if total == 0 or (allowed is not None and len(allowed) == 0):
             return np.empty(0, np.float32), np.empty(0, np.int64)
         query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dim)
-        k = max(1, min(k, total))
+        top_k = max(1, min(top_k, total))
         keep = []  # selectors a search's parameters point to: alive until the searches are done
         base_n = self.base.ntotal - len(self.hidden)
         base_sel = self._hidden_selector()[2] if self.hidden else None
@@ -180,7 +180,7 @@ class LayeredIndex:
             keep += [delta_sel, base_sel]
         parts = []
         if self.kind == "binary":
-            result = self._search_binary(query, k, allowed, base_n, base_sel)
+            result = self._search_binary(query, top_k, allowed, base_n, base_sel)
             del keep
             return result
         if self.kind == "ivf":
@@ -194,34 +194,34 @@ class LayeredIndex:
                 if layer_total > 0:
                     params = faiss.SearchParametersIVF(nprobe=nprobe, sel=sel)
 
-                    def search(m, index=index, params=params):
-                        scores, ids = search_preassigned(index, query, m, coarse_ids, coarse_scores, params)
+                    def search(width, index=index, params=params):
+                        scores, ids = search_preassigned(index, query, width, coarse_ids, coarse_scores, params)
                         return scores[ids >= 0], ids[ids >= 0]
 
-                    parts.append(search_ranked(search, min(k, layer_total), layer_total))
+                    parts.append(search_ranked(search, min(top_k, layer_total), layer_total))
         else:
             if base_n > 0:
                 params = faiss.SearchParameters(sel=base_sel) if base_sel is not None else None
 
-                def search(m):
-                    scores, rows = self.base.index.search(query, m, params=params)
+                def search(width):
+                    scores, rows = self.base.index.search(query, width, params=params)
                     found = rows[0] >= 0
                     return scores[0][found], np.asarray(self.base.ids[rows[0][found]])
 
-                parts.append(search_ranked(search, min(k, base_n), base_n))
+                parts.append(search_ranked(search, min(top_k, base_n), base_n))
             if self.delta.ntotal:
-                parts.append(self.delta.search(query, k, allowed))
+                parts.append(self.delta.search(query, top_k, allowed))
         del keep
         if not parts:
             return np.empty(0, np.float32), np.empty(0, np.int64)
-        # Each layer's k best in the defined order, ties at its cut included: so are the k best of both.
-        return ranked(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), k)
+        # Each layer's top_k best in the defined order, ties at its cut included: so are the top_k best of both.
+        return ranked(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), top_k)
 
-    def _search_binary(self, query: np.ndarray, k: int, allowed: np.ndarray | None, base_n: int,
+    def _search_binary(self, query: np.ndarray, top_k: int, allowed: np.ndarray | None, base_n: int,
                        base_sel) -> tuple[np.ndarray, np.ndarray]:
-        """Both layers' Hamming candidates, the best ``rescore_multiplier * k`` of them
+        """Both layers' Hamming candidates, the best ``rescore_multiplier * top_k`` of them
         rescored with their float vectors: what one binary index of the live passages answers."""
-        m = candidates_wanted(k, self.rescore_multiplier, self.ntotal)
+        wanted = candidates_wanted(top_k, self.rescore_multiplier, self.ntotal)
         parts = []
         if base_n > 0:
             code = binary_codes(query)
@@ -232,14 +232,14 @@ class LayeredIndex:
                 found = rows[0] >= 0
                 return -distances[0][found].astype(np.float32), np.asarray(self.base.ids[rows[0][found]])
 
-            parts.append(search_ranked(search, min(m, base_n), base_n))
+            parts.append(search_ranked(search, min(wanted, base_n), base_n))
         if self.delta.ntotal:
-            parts.append(self.delta.candidates(query, m, allowed))
+            parts.append(self.delta.candidates(query, wanted, allowed))
         if not parts:
             return np.empty(0, np.float32), np.empty(0, np.int64)
-        _, ids = ranked(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), m)
+        _, ids = ranked(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), wanted)
         found, rows = self.base.locate(ids)
         vectors = np.empty((len(ids), self.dim), np.float32)
         vectors[found] = self.base.vectors[rows]  # only these rows of the mapped file are read
         vectors[~found] = self.delta.float_vectors(ids[~found])
-        return rescored(query, ids, vectors, k)
+        return rescored(query, ids, vectors, top_k)

@@ -477,12 +477,12 @@ class CollectionStore:
             lo = self._sync(conn, row)
             allowed = self.db.filtered_pids(conn, row.cid, keys) if keys else None
             limit = lo.index.ntotal if allowed is None else len(allowed)
-            k = passages_asked(top_k, limit)
+            asked = passages_asked(top_k, limit)
             best: dict[str, tuple[float, int, int]] = {}
             order: list[tuple[str, tuple[float, int, int]]] = []
-            while k > 0:
+            while asked > 0:
                 with lo.lock:
-                    scores, ids = lo.index.search(qv, k, allowed)
+                    scores, ids = lo.index.search(qv, asked, allowed)
                 where = self.db.passages_by_pid(conn, ids)
                 best.clear()
                 for score, pid in zip(scores.tolist(), ids.tolist()):
@@ -497,9 +497,9 @@ class CollectionStore:
                 # hold every passage scoring above the last one, so when the top_k-th document scores above
                 # it no document tied with that one is missing; when it scores the same, fetch wider.
                 order = sorted(best.items(), key=lambda kv: (-kv[1][0], kv[0]))
-                if k >= limit or len(ids) < k or (len(order) >= top_k and order[top_k - 1][1][0] > scores[-1]):
+                if asked >= limit or len(ids) < asked or (len(order) >= top_k and order[top_k - 1][1][0] > scores[-1]):
                     break
-                k = min(limit, k * 4)
+                asked = min(limit, asked * 4)
             chosen = order[:top_k]
             docs = self.db.documents_by_id(conn, row.cid, [c[0] for c in chosen])
         out = []

@@ -110,17 +110,17 @@ def test_a_bad_slot_fails_alone_and_the_sidecar_keeps_serving(tiny_sidecar):
         sess = bad._get_session()
         slot = sess.take_slot(1)
         vocab = sess.params.vocab_size
-        sess.v.tokens[slot, :3] = [101, vocab + 5, 102]  # an id past the vocabulary
-        sess.v.offsets[slot, :2] = [0, 3]
-        sess.v.n_texts[slot] = 1
-        sess.v.n_tokens[slot] = 3
+        sess.slot_views.tokens[slot, :3] = [101, vocab + 5, 102]  # an id past the vocabulary
+        sess.slot_views.offsets[slot, :2] = [0, 3]
+        sess.slot_views.n_texts[slot] = 1
+        sess.slot_views.n_tokens[slot] = 3
         sess.seq[slot] = 7
-        sess.v.submit_ns[slot] = time.monotonic_ns()
+        sess.slot_views.submit_ns[slot] = time.monotonic_ns()
         sess.state[slot] = SLOT_READY
         sess.bell.post()
         vecs = good.embed(["a good request beside a bad one"])
         assert sess.sems[slot].wait(10)
-        assert int(sess.v.error[slot]) == SlotError.BAD_TOKEN
+        assert int(sess.slot_views.error[slot]) == SlotError.BAD_TOKEN
         assert vecs.shape == (1, good.dimension) and np.isfinite(vecs).all()
         sess.give_back(slot)
         assert good.embed(["after"]).shape == (1, good.dimension)
@@ -134,7 +134,7 @@ def test_sidecar_error_code_becomes_typed_exception(tiny_sidecar):
     with client_for(tiny_sidecar) as client:
         sess = client._get_session()
         slot = sess.take_slot(1)
-        views = sess.v
+        views = sess.slot_views
         views.tokens[slot, :2] = [101, 102]
         views.offsets[slot, :2] = [0, 5]  # offsets[-1] != n_tokens
         views.n_texts[slot] = 1

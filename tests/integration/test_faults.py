@@ -156,8 +156,8 @@ def test_random_bytes_in_a_real_slot_fail_alone(tiny_sidecar, tiny_st):
             start = (sess.ring * sess.params.slots_per_ring + slot) * item
             buf[start: start + item] = rng.integers(0, 256, item, dtype=np.uint8)
             if trial % 2:  # sometimes plausible counts with garbage offsets and ids
-                sess.v.n_texts[slot] = rng.integers(1, 5)
-                sess.v.n_tokens[slot] = rng.integers(1, 50)
+                sess.slot_views.n_texts[slot] = rng.integers(1, 5)
+                sess.slot_views.n_tokens[slot] = rng.integers(1, 50)
             sess.state[slot] = SLOT_READY
             sess.bell.post()
             want = [f"good {trial}"]

@@ -60,11 +60,11 @@ def test_random_bytes_in_slots_under_load_fail_alone(synthetic_sidecar):
             start = (sess.ring * spr + slot) * item
             data[start: start + item] = rng.integers(0, 256, item, dtype=np.uint8)
             if hostile_slots % 2:  # plausible counts: the offsets, ids and splits get checked
-                sess.v.n_texts[slot] = rng.integers(1, 5)
-                sess.v.n_tokens[slot] = rng.integers(1, 60)
-                sess.v.model[slot] = 0
-            sess.v.cancel[slot] = 0
-            sess.v.seq[slot] = 10**12 + hostile_slots
+                sess.slot_views.n_texts[slot] = rng.integers(1, 5)
+                sess.slot_views.n_tokens[slot] = rng.integers(1, 60)
+                sess.slot_views.model[slot] = 0
+            sess.slot_views.cancel[slot] = 0
+            sess.slot_views.seq[slot] = 10**12 + hostile_slots
             sess.state[slot] = SLOT_READY
             sess.bell.post()
             hostile_slots += 1
@@ -74,7 +74,7 @@ def test_random_bytes_in_slots_under_load_fail_alone(synthetic_sidecar):
             state = int(sess.state[slot])
             assert state in (SLOT_DONE, SLOT_ERROR), f"hostile slot {hostile_slots} never answered"
             answered += 1
-            code = int(sess.v.error[slot]) if state == SLOT_ERROR else 0
+            code = int(sess.slot_views.error[slot]) if state == SLOT_ERROR else 0
             codes[code] = codes.get(code, 0) + 1
             sess.give_back(slot)
         del data

@@ -128,7 +128,7 @@ def test_a_saturated_slot_semaphore_does_not_stop_the_sidecar(synthetic_sidecar)
     ids = np.asarray(client.tokenize(want)[0].ids, np.int32)
     seq = sess.submit(slot, ids, np.array([len(ids)]))
     assert _wait_for(lambda: sess.answered(slot, seq), 5), "the slot is answered although its post failed"
-    assert np.allclose(sess.v.out[slot, :1], synthetic_reference(client, want), atol=1e-6)
+    assert np.allclose(sess.slot_views.out[slot, :1], synthetic_reference(client, want), atol=1e-6)
     sess.give_back(slot)
     assert sc.proc.poll() is None, "the sidecar died of one failed post"
     for i in range(6):  # every slot of the ring, the tampered one included, is tried
@@ -332,7 +332,7 @@ from shm_protocol.layout import SLOT_DONE, SLOT_ERROR, SLOT_READY
 c = EmbeddingClient.connect()
 sess = c._get_session()
 ids = np.array([101, 7592, 102], np.int32)
-v = sess.v
+v = sess.slot_views
 served = 0
 end = time.monotonic() + float(sys.argv[1])
 print("ready", flush=True)

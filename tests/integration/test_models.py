@@ -168,7 +168,7 @@ def test_models_under_concurrent_load_never_cross_talk(multi, real_model, tiny_s
 
 def _submit_raw(sess, *, model: int, ids, offsets, segments=None):
     slot = sess.take_slot(1)
-    views = sess.v
+    views = sess.slot_views
     views.tokens[slot, : len(ids)] = ids
     views.offsets[slot, : len(offsets)] = offsets
     views.segments[slot, :] = 0

@@ -16,36 +16,7 @@ PACKAGES = ("shm_protocol", "sidecar", "web", "retrieval", "compat")
 MAX_SPAN = 8
 ALWAYS_ALLOWED = frozenset({"_", "i", "j"})
 #: (module, function, name): why the name stays.
-EXEMPT = {
-    ("retrieval/collections/snapshot_index.py", "search", "k"):
-        "the k of a k-nearest search, as PassageIndex.search and faiss name it",
-    ("sidecar/scheduler.py", "__init__", "v"): "the keyword sidecar/server.py passes the slot views under",
-}
-#: Names in modules that were being reworked elsewhere when this check came;
-#: an entry whose name is gone is ignored, so drop entries as they go.
-PENDING = {
-    ("retrieval/collections/store.py", "search_vector", "k"),
-    ("retrieval/faiss_index.py", "search_ranked", "k"),
-    ("retrieval/faiss_index.py", "search_ranked", "n"),
-    ("retrieval/faiss_index.py", "search_preassigned", "k"),
-    ("retrieval/faiss_index.py", "search", "k"),
-    ("shm_protocol/client.py", "_load_tokenizer", "m"),
-    ("shm_protocol/client.py", "_info", "p"),
-    ("shm_protocol/client.py", "_info", "r"),
-    ("shm_protocol/client.py", "embed_detailed", "m"),
-    ("shm_protocol/client.py", "rerank_detailed", "m"),
-    ("shm_protocol/session.py", "__init__", "p"),
-    ("shm_protocol/session.py", "take_slot", "s"),
-    ("shm_protocol/session.py", "submit", "s"),
-    ("shm_protocol/session.py", "run", "a"),
-    ("shm_protocol/session.py", "run", "b"),
-    ("shm_protocol/session.py", "run", "p"),
-    ("shm_protocol/session.py", "run", "s"),
-    ("shm_protocol/session.py", "_collect", "s"),
-    ("shm_protocol/session.py", "_await_answer", "s"),
-    ("sidecar/server.py", "create", "h"),
-    ("sidecar/server.py", "create", "s"),
-}
+EXEMPT: dict[tuple[str, str, str], str] = {}
 _OWN_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
 _COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 
@@ -116,6 +87,6 @@ def test_no_single_letter_name_lives_long_in_the_product():
             module = path.relative_to(REPO).as_posix()
             for function, name, span in long_lived_names(path.read_text()):
                 key = (module, function, name)
-                if key not in EXEMPT and key not in PENDING:
+                if key not in EXEMPT:
                     offenders.append(f"{module}: {function}() keeps {name!r} over {span} lines")
     assert not offenders, "name these for what they hold:\n" + "\n".join(offenders)
