@@ -94,6 +94,12 @@ class Summary:
 
 
 # --- finding and reading files -----------------------------------------------------
+def readable(name: str) -> str:
+    """A file system name as text that can be stored and printed: bytes that
+    are not UTF-8 (kept by Python as lone surrogates) become U+FFFD."""
+    return os.fsencode(name).decode("utf-8", "replace")
+
+
 def find_files(paths: Iterable[str]) -> tuple[list[tuple[Path, str]], list[Failure]]:
     """(file, document id prefix) of every file to read, and the paths that
     cannot be. A file's id is its path relative to the directory named on
@@ -108,18 +114,18 @@ def find_files(paths: Iterable[str]) -> tuple[list[tuple[Path, str]], list[Failu
                 for name in sorted(names):
                     path = Path(folder, name)
                     if path.suffix.lower() in SUFFIXES:
-                        found.append((path, path.relative_to(root).as_posix()))
+                        found.append((path, readable(path.relative_to(root).as_posix())))
         elif root.suffix.lower() in SUFFIXES or not os.path.lexists(root):
-            found.append((root, root.name))  # one that cannot be read fails when it is read
+            found.append((root, readable(root.name)))  # one that cannot be read fails when it is read
         else:
-            failures.append(Failure(str(root), f"unsupported format (read: {', '.join(SUFFIXES)})"))
+            failures.append(Failure(readable(str(root)), f"unsupported format (read: {', '.join(SUFFIXES)})"))
     return found, failures
 
 
 def read_file(path: Path, doc_id: str) -> tuple[list[SourceDocument], list[Failure]]:
     """The documents in ``path`` (its id ``doc_id``; a JSONL line's own id or
     ``doc_id:line``), and what in it could not be read."""
-    name = str(path)
+    name = readable(str(path))
     try:
         info = os.stat(path)
         if not stat.S_ISREG(info.st_mode):  # a FIFO would block the read, a device never end
@@ -202,6 +208,7 @@ class Ingester:
         self.collection = collection
         self.summary = summary
         self.pending: list[SourceDocument] = []
+        self.seen: set[str] = set()  # every id of this run: a later document with one of them fails
 
     def add(self, docs: Iterable[SourceDocument]) -> None:
         for source in docs:
@@ -212,9 +219,9 @@ class Ingester:
 
     def flush(self) -> None:
         batch, self.pending = self.pending, []
-        fresh = [s for s in batch if not self._stored(s.document)]
-        self.summary.skipped += len(batch) - len(fresh)
-        fresh = self._unique_ids(fresh)
+        unique = self._unique_ids(batch)  # first: a repeated id fails on every run, stored or not
+        fresh = [s for s in unique if not self._stored(s.document)]
+        self.summary.skipped += len(unique) - len(fresh)
         if fresh:
             self._write(fresh)
 
@@ -230,14 +237,16 @@ class Ingester:
         return stored["metadata"].get(HASH_KEY) == document["metadata"][HASH_KEY]
 
     def _unique_ids(self, batch: list[SourceDocument]) -> list[SourceDocument]:
-        """One write takes an id once: a later document with the same id fails."""
-        seen, out = set(), []
+        """A run stores an id once: a later document with the same id (in this
+        batch or an earlier one, a JSONL line or a file) fails, named, rather
+        than replacing the first."""
+        out = []
         for source in batch:
             key = str(source.document["id"])
-            if key in seen:
+            if key in self.seen:
                 self.summary.failures.append(Failure(source.path, f"id {key!r} appears twice", source.line))
             else:
-                seen.add(key)
+                self.seen.add(key)
                 out.append(source)
         return out
 
