@@ -45,6 +45,7 @@ from shm_protocol.segments import (
     create_semaphore,
     lock_is_held,
     pid_alive,
+    remove_unheld_lock,
     unlink_namespace,
 )
 
@@ -268,6 +269,7 @@ class Sidecar:
             return
         if self._namespace_is_ours():
             unlink_namespace(self.names)
+            remove_unheld_lock(self.names.takeover)  # a dead successor's; a live one's is left to it
         else:
             logger.warning("namespace {} now belongs to another epoch; leaving its objects", self.names.namespace)
 
@@ -338,6 +340,7 @@ class Sidecar:
         self.hv.takeover_pid[0] = 0
         self._log_fault("WARNING", "ignored a takeover request naming pid {} (no live successor holding {})",
                         pid, self.names.takeover)
+        remove_unheld_lock(self.names.takeover)
         return False
 
     def _await_successor(self) -> None:
@@ -472,6 +475,7 @@ class Sidecar:
             logger.warning("successor pid {} died while this sidecar drained for it; serving on", self.successor)
             self.successor = 0
             self.hv.takeover_pid[0] = 0
+            remove_unheld_lock(self.names.takeover)
             header["state"] = SidecarState.READY
             return False
         header["state"] = SidecarState.HANDED_OVER if self.successor else SidecarState.STOPPED

@@ -226,3 +226,41 @@ def test_a_takeover_request_written_by_a_worker_is_ignored(synthetic_sidecar):
         want = ["still served"]
         assert np.allclose(c.embed(want), synthetic_reference(c, want), atol=1e-6)
         assert c.info()["epoch"] == epoch and sc.proc.poll() is None
+
+
+def test_a_dead_successors_takeover_lock_is_removed_and_a_new_takeover_can_start(synthetic_sidecar):
+    """A successor killed after it took ``/NS-next`` leaves the segment
+    behind (its lock dies with it): the sidecar removes it when it clears
+    the request, so nothing stays in /dev/shm and the next successor locks
+    a fresh one."""
+    from shm_protocol.segments import NamespaceLock
+
+    sc = synthetic_sidecar(us=0)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys, time\n"
+         "from shm_protocol.segments import Names, NamespaceLock\n"
+         f"NamespaceLock(Names({sc.settings.namespace!r}), mode=0o600, takeover=True)\n"
+         "print('locked', flush=True); time.sleep(60)"],
+        env=sc.env, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        region = Region.attach(sc.names, with_data=False)
+        try:
+            region.hv.takeover_pid[0] = holder.pid  # it asked, then died before the sidecar looked
+            holder.kill()
+            holder.wait(10)
+            with client_for(sc) as c:
+                deadline = time.monotonic() + 5
+                while int(region.hv.takeover_pid[0]) and time.monotonic() < deadline:
+                    c.embed(["wake the loop"])
+                    time.sleep(0.01)
+                assert int(region.hv.takeover_pid[0]) == 0 and region.state_name == "ready"
+                assert not any(e.endswith("-next") for e in sc.names.dev_shm_entries()), sc.names.dev_shm_entries()
+                lock = NamespaceLock(sc.names, mode=0o600, takeover=True)  # the next successor is not kept out
+                lock.release()
+                assert c.embed(["still served"]).shape[0] == 1
+        finally:
+            region.close()
+    finally:
+        holder.kill()
+        holder.wait(10)
