@@ -301,7 +301,7 @@ class Sidecar:
 
             lock, old = request_takeover(self.names, self.settings)
             try:
-                wait_for_handover(old, create)
+                wait_for_handover(old, create, stopping=self._stop.is_set, lock=lock)
             finally:
                 old.close()
                 lock.release()
@@ -455,7 +455,7 @@ class Sidecar:
     # -- clean stop ---------------------------------------------------------------------
     def _drain(self) -> bool:
         """Answer what is in flight, refuse what comes after. For a successor
-        that died meanwhile, go back to serving instead: returns False."""
+        that died or withdrew meanwhile, go back to serving instead: returns False."""
         header = self.region.header
         header["state"] = SidecarState.DRAINING
         deadline = time.monotonic() + DRAIN_CLAIMED_WAIT_S
@@ -471,8 +471,13 @@ class Sidecar:
                 break
             if not served:
                 time.sleep(0.001)
-        if self.successor and not pid_alive(self.successor):
-            logger.warning("successor pid {} died while this sidecar drained for it; serving on", self.successor)
+        # NOTE: a successor stopped before the handover withdraws by letting go
+        # of the takeover lock, then waits to see READY (or HANDED_OVER, when
+        # this check came first).
+        withdrawn = self.successor and not lock_is_held(self.names.takeover)
+        if self.successor and (withdrawn or not pid_alive(self.successor)):
+            logger.warning("successor pid {} {} while this sidecar drained for it; serving on", self.successor,
+                           "withdrew" if withdrawn else "died")
             self.successor = 0
             self.hv.takeover_pid[0] = 0
             remove_unheld_lock(self.names.takeover)

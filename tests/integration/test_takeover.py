@@ -264,3 +264,59 @@ def test_a_dead_successors_takeover_lock_is_removed_and_a_new_takeover_can_start
     finally:
         holder.kill()
         holder.wait(10)
+
+
+def test_a_successor_stopped_while_the_old_sidecar_drains_withdraws_and_the_old_one_serves_on(synthetic_sidecar,
+                                                                                             tmp_path):
+    """SIGTERM (or Ctrl-C) to a successor before the handover withdraws its
+    request: it exits 1 at once with the reason instead of taking the
+    namespace over only to stop and leave it unserved; the old sidecar,
+    draining a long batch for it, answers that batch and serves on."""
+    import threading
+
+    # each model call takes 0.6 s for one text: with three callers, slots wait whenever the successor asks,
+    # so the drain outlasts the SIGTERM
+    sc = synthetic_sidecar(us=600_000, SHM_EMBED_CALL_ROWS="1")
+    answers: list = []
+    done = threading.Event()
+
+    def keep_busy() -> None:
+        while not done.is_set():
+            try:
+                answers.append(c.embed(["a long batch in flight"]).shape)
+            except Exception as exc:  # noqa: BLE001 - recorded, and the test asserts there is none
+                answers.append(exc)
+
+    with client_for(sc) as c:
+        busy = [threading.Thread(target=keep_busy) for _ in range(3)]
+        successor = subprocess.Popen(_takeover_cmd(), env=sc.env, cwd=REPO, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        try:
+            region = Region.attach(sc.names, readonly=True, with_data=False)
+            try:
+                for thread in busy:
+                    thread.start()
+                deadline = time.monotonic() + 60
+                while region.state_name == "ready" and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                assert region.state_name == "draining", region.state_name
+                successor.send_signal(signal.SIGTERM)
+                out, _ = successor.communicate(timeout=10)
+                assert successor.returncode == 1, out[-2000:]
+                assert "stopped before sidecar pid" in out, out[-2000:]
+                done.set()
+                for thread in busy:
+                    thread.join(10)
+                assert answers and all(shape == (1, c.dimension) for shape in answers), answers
+                assert sc.proc.poll() is None, "the old sidecar serves on"
+                assert region.state_name == "ready" and int(region.header["takeover_pid"]) == 0
+                assert region.sidecar_pid == sc.proc.pid
+            finally:
+                region.close()
+            assert c.embed(["served after"]).shape[0] == 1
+            assert not any(e.endswith("-next") for e in sc.names.dev_shm_entries())
+        finally:
+            done.set()
+            if successor.poll() is None:
+                successor.kill()
+                successor.wait(10)
