@@ -157,3 +157,36 @@ def test_ingest_names_an_id_seen_in_an_earlier_batch_and_survives_odd_file_names
     finally:
         store.close()
         client.close()
+
+
+def test_ingest_bounds_what_it_holds_a_file_or_line_over_the_document_limit_fails_named(tiny_sidecar, tmp_path):
+    """A text over the limit of one document fails unread; a JSONL file is
+    read a line at a time: a line over the limit, or not UTF-8, fails with
+    its number and the lines after it are stored."""
+    from retrieval.ingest import ingest
+
+    limit = 2000
+    root = tmp_path / "big"
+    root.mkdir()
+    (root / "huge.txt").write_text("word " * 1000)  # 5000 bytes
+    (root / "small.md").write_text("a small note")
+    lines = [json.dumps({"id": "first", "text": "the first record"}).encode(),
+             json.dumps({"id": "long", "text": "word " * 1000}).encode(),
+             b'{"id": "latin", "text": "caf\xe9"}',
+             json.dumps({"id": "last", "text": "the record after them"}).encode()]
+    (root / "lines.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    client = client_for(tiny_sidecar)
+    store = CollectionStore(tmp_path / "data", client)
+    try:
+        summary = ingest([str(root)], store, "big", progress=False, max_document_bytes=limit)
+        reasons = sorted(str(f) for f in summary.failures)
+        assert len(reasons) == 3, reasons
+        assert "huge.txt: 5000 bytes, over the limit of 2000" in reasons[0], reasons
+        assert "lines.jsonl:2: line over the limit of 2000 bytes" in reasons[1], reasons
+        assert "lines.jsonl:3: not UTF-8 text" in reasons[2], reasons
+        assert summary.stored == 3
+        assert store.get_document("big", "last")["text"] == "the record after them"
+        assert store.get_document("big", "small.md")["text"] == "a small note"
+    finally:
+        store.close()
+        client.close()
