@@ -94,6 +94,12 @@ class Summary:
 
 
 # --- finding and reading files -----------------------------------------------------
+def readable(name: str) -> str:
+    """A file system name as text that can be stored and printed: bytes that
+    are not UTF-8 (kept by Python as lone surrogates) become U+FFFD."""
+    return os.fsencode(name).decode("utf-8", "replace")
+
+
 def find_files(paths: Iterable[str]) -> tuple[list[tuple[Path, str]], list[Failure]]:
     """(file, document id prefix) of every file to read, and the paths that
     cannot be. A file's id is its path relative to the directory named on
@@ -108,29 +114,44 @@ def find_files(paths: Iterable[str]) -> tuple[list[tuple[Path, str]], list[Failu
                 for name in sorted(names):
                     path = Path(folder, name)
                     if path.suffix.lower() in SUFFIXES:
-                        found.append((path, path.relative_to(root).as_posix()))
+                        found.append((path, readable(path.relative_to(root).as_posix())))
         elif root.suffix.lower() in SUFFIXES or not os.path.lexists(root):
-            found.append((root, root.name))  # one that cannot be read fails when it is read
+            found.append((root, readable(root.name)))  # one that cannot be read fails when it is read
         else:
-            failures.append(Failure(str(root), f"unsupported format (read: {', '.join(SUFFIXES)})"))
+            failures.append(Failure(readable(str(root)), f"unsupported format (read: {', '.join(SUFFIXES)})"))
     return found, failures
 
 
-def read_file(path: Path, doc_id: str) -> tuple[list[SourceDocument], list[Failure]]:
+def read_file(path: Path, doc_id: str, max_bytes: int) -> tuple[Iterable[SourceDocument], list[Failure]]:
     """The documents in ``path`` (its id ``doc_id``; a JSONL line's own id or
-    ``doc_id:line``), and what in it could not be read."""
-    name = str(path)
+    ``doc_id:line``), and what in it could not be read. A text or page over
+    ``max_bytes`` (what one request body may hold) fails unread; a JSONL
+    file is read a line at a time (its documents come lazily, and its
+    failures are complete once they have all been taken), a line over
+    ``max_bytes`` failing, so memory stays bounded whatever the file's size."""
+    name = readable(str(path))
     try:
         info = os.stat(path)
         if not stat.S_ISREG(info.st_mode):  # a FIFO would block the read, a device never end
             return [], [Failure(name, "unreadable: not a regular file")]
-        with open(path, "rb") as handle:
-            data = handle.read()
+        suffix = path.suffix.lower()
+        if suffix in JSONL_SUFFIXES:
+            handle = open(path, "rb")
+        elif info.st_size > max_bytes:
+            return [], [Failure(name, f"{info.st_size} bytes, over the limit of {max_bytes} for one document "
+                                      "(SHM_EMBED_MAX_BODY_BYTES)")]
+        else:
+            with open(path, "rb") as handle:
+                data = handle.read(max_bytes + 1)
     except OSError as exc:
         return [], [Failure(name, f"unreadable: {exc.strerror or exc}")]
+    if suffix in JSONL_SUFFIXES:
+        failures: list[Failure] = []
+        return read_jsonl(handle, name, doc_id, max_bytes, failures), failures
+    if len(data) > max_bytes:  # grew since the stat
+        return [], [Failure(name, f"over the limit of {max_bytes} bytes for one document (SHM_EMBED_MAX_BODY_BYTES)")]
     if b"\x00" in data[:BINARY_SNIFF_BYTES]:
         return [], [Failure(name, "binary file (NUL bytes)")]
-    suffix = path.suffix.lower()
     if suffix in HTML_SUFFIXES:
         from .websearch.extract import extract
 
@@ -143,46 +164,76 @@ def read_file(path: Path, doc_id: str) -> tuple[list[SourceDocument], list[Failu
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         return [], [Failure(name, f"binary file (not UTF-8 text at byte {exc.start})")]
-    if suffix in JSONL_SUFFIXES:
-        return read_jsonl(text, name, doc_id)
     if not text.strip():
         return [], [Failure(name, "empty file")]
     return [SourceDocument({"id": doc_id, "text": text, "metadata": {"path": name}}, name)], []
 
 
-def read_jsonl(text: str, name: str, doc_id: str) -> tuple[list[SourceDocument], list[Failure]]:
-    """One document per non-blank line: an object with ``text`` (a non-empty
-    string) and optionally ``id``, ``url``, ``metadata`` (an object)."""
-    docs, failures = [], []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+def _lines(handle, max_bytes: int) -> Iterator[bytes | None]:
+    """The lines of binary ``handle`` (without their end), each read with at
+    most ``max_bytes`` + 1 bytes held; None for a line over ``max_bytes``
+    (the rest of it is skipped unkept)."""
+    while True:
+        line = handle.readline(max_bytes + 1)
+        if not line:
+            return
+        if len(line) > max_bytes and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):
+                line = handle.readline(max_bytes + 1)
+            yield None
             continue
-        try:
-            raw = json.loads(line)
-        except ValueError as exc:
-            failures.append(Failure(name, f"not JSON ({exc})", number))
-            continue
-        if not isinstance(raw, dict):
-            failures.append(Failure(name, "not a JSON object", number))
-            continue
-        unknown = set(raw) - {"id", "text", "url", "metadata"}
-        if unknown:
-            failures.append(Failure(name, f"unknown fields {', '.join(sorted(unknown))} "
-                                          "(accepted: id, text, url, metadata)", number))
-            continue
-        if not isinstance(raw.get("text"), str) or not raw["text"].strip():
-            failures.append(Failure(name, "'text' must be a non-empty string", number))
-            continue
-        metadata = raw.get("metadata")
-        if metadata is not None and not isinstance(metadata, dict):
-            failures.append(Failure(name, "'metadata' must be an object", number))
-            continue
-        document = {"id": raw.get("id", f"{doc_id}:{number}"), "text": raw["text"],
-                    "metadata": {**(metadata or {}), "path": name}}
-        if raw.get("url") is not None:
-            document["url"] = raw["url"]
-        docs.append(SourceDocument(document, name, number))
-    return docs, failures
+        yield line.rstrip(b"\r\n")
+
+
+def read_jsonl(handle, name: str, doc_id: str, max_bytes: int, failures: list[Failure]) -> Iterator[SourceDocument]:
+    """One document per non-blank line of binary ``handle`` (closed at the
+    end): an object with ``text`` (a non-empty string) and optionally
+    ``id``, ``url``, ``metadata`` (an object). What fails goes to ``failures``."""
+    with handle:
+        if b"\x00" in handle.read(BINARY_SNIFF_BYTES):
+            failures.append(Failure(name, "binary file (NUL bytes)"))
+            return
+        handle.seek(0)
+        for number, raw_line in enumerate(_lines(handle, max_bytes), 1):
+            if raw_line is None:
+                failures.append(Failure(name, f"line over the limit of {max_bytes} bytes for one document "
+                                              "(SHM_EMBED_MAX_BODY_BYTES)", number))
+                continue
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                failures.append(Failure(name, f"not UTF-8 text at byte {exc.start} of the line", number))
+                continue
+            if not line.strip():
+                continue
+            document, reason = _jsonl_document(line, doc_id, number, name)
+            if reason:
+                failures.append(Failure(name, reason, number))
+            else:
+                yield SourceDocument(document, name, number)
+
+
+def _jsonl_document(line: str, doc_id: str, number: int, name: str) -> tuple[dict | None, str | None]:
+    """The document of one JSONL line, or why it is none."""
+    try:
+        raw = json.loads(line)
+    except ValueError as exc:
+        return None, f"not JSON ({exc})"
+    if not isinstance(raw, dict):
+        return None, "not a JSON object"
+    unknown = set(raw) - {"id", "text", "url", "metadata"}
+    if unknown:
+        return None, f"unknown fields {', '.join(sorted(unknown))} (accepted: id, text, url, metadata)"
+    if not isinstance(raw.get("text"), str) or not raw["text"].strip():
+        return None, "'text' must be a non-empty string"
+    metadata = raw.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        return None, "'metadata' must be an object"
+    document = {"id": raw.get("id", f"{doc_id}:{number}"), "text": raw["text"],
+                "metadata": {**(metadata or {}), "path": name}}
+    if raw.get("url") is not None:
+        document["url"] = raw["url"]
+    return document, None
 
 
 def content_hash(document: dict) -> str:
@@ -202,6 +253,7 @@ class Ingester:
         self.collection = collection
         self.summary = summary
         self.pending: list[SourceDocument] = []
+        self.seen: set[str] = set()  # every id of this run: a later document with one of them fails
 
     def add(self, docs: Iterable[SourceDocument]) -> None:
         for source in docs:
@@ -212,9 +264,9 @@ class Ingester:
 
     def flush(self) -> None:
         batch, self.pending = self.pending, []
-        fresh = [s for s in batch if not self._stored(s.document)]
-        self.summary.skipped += len(batch) - len(fresh)
-        fresh = self._unique_ids(fresh)
+        unique = self._unique_ids(batch)  # first: a repeated id fails on every run, stored or not
+        fresh = [s for s in unique if not self._stored(s.document)]
+        self.summary.skipped += len(unique) - len(fresh)
         if fresh:
             self._write(fresh)
 
@@ -230,14 +282,16 @@ class Ingester:
         return stored["metadata"].get(HASH_KEY) == document["metadata"][HASH_KEY]
 
     def _unique_ids(self, batch: list[SourceDocument]) -> list[SourceDocument]:
-        """One write takes an id once: a later document with the same id fails."""
-        seen, out = set(), []
+        """A run stores an id once: a later document with the same id (in this
+        batch or an earlier one, a JSONL line or a file) fails, named, rather
+        than replacing the first."""
+        out = []
         for source in batch:
             key = str(source.document["id"])
-            if key in seen:
+            if key in self.seen:
                 self.summary.failures.append(Failure(source.path, f"id {key!r} appears twice", source.line))
             else:
-                seen.add(key)
+                self.seen.add(key)
                 out.append(source)
         return out
 
@@ -255,8 +309,13 @@ class Ingester:
         self.summary.passages += result["passages"]
 
 
-def ingest(paths: list[str], store, collection: str, *, progress: bool = True) -> Summary:
-    """Read ``paths`` into ``collection`` (created when missing) and say what happened."""
+def ingest(paths: list[str], store, collection: str, *, progress: bool = True,
+           max_document_bytes: int | None = None) -> Summary:
+    """Read ``paths`` into ``collection`` (created when missing) and say what
+    happened. ``max_document_bytes``: a document's size at most (None: the
+    settings' SHM_EMBED_MAX_BODY_BYTES, what one request body may hold)."""
+    if max_document_bytes is None:
+        max_document_bytes = Settings.from_env().max_body_bytes
     store.create(collection)
     summary = Summary()
     files, summary.failures = find_files(paths)
@@ -265,9 +324,9 @@ def ingest(paths: list[str], store, collection: str, *, progress: bool = True) -
     with _progress(progress) as bar:
         task = bar.add_task("ingesting", total=len(files))
         for path, doc_id in files:
-            docs, failures = read_file(path, doc_id)
+            docs, failures = read_file(path, doc_id, max_document_bytes)
+            ingester.add(docs)  # first: a JSONL file's failures are known once its documents are taken
             summary.failures.extend(failures)
-            ingester.add(docs)
             bar.advance(task)
         ingester.flush()
     return summary
@@ -324,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         store = CollectionStore.from_settings(settings, client)
         try:
             summary = ingest(args.paths, store, args.collection,
-                             progress=not args.no_progress and sys.stderr.isatty())
+                             progress=not args.no_progress and sys.stderr.isatty(),
+                             max_document_bytes=settings.max_body_bytes)
         finally:
             store.close()
     except ShmEmbedError as exc:

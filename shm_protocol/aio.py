@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from .classify import ClassifyResult
 from .client import EmbeddingClient, EmbedResult, RerankResult
 from .config import Settings
 from .errors import RequestCancelled, SidecarUnavailable
@@ -42,7 +43,7 @@ T = TypeVar("T")
 
 
 class AsyncEmbeddingClient:
-    """Get embeddings and rerank scores from the namespace's sidecar without
+    """Get embeddings, rerank and label scores from the namespace's sidecar without
     blocking the event loop. Arguments, results and errors are those of
     :class:`EmbeddingClient`; only the waiting differs.
 
@@ -125,6 +126,15 @@ class AsyncEmbeddingClient:
     async def rerank_detailed(self, query: str, documents: Sequence[str], **options: Any) -> RerankResult:
         """Scores and details: :meth:`EmbeddingClient.rerank_detailed`, same keywords."""
         return await self._call(self.sync.rerank_detailed, query, documents, **options)
+
+    async def classify(self, inputs: Sequence, *, model: str | None = None, raw_scores: bool = False,
+                       truncate: bool = True) -> list[list[dict]]:
+        """Per input, every label with its score, best first: :meth:`EmbeddingClient.classify`."""
+        return await self._call(self.sync.classify, inputs, model=model, raw_scores=raw_scores, truncate=truncate)
+
+    async def classify_detailed(self, inputs: Sequence, **options: Any) -> ClassifyResult:
+        """Label scores and details: :meth:`EmbeddingClient.classify_detailed`, same keywords."""
+        return await self._call(self.sync.classify_detailed, inputs, **options)
 
     async def info(self) -> dict:
         """What :meth:`EmbeddingClient.info` reports (attaching first if needed)."""

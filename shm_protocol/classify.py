@@ -10,7 +10,7 @@ config.json (:func:`shm_protocol.model_files.classifier_config`).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +55,9 @@ def check_inputs(inputs) -> list[ClassifyInput]:
     if isinstance(inputs, str):
         raise InvalidInput("inputs must be a list of texts or (text, text_pair) pairs, not one string "
                            "(wrap it in a list)")
+    if isinstance(inputs, Mapping):  # its keys would be classified: {"text": ..., "text_pair": ...} as two words
+        raise InvalidInput("inputs must be a list of texts or (text, text_pair) pairs, not a dict "
+                           "(a pair is a tuple (text, text_pair) in the list)")
     if not isinstance(inputs, Iterable):
         raise InvalidInput(f"inputs must be a list of texts or (text, text_pair) pairs, not {type(inputs).__name__}")
     out: list[ClassifyInput] = []

@@ -134,7 +134,12 @@ Leases, generations and liveness (the rules every reader and writer keeps):
      SHUTDOWN), then sets ``state = HANDED_OVER``, unlinks its objects and
      releases the namespace lock. It waits (bounded) until the successor
      serves, then exits. A ``takeover_pid`` whose process is dead is cleared
-     and ignored (the sidecar keeps serving).
+     and ignored (the sidecar keeps serving), and a takeover lock nobody
+     holds is unlinked. A successor stopped (SIGTERM) before the handover
+     withdraws: it lets go of the takeover lock but lives on, and a sidecar
+     that finds the lock free at the end of its drain clears
+     ``takeover_pid`` and goes back to READY; the successor waits to see
+     READY (it exits) or HANDED_OVER (the check came first: it takes over).
   4. The successor takes the namespace lock, creates the segments afresh
      (its layout may differ: other models, other sizes) with a new
      ``epoch``, and sets READY.

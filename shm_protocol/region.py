@@ -224,13 +224,19 @@ class Region:
 
     def successor_pid(self) -> int:
         """The pid of a live successor this sidecar drains for or has handed
-        the namespace over to (see the layout's Takeover), or 0: a worker that
-        sees one waits for the new epoch instead of failing its request."""
+        the namespace over to (see the layout's Takeover), or of a dead one
+        it still drains for, or 0: a worker that sees one waits for the new
+        epoch (or for this sidecar to serve again) instead of failing its request."""
         hv = self.hv
         pid = int(hv.takeover_pid[0])
-        if int(hv.state[0]) in (SidecarState.DRAINING, SidecarState.HANDED_OVER) and pid > 0 and pid_alive(pid):
+        state = int(hv.state[0])
+        if pid <= 0 or state not in (SidecarState.DRAINING, SidecarState.HANDED_OVER):
+            return 0
+        if pid_alive(pid):
             return pid
-        return 0
+        # A successor that died (or withdrew) while this sidecar drains: it
+        # serves again once the drain ends, so a worker waits for that too.
+        return pid if state == SidecarState.DRAINING and pid_alive(self.sidecar_pid) else 0
 
     def check_available(self, stale_after_s: float, *, thorough: bool = False) -> None:
         reason = self.unavailable_reason(stale_after_s, thorough=thorough)

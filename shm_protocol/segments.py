@@ -364,6 +364,31 @@ def lock_is_held(path: str) -> bool:
         os.close(fd)
 
 
+def remove_unheld_lock(path: str) -> bool:
+    """Unlink lock segment ``path`` if nobody holds it (a successor that
+    died left its takeover lock behind): taken, unlinked while held, then
+    let go, as :meth:`NamespaceLock.release` does, so a process that locks
+    it meanwhile sees the name gone and tries again. True if removed."""
+    try:
+        shm = posix_ipc.SharedMemory(path)
+    except (posix_ipc.ExistentialError, posix_ipc.PermissionsError):
+        return False
+    fd = os.dup(shm.fd)
+    shm.close_fd()
+    try:
+        if not try_lock(fd):
+            return False  # held: a live successor's
+        try:
+            if os.stat(DEV_SHM / path.lstrip("/")).st_ino != os.fstat(fd).st_ino:
+                return False  # replaced meanwhile by a new holder's
+            posix_ipc.unlink_shared_memory(path)
+        except (FileNotFoundError, posix_ipc.ExistentialError):
+            return False
+        return True
+    finally:
+        os.close(fd)
+
+
 def pid_alive(pid: int) -> bool:
     """True if ``pid`` is a live process (a zombie counts as dead)."""
     if pid <= 0:
@@ -386,7 +411,7 @@ def pid_alive(pid: int) -> bool:
 
 __all__ = [
     "DEV_SHM", "Names", "NamespaceLock", "Segment", "ShmEmbedError", "check_shm_space", "create_semaphore",
-    "reset_semaphore", "unlink_namespace", "locked", "lock_is_held", "try_lock",
+    "reset_semaphore", "unlink_namespace", "locked", "lock_is_held", "remove_unheld_lock", "try_lock",
     "unlock", "pid_alive",
 ]
 

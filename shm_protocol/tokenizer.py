@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -434,6 +434,8 @@ def check_token_budget(lengths: np.ndarray, max_tokens: int | None) -> None:
 def check_texts(texts) -> list[str]:
     if isinstance(texts, str):
         raise InvalidInput("texts must be a list of strings, not one string (wrap it in a list)")
+    if isinstance(texts, Mapping):  # its keys would be embedded, its values dropped
+        raise InvalidInput("texts must be a list of strings, not a dict (pass list(d) to embed its keys)")
     if not isinstance(texts, Iterable):
         raise InvalidInput(f"texts must be a list of strings, not {type(texts).__name__}")
     texts = list(texts)

@@ -45,6 +45,7 @@ from shm_protocol.segments import (
     create_semaphore,
     lock_is_held,
     pid_alive,
+    remove_unheld_lock,
     unlink_namespace,
 )
 
@@ -269,6 +270,7 @@ class Sidecar:
             return
         if self._namespace_is_ours():
             unlink_namespace(self.names)
+            remove_unheld_lock(self.names.takeover)  # a dead successor's; a live one's is left to it
         else:
             logger.warning("namespace {} now belongs to another epoch; leaving its objects", self.names.namespace)
 
@@ -300,7 +302,7 @@ class Sidecar:
 
             lock, old = request_takeover(self.names, self.settings)
             try:
-                wait_for_handover(old, create)
+                wait_for_handover(old, create, stopping=self._stop.is_set, lock=lock)
             finally:
                 old.close()
                 lock.release()
@@ -339,6 +341,7 @@ class Sidecar:
         self.hv.takeover_pid[0] = 0
         self._log_fault("WARNING", "ignored a takeover request naming pid {} (no live successor holding {})",
                         pid, self.names.takeover)
+        remove_unheld_lock(self.names.takeover)
         return False
 
     def _await_successor(self) -> None:
@@ -453,7 +456,7 @@ class Sidecar:
     # -- clean stop ---------------------------------------------------------------------
     def _drain(self) -> bool:
         """Answer what is in flight, refuse what comes after. For a successor
-        that died meanwhile, go back to serving instead: returns False."""
+        that died or withdrew meanwhile, go back to serving instead: returns False."""
         header = self.region.header
         header["state"] = SidecarState.DRAINING
         deadline = time.monotonic() + DRAIN_CLAIMED_WAIT_S
@@ -469,10 +472,16 @@ class Sidecar:
                 break
             if not served:
                 time.sleep(0.001)
-        if self.successor and not pid_alive(self.successor):
-            logger.warning("successor pid {} died while this sidecar drained for it; serving on", self.successor)
+        # NOTE: a successor stopped before the handover withdraws by letting go
+        # of the takeover lock, then waits to see READY (or HANDED_OVER, when
+        # this check came first).
+        withdrawn = self.successor and not lock_is_held(self.names.takeover)
+        if self.successor and (withdrawn or not pid_alive(self.successor)):
+            logger.warning("successor pid {} {} while this sidecar drained for it; serving on", self.successor,
+                           "withdrew" if withdrawn else "died")
             self.successor = 0
             self.hv.takeover_pid[0] = 0
+            remove_unheld_lock(self.names.takeover)
             header["state"] = SidecarState.READY
             return False
         header["state"] = SidecarState.HANDED_OVER if self.successor else SidecarState.STOPPED

@@ -65,18 +65,32 @@ def request_takeover(names: Names, settings: Settings) -> tuple[NamespaceLock, R
     return lock, region
 
 
-def wait_for_handover(region: Region, create: Callable[[], None], timeout: float = HANDOVER_WAIT_S) -> None:
+def wait_for_handover(region: Region, create: Callable[[], None], timeout: float = HANDOVER_WAIT_S,
+                      stopping: Callable[[], bool] = lambda: False, lock: NamespaceLock | None = None) -> None:
     """Wait until the serving sidecar has drained and let go (HANDED_OVER,
     or stopped, or dead), then ``create()`` the namespace anew as soon as
     its lock is free. TakeoverFailed if it refuses (clears the request) or
-    does not let go within ``timeout``."""
+    does not let go within ``timeout``, or once ``stopping()`` (SIGTERM,
+    Ctrl-C) before it has handed over: the request is withdrawn by letting
+    go of the takeover ``lock`` while this process lives on (so workers
+    keep waiting rather than failing), and a sidecar that drains for it
+    goes back to serving; one that handed over already is taken over still
+    (layout: Takeover)."""
     me = os.getpid()
     old_pid = region.sidecar_pid
     hv = region.hv
     deadline = time.monotonic() + timeout
+    withdrawn = False
     while True:
+        if not withdrawn and lock is not None and stopping():
+            withdrawn = True
+            lock.release()
+            if int(hv.takeover_pid[0]) == me and int(hv.state[0]) == SidecarState.READY:
+                hv.takeover_pid[0] = 0  # not seen yet (if it is meanwhile, it finds no lock held)
         state = int(hv.state[0])
         if int(hv.takeover_pid[0]) != me and state == SidecarState.READY:
+            if withdrawn:
+                raise TakeoverFailed(f"stopped before sidecar pid {old_pid} handed over; it serves on")
             raise TakeoverFailed(f"sidecar pid {old_pid} refused the takeover (another request replaced ours)")
         if state in (SidecarState.HANDED_OVER, SidecarState.STOPPED) or not pid_alive(old_pid):
             try:

@@ -118,3 +118,23 @@ def test_http_predict_and_classify_give_the_pipeline_s_scores(classifiers, class
             assert empty.status_code == 422 and "'input'" in empty.json()["error"]["message"]
     finally:
         assert web.stop() == 0
+
+
+def test_the_asyncio_client_classifies_as_the_synchronous_one(classifiers):
+    import asyncio
+
+    from shm_protocol.aio import AsyncEmbeddingClient
+
+    async def scores():
+        async with await AsyncEmbeddingClient.connect(classifiers.settings) as client:
+            ranked = await client.classify([*TEXTS, *PAIRS], model="clf")
+            detailed = await client.classify_detailed(TEXTS, model="clf-multi", raw_scores=True)
+            with pytest.raises(InvalidInput):
+                await client.classify("one string")
+            return ranked, detailed
+
+    ranked, detailed = asyncio.run(scores())
+    with client_for(classifiers) as client:
+        assert as_dicts(ranked) == as_dicts(client.classify([*TEXTS, *PAIRS], model="clf"))
+        want = client.classify_detailed(TEXTS, model="clf-multi", raw_scores=True)
+    assert detailed.labels == want.labels and np.array_equal(detailed.scores, want.scores)

@@ -119,3 +119,74 @@ def test_ingest_changed_file_is_stored_again_and_bad_arguments_exit_2(tiny_sidec
     no_sidecar = {**tiny_sidecar.env, "SHM_EMBED_NAMESPACE": "shm-embed-test-none"}
     result = _run(note, no_sidecar, data_dir)
     assert result.returncode == 2 and "no sidecar" in result.stderr
+
+
+def test_ingest_names_an_id_seen_in_an_earlier_batch_and_survives_odd_file_names(tiny_sidecar, tmp_path):
+    """Ids are unique over the whole run, not only within one store write:
+    a JSONL line that repeats an earlier batch's id (or a file's own id)
+    fails, named, instead of overwriting the first document. A file name
+    that is not UTF-8 is stored under a readable id, not a crash."""
+    from retrieval.ingest import BATCH_DOCUMENTS, ingest
+
+    root = tmp_path / "docs"
+    root.mkdir()
+    lines = [json.dumps({"id": f"r{i}", "text": f"record {i} {_words(i)}"}) for i in range(BATCH_DOCUMENTS + 4)]
+    lines.append(json.dumps({"id": "r0", "text": "a second record r0 that must not replace the first"}))
+    lines.append(json.dumps({"id": "note.txt", "text": "a record named as the file beside it"}))  # the file's id
+    (root / "a.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "note.txt").write_text("the note file itself")
+    (root / os.fsdecode(b"caf\xe9.txt")).write_text("a file whose name is Latin-1, not UTF-8")
+    client = client_for(tiny_sidecar)
+    store = CollectionStore(tmp_path / "data", client)
+    try:
+        summary = ingest([str(root)], store, "dups", progress=False)
+        reasons = [str(f) for f in summary.failures]
+        assert any("a.jsonl:" + str(len(lines) - 1) in r and "'r0' appears twice" in r for r in reasons), reasons
+        assert any("'note.txt' appears twice" in r for r in reasons), reasons
+        assert len(reasons) == 2, reasons
+        assert store.get_document("dups", "r0")["text"].startswith("record 0 ")
+        # a.jsonl comes first in name order: its line keeps the id, the file note.txt fails
+        assert store.get_document("dups", "note.txt")["text"] == "a record named as the file beside it"
+        assert any(r.endswith("note.txt: id 'note.txt' appears twice") for r in reasons), reasons
+        assert summary.stored == BATCH_DOCUMENTS + 4 + 2
+        odd = store.get_document("dups", "caf\ufffd.txt")  # the odd byte as U+FFFD
+        assert odd["text"] == "a file whose name is Latin-1, not UTF-8"
+        again = ingest([str(root)], store, "dups", progress=False)
+        assert (again.stored, again.skipped, len(again.failures)) == (0, summary.stored, 2)
+        assert store.get_document("dups", "r0")["text"].startswith("record 0 "), "a rerun keeps the first too"
+    finally:
+        store.close()
+        client.close()
+
+
+def test_ingest_bounds_what_it_holds_a_file_or_line_over_the_document_limit_fails_named(tiny_sidecar, tmp_path):
+    """A text over the limit of one document fails unread; a JSONL file is
+    read a line at a time: a line over the limit, or not UTF-8, fails with
+    its number and the lines after it are stored."""
+    from retrieval.ingest import ingest
+
+    limit = 2000
+    root = tmp_path / "big"
+    root.mkdir()
+    (root / "huge.txt").write_text("word " * 1000)  # 5000 bytes
+    (root / "small.md").write_text("a small note")
+    lines = [json.dumps({"id": "first", "text": "the first record"}).encode(),
+             json.dumps({"id": "long", "text": "word " * 1000}).encode(),
+             b'{"id": "latin", "text": "caf\xe9"}',
+             json.dumps({"id": "last", "text": "the record after them"}).encode()]
+    (root / "lines.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    client = client_for(tiny_sidecar)
+    store = CollectionStore(tmp_path / "data", client)
+    try:
+        summary = ingest([str(root)], store, "big", progress=False, max_document_bytes=limit)
+        reasons = sorted(str(f) for f in summary.failures)
+        assert len(reasons) == 3, reasons
+        assert "huge.txt: 5000 bytes, over the limit of 2000" in reasons[0], reasons
+        assert "lines.jsonl:2: line over the limit of 2000 bytes" in reasons[1], reasons
+        assert "lines.jsonl:3: not UTF-8 text" in reasons[2], reasons
+        assert summary.stored == 3
+        assert store.get_document("big", "last")["text"] == "the record after them"
+        assert store.get_document("big", "small.md")["text"] == "a small note"
+    finally:
+        store.close()
+        client.close()

@@ -175,3 +175,18 @@ def test_classify_inputs_are_checked_and_logits_activated_as_the_pipeline_does()
     result = ClassifyResult(soft, ("x", "y", "z"), np.array([3, 4]), "m", 0, 0)
     assert [r["label"] for r in result.ranked()[0]] == ["z", "y", "x"]
     assert result.ranked(top_k=1)[1] == [{"label": "x", "score": pytest.approx(1.0)}]
+
+
+def test_a_mapping_is_refused_as_inputs_or_texts_instead_of_its_keys_being_classified_or_embedded():
+    """Iterating a dict gives its keys: {"text": ..., "text_pair": ...} (the
+    pipeline's shape of one pair) would have been classified as the two
+    words "text" and "text_pair"."""
+    from shm_protocol.classify import check_inputs
+    from shm_protocol.errors import InvalidInput
+    from shm_protocol.tokenizer import check_texts
+
+    with pytest.raises(InvalidInput, match=r"not a dict.*\(text, text_pair\)"):
+        check_inputs({"text": "Is it up?", "text_pair": "It is."})
+    with pytest.raises(InvalidInput, match="not a dict"):
+        check_texts({"hello": 1, "world": 2})
+    assert check_texts({"hello": 1}.keys()) == ["hello"]  # asked for explicitly: fine
