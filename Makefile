@@ -22,7 +22,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/install_test_services.sh
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 # Unit tests and the integration tests that take seconds: what is marked slow
 # (over ~10 s each on 2 cores) or needs CUDA is left out.
