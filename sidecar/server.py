@@ -24,7 +24,7 @@ from loguru import logger
 
 from shm_protocol import hotpath
 from shm_protocol.config import Settings
-from shm_protocol.errors import LayoutMismatch, SidecarUnavailable
+from shm_protocol.errors import LayoutMismatch, NamespaceInUse, SidecarUnavailable
 from shm_protocol.layout import (
     MODEL_DTYPE,
     SLOT_CLAIMED,
@@ -69,6 +69,11 @@ EXIT_WEDGED = 70
 #: successor to serve before it exits (under systemd the successor must have
 #: named itself the main process by then; see docs/takeover.md).
 SUCCESSOR_WAIT_S = 60.0
+
+#: How long a sidecar whose successor died after the handover waits for the
+#: dead process's locks to be let go (its last threads exiting) before it
+#: creates the namespace again.
+REVIVE_WAIT_S = 2.0
 
 #: The watchdog interval a successor started by systemd's ExecReload= assumes
 #: (it feeds every quarter of it: every second): systemd gives WATCHDOG_USEC
@@ -124,7 +129,8 @@ class Sidecar:
         self.models = list(models) if isinstance(models, list | tuple) else [models]
         self.names = Names(settings.namespace)
         self.notify = notify or (lambda msg: None)
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # asked to stop (a signal)
+        self._beat_stop = threading.Event()  # the heartbeat thread's end, at each removal of the namespace
         self._cores = cores = len(os.sched_getaffinity(0))  # the cores this process may use, not the host's
         self.wait_policy = choose_wait_policy(
             settings.wait_policy, any(m.uses_cpu for m in self.models), cores)
@@ -248,6 +254,7 @@ class Sidecar:
         its own epoch), unmap, and release the namespace lock."""
         for sem in getattr(self, "flat_sems", []):
             sem.close()
+        self.flat_sems = []
         bell = self.scheduler.bell if self.scheduler is not None else self._bell
         if bell is not None:
             bell.close()
@@ -308,9 +315,17 @@ class Sidecar:
                 lock.release()
         else:
             self.create()
+        self.notify("READY=1")
+        while self._serve_epoch():
+            pass
+
+    def _serve_epoch(self) -> bool:
+        """Serve the created namespace until stopped or taken over, drain,
+        remove everything. True when this sidecar has created the namespace
+        again (its successor died after the handover): serve that too."""
+        self._beat_stop.clear()
         hb = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         hb.start()
-        self.notify("READY=1")
         try:
             while True:
                 self._loop()
@@ -319,15 +334,14 @@ class Sidecar:
             for line in self.scheduler.call_sizes():
                 logger.info("texts per call learnt: {}", line)
         finally:
-            self._stop.set()
+            self._beat_stop.set()
             hb.join(timeout=2)
             if self.region is not None and not self.successor:
                 self.region.header["state"] = SidecarState.STOPPED
             self.destroy()
-            if self.successor:
-                self._await_successor()
-            else:
+            if not self.successor:
                 logger.info("stopped; namespace {} removed", self.names.namespace)
+        return bool(self.successor) and not self._await_successor() and self._revive()
 
     def _accept_takeover(self) -> bool:
         """A successor asks for the namespace (``takeover_pid``): accept it if
@@ -344,15 +358,60 @@ class Sidecar:
         remove_unheld_lock(self.names.takeover)
         return False
 
-    def _await_successor(self) -> None:
+    def _await_successor(self) -> bool:
         """The namespace is handed over: wait (bounded) for the successor to
-        serve it, so that this process exits only after it."""
+        serve it, so that this process exits only after it. False when it
+        died or did not serve in time."""
         pid = self.successor
-        if wait_until_ready(self.names, pid, SUCCESSOR_WAIT_S, alive=lambda: pid_alive(pid)):
+        if wait_until_ready(self.names, pid, SUCCESSOR_WAIT_S, alive=lambda: pid_alive(pid)) \
+                or self._serves(pid):  # it served, then died: its own crash, not the handover's
             logger.info("handed namespace {} over to sidecar pid {}; exiting", self.names.namespace, pid)
-        else:
+            return True
+        if pid_alive(pid):
             logger.error("sidecar pid {} did not serve namespace {} within {:.0f}s of the handover",
                          pid, self.names.namespace, SUCCESSOR_WAIT_S)
+        return False
+
+    def _serves(self, pid: int) -> bool:
+        """Whether sidecar ``pid`` has made the namespace READY."""
+        try:
+            region = Region.attach(self.names, readonly=True, with_data=False)
+        except (SidecarUnavailable, LayoutMismatch):
+            return False
+        try:
+            return region.sidecar_pid == pid and int(region.header["state"]) == SidecarState.READY
+        finally:
+            region.close()
+
+    def _revive(self) -> bool:
+        """The successor died after the handover, before it served: with
+        the models still loaded, create the namespace again (a new epoch;
+        workers attach to it as after any restart). Not under systemd: the
+        successor may have named itself the unit's main process already, and
+        this one cannot tell; the unit's Restart= starts a fresh sidecar."""
+        pid = self.successor
+        if pid_alive(pid) or self._stop.is_set():
+            return False
+        if os.environ.get("NOTIFY_SOCKET"):
+            logger.error("successor sidecar pid {} died before it served namespace {}; exiting for the "
+                         "service manager to restart the unit", pid, self.names.namespace)
+            return False
+        logger.warning("successor sidecar pid {} died before it served namespace {}; serving it again",
+                       pid, self.names.namespace)
+        self.successor = 0
+        self._failures = 0
+        # Its other threads may still be exiting, its locks (the takeover
+        # lock, held until it serves, and maybe the namespace lock) with them.
+        deadline = time.monotonic() + REVIVE_WAIT_S
+        while lock_is_held(self.names.takeover) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        remove_unheld_lock(self.names.takeover)
+        try:
+            self.create()
+        except NamespaceInUse as exc:
+            logger.error("cannot serve namespace {} again: {}", self.names.namespace, exc)
+            return False
+        return True
 
     def _progress(self, call_ns: float = 0.0) -> None:
         """Publish that the loop is alive, and when it will show progress
@@ -382,7 +441,7 @@ class Sidecar:
             wd_s = TAKEOVER_WATCHDOG_S
         next_wd = 0.0
         wedged_since = None
-        while not self._stop.wait(interval):
+        while not self._beat_stop.wait(interval):
             now_ns = time.monotonic_ns()
             header["heartbeat_ns"] = now_ns
             now = now_ns / 1e9

@@ -326,3 +326,46 @@ def test_a_successor_stopped_while_the_old_sidecar_drains_withdraws_and_the_old_
             if successor.poll() is None:
                 successor.kill()
                 successor.wait(10)
+
+
+def test_a_successor_killed_after_the_handover_leaves_the_old_sidecar_serving_again(tiny_model, tiny_st, tmp_path):
+    """The successor dies (SIGKILL) as soon as the old sidecar has handed
+    over, before it serves: the old one, its model still loaded, creates the
+    namespace again under a new epoch and serves it; a client reattaches and
+    gets the model's vectors, and /dev/shm holds the live objects alone."""
+    sc = start_sidecar(tmp_path, str(tiny_model), SHM_EMBED_TORCH_THREADS="1")
+    successor = None
+    try:
+        before = sorted(sc.names.dev_shm_entries())
+        with client_for(sc) as c:
+            epoch = c.info()["epoch"]
+            region = Region.attach(sc.names, readonly=True, with_data=False)
+            try:
+                env = sidecar_env(sc.settings.namespace, str(tiny_model), SHM_EMBED_TORCH_THREADS="1")
+                log = tmp_path / "successor.log"
+                successor = subprocess.Popen(_takeover_cmd(), env=env, cwd=REPO, stdout=log.open("wb"),
+                                             stderr=subprocess.STDOUT)
+                deadline = time.monotonic() + 60
+                ctl = next(e for e in before if e.endswith("-ctl"))
+                while (region.state_name != "handed_over" and ctl in sc.names.dev_shm_entries()
+                       and successor.poll() is None and time.monotonic() < deadline):
+                    time.sleep(0.0005)
+                successor.kill()
+                successor.wait(10)
+                assert region.state_name == "handed_over", (region.state_name, log.read_text()[-2000:])
+            finally:
+                region.close()
+            from shm_protocol.region import wait_until_ready
+
+            assert wait_until_ready(sc.names, sc.proc.pid, 30, alive=lambda: sc.proc.poll() is None), \
+                sc.log_text()[-3000:]
+            got = c.embed(TEXTS)  # reattaches to the new epoch
+            assert c.info()["epoch"] != epoch and c.info()["sidecar_pid"] == sc.proc.pid
+            assert np.allclose(got, tiny_st.encode(TEXTS, convert_to_numpy=True), atol=1e-5)
+        assert f"successor sidecar pid {successor.pid} died before it served" in sc.log_text()
+        assert sorted(sc.names.dev_shm_entries()) == before
+    finally:
+        if successor is not None and successor.poll() is None:
+            successor.kill()
+            successor.wait(10)
+        stop_and_check(sc)
