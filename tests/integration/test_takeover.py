@@ -341,7 +341,8 @@ def test_a_successor_killed_after_the_handover_leaves_the_old_sidecar_serving_ag
             epoch = c.info()["epoch"]
             region = Region.attach(sc.names, readonly=True, with_data=False)
             try:
-                env = sidecar_env(sc.settings.namespace, str(tiny_model), SHM_EMBED_TORCH_THREADS="1")
+                # the synthetic backend: it starts at once, and it dies before it serves
+                env = sidecar_env(sc.settings.namespace, None, SHM_EMBED_SYNTHETIC_US="0")
                 log = tmp_path / "successor.log"
                 successor = subprocess.Popen(_takeover_cmd(), env=env, cwd=REPO, stdout=log.open("wb"),
                                              stderr=subprocess.STDOUT)
