@@ -133,7 +133,9 @@ Leases, generations and liveness (the rules every reader and writer keeps):
      ``DRAIN_CLAIMED_WAIT_S`` to become READY; later ones are answered
      SHUTDOWN), then sets ``state = HANDED_OVER``, unlinks its objects and
      releases the namespace lock. It waits (bounded) until the successor
-     serves, then exits. A ``takeover_pid`` whose process is dead is cleared
+     serves, then exits; if the successor dies before it serves (and no
+     service manager may have made it the main process), the old sidecar
+     creates the namespace again under a new epoch and serves on. A ``takeover_pid`` whose process is dead is cleared
      and ignored (the sidecar keeps serving), and a takeover lock nobody
      holds is unlinked. A successor stopped (SIGTERM) before the handover
      withdraws: it lets go of the takeover lock but lives on, and a sidecar
