@@ -346,11 +346,18 @@ def test_a_successor_killed_after_the_handover_leaves_the_old_sidecar_serving_ag
                 log = tmp_path / "successor.log"
                 successor = subprocess.Popen(_takeover_cmd(), env=env, cwd=REPO, stdout=log.open("wb"),
                                              stderr=subprocess.STDOUT)
+                # Stopped once it has asked to take over (it holds its lock, so
+                # the old sidecar accepts and hands over), it cannot serve before
+                # it is killed: no race with its start, however loaded the machine.
                 deadline = time.monotonic() + 60
+                while (int(region.header["takeover_pid"]) != successor.pid and successor.poll() is None
+                       and time.monotonic() < deadline):
+                    time.sleep(0.001)
+                successor.send_signal(signal.SIGSTOP)
                 ctl = next(e for e in before if e.endswith("-ctl"))
                 while (region.state_name != "handed_over" and ctl in sc.names.dev_shm_entries()
                        and successor.poll() is None and time.monotonic() < deadline):
-                    time.sleep(0.0005)
+                    time.sleep(0.001)
                 successor.kill()
                 successor.wait(10)
                 assert region.state_name == "handed_over", (region.state_name, log.read_text()[-2000:])
